@@ -1,0 +1,77 @@
+"""Input validation shared by the ops: clear errors that name the argument."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+Dim = Union[int, None]  # None = any size
+
+
+def check_tensor(
+    name: str,
+    x: object,
+    shape: Optional[Sequence[Dim]] = None,
+    *,
+    dtypes: Optional[Tuple[torch.dtype, ...]] = FLOAT_DTYPES,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Check ``x`` is a tensor with this shape pattern, dtype and device; return it.
+
+    ``shape`` entries are ints or ``None`` (any size); its length fixes ``ndim``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if shape is not None:
+        expected = tuple("*" if d is None else d for d in shape)
+        if x.dim() != len(shape) or any(d is not None and d != s for d, s in zip(shape, x.shape)):
+            raise ValueError(f"{name}: expected shape {expected}, got {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {x.device}")
+    return x
+
+
+def check_same_dtype(reference_name: str, reference: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    """Every non-None tensor in ``others`` has ``reference``'s dtype."""
+    for name, t in others.items():
+        if t is not None and t.dtype != reference.dtype:
+            raise TypeError(f"{name}: expected dtype {reference.dtype} (as {reference_name}), got {t.dtype}")
+
+
+def as_bool_mask(
+    name: str,
+    mask: Optional[torch.Tensor],
+    shape: Sequence[int],
+    device: torch.device,
+) -> Optional[torch.Tensor]:
+    """Validate a keep-mask (True/1 = keep) and return it as bool, or ``None``.
+
+    Float 0/1 masks, as Boltz passes them, are accepted and converted once. The
+    shape must match exactly: no silent broadcasting.
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {mask.device}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype.is_floating_point or mask.dtype in (torch.uint8, torch.int8, torch.int32, torch.int64):
+        return mask != 0
+    raise TypeError(f"{name}: expected a bool or 0/1 numeric mask, got dtype {mask.dtype}")
+
+
+def check_positive_int(name: str, value: object, allow_none: bool = True) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value

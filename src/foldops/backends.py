@@ -1,0 +1,150 @@
+"""Backend registry and selection policy.
+
+Each op registers its implementations under a backend name (``reference``, ``torch``,
+``triton``, third-party names such as ``trifast``/``cuequivariance``) with a
+``supports(**ctx)`` check that returns ``None`` if the backend can run on the given
+inputs, or a short reason why not.
+
+Selection, for ``backend="auto"``:
+
+1. ``FOLDOPS_BACKEND_<OP>`` (e.g. ``FOLDOPS_BACKEND_TRIANGLE_ATTENTION=torch``) if set:
+   an explicit request, so it raises if that backend cannot run;
+2. ``FOLDOPS_BACKEND`` if set and the op has a backend of that name (explicit: it
+   raises if it cannot run); ops without such a backend ignore it;
+3. otherwise the first backend in priority order whose check passes. The fallback is
+   silent, logged once per (op, backend, reason) at debug level.
+
+A ``backend=`` argument other than ``"auto"`` wins over the environment and raises
+``BackendUnavailableError`` naming the reason if it cannot run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+logger = logging.getLogger("foldops.backends")
+
+AUTO = "auto"
+ENV_GLOBAL = "FOLDOPS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on these inputs or this machine."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of one op."""
+
+    op: str
+    """Op name, e.g. ``"triangle_attention"``."""
+    name: str
+    """Backend name, e.g. ``"triton"``."""
+    fn: Callable[..., Any]
+    """The implementation; called with the op's own arguments."""
+    supports: Callable[..., Optional[str]]
+    """``supports(**ctx) -> None | reason``: can it run for this context?"""
+    priority: int
+    """Higher is tried first by ``auto``."""
+    auto: bool = True
+    """Whether ``auto`` may pick it (third-party and reference backends may opt out)."""
+
+
+_REGISTRY: Dict[str, Dict[str, Backend]] = {}
+_logged: set = set()
+
+
+def _always(**_: Any) -> Optional[str]:
+    return None
+
+
+def register(
+    op: str,
+    name: str,
+    fn: Callable[..., Any],
+    *,
+    priority: int,
+    supports: Callable[..., Optional[str]] = _always,
+    auto: bool = True,
+) -> Backend:
+    """Register ``fn`` as backend ``name`` of ``op`` (re-registering replaces it)."""
+    if name == AUTO:
+        raise ValueError("name: 'auto' is reserved")
+    backend = Backend(op=op, name=name, fn=fn, supports=supports, priority=priority, auto=auto)
+    _REGISTRY.setdefault(op, {})[name] = backend
+    return backend
+
+
+def ops() -> List[str]:
+    """Names of the ops that have registered backends."""
+    return sorted(_REGISTRY)
+
+
+def backends_of(op: str) -> List[Backend]:
+    """The backends of ``op``, best first."""
+    if op not in _REGISTRY:
+        raise ValueError(f"op: unknown op {op!r}; known ops: {ops()}")
+    return sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
+
+
+def _env_var(op: str) -> str:
+    return f"{ENV_GLOBAL}_{op.upper()}"
+
+
+def _check(backend: Backend, ctx: Dict[str, Any]) -> Optional[str]:
+    try:
+        return backend.supports(**ctx)
+    except Exception as exc:  # a broken third-party install must not break auto
+        return f"support check failed: {type(exc).__name__}: {exc}"
+
+
+def _explicit(op: str, name: str, ctx: Dict[str, Any], source: str) -> Backend:
+    table = _REGISTRY.get(op, {})
+    if name not in table:
+        raise BackendUnavailableError(
+            f"{source}: op {op!r} has no backend {name!r}; available: {sorted(table)} or 'auto'"
+        )
+    backend = table[name]
+    reason = _check(backend, ctx)
+    if reason is not None:
+        raise BackendUnavailableError(f"{source}: backend {name!r} cannot run {op}: {reason}")
+    return backend
+
+
+def select(op: str, requested: Optional[str] = AUTO, **ctx: Any) -> Backend:
+    """Pick the backend for ``op`` given the request and the input context ``ctx``.
+
+    ``ctx`` is whatever the op's ``supports`` checks read (device, dtype, shapes,
+    whether gradients are needed, ...).
+    """
+    if requested is None:
+        requested = AUTO
+    if not isinstance(requested, str):
+        raise TypeError(f"backend: expected a backend name string, got {type(requested).__name__}")
+    if requested != AUTO:
+        return _explicit(op, requested, ctx, "backend")
+    per_op = os.environ.get(_env_var(op), "").strip()
+    if per_op and per_op != AUTO:
+        return _explicit(op, per_op, ctx, _env_var(op))
+    global_choice = os.environ.get(ENV_GLOBAL, "").strip()
+    if global_choice and global_choice != AUTO and global_choice in _REGISTRY.get(op, {}):
+        return _explicit(op, global_choice, ctx, ENV_GLOBAL)
+    for backend in backends_of(op):
+        if not backend.auto:
+            continue
+        reason = _check(backend, ctx)
+        if reason is None:
+            return backend
+        key = (op, backend.name, reason)
+        if key not in _logged:
+            _logged.add(key)
+            logger.debug("%s: auto skips backend %r: %s", op, backend.name, reason)
+    raise BackendUnavailableError(f"{op}: no backend can run these inputs")  # pragma: no cover
+
+
+def availability(op: str, **ctx: Any) -> List[Tuple[str, Optional[str]]]:
+    """``[(backend name, None | reason)]`` for ``op`` in priority order (for doctor/bench)."""
+    return [(b.name, _check(b, ctx)) for b in backends_of(op)]

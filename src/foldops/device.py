@@ -1,0 +1,272 @@
+"""Device runtime: the one place that knows about CUDA, XPU and MPS.
+
+Everything else in foldops asks this module which device to use, how to autocast
+there, and how to read memory, so that the same code runs on an NVIDIA GPU, an
+Intel XPU, Apple MPS or a plain CPU. Nothing here touches a device at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterator, Optional, Union
+
+import torch
+
+DeviceLike = Union[str, torch.device, None]
+
+_DEVICE_TYPES = ("cuda", "xpu", "mps", "cpu")
+
+
+def _xpu_available() -> bool:
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return backend is not None and backend.is_available()
+
+
+def _available(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    if device_type == "xpu":
+        return _xpu_available()
+    if device_type == "mps":
+        return _mps_available()
+    return device_type == "cpu"
+
+
+def resolve_device(device: DeviceLike = "auto") -> torch.device:
+    """Turn ``"auto"``, a device string or a ``torch.device`` into a ``torch.device``.
+
+    ``"auto"`` (or ``None``) prefers CUDA, then XPU, then MPS, then CPU. An explicit
+    device type that this machine does not have raises ``ValueError``.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        for device_type in _DEVICE_TYPES:
+            if _available(device_type):
+                return torch.device(device_type)
+        return torch.device("cpu")  # pragma: no cover - cpu is always available
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            f"device: expected 'auto', a device string or torch.device, got {type(device).__name__}"
+        )
+    dev = torch.device(device)
+    if dev.type not in _DEVICE_TYPES and dev.type != "meta":
+        raise ValueError(f"device: unsupported device type {dev.type!r}; expected one of {_DEVICE_TYPES}")
+    if dev.type != "meta" and not _available(dev.type):
+        raise ValueError(f"device: {dev.type!r} was requested but is not available on this machine")
+    return dev
+
+
+def device_type_of(obj: Union[torch.Tensor, DeviceLike]) -> str:
+    """The device type string ('cuda', 'cpu', ...) of a tensor or device-like."""
+    if isinstance(obj, torch.Tensor):
+        return obj.device.type
+    if obj is None or obj == "auto":
+        return resolve_device(obj).type
+    return torch.device(obj).type
+
+
+# Autocast ------------------------------------------------------------------------------
+
+def autocast_device_type(obj: Union[torch.Tensor, DeviceLike]) -> str:
+    """Device type to hand to ``torch.autocast`` for ``obj``.
+
+    Autocast is keyed by device type, so an fp32 guard written as
+    ``torch.autocast("cuda", enabled=False)`` does nothing on CPU, XPU or MPS: the guarded
+    region silently runs in bf16 there. Use ``fp32_region(x)`` (or this helper) instead.
+    """
+    device_type = device_type_of(obj)
+    return device_type if device_type in _DEVICE_TYPES else "cpu"
+
+
+def default_autocast_dtype(device_type: str) -> torch.dtype:
+    """bf16 where the device does it well, fp16 on MPS before bf16 support."""
+    if device_type == "mps" and not _mps_supports_bf16():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _mps_supports_bf16() -> bool:
+    # bf16 on MPS needs macOS 14; torch reports it through a probe allocation.
+    try:
+        torch.empty(1, dtype=torch.bfloat16, device="mps")
+        return True
+    except Exception:  # pragma: no cover - only on old macOS
+        return False
+
+
+def autocast(
+    device: Union[torch.Tensor, DeviceLike] = "auto",
+    dtype: Optional[torch.dtype] = None,
+    enabled: bool = True,
+) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for whatever device ``device`` is, with a dtype it supports.
+
+    ``dtype=None`` picks bf16 (fp16 on MPS without bf16). ``enabled=False`` gives a
+    region with autocast off for that device type.
+    """
+    device_type = autocast_device_type(device)
+    if dtype is None:
+        dtype = default_autocast_dtype(device_type)
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype: autocast dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)
+
+
+def fp32_region(obj: Union[torch.Tensor, DeviceLike]) -> contextlib.AbstractContextManager:
+    """A region where autocast is off on ``obj``'s device type (fp32-guarded math)."""
+    return torch.autocast(device_type=autocast_device_type(obj), enabled=False)
+
+
+def autocast_dtype_in_effect(obj: Union[torch.Tensor, DeviceLike]) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``obj``'s device type, or ``None`` if autocast is off."""
+    device_type = autocast_device_type(obj)
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+# Memory and synchronisation ------------------------------------------------------------
+
+def _module_for(device: torch.device):
+    """The torch.<device> module for memory/sync calls, or None (CPU, or not available)."""
+    if device.type == "cuda":
+        return torch.cuda
+    if device.type == "xpu" and hasattr(torch, "xpu"):
+        return torch.xpu
+    if device.type == "mps" and hasattr(torch, "mps"):
+        return torch.mps
+    return None
+
+
+def synchronize(device: DeviceLike = "auto") -> None:
+    """Wait for all work queued on ``device``; a no-op on CPU."""
+    dev = resolve_device(device)
+    module = _module_for(dev)
+    if module is not None:
+        module.synchronize()
+
+
+def empty_cache(device: DeviceLike = "auto") -> None:
+    """Return cached allocator blocks to the device; a no-op on CPU."""
+    dev = resolve_device(device)
+    module = _module_for(dev)
+    if module is not None and hasattr(module, "empty_cache"):
+        module.empty_cache()
+
+
+def reset_peak_memory(device: DeviceLike = "auto") -> bool:
+    """Reset the peak-memory counter; returns False where the device has none."""
+    dev = resolve_device(device)
+    if dev.type in ("cuda", "xpu"):
+        _module_for(dev).reset_peak_memory_stats(dev)
+        return True
+    return False
+
+
+def peak_memory_bytes(device: DeviceLike = "auto") -> Optional[int]:
+    """Peak bytes allocated since the last reset, or ``None`` where it cannot be read.
+
+    CUDA and XPU report a true peak; MPS only reports current allocation (returned as the
+    best available lower bound); CPU has no allocator counter (use a process RSS probe).
+    """
+    dev = resolve_device(device)
+    if dev.type in ("cuda", "xpu"):
+        return int(_module_for(dev).max_memory_allocated(dev))
+    if dev.type == "mps":
+        return int(torch.mps.current_allocated_memory())
+    return None
+
+
+def memory_allocated_bytes(device: DeviceLike = "auto") -> Optional[int]:
+    """Bytes currently allocated by the device allocator, or ``None`` on CPU."""
+    dev = resolve_device(device)
+    if dev.type in ("cuda", "xpu"):
+        return int(_module_for(dev).memory_allocated(dev))
+    if dev.type == "mps":
+        return int(torch.mps.current_allocated_memory())
+    return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device out-of-memory error on any backend."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def device_name(device: DeviceLike = "auto") -> str:
+    """A human-readable name, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu'."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    if dev.type == "xpu":
+        return torch.xpu.get_device_name(dev)
+    if dev.type == "mps":
+        return "Apple MPS"
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+
+
+# Triton kernels ------------------------------------------------------------------------
+
+def triton_interpret() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> Optional[str]:
+    """None if Triton imports, else why not (checked once, lazily)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+MIN_KERNEL_CAPABILITY = (8, 0)
+
+
+def kernel_support(device: Union[torch.Tensor, DeviceLike]) -> Optional[str]:
+    """Why foldops's Triton kernels cannot run on ``device``, or ``None`` if they can.
+
+    They run on CUDA devices of compute capability >= 8.0 with Triton importable, and
+    on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
+    """
+    reason = triton_import_error()
+    if reason is not None:
+        return reason
+    dev = device.device if isinstance(device, torch.Tensor) else resolve_device(device)
+    if triton_interpret():
+        if dev.type == "cpu":
+            return None
+        return f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, got {dev.type}"
+    if dev.type != "cuda":
+        return f"Triton kernels need a CUDA device, got {dev.type}"
+    capability = torch.cuda.get_device_capability(dev)
+    if capability < MIN_KERNEL_CAPABILITY:
+        return (
+            f"compute capability {capability[0]}.{capability[1]} < "
+            f"{MIN_KERNEL_CAPABILITY[0]}.{MIN_KERNEL_CAPABILITY[1]}"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def device_guard(device: torch.device) -> Iterator[None]:
+    """Make ``device`` current for launches (CUDA/XPU); a no-op elsewhere."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    elif device.type == "xpu":
+        with torch.xpu.device(device):
+            yield
+    else:
+        yield

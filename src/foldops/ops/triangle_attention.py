@@ -1,0 +1,136 @@
+"""Triangle attention (and pair-biased attention): the public functional.
+
+    q, k, v: [B, I, N, H, D]   bias: [B, H, N, N]   mask: [B, I, N] or None (True = keep)
+    out:     [B, I, N, H, D]
+
+    out[b,i,j,h] = sum_k softmax_k(scale * q[b,i,j,h] . k[b,i,k,h] + bias[b,h,j,k]
+                                   masked by mask[b,i,k]) * v[b,i,k,h]
+
+Starting node: I is the first pair index. Ending node: pass transposed views
+(``q.transpose(1, 2)``, ...), no copies; backends accept any strides. Rows whose keys
+are all masked give zeros, with zero gradients.
+
+Backends: ``triton`` (CUDA cc >= 8.0, fp16/bf16/fp32, head dim 16/32/64/128),
+``torch`` (memory-bounded PyTorch: logits are built ``chunk_size`` rows of I at a time;
+O(chunk * H * N^2) extra memory at inference), ``reference`` (one shot, O(B I H N^2)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from foldops import backends
+from foldops._checks import as_bool_mask, check_positive_int, check_same_dtype, check_tensor
+from foldops.device import kernel_support
+from foldops.reference import triangle_attention as _reference
+
+OP = "triangle_attention"
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+# Logits of one torch-backend chunk are kept under this many elements (fp32: 128 MiB).
+_TORCH_CHUNK_ELEMENTS = 32 * 1024 * 1024
+_MASKED = -1e9  # finite, so SDPA never sees an all -inf row; such rows are zeroed after
+
+
+def _torch_backend(q, k, v, bias, mask, scale, chunk_size):
+    batch, rows, n, heads, _ = q.shape
+    if chunk_size is None:
+        chunk_size = max(1, _TORCH_CHUNK_ELEMENTS // max(1, batch * heads * n * n))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
+        chunk_size = rows  # one graph: chunking bounds nothing while autograd keeps every chunk
+    bias = bias.to(q.dtype)[:, None]  # [B, 1, H, N, N]
+    outs = []
+    for start in range(0, rows, chunk_size):
+        stop = min(rows, start + chunk_size)
+        # [B, c, N, H, D] -> [B, c, H, N, D]: SDPA batches over the leading dims.
+        qc, kc, vc = (t[:, start:stop].transpose(2, 3) for t in (q, k, v))
+        attn_bias = bias
+        keep = None
+        if mask is not None:
+            keep = mask[:, start:stop]  # [B, c, N]
+            mask_bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, _MASKED)
+            attn_bias = bias + mask_bias[:, :, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=attn_bias, scale=scale)
+        out = out.transpose(2, 3)  # [B, c, N, H, D]
+        if keep is not None:
+            out = out * keep.any(-1)[:, :, None, None, None].to(out.dtype)
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _reference_backend(q, k, v, bias, mask, scale, chunk_size):
+    return _reference.triangle_attention(q, k, v, bias, mask, scale)
+
+
+def _triton_backend(q, k, v, bias, mask, scale, chunk_size):
+    from foldops.kernels.triangle_attention import triangle_attention as kernel
+
+    return kernel(q, k, v, bias, mask, scale)
+
+
+def _triton_supports(device, dtype, head_dim, **_):
+    reason = kernel_support(device)
+    if reason is not None:
+        return reason
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} (kernel supports fp16, bf16, fp32)"
+    if head_dim not in KERNEL_HEAD_DIMS:
+        return f"head dim {head_dim} (kernel supports {KERNEL_HEAD_DIMS})"
+    try:
+        import foldops.kernels.triangle_attention  # noqa: F401
+    except ImportError as exc:
+        return f"kernel module unavailable: {exc}"
+    return None
+
+
+backends.register(OP, "triton", _triton_backend, priority=100, supports=_triton_supports)
+backends.register(OP, "torch", _torch_backend, priority=50)
+backends.register(OP, "reference", _reference_backend, priority=0, auto=False)
+
+
+def validate(q, k, v, bias, mask):
+    """Check shapes, dtypes and devices; return the mask as bool (or None)."""
+    check_tensor("q", q, (None, None, None, None, None))
+    batch, rows, n, heads, head_dim = q.shape
+    check_tensor("k", k, q.shape, device=q.device)
+    check_tensor("v", v, q.shape, device=q.device)
+    check_tensor("bias", bias, (batch, heads, n, n), device=q.device)
+    check_same_dtype("q", q, k=k, v=v)
+    if bias.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"bias: expected dtype {q.dtype} or torch.float32, got {bias.dtype}")
+    return as_bool_mask("mask", mask, (batch, rows, n), q.device)
+
+
+def triangle_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over N keys with a pair bias shared by all I rows; see the module doc.
+
+    Args:
+        q, k, v: ``[B, I, N, H, D]``, any strides.
+        bias: ``[B, H, N, N]``, q's dtype or fp32, any strides.
+        mask: ``[B, I, N]`` keep-mask over keys (bool or 0/1 float), or None.
+        scale: logit scale, default ``1/sqrt(D)``.
+        chunk_size: rows of I per step for the ``torch`` backend at inference
+            (default: logits bounded at 32M elements per chunk).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+
+    Returns:
+        ``[B, I, N, H, D]`` in q's dtype.
+    """
+    mask = validate(q, k, v, bias, mask)
+    check_positive_int("chunk_size", chunk_size)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    impl = backends.select(OP, backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1])
+    return impl.fn(q, k, v, bias, mask, float(scale), chunk_size)
