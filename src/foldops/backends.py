@@ -46,7 +46,9 @@ class Backend:
     fn: Callable[..., Any]
     """The implementation; called with the op's own arguments."""
     supports: Callable[..., Optional[str]]
-    """``supports(**ctx) -> None | reason``: can it run for this context?"""
+    """``supports(explicit=bool, **ctx) -> None | reason``: can it run for this context?
+    ``explicit`` is True when the backend was named (argument or environment), False
+    when ``auto`` is asking: e.g. the Triton interpreter runs only when named."""
     priority: int
     """Higher is tried first by ``auto``."""
     auto: bool = True
@@ -94,9 +96,9 @@ def _env_var(op: str) -> str:
     return f"{ENV_GLOBAL}_{op.upper()}"
 
 
-def _check(backend: Backend, ctx: Dict[str, Any]) -> Optional[str]:
+def _check(backend: Backend, ctx: Dict[str, Any], explicit: bool) -> Optional[str]:
     try:
-        return backend.supports(**ctx)
+        return backend.supports(explicit=explicit, **ctx)
     except Exception as exc:  # a broken third-party install must not break auto
         return f"support check failed: {type(exc).__name__}: {exc}"
 
@@ -108,7 +110,7 @@ def _explicit(op: str, name: str, ctx: Dict[str, Any], source: str) -> Backend:
             f"{source}: op {op!r} has no backend {name!r}; available: {sorted(table)} or 'auto'"
         )
     backend = table[name]
-    reason = _check(backend, ctx)
+    reason = _check(backend, ctx, explicit=True)
     if reason is not None:
         raise BackendUnavailableError(f"{source}: backend {name!r} cannot run {op}: {reason}")
     return backend
@@ -135,7 +137,7 @@ def select(op: str, requested: Optional[str] = AUTO, **ctx: Any) -> Backend:
     for backend in backends_of(op):
         if not backend.auto:
             continue
-        reason = _check(backend, ctx)
+        reason = _check(backend, ctx, explicit=False)
         if reason is None:
             return backend
         key = (op, backend.name, reason)
@@ -145,6 +147,6 @@ def select(op: str, requested: Optional[str] = AUTO, **ctx: Any) -> Backend:
     raise BackendUnavailableError(f"{op}: no backend can run these inputs")  # pragma: no cover
 
 
-def availability(op: str, **ctx: Any) -> List[Tuple[str, Optional[str]]]:
+def availability(op: str, explicit: bool = True, **ctx: Any) -> List[Tuple[str, Optional[str]]]:
     """``[(backend name, None | reason)]`` for ``op`` in priority order (for doctor/bench)."""
-    return [(b.name, _check(b, ctx)) for b in backends_of(op)]
+    return [(b.name, _check(b, ctx, explicit)) for b in backends_of(op)]

@@ -234,11 +234,12 @@ def triton_import_error() -> Optional[str]:
 MIN_KERNEL_CAPABILITY = (8, 0)
 
 
-def kernel_support(device: Union[torch.Tensor, DeviceLike]) -> Optional[str]:
+def kernel_support(device: Union[torch.Tensor, DeviceLike], explicit: bool = True) -> Optional[str]:
     """Why foldops's Triton kernels cannot run on ``device``, or ``None`` if they can.
 
     They run on CUDA devices of compute capability >= 8.0 with Triton importable, and
-    on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
+    on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1) when asked for
+    explicitly (``explicit=True``): ``auto`` never picks the interpreter, it is for tests.
     """
     reason = triton_import_error()
     if reason is not None:
@@ -246,7 +247,7 @@ def kernel_support(device: Union[torch.Tensor, DeviceLike]) -> Optional[str]:
     dev = device.device if isinstance(device, torch.Tensor) else resolve_device(device)
     if triton_interpret():
         if dev.type == "cpu":
-            return None
+            return None if explicit else "TRITON_INTERPRET=1: the interpreter runs only when named"
         return f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, got {dev.type}"
     if dev.type != "cuda":
         return f"Triton kernels need a CUDA device, got {dev.type}"

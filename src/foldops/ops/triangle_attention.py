@@ -70,8 +70,8 @@ def _triton_backend(q, k, v, bias, mask, scale, chunk_size):
     return kernel(q, k, v, bias, mask, scale)
 
 
-def _triton_supports(device, dtype, head_dim, **_):
-    reason = kernel_support(device)
+def _triton_supports(device, dtype, head_dim, explicit, **_):
+    reason = kernel_support(device, explicit)
     if reason is not None:
         return reason
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
