@@ -1,8 +1,10 @@
 """Public functional ops. Each takes ``backend="auto"`` and dispatches through
 ``foldops.backends``. Importing this touches no device and does not import Triton."""
 
+from foldops.ops.attention_pair_bias import attention_pair_bias
 from foldops.ops.triangle_attention import triangle_attention
 
 __all__ = [
+    "attention_pair_bias",
     "triangle_attention",
 ]
