@@ -2,9 +2,13 @@
 ``foldops.backends``. Importing this touches no device and does not import Triton."""
 
 from foldops.ops.attention_pair_bias import attention_pair_bias
+from foldops.ops.outer_product_mean import outer_product_mean
+from foldops.ops.pair_weighted_averaging import pair_weighted_averaging
 from foldops.ops.triangle_attention import triangle_attention
 
 __all__ = [
     "attention_pair_bias",
+    "outer_product_mean",
+    "pair_weighted_averaging",
     "triangle_attention",
 ]
