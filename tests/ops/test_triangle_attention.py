@@ -22,11 +22,6 @@ LOW = (torch.float32, torch.bfloat16, torch.float16)
 # Known bug, reported to the op's owner: the torch backend builds its mask bias as -1e9 in
 # q's dtype, which overflows fp16 ("value cannot be converted to type c10::Half").
 # strict: once fixed these XPASS and fail, so the marker gets removed.
-FP16_TORCH_MASK_BUG = pytest.mark.xfail(
-    raises=RuntimeError, strict=True, reason="torch backend: -1e9 mask bias overflows fp16"
-)
-
-
 def backend_dtype_params(dtypes):
     """(backend, dtype) pairs, with the known fp16 bug marked."""
     return [
@@ -34,7 +29,6 @@ def backend_dtype_params(dtypes):
             backend,
             dtype,
             id=f"{backend}-{str(dtype).split('.')[-1]}",
-            marks=[FP16_TORCH_MASK_BUG] if (backend, dtype) == ("torch", torch.float16) else [],
         )
         for backend in BACKENDS
         for dtype in dtypes

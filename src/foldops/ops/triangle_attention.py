@@ -32,7 +32,6 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 # Logits of one torch-backend chunk stay under this many elements (fp32: 16 MiB): on a
 # 2-core CPU at N=256 chunks of <= 16 rows ran 2x faster than one shot (cache-resident).
 _TORCH_CHUNK_ELEMENTS = 4 * 1024 * 1024
-_MASKED = -1e9  # finite, so SDPA never sees an all -inf row; such rows are zeroed after
 
 
 def _torch_backend(q, k, v, bias, mask, scale, chunk_size):
@@ -51,7 +50,10 @@ def _torch_backend(q, k, v, bias, mask, scale, chunk_size):
         keep = None
         if mask is not None:
             keep = mask[:, start:stop]  # [B, c, N]
-            mask_bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, _MASKED)
+            # Finite (half the dtype's range, so fp16 cannot overflow to -inf when the bias
+            # is added): SDPA never sees an all -inf row; such rows are zeroed below.
+            masked = torch.finfo(q.dtype).min / 2
+            mask_bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, masked)
             attn_bias = bias + mask_bias[:, :, None, None, :]
         out = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=attn_bias, scale=scale)
         out = out.transpose(2, 3)  # [B, c, N, H, D]
