@@ -1,0 +1,285 @@
+"""Triangle multiplicative update (AF3 Algorithms 12/13 as in Boltz-2): the public functional.
+
+    x: [B, N, N, D]   mask: [B, N, N] keep-mask (bool or 0/1 float) or None
+    norm_in_weight, norm_in_bias, norm_out_weight, norm_out_bias: [D]
+    p_in_weight, g_in_weight: [2D, D]   p_out_weight, g_out_weight: [D, D]
+    out: [B, N, N, D]
+
+    h      = LayerNorm_in(x)
+    [a, b] = (h p_in^T) * sigmoid(h g_in^T) * mask
+    t      = outgoing: t[i,j] = sum_k a[i,k] b[j,k];  incoming: t[i,j] = sum_k a[k,i] b[k,j]
+    out    = (LayerNorm_out(t) p_out^T) * sigmoid(h g_out^T)
+
+The argument list mirrors cuEquivariance's ``triangle_multiplicative_update`` (what
+Boltz-2 calls with ``use_kernels=True``). The triangular product and LayerNorm_out run
+in fp32 (fp64 for fp64 inputs) whatever the input dtype, as Boltz casts ``a, b`` to
+float; the projections run in the input dtype, or autocast's. The output at a masked
+pair is not zeroed (as in Boltz and cuEquivariance): only ``a`` and ``b`` are.
+
+Backends:
+
+- ``torch``: at inference (no gradient needed) memory-bounded: ``h`` is kept once in the
+  compute dtype and overwritten by the output, ``t`` is built in ``[B, D, N, N]``
+  layout by batched matmuls, ``chunk_size`` channels at a time, from gated
+  projections computed straight into that layout in cache-sized position blocks.
+  Extra memory O(B N^2 D) for ``h`` and ``t`` plus O(chunk N^2) for one chunk of
+  ``a, b`` (the 2D-wide projection is never materialised whole). With gradients it
+  runs one autograd graph (O(B N^2 D) activations, as Boltz's module).
+- ``reference``: the plain composition (O(B N^2 D) with several 2D-wide temporaries);
+  never picked by ``auto``.
+- ``cuequivariance``: NVIDIA's fused op, only where ``cuequivariance_torch`` imports
+  and the input is on an NVIDIA GPU; never picked by ``auto``. It ignores ``chunk_size``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from foldops import backends
+from foldops._checks import FLOAT_DTYPES, as_bool_mask, check_positive_int, check_tensor
+from foldops.device import autocast_dtype_in_effect, fp32_region
+from foldops.reference import triangle_multiplication as _reference
+from foldops.reference.triangle_multiplication import DIRECTIONS, product_dtype
+
+OP = "triangle_multiplication"
+
+WEIGHT_NAMES = (
+    "norm_in_weight",
+    "norm_in_bias",
+    "p_in_weight",
+    "g_in_weight",
+    "norm_out_weight",
+    "norm_out_bias",
+    "p_out_weight",
+    "g_out_weight",
+)
+# One chunk of a, b ([2 * chunk, N, N] in the product dtype) is kept under this many
+# elements by default (fp32: 16 MiB), but a chunk never has fewer than _MIN_CHUNK
+# channels: thinner chunks would re-read h too often.
+_CHUNK_ELEMENTS = 4 * 1024 * 1024
+_MIN_CHUNK = 8
+# Position blocks of the projections / output are kept about L2-sized (elements).
+_BLOCK_ELEMENTS = 256 * 1024
+
+
+def _compute_dtype(x: torch.Tensor):
+    """(dtype of the projections, whether LayerNorm_in runs in fp32 under autocast)."""
+    amp = autocast_dtype_in_effect(x)
+    if amp is not None and x.dtype != torch.float64:  # autocast leaves fp64 alone
+        return amp, True
+    return x.dtype, False
+
+
+def _default_chunk(n: int, dim: int) -> int:
+    return max(min(_MIN_CHUNK, dim), min(dim, _CHUNK_ELEMENTS // max(1, 2 * n * n)))
+
+
+def _autograd_path(x, mask, direction, w, eps):
+    """One graph for training: the reference's math with fused input projections and
+    the product as a batched matmul in [B, D, N, N] layout."""
+    dim = x.shape[-1]
+    h = F.layer_norm(x, (dim,), w["norm_in_weight"], w["norm_in_bias"], eps)
+    pg = F.linear(h, torch.cat([w["p_in_weight"], w["g_in_weight"]]))
+    ab = pg[..., : 2 * dim] * torch.sigmoid(pg[..., 2 * dim :])
+    if mask is not None:
+        ab = ab * mask[..., None].to(ab.dtype)
+    wide = product_dtype(x.dtype)
+    with fp32_region(x):
+        ab = ab.to(wide)
+        a = ab[..., :dim].permute(0, 3, 1, 2)
+        b = ab[..., dim:].permute(0, 3, 1, 2)
+        t = a @ b.transpose(-1, -2) if direction == "outgoing" else a.transpose(-1, -2) @ b
+        t = F.layer_norm(
+            t.permute(0, 2, 3, 1), (dim,), w["norm_out_weight"].to(wide), w["norm_out_bias"].to(wide), eps
+        )
+    return F.linear(t.to(x.dtype), w["p_out_weight"]) * torch.sigmoid(F.linear(h, w["g_out_weight"]))
+
+
+@torch.no_grad()
+def _inference_path(x, mask, direction, w, eps, chunk_size):
+    batch, n, _, dim = x.shape
+    nn_ = n * n
+    cdt, amp = _compute_dtype(x)
+    ln_dtype = torch.float32 if amp else cdt
+    wide = product_dtype(cdt)
+    chunk = min(dim, chunk_size or _default_chunk(n, dim))
+    with fp32_region(x):  # dtypes are explicit below
+        w_in = torch.cat([w["p_in_weight"], w["g_in_weight"]]).to(cdt)  # [4D, D]: p_a p_b g_a g_b
+        g_out = w["g_out_weight"].to(cdt)
+        p_out = w["p_out_weight"].to(cdt)
+        ln_in = (w["norm_in_weight"].to(ln_dtype), w["norm_in_bias"].to(ln_dtype))
+        ln_out = (w["norm_out_weight"].to(wide), w["norm_out_bias"].to(wide))
+        keep = None if mask is None else mask.reshape(batch, nn_).to(cdt)
+
+        # h: LayerNorm_in(x), kept once; it becomes the output at the end.
+        h = torch.empty((batch, n, n, dim), dtype=cdt, device=x.device)
+        rows = max(1, _BLOCK_ELEMENTS // max(1, n * dim))
+        for i in range(0, n, rows):
+            h[:, i : i + rows] = F.layer_norm(x[:, i : i + rows].to(ln_dtype), (dim,), *ln_in, eps)
+        hf = h.view(batch, nn_, dim)
+
+        # t[b, d] = a[b, d] @ b[b, d]^T (outgoing) or a^T @ b (incoming), chunk channels at a time.
+        t = torch.empty((batch, dim, n, n), dtype=wide, device=x.device)
+        ab = torch.empty((2 * chunk, nn_), dtype=wide, device=x.device)
+        for c0 in range(0, dim, chunk):
+            c = min(chunk, dim - c0)
+            sel = torch.cat([torch.arange(c0, c0 + c, device=x.device) + k * dim for k in range(4)])
+            w_c = w_in.index_select(0, sel)  # [4c, D]: p_a, p_b, g_a, g_b of these channels
+            block = max(1, _BLOCK_ELEMENTS // (4 * c))
+            for bi in range(batch):
+                for s in range(0, nn_, block):
+                    pg = torch.matmul(w_c, hf[bi, s : s + block].T)  # [4c, s]: channel-major
+                    p = pg[: 2 * c]
+                    p.mul_(pg[2 * c :].sigmoid_())
+                    if keep is not None:
+                        p.mul_(keep[bi, s : s + block])
+                    ab[: 2 * c, s : s + block] = p
+                a = ab[:c].view(c, n, n)
+                b = ab[c : 2 * c].view(c, n, n)
+                if direction == "outgoing":
+                    torch.bmm(a, b.transpose(1, 2), out=t[bi, c0 : c0 + c])
+                else:
+                    torch.bmm(a.transpose(1, 2), b, out=t[bi, c0 : c0 + c])
+        del ab
+
+        # out = LayerNorm_out(t) p_out^T * sigmoid(h g_out^T), written over h block by block.
+        block = max(1, _BLOCK_ELEMENTS // dim)
+        for bi in range(batch):
+            tf = t[bi].view(dim, nn_)
+            for s in range(0, nn_, block):
+                y = F.layer_norm(tf[:, s : s + block].T.contiguous(), (dim,), *ln_out, eps)
+                out = torch.matmul(y.to(cdt), p_out.T)
+                out.mul_(torch.matmul(hf[bi, s : s + block], g_out.T).sigmoid_())
+                hf[bi, s : s + block] = out
+    return h
+
+
+def _torch_backend(x, mask, direction, w, eps, chunk_size):
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in w.values()))
+    if needs_grad or x.numel() == 0:
+        return _autograd_path(x, mask, direction, w, eps)
+    return _inference_path(x, mask, direction, w, eps, chunk_size)
+
+
+def _reference_backend(x, mask, direction, w, eps, chunk_size):
+    return _reference.triangle_multiplication(x, mask, direction=direction, eps=eps, **w)
+
+
+def _cuequivariance_import():
+    try:
+        from cuequivariance_torch import triangle_multiplicative_update
+    except ImportError:
+        from cuequivariance_torch.primitives.triangle import triangle_multiplicative_update
+    return triangle_multiplicative_update
+
+
+def _cuequivariance_backend(x, mask, direction, w, eps, chunk_size):
+    fn = _cuequivariance_import()
+    if mask is not None:
+        mask = mask.to(x.dtype)
+    return fn(x, direction=direction, mask=mask, eps=eps, **w)
+
+
+def _cuequivariance_supports(device, dtype, explicit, **_):
+    try:
+        _cuequivariance_import()
+    except Exception as exc:  # ImportError, or a broken install
+        return f"cuequivariance_torch is not importable ({type(exc).__name__}: {exc})"
+    if device.type in ("cpu", "mps", "xpu", "meta"):
+        return f"cuEquivariance runs on NVIDIA GPUs only, got {device.type}"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} (cuEquivariance supports fp16, bf16, fp32)"
+    return None
+
+
+backends.register(OP, "torch", _torch_backend, priority=50)
+backends.register(
+    OP, "cuequivariance", _cuequivariance_backend, priority=10, supports=_cuequivariance_supports, auto=False
+)
+backends.register(OP, "reference", _reference_backend, priority=0, auto=False)
+
+
+def validate(x, mask, direction, weights: Dict[str, torch.Tensor], eps) -> Optional[torch.Tensor]:
+    """Check shapes, dtypes, devices and options; return the mask as bool (or None)."""
+    check_tensor("x", x, (None, None, None, None))
+    batch, n, n2, dim = x.shape
+    if n != n2:
+        raise ValueError(f"x: expected shape (B, N, N, D) with equal pair dims, got {tuple(x.shape)}")
+    if not isinstance(direction, str) or direction not in DIRECTIONS:
+        raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
+    shapes = {
+        "norm_in_weight": (dim,),
+        "norm_in_bias": (dim,),
+        "p_in_weight": (2 * dim, dim),
+        "g_in_weight": (2 * dim, dim),
+        "norm_out_weight": (dim,),
+        "norm_out_bias": (dim,),
+        "p_out_weight": (dim, dim),
+        "g_out_weight": (dim, dim),
+    }
+    # Under autocast the weights may stay fp32 (autocast casts them); otherwise x's dtype.
+    amp = _compute_dtype(x)[1]
+    for name in WEIGHT_NAMES:
+        t = check_tensor(name, weights[name], shapes[name], dtypes=FLOAT_DTYPES, device=x.device)
+        if not amp and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (as x), got {t.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    return as_bool_mask("mask", mask, (batch, n, n), x.device)
+
+
+def triangle_multiplication(
+    x: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    direction: str,
+    norm_in_weight: torch.Tensor,
+    norm_in_bias: torch.Tensor,
+    p_in_weight: torch.Tensor,
+    g_in_weight: torch.Tensor,
+    norm_out_weight: torch.Tensor,
+    norm_out_bias: torch.Tensor,
+    p_out_weight: torch.Tensor,
+    g_out_weight: torch.Tensor,
+    eps: float = 1e-5,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The whole triangle multiplicative update; see the module doc for the math.
+
+    Args:
+        x: ``[B, N, N, D]`` pair representation, any strides.
+        mask: ``[B, N, N]`` keep-mask over pairs (bool or 0/1 float), or None.
+        direction: ``"outgoing"`` (``t[i,j] = sum_k a[i,k] b[j,k]``) or ``"incoming"``
+            (``t[i,j] = sum_k a[k,i] b[k,j]``).
+        norm_in_weight, norm_in_bias: ``[D]`` input LayerNorm.
+        p_in_weight, g_in_weight: ``[2D, D]`` projection and gate of ``[a, b]``.
+        norm_out_weight, norm_out_bias: ``[D]`` LayerNorm of the product.
+        p_out_weight, g_out_weight: ``[D, D]`` output projection and output gate.
+            Weights have x's dtype (any float dtype under autocast).
+        eps: LayerNorm epsilon of both norms.
+        chunk_size: channels of the product per step for the ``torch`` backend at
+            inference (default: one chunk of ``a, b`` bounded at 4M elements, at least
+            8 channels).
+        backend: ``"auto"``, ``"torch"``, ``"reference"`` or ``"cuequivariance"``.
+
+    Returns:
+        ``[B, N, N, D]`` in x's dtype (autocast's dtype under autocast).
+    """
+    weights = {
+        "norm_in_weight": norm_in_weight,
+        "norm_in_bias": norm_in_bias,
+        "p_in_weight": p_in_weight,
+        "g_in_weight": g_in_weight,
+        "norm_out_weight": norm_out_weight,
+        "norm_out_bias": norm_out_bias,
+        "p_out_weight": p_out_weight,
+        "g_out_weight": g_out_weight,
+    }
+    mask = validate(x, mask, direction, weights, eps)
+    check_positive_int("chunk_size", chunk_size)
+    impl = backends.select(OP, backend, device=x.device, dtype=x.dtype, dim=x.shape[-1])
+    return impl.fn(x, mask, direction, weights, float(eps), chunk_size)
