@@ -1,0 +1,594 @@
+"""The benchmark harness: time, peak memory and error against fp64, per op, backend, size.
+
+Timing is the median of up to ``repeats`` runs after ``warmup`` runs, stopping early once
+``max_time_s`` has been spent (at least 3 runs). On devices that offer timing events
+(``torch.Event``) each run is bracketed by events; elsewhere by host timers with
+``foldops.device.synchronize`` on both sides. Peak memory (``peak_mib``) is measured on
+one more run: the most memory allocated during it above what was allocated before it
+(inputs excluded; outputs, temporaries and saved activations included), from the device
+allocator's peak counter, or on CPU from the profiler's allocation events. Errors are
+the max abs and relative error against the op's ``reference`` backend run in float64
+on the same (rounded) inputs.
+
+Every failure becomes a row with ``status`` ``error``/``oom``/``unavailable``/``skipped``
+and a ``note``; nothing here raises for one backend's sake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+import foldops
+from foldops import backends
+from foldops import device as fdevice
+from foldops.bench.cases import BenchCase, BenchInputs, CaseUnavailable, get_cases, reference_bytes
+from foldops.bench.probe import BackendStatus, backend_statuses, capture_context
+from foldops.testing import max_abs_error
+
+CSV_COLUMNS = (
+    "op", "backend", "shape", "dtype", "mode", "metric", "value", "status", "note",
+    "device", "torch_version", "foldops_version",
+)
+MODES = ("fwd", "fwd+bwd", "bwd")
+DEFAULT_MODES = ("fwd", "fwd+bwd")
+METRICS = ("time_ms", "peak_mib", "max_abs_err", "rel_err")
+STATUSES = ("ok", "error", "oom", "unavailable", "skipped")
+
+DTYPES: Dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp64": torch.float64,
+}
+_DTYPE_ALIASES = {
+    "float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
+    "float64": "fp64", "double": "fp64",
+}
+_NOTE_MAX = 300
+
+Row = Dict[str, str]
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"bf16"``/``"bfloat16"``/... -> torch dtype; ValueError naming the choices."""
+    key = _DTYPE_ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in DTYPES:
+        raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {name!r}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for key, value in DTYPES.items():
+        if value == dtype:
+            return key
+    return str(dtype).replace("torch.", "")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """What to run. ``None`` fields take the defaults of the device's profile."""
+
+    device: torch.device
+    ops: Optional[Sequence[str]] = None
+    sizes: Optional[Sequence[int]] = None
+    dtypes: Optional[Sequence[torch.dtype]] = None
+    modes: Sequence[str] = DEFAULT_MODES
+    backends: Optional[Sequence[str]] = None
+    """Only these backends (named: the interpreter then runs too); default every one."""
+    warmup: Optional[int] = None
+    repeats: Optional[int] = None
+    max_time_s: Optional[float] = None
+    dims: Dict[str, int] = dataclasses.field(default_factory=dict)
+    ref_budget_gib: Optional[float] = None
+    seed: int = 0
+
+    @property
+    def profile(self) -> str:
+        return "cpu" if self.device.type == "cpu" else "gpu"
+
+    def resolved(self) -> "BenchConfig":
+        """A copy with every ``None`` replaced by the profile default, checked."""
+        cpu = self.profile == "cpu"
+        cfg = dataclasses.replace(self)
+        if cfg.dtypes is None:
+            cfg.dtypes = (torch.float32,) if cpu else (torch.bfloat16,)
+        if cfg.warmup is None:
+            cfg.warmup = 2 if cpu else 5
+        if cfg.repeats is None:
+            cfg.repeats = 10 if cpu else 30
+        if cfg.max_time_s is None:
+            cfg.max_time_s = 0.5 if cpu else 2.0
+        if cfg.ref_budget_gib is None:
+            cfg.ref_budget_gib = 2.0 if cpu else 16.0
+        bad_modes = [m for m in cfg.modes if m not in MODES]
+        if bad_modes or not cfg.modes:
+            raise ValueError(f"modes: expected some of {list(MODES)}, got {list(cfg.modes)}")
+        if cfg.sizes is not None and (not cfg.sizes or any(int(s) < 1 for s in cfg.sizes)):
+            raise ValueError(f"sizes: expected positive ints, got {list(cfg.sizes)}")
+        if cfg.warmup < 0:
+            raise ValueError(f"warmup: expected an int >= 0, got {cfg.warmup}")
+        if cfg.repeats < 1:
+            raise ValueError(f"repeats: expected an int >= 1, got {cfg.repeats}")
+        if not cfg.max_time_s > 0:
+            raise ValueError(f"max_time_s: expected a positive number, got {cfg.max_time_s}")
+        get_cases(cfg.ops)  # ValueError for unknown ops
+        return cfg
+
+
+# Rows -------------------------------------------------------------------------------------
+
+class RowSink:
+    """Collects rows, fills the provenance columns, and appends them to a CSV as they come."""
+
+    def __init__(self, device: torch.device, csv_path: Optional[os.PathLike] = None):
+        self.rows: List[Row] = []
+        self._common = {
+            "device": fdevice.device_name(device),
+            "torch_version": torch.__version__,
+            "foldops_version": foldops.__version__,
+        }
+        self._file = None
+        self._writer = None
+        if csv_path is not None:
+            import csv
+
+            self._file = open(csv_path, "w", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+            self._writer.writeheader()
+            self._file.flush()
+
+    def add(self, op: str, backend: str, shape: str, dtype: str, mode: str, metric: str,
+            value: Optional[float] = None, status: str = "ok", note: str = "") -> Row:
+        row = {
+            "op": op, "backend": backend, "shape": shape, "dtype": dtype, "mode": mode,
+            "metric": metric, "value": "" if value is None else format(float(value), ".6g"),
+            "status": status, "note": _one_line(note), **self._common,
+        }
+        self.rows.append(row)
+        if self._writer is not None:
+            self._writer.writerow(row)
+            self._file.flush()
+        return row
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= _NOTE_MAX else text[: _NOTE_MAX - 3] + "..."
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _failure_status(exc: BaseException) -> str:
+    if isinstance(exc, backends.BackendUnavailableError):
+        return "unavailable"
+    return "oom" if fdevice.is_out_of_memory(exc) else "error"
+
+
+# Timing and memory --------------------------------------------------------------------------
+
+class Timer:
+    """Median-of-runs timing with device events where offered, host timers otherwise."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.events = device.type != "cpu" and self._events_work(device)
+
+    @staticmethod
+    def _events_work(device: torch.device) -> bool:
+        try:
+            start = torch.Event(device=device, enable_timing=True)
+            end = torch.Event(device=device, enable_timing=True)
+            start.record()
+            end.record()
+            end.synchronize()
+            start.elapsed_time(end)
+            return True
+        except Exception:  # no timing events on this device (or this torch)
+            return False
+
+    def measure(
+        self,
+        timed: Callable[[Any], Any],
+        setup: Callable[[], Any] = lambda: None,
+        warmup: int = 1,
+        repeats: int = 5,
+        max_time_s: float = 1.0,
+        min_repeats: int = 3,
+    ) -> List[float]:
+        """Milliseconds of ``timed(setup())`` per run; ``setup`` is not timed."""
+        for _ in range(warmup):
+            timed(setup())
+        fdevice.synchronize(self.device)
+        times: List[float] = []
+        pairs = []
+        began = time.perf_counter()
+        for i in range(repeats):
+            state = setup()
+            if self.events:
+                start = torch.Event(device=self.device, enable_timing=True)
+                end = torch.Event(device=self.device, enable_timing=True)
+                start.record()
+                timed(state)
+                end.record()
+                pairs.append((start, end))
+            else:
+                fdevice.synchronize(self.device)
+                t0 = time.perf_counter()
+                timed(state)
+                fdevice.synchronize(self.device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            del state
+            if i + 1 >= min_repeats and time.perf_counter() - began > max_time_s:
+                break
+        if pairs:
+            fdevice.synchronize(self.device)
+            times = [start.elapsed_time(end) for start, end in pairs]
+        return times
+
+
+@contextlib.contextmanager
+def _quiet_stderr_fd() -> Iterator[None]:
+    # The profiler's C++ side logs start/stop lines straight to fd 2.
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def cpu_peak_bytes(run: Callable[[], Any]) -> Optional[int]:
+    """Peak bytes the torch CPU allocator holds during ``run()`` above what it held before.
+
+    Read from the profiler's memory events (their running sum); ``None`` if this torch's
+    profiler does not expose them.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr_fd():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+    try:
+        events = prof.profiler.kineto_results.events()
+        changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except Exception:  # profiler internals moved: report nothing rather than a guess
+        return None
+    peak = current = 0
+    for _, nbytes in changes:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def measure_memory(device: torch.device, run: Callable[[], Any]) -> Optional[float]:
+    """Peak MiB allocated during one call of ``run`` above what was allocated before it,
+    or ``None`` where the device offers no peak (MPS)."""
+    gc.collect()
+    if device.type == "cpu":
+        peak = cpu_peak_bytes(run)
+        return None if peak is None else peak / 2**20
+    fdevice.synchronize(device)
+    fdevice.empty_cache(device)
+    before = fdevice.memory_allocated_bytes(device)
+    if before is None or not fdevice.reset_peak_memory(device):
+        return None  # e.g. MPS: only current allocation, not a peak
+    run()
+    fdevice.synchronize(device)
+    peak = fdevice.peak_memory_bytes(device)
+    return None if peak is None else max(0, peak - before) / 2**20
+
+
+# Errors against fp64 ----------------------------------------------------------------------------
+
+def _to_host64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
+def compare(results: Sequence[torch.Tensor], exact: Sequence[torch.Tensor]) -> Tuple[float, float]:
+    """(max abs error, max relative error) over paired tensors; rel = abs / max|exact|."""
+    worst_abs, worst_rel = 0.0, 0.0
+    for got, ref in zip(results, exact):
+        if got is None or ref is None:
+            continue
+        err = max_abs_error(_to_host64(got), ref)
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        worst_abs = max(worst_abs, err)
+        worst_rel = max(worst_rel, err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
+    return worst_abs, worst_rel
+
+
+# The run ------------------------------------------------------------------------------------------
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+class _SizeRun:
+    """Everything for one (case, dtype, size): inputs, reference, per-backend measurements."""
+
+    def __init__(self, cfg: BenchConfig, case: BenchCase, fn: Callable[..., Any], inputs: BenchInputs,
+                 dims: Dict[str, int], dtype: torch.dtype, sink: RowSink, timer: Timer):
+        self.cfg, self.case, self.fn, self.inputs, self.dims = cfg, case, fn, inputs, dims
+        self.dtype, self.sink, self.timer = dtype, sink, timer
+        self.device = cfg.device
+        self.shape = case.shape_string(dims)
+        self.dtype_name = dtype_name(dtype)
+        self._grad_out: Optional[torch.Tensor] = None
+        self._reference: Optional[Tuple[torch.Tensor, List[torch.Tensor]]] = None
+        self._reference_failure: Optional[Tuple[str, str]] = None
+        self._errors: Dict[Tuple[str, str], Tuple[float, float]] = {}
+
+    def add(self, backend: str, mode: str, metric: str, value=None, status="ok", note="") -> None:
+        self.sink.add(self.case.op, backend, self.shape, self.dtype_name, mode, metric, value, status, note)
+
+    # calls
+    def forward(self, backend: str) -> torch.Tensor:
+        return self.case.call(self.fn, self.inputs, backend)
+
+    def grad_output(self, out: torch.Tensor) -> torch.Tensor:
+        if self._grad_out is None or self._grad_out.shape != out.shape:
+            g = torch.Generator().manual_seed(self.cfg.seed + 1)
+            self._grad_out = torch.randn(tuple(out.shape), generator=g).to(device=out.device, dtype=out.dtype)
+        return self._grad_out
+
+    def backward(self, out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        return torch.autograd.grad(out, self.inputs.grad_inputs(), self.grad_output(out), allow_unused=True)
+
+    def mode_fns(self, backend: str, mode: str):
+        """(setup, timed) for one run of ``mode``; inputs' requires_grad set to match."""
+        self.inputs.requires_grad_(mode != "fwd")
+        if mode == "fwd":
+            def timed(_):
+                with torch.no_grad():
+                    return self.forward(backend)
+            return (lambda: None), timed
+        if mode == "fwd+bwd":
+            return (lambda: None), (lambda _: self.backward(self.forward(backend)))
+        return (lambda: self.forward(backend)), self.backward  # bwd: forward untimed
+
+    # reference
+    def reference(self, need_grad: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        if self._reference is not None and (self._reference[1] or not need_grad):
+            return self._reference
+        if self._reference_failure is not None:
+            raise _ReferenceUnavailable(*self._reference_failure)
+        budget = self.cfg.ref_budget_gib * 2**30
+        if not need_grad and any(m != "fwd" for m in self.cfg.modes):
+            # One fp64 run with gradients serves every mode, if it fits.
+            need_grad = reference_bytes(self.case, self.dims, with_grad=True) <= budget
+        needed = reference_bytes(self.case, self.dims, with_grad=need_grad)
+        if needed > budget:
+            self._reference_failure = (
+                "skipped",
+                f"fp64 reference needs ~{needed / 2**30:.1f} GiB > budget {self.cfg.ref_budget_gib:g} GiB "
+                "(--ref-budget-gib)",
+            )
+            raise _ReferenceUnavailable(*self._reference_failure)
+        ref_device = torch.device("cpu") if self.device.type == "mps" else self.device  # no fp64 on MPS
+        tensors = {}
+        for name, t in self.inputs.tensors.items():
+            t = t.detach()
+            if t.dtype.is_floating_point:
+                t = t.to(device=ref_device, dtype=torch.float64)
+            else:
+                t = t.to(ref_device)
+            tensors[name] = t.requires_grad_(need_grad and name in self.inputs.grad_names)
+        inputs64 = BenchInputs(tensors=tensors, grad_names=self.inputs.grad_names)
+        try:
+            with torch.set_grad_enabled(need_grad):
+                out = self.case.call(self.fn, inputs64, "reference")
+                grads: List[torch.Tensor] = []
+                if need_grad:
+                    g = torch.Generator().manual_seed(self.cfg.seed + 1)
+                    grad_out = torch.randn(tuple(out.shape), generator=g).to(self.dtype).to(
+                        device=ref_device, dtype=torch.float64)
+                    grads = [None if x is None else _to_host64(x) for x in torch.autograd.grad(
+                        out, inputs64.grad_inputs(), grad_out, allow_unused=True)]
+            self._reference = (_to_host64(out), grads)
+        except Exception as exc:
+            self._reference_failure = (_failure_status(exc), f"fp64 reference failed: {_describe(exc)}")
+            raise _ReferenceUnavailable(*self._reference_failure) from exc
+        finally:
+            del inputs64, tensors
+            fdevice.empty_cache(self.device)
+        return self._reference
+
+    def errors(self, backend: str, kind: str) -> Tuple[float, float]:
+        """(abs, rel) error of ``backend``'s output (kind 'fwd') or input gradients ('grad')."""
+        key = (backend, kind)
+        if key not in self._errors:
+            if kind == "fwd":
+                self.inputs.requires_grad_(False)
+                with torch.no_grad():
+                    got = [self.forward(backend)]
+                ref_out, _ = self.reference(need_grad=False)
+                self._errors[key] = compare(got, [ref_out])
+            else:
+                self.inputs.requires_grad_(True)
+                out = self.forward(backend)
+                got = list(self.backward(out))
+                del out
+                _, ref_grads = self.reference(need_grad=True)
+                self._errors[key] = compare(got, ref_grads)
+            del got
+        return self._errors[key]
+
+    # one backend, one mode
+    def measure(self, backend: str, mode: str) -> None:
+        cfg = self.cfg
+        try:
+            setup, timed = self.mode_fns(backend, mode)
+            times = self.timer.measure(timed, setup, cfg.warmup, cfg.repeats, cfg.max_time_s)
+        except Exception as exc:
+            self.add(backend, mode, "time_ms", status=_failure_status(exc), note=_describe(exc))
+            _cleanup(self.device)
+            return
+        self.add(backend, mode, "time_ms", statistics.median(times),
+                 note=f"median of {len(times)} (min {min(times):.4g}, max {max(times):.4g})")
+        try:
+            setup, timed = self.mode_fns(backend, mode)
+            memory = measure_memory(self.device, lambda: timed(setup()))
+            if memory is not None:
+                self.add(backend, mode, "peak_mib", memory, note="peak allocated over one run, above what was allocated before it")
+        except Exception as exc:
+            self.add(backend, mode, "peak_mib", status=_failure_status(exc), note=_describe(exc))
+            _cleanup(self.device)
+        kind = "fwd" if mode == "fwd" else "grad"
+        try:
+            abs_err, rel_err = self.errors(backend, kind)
+        except _ReferenceUnavailable as exc:
+            for metric in ("max_abs_err", "rel_err"):
+                self.add(backend, mode, metric, status=exc.status, note=exc.note)
+            return
+        except Exception as exc:
+            for metric in ("max_abs_err", "rel_err"):
+                self.add(backend, mode, metric, status=_failure_status(exc), note=_describe(exc))
+            _cleanup(self.device)
+            return
+        what = "output" if kind == "fwd" else f"gradients of {', '.join(self.inputs.grad_names)}"
+        self.add(backend, mode, "max_abs_err", abs_err, note=f"{what} vs fp64 reference")
+        self.add(backend, mode, "rel_err", rel_err, note=f"{what}: abs error / max|reference|")
+
+
+class _ReferenceUnavailable(Exception):
+    def __init__(self, status: str, note: str):
+        super().__init__(note)
+        self.status, self.note = status, note
+
+
+def _cleanup(device: torch.device) -> None:
+    gc.collect()
+    try:
+        fdevice.empty_cache(device)
+    except Exception:  # a device in a bad state must not stop the other backends
+        pass
+
+
+def _backend_plan(op: str, statuses: Optional[List[BackendStatus]], named: Optional[Sequence[str]]):
+    """[(backend, status-or-None)] to go through, best first."""
+    if op not in backends.ops():
+        return []
+    names = [b.name for b in backends.backends_of(op)]
+    if named is not None:
+        names = [n for n in names if n in named]
+    by_name = {s.name: s for s in statuses} if statuses is not None else {}
+    return [(n, by_name.get(n)) for n in names]
+
+
+def count_steps(cfg: BenchConfig) -> int:
+    """Progress steps (case x dtype x size x backend x mode) of the loadable cases."""
+    total = 0
+    for case in get_cases(cfg.ops):
+        try:
+            case.load()
+        except CaseUnavailable:
+            total += 1
+            continue
+        sizes = cfg.sizes or case.sizes[cfg.profile]
+        names = [n for n, _ in _backend_plan(case.registry_op, None, cfg.backends)]
+        total += len(cfg.dtypes) * len(sizes) * max(1, len(names)) * len(cfg.modes)
+    return max(total, 1)
+
+
+def run_bench(
+    config: BenchConfig,
+    csv_path: Optional[os.PathLike] = None,
+    progress: Optional[ProgressFn] = None,
+    on_skip: Optional[Callable[[str], None]] = None,
+) -> List[Row]:
+    """Run the benchmark described by ``config``; return the rows (also written to ``csv_path``)."""
+    cfg = config.resolved()
+    sink = RowSink(cfg.device, csv_path)
+    timer = Timer(cfg.device)
+    total = count_steps(cfg)
+    done = 0
+
+    def step(text: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, text)
+
+    try:
+        for case in get_cases(cfg.ops):
+            try:
+                fn = case.load()
+            except CaseUnavailable as exc:
+                sink.add(case.op, "", "", "", "", "", status="skipped", note=str(exc))
+                if on_skip is not None:
+                    on_skip(str(exc))
+                step(f"{case.op}: skipped")
+                continue
+            sizes = cfg.sizes or case.sizes[cfg.profile]
+            plan_len = len(_backend_plan(case.registry_op, None, cfg.backends))
+            for dtype in cfg.dtypes:
+                for size in sizes:
+                    _run_size(cfg, case, fn, dtype, int(size), sink, timer, step, plan_len)
+    finally:
+        sink.close()
+    return sink.rows
+
+
+def _run_size(cfg, case, fn, dtype, size, sink, timer, step, plan_len) -> None:
+    dims = case.dims_for(cfg.profile, size, cfg.dims)
+    shape, dname = case.shape_string(dims), dtype_name(dtype)
+    steps = max(1, plan_len) * len(cfg.modes)
+
+    def fail_all(status: str, note: str) -> None:
+        sink.add(case.op, "", shape, dname, "", "", status=status, note=note)
+        for _ in range(steps):
+            step(f"{case.op} {shape} {dname}: {status}")
+
+    try:
+        inputs = case.make(dims, dtype, cfg.device, cfg.seed)
+        ctx = capture_context(case.registry_op, lambda: case.call(fn, inputs, backends.AUTO))
+    except Exception as exc:  # inputs do not fit, or the op rejects them
+        fail_all(_failure_status(exc), f"inputs: {_describe(exc)}")
+        _cleanup(cfg.device)
+        return
+    registry_op = case.registry_op
+    if registry_op not in backends.ops():
+        fail_all("error", f"no backends registered under {registry_op!r} (registered: {backends.ops()})")
+        return
+    statuses = backend_statuses(registry_op, ctx) if ctx is not None else None
+    run = _SizeRun(cfg, case, fn, inputs, dims, dtype, sink, timer)
+    plan = _backend_plan(registry_op, statuses, cfg.backends)
+    if not plan:
+        fail_all("skipped", f"no backend of {registry_op} among --backends {list(cfg.backends or [])}")
+    for name, status in plan:
+        for mode in cfg.modes:
+            label = f"{case.op} {name} {shape} {dname} {mode}"
+            if status is not None and not status.available:
+                run.add(name, mode, "time_ms", status="unavailable", note=status.reason)
+            elif status is not None and status.named_only and cfg.backends is None:
+                run.add(name, mode, "time_ms", status="skipped",
+                        note=f"runs only when named ({status.auto_reason}); use --backends {name}")
+            else:
+                run.measure(name, mode)
+            step(label)
+    del run, inputs
+    _cleanup(cfg.device)

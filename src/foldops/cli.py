@@ -1,0 +1,401 @@
+"""The ``foldops`` command: ``doctor``, ``bench`` and ``plot``.
+
+    foldops doctor                   # device, versions, kernels, backends per op
+    foldops bench                    # every op, backend, a sweep of sizes -> ./foldops-bench/
+    foldops bench --ops triangle_attention --sizes 256,512 --dtype bf16 --out results/
+    foldops plot foldops-bench/bench.csv
+
+Heavy imports happen inside the commands, so ``foldops --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import shlex
+import sys
+import time
+from typing import IO, Dict, List, Optional, Sequence
+
+import torch
+
+PEERS = (
+    # (import name, distribution name)
+    ("trifast", "trifast"),
+    ("cuequivariance_torch", "cuequivariance-torch"),
+    ("flash_attn", "flash-attn"),
+    ("boltz", "boltz"),
+)
+
+
+# Argument types: each raises ArgumentTypeError with the expected and the actual value.
+
+def _csv_list(text: str) -> List[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _positive_int_list(text: str) -> List[int]:
+    values = []
+    for item in _csv_list(text):
+        try:
+            value = int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected positive integers like 32,64,96, got {item!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected positive integers like 32,64,96, got {value}")
+        values.append(value)
+    return values
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _ops(text: str) -> Optional[List[str]]:
+    from foldops.bench.cases import CASES
+
+    if text.strip() == "all":
+        return None
+    names = _csv_list(text)
+    unknown = [name for name in names if name not in CASES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown op(s) {', '.join(unknown)}; expected some of: {', '.join(CASES)} or all")
+    return names
+
+
+def _dtypes(text: str) -> List[torch.dtype]:
+    from foldops.bench.harness import parse_dtype
+
+    try:
+        return [parse_dtype(name) for name in _csv_list(text)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("dtype: ", "")) from None
+
+
+def _modes(text: str) -> List[str]:
+    from foldops.bench.harness import MODES
+
+    modes = _csv_list(text)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(unknown)}; expected some of: {', '.join(MODES)}")
+    return list(dict.fromkeys(modes))
+
+
+def _dim(text: str):
+    key, sep, value = text.partition("=")
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not sep or not key.strip() or number < 1:
+        raise argparse.ArgumentTypeError(f"expected KEY=positive int such as S=64, got {text!r}")
+    return key.strip(), number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foldops", description="foldops: fast, portable biomolecular building blocks")
+    sub = parser.add_subparsers(dest="command", metavar="{doctor,bench,plot}")
+    sub.required = True
+
+    doctor = sub.add_parser("doctor", help="device, versions, Triton kernels and backend availability")
+    doctor.add_argument("--device", default="auto", help="auto (default), cpu, cuda, xpu, mps, cuda:1, ...")
+    doctor.add_argument("--dtype", type=_dtypes, default=None,
+                        help="dtype of the representative inputs (default: fp32 on CPU, bf16 elsewhere)")
+
+    bench = sub.add_parser(
+        "bench", help="time, memory and accuracy of every op and backend",
+        description="Benchmark each op with each backend that can run here over a sweep of sizes N: "
+                    "median time, peak memory where measurable, and error against the fp64 reference; "
+                    "a table on the terminal, bench.csv, summary.md and one PNG per op in --out.",
+    )
+    bench.add_argument("--device", default="auto", help="auto (default), cpu, cuda, xpu, mps, cuda:1, ...")
+    bench.add_argument("--ops", type=_ops, default=None, help="comma-separated ops, or all (default)")
+    bench.add_argument("--sizes", type=_positive_int_list, default=None,
+                       help="comma-separated N (default: 32,64,96 on CPU; 128,256,512,768,1024 on a GPU)")
+    bench.add_argument("--dtype", type=_dtypes, default=None,
+                       help="comma-separated dtypes: fp32, bf16, fp16, fp64 (default: fp32 on CPU, bf16 on a GPU)")
+    bench.add_argument("--modes", type=_modes, default=None, help="comma-separated: fwd, fwd+bwd, bwd (default fwd,fwd+bwd)")
+    bench.add_argument("--backends", type=_csv_list, default=None,
+                       help="only these backends (named ones run even where auto would skip them, e.g. the "
+                            "Triton interpreter); default: every registered backend that can run")
+    bench.add_argument("--out", default="foldops-bench", help="output folder (default ./foldops-bench)")
+    bench.add_argument("--repeats", type=_int_at_least(1), default=None, help="timed runs (default 5 on CPU, 30 on a GPU)")
+    bench.add_argument("--warmup", type=_int_at_least(0), default=None, help="untimed runs first (default 1 on CPU, 5 on a GPU)")
+    bench.add_argument("--max-time", type=_positive_float, default=None, dest="max_time",
+                       help="seconds per measurement before stopping early, after 3 runs (default 0.5 CPU, 2 GPU)")
+    bench.add_argument("--dim", type=_dim, action="append", default=[], metavar="KEY=VALUE",
+                       help="override a fixed dimension of the cases, e.g. --dim S=256 --dim H=8 (repeatable)")
+    bench.add_argument("--ref-budget-gib", type=_positive_float, default=None, dest="ref_budget_gib",
+                       help="largest fp64 reference to run for the error columns (default 2 on CPU, 16 on a GPU)")
+    bench.add_argument("--seed", type=_int_at_least(0), default=0, help="input seed (default 0)")
+    bench.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+    bench.add_argument("--quiet", action="store_true", help="no progress line")
+
+    plot = sub.add_parser("plot", help="draw the PNGs of a bench CSV")
+    plot.add_argument("csv", help="a bench.csv written by foldops bench")
+    plot.add_argument("--out", default=None, help="output folder (default: beside the CSV)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "doctor":
+        return _doctor_command(parser, args)
+    if args.command == "bench":
+        return _bench_command(parser, args, list(sys.argv[1:] if argv is None else argv))
+    return _plot_command(parser, args)
+
+
+def _resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    from foldops.device import resolve_device
+
+    try:
+        return resolve_device(name)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        parser.error(f"argument --device: {exc}")
+        raise  # pragma: no cover - parser.error exits
+
+
+# doctor ------------------------------------------------------------------------------------
+
+def _version(module_name: str, dist_name: Optional[str] = None) -> str:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == module_name:
+            return "not installed"
+        return f"not importable ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # a broken install
+        return f"not importable ({type(exc).__name__}: {exc})"
+    version = getattr(module, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version(dist_name or module_name)
+        except Exception:
+            version = "unknown version"
+    return str(version)
+
+
+def _capability(dev: torch.device) -> str:
+    # Device-generic: torch.<type>.get_device_capability where the device type has one.
+    module = getattr(torch, dev.type, None)
+    get = getattr(module, "get_device_capability", None)
+    if dev.type == "cpu" or get is None:
+        return "n/a"
+    try:
+        cap = get(dev)
+    except Exception as exc:
+        return f"unknown ({type(exc).__name__}: {exc})"
+    if isinstance(cap, tuple):
+        return ".".join(str(c) for c in cap)
+    return str(cap)
+
+
+def doctor(device: torch.device, dtype: Optional[torch.dtype] = None, stream: Optional[IO[str]] = None) -> None:
+    """Print what foldops can do on ``device``: versions, kernels, backends per op."""
+    import foldops
+    from foldops import backends
+    from foldops import device as fdevice
+    from foldops.bench.cases import CaseUnavailable, get_cases
+    from foldops.bench.harness import dtype_name
+    from foldops.bench.probe import backend_statuses, capture_context
+
+    out = stream if stream is not None else sys.stdout
+
+    def say(text: str = "") -> None:
+        out.write(text + "\n")
+
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    say("foldops doctor")
+    say(f"  device:      {device} - {fdevice.device_name(device)}")
+    say(f"  capability:  {_capability(device)}")
+    say("versions:")
+    say(f"  python       {platform.python_version()} ({sys.executable})")
+    say(f"  torch        {torch.__version__}")
+    say(f"  triton       {_version('triton')}")
+    say(f"  numpy        {_version('numpy')}")
+    say(f"  foldops      {foldops.__version__}")
+    say("peers (optional):")
+    for module_name, dist_name in PEERS:
+        say(f"  {module_name:<21}{_version(module_name, dist_name)}")
+    say("Triton kernels:")
+    auto_reason = fdevice.kernel_support(device, explicit=False)
+    named_reason = fdevice.kernel_support(device, explicit=True)
+    say(f"  used by auto:         {'yes' if auto_reason is None else 'no - ' + auto_reason}")
+    say(f"  run when named:       {'yes' if named_reason is None else 'no - ' + named_reason}")
+    say(f"  TRITON_INTERPRET:     {os.environ.get('TRITON_INTERPRET', '(unset)')}")
+    overrides = {k: v for k, v in sorted(os.environ.items()) if k.startswith(backends.ENV_GLOBAL)}
+    say("backend overrides:")
+    if overrides:
+        for key, value in overrides.items():
+            say(f"  {key}={value}")
+    else:
+        say(f"  none ({backends.ENV_GLOBAL}, {backends.ENV_GLOBAL}_<OP>)")
+
+    profile = "cpu" if device.type == "cpu" else "gpu"
+    say(f"backends per op (representative input at N=16, {dtype_name(dtype)}; * = auto's choice):")
+    table: List[List[str]] = [["op", "backend", "available", "reason"]]
+    for case in get_cases():
+        try:
+            fn = case.load()
+        except CaseUnavailable as exc:
+            table.append([case.op, "-", "no", f"op not importable: {exc}"])
+            continue
+        dims = case.dims_for(profile, 16)
+        try:
+            inputs = case.make(dims, dtype, device)
+            ctx = capture_context(case.registry_op, lambda: case.call(fn, inputs, backends.AUTO))
+        except Exception as exc:
+            table.append([case.op, "-", "no", f"inputs {case.shape_string(dims)} rejected: {type(exc).__name__}: {exc}"])
+            continue
+        if case.registry_op not in backends.ops():
+            table.append([case.op, "-", "no", f"no backends registered under {case.registry_op!r}"])
+            continue
+        if ctx is None:
+            names = ", ".join(b.name for b in backends.backends_of(case.registry_op))
+            table.append([case.op, names, "?", "the op did not select through foldops.backends.select"])
+            continue
+        first = True
+        for status in backend_statuses(case.registry_op, ctx):
+            if status.reason is not None:
+                available, reason = "no", status.reason
+            elif status.named_only:
+                available, reason = "named", f"not for auto: {status.auto_reason}"
+            else:
+                available, reason = "yes", "" if status.auto else "only when named (not used by auto)"
+            name = status.name + (" *" if status.selected else "")
+            if first and case.registry_op != case.op:
+                reason = f"(backends of {case.registry_op}) {reason}".rstrip()
+            table.append([case.op if first else "", name, available, reason])
+            first = False
+    widths = [max(len(line[i]) for line in table) for i in range(3)]
+    for index, line in enumerate(table):
+        say("  " + "  ".join(c.ljust(w) for c, w in zip(line[:3], widths)) + "  " + line[3])
+        if index == 0:
+            say("  " + "  ".join("-" * w for w in widths) + "  " + "-" * 6)
+
+
+def _doctor_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    device = _resolve_device(parser, args.device)
+    if args.dtype is not None and len(args.dtype) != 1:
+        parser.error(f"argument --dtype: doctor takes one dtype, got {len(args.dtype)}")
+    doctor(device, None if args.dtype is None else args.dtype[0])
+    return 0
+
+
+# bench -------------------------------------------------------------------------------------
+
+def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[str]) -> int:
+    import foldops
+    from foldops import device as fdevice
+    from foldops.bench.cases import get_cases
+    from foldops.bench.harness import DEFAULT_MODES, BenchConfig, dtype_name, run_bench
+    from foldops.bench.report import ProgressLine, format_table, write_summary
+
+    device = _resolve_device(parser, args.device)
+    dims: Dict[str, int] = dict(args.dim)
+    if dims:
+        known = set()
+        for case in get_cases(args.ops):
+            known.update(case.dim_names())
+        unknown = sorted(set(dims) - known)
+        if unknown or "N" in dims:
+            parser.error(f"argument --dim: unknown dimension(s) {unknown or ['N']} for these ops; "
+                         f"expected some of {sorted(known - {'N'})} (N is swept: use --sizes)")
+    config = BenchConfig(
+        device=device, ops=args.ops, sizes=args.sizes, dtypes=args.dtype,
+        modes=args.modes or DEFAULT_MODES, backends=args.backends, warmup=args.warmup,
+        repeats=args.repeats, max_time_s=args.max_time, dims=dims, ref_budget_gib=args.ref_budget_gib,
+        seed=args.seed,
+    )
+    try:
+        config = config.resolved()
+    except ValueError as exc:
+        parser.error(str(exc))
+    out = os.path.abspath(args.out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"argument --out: cannot create {out}: {exc}")
+    csv_path = os.path.join(out, "bench.csv")
+
+    progress = ProgressLine(sys.stderr)
+    sys.stderr.write(
+        f"foldops bench on {fdevice.device_name(device)}: dtype {','.join(dtype_name(d) for d in config.dtypes)}, "
+        f"modes {','.join(config.modes)}, writing {csv_path}\n"
+    )
+    started = time.perf_counter()
+    rows = run_bench(config, csv_path=csv_path, progress=None if args.quiet else progress,
+                     on_skip=progress.message)
+    progress.finish()
+    elapsed = time.perf_counter() - started
+
+    print(format_table(rows))
+    context = {
+        "command": "foldops " + " ".join(shlex.quote(a) for a in argv),
+        "device": fdevice.device_name(device),
+        "torch": torch.__version__,
+        "foldops": foldops.__version__,
+        "dtype": ",".join(dtype_name(d) for d in config.dtypes),
+        "timing": f"median of up to {config.repeats} runs after {config.warmup} warm-up, "
+                  f"at most ~{config.max_time_s:g} s per measurement",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "wall time": f"{elapsed:.1f} s",
+    }
+    write_summary(os.path.join(out, "summary.md"), rows, context)
+    written = [csv_path, os.path.join(out, "summary.md")]
+    if not args.no_plot:
+        try:
+            from foldops.bench.plot import plot_csv
+
+            written += [str(p) for p in plot_csv(csv_path, out)]
+        except ImportError as exc:
+            sys.stderr.write(f"no plots: {exc} (pip install foldops[bench])\n")
+    failures = sum(1 for r in rows if r["status"] in ("error", "oom"))
+    sys.stderr.write(
+        f"done in {elapsed:.1f} s; {len(rows)} rows, {failures} error/OOM rows; wrote:\n"
+        + "".join(f"  {p}\n" for p in written)
+    )
+    return 0
+
+
+def _plot_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from foldops.bench.plot import plot_csv
+
+    if not os.path.isfile(args.csv):
+        parser.error(f"argument csv: no such file {args.csv!r}")
+    for path in plot_csv(args.csv, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
