@@ -97,6 +97,7 @@ def plot_csv(csv_path: os.PathLike, out_dir: Optional[os.PathLike] = None) -> Li
                     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
                     if all(y > 0 for line in ax.lines for y in line.get_ydata()):
                         ax.set_yscale("log")
+                        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
                         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
                         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
                     ax.legend(fontsize="small")

@@ -1,0 +1,212 @@
+"""foldops.backends: registration, priority, explicit requests, environment overrides."""
+
+import logging
+import os
+
+import pytest
+import torch
+
+from foldops import backends
+from foldops.backends import BackendUnavailableError
+
+OP = "_test_op"
+OTHER = "_test_other_op"
+
+
+@pytest.fixture(autouse=True)
+def isolated_registry(monkeypatch):
+    """A copy of the registry (real ops included) and no FOLDOPS_BACKEND* in the environment."""
+    monkeypatch.setattr(backends, "_REGISTRY", {op: dict(table) for op, table in backends._REGISTRY.items()})
+    monkeypatch.setattr(backends, "_logged", set())
+    for key in list(os.environ):
+        if key.startswith(backends.ENV_GLOBAL):
+            monkeypatch.delenv(key)
+
+
+def _fn(tag):
+    return lambda *args, **kwargs: tag
+
+
+def _never(reason):
+    return lambda **ctx: reason
+
+
+def _boom(**ctx):
+    raise ImportError("broken third-party install")
+
+
+@pytest.fixture
+def three():
+    """fast (100, runs only on 'gpu'), slow (50), exact (0, auto=False)."""
+    backends.register(OP, "slow", _fn("slow"), priority=50)
+    backends.register(OP, "fast", _fn("fast"), priority=100,
+                      supports=lambda device, explicit, **_: None if device == "gpu" else f"needs gpu, got {device}")
+    backends.register(OP, "exact", _fn("exact"), priority=0, auto=False)
+
+
+# Registration ----------------------------------------------------------------------------------
+
+def test_backends_of_is_priority_order(three):
+    assert [b.name for b in backends.backends_of(OP)] == ["fast", "slow", "exact"]
+    assert OP in backends.ops()
+    assert backends.ops() == sorted(backends.ops())
+
+
+def test_register_replaces_and_returns_the_backend(three):
+    b = backends.register(OP, "slow", _fn("slow2"), priority=200)
+    assert isinstance(b, backends.Backend) and b.op == OP and b.name == "slow" and b.auto
+    assert [x.name for x in backends.backends_of(OP)] == ["slow", "fast", "exact"]
+    assert backends.select(OP, device="cpu").fn() == "slow2"
+
+
+def test_register_rejects_auto():
+    with pytest.raises(ValueError, match="name: 'auto' is reserved"):
+        backends.register(OP, "auto", _fn("x"), priority=1)
+
+
+def test_backends_of_unknown_op():
+    with pytest.raises(ValueError, match=r"op: unknown op '_nope'; known ops: \["):
+        backends.backends_of("_nope")
+
+
+# Auto selection ------------------------------------------------------------------------------
+
+def test_auto_takes_the_best_backend_that_can_run(three):
+    assert backends.select(OP, "auto", device="gpu").name == "fast"
+    assert backends.select(OP, "auto", device="cpu").name == "slow"
+    assert backends.select(OP, None, device="cpu").name == "slow"
+    assert backends.select(OP, device="cpu").name == "slow"
+
+
+def test_auto_never_takes_opt_out_backends(three):
+    backends.register(OP, "slow", _fn("slow"), priority=50, supports=_never("no"))
+    with pytest.raises(BackendUnavailableError, match="no backend can run"):
+        backends.select(OP, device="cpu")  # 'exact' could run, but only when named
+    assert backends.select(OP, "exact", device="cpu").name == "exact"
+
+
+def test_auto_skips_a_raising_support_check(three):
+    backends.register(OP, "fast", _fn("fast"), priority=100, supports=_boom)
+    assert backends.select(OP, device="gpu").name == "slow"
+    reasons = dict(backends.availability(OP, device="gpu"))
+    assert reasons["fast"] == "support check failed: ImportError: broken third-party install"
+
+
+def test_auto_logs_each_skip_once(three, caplog):
+    with caplog.at_level(logging.DEBUG, logger="foldops.backends"):
+        for _ in range(3):
+            backends.select(OP, device="cpu")
+    skips = [r for r in caplog.records if "auto skips backend 'fast'" in r.getMessage()]
+    assert len(skips) == 1 and "needs gpu, got cpu" in skips[0].getMessage()
+
+
+def test_support_checks_learn_whether_the_backend_was_named():
+    seen = []
+
+    def check(explicit, **ctx):
+        seen.append((explicit, ctx))
+        return None if explicit else "interpreter: only when named"
+
+    backends.register(OP, "interp", _fn("interp"), priority=100, supports=check)
+    backends.register(OP, "slow", _fn("slow"), priority=50)
+    assert backends.select(OP, device="cpu", dtype=torch.float32).name == "slow"
+    assert backends.select(OP, "interp", device="cpu", dtype=torch.float32).name == "interp"
+    assert seen == [(False, {"device": "cpu", "dtype": torch.float32}), (True, {"device": "cpu", "dtype": torch.float32})]
+
+
+# Explicit requests -----------------------------------------------------------------------------
+
+def test_explicit_backend_that_cannot_run_names_the_reason(three):
+    with pytest.raises(BackendUnavailableError, match="backend: backend 'fast' cannot run _test_op: needs gpu, got cpu"):
+        backends.select(OP, "fast", device="cpu")
+
+
+def test_explicit_backend_with_a_raising_check(three):
+    backends.register(OP, "fast", _fn("fast"), priority=100, supports=_boom)
+    with pytest.raises(BackendUnavailableError, match="support check failed: ImportError"):
+        backends.select(OP, "fast", device="gpu")
+
+
+def test_explicit_unknown_backend_lists_the_known_ones(three):
+    with pytest.raises(BackendUnavailableError, match=r"no backend 'trifast'; available: \['exact', 'fast', 'slow'\] or 'auto'"):
+        backends.select(OP, "trifast", device="cpu")
+
+
+def test_backend_must_be_a_string(three):
+    with pytest.raises(TypeError, match="backend: expected a backend name string, got int"):
+        backends.select(OP, 3, device="cpu")
+
+
+def test_backend_unavailable_error_is_a_runtime_error():
+    assert issubclass(BackendUnavailableError, RuntimeError)
+
+
+# Environment overrides ---------------------------------------------------------------------------
+
+def test_per_op_env_override(three, monkeypatch):
+    monkeypatch.setenv("FOLDOPS_BACKEND__TEST_OP", "exact")
+    assert backends.select(OP, device="gpu").name == "exact"
+    monkeypatch.setenv("FOLDOPS_BACKEND__TEST_OP", " slow ")
+    assert backends.select(OP, device="gpu").name == "slow"
+    monkeypatch.setenv("FOLDOPS_BACKEND__TEST_OP", "auto")
+    assert backends.select(OP, device="gpu").name == "fast"
+
+
+def test_per_op_env_override_is_explicit(three, monkeypatch):
+    monkeypatch.setenv("FOLDOPS_BACKEND__TEST_OP", "fast")
+    with pytest.raises(BackendUnavailableError, match="FOLDOPS_BACKEND__TEST_OP: backend 'fast' cannot run _test_op: needs gpu"):
+        backends.select(OP, device="cpu")
+    monkeypatch.setenv("FOLDOPS_BACKEND__TEST_OP", "nope")
+    with pytest.raises(BackendUnavailableError, match="FOLDOPS_BACKEND__TEST_OP: op '_test_op' has no backend 'nope'"):
+        backends.select(OP, device="cpu")
+
+
+def test_global_env_override(three, monkeypatch):
+    backends.register(OTHER, "slow", _fn("other-slow"), priority=10)
+    backends.register(OTHER, "only", _fn("only"), priority=20)
+    monkeypatch.setenv("FOLDOPS_BACKEND", "exact")
+    assert backends.select(OP, device="gpu").name == "exact"
+    assert backends.select(OTHER).name == "only"  # no 'exact' there: ignored
+    monkeypatch.setenv("FOLDOPS_BACKEND", "slow")
+    assert backends.select(OTHER).name == "slow"
+    monkeypatch.setenv("FOLDOPS_BACKEND", "auto")
+    assert backends.select(OP, device="gpu").name == "fast"
+
+
+def test_global_env_override_is_explicit(three, monkeypatch):
+    monkeypatch.setenv("FOLDOPS_BACKEND", "fast")
+    with pytest.raises(BackendUnavailableError, match="FOLDOPS_BACKEND: backend 'fast' cannot run _test_op: needs gpu"):
+        backends.select(OP, device="cpu")
+
+
+def test_override_precedence(three, monkeypatch):
+    monkeypatch.setenv("FOLDOPS_BACKEND", "slow")
+    monkeypatch.setenv("FOLDOPS_BACKEND__TEST_OP", "exact")
+    assert backends.select(OP, device="gpu").name == "exact"  # per-op beats global
+    assert backends.select(OP, "fast", device="gpu").name == "fast"  # the argument beats both
+
+
+# availability ----------------------------------------------------------------------------------
+
+def test_availability_in_priority_order(three):
+    assert backends.availability(OP, device="cpu") == [("fast", "needs gpu, got cpu"), ("slow", None), ("exact", None)]
+    assert backends.availability(OP, device="gpu") == [("fast", None), ("slow", None), ("exact", None)]
+
+
+def test_availability_passes_the_explicit_flag():
+    backends.register(OP, "interp", _fn("x"), priority=1,
+                      supports=lambda explicit, **_: None if explicit else "only when named")
+    assert backends.availability(OP) == [("interp", None)]
+    assert backends.availability(OP, explicit=False) == [("interp", "only when named")]
+
+
+# The real registry ---------------------------------------------------------------------------------
+
+def test_auto_never_picks_the_triton_interpreter(monkeypatch):
+    import foldops.ops.triangle_attention  # noqa: F401  (registers its backends)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ctx = dict(device=torch.device("cpu"), dtype=torch.float32, head_dim=32)
+    assert backends.select("triangle_attention", **ctx).name == "torch"
+    reasons = dict(backends.availability("triangle_attention", explicit=False, **ctx))
+    assert reasons["triton"] is not None
