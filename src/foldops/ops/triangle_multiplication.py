@@ -204,10 +204,10 @@ backends.register(OP, "reference", _reference_backend, priority=0, auto=False)
 
 def validate(x, mask, direction, weights: Dict[str, torch.Tensor], eps) -> Optional[torch.Tensor]:
     """Check shapes, dtypes, devices and options; return the mask as bool (or None)."""
-    check_tensor("x", x, (None, None, None, None))
-    batch, n, n2, dim = x.shape
-    if n != n2:
-        raise ValueError(f"x: expected shape (B, N, N, D) with equal pair dims, got {tuple(x.shape)}")
+    check_tensor("x", x)
+    if x.dim() != 4 or x.shape[1] != x.shape[2]:
+        raise ValueError(f"x: expected shape (B, N, N, D), got {tuple(x.shape)}")
+    batch, n, _, dim = x.shape
     if not isinstance(direction, str) or direction not in DIRECTIONS:
         raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
     shapes = {
