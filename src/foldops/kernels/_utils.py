@@ -1,0 +1,62 @@
+"""Helpers shared by foldops's Triton kernels (imported lazily, with Triton)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+def _f32_to_bf16_rtne(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bit patterns (uint16), rounding to nearest even as the GPU does."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+@functools.lru_cache(maxsize=None)
+def patch_interpreter_bf16() -> bool:
+    """Make bf16 behave as on the GPU under the Triton interpreter.
+
+    The interpreter (seen in Triton 3.9) stores bf16 as uint16 bit patterns and
+
+    - hands them to ``np.matmul`` unconverted, so ``tl.dot`` on bf16 returns garbage:
+      bf16 operands are widened to fp32 first (the exact products a tensor core forms,
+      accumulated in fp32);
+    - truncates fp32 -> bf16 casts (round toward zero), which doubles the rounding
+      error of every cast: they round to nearest even here, as compiled kernels do.
+
+    Applied only when the interpreter runs; compiled kernels are untouched. Returns
+    whether the patch was installed.
+    """
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - no Triton
+        return False
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    create_dot = getattr(builder, "create_dot", None)
+    cast_impl = getattr(builder, "cast_impl", None)
+    if create_dot is None or cast_impl is None or getattr(create_dot, "_foldops", False):
+        return False
+
+    def widen(handle):
+        if handle.dtype == tl.bfloat16:
+            bits = handle.data.astype(np.uint32) << 16
+            return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+        return handle
+
+    @functools.wraps(create_dot)
+    def patched_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    @functools.wraps(cast_impl)
+    def patched_cast(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(_f32_to_bf16_rtne(src.data), dst_type.scalar)
+        return cast_impl(self, src, dst_type)
+
+    patched_dot._foldops = True
+    builder.create_dot = patched_dot
+    builder.cast_impl = patched_cast
+    return True

@@ -1,0 +1,739 @@
+"""Triton kernels for triangle attention: forward, backward (dQ, dK/dV, dBias).
+
+    q, k, v, out: [B, I, N, H, D] (any strides)   bias: [B, H, N, N] (any strides)
+    mask: [B, I, N] bool keep-mask over keys, or None
+    out[b,i,j,h] = sum_k softmax_k(scale * q[b,i,j,h].k[b,i,k,h] + bias[b,h,j,k]
+                                   | mask[b,i,k]) v[b,i,k,h]
+
+Layers (see docs/kernels/triangle_attention.md for the design, floors and timings):
+
+- kernels ``_fwd_kernel``, ``_bwd_dq_kernel``, ``_bwd_dkdv_kernel``, ``_bwd_dbias_kernel``;
+- launchers ``triangle_attention_forward`` / ``triangle_attention_backward``;
+- custom ops ``foldops::triangle_attention_fwd`` / ``foldops::triangle_attention_bwd``
+  (``torch.library.triton_op``: fake implementations for free, autograd registered);
+- ``triangle_attention(q, k, v, bias, mask, scale)``: the differentiable entry point.
+
+Softmax in base 2 and fp32: logits are ``s2 = log2(e) * (scale * q.k + bias)``; the
+saved log-sum-exp ``lse`` [B, I, H, N] is in the same base. Rows whose keys are all
+masked get ``lse = +inf``, so every recomputed probability is 0: zero outputs and
+zero gradients without NaN.
+
+The bias gradient is deterministic: a program owns a (j, k) tile of one (b, h) and
+sums dS over rows i in registers; at small N the rows are split over a few programs
+whose partial tiles are summed afterwards in a fixed order. No atomics anywhere.
+
+Memory, beyond inputs and outputs: O(B I H N) fp32 for lse and delta, plus an
+O(splits * B H N^2) fp32 partial bias gradient at small N only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from foldops.device import triton_interpret
+from foldops.kernels._utils import patch_interpreter_bf16
+
+if triton_interpret():
+    patch_interpreter_bf16()
+
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+__all__ = [
+    "triangle_attention",
+    "triangle_attention_forward",
+    "triangle_attention_backward",
+    "HEAD_DIMS",
+    "DTYPES",
+]
+
+
+# Kernels ---------------------------------------------------------------------------------
+#
+# Offsets are int64 throughout: at N = 4096 one [B, I, N, H, D] tensor has 2^31 elements,
+# and a transposed view (ending node) strides j by N*H*D.
+
+
+@triton.jit
+def _key_bias(mask_ptr, offs_k, N, HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
+    """[BLOCK_K] fp32: 0 for keys that count, -inf for masked or out-of-range keys."""
+    if HAS_MASK:
+        keep = tl.load(mask_ptr, mask=offs_k < N, other=0)
+        return tl.where(keep != 0, 0.0, float("-inf"))
+    elif EVEN_N:
+        return tl.zeros(offs_k.shape, dtype=tl.float32)
+    else:
+        return tl.where(offs_k < N, 0.0, float("-inf"))
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, BIAS, MASK, OUT, LSE,
+    sqb, sqi, sqn, sqh, sqd,
+    skb, ski, skn, skh, skd,
+    svb, svi, svn, svh, svd,
+    sbb, sbh, sbj, sbk,
+    smb, smi, smk,
+    sob, soi, son, soh, sod,
+    I, N, H, qk_scale,
+    HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_j = tl.program_id(0)
+    i = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, D)
+    j64 = offs_j.to(tl.int64)
+    k64 = offs_k.to(tl.int64)
+    valid_j = offs_j < N
+
+    q_ptrs = Q + b * sqb + i * sqi + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
+    kt_ptrs = K + b * skb + i * ski + h * skh + k64[None, :] * skn + offs_d[:, None] * skd
+    v_ptrs = V + b * svb + i * svi + h * svh + k64[:, None] * svn + offs_d[None, :] * svd
+    b_ptrs = BIAS + b * sbb + h * sbh + j64[:, None] * sbj + k64[None, :] * sbk
+    m_ptrs = MASK + b * smb + i * smi + k64 * smk
+
+    m_i = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_J], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_J, D], dtype=tl.float32)
+
+    for start_k in range(0, N, BLOCK_K):
+        cur_k = start_k + offs_k
+        if EVEN_N:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+            bias = tl.load(b_ptrs, mask=valid_j[:, None], other=0.0)
+        else:
+            valid_k = cur_k < N
+            kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=valid_k[:, None], other=0.0)
+            bias = tl.load(b_ptrs, mask=valid_j[:, None] & valid_k[None, :], other=0.0)
+        key_bias = _key_bias(m_ptrs, cur_k, N, HAS_MASK, EVEN_N)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        s = qk * qk_scale + (bias.to(tl.float32) * 1.4426950408889634 + key_bias[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no kept key so far has m_new = -inf: subtract 0 instead (exp2(-inf) = 0).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+        kt_ptrs += BLOCK_K * skn
+        v_ptrs += BLOCK_K * svn
+        b_ptrs += BLOCK_K * sbk
+        m_ptrs += BLOCK_K * smk
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
+    o_ptrs = OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=valid_j[:, None])
+    lse_ptrs = LSE + ((b * I + i) * H + h) * N + j64
+    tl.store(lse_ptrs, lse, mask=valid_j)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, BIAS, MASK, OUT, DO, LSE, DELTA, DQ,
+    sqb, sqi, sqn, sqh, sqd,
+    skb, ski, skn, skh, skd,
+    svb, svi, svn, svh, svd,
+    sbb, sbh, sbj, sbk,
+    smb, smi, smk,
+    sob, soi, son, soh, sod,
+    sdob, sdoi, sdon, sdoh, sdod,
+    sdqb, sdqi, sdqn, sdqh, sdqd,
+    I, N, H, qk_scale, scale,
+    HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ for a [BLOCK_J] block of queries of one (b, i, h); also writes delta = rowsum(dO*O)."""
+    pid_j = tl.program_id(0)
+    i = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, D)
+    j64 = offs_j.to(tl.int64)
+    k64 = offs_k.to(tl.int64)
+    valid_j = offs_j < N
+
+    q = tl.load(Q + b * sqb + i * sqi + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=valid_j[:, None], other=0.0)
+    do = tl.load(DO + b * sdob + i * sdoi + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod,
+                 mask=valid_j[:, None], other=0.0)
+    o = tl.load(OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod,
+                mask=valid_j[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    row = ((b * I + i) * H + h) * N + j64
+    tl.store(DELTA + row, delta, mask=valid_j)
+    lse = tl.load(LSE + row, mask=valid_j, other=float("inf"))
+
+    k_ptrs = K + b * skb + i * ski + h * skh + k64[:, None] * skn + offs_d[None, :] * skd
+    vt_ptrs = V + b * svb + i * svi + h * svh + k64[None, :] * svn + offs_d[:, None] * svd
+    b_ptrs = BIAS + b * sbb + h * sbh + j64[:, None] * sbj + k64[None, :] * sbk
+    m_ptrs = MASK + b * smb + i * smi + k64 * smk
+
+    dq = tl.zeros([BLOCK_J, D], dtype=tl.float32)
+    for start_k in range(0, N, BLOCK_K):
+        cur_k = start_k + offs_k
+        if EVEN_N:
+            k = tl.load(k_ptrs)
+            vt = tl.load(vt_ptrs)
+            bias = tl.load(b_ptrs, mask=valid_j[:, None], other=0.0)
+        else:
+            valid_k = cur_k < N
+            k = tl.load(k_ptrs, mask=valid_k[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
+            bias = tl.load(b_ptrs, mask=valid_j[:, None] & valid_k[None, :], other=0.0)
+        key_bias = _key_bias(m_ptrs, cur_k, N, HAS_MASK, EVEN_N)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = qk * qk_scale + (bias.to(tl.float32) * 1.4426950408889634 + key_bias[None, :])
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        k_ptrs += BLOCK_K * skn
+        vt_ptrs += BLOCK_K * svn
+        b_ptrs += BLOCK_K * sbk
+        m_ptrs += BLOCK_K * smk
+
+    dq_ptrs = DQ + b * sdqb + i * sdqi + h * sdqh + j64[:, None] * sdqn + offs_d[None, :] * sdqd
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, BIAS, MASK, DO, LSE, DELTA, DK, DV,
+    sqb, sqi, sqn, sqh, sqd,
+    skb, ski, skn, skh, skd,
+    svb, svi, svn, svh, svd,
+    sbb, sbh, sbj, sbk,
+    smb, smi, smk,
+    sdob, sdoi, sdon, sdoh, sdod,
+    sdkb, sdki, sdkn, sdkh, sdkd,
+    sdvb, sdvi, sdvn, sdvh, sdvd,
+    I, N, H, qk_scale, scale,
+    HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV for a [BLOCK_K] block of keys of one (b, i, h): transposed tiles [K, J]."""
+    pid_k = tl.program_id(0)
+    i = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_d = tl.arange(0, D)
+    j64 = offs_j.to(tl.int64)
+    k64 = offs_k.to(tl.int64)
+    valid_k = offs_k < N
+
+    k = tl.load(K + b * skb + i * ski + h * skh + k64[:, None] * skn + offs_d[None, :] * skd,
+                mask=valid_k[:, None], other=0.0)
+    v = tl.load(V + b * svb + i * svi + h * svh + k64[:, None] * svn + offs_d[None, :] * svd,
+                mask=valid_k[:, None], other=0.0)
+    key_bias = _key_bias(MASK + b * smb + i * smi + k64 * smk, offs_k, N, HAS_MASK, EVEN_N)
+
+    q_ptrs = Q + b * sqb + i * sqi + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd
+    do_ptrs = DO + b * sdob + i * sdoi + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod
+    bt_ptrs = BIAS + b * sbb + h * sbh + j64[None, :] * sbj + k64[:, None] * sbk
+    row_ptrs = ((b * I + i) * H + h) * N + j64
+
+    dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    for start_j in range(0, N, BLOCK_J):
+        cur_j = start_j + offs_j
+        if EVEN_N:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE + row_ptrs)
+            delta = tl.load(DELTA + row_ptrs)
+            bias_t = tl.load(bt_ptrs)
+        else:
+            valid_j = cur_j < N
+            q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=valid_j[:, None], other=0.0)
+            lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
+            delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
+            bias_t = tl.load(bt_ptrs, mask=valid_k[:, None] & valid_j[None, :], other=0.0)
+        kq = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        st = kq * qk_scale + (bias_t.to(tl.float32) * 1.4426950408889634 + key_bias[:, None])
+        pt = tl.math.exp2(st - lse[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+        q_ptrs += BLOCK_J * sqn
+        do_ptrs += BLOCK_J * sdon
+        bt_ptrs += BLOCK_J * sbj
+        row_ptrs += BLOCK_J
+
+    dk_ptrs = DK + b * sdkb + i * sdki + h * sdkh + k64[:, None] * sdkn + offs_d[None, :] * sdkd
+    dv_ptrs = DV + b * sdvb + i * sdvi + h * sdvh + k64[:, None] * sdvn + offs_d[None, :] * sdvd
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=valid_k[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=valid_k[:, None])
+
+
+@triton.jit
+def _bwd_dbias_kernel(
+    Q, K, V, BIAS, MASK, DO, LSE, DELTA, DB,
+    sqb, sqi, sqn, sqh, sqd,
+    skb, ski, skn, skh, skd,
+    svb, svi, svn, svh, svd,
+    sbb, sbh, sbj, sbk,
+    smb, smi, smk,
+    sdob, sdoi, sdon, sdoh, sdod,
+    sdbs, sdbb, sdbh, sdbj, sdbk,
+    I, N, H, BH, qk_scale, ROWS_PER_SPLIT,
+    HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dBias[b, h, j-tile, k-tile] = sum over rows i (of this split) of dS, in registers."""
+    pid_j = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_z = tl.program_id(2)  # (split, b, h) flattened, (b, h) fastest
+    bh = pid_z % BH
+    split = pid_z // BH
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, D)
+    j64 = offs_j.to(tl.int64)
+    k64 = offs_k.to(tl.int64)
+    valid_j = offs_j < N
+    valid_k = offs_k < N
+
+    bias = tl.load(BIAS + b * sbb + h * sbh + j64[:, None] * sbj + k64[None, :] * sbk,
+                   mask=valid_j[:, None] & valid_k[None, :], other=0.0)
+    bias2 = bias.to(tl.float32) * 1.4426950408889634
+
+    i_start = split * ROWS_PER_SPLIT
+    n_rows = tl.minimum(ROWS_PER_SPLIT, I - i_start)
+    i0 = i_start.to(tl.int64)
+    # Pointers advance by one row i per step (64-bit pointer arithmetic, no overflow).
+    q_ptrs = Q + b * sqb + i0 * sqi + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd
+    do_ptrs = DO + b * sdob + i0 * sdoi + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod
+    kt_ptrs = K + b * skb + i0 * ski + h * skh + k64[None, :] * skn + offs_d[:, None] * skd
+    vt_ptrs = V + b * svb + i0 * svi + h * svh + k64[None, :] * svn + offs_d[:, None] * svd
+    row_ptrs = ((b * I + i0) * H + h) * N + j64
+    m_ptrs = MASK + b * smb + i0 * smi + k64 * smk
+    acc = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
+    for _ in range(0, n_rows):
+        if EVEN_N:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            kt = tl.load(kt_ptrs)
+            vt = tl.load(vt_ptrs)
+            lse = tl.load(LSE + row_ptrs)
+            delta = tl.load(DELTA + row_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=valid_j[:, None], other=0.0)
+            kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
+            vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
+            lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
+            delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
+        key_bias = _key_bias(m_ptrs, offs_k, N, HAS_MASK, EVEN_N)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        s = qk * qk_scale + (bias2 + key_bias[None, :])
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        acc += p * (dp - delta[:, None])
+        q_ptrs += sqi
+        do_ptrs += sdoi
+        kt_ptrs += ski
+        vt_ptrs += svi
+        row_ptrs += H * N
+        m_ptrs += smi
+
+    db_ptrs = DB + split.to(tl.int64) * sdbs + b * sdbb + h * sdbh + j64[:, None] * sdbj + k64[None, :] * sdbk
+    tl.store(db_ptrs, acc.to(DB.dtype.element_ty), mask=valid_j[:, None] & valid_k[None, :])
+
+
+# Launch configuration --------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return triton_interpret()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: Optional[int]) -> int:
+    if _interpreting():
+        return 4  # small, so the split path of the bias gradient runs in tests
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _n_bucket(n: int) -> int:
+    return 128 if n <= 128 else (512 if n <= 512 else 4096)
+
+
+# (kind, head dim, fp32?) -> (BLOCK_J, BLOCK_K, num_warps, num_stages). Tuned on an H100
+# at N = 512 / 1024 in bf16; see docs/kernels/triangle_attention.md.
+_CONFIGS = {
+    ("fwd", 16, False): (128, 64, 4, 3),
+    ("fwd", 32, False): (128, 64, 4, 3),
+    ("fwd", 64, False): (128, 64, 4, 3),
+    ("fwd", 128, False): (128, 64, 8, 2),
+    ("dq", 16, False): (64, 64, 4, 3),
+    ("dq", 32, False): (64, 64, 4, 3),
+    ("dq", 64, False): (64, 64, 4, 3),
+    ("dq", 128, False): (64, 64, 4, 2),
+    ("dkdv", 16, False): (64, 64, 4, 3),
+    ("dkdv", 32, False): (64, 64, 4, 3),
+    ("dkdv", 64, False): (64, 64, 4, 3),
+    ("dkdv", 128, False): (64, 64, 8, 2),
+    ("dbias", 16, False): (64, 64, 4, 3),
+    ("dbias", 32, False): (64, 64, 4, 3),
+    ("dbias", 64, False): (64, 64, 4, 3),
+    ("dbias", 128, False): (64, 64, 8, 2),
+}
+
+
+def _config(kind: str, n: int, d: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    if _interpreting():
+        return 16, 16, 1, 1  # small tiles: multi-block loops at small N, fast interpretation
+    fp32 = dtype == torch.float32
+    if fp32:
+        bj, bk, warps, stages = _CONFIGS[(kind, d, False)]
+        # fp32 operands take twice the registers and shared memory.
+        bj, bk = min(bj, 64), min(bk, 64 if d <= 32 else 32)
+        stages = min(stages, 2)
+    else:
+        bj, bk, warps, stages = _CONFIGS[(kind, d, False)]
+    # Small N: smaller tiles for more programs and less padding.
+    cap = max(16, triton.next_power_of_2(n))
+    return min(bj, cap), min(bk, cap), warps, stages
+
+
+def _tracing_under_interpreter(t: torch.Tensor) -> bool:
+    """True for fake/meta tensors under the interpreter: skip the launch.
+
+    With TRITON_INTERPRET=1, ``wrap_triton`` hands back the interpreted kernel, which
+    would run on the fake tensors of torch.compile / opcheck tracing. The allocations
+    before the launch are all a fake implementation needs.
+    """
+    if not _interpreting():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+# Launchers -------------------------------------------------------------------------------
+
+
+def _empty_in_order(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Uninitialised tensor shaped like ``t`` with ``t``'s dimension order (dense).
+
+    Like ``torch.empty_like`` but also for non-dense views such as q/k/v sliced out of
+    one projection: the ending node's transposed views give a transposed result, which
+    transposes back to contiguous for free.
+    """
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -d))
+    buf = torch.empty([t.shape[d] for d in order], dtype=dtype or t.dtype, device=t.device)
+    return buf.permute([order.index(d) for d in range(t.dim())])
+
+
+def _check(q, k, v, bias, mask) -> None:
+    if q.dim() != 5:
+        raise ValueError(f"q: expected shape (B, I, N, H, D), got {tuple(q.shape)}")
+    batch, rows, n, heads, d = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != tuple(q.shape):
+            raise ValueError(f"{name}: expected shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (as q), got {t.dtype}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q: expected dtype in {[str(x) for x in DTYPES]}, got {q.dtype}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"q: head dim (last axis) must be one of {HEAD_DIMS}, got {d}")
+    if tuple(bias.shape) != (batch, heads, n, n):
+        raise ValueError(f"bias: expected shape {(batch, heads, n, n)}, got {tuple(bias.shape)}")
+    if bias.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"bias: expected dtype {q.dtype} or torch.float32, got {bias.dtype}")
+    if mask is not None:
+        if tuple(mask.shape) != (batch, rows, n):
+            raise ValueError(f"mask: expected shape {(batch, rows, n)}, got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+
+
+def _mask_args(mask, fallback):
+    if mask is None:
+        return fallback, (0, 0, 0), False
+    return mask, tuple(mask.stride()), True
+
+
+def triangle_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    allow_tf32: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward launcher: ``(out [B, I, N, H, D] in q's dtype, lse [B, I, H, N] fp32, base 2)``."""
+    _check(q, k, v, bias, mask)
+    batch, rows, n, heads, d = q.shape
+    out = _empty_in_order(q)
+    lse = torch.empty((batch, rows, heads, n), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or _tracing_under_interpreter(q):
+        return out, lse
+    bj, bk, warps, stages = _config("fwd", n, d, q.dtype)
+    mask_t, mask_strides, has_mask = _mask_args(mask, q)
+    grid = (triton.cdiv(n, bj), rows, batch * heads)
+    wrap_triton(_fwd_kernel)[grid](
+        q, k, v, bias, mask_t, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
+        rows, n, heads, scale * LOG2E,
+        HAS_MASK=has_mask, EVEN_N=(n % bk == 0), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32),
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def triangle_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    allow_tf32: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward launcher for q, k, v: ``(dq, dk, dv, delta)``; delta = rowsum(dO*O) [B, I, H, N] fp32.
+
+    The bias gradient is a separate pass (``triangle_attention_backward_bias``), skipped
+    when the bias needs none.
+    """
+    batch, rows, n, heads, d = q.shape
+    dq, dk, dv = _empty_in_order(q), _empty_in_order(k), _empty_in_order(v)
+    delta = torch.empty((batch, rows, heads, n), dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or _tracing_under_interpreter(q):
+        return dq, dk, dv, delta
+    precision = _precision(q.dtype, allow_tf32)
+    mask_t, mask_strides, has_mask = _mask_args(mask, q)
+    bj, bk, warps, stages = _config("dq", n, d, q.dtype)
+    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
+        q, k, v, bias, mask_t, out, grad_out, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
+        *grad_out.stride(), *dq.stride(),
+        rows, n, heads, scale * LOG2E, scale,
+        HAS_MASK=has_mask, EVEN_N=(n % bk == 0), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
+        num_warps=warps, num_stages=stages,
+    )
+    bj, bk, warps, stages = _config("dkdv", n, d, q.dtype)
+    wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(n, bk), rows, batch * heads)](
+        q, k, v, bias, mask_t, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides,
+        *grad_out.stride(), *dk.stride(), *dv.stride(),
+        rows, n, heads, scale * LOG2E, scale,
+        HAS_MASK=has_mask, EVEN_N=(n % bj == 0), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
+        num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv, delta
+
+
+def _bias_splits(programs: int, rows: int, device: torch.device) -> int:
+    """Row splits for the bias gradient: enough programs for ~2 waves, never more than rows."""
+    sms = _num_sms(device.index if device.type != "cpu" else None)
+    return max(1, min(rows, -(-2 * sms // max(1, programs)), 64))
+
+
+def triangle_attention_backward_bias(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    scale: float,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """Bias gradient [B, H, N, N] in bias's dtype, deterministic (no atomics)."""
+    batch, rows, n, heads, d = q.shape
+    if q.numel() == 0:
+        return torch.zeros_like(bias, memory_format=torch.contiguous_format)
+    bj, bk, warps, stages = _config("dbias", n, d, q.dtype)
+    tiles = triton.cdiv(n, bj) * triton.cdiv(n, bk)
+    splits = _bias_splits(tiles * batch * heads, rows, q.device)
+    rows_per_split = triton.cdiv(rows, splits)
+    splits = triton.cdiv(rows, rows_per_split)
+    if splits == 1:
+        dbias = torch.empty((batch, heads, n, n), dtype=bias.dtype, device=q.device)
+        target, target_strides = dbias, (0, *dbias.stride())
+    else:
+        target = torch.empty((splits, batch, heads, n, n), dtype=torch.float32, device=q.device)
+        target_strides = target.stride()
+    if _tracing_under_interpreter(q):
+        return target if splits == 1 else target.sum(0).to(bias.dtype)
+    mask_t, mask_strides, has_mask = _mask_args(mask, q)
+    grid = (triton.cdiv(n, bj), triton.cdiv(n, bk), splits * batch * heads)
+    wrap_triton(_bwd_dbias_kernel)[grid](
+        q, k, v, bias, mask_t, grad_out, lse, delta, target,
+        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides,
+        *grad_out.stride(), *target_strides,
+        rows, n, heads, batch * heads, scale * LOG2E, rows_per_split,
+        HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32),
+        num_warps=warps, num_stages=stages,
+    )
+    if splits == 1:
+        return target
+    return target.sum(0).to(bias.dtype)  # fixed-order reduction: deterministic
+
+
+# Custom ops ------------------------------------------------------------------------------
+
+
+def _op(name: str):
+    """``triton_op`` (torch.compile sees and schedules the kernels); under the Triton
+    interpreter an opaque ``custom_op`` instead, since tracing cannot capture
+    interpreted launches. The function body is the fake implementation either way."""
+
+    def register(fn):
+        if _interpreting():
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fn)
+            return op
+        return triton_op(name, mutates_args=())(fn)
+
+    return register
+
+
+
+@_op("foldops::triangle_attention_fwd")
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    allow_tf32: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return triangle_attention_forward(q, k, v, bias, mask, scale, allow_tf32)
+
+
+@_op("foldops::triangle_attention_bwd")
+def _bwd_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    allow_tf32: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return triangle_attention_backward(grad_out, q, k, v, bias, mask, out, lse, scale, allow_tf32)
+
+
+@_op("foldops::triangle_attention_bwd_bias")
+def _bwd_bias_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    scale: float,
+    allow_tf32: bool,
+) -> torch.Tensor:
+    return triangle_attention_backward_bias(grad_out, q, k, v, bias, mask, lse, delta, scale, allow_tf32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, bias, mask, scale, allow_tf32 = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, mask, out, lse)
+    ctx.scale = scale
+    ctx.allow_tf32 = allow_tf32
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, bias, mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, delta = torch.ops.foldops.triangle_attention_bwd(
+        grad_out, q, k, v, bias, mask, out, lse, ctx.scale, ctx.allow_tf32
+    )
+    dbias = None
+    if ctx.needs_input_grad[3]:
+        dbias = torch.ops.foldops.triangle_attention_bwd_bias(
+            grad_out, q, k, v, bias, mask, lse, delta, ctx.scale, ctx.allow_tf32
+        )
+    return dq, dk, dv, dbias, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _allow_tf32() -> bool:
+    # torch's own switch: torch.set_float32_matmul_precision("high") allows TF32.
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def triangle_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """Differentiable triangle attention on the Triton kernels; see the module doc.
+
+    Args:
+        q, k, v: ``[B, I, N, H, D]``, fp16 / bf16 / fp32, D in 16/32/64/128, any strides.
+        bias: ``[B, H, N, N]`` in q's dtype or fp32, any strides.
+        mask: ``[B, I, N]`` bool keep-mask over keys, or None.
+        scale: logit scale.
+
+    Returns:
+        ``[B, I, N, H, D]`` in q's dtype, laid out in q's dimension order. fp32 inputs
+        use TF32 products when ``torch.get_float32_matmul_precision()`` is not "highest".
+    """
+    out, _ = torch.ops.foldops.triangle_attention_fwd(q, k, v, bias, mask, float(scale), _allow_tf32())
+    return out

@@ -1,0 +1,307 @@
+"""Triton triangle attention kernels against the float64 reference.
+
+On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set in
+conftest) at small odd sizes; tests marked ``gpu`` run the compiled kernels at real
+sizes. Every case checks the output and the gradients of q, k, v and the bias with
+the accuracy rule of ``foldops.testing.assert_within_baseline``: error against fp64 at
+most 2x the error of plain PyTorch (the reference) run in the same dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from foldops.device import kernel_support
+from foldops.reference.triangle_attention import triangle_attention as reference
+from foldops.testing import assert_within_baseline
+
+pytestmark = pytest.mark.skipif(
+    kernel_support("cpu" if not torch.cuda.is_available() else "cuda") is not None,
+    reason="Triton kernels cannot run here",
+)
+
+if pytestmark.args[0]:  # pragma: no cover - no Triton
+    kernel = None
+else:
+    from foldops.kernels import triangle_attention as kernel
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _make_qkv(batch, rows, n, heads, d, dtype, layout, device=DEVICE):
+    """q, k, v [B, I, N, H, D] laid out as the layers produce them."""
+    if layout == "contiguous":
+        return [torch.randn(batch, rows, n, heads, d, device=device).to(dtype) for _ in range(3)]
+    if layout == "start":  # views of one projection [B, I, N, 4, H, D]
+        proj = torch.randn(batch, rows, n, 4, heads, d, device=device).to(dtype)
+        return list(proj.unbind(3)[:3])
+    if layout == "end":  # transposed views of a projection [B, N, I, 4, H, D]
+        proj = torch.randn(batch, n, rows, 4, heads, d, device=device).to(dtype)
+        return [t.transpose(1, 2) for t in proj.unbind(3)[:3]]
+    raise ValueError(layout)
+
+
+def _make_bias(batch, heads, n, dtype, layout, device=DEVICE):
+    if layout == "contiguous":
+        return torch.randn(batch, heads, n, n, device=device).to(dtype)
+    lin = torch.randn(batch, n, n, heads, device=device).to(dtype)  # a Linear's output
+    return lin.permute(0, 3, 1, 2) if layout == "start" else lin.permute(0, 3, 2, 1)
+
+
+def _make_mask(batch, rows, n, kind, device=DEVICE):
+    if kind == "none":
+        return None
+    mask = torch.rand(batch, rows, n, device=device) > 0.25
+    mask[0, 0] = False  # a fully masked row
+    if rows > 2:
+        mask[-1, 2, :] = False
+        mask[-1, 2, n - 1] = True  # a single kept key
+    if kind == "float":
+        return mask.to(torch.float32)
+    return mask
+
+
+def _check_case(batch, rows, n, heads, d, dtype, mask_kind="bool", layout="contiguous", bias_dtype=None):
+    q, k, v = _make_qkv(batch, rows, n, heads, d, dtype, layout)
+    bias = _make_bias(batch, heads, n, bias_dtype or dtype, layout)
+    mask = _make_mask(batch, rows, n, mask_kind)
+    keep = None if mask is None else mask.bool()
+    scale = d**-0.5
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+    # Non-contiguous leaves: keep the layout of the views by re-striding them.
+    inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+              .requires_grad_() for t in (q, k, v, bias)]
+    out = kernel.triangle_attention(*inputs, keep, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    exact_in = [t.detach().to(torch.float64).requires_grad_() for t in inputs]
+    exact = reference(*exact_in, keep, scale)
+    exact_grads = torch.autograd.grad(exact, exact_in, grad_out.to(torch.float64))
+
+    base_in = [t.detach().clone().requires_grad_() for t in inputs]
+    base = reference(*base_in, keep, scale)
+    base_grads = torch.autograd.grad(base, base_in, grad_out)
+
+    assert_within_baseline("out", out, exact, base, dtype=dtype)
+    for name, g, e, bg in zip(("dq", "dk", "dv", "dbias"), grads, exact_grads, base_grads):
+        assert g.dtype == inputs[("dq", "dk", "dv", "dbias").index(name)].dtype
+        assert_within_baseline(name, g, e, bg, dtype=dtype)
+    if keep is not None:
+        dead = ~keep.any(-1)  # [B, I]: rows whose keys are all masked
+        assert dead.any()
+        assert (out[dead] == 0).all()
+        for g in grads[:3]:
+            assert (g[dead] == 0).all()
+    return out, grads
+
+
+# Interpreter-sized cases (CPU in CI; also run on the GPU). Sizes cross the 16-wide
+# interpreter blocks: 1, 7 (one partial block), 17, 33 (partial last block), 32 (even).
+CASES = [
+    # batch, rows, n, heads, d, dtype, mask, layout, bias dtype
+    pytest.param(1, 2, 2, 1, 16, torch.float32, "none", "contiguous", None, id="n2-fp32"),
+    pytest.param(2, 3, 7, 2, 16, torch.float32, "bool", "contiguous", None, id="n7-fp32-mask"),
+    pytest.param(1, 3, 33, 2, 16, torch.bfloat16, "bool", "start", None, id="n33-bf16-start"),
+    pytest.param(1, 4, 17, 1, 32, torch.float16, "float", "end", None, id="n17-fp16-end-floatmask"),
+    pytest.param(1, 3, 13, 2, 32, torch.bfloat16, "bool", "end", torch.float32, id="n13-bf16-fp32bias-end"),
+    pytest.param(2, 2, 32, 1, 16, torch.float16, "none", "contiguous", None, id="n32-fp16-even"),
+]
+
+
+@pytest.mark.parametrize("batch, rows, n, heads, d, dtype, mask_kind, layout, bias_dtype", CASES)
+def test_matches_reference(batch, rows, n, heads, d, dtype, mask_kind, layout, bias_dtype):
+    _check_case(batch, rows, n, heads, d, dtype, mask_kind, layout, bias_dtype)
+
+
+def test_single_key():
+    """N = 1: the softmax is identically 1, so out = v and the exact gradients of q, k
+    and the bias are 0. fp64 autograd returns exact zeros; the kernel's dS = P (dP -
+    delta) cancels two fp32 dot products summed in different orders, so it may leave
+    rounding noise: bounded here by fp32 epsilon times the size of those products."""
+    q, k, v = (t.requires_grad_() for t in _make_qkv(2, 3, 1, 2, 16, torch.float32, "contiguous"))
+    bias = _make_bias(2, 2, 1, torch.float32, "contiguous").requires_grad_()
+    out = kernel.triangle_attention(q, k, v, bias, None, 0.25)
+    grad_out = torch.randn_like(out)
+    dq, dk, dv, dbias = torch.autograd.grad(out, [q, k, v, bias], grad_out)
+    torch.testing.assert_close(out, v, rtol=0, atol=0)
+    torch.testing.assert_close(dv, grad_out, rtol=0, atol=0)
+    noise = 4 * torch.finfo(torch.float32).eps * (grad_out.abs() * v.abs()).sum(-1).max().item()
+    for g, other in ((dq, k), (dk, q)):
+        assert g.abs().max().item() <= noise * 0.25 * other.abs().max().item()
+    assert dbias.abs().max().item() <= 3 * noise  # sums 3 rows of dS
+
+
+def test_output_layout_follows_q():
+    q, k, v = _make_qkv(1, 3, 5, 2, 16, torch.float32, "end")
+    bias = _make_bias(1, 2, 5, torch.float32, "end")
+    out = kernel.triangle_attention(q, k, v, bias, None, 0.25)
+    # The ending node transposes back: that must be a free view, not a copy.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("sms", [1, 1000], ids=["split-rows", "one-pass"])
+def test_bias_grad_split_and_deterministic(monkeypatch, sms):
+    """Both bias-gradient paths (rows split over programs, or one pass) agree with fp64
+    and repeat bit for bit."""
+    monkeypatch.setattr(kernel, "_num_sms", lambda index: sms)
+    batch, rows, n, heads, d = 1, 5, 9, 2, 16
+    q, k, v = _make_qkv(batch, rows, n, heads, d, torch.float32, "contiguous")
+    bias = _make_bias(batch, heads, n, torch.float32, "contiguous").requires_grad_()
+    mask = _make_mask(batch, rows, n, "bool")
+    grad_out = torch.randn_like(q)
+    splits = kernel._bias_splits(heads * batch, rows, q.device)
+    assert (splits > 1) == (sms == 1000)  # 1000 SMs: many splits; 1 SM: one pass
+    first = torch.autograd.grad(kernel.triangle_attention(q, k, v, bias, mask, 0.25), bias, grad_out)[0]
+    second = torch.autograd.grad(kernel.triangle_attention(q, k, v, bias, mask, 0.25), bias, grad_out)[0]
+    assert torch.equal(first, second)
+    exact_bias = bias.detach().double().requires_grad_()
+    exact = reference(q.double(), k.double(), v.double(), exact_bias, mask, 0.25)
+    exact_grad = torch.autograd.grad(exact, exact_bias, grad_out.double())[0]
+    base = torch.autograd.grad(reference(q, k, v, bias, mask, 0.25), bias, grad_out)[0]
+    assert_within_baseline("dbias", first, exact_grad, base)
+
+
+def test_bias_grad_skipped_when_not_needed(monkeypatch):
+    calls = []
+    original = kernel.triangle_attention_backward_bias
+    monkeypatch.setattr(kernel, "triangle_attention_backward_bias", lambda *a: calls.append(1) or original(*a))
+    q, k, v = (t.requires_grad_() for t in _make_qkv(1, 2, 5, 1, 16, torch.float32, "contiguous"))
+    bias = _make_bias(1, 1, 5, torch.float32, "contiguous")  # no grad
+    out = kernel.triangle_attention(q, k, v, bias, None, 0.25)
+    dq, = torch.autograd.grad(out, [q], torch.randn_like(out))
+    assert torch.isfinite(dq).all() and dq.abs().sum() > 0
+    assert calls == []
+
+
+def test_all_rows_masked_gives_zeros():
+    q, k, v = (t.requires_grad_() for t in _make_qkv(1, 2, 6, 1, 16, torch.float32, "contiguous"))
+    bias = _make_bias(1, 1, 6, torch.float32, "contiguous").requires_grad_()
+    mask = torch.zeros(1, 2, 6, dtype=torch.bool)
+    out = kernel.triangle_attention(q, k, v, bias, mask, 0.25)
+    grads = torch.autograd.grad(out, [q, k, v, bias], torch.randn_like(out))
+    assert (out == 0).all()
+    for g in grads:
+        assert (g == 0).all()
+
+
+def test_public_op_uses_kernel():
+    import foldops.ops as ops
+
+    q, k, v = _make_qkv(1, 3, 7, 2, 16, torch.float32, "start")
+    bias = _make_bias(1, 2, 7, torch.float32, "start")
+    mask = _make_mask(1, 3, 7, "float")
+    out = ops.triangle_attention(q, k, v, bias, mask, backend="triton")
+    exact = reference(q.double(), k.double(), v.double(), bias.double(), mask.bool())
+    assert_within_baseline("out", out, exact, reference(q, k, v, bias, mask.bool()))
+
+
+def test_empty_inputs():
+    q, k, v = (torch.randn(1, 0, 4, 1, 16) for _ in range(3))
+    out = kernel.triangle_attention(q, k, v, torch.randn(1, 1, 4, 4), None, 0.25)
+    assert out.shape == q.shape
+
+
+@pytest.mark.parametrize(
+    "change, error, name",
+    [
+        (dict(d=24), ValueError, "q: head dim"),
+        (dict(dtype=torch.float64), TypeError, "q: expected dtype"),
+        (dict(bias_shape=(1, 1, 5, 4)), ValueError, "bias: expected shape"),
+        (dict(bias_dtype=torch.float16), TypeError, "bias: expected dtype"),
+        (dict(mask_dtype=torch.float32), TypeError, "mask: expected dtype"),
+        (dict(mask_shape=(1, 2, 4)), ValueError, "mask: expected shape"),
+        (dict(k_shape=(1, 2, 5, 1, 32)), ValueError, "k: expected shape"),
+    ],
+)
+def test_bad_inputs(change, error, name):
+    d = change.get("d", 16)
+    dtype = change.get("dtype", torch.float32)
+    q = torch.randn(1, 2, 5, 1, d, dtype=dtype)
+    k = torch.randn(*change.get("k_shape", q.shape), dtype=dtype)
+    bias = torch.randn(*change.get("bias_shape", (1, 1, 5, 5)), dtype=change.get("bias_dtype", dtype))
+    mask = torch.ones(*change.get("mask_shape", (1, 2, 5)), dtype=change.get("mask_dtype", torch.bool))
+    with pytest.raises(error, match=name):
+        kernel.triangle_attention(q, k, q, bias, mask, 0.25)
+
+
+def test_opcheck():
+    q, k, v = _make_qkv(1, 2, 5, 1, 16, torch.float32, "end")
+    bias = _make_bias(1, 1, 5, torch.float32, "end")
+    mask = _make_mask(1, 2, 5, "bool")
+    args = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+    torch.library.opcheck(torch.ops.foldops.triangle_attention_fwd.default, (*args, mask, 0.25, False))
+    out, lse = torch.ops.foldops.triangle_attention_fwd(q, k, v, bias, mask, 0.25, False)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.foldops.triangle_attention_bwd.default, (grad_out, q, k, v, bias, mask, out, lse, 0.25, False)
+    )
+    _, _, _, delta = torch.ops.foldops.triangle_attention_bwd(grad_out, q, k, v, bias, mask, out, lse, 0.25, False)
+    torch.library.opcheck(
+        torch.ops.foldops.triangle_attention_bwd_bias.default,
+        (grad_out, q, k, v, bias, mask, lse, delta, 0.25, False),
+    )
+
+
+# GPU: compiled kernels at real sizes ----------------------------------------------------
+
+GPU_CASES = [
+    pytest.param(1, 64, 128, 2, 32, torch.bfloat16, "bool", "start", None, id="n128-bf16-start"),
+    pytest.param(1, 40, 257, 2, 32, torch.bfloat16, "bool", "end", None, id="n257-bf16-end"),
+    pytest.param(2, 24, 200, 2, 16, torch.float16, "float", "start", None, id="n200-fp16-d16"),
+    pytest.param(1, 24, 192, 2, 64, torch.bfloat16, "bool", "end", torch.float32, id="n192-bf16-d64-fp32bias"),
+    pytest.param(1, 16, 129, 2, 128, torch.float16, "bool", "start", None, id="n129-fp16-d128"),
+    pytest.param(1, 16, 160, 2, 128, torch.bfloat16, "none", "contiguous", None, id="n160-bf16-d128"),
+    pytest.param(1, 32, 161, 2, 32, torch.float32, "bool", "end", None, id="n161-fp32"),
+    pytest.param(1, 16, 96, 2, 64, torch.float32, "bool", "start", None, id="n96-fp32-d64"),
+    pytest.param(1, 64, 512, 4, 32, torch.bfloat16, "bool", "start", None, id="n512-bf16"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, rows, n, heads, d, dtype, mask_kind, layout, bias_dtype", GPU_CASES)
+def test_gpu_matches_reference(batch, rows, n, heads, d, dtype, mask_kind, layout, bias_dtype):
+    _check_case(batch, rows, n, heads, d, dtype, mask_kind, layout, bias_dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_tf32():
+    """fp32 with TF32 allowed (torch.set_float32_matmul_precision('high')): within the
+    error of PyTorch's own TF32 matmuls (reference run under the same setting)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        _check_case(1, 32, 200, 2, 32, torch.float32, "bool", "end")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.gpu
+def test_gpu_n4096_no_index_overflow():
+    """N = 4096 in the ending node's transposed layout: offsets pass 2^31 elements.
+
+    Rows are independent given the bias, so the last rows are checked against the
+    reference run on just those rows.
+    """
+    batch, rows, n, heads, d = 1, 4096, 4096, 4, 32
+    q, k, v = (t.requires_grad_() for t in _make_qkv(batch, rows, n, heads, d, torch.bfloat16, "end"))
+    assert q.storage_offset() + (n - 1) * q.stride(2) + (rows - 1) * q.stride(1) > 2**31
+    bias = _make_bias(batch, heads, n, torch.bfloat16, "end").requires_grad_()
+    mask = torch.rand(batch, rows, n, device=DEVICE) > 0.1
+    out = kernel.triangle_attention(q, k, v, bias, mask, d**-0.5)
+    grad_out = torch.randn_like(out)
+    dq, dk, dv, dbias = torch.autograd.grad(out, [q, k, v, bias], grad_out)
+    assert torch.isfinite(dbias).all()
+    last = slice(rows - 2, rows)
+    sub = [t[:, last].detach() for t in (q, k, v)]
+    exact_in = [t.double().requires_grad_() for t in sub]
+    exact = reference(*exact_in, bias.detach().double(), mask[:, last], d**-0.5)
+    exact_grads = torch.autograd.grad(exact, exact_in, grad_out[:, last].double())
+    base_in = [t.clone().requires_grad_() for t in sub]
+    base = reference(*base_in, bias.detach(), mask[:, last], d**-0.5)
+    base_grads = torch.autograd.grad(base, base_in, grad_out[:, last])
+    assert_within_baseline("out", out[:, last], exact, base)
+    for name, g, e, bg in zip(("dq", "dk", "dv"), (dq, dk, dv), exact_grads, base_grads):
+        assert_within_baseline(name, g[:, last], e, bg)
