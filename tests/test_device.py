@@ -88,11 +88,6 @@ def test_non_device_argument_raises_type_error():
         fdevice.resolve_device(0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="device.py bug: resolve_device passes unknown strings straight to torch.device, which raises "
-    "RuntimeError ('Expected one of cpu, cuda, ...'), not a ValueError naming the argument",
-)
 def test_misspelled_device_string_raises_value_error():
     with pytest.raises(ValueError, match="device"):
         fdevice.resolve_device("gpu")
@@ -297,11 +292,6 @@ def test_is_out_of_memory(exc, expected):
     assert fdevice.is_out_of_memory(exc) is expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="device.py gap: a failed CPU allocation raises RuntimeError('DefaultCPUAllocator: can't allocate "
-    "memory ...'), which is_out_of_memory does not recognise, so CPU OOMs are reported as plain errors",
-)
 def test_is_out_of_memory_recognises_a_failed_cpu_allocation():
     try:
         torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: refused at once

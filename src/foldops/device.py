@@ -53,7 +53,12 @@ def resolve_device(device: DeviceLike = "auto") -> torch.device:
         raise TypeError(
             f"device: expected 'auto', a device string or torch.device, got {type(device).__name__}"
         )
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"device: expected 'auto' or one of {_DEVICE_TYPES} (optionally ':index'), got {device!r}"
+        ) from exc
     if dev.type not in _DEVICE_TYPES and dev.type != "meta":
         raise ValueError(f"device: unsupported device type {dev.type!r}; expected one of {_DEVICE_TYPES}")
     if dev.type != "meta" and not _available(dev.type):
@@ -196,7 +201,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """True for a device out-of-memory error on any backend."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    if not isinstance(exc, RuntimeError):
+        return False
+    message = str(exc).lower()
+    # MPS/XPU say "out of memory"; a refused host allocation says "can't allocate memory".
+    return "out of memory" in message or "can't allocate memory" in message
 
 
 def device_name(device: DeviceLike = "auto") -> str:
