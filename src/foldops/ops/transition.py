@@ -13,7 +13,7 @@ Backends:
   ``chunk_size`` at a time with ``fc1``/``fc2`` fused in one matmul and the gate applied
   in place, so extra memory is O(M O) for the output plus O(chunk H) (M = number of
   positions); the hidden ``[M, H]`` activations never exist whole. With gradients it
-  runs one autograd graph (O(M H) activations, as Boltz's module).
+  runs the reference's autograd graph (O(M H) activations, as Boltz's module).
 - ``reference``: the plain composition (O(M H) with three hidden-wide temporaries);
   never picked by ``auto``.
 """
@@ -46,10 +46,17 @@ def _compute_dtype(x: torch.Tensor):
 
 
 def _autograd_path(x, norm_weight, norm_bias, fc1_weight, fc2_weight, fc3_weight, eps):
-    hidden = fc1_weight.shape[0]
-    h = F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
-    u = F.linear(h, torch.cat([fc1_weight, fc2_weight]))
-    return F.linear(F.silu(u[..., :hidden]) * u[..., hidden:], fc3_weight)
+    # With gradients, chunking would bound nothing (autograd keeps every chunk), so this is
+    # the plain composition: the reference's graph, rounding for rounding.
+    return _reference.swiglu_transition(
+        x,
+        norm_weight=norm_weight,
+        norm_bias=norm_bias,
+        fc1_weight=fc1_weight,
+        fc2_weight=fc2_weight,
+        fc3_weight=fc3_weight,
+        eps=eps,
+    )
 
 
 @torch.no_grad()

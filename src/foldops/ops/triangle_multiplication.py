@@ -24,7 +24,7 @@ Backends:
   projections computed straight into that layout in cache-sized position blocks.
   Extra memory O(B N^2 D) for ``h`` and ``t`` plus O(chunk N^2) for one chunk of
   ``a, b`` (the 2D-wide projection is never materialised whole). With gradients it
-  runs one autograd graph (O(B N^2 D) activations, as Boltz's module).
+  runs the reference's autograd graph (O(B N^2 D) activations, as Boltz's module).
 - ``reference``: the plain composition (O(B N^2 D) with several 2D-wide temporaries);
   never picked by ``auto``.
 - ``cuequivariance``: NVIDIA's fused op, only where ``cuequivariance_torch`` imports
@@ -78,24 +78,9 @@ def _default_chunk(n: int, dim: int) -> int:
 
 
 def _autograd_path(x, mask, direction, w, eps):
-    """One graph for training: the reference's math with fused input projections and
-    the product as a batched matmul in [B, D, N, N] layout."""
-    dim = x.shape[-1]
-    h = F.layer_norm(x, (dim,), w["norm_in_weight"], w["norm_in_bias"], eps)
-    pg = F.linear(h, torch.cat([w["p_in_weight"], w["g_in_weight"]]))
-    ab = pg[..., : 2 * dim] * torch.sigmoid(pg[..., 2 * dim :])
-    if mask is not None:
-        ab = ab * mask[..., None].to(ab.dtype)
-    wide = product_dtype(x.dtype)
-    with fp32_region(x):
-        ab = ab.to(wide)
-        a = ab[..., :dim].permute(0, 3, 1, 2)
-        b = ab[..., dim:].permute(0, 3, 1, 2)
-        t = a @ b.transpose(-1, -2) if direction == "outgoing" else a.transpose(-1, -2) @ b
-        t = F.layer_norm(
-            t.permute(0, 2, 3, 1), (dim,), w["norm_out_weight"].to(wide), w["norm_out_bias"].to(wide), eps
-        )
-    return F.linear(t.to(x.dtype), w["p_out_weight"]) * torch.sigmoid(F.linear(h, w["g_out_weight"]))
+    # With gradients, chunking would bound nothing (autograd keeps every chunk), so this is
+    # the plain composition: the reference's graph, rounding for rounding.
+    return _reference.triangle_multiplication(x, mask, direction=direction, eps=eps, **w)
 
 
 @torch.no_grad()
