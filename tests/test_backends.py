@@ -15,12 +15,25 @@ OTHER = "_test_other_op"
 
 @pytest.fixture(autouse=True)
 def isolated_registry(monkeypatch):
-    """A copy of the registry (real ops included) and no FOLDOPS_BACKEND* in the environment."""
-    monkeypatch.setattr(backends, "_REGISTRY", {op: dict(table) for op, table in backends._REGISTRY.items()})
+    """The real registry, restored after the test; no FOLDOPS_BACKEND* in the environment.
+
+    Changes to the registry are undone in place: real ops get back exactly the backends
+    they had, test ops (names starting with '_') go. Replacing the registry object would
+    lose the registrations of op modules first imported during the test.
+    """
+    import foldops.ops  # noqa: F401  (register the real ops before the snapshot)
+
+    saved = {op: dict(table) for op, table in backends._REGISTRY.items()}
     monkeypatch.setattr(backends, "_logged", set())
     for key in list(os.environ):
         if key.startswith(backends.ENV_GLOBAL):
             monkeypatch.delenv(key)
+    yield
+    for op in list(backends._REGISTRY):
+        if op in saved:
+            backends._REGISTRY[op] = saved[op]
+        elif op.startswith("_"):
+            del backends._REGISTRY[op]
 
 
 def _fn(tag):

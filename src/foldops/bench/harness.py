@@ -288,7 +288,6 @@ def cpu_peak_bytes(run: Callable[[], Any]) -> Optional[int]:
 def measure_memory(device: torch.device, run: Callable[[], Any]) -> Optional[float]:
     """Peak MiB allocated during one call of ``run`` above what was allocated before it,
     or ``None`` where the device offers no peak (MPS)."""
-    gc.collect()
     if device.type == "cpu":
         peak = cpu_peak_bytes(run)
         return None if peak is None else peak / 2**20
@@ -444,8 +443,9 @@ class _SizeRun:
             setup, timed = self.mode_fns(backend, mode)
             times = self.timer.measure(timed, setup, cfg.warmup, cfg.repeats, cfg.max_time_s)
         except Exception as exc:
-            self.add(backend, mode, "time_ms", status=_failure_status(exc), note=_describe(exc))
-            _cleanup(self.device)
+            status = _failure_status(exc)
+            self.add(backend, mode, "time_ms", status=status, note=_describe(exc))
+            _cleanup(self.device, collect=status == "oom")
             return
         self.add(backend, mode, "time_ms", statistics.median(times),
                  note=f"median of {len(times)} (min {min(times):.4g}, max {max(times):.4g})")
@@ -455,8 +455,9 @@ class _SizeRun:
             if memory is not None:
                 self.add(backend, mode, "peak_mib", memory, note="peak allocated over one run, above what was allocated before it")
         except Exception as exc:
-            self.add(backend, mode, "peak_mib", status=_failure_status(exc), note=_describe(exc))
-            _cleanup(self.device)
+            status = _failure_status(exc)
+            self.add(backend, mode, "peak_mib", status=status, note=_describe(exc))
+            _cleanup(self.device, collect=status == "oom")
         kind = "fwd" if mode == "fwd" else "grad"
         try:
             abs_err, rel_err = self.errors(backend, kind)
@@ -465,9 +466,10 @@ class _SizeRun:
                 self.add(backend, mode, metric, status=exc.status, note=exc.note)
             return
         except Exception as exc:
+            status = _failure_status(exc)
             for metric in ("max_abs_err", "rel_err"):
-                self.add(backend, mode, metric, status=_failure_status(exc), note=_describe(exc))
-            _cleanup(self.device)
+                self.add(backend, mode, metric, status=status, note=_describe(exc))
+            _cleanup(self.device, collect=status == "oom")
             return
         what = "output" if kind == "fwd" else f"gradients of {', '.join(self.inputs.grad_names)}"
         self.add(backend, mode, "max_abs_err", abs_err, note=f"{what} vs fp64 reference")
@@ -480,8 +482,11 @@ class _ReferenceUnavailable(Exception):
         self.status, self.note = status, note
 
 
-def _cleanup(device: torch.device) -> None:
-    gc.collect()
+def _cleanup(device: torch.device, collect: bool = False) -> None:
+    # gc.collect() costs ~0.5 s with torch loaded: only after an OOM, whose traceback
+    # cycles may hold device memory.
+    if collect and device.type != "cpu":
+        gc.collect()
     try:
         fdevice.empty_cache(device)
     except Exception:  # a device in a bad state must not stop the other backends
@@ -568,7 +573,7 @@ def _run_size(cfg, case, fn, dtype, size, sink, timer, step, plan_len) -> None:
         ctx = capture_context(case.registry_op, lambda: case.call(fn, inputs, backends.AUTO))
     except Exception as exc:  # inputs do not fit, or the op rejects them
         fail_all(_failure_status(exc), f"inputs: {_describe(exc)}")
-        _cleanup(cfg.device)
+        _cleanup(cfg.device, collect=True)
         return
     registry_op = case.registry_op
     if registry_op not in backends.ops():

@@ -1,0 +1,307 @@
+"""The bench harness: rows, statuses, errors against fp64, timing and memory helpers."""
+
+import csv
+import io
+import math
+
+import pytest
+import torch
+
+import foldops
+from foldops.bench import (
+    CSV_COLUMNS,
+    BenchConfig,
+    ProgressLine,
+    Timer,
+    backend_statuses,
+    capture_context,
+    format_table,
+    measure_memory,
+    parse_dtype,
+    run_bench,
+    write_summary,
+)
+from foldops.bench.harness import compare
+from foldops.device import device_name
+
+from conftest import FAKE_OP, fake_op
+
+CPU = torch.device("cpu")
+
+
+def _rows(rows, **match):
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def _value(rows, **match):
+    found = _rows(rows, **match)
+    assert len(found) == 1, (match, found)
+    return found[0]
+
+
+@pytest.fixture
+def fake_run(fake_case, tmp_path):
+    config = BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[3, 5], modes=("fwd", "fwd+bwd", "bwd"),
+                         repeats=2, warmup=0)
+    skipped = []
+    rows = run_bench(config, csv_path=tmp_path / "bench.csv", on_skip=skipped.append)
+    return rows, tmp_path / "bench.csv", skipped
+
+
+def test_csv_is_written_as_the_rows_come(fake_run):
+    rows, path, skipped = fake_run
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        assert list(reader) == rows
+    assert not skipped
+    for r in rows:
+        assert r["device"] == device_name(CPU)
+        assert r["torch_version"] == torch.__version__ and r["foldops_version"] == foldops.__version__
+        assert r["dtype"] == "fp32" and r["op"] == FAKE_OP
+
+
+def test_a_good_backend_gets_time_memory_and_exact_errors(fake_run):
+    rows, _, _ = fake_run
+    for shape in ("B=1,N=3,C=3", "B=1,N=5,C=3"):
+        for mode in ("fwd", "fwd+bwd", "bwd"):
+            for backend in ("good", "reference"):
+                t = _value(rows, backend=backend, shape=shape, mode=mode, metric="time_ms")
+                assert t["status"] == "ok" and float(t["value"]) > 0 and t["note"].startswith("median of 2")
+                mem = _value(rows, backend=backend, shape=shape, mode=mode, metric="peak_mib")
+                assert mem["status"] == "ok" and float(mem["value"]) >= 0
+                for metric in ("max_abs_err", "rel_err"):
+                    err = _value(rows, backend=backend, shape=shape, mode=mode, metric=metric)
+                    assert err["status"] == "ok" and float(err["value"]) == 0.0  # 2x is exact in fp32
+
+
+def test_a_wrong_backend_shows_its_error(fake_run):
+    rows, _, _ = fake_run
+    fwd = _value(rows, backend="off_by_half", shape="B=1,N=5,C=3", mode="fwd", metric="max_abs_err")
+    assert float(fwd["value"]) == pytest.approx(0.5)
+    grad = _value(rows, backend="off_by_half", shape="B=1,N=5,C=3", mode="fwd+bwd", metric="max_abs_err")
+    assert float(grad["value"]) == 0.0  # a constant offset has the right gradient
+    assert "gradients of x" in grad["note"]
+
+
+def test_failures_become_rows_not_crashes(fake_run):
+    rows, _, _ = fake_run
+    for mode in ("fwd", "fwd+bwd", "bwd"):
+        broken = _value(rows, backend="broken", shape="B=1,N=3,C=3", mode=mode)
+        assert broken["status"] == "error" and broken["metric"] == "time_ms" and broken["value"] == ""
+        assert broken["note"] == "RuntimeError: kaboom"
+        oom = _value(rows, backend="oom", shape="B=1,N=3,C=3", mode=mode)
+        assert oom["status"] == "oom" and "out of memory" in oom["note"]
+        nope = _value(rows, backend="nope", shape="B=1,N=3,C=3", mode=mode)
+        assert nope["status"] == "unavailable" and nope["note"] == "needs a unicorn"
+        interp = _value(rows, backend="interp", shape="B=1,N=3,C=3", mode=mode)
+        assert interp["status"] == "skipped" and "runs only when named" in interp["note"]
+
+
+def test_named_backends_only_and_named_only_backends_run(fake_case):
+    config = BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[4], modes=("fwd",), backends=["interp", "reference"],
+                         repeats=1, warmup=0)
+    rows = run_bench(config)
+    assert {r["backend"] for r in rows} == {"interp", "reference"}
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_reference_over_budget_is_skipped_not_run(fake_case):
+    config = BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[4], modes=("fwd",), backends=["good"],
+                         repeats=1, warmup=0, ref_budget_gib=1e-9)
+    rows = run_bench(config)
+    err = _value(rows, backend="good", metric="max_abs_err")
+    assert err["status"] == "skipped" and "--ref-budget-gib" in err["note"]
+    assert _value(rows, backend="good", metric="time_ms")["status"] == "ok"
+
+
+def test_an_op_that_is_not_written_yet_is_skipped(isolated_registry, tmp_path, monkeypatch):
+    from foldops.bench.cases import BenchCase, CaseUnavailable, register_case
+
+    (tmp_path / "half_written_op.py").write_text("raise RuntimeError('half written')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = dict(build=lambda d, g: {}, positional=(), grad_names=(), dims={"cpu": {"N": 0}, "gpu": {"N": 0}},
+                sizes={"cpu": (4,), "gpu": (4,)}, ref_elements=lambda d: 1)
+    missing = register_case(BenchCase(op="_not_yet", modules=("foldops.ops._not_yet",), **spec))
+    broken = register_case(BenchCase(op="_broken", modules=("half_written_op",), **spec))
+    with pytest.raises(CaseUnavailable, match=r"_not_yet: not available yet \(no function '_not_yet' in foldops.ops._not_yet, foldops.ops\)"):
+        missing.load()
+    with pytest.raises(CaseUnavailable, match="importing half_written_op failed .RuntimeError: half written"):
+        broken.load()
+    skipped = []
+    rows = run_bench(BenchConfig(device=CPU, ops=["_not_yet", "_broken"], repeats=1, warmup=0), on_skip=skipped.append)
+    assert [(r["op"], r["status"]) for r in rows] == [("_not_yet", "skipped"), ("_broken", "skipped")]
+    assert len(skipped) == 2 and "not available yet" in skipped[0]
+
+
+def test_inputs_the_op_rejects_give_one_error_row(fake_case):
+    fake_case.build = lambda d, g: {"x": torch.randn(2, 3), "mask": torch.ones(2, dtype=torch.bool)}
+
+    def strict_op(x, mask=None, *, backend="auto"):
+        raise ValueError("x: expected shape (*, *, *), got (2, 3)")
+
+    fake_case.loader = lambda: strict_op
+    rows = run_bench(BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[3], repeats=1, warmup=0))
+    assert len(rows) == 1
+    assert rows[0]["status"] == "error" and rows[0]["note"] == "inputs: ValueError: x: expected shape (*, *, *), got (2, 3)"
+
+
+def test_progress_counts_every_step(fake_case):
+    seen = []
+    run_bench(BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[3, 4], modes=("fwd", "fwd+bwd"), repeats=1, warmup=0),
+              progress=lambda done, total, text: seen.append((done, total)))
+    total = 2 * 7 * 2  # sizes x backends x modes
+    assert seen == [(i, total) for i in range(1, total + 1)]
+
+
+# The real cases ---------------------------------------------------------------------------------
+
+def test_every_loadable_case_runs_clean_on_cpu(tmp_path):
+    """Wiring check of every case whose op exists: no failures, and the errors of
+    fp32 runs against fp64 are at fp32 rounding level (a mis-wired argument is O(1))."""
+    from foldops.bench.cases import CaseUnavailable, get_cases
+
+    loadable = []
+    for case in get_cases():
+        try:
+            case.load()
+            loadable.append(case.op)
+        except CaseUnavailable:
+            pass
+    assert "triangle_attention" in loadable
+    rows = run_bench(BenchConfig(device=CPU, ops=loadable, sizes=[7], repeats=1, warmup=0))
+    assert {r["op"] for r in rows} == set(loadable)
+    failures = [(r["op"], r["backend"], r["mode"], r["note"]) for r in rows if r["status"] in ("error", "oom")]
+    assert not failures
+    measured = _rows(rows, status="ok", metric="rel_err")
+    assert {r["op"] for r in measured} == set(loadable)
+    for r in measured:
+        assert float(r["value"]) < 1e-5, r
+
+
+# Helpers ---------------------------------------------------------------------------------------------
+
+def test_capture_context_and_statuses(fake_case):
+    x = torch.randn(1, 4, 3)
+    ctx = capture_context(FAKE_OP, lambda: fake_op(x))
+    assert ctx == {"device": x.device, "dtype": torch.float32}
+    statuses = {s.name: s for s in backend_statuses(FAKE_OP, ctx)}
+    assert statuses["good"].selected and statuses["good"].available and not statuses["good"].named_only
+    assert statuses["nope"].reason == "needs a unicorn" and not statuses["nope"].available
+    assert statuses["interp"].named_only and not statuses["interp"].selected
+    assert statuses["reference"].available and not statuses["reference"].auto
+    assert capture_context(FAKE_OP, lambda: x * 2) is None  # never selected
+    with pytest.raises(ValueError, match="rejected"):
+        capture_context(FAKE_OP, lambda: (_ for _ in ()).throw(ValueError("rejected")))
+
+
+def test_capture_context_of_a_real_op():
+    from foldops.ops import triangle_attention
+
+    q = torch.randn(1, 3, 3, 2, 16)
+    bias = torch.randn(1, 2, 3, 3)
+    ctx = capture_context("triangle_attention", lambda: triangle_attention(q, q, q, bias))
+    assert ctx["device"] == q.device and ctx["dtype"] == q.dtype and ctx["head_dim"] == 16
+
+
+def test_timer_counts_runs_and_stops_early():
+    calls = {"setup": 0, "timed": 0}
+
+    def setup():
+        calls["setup"] += 1
+        return 7
+
+    def timed(state):
+        assert state == 7
+        calls["timed"] += 1
+
+    timer = Timer(CPU)
+    assert not timer.events
+    times = timer.measure(timed, setup, warmup=2, repeats=4, max_time_s=60.0)
+    assert len(times) == 4 and all(t >= 0 for t in times)
+    assert calls == {"setup": 6, "timed": 6}
+    times = Timer(CPU).measure(lambda _: None, warmup=0, repeats=100, max_time_s=1e-9)
+    assert len(times) == 3  # the minimum, then the time cap
+
+
+def test_cpu_peak_memory_sees_a_temporary():
+    def run():
+        t = torch.ones(1 << 20)  # 4 MiB, freed on return
+        return float(t[0])
+
+    peak = measure_memory(CPU, run)
+    assert peak is not None and 4.0 <= peak < 4.5
+
+
+def test_compare():
+    exact = torch.tensor([1.0, -4.0], dtype=torch.float64)
+    assert compare([torch.tensor([1.0, -4.0])], [exact]) == (0.0, 0.0)
+    abs_err, rel_err = compare([torch.tensor([1.5, -4.0]), torch.tensor([1.0, -3.0])], [exact, exact])
+    assert abs_err == 1.0 and rel_err == 0.25
+    assert compare([torch.tensor([float("nan"), 0.0])], [exact])[0] == math.inf
+    assert compare([None], [exact]) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bfloat16", torch.bfloat16), ("half", torch.float16),
+                                         ("FP64", torch.float64)])
+def test_parse_dtype(name, dtype):
+    assert parse_dtype(name) == dtype
+
+
+def test_parse_dtype_rejects_unknown():
+    with pytest.raises(ValueError, match=r"dtype: expected one of \['fp32', 'bf16', 'fp16', 'fp64'\], got 'fp8'"):
+        parse_dtype("fp8")
+
+
+def test_config_defaults_and_checks():
+    cpu = BenchConfig(device=CPU).resolved()
+    assert cpu.dtypes == (torch.float32,) and cpu.repeats >= 1 and cpu.warmup >= 0 and cpu.profile == "cpu"
+    gpu = BenchConfig(device=torch.device("meta")).resolved()
+    assert gpu.profile == "gpu" and gpu.dtypes == (torch.bfloat16,)
+    for bad, message in [
+        (dict(modes=("fwd", "back")), "modes: expected some of"),
+        (dict(modes=()), "modes: expected some of"),
+        (dict(sizes=[0]), "sizes: expected positive ints"),
+        (dict(repeats=0), "repeats: expected an int >= 1, got 0"),
+        (dict(warmup=-1), "warmup: expected an int >= 0, got -1"),
+        (dict(max_time_s=0), "max_time_s: expected a positive number"),
+        (dict(ops=["nope"]), r"ops: unknown op\(s\) \['nope'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            BenchConfig(device=CPU, **bad).resolved()
+
+
+def test_table_and_summary(fake_run, tmp_path):
+    rows, _, _ = fake_run
+    table = format_table(rows)
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["op", "backend", "shape", "dtype"]
+    assert "fwd ms" in lines[0] and "fwd+bwd ms" in lines[0] and "grad rel err" in lines[0]
+    assert any(line.split()[:1] == ["broken"] and "ERR" in line for line in lines)
+    assert any("OOM" in line for line in lines)
+    assert "Notes:" in table and "RuntimeError: kaboom" in table and "needs a unicorn" in table
+    write_summary(tmp_path / "summary.md", rows, {"command": "foldops bench"})
+    text = (tmp_path / "summary.md").read_text()
+    assert "- command: foldops bench" in text and "| op | backend | shape | dtype |" in text
+
+
+def test_progress_line_on_a_log_and_on_a_terminal():
+    log = io.StringIO()
+    progress = ProgressLine(log, every=2)
+    for i in range(1, 6):
+        progress(i, 5, f"step {i}")
+    lines = log.getvalue().splitlines()
+    assert [line.split("] ")[1] for line in lines] == ["step 2", "step 4", "step 5"]
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    progress = ProgressLine(tty)
+    progress(1, 2, "a long first step")
+    progress(2, 2, "b")
+    progress.message("skipped x")
+    out = tty.getvalue()
+    assert out.count("\r") >= 3 and "\n" not in out.replace("skipped x\n", "")
+    assert out.endswith("skipped x\n")

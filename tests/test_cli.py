@@ -1,0 +1,145 @@
+"""The foldops command: bench end to end, plot from the CSV alone, doctor, bad options."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from foldops import backends
+from foldops.bench import CSV_COLUMNS
+from foldops.cli import main
+
+
+def _env():
+    # The interpreter is a test-suite setting; the command runs as a user would.
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("FOLDOPS_BACKEND")}
+
+
+def _foldops(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "foldops", *args], capture_output=True, text=True,
+                          env=_env(), cwd=cwd, timeout=300)
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    result = _foldops("bench", "--ops", "triangle_attention,outer_product_mean", "--sizes", "5,9",
+                      "--repeats", "2", "--warmup", "0", "--out", str(out))
+    return result, out
+
+
+def test_bench_end_to_end(bench_out):
+    result, out = bench_out
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["bench.csv", "outer_product_mean.png", "summary.md", "triangle_attention.png"]
+    header, rows = _read(out / "bench.csv")
+    assert tuple(header) == CSV_COLUMNS
+    for op in ("triangle_attention", "outer_product_mean"):
+        for backend in ("torch", "reference"):
+            for n in (5, 9):
+                for mode in ("fwd", "fwd+bwd"):
+                    found = {r["metric"]: r for r in rows if r["op"] == op and r["backend"] == backend
+                             and f"N={n}," in r["shape"] and r["mode"] == mode}
+                    assert set(found) == {"time_ms", "peak_mib", "max_abs_err", "rel_err"}, (op, backend, n, mode)
+                    assert all(r["status"] == "ok" and r["value"] != "" for r in found.values())
+                    assert float(found["rel_err"]["value"]) < 1e-5
+    triton = [r for r in rows if r["backend"] == "triton"]
+    assert triton and all(r["status"] == "unavailable" and r["note"] for r in triton)
+    assert all(r["dtype"] == "fp32" and r["torch_version"] == torch.__version__ for r in rows)
+    # The terminal table and the summary.
+    assert "op" in result.stdout.splitlines()[0] and "fwd+bwd ms" in result.stdout
+    assert "triangle_attention" in result.stdout and "outer_product_mean" in result.stdout
+    assert "bench.csv" in result.stderr and "done in" in result.stderr
+    summary = (out / "summary.md").read_text()
+    assert "--sizes 5,9" in summary and "| triangle_attention | torch |" in summary
+
+
+def test_plot_from_the_csv_alone(bench_out, tmp_path):
+    _, out = bench_out
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(out / "bench.csv", lone / "bench.csv")
+    result = _foldops("plot", str(lone / "bench.csv"), "--out", str(tmp_path / "plots"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "plots")) == ["outer_product_mean.png", "triangle_attention.png"]
+    assert result.stdout.split() == [str(tmp_path / "plots" / f"{op}.png") for op in ("triangle_attention", "outer_product_mean")]
+
+
+def test_doctor():
+    result = _foldops("doctor", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    for needle in ("device:", "python", f"torch        {torch.__version__}", "triton", "numpy", "foldops      0.1.0",
+                   "trifast", "cuequivariance_torch", "flash_attn", "boltz", "Triton kernels:",
+                   "Triton kernels need a CUDA device, got cpu"):
+        assert needle in text, needle
+    table = text[text.index("backends per op"):].splitlines()
+    assert table[1].split() == ["op", "backend", "available", "reason"]
+    rows = [line.split() for line in table[3:]]
+    assert ["triangle_attention", "triton", "no", "Triton"] == rows[0][:4]
+    assert ["torch", "*", "yes"] == rows[1]  # auto's choice on a CPU
+    assert rows[2][:3] == ["reference", "yes", "only"]
+
+
+def test_failing_backend_becomes_error_rows(tmp_path, monkeypatch, capsys):
+    import foldops.ops.triangle_attention  # noqa: F401
+
+    table = backends._REGISTRY["triangle_attention"]
+    monkeypatch.setitem(table, "broken", backends.Backend(
+        op="triangle_attention", name="broken", fn=lambda *a: 1 / 0, supports=lambda **_: None, priority=-1, auto=False))
+    code = main(["bench", "--ops", "triangle_attention", "--sizes", "4", "--repeats", "1", "--warmup", "0",
+                 "--backends", "torch,broken", "--modes", "fwd", "--out", str(tmp_path), "--no-plot", "--quiet"])
+    assert code == 0
+    _, rows = _read(tmp_path / "bench.csv")
+    broken = [r for r in rows if r["backend"] == "broken"]
+    assert [(r["metric"], r["status"], r["note"]) for r in broken] == [("time_ms", "error", "ZeroDivisionError: division by zero")]
+    assert [r["status"] for r in rows if r["backend"] == "torch"] == ["ok"] * 4
+    out = capsys.readouterr()
+    assert "ERR" in out.out and "ZeroDivisionError" in out.out and "1 error/OOM rows" in out.err
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "the following arguments are required"),
+    (["bench", "--sizes", "0"], "argument --sizes: expected positive integers like 32,64,96, got 0"),
+    (["bench", "--sizes", "8,x"], "argument --sizes: expected positive integers like 32,64,96, got 'x'"),
+    (["bench", "--ops", "triangle_attention,nope"], "argument --ops: unknown op(s) nope; expected some of: triangle_attention"),
+    (["bench", "--dtype", "fp8"], "argument --dtype: expected one of ['fp32', 'bf16', 'fp16', 'fp64'], got 'fp8'"),
+    (["bench", "--modes", "fwd,sideways"], "argument --modes: unknown mode(s) sideways; expected some of: fwd, fwd+bwd, bwd"),
+    (["bench", "--repeats", "0"], "argument --repeats: expected an integer >= 1, got 0"),
+    (["bench", "--warmup", "-1"], "argument --warmup: expected an integer >= 0, got -1"),
+    (["bench", "--max-time", "0"], "argument --max-time: expected a positive number, got '0'"),
+    (["bench", "--dim", "S"], "argument --dim: expected KEY=positive int such as S=64, got 'S'"),
+    (["bench", "--dim", "Q=3"], "argument --dim: unknown dimension(s) ['Q'] for these ops"),
+    (["bench", "--ops", "triangle_attention", "--dim", "S=3"], "unknown dimension(s) ['S']"),
+    (["bench", "--dim", "N=3"], "N is swept: use --sizes"),
+    (["bench", "--device", "hpu"], "argument --device: device: unsupported device type 'hpu'"),
+    (["bench", "--device", "mps"], "argument --device: device: 'mps' was requested but is not available"),
+    (["bench", "--device", "gpu"], "argument --device:"),
+    (["doctor", "--dtype", "fp32,bf16"], "argument --dtype: doctor takes one dtype, got 2"),
+    (["plot", "/nonexistent/bench.csv"], "argument csv: no such file '/nonexistent/bench.csv'"),
+])
+def test_bad_options_give_a_clear_error(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--device", "--ops", "--sizes", "--dtype", "--out", "--repeats", "--warmup", "--modes", "--backends"):
+        assert option in text
