@@ -153,7 +153,7 @@ def test_bias_grad_split_and_deterministic(monkeypatch, sms):
     mask = _make_mask(batch, rows, n, "bool")
     grad_out = torch.randn_like(q)
     splits = kernel._bias_splits(heads * batch, rows, q.device)
-    assert (splits > 1) == (sms == 1000)  # 1000 SMs: many splits; 1 SM: one pass
+    assert (splits > 1) == (sms == 1000)  # 1000 SMs: split the rows; 1 SM: one pass
     first = torch.autograd.grad(kernel.triangle_attention(q, k, v, bias, mask, 0.25), bias, grad_out)[0]
     second = torch.autograd.grad(kernel.triangle_attention(q, k, v, bias, mask, 0.25), bias, grad_out)[0]
     assert torch.equal(first, second)
@@ -166,8 +166,8 @@ def test_bias_grad_split_and_deterministic(monkeypatch, sms):
 
 def test_bias_grad_skipped_when_not_needed(monkeypatch):
     calls = []
-    original = kernel.triangle_attention_backward_bias
-    monkeypatch.setattr(kernel, "triangle_attention_backward_bias", lambda *a: calls.append(1) or original(*a))
+    original = kernel._bias_splits
+    monkeypatch.setattr(kernel, "_bias_splits", lambda *a: calls.append(1) or original(*a))
     q, k, v = (t.requires_grad_() for t in _make_qkv(1, 2, 5, 1, 16, torch.float32, "contiguous"))
     bias = _make_bias(1, 1, 5, torch.float32, "contiguous")  # no grad
     out = kernel.triangle_attention(q, k, v, bias, None, 0.25)
@@ -179,7 +179,7 @@ def test_bias_grad_skipped_when_not_needed(monkeypatch):
 def test_all_rows_masked_gives_zeros():
     q, k, v = (t.requires_grad_() for t in _make_qkv(1, 2, 6, 1, 16, torch.float32, "contiguous"))
     bias = _make_bias(1, 1, 6, torch.float32, "contiguous").requires_grad_()
-    mask = torch.zeros(1, 2, 6, dtype=torch.bool)
+    mask = torch.zeros(1, 2, 6, dtype=torch.bool, device=DEVICE)
     out = kernel.triangle_attention(q, k, v, bias, mask, 0.25)
     grads = torch.autograd.grad(out, [q, k, v, bias], torch.randn_like(out))
     assert (out == 0).all()
@@ -199,8 +199,8 @@ def test_public_op_uses_kernel():
 
 
 def test_empty_inputs():
-    q, k, v = (torch.randn(1, 0, 4, 1, 16) for _ in range(3))
-    out = kernel.triangle_attention(q, k, v, torch.randn(1, 1, 4, 4), None, 0.25)
+    q, k, v = (torch.randn(1, 0, 4, 1, 16, device=DEVICE) for _ in range(3))
+    out = kernel.triangle_attention(q, k, v, torch.randn(1, 1, 4, 4, device=DEVICE), None, 0.25)
     assert out.shape == q.shape
 
 
@@ -219,10 +219,10 @@ def test_empty_inputs():
 def test_bad_inputs(change, error, name):
     d = change.get("d", 16)
     dtype = change.get("dtype", torch.float32)
-    q = torch.randn(1, 2, 5, 1, d, dtype=dtype)
-    k = torch.randn(*change.get("k_shape", q.shape), dtype=dtype)
-    bias = torch.randn(*change.get("bias_shape", (1, 1, 5, 5)), dtype=change.get("bias_dtype", dtype))
-    mask = torch.ones(*change.get("mask_shape", (1, 2, 5)), dtype=change.get("mask_dtype", torch.bool))
+    q = torch.randn(1, 2, 5, 1, d, dtype=dtype, device=DEVICE)
+    k = torch.randn(*change.get("k_shape", q.shape), dtype=dtype, device=DEVICE)
+    bias = torch.randn(*change.get("bias_shape", (1, 1, 5, 5)), dtype=change.get("bias_dtype", dtype), device=DEVICE)
+    mask = torch.ones(*change.get("mask_shape", (1, 2, 5)), dtype=change.get("mask_dtype", torch.bool), device=DEVICE)
     with pytest.raises(error, match=name):
         kernel.triangle_attention(q, k, q, bias, mask, 0.25)
 
@@ -235,14 +235,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.foldops.triangle_attention_fwd.default, (*args, mask, 0.25, False))
     out, lse = torch.ops.foldops.triangle_attention_fwd(q, k, v, bias, mask, 0.25, False)
     grad_out = torch.randn_like(out)
-    torch.library.opcheck(
-        torch.ops.foldops.triangle_attention_bwd.default, (grad_out, q, k, v, bias, mask, out, lse, 0.25, False)
-    )
-    _, _, _, delta = torch.ops.foldops.triangle_attention_bwd(grad_out, q, k, v, bias, mask, out, lse, 0.25, False)
-    torch.library.opcheck(
-        torch.ops.foldops.triangle_attention_bwd_bias.default,
-        (grad_out, q, k, v, bias, mask, lse, delta, 0.25, False),
-    )
+    for need_dbias in (True, False):
+        torch.library.opcheck(
+            torch.ops.foldops.triangle_attention_bwd.default,
+            (grad_out, q, k, v, bias, mask, out, lse, 0.25, False, need_dbias),
+        )
 
 
 # GPU: compiled kernels at real sizes ----------------------------------------------------

@@ -7,10 +7,12 @@
 
 Layers (see docs/kernels/triangle_attention.md for the design, floors and timings):
 
-- kernels ``_fwd_kernel``, ``_bwd_dq_kernel``, ``_bwd_dkdv_kernel``, ``_bwd_dbias_kernel``;
+- kernels ``_fwd_kernel``, ``_bwd_delta_kernel``, ``_bwd_dbias_kernel``,
+  ``_bwd_dkdv_kernel``, ``_bwd_dq_kernel`` (and ``_sum_splits_kernel``);
 - launchers ``triangle_attention_forward`` / ``triangle_attention_backward``;
 - custom ops ``foldops::triangle_attention_fwd`` / ``foldops::triangle_attention_bwd``
-  (``torch.library.triton_op``: fake implementations for free, autograd registered);
+  (``torch.library.triton_op``: the body is also the fake implementation; autograd
+  registered on the forward);
 - ``triangle_attention(q, k, v, bias, mask, scale)``: the differentiable entry point.
 
 Softmax in base 2 and fp32: logits are ``s2 = log2(e) * (scale * q.k + bias)``; the
@@ -22,8 +24,9 @@ The bias gradient is deterministic: a program owns a (j, k) tile of one (b, h) a
 sums dS over rows i in registers; at small N the rows are split over a few programs
 whose partial tiles are summed afterwards in a fixed order. No atomics anywhere.
 
-Memory, beyond inputs and outputs: O(B I H N) fp32 for lse and delta, plus an
-O(splits * B H N^2) fp32 partial bias gradient at small N only.
+Memory, beyond inputs and outputs: the forward saves lse, O(B I H N) fp32. The
+backward allocates only its gradients: delta = rowsum(dO*O) and the partial bias
+gradients live in dq's and dk's storage until those are written.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def _fwd_kernel(
     smb, smi, smk,
     sob, soi, son, soh, sod,
     I, N, H, qk_scale,
-    HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
+    HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,  # EVEN_N: N % both blocks == 0
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_j = tl.program_id(0)
@@ -116,7 +119,7 @@ def _fwd_kernel(
         if EVEN_N:
             kt = tl.load(kt_ptrs)
             v = tl.load(v_ptrs)
-            bias = tl.load(b_ptrs, mask=valid_j[:, None], other=0.0)
+            bias = tl.load(b_ptrs)
         else:
             valid_k = cur_k < N
             kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
@@ -149,8 +152,45 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _bwd_delta_kernel(
+    OUT, DO, DELTA,
+    sob, soi, son, soh, sod,
+    sdob, sdoi, sdon, sdoh, sdod,
+    I, N, H,
+    D: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """delta[b, i, h, j] = sum_d dO * O (fp32), for a [BLOCK_J] block of one (b, i, h)."""
+    pid_j = tl.program_id(0)
+    i = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_d = tl.arange(0, D)
+    j64 = offs_j.to(tl.int64)
+    valid_j = offs_j < N
+    do = tl.load(DO + b * sdob + i * sdoi + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod,
+                 mask=valid_j[:, None], other=0.0)
+    o = tl.load(OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod,
+                mask=valid_j[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + ((b * I + i) * H + h) * N + j64, delta, mask=valid_j)
+
+
+@triton.jit
+def _sum_splits_kernel(PARTIAL, OUT, SPLITS, NUMEL, BLOCK: tl.constexpr):
+    """OUT[x] = sum over s of PARTIAL[s, x], in a fixed order (deterministic)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < NUMEL
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(PARTIAL + s * NUMEL + offs, mask=valid, other=0.0)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=valid)
+
+
+@triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, BIAS, MASK, OUT, DO, LSE, DELTA, DQ,
+    Q, K, V, BIAS, MASK, OUT, DO, LSE, DQ,
     sqb, sqi, sqn, sqh, sqd,
     skb, ski, skn, skh, skd,
     svb, svi, svn, svh, svd,
@@ -163,7 +203,7 @@ def _bwd_dq_kernel(
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ for a [BLOCK_J] block of queries of one (b, i, h); also writes delta = rowsum(dO*O)."""
+    """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in registers."""
     pid_j = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
     bh = tl.program_id(2)
@@ -184,9 +224,7 @@ def _bwd_dq_kernel(
     o = tl.load(OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod,
                 mask=valid_j[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    row = ((b * I + i) * H + h) * N + j64
-    tl.store(DELTA + row, delta, mask=valid_j)
-    lse = tl.load(LSE + row, mask=valid_j, other=float("inf"))
+    lse = tl.load(LSE + ((b * I + i) * H + h) * N + j64, mask=valid_j, other=float("inf"))
 
     k_ptrs = K + b * skb + i * ski + h * skh + k64[:, None] * skn + offs_d[None, :] * skd
     vt_ptrs = V + b * svb + i * svi + h * svh + k64[None, :] * svn + offs_d[:, None] * svd
@@ -199,7 +237,7 @@ def _bwd_dq_kernel(
         if EVEN_N:
             k = tl.load(k_ptrs)
             vt = tl.load(vt_ptrs)
-            bias = tl.load(b_ptrs, mask=valid_j[:, None], other=0.0)
+            bias = tl.load(b_ptrs)
         else:
             valid_k = cur_k < N
             k = tl.load(k_ptrs, mask=valid_k[:, None], other=0.0)
@@ -395,16 +433,16 @@ def _n_bucket(n: int) -> int:
 # (kind, head dim, fp32?) -> (BLOCK_J, BLOCK_K, num_warps, num_stages). Tuned on an H100
 # at N = 512 / 1024 in bf16; see docs/kernels/triangle_attention.md.
 _CONFIGS = {
-    ("fwd", 16, False): (128, 64, 4, 3),
-    ("fwd", 32, False): (128, 64, 4, 3),
+    ("fwd", 16, False): (128, 32, 4, 3),
+    ("fwd", 32, False): (128, 32, 4, 3),
     ("fwd", 64, False): (128, 64, 4, 3),
     ("fwd", 128, False): (128, 64, 8, 2),
-    ("dq", 16, False): (64, 64, 4, 3),
-    ("dq", 32, False): (64, 64, 4, 3),
+    ("dq", 16, False): (64, 32, 4, 3),
+    ("dq", 32, False): (64, 32, 4, 3),
     ("dq", 64, False): (64, 64, 4, 3),
     ("dq", 128, False): (64, 64, 4, 2),
-    ("dkdv", 16, False): (64, 64, 4, 3),
-    ("dkdv", 32, False): (64, 64, 4, 3),
+    ("dkdv", 16, False): (32, 64, 4, 3),
+    ("dkdv", 32, False): (32, 64, 4, 3),
     ("dkdv", 64, False): (64, 64, 4, 3),
     ("dkdv", 128, False): (64, 64, 8, 2),
     ("dbias", 16, False): (64, 64, 4, 3),
@@ -516,11 +554,28 @@ def triangle_attention_forward(
         q, k, v, bias, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
         rows, n, heads, scale * LOG2E,
-        HAS_MASK=has_mask, EVEN_N=(n % bk == 0), D=d,
+        HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
+
+
+def _empty_buffer(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(tensor like ``t`` in ``t``'s dimension order, its dense 1-D storage)."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -d))
+    flat = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+    tensor = flat.view([t.shape[d] for d in order]).permute([order.index(d) for d in range(t.dim())])
+    return tensor, flat
+
+
+def _fp32_scratch(flat: torch.Tensor, shape: Tuple[int, ...]) -> Optional[torch.Tensor]:
+    """An fp32 view of the front of ``flat`` (an output not yet written), or None if too small."""
+    count = math.prod(shape)
+    ratio = 4 // flat.element_size()
+    if flat.numel() < count * ratio:
+        return None
+    return flat[: count * ratio].view(torch.float32).view(shape)
 
 
 def triangle_attention_backward(
@@ -534,91 +589,91 @@ def triangle_attention_backward(
     lse: torch.Tensor,
     scale: float,
     allow_tf32: bool = False,
+    need_dbias: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward launcher for q, k, v: ``(dq, dk, dv, delta)``; delta = rowsum(dO*O) [B, I, H, N] fp32.
+    """Backward launcher: ``(dq, dk, dv, dbias)``; dbias is empty (0 elements) unless
+    ``need_dbias``. dq/dk/dv follow q/k/v's dimension order; dbias is contiguous in
+    bias's dtype, deterministic.
 
-    The bias gradient is a separate pass (``triangle_attention_backward_bias``), skipped
-    when the bias needs none.
+    Passes, in this order: delta = rowsum(dO*O) [B, I, H, N] fp32, kept in dq's (not yet
+    written) storage; the bias gradient, whose row-split partial sums live in dk's
+    storage; dK/dV; dQ last, over delta. Peak memory is the gradients themselves.
     """
     batch, rows, n, heads, d = q.shape
-    dq, dk, dv = _empty_in_order(q), _empty_in_order(k), _empty_in_order(v)
-    delta = torch.empty((batch, rows, heads, n), dtype=torch.float32, device=q.device)
-    if q.numel() == 0 or _tracing_under_interpreter(q):
-        return dq, dk, dv, delta
+    dq, dq_flat = _empty_buffer(q)
+    dk, dk_flat = _empty_buffer(k)
+    dv, _ = _empty_buffer(v)
+    dbias_shape = (batch, heads, n, n) if need_dbias else (0,)
+    dbias = torch.empty(dbias_shape, dtype=bias.dtype, device=q.device)
+    if q.numel() == 0:
+        return dq, dk, dv, dbias.zero_()
+    delta = _fp32_scratch(dq_flat, (batch, rows, heads, n))  # D >= 2 always fits
+    if _tracing_under_interpreter(q):
+        return dq, dk, dv, dbias
     precision = _precision(q.dtype, allow_tf32)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
-    bj, bk, warps, stages = _config("dq", n, d, q.dtype)
-    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
-        q, k, v, bias, mask_t, out, grad_out, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
-        *grad_out.stride(), *dq.stride(),
-        rows, n, heads, scale * LOG2E, scale,
-        HAS_MASK=has_mask, EVEN_N=(n % bk == 0), D=d,
-        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
-        num_warps=warps, num_stages=stages,
+
+    bj = min(128, max(16, triton.next_power_of_2(n)))
+    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), rows, n, heads,
+        D=d, BLOCK_J=bj, num_warps=4,
     )
+
+    if need_dbias:
+        bj, bk, warps, stages = _config("dbias", n, d, q.dtype)
+        tiles = triton.cdiv(n, bj) * triton.cdiv(n, bk)
+        room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
+        splits = min(_bias_splits(tiles * batch * heads, rows, q.device), max(1, room))
+        rows_per_split = triton.cdiv(rows, splits)
+        splits = triton.cdiv(rows, rows_per_split)
+        if splits == 1:
+            target, target_strides = dbias, (0, *dbias.stride())
+        else:
+            target = _fp32_scratch(dk_flat, (splits, batch, heads, n, n))
+            target_strides = target.stride()
+        wrap_triton(_bwd_dbias_kernel)[(triton.cdiv(n, bj), triton.cdiv(n, bk), splits * batch * heads)](
+            q, k, v, bias, mask_t, grad_out, lse, delta, target,
+            *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides,
+            *grad_out.stride(), *target_strides,
+            rows, n, heads, batch * heads, scale * LOG2E, rows_per_split,
+            HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
+            BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
+            num_warps=warps, num_stages=stages,
+        )
+        if splits > 1:
+            numel = batch * heads * n * n
+            wrap_triton(_sum_splits_kernel)[(triton.cdiv(numel, 1024),)](
+                target, dbias, splits, numel, BLOCK=1024, num_warps=4,
+            )
+
     bj, bk, warps, stages = _config("dkdv", n, d, q.dtype)
     wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(n, bk), rows, batch * heads)](
         q, k, v, bias, mask_t, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides,
         *grad_out.stride(), *dk.stride(), *dv.stride(),
         rows, n, heads, scale * LOG2E, scale,
-        HAS_MASK=has_mask, EVEN_N=(n % bj == 0), D=d,
+        HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
         num_warps=warps, num_stages=stages,
     )
-    return dq, dk, dv, delta
+
+    bj, bk, warps, stages = _config("dq", n, d, q.dtype)
+    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
+        q, k, v, bias, mask_t, out, grad_out, lse, dq,
+        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
+        *grad_out.stride(), *dq.stride(),
+        rows, n, heads, scale * LOG2E, scale,
+        HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
+        num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv, dbias
 
 
 def _bias_splits(programs: int, rows: int, device: torch.device) -> int:
     """Row splits for the bias gradient: enough programs for ~2 waves, never more than rows."""
     sms = _num_sms(device.index if device.type != "cpu" else None)
     return max(1, min(rows, -(-2 * sms // max(1, programs)), 64))
-
-
-def triangle_attention_backward_bias(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    lse: torch.Tensor,
-    delta: torch.Tensor,
-    scale: float,
-    allow_tf32: bool = False,
-) -> torch.Tensor:
-    """Bias gradient [B, H, N, N] in bias's dtype, deterministic (no atomics)."""
-    batch, rows, n, heads, d = q.shape
-    if q.numel() == 0:
-        return torch.zeros_like(bias, memory_format=torch.contiguous_format)
-    bj, bk, warps, stages = _config("dbias", n, d, q.dtype)
-    tiles = triton.cdiv(n, bj) * triton.cdiv(n, bk)
-    splits = _bias_splits(tiles * batch * heads, rows, q.device)
-    rows_per_split = triton.cdiv(rows, splits)
-    splits = triton.cdiv(rows, rows_per_split)
-    if splits == 1:
-        dbias = torch.empty((batch, heads, n, n), dtype=bias.dtype, device=q.device)
-        target, target_strides = dbias, (0, *dbias.stride())
-    else:
-        target = torch.empty((splits, batch, heads, n, n), dtype=torch.float32, device=q.device)
-        target_strides = target.stride()
-    if _tracing_under_interpreter(q):
-        return target if splits == 1 else target.sum(0).to(bias.dtype)
-    mask_t, mask_strides, has_mask = _mask_args(mask, q)
-    grid = (triton.cdiv(n, bj), triton.cdiv(n, bk), splits * batch * heads)
-    wrap_triton(_bwd_dbias_kernel)[grid](
-        q, k, v, bias, mask_t, grad_out, lse, delta, target,
-        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides,
-        *grad_out.stride(), *target_strides,
-        rows, n, heads, batch * heads, scale * LOG2E, rows_per_split,
-        HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
-        BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32),
-        num_warps=warps, num_stages=stages,
-    )
-    if splits == 1:
-        return target
-    return target.sum(0).to(bias.dtype)  # fixed-order reduction: deterministic
 
 
 # Custom ops ------------------------------------------------------------------------------
@@ -665,24 +720,9 @@ def _bwd_op(
     lse: torch.Tensor,
     scale: float,
     allow_tf32: bool,
+    need_dbias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return triangle_attention_backward(grad_out, q, k, v, bias, mask, out, lse, scale, allow_tf32)
-
-
-@_op("foldops::triangle_attention_bwd_bias")
-def _bwd_bias_op(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor,
-    mask: Optional[torch.Tensor],
-    lse: torch.Tensor,
-    delta: torch.Tensor,
-    scale: float,
-    allow_tf32: bool,
-) -> torch.Tensor:
-    return triangle_attention_backward_bias(grad_out, q, k, v, bias, mask, lse, delta, scale, allow_tf32)
+    return triangle_attention_backward(grad_out, q, k, v, bias, mask, out, lse, scale, allow_tf32, need_dbias)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -696,15 +736,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, bias, mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, delta = torch.ops.foldops.triangle_attention_bwd(
-        grad_out, q, k, v, bias, mask, out, lse, ctx.scale, ctx.allow_tf32
+    need_dbias = ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = torch.ops.foldops.triangle_attention_bwd(
+        grad_out, q, k, v, bias, mask, out, lse, ctx.scale, ctx.allow_tf32, need_dbias
     )
-    dbias = None
-    if ctx.needs_input_grad[3]:
-        dbias = torch.ops.foldops.triangle_attention_bwd_bias(
-            grad_out, q, k, v, bias, mask, lse, delta, ctx.scale, ctx.allow_tf32
-        )
-    return dq, dk, dv, dbias, None, None, None
+    return dq, dk, dv, dbias if need_dbias else None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
