@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -72,7 +73,7 @@ def _extract_loss(out: Any, where: str) -> Optional[torch.Tensor]:
         return None
     if isinstance(out, Mapping):
         if "loss" not in out:
-            raise KeyError(f"{where}: returned a dict without a 'loss' entry (keys: {sorted(out)})")
+            raise ValueError(f"{where}: returned a dict without a 'loss' entry (keys: {sorted(map(str, out))})")
         out = out["loss"]
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{where}: expected a loss tensor, a dict with 'loss', or None, got {type(out).__name__}")
@@ -543,7 +544,11 @@ class Trainer:
                 return  # nothing to compare yet
             self.scheduler.step(value)
         else:
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # The schedule follows global_step, skipped steps included (fp16 scaler
+                # warm-up skips the first steps); torch warns about that order.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                self.scheduler.step()
 
     def _after_step(self, loss: Optional[torch.Tensor]) -> None:
         cfg = self.config
