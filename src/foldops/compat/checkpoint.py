@@ -30,10 +30,10 @@ _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped
 
 
 class AttributeDict(dict):
-    """Stand-in for Lightning's ``AttributeDict`` (a dict with attribute access).
+    """Lightning's ``AttributeDict`` (a dict with attribute access), without Lightning.
 
-    Lightning checkpoints pickle their hyper-parameters as this class; it is mapped here
-    so they load without Lightning installed.
+    ``LoadedCheckpoint.hyper_parameters`` is one, so ``info.hyper_parameters.token_s``
+    works as ``model.hparams.token_s`` did.
     """
 
     def __getattr__(self, key: str) -> Any:
@@ -56,7 +56,9 @@ _ATTRIBUTE_DICT_NAMES = (
 
 def lightning_safe_globals() -> List[Any]:
     """The allow-list used for Lightning checkpoints: data-only classes and rebuilders."""
-    out: List[Any] = [(AttributeDict, name) for name in _ATTRIBUTE_DICT_NAMES]
+    # Safe loading fills only plain dicts, so Lightning's AttributeDict is read as one (and
+    # handed back as an AttributeDict by load_checkpoint).
+    out: List[Any] = [(dict, name) for name in _ATTRIBUTE_DICT_NAMES]
     out += [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
     try:
         import numpy as np
@@ -81,7 +83,7 @@ class LoadedCheckpoint:
 
     format: str  # "foldops", "lightning" or "state_dict"
     state_dict: Dict[str, torch.Tensor]
-    hyper_parameters: Optional[Dict[str, Any]] = None
+    hyper_parameters: Optional[Any] = None  # an AttributeDict when the file has a mapping
     epoch: Optional[int] = None
     global_step: Optional[int] = None
     ema_state_dict: Optional[Dict[str, torch.Tensor]] = None
@@ -193,13 +195,15 @@ def load_checkpoint(
     if use_ema:
         if ema is None:
             raise CheckpointError(f"{path}: use_ema=True but the checkpoint holds no EMA weights")
-        weights = ema
+        # EMA states may hold only the averaged (floating) entries: the rest (integer
+        # buffers such as batch-norm counters) come from the trained weights.
+        weights = {**{k: v for k, v in weights.items() if k not in ema}, **ema}
     weights = remap_keys(weights, prefix_map)
     hparams = ckpt.get("hyper_parameters")
     info = LoadedCheckpoint(
         format=fmt,
         state_dict=weights,
-        hyper_parameters=dict(hparams) if isinstance(hparams, Mapping) else hparams,
+        hyper_parameters=AttributeDict(hparams) if isinstance(hparams, Mapping) else hparams,
         epoch=ckpt.get("epoch"),
         global_step=ckpt.get("global_step"),
         ema_state_dict=remap_keys(ema, prefix_map) if ema is not None else None,
