@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from foldops.bench import CSV_COLUMNS
-from foldops.bench.plot import plot_csv, read_csv, series, size_of
+from foldops.bench.plot import oom_sizes, plot_csv, read_csv, series, size_of
 
 pytest.importorskip("matplotlib")
 
@@ -35,6 +35,7 @@ def csv_path(tmp_path):
             rows.append(_row("op_a", "reference", n, mode, "time_ms", 2 * scale * factor))
             rows.append(_row("op_a", "torch", n, mode, "peak_mib", scale))
             rows.append(_row("op_a", "broken", n, mode, "time_ms", None, status="error"))
+    rows.append(_row("op_a", "reference", 128, "fwd+bwd", "time_ms", None, status="oom"))
     rows.append(_row("op_b", "torch", 64, "fwd", "time_ms", 1.5))
     rows.append(_row("op_b", "torch", 32, "fwd", "time_ms", 0.5))
     rows.append(_row("op_c", "torch", 32, "fwd", "time_ms", None, status="oom"))  # nothing to draw
@@ -57,6 +58,13 @@ def test_series_keeps_ok_rows_sorted_by_size(csv_path):
     assert lines == {"reference": [(32, 2.0), (64, 8.0), (96, 18.0)], "torch": [(32, 1.0), (64, 4.0), (96, 9.0)]}
     assert series(rows, "op_b", "fwd", "time_ms") == {"torch": [(32, 0.5), (64, 1.5)]}
     assert series(rows, "op_c", "fwd", "time_ms") == {}
+
+
+def test_oom_sizes(csv_path):
+    rows = read_csv(csv_path)
+    assert oom_sizes(rows, "op_a", "fwd+bwd") == {"reference": [128]}
+    assert oom_sizes(rows, "op_a", "fwd") == {}
+    assert oom_sizes(rows, "op_c", "fwd") == {"torch": [32]}
 
 
 def test_series_labels_dtypes_when_several(tmp_path):

@@ -56,6 +56,25 @@ def series(rows: Sequence[Dict[str, str]], op: str, mode: str, metric: str) -> D
     return {label: sorted(points) for label, points in sorted(lines.items())}
 
 
+def oom_sizes(rows: Sequence[Dict[str, str]], op: str, mode: str) -> Dict[str, List[int]]:
+    """{backend: [N]} where the time of ``op``/``mode`` is recorded as out of memory."""
+    found: Dict[str, List[int]] = defaultdict(list)
+    for r in rows:
+        if r["op"] == op and r["mode"] == mode and r["metric"] == "time_ms" and r["status"] == "oom":
+            n = size_of(r["shape"])
+            if n is not None:
+                found[r["backend"]].append(n)
+    return {backend: sorted(ns) for backend, ns in sorted(found.items())}
+
+
+def _mark_oom(ax, rows, op, mode, colours) -> None:
+    # An x at the top of the panel, in the backend's colour, where it ran out of memory.
+    for backend, sizes in oom_sizes(rows, op, mode).items():
+        colour = next((c for label, c in colours.items() if label.split()[0] == backend), "grey")
+        ax.scatter(sizes, [0.97] * len(sizes), marker="x", color=colour, transform=ax.get_xaxis_transform(),
+                   label=f"{backend} OOM", zorder=3)
+
+
 def plot_csv(csv_path: os.PathLike, out_dir: Optional[os.PathLike] = None) -> List[Path]:
     """Draw ``<op>.png`` for each op in the CSV into ``out_dir`` (default: beside the CSV)."""
     import matplotlib
@@ -83,19 +102,23 @@ def plot_csv(csv_path: os.PathLike, out_dir: Optional[os.PathLike] = None) -> Li
                 panels.append((memory_metric, _MEMORY_LABELS[memory_metric]))
             for row_index, (metric, ylabel) in enumerate(panels):
                 ax = axes[row_index][col]
+                colours = {}
                 for label, points in series(rows, op, mode, metric).items():
                     xs, ys = zip(*points)
-                    ax.plot(xs, ys, marker="o", label=label)
+                    colours[label] = ax.plot(xs, ys, marker="o", label=label)[0].get_color()
+                if metric == "time_ms":
+                    _mark_oom(ax, rows, op, mode, colours)
                 ax.set_xlabel("N")
                 ax.set_ylabel(ylabel)
                 ax.set_title(f"{op} {mode}" if row_index == 0 else f"{mode} memory")
-                if ax.lines:
-                    sizes = sorted({x for line in ax.lines for x in line.get_xdata()})
+                if ax.lines or ax.collections:
+                    sizes = sorted({x for line in ax.lines for x in line.get_xdata()}
+                                   | {n for ns in oom_sizes(rows, op, mode).values() for n in ns})
                     ax.set_xscale("log", base=2)
                     ax.set_xticks(sizes)
                     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
                     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-                    if all(y > 0 for line in ax.lines for y in line.get_ydata()):
+                    if ax.lines and all(y > 0 for line in ax.lines for y in line.get_ydata()):
                         ax.set_yscale("log")
                         ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
                         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
