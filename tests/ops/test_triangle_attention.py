@@ -19,17 +19,10 @@ OP = "triangle_attention"
 BACKENDS = ("torch", "reference")
 LOW = (torch.float32, torch.bfloat16, torch.float16)
 
-# Known bug, reported to the op's owner: the torch backend builds its mask bias as -1e9 in
-# q's dtype, which overflows fp16 ("value cannot be converted to type c10::Half").
-# strict: once fixed these XPASS and fail, so the marker gets removed.
 def backend_dtype_params(dtypes):
-    """(backend, dtype) pairs, with the known fp16 bug marked."""
+    """(backend, dtype) pairs."""
     return [
-        pytest.param(
-            backend,
-            dtype,
-            id=f"{backend}-{str(dtype).split('.')[-1]}",
-        )
+        pytest.param(backend, dtype, id=f"{backend}-{str(dtype).split('.')[-1]}")
         for backend in BACKENDS
         for dtype in dtypes
     ]
