@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from foldops.backends import BackendUnavailableError
 from foldops.device import autocast
 from foldops.ops import outer_product_mean
-from foldops.ops.outer_product_mean import _torch_backend, choose_order, contraction_flops
+from foldops.ops.outer_product_mean import _torch_backend, choose_order, contraction_flops, matmul_dtype
 from foldops.reference.outer_product_mean import outer_product_mean as reference
 from foldops.testing import assert_within_baseline
 
@@ -94,6 +94,27 @@ def test_both_orders_every_chunking(shape, dtype, order, chunk):
     mask = inputs[2]
     fn = lambda a, b, w, bias: _torch_backend(a, b, mask, w, bias, chunk, order)  # noqa: E731
     check_against_fp64(fn, inputs, dtype)
+
+
+@pytest.mark.parametrize("chunk", (1, 3, None), ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], (1, 16, 9, 8, 8, 16)], ids=shape_id)
+def test_half_precision_matmuls(shape, dtype, chunk):
+    """The accelerator path (fp16/bf16 matmuls, fp32 sums), forced on CPU."""
+    inputs = make_inputs(*shape)
+    mask = inputs[2]
+    fn = lambda a, b, w, bias: _torch_backend(a, b, mask, w, bias, chunk, "outer", half_matmuls=True)  # noqa: E731
+    check_against_fp64(fn, inputs, dtype)
+
+
+def test_matmul_dtype_policy():
+    x = torch.zeros(1, dtype=torch.bfloat16)
+    assert matmul_dtype(x) == torch.float32  # CPU: fp32 matmuls
+    assert matmul_dtype(x, half_matmuls=True) == torch.bfloat16
+    assert matmul_dtype(x.half(), half_matmuls=True) == torch.float16
+    assert matmul_dtype(x.float(), half_matmuls=True) == torch.float32
+    assert matmul_dtype(x.double(), half_matmuls=True) == torch.float64
+    assert matmul_dtype(torch.zeros(1, dtype=torch.bfloat16, device="meta")) == torch.bfloat16
 
 
 @pytest.mark.parametrize("order", ("outer", "fold"))

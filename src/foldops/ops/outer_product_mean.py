@@ -9,8 +9,11 @@
 
 vec flattens (c, d) c-major, as Boltz's ``proj_o`` reads it. Masked MSA positions
 contribute nothing (already-masked inputs give the same result); a pair (i, j) that
-no MSA row keeps gives ``out_bias``. The sums run in fp32 (fp64 for fp64 inputs)
-whatever the input dtype, as Boltz does; the output is in a's dtype.
+no MSA row keeps gives ``out_bias``. The output is in a's dtype. Precision: on CPU
+everything runs in fp32 (fp64 for fp64 inputs), as Boltz does; with fp16/bf16
+features on an accelerator the outer order's matmuls run in that dtype with fp32
+accumulation (as Boltz's einsum does under autocast), while the 1/count scaling,
+the bias and sums across chunks stay in fp32 (see ``matmul_dtype``).
 
 Backends:
 
@@ -72,20 +75,41 @@ def _chunk_for(order: str, batch: int, rows: int, n: int, c: int, d: int, o: int
     return max(1, min(n, _TORCH_CHUNK_ELEMENTS // max(1, per_row)))
 
 
-def _masked(x: torch.Tensor, keep: Optional[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
-    x = x.to(acc)
-    return x.contiguous() if keep is None else x * keep
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scale_bias_store(y, inv, bias, out_view):
-    """out_view <- y * inv + bias, in out_view's dtype (y is a fresh acc-dtype buffer)."""
+def matmul_dtype(x: torch.Tensor, half_matmuls: Optional[bool] = None) -> torch.dtype:
+    """The dtype of the outer order's matmuls for features like ``x``.
+
+    fp16/bf16 features multiply in their own dtype (fp32 accumulation, tensor cores)
+    on accelerators, where fp32 matmuls are an order of magnitude slower; on CPU, or
+    with ``half_matmuls=False``, everything runs in fp32. Sums over pairs, the 1/count
+    scaling, the bias and gradient accumulation across chunks stay in fp32 either way.
+    """
+    acc = _accumulation_dtype(x.dtype)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return acc
+    if half_matmuls is None:
+        half_matmuls = x.device.type != "cpu"
+    return x.dtype if half_matmuls else acc
+
+
+def _masked(x: torch.Tensor, keep: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    x = x.to(dtype)
+    return x.contiguous() if keep is None else x * keep.to(dtype)
+
+
+def _scale_bias_store(y, inv, bias, out_view, acc):
+    """out_view <- y * inv + bias, rounded once to out_view's dtype (y: a fresh buffer)."""
+    y = y.to(acc)
     y.mul_(inv)
     if bias is not None:
         y.add_(bias)
     out_view.copy_(y)
 
 
-def _forward_outer(a, b, w, inv, bias, out, chunk):
+def _forward_outer(a, b, w, inv, bias, out, chunk, acc):
     batch, rows, n, c = a.shape
     d = b.shape[-1]
     o = w.shape[0]
@@ -99,7 +123,7 @@ def _forward_outer(a, b, w, inv, bias, out, chunk):
         z = z.transpose(2, 3).reshape(batch * ci * n, c * d)  # [(b,i,j), (c,d)]
         y = torch.mm(z, w_t).view(batch, ci, n, o)
         scale = inv if not torch.is_tensor(inv) else inv[:, i0:i1, :, None]
-        _scale_bias_store(y, scale, bias, out[:, i0:i1])
+        _scale_bias_store(y, scale, bias, out[:, i0:i1], acc)
 
 
 def _w_dc(w, c, d):
@@ -118,7 +142,7 @@ def _fold_b(b, w_dc, j0, j1, c):
     return b_c, t.permute(0, 1, 4, 2, 3).reshape(batch, rows * c, cj * o)
 
 
-def _forward_fold(a, b, w, inv, bias, out, chunk):
+def _forward_fold(a, b, w, inv, bias, out, chunk, acc):
     batch, rows, n, c = a.shape
     d = b.shape[-1]
     o = w.shape[0]
@@ -129,17 +153,19 @@ def _forward_fold(a, b, w, inv, bias, out, chunk):
         _, t = _fold_b(b, w_dc, j0, j1, c)
         y = torch.bmm(a_rows, t).view(batch, n, j1 - j0, o)
         scale = inv if not torch.is_tensor(inv) else inv[:, :, j0:j1, None]
-        _scale_bias_store(y, scale, bias, out[:, :, j0:j1])
+        _scale_bias_store(y, scale, bias, out[:, :, j0:j1], acc)
 
 
-def _backward_outer(a, b, w, gs, chunk, need_a, need_b, need_w):
+def _backward_outer(a, b, w, gs, chunk, need_a, need_b, need_w, acc, gs_lo=None):
     batch, rows, n, c = a.shape
     d = b.shape[-1]
     o = w.shape[0]
     b_flat = b.reshape(batch, rows, n * d)
     ga = torch.empty_like(a) if need_a else None
-    gb = torch.zeros_like(b_flat) if need_b else None
-    gw = torch.zeros_like(w) if need_w else None
+    # Sums across chunks accumulate in acc even when the matmuls run in fp16/bf16.
+    gb = torch.zeros(b_flat.shape, dtype=acc, device=b.device) if need_b else None
+    gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+    same = a.dtype == acc
     for i0 in range(0, n, chunk):
         i1 = min(n, i0 + chunk)
         ci = i1 - i0
@@ -147,18 +173,28 @@ def _backward_outer(a, b, w, gs, chunk, need_a, need_b, need_w):
         g_c = gs[:, i0:i1].reshape(batch * ci * n, o)
         if need_w:
             z = torch.bmm(a_c.transpose(1, 2), b_flat).view(batch, ci, c, n, d)
-            gw.addmm_(g_c.t(), z.transpose(2, 3).reshape(batch * ci * n, c * d))
+            z = z.transpose(2, 3).reshape(batch * ci * n, c * d)
+            if same:
+                gw.addmm_(g_c.t(), z)
+            else:
+                # gs = hi + lo: the weight gradient sees gs unrounded, as z is rounded once.
+                lo_c = gs_lo[:, i0:i1].reshape(batch * ci * n, o)
+                both = torch.mm(torch.cat([g_c, lo_c], dim=1).t(), z)
+                gw.add_(both[:o]).add_(both[o:])
         if need_a or need_b:
             gz = torch.mm(g_c, w).view(batch, ci, n, c, d)
             gz = gz.transpose(2, 3).reshape(batch, ci * c, n * d)  # [B, (i,c), (j,d)]
             if need_a:
                 ga[:, :, i0:i1] = torch.bmm(b_flat, gz.transpose(1, 2)).view(batch, rows, ci, c)
             if need_b:
-                gb.baddbmm_(a_c, gz)
+                if same:
+                    gb.baddbmm_(a_c, gz)
+                else:
+                    gb.add_(torch.bmm(a_c, gz))
     return ga, (None if gb is None else gb.view(b.shape)), gw
 
 
-def _backward_fold(a, b, w, gs, chunk, need_a, need_b, need_w):
+def _backward_fold(a, b, w, gs, chunk, need_a, need_b, need_w, acc):
     batch, rows, n, c = a.shape
     d = b.shape[-1]
     o = w.shape[0]
@@ -190,20 +226,20 @@ class _OuterProductMean(torch.autograd.Function):
     """Chunked forward and a backward that recomputes chunks (nothing O(N^2 C D) kept)."""
 
     @staticmethod
-    def forward(ctx, a, b, keep, inv, weight, bias, chunk, order):
-        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    def forward(ctx, a, b, keep, inv, weight, bias, chunk, order, mm):
+        acc = _accumulation_dtype(a.dtype)
+        mm = mm if order == "outer" else acc  # the fold order is cheap: fp32 throughout
         batch, _, n, _ = a.shape
         with fp32_region(a):
-            a_m, b_m = _masked(a, keep, acc), _masked(b, keep, acc)
-            w = weight.to(acc).contiguous()
+            a_m, b_m = _masked(a, keep, mm), _masked(b, keep, mm)
+            w = weight.to(mm).contiguous()
             bias_acc = None if bias is None else bias.to(acc)
             out = torch.empty(batch, n, n, weight.shape[0], dtype=a.dtype, device=a.device)
             forward = _forward_outer if order == "outer" else _forward_fold
-            forward(a_m, b_m, w, inv, bias_acc, out, chunk)
+            forward(a_m, b_m, w, inv, bias_acc, out, chunk, acc)
         ctx.save_for_backward(a, b, keep, weight, inv if torch.is_tensor(inv) else None)
         ctx.inv_scalar = None if torch.is_tensor(inv) else inv
-        ctx.has_bias = bias is not None
-        ctx.chunk, ctx.order = chunk, order
+        ctx.chunk, ctx.order, ctx.mm = chunk, order, mm
         return out
 
     @staticmethod
@@ -212,31 +248,35 @@ class _OuterProductMean(torch.autograd.Function):
         a, b, keep, weight, inv_t = ctx.saved_tensors
         inv = ctx.inv_scalar if inv_t is None else inv_t[..., None]
         need_a, need_b, _, _, need_w, need_bias = ctx.needs_input_grad[:6]
-        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        acc, mm = _accumulation_dtype(a.dtype), ctx.mm
         grad_a = grad_b = grad_w = grad_bias = None
         with fp32_region(a):
             g = grad_out.to(acc)
             if need_bias:
                 grad_bias = g.sum(dim=(0, 1, 2)).to(weight.dtype)
             if need_a or need_b or need_w:
-                gs = (g * inv).contiguous()
-                a_m, b_m = _masked(a, keep, acc), _masked(b, keep, acc)
-                w = weight.to(acc).contiguous()
-                backward = _backward_outer if ctx.order == "outer" else _backward_fold
-                ga, gb, gw = backward(a_m, b_m, w, gs, ctx.chunk, need_a, need_b, need_w)
+                gs_acc = g * inv
+                gs = gs_acc.to(mm).contiguous()
+                a_m, b_m = _masked(a, keep, mm), _masked(b, keep, mm)
+                w = weight.to(mm).contiguous()
+                if ctx.order == "outer":
+                    gs_lo = (gs_acc - gs).to(mm) if (mm != acc and need_w) else None
+                    ga, gb, gw = _backward_outer(a_m, b_m, w, gs, ctx.chunk, need_a, need_b, need_w, acc, gs_lo)
+                else:
+                    ga, gb, gw = _backward_fold(a_m, b_m, w, gs, ctx.chunk, need_a, need_b, need_w, acc)
                 if need_a:
                     grad_a = (ga if keep is None else ga * keep).to(a.dtype)
                 if need_b:
                     grad_b = (gb if keep is None else gb * keep).to(b.dtype)
                 if need_w:
                     grad_w = gw.to(weight.dtype)
-        return grad_a, grad_b, None, None, grad_w, grad_bias, None, None
+        return grad_a, grad_b, None, None, grad_w, grad_bias, None, None, None
 
 
-def _torch_backend(a, b, mask, out_weight, out_bias, chunk_size, order=None):
+def _torch_backend(a, b, mask, out_weight, out_bias, chunk_size, order=None, half_matmuls=None):
     batch, rows, n, c = a.shape
     d, o = b.shape[-1], out_weight.shape[0]
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = _accumulation_dtype(a.dtype)
     if order is None:
         order = choose_order(rows, n, c, d, o)
     if chunk_size is None:
@@ -249,7 +289,8 @@ def _torch_backend(a, b, mask, out_weight, out_bias, chunk_size, order=None):
             count = torch.bmm(keep.transpose(1, 2), keep)  # [B, N, N] rows keeping both i and j
             inv = count.clamp_(min=1).reciprocal_()
             keep = keep[..., None]
-    return _OuterProductMean.apply(a, b, keep, inv, out_weight, out_bias, chunk_size, order)
+    mm = matmul_dtype(a, half_matmuls)
+    return _OuterProductMean.apply(a, b, keep, inv, out_weight, out_bias, chunk_size, order, mm)
 
 
 def _reference_backend(a, b, mask, out_weight, out_bias, chunk_size):
