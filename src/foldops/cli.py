@@ -116,13 +116,23 @@ def _dim(text: str):
     return key.strip(), number
 
 
+def _device_help() -> str:
+    from foldops import device as fdevice
+
+    types = getattr(fdevice, "_DEVICE_TYPES", ())
+    return f"auto (default: the first available of {', '.join(types)}), a device type, or type:index"
+
+
+_DEVICE_HELP = _device_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foldops", description="foldops: fast, portable biomolecular building blocks")
     sub = parser.add_subparsers(dest="command", metavar="{doctor,bench,plot}")
     sub.required = True
 
     doctor = sub.add_parser("doctor", help="device, versions, Triton kernels and backend availability")
-    doctor.add_argument("--device", default="auto", help="auto (default), cpu, cuda, xpu, mps, cuda:1, ...")
+    doctor.add_argument("--device", default="auto", help=_DEVICE_HELP)
     doctor.add_argument("--dtype", type=_dtypes, default=None,
                         help="dtype of the representative inputs (default: fp32 on CPU, bf16 elsewhere)")
 
@@ -132,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "median time, peak memory where measurable, and error against the fp64 reference; "
                     "a table on the terminal, bench.csv, summary.md and one PNG per op in --out.",
     )
-    bench.add_argument("--device", default="auto", help="auto (default), cpu, cuda, xpu, mps, cuda:1, ...")
+    bench.add_argument("--device", default="auto", help=_DEVICE_HELP)
     bench.add_argument("--ops", type=_ops, default=None, help="comma-separated ops, or all (default)")
     bench.add_argument("--sizes", type=_positive_int_list, default=None,
                        help="comma-separated N (default: 32,64,96 on CPU; 128,256,512,768,1024 on a GPU)")
