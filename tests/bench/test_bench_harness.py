@@ -115,6 +115,16 @@ def test_reference_over_budget_is_skipped_not_run(fake_case):
     assert _value(rows, backend="good", metric="time_ms")["status"] == "ok"
 
 
+def test_a_reference_too_large_for_gradients_still_checks_the_output(fake_case):
+    # fp64 reference of the fake case at N=4: 192 bytes without gradients, 384 with.
+    config = BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[4], modes=("fwd+bwd", "fwd"), backends=["good"],
+                         repeats=1, warmup=0, ref_budget_gib=300 / 2**30)
+    rows = run_bench(config)
+    assert _value(rows, mode="fwd+bwd", metric="max_abs_err")["status"] == "skipped"
+    fwd = _value(rows, mode="fwd", metric="max_abs_err")
+    assert fwd["status"] == "ok" and float(fwd["value"]) == 0.0
+
+
 def test_an_op_that_is_not_written_yet_is_skipped(isolated_registry, tmp_path, monkeypatch):
     from foldops.bench.cases import BenchCase, CaseUnavailable, register_case
 
@@ -239,7 +249,10 @@ def test_compare():
     abs_err, rel_err = compare([torch.tensor([1.5, -4.0]), torch.tensor([1.0, -3.0])], [exact, exact])
     assert abs_err == 1.0 and rel_err == 0.25
     assert compare([torch.tensor([float("nan"), 0.0])], [exact])[0] == math.inf
-    assert compare([None], [exact]) == (0.0, 0.0)
+    assert compare([None], [None]) == (0.0, 0.0)
+    assert compare([None], [exact]) == (4.0, 1.0)  # a missing gradient counts as zeros
+    with pytest.raises(ValueError, match=r"result 0: shape \(3,\) != reference shape \(2,\)"):
+        compare([torch.zeros(3)], [exact])
 
 
 @pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bfloat16", torch.bfloat16), ("half", torch.float16),

@@ -311,10 +311,15 @@ def _to_host64(t: torch.Tensor) -> torch.Tensor:
 def compare(results: Sequence[torch.Tensor], exact: Sequence[torch.Tensor]) -> Tuple[float, float]:
     """(max abs error, max relative error) over paired tensors; rel = abs / max|exact|."""
     worst_abs, worst_rel = 0.0, 0.0
-    for got, ref in zip(results, exact):
-        if got is None or ref is None:
+    for index, (got, ref) in enumerate(zip(results, exact)):
+        if got is None and ref is None:
             continue
-        err = max_abs_error(_to_host64(got), ref)
+        # A missing gradient is a zero gradient: wrong unless the reference's is zero too.
+        got = torch.zeros_like(ref) if got is None else _to_host64(got)
+        ref = torch.zeros_like(got) if ref is None else ref
+        if got.shape != ref.shape:
+            raise ValueError(f"result {index}: shape {tuple(got.shape)} != reference shape {tuple(ref.shape)}")
+        err = max_abs_error(got, ref)
         scale = ref.abs().max().item() if ref.numel() else 0.0
         worst_abs = max(worst_abs, err)
         worst_rel = max(worst_rel, err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
@@ -338,7 +343,7 @@ class _SizeRun:
         self.dtype_name = dtype_name(dtype)
         self._grad_out: Optional[torch.Tensor] = None
         self._reference: Optional[Tuple[torch.Tensor, List[torch.Tensor]]] = None
-        self._reference_failure: Optional[Tuple[str, str]] = None
+        self._reference_failure: Dict[bool, Tuple[str, str]] = {}  # by need_grad
         self._errors: Dict[Tuple[str, str], Tuple[float, float]] = {}
 
     def add(self, backend: str, mode: str, metric: str, value=None, status="ok", note="") -> None:
@@ -373,20 +378,20 @@ class _SizeRun:
     def reference(self, need_grad: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         if self._reference is not None and (self._reference[1] or not need_grad):
             return self._reference
-        if self._reference_failure is not None:
-            raise _ReferenceUnavailable(*self._reference_failure)
+        if need_grad in self._reference_failure:
+            raise _ReferenceUnavailable(*self._reference_failure[need_grad])
         budget = self.cfg.ref_budget_gib * 2**30
-        if not need_grad and any(m != "fwd" for m in self.cfg.modes):
+        if not need_grad and any(m != "fwd" for m in self.cfg.modes) and True not in self._reference_failure:
             # One fp64 run with gradients serves every mode, if it fits.
             need_grad = reference_bytes(self.case, self.dims, with_grad=True) <= budget
         needed = reference_bytes(self.case, self.dims, with_grad=need_grad)
         if needed > budget:
-            self._reference_failure = (
+            self._reference_failure[need_grad] = (
                 "skipped",
                 f"fp64 reference needs ~{needed / 2**30:.1f} GiB > budget {self.cfg.ref_budget_gib:g} GiB "
                 "(--ref-budget-gib)",
             )
-            raise _ReferenceUnavailable(*self._reference_failure)
+            raise _ReferenceUnavailable(*self._reference_failure[need_grad])
         ref_device = torch.device("cpu") if self.device.type == "mps" else self.device  # no fp64 on MPS
         tensors = {}
         for name, t in self.inputs.tensors.items():
@@ -409,8 +414,8 @@ class _SizeRun:
                         out, inputs64.grad_inputs(), grad_out, allow_unused=True)]
             self._reference = (_to_host64(out), grads)
         except Exception as exc:
-            self._reference_failure = (_failure_status(exc), f"fp64 reference failed: {_describe(exc)}")
-            raise _ReferenceUnavailable(*self._reference_failure) from exc
+            self._reference_failure[need_grad] = (_failure_status(exc), f"fp64 reference failed: {_describe(exc)}")
+            raise _ReferenceUnavailable(*self._reference_failure[need_grad]) from exc
         finally:
             del inputs64, tensors
             fdevice.empty_cache(self.device)
