@@ -33,7 +33,7 @@ def _read(path):
 @pytest.fixture(scope="module")
 def bench_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
-    result = _foldops("bench", "--ops", "triangle_attention,outer_product_mean", "--sizes", "5,9",
+    result = _foldops("bench", "--device", "cpu", "--ops", "triangle_attention,outer_product_mean", "--sizes", "5,9",
                       "--repeats", "2", "--warmup", "0", "--out", str(out))
     return result, out
 
@@ -86,7 +86,7 @@ def test_doctor():
     table = text[text.index("backends per op"):].splitlines()
     assert table[1].split() == ["op", "backend", "available", "reason"]
     rows = [line.split() for line in table[3:]]
-    assert ["triangle_attention", "triton", "no", "Triton"] == rows[0][:4]
+    assert ["triangle_attention", "triton", "no"] == rows[0][:3]  # no kernels on a CPU
     assert ["torch", "*", "yes"] == rows[1]  # auto's choice on a CPU
     assert rows[2][:3] == ["reference", "yes", "only"]
 
@@ -97,7 +97,7 @@ def test_failing_backend_becomes_error_rows(tmp_path, monkeypatch, capsys):
     table = backends._REGISTRY["triangle_attention"]
     monkeypatch.setitem(table, "broken", backends.Backend(
         op="triangle_attention", name="broken", fn=lambda *a: 1 / 0, supports=lambda **_: None, priority=-1, auto=False))
-    code = main(["bench", "--ops", "triangle_attention", "--sizes", "4", "--repeats", "1", "--warmup", "0",
+    code = main(["bench", "--device", "cpu", "--ops", "triangle_attention", "--sizes", "4", "--repeats", "1", "--warmup", "0",
                  "--backends", "torch,broken", "--modes", "fwd", "--out", str(tmp_path), "--no-plot", "--quiet"])
     assert code == 0
     _, rows = _read(tmp_path / "bench.csv")
