@@ -21,7 +21,7 @@ Backends:
 - ``torch``: at inference (no gradient needed) memory-bounded: ``h`` is kept once in the
   compute dtype and overwritten by the output, ``t`` is built in ``[B, D, N, N]``
   layout by batched matmuls, ``chunk_size`` channels at a time, from gated
-  projections computed straight into that layout in cache-sized position blocks.
+  projections computed straight into that layout in position blocks (L2-sized on CPU).
   Extra memory O(B N^2 D) for ``h`` and ``t`` plus O(chunk N^2) for one chunk of
   ``a, b`` (the 2D-wide projection is never materialised whole). With gradients it
   runs the reference's autograd graph (O(B N^2 D) activations, as Boltz's module).
@@ -61,8 +61,14 @@ WEIGHT_NAMES = (
 # channels: thinner chunks would re-read h too often.
 _CHUNK_ELEMENTS = 4 * 1024 * 1024
 _MIN_CHUNK = 8
-# Position blocks of the projections / output are kept about L2-sized (elements).
+# Position blocks of the projections / output (elements): about L2-sized on CPU, where
+# fresh large buffers cost page faults; larger on accelerators, where launches cost.
 _BLOCK_ELEMENTS = 256 * 1024
+_DEVICE_BLOCK_ELEMENTS = 4 * 1024 * 1024
+
+
+def _block_elements(device: torch.device) -> int:
+    return _BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -91,6 +97,7 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
     ln_dtype = torch.float32 if amp else cdt
     wide = product_dtype(cdt)
     chunk = min(dim, chunk_size or _default_chunk(n, dim))
+    budget = _block_elements(x.device)
     with fp32_region(x):  # dtypes are explicit below
         w_in = torch.cat([w["p_in_weight"], w["g_in_weight"]]).to(cdt)  # [4D, D]: p_a p_b g_a g_b
         g_out = w["g_out_weight"].to(cdt)
@@ -101,7 +108,7 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
 
         # h: LayerNorm_in(x), kept once; it becomes the output at the end.
         h = torch.empty((batch, n, n, dim), dtype=cdt, device=x.device)
-        rows = max(1, _BLOCK_ELEMENTS // max(1, n * dim))
+        rows = max(1, budget // max(1, n * dim))
         for i in range(0, n, rows):
             h[:, i : i + rows] = F.layer_norm(x[:, i : i + rows].to(ln_dtype), (dim,), *ln_in, eps)
         hf = h.view(batch, nn_, dim)
@@ -113,7 +120,7 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
             c = min(chunk, dim - c0)
             sel = torch.cat([torch.arange(c0, c0 + c, device=x.device) + k * dim for k in range(4)])
             w_c = w_in.index_select(0, sel)  # [4c, D]: p_a, p_b, g_a, g_b of these channels
-            block = max(1, _BLOCK_ELEMENTS // (4 * c))
+            block = max(1, budget // (4 * c))
             for bi in range(batch):
                 for s in range(0, nn_, block):
                     pg = torch.matmul(w_c, hf[bi, s : s + block].T)  # [4c, s]: channel-major
@@ -131,7 +138,7 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
         del ab
 
         # out = LayerNorm_out(t) p_out^T * sigmoid(h g_out^T), written over h block by block.
-        block = max(1, _BLOCK_ELEMENTS // dim)
+        block = max(1, budget // dim)
         for bi in range(batch):
             tf = t[bi].view(dim, nn_)
             for s in range(0, nn_, block):
