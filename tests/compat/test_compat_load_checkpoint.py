@@ -186,7 +186,7 @@ def test_foldops_checkpoint_and_ema(tmp_path):
     torch.manual_seed(0)
     model = Trainable()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
-    trainer = Trainer(TrainerConfig(max_steps=3, ema_decay=0.5, checkpoint_dir=str(tmp_path), progress_bar=False))
+    trainer = Trainer(TrainerConfig(device="cpu", max_steps=3, ema_decay=0.5, checkpoint_dir=str(tmp_path), progress_bar=False))
     trainer.fit(model, loader)
     fresh = Trainable()
     info = load_checkpoint(tmp_path / "last.ckpt", fresh)

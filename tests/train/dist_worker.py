@@ -18,7 +18,7 @@ from train_helpers import TinyRegressor, make_loader
 
 out_dir, resume_dir = sys.argv[1], sys.argv[2]
 rank = int(os.environ["RANK"])
-common = dict(seed=3, progress_bar=False, dist_timeout_s=60.0, accumulate_grad_batches=2, loggers=())
+common = dict(device="cpu", seed=3, progress_bar=False, dist_timeout_s=60.0, accumulate_grad_batches=2, loggers=())
 
 
 def model():

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 def _trained_checkpoint(tmp_path, **model_kw):
     torch.manual_seed(0)
     model = TinyRegressor(**model_kw)
-    Trainer(TrainerConfig(max_steps=2, checkpoint_dir=str(tmp_path), progress_bar=False)).fit(model, make_loader())
+    Trainer(TrainerConfig(device="cpu", max_steps=2, checkpoint_dir=str(tmp_path), progress_bar=False)).fit(model, make_loader())
     return tmp_path / "last.ckpt"
 
 
@@ -79,7 +79,7 @@ def test_damaged_checkpoint_gives_a_clear_error(tmp_path, damage):
     broken.write_bytes(data)
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         read_checkpoint(broken)
-    trainer = Trainer(TrainerConfig(max_steps=3, progress_bar=False))
+    trainer = Trainer(TrainerConfig(device="cpu", max_steps=3, progress_bar=False))
     with pytest.raises(CheckpointError, match="broken.ckpt"):
         trainer.fit(TinyRegressor(), make_loader(), resume=broken)
 
@@ -88,13 +88,13 @@ def test_missing_checkpoint_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         read_checkpoint(tmp_path / "nope.ckpt")
     with pytest.raises(FileNotFoundError, match="resume"):
-        Trainer(TrainerConfig(max_steps=1, progress_bar=False)).fit(TinyRegressor(), make_loader(),
+        Trainer(TrainerConfig(device="cpu", max_steps=1, progress_bar=False)).fit(TinyRegressor(), make_loader(),
                                                                     resume=tmp_path / "nope.ckpt")
 
 
 def test_resume_into_a_model_of_other_shapes_names_the_keys(tmp_path):
     path = _trained_checkpoint(tmp_path, hidden=16)
-    trainer = Trainer(TrainerConfig(max_steps=4, checkpoint_dir=str(tmp_path), progress_bar=False))
+    trainer = Trainer(TrainerConfig(device="cpu", max_steps=4, checkpoint_dir=str(tmp_path), progress_bar=False))
     with pytest.raises(CheckpointError) as info:
         trainer.fit(TinyRegressor(hidden=8), make_loader(), resume=path)
     msg = str(info.value)
@@ -105,7 +105,7 @@ def test_resume_into_a_model_of_other_shapes_names_the_keys(tmp_path):
 def test_resume_from_a_non_foldops_checkpoint_points_to_compat(tmp_path):
     path = tmp_path / "weights.ckpt"
     torch.save({"state_dict": TinyRegressor().state_dict()}, path)
-    trainer = Trainer(TrainerConfig(max_steps=1, progress_bar=False))
+    trainer = Trainer(TrainerConfig(device="cpu", max_steps=1, progress_bar=False))
     with pytest.raises(CheckpointError, match="load_checkpoint"):
         trainer.fit(TinyRegressor(), make_loader(), resume=path)
 

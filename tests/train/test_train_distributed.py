@@ -14,7 +14,7 @@ from foldops.train import Trainer, TrainerConfig
 from train_helpers import TinyRegressor, make_loader
 
 HERE = Path(__file__).resolve().parent
-COMMON = dict(seed=3, progress_bar=False, accumulate_grad_batches=2, loggers=())
+COMMON = dict(device="cpu", seed=3, progress_bar=False, accumulate_grad_batches=2, loggers=())
 
 
 def _free_port() -> int:

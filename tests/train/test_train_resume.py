@@ -10,7 +10,7 @@ from train_helpers import TinyRegressor, make_loader, params_of
 
 
 def _config(tmp, max_steps, **kw):
-    base = dict(max_steps=max_steps, accumulate_grad_batches=2, gradient_clip_val=1.0, val_every_n_steps=3,
+    base = dict(device="cpu", max_steps=max_steps, accumulate_grad_batches=2, gradient_clip_val=1.0, val_every_n_steps=3,
                 ema_decay=0.9, seed=7, progress_bar=False, checkpoint_dir=str(tmp) if tmp else None,
                 log_every_n_steps=2)
     base.update(kw)

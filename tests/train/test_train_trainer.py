@@ -17,7 +17,7 @@ from train_helpers import TinyRegressor, make_dataset, make_loader, params_of
 
 
 def cfg(**kw):
-    base = dict(max_steps=4, progress_bar=False, loggers=())
+    base = dict(max_steps=4, progress_bar=False, loggers=(), device="cpu")
     base.update(kw)
     return TrainerConfig(**base)
 
@@ -502,7 +502,7 @@ def test_config_rejects_bad_values(kwargs, error, match):
 
 
 def test_config_aliases_and_round_trip():
-    c = TrainerConfig(max_steps=3, precision="16-mixed", loggers="csv")
+    c = TrainerConfig(device="cpu", max_steps=3, precision="16-mixed", loggers="csv")
     assert c.precision == "fp16-mixed" and c.loggers == ("csv",)
     assert TrainerConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="unknown fields"):

@@ -210,8 +210,7 @@ def available_loggers() -> List[str]:
 
 def _rewrite(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
+    # Atomic (a reader never sees half a file); no fsync: logs are not worth a disk flush.
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)

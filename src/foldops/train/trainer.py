@@ -66,6 +66,7 @@ from foldops.train.progress import ProgressBar
 logger = logging.getLogger("foldops.train")
 
 ResumeArg = Union[None, str, os.PathLike]
+_NULL_CONTEXT = contextlib.nullcontext()
 
 
 def _extract_loss(out: Any, where: str) -> Optional[torch.Tensor]:
@@ -77,6 +78,8 @@ def _extract_loss(out: Any, where: str) -> Optional[torch.Tensor]:
         out = out["loss"]
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{where}: expected a loss tensor, a dict with 'loss', or None, got {type(out).__name__}")
+    if out.dim() == 0:
+        return out
     if out.numel() != 1:
         raise ValueError(f"{where}: the loss must be a scalar, got shape {tuple(out.shape)}")
     return out.reshape(())
@@ -177,6 +180,8 @@ class Trainer:
         self._window_count = 0
         self._window_size = 1
         self._window_loss: Optional[torch.Tensor] = None
+        self._window_n = 0
+        self._stepped_once = False
         self._interval_loss: Optional[torch.Tensor] = None
         self._interval_steps = 0
         self._interval_t0 = time.perf_counter()
@@ -226,7 +231,7 @@ class Trainer:
     def _autocast(self):
         dtype = self._mixed_dtype()
         if dtype is None:
-            return contextlib.nullcontext()
+            return _NULL_CONTEXT
         return fdevice.autocast(self.device, dtype=dtype)
 
     def _attach(self, model: nn.Module) -> None:
@@ -406,11 +411,14 @@ class Trainer:
         if last:
             self._optimizer_step()
 
-    @contextlib.contextmanager
     def _no_sync(self, sync: bool):
         if sync or not self._ctx.enabled:
-            yield
-        elif self._strategy == "ddp":
+            return _NULL_CONTEXT
+        return self._no_sync_distributed()
+
+    @contextlib.contextmanager
+    def _no_sync_distributed(self):
+        if self._strategy == "ddp":
             with self._engine.no_sync():
                 yield
         elif self._strategy == "fsdp":
@@ -438,6 +446,7 @@ class Trainer:
                     return "none"
                 detached = loss.detach().float()
                 self._window_loss = detached if self._window_loss is None else self._window_loss + detached
+                self._window_n += 1
                 scaled = loss / self._window_size if self._window_size > 1 else loss
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
@@ -465,6 +474,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._window_count = 0
         self._window_loss = None
+        self._window_n = 0
         gc.collect()
         fdevice.empty_cache(self.device)
         self.counters["oom_batches"] += 1
@@ -497,10 +507,9 @@ class Trainer:
         norm = self._grad_norm() if (cfg.skip_nonfinite or clip_norm) else None
         skip = False
         if cfg.skip_nonfinite:
-            bad = ~torch.isfinite(norm)
-            if self._window_loss is not None:
-                bad = bad | ~torch.isfinite(self._window_loss.to(bad.device))
-            skip = bool(fdist.any_true(bad).item())
+            # One op and one sync: the sum is finite only when both terms are.
+            probe = norm if self._window_loss is None else norm + self._window_loss.to(norm.device)
+            skip = bool(fdist.any_true(~torch.isfinite(probe)).item())
         if skip:
             self.counters["skipped_nonfinite"] += 1
             if self.scaler is not None:
@@ -518,6 +527,7 @@ class Trainer:
                 self.scaler.update()
             else:
                 opt.step()
+            self._stepped_once = True
         opt.zero_grad(set_to_none=True)
         self.global_step += 1
         if self.scheduler is not None and self._sched_interval == "step" \
@@ -526,7 +536,9 @@ class Trainer:
         if self.ema is not None and not skip:
             self.ema.update(self.model)
         self._last_norm = norm
-        window_mean = None if self._window_loss is None else self._window_loss / max(1, self._window_count)
+        window_mean = self._window_loss
+        if window_mean is not None and self._window_n > 1:
+            window_mean = window_mean / self._window_n
         if window_mean is not None:
             self._interval_loss = window_mean if self._interval_loss is None else self._interval_loss + window_mean
             self._interval_steps += 1
@@ -534,6 +546,7 @@ class Trainer:
             self._epoch_loss_steps += 1
         self._window_count = 0
         self._window_loss = None
+        self._window_n = 0
         self._after_step(window_mean)
 
     def _step_scheduler(self) -> None:
@@ -543,6 +556,8 @@ class Trainer:
             if value is None:
                 return  # nothing to compare yet
             self.scheduler.step(value)
+        elif self._stepped_once:
+            self.scheduler.step()
         else:
             with warnings.catch_warnings():
                 # The schedule follows global_step, skipped steps included (fp16 scaler
