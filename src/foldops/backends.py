@@ -134,17 +134,19 @@ def select(op: str, requested: Optional[str] = AUTO, **ctx: Any) -> Backend:
     global_choice = os.environ.get(ENV_GLOBAL, "").strip()
     if global_choice and global_choice != AUTO and global_choice in _REGISTRY.get(op, {}):
         return _explicit(op, global_choice, ctx, ENV_GLOBAL)
+    skipped = []
     for backend in backends_of(op):
         if not backend.auto:
             continue
         reason = _check(backend, ctx, explicit=False)
         if reason is None:
             return backend
+        skipped.append(f"{backend.name}: {reason}")
         key = (op, backend.name, reason)
         if key not in _logged:
             _logged.add(key)
             logger.debug("%s: auto skips backend %r: %s", op, backend.name, reason)
-    raise BackendUnavailableError(f"{op}: no backend can run these inputs")  # pragma: no cover
+    raise BackendUnavailableError(f"{op}: no backend can run these inputs ({'; '.join(skipped)})")
 
 
 def availability(op: str, explicit: bool = True, **ctx: Any) -> List[Tuple[str, Optional[str]]]:

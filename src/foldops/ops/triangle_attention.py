@@ -29,15 +29,19 @@ from foldops.reference import triangle_attention as _reference
 
 OP = "triangle_attention"
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
-# Logits of one torch-backend chunk stay under this many elements (fp32: 16 MiB): on a
-# 2-core CPU at N=256 chunks of <= 16 rows ran 2x faster than one shot (cache-resident).
-_TORCH_CHUNK_ELEMENTS = 4 * 1024 * 1024
+# Logits of one torch-backend chunk stay under this many elements. CPU: 4M (16 MiB fp32);
+# on a 2-core CPU at N=256 chunks of <= 16 rows ran 2x faster than one shot (cache-
+# resident). Accelerators: 64M (256 MiB fp32); small chunks there cost launches, and at
+# N=768 on an H100 the 4M budget made inference 3x slower than forward+backward.
+_TORCH_CHUNK_ELEMENTS = {"cpu": 4 * 1024 * 1024}
+_TORCH_CHUNK_ELEMENTS_ACCELERATOR = 64 * 1024 * 1024
 
 
 def _torch_backend(q, k, v, bias, mask, scale, chunk_size):
     batch, rows, n, heads, _ = q.shape
     if chunk_size is None:
-        chunk_size = max(1, _TORCH_CHUNK_ELEMENTS // max(1, batch * heads * n * n))
+        budget = _TORCH_CHUNK_ELEMENTS.get(q.device.type, _TORCH_CHUNK_ELEMENTS_ACCELERATOR)
+        chunk_size = max(1, budget // max(1, batch * heads * n * n))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
         chunk_size = rows  # one graph: chunking bounds nothing while autograd keeps every chunk
     bias = bias.to(q.dtype)[:, None]  # [B, 1, H, N, N]
@@ -125,7 +129,8 @@ def triangle_attention(
         mask: ``[B, I, N]`` keep-mask over keys (bool or 0/1 float), or None.
         scale: logit scale, default ``1/sqrt(D)``.
         chunk_size: rows of I per step for the ``torch`` backend at inference
-            (default: logits bounded at 4M elements per chunk).
+            (default: logits bounded at 4M elements per chunk on CPU, 64M on
+            accelerators).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
 
     Returns:
