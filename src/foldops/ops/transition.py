@@ -12,7 +12,8 @@ Backends:
 - ``torch``: at inference (no gradient needed) memory-bounded: positions are processed
   ``chunk_size`` at a time with ``fc1``/``fc2`` fused in one matmul and the gate applied
   in place, so extra memory is O(M O) for the output plus O(chunk H) (M = number of
-  positions); the hidden ``[M, H]`` activations never exist whole. With gradients it
+  positions); the hidden ``[M, H]`` activations never exist whole. (An ``x`` that
+  cannot be viewed as ``[M, D]`` is copied once first.) With gradients it
   runs the reference's autograd graph (O(M H) activations, as Boltz's module).
 - ``reference``: the plain composition (O(M H) with three hidden-wide temporaries);
   never picked by ``auto``.
