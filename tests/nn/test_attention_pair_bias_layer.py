@@ -142,3 +142,18 @@ def test_bad_constructor_arguments():
         AttentionPairBias(CS, CZ, 5)
     with pytest.raises(ValueError, match="c_z"):
         AttentionPairBias(CS, None, H)
+
+
+def test_inference_projects_the_pair_bias_in_row_chunks(monkeypatch):
+    monkeypatch.setattr(apb_module, "_BIAS_CHUNK_ELEMENTS", 2 * 9 * CZ * 2)  # 2 rows per step
+    rows_seen = []
+    layer = make()
+    layer.proj_z[0].register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].shape[1]))
+    s, z, mask = torch.randn(2, 9, CS), torch.randn(2, 9, 9, CZ), torch.ones(2, 9)
+    mask[0, 6:] = 0
+    one_shot = layer(s, z, mask, s)
+    assert rows_seen == [9]
+    with torch.no_grad():
+        chunked = layer(s, z, mask, s)
+    assert rows_seen[1:] == [2, 2, 2, 2, 1]
+    torch.testing.assert_close(chunked, one_shot.detach(), rtol=1e-5, atol=1e-6)

@@ -79,7 +79,7 @@ def test_inference_chunks_equal_one_shot(starting, chunk_size):
 
 
 def test_default_inference_chunking_kicks_in(monkeypatch):
-    monkeypatch.setattr(tri_module, "_ROW_CHUNK_ELEMENTS", 2 * 11 * 4 * D * H * 3)  # 3 rows per step
+    monkeypatch.setattr(tri_module, "_ROW_CHUNK_ELEMENTS_CPU", 2 * 11 * 4 * D * H * 3)  # 3 rows per step
     calls = []
     real = tri_module.triangle_attention
 

@@ -20,6 +20,10 @@ from foldops.nn import _init
 from foldops.ops.attention_pair_bias import attention_pair_bias
 
 
+# At inference the pair bias is projected this many z elements at a time (fp32: 8 MiB).
+_BIAS_CHUNK_ELEMENTS = 2 * 1024 * 1024
+
+
 class HeadsFirst(nn.Module):
     """``[B, ..., H] -> [B, H, ...]`` as a view (Boltz's ``Rearrange("b ... h -> b h ...")``)."""
 
@@ -122,12 +126,23 @@ class AttentionPairBias(nn.Module):
         k = self.proj_k(k_in).view(shape_k)
         v = self.proj_v(k_in).view(shape_k)
         g = torch.sigmoid(self.proj_g(s))
-        bias = self.proj_z(z)  # [B, H, Nq, Nk]
+        bias = self._pair_bias(z)  # [B, H, Nq, Nk]
         if bias.dtype not in (q.dtype, torch.float32):
             bias = bias.float()
         o = attention_pair_bias(q, k, v, bias, mask, backend=self.backend)
         o = o.reshape(rows, queries, self.c_s)
         return self.proj_o(g * o)
+
+    def _pair_bias(self, z: Tensor) -> Tensor:
+        if not self.compute_pair_bias:
+            return self.proj_z(z)
+        batch, queries, keys, channels = z.shape
+        step = max(1, _BIAS_CHUNK_ELEMENTS // max(1, batch * keys * channels))
+        needs_grad = torch.is_grad_enabled() and (z.requires_grad or any(p.requires_grad for p in self.proj_z.parameters()))
+        if needs_grad or step >= queries:
+            return self.proj_z(z)
+        # Inference: normalise z a few rows at a time, so no normalised copy of z exists whole.
+        return torch.cat([self.proj_z(z[:, r : r + step]) for r in range(0, queries, step)], dim=2)
 
     def extra_repr(self) -> str:
         return f"c_s={self.c_s}, num_heads={self.num_heads}, backend={self.backend!r}"

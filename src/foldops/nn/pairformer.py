@@ -68,14 +68,26 @@ class _PairStack(nn.Module):
         self.transition_z = Transition(token_z, token_z * 4, backend=backend, **factory)
 
     def _pair_stack(self, z: Tensor, pair_mask: Tensor, chunk_size_tri_attn: Optional[int]) -> Tensor:
-        p, training = self.dropout, self.training
-        z = dropout_residual(z, self.tri_mul_out(z, mask=pair_mask), p, training)
-        z = dropout_residual(z, self.tri_mul_in(z, mask=pair_mask), p, training)
-        z = dropout_residual(z, self.tri_att_start(z, mask=pair_mask, chunk_size=chunk_size_tri_attn), p, training)
-        z = dropout_residual(
-            z, self.tri_att_end(z, mask=pair_mask, chunk_size=chunk_size_tri_attn), p, training, columnwise=True
+        updates = (
+            (lambda z: self.tri_mul_out(z, mask=pair_mask), False),
+            (lambda z: self.tri_mul_in(z, mask=pair_mask), False),
+            (lambda z: self.tri_att_start(z, mask=pair_mask, chunk_size=chunk_size_tri_attn), False),
+            (lambda z: self.tri_att_end(z, mask=pair_mask, chunk_size=chunk_size_tri_attn), True),
+            (lambda z: self.transition_z(z), None),
         )
-        return z + self.transition_z(z)
+        owned = False  # whether z is an intermediate of ours (never the caller's tensor)
+        for update_fn, columnwise in updates:
+            update = update_fn(z)
+            if columnwise is None or not self.training or self.dropout == 0.0:
+                if owned and not torch.is_grad_enabled() and torch.promote_types(z.dtype, update.dtype) == z.dtype:
+                    z.add_(update)  # inference: one N^2 x C buffer fewer at every step
+                else:
+                    z = z + update
+            else:
+                z = dropout_residual(z, update, self.dropout, self.training, columnwise)
+            del update
+            owned = True
+        return z
 
 
 def _check_pair(z: Tensor, token_z: int) -> None:

@@ -26,8 +26,10 @@ from foldops.nn import _init
 from foldops.ops.triangle_attention import triangle_attention
 
 # At inference, rows per step are chosen so one step's q/k/v/gate projections stay
-# under this many elements (fp32: 32 MiB) unless chunk_size says otherwise.
-_ROW_CHUNK_ELEMENTS = 8 * 1024 * 1024
+# under this many elements unless chunk_size says otherwise: on CPU 2M (fp32: 8 MiB,
+# cache-sized steps, lean peak memory); on accelerators 32M (fewer, larger launches).
+_ROW_CHUNK_ELEMENTS_CPU = 2 * 1024 * 1024
+_ROW_CHUNK_ELEMENTS = 32 * 1024 * 1024
 
 
 class _Attention(nn.Module):
@@ -129,30 +131,47 @@ class TriangleAttention(nn.Module):
             mask = as_bool_mask("mask", mask.reshape(batch, n, n), (batch, n, n), x.device)
 
         heads, width = self.no_heads, self.no_heads * self.c_hidden
-        xn = self.layer_norm(x)
-        # bias[b, h, q, k] = linear(x')[b, q, k, h] with x' = x (start) or x^T (end).
-        tri = self.linear(xn)
-        bias = tri.permute(0, 3, 1, 2) if self.starting else tri.permute(0, 3, 2, 1)
-        if not self.starting and mask is not None:
-            mask = mask.transpose(1, 2)
-        w_qkvg = self.mha.qkvg_weight()
-
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if needs_grad:
             step = n
         elif chunk_size is not None:
             step = chunk_size
         else:
-            step = max(1, _ROW_CHUNK_ELEMENTS // max(1, batch * n * 4 * width))
+            bound = _ROW_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else _ROW_CHUNK_ELEMENTS
+            step = max(1, bound // max(1, batch * n * 4 * width))
+        one_shot = step >= n
 
+        # bias[b, h, q, k] = linear(x')[b, q, k, h] with x' = x (start) or x^T (end).
+        if one_shot:
+            xn = self.layer_norm(x)
+            tri = self.linear(xn)
+        else:
+            # Only the [B, N, N, H] bias is kept whole; each chunk's rows are normalised again
+            # in the loop (cheap next to attention) instead of holding a normalised copy of x.
+            tri = torch.cat([self.linear(self.layer_norm(x[:, r : r + step])) for r in range(0, n, step)], dim=1)
+        bias = tri.permute(0, 3, 1, 2) if self.starting else tri.permute(0, 3, 2, 1)
+        if not self.starting and mask is not None:
+            mask = mask.transpose(1, 2)
+        w_qkvg = self.mha.qkvg_weight()
+
+        one_shot = step >= n
+        # Ending node, one shot: the op gets transposed views (no copy of the pair tensor).
+        # In inference chunks: the chunk's columns are projected in the transposed frame,
+        # so the op gets row-major q/k/v (the copy is chunk-sized, made inside F.linear).
+        transposed_views = not self.starting and one_shot
         out = None
         for start in range(0, n, step):
             stop = min(n, start + step)
             rows = slice(start, stop)
-            xc = xn[:, rows] if self.starting else xn[:, :, rows]
+            if one_shot:
+                xc = xn
+            elif self.starting:
+                xc = self.layer_norm(x[:, rows])
+            else:
+                xc = self.layer_norm(x[:, :, rows].transpose(1, 2))
             proj = F.linear(xc, w_qkvg).unflatten(-1, (4, heads, self.c_hidden))
-            q, k, v, g = proj.unbind(-3)  # each [B, rows, N, H, D] (start) or [B, N, rows, H, D] (end)
-            if not self.starting:
+            q, k, v, g = proj.unbind(-3)  # each [B, rows, N, H, D] in xc's frame
+            if transposed_views:
                 q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             o = triangle_attention(
                 q,
@@ -163,10 +182,10 @@ class TriangleAttention(nn.Module):
                 chunk_size=None,
                 backend=self.backend,
             )
-            if not self.starting:
+            if transposed_views:
                 o = o.transpose(1, 2)
-            o = self.mha.linear_o((o * torch.sigmoid(g)).flatten(-2))
-            if step >= n:
+            o = self.mha.linear_o((o * torch.sigmoid(g)).flatten(-2))  # [B, rows, N, C] in xc's frame
+            if one_shot:
                 out = o
                 break
             if out is None:
@@ -174,7 +193,7 @@ class TriangleAttention(nn.Module):
             if self.starting:
                 out[:, rows] = o
             else:
-                out[:, :, rows] = o
+                out[:, :, rows] = o.transpose(1, 2)
         return out.reshape(*lead, n, n, self.c_in)
 
     def extra_repr(self) -> str:
