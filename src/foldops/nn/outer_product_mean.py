@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from foldops._checks import check_positive_int, check_tensor
@@ -74,9 +72,8 @@ class OuterProductMean(nn.Module):
         check_tensor("m", m, (None, None, None, self.c_in))
         chunk_size = check_positive_int("chunk_size", chunk_size) or self.chunk_size
         m = self.norm(m)
-        # One matmul for both projections; the op masks a and b itself.
-        ab = F.linear(m, torch.cat([self.proj_a.weight, self.proj_b.weight]))
-        a, b = ab[..., : self.c_hidden], ab[..., self.c_hidden :]
+        # The op masks a and b itself (and never lets masked positions get gradient).
+        a, b = self.proj_a(m), self.proj_b(m)
         return outer_product_mean(
             a, b, mask, self.proj_o.weight, self.proj_o.bias, chunk_size=chunk_size, backend=self.backend
         )

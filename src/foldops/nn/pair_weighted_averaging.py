@@ -22,7 +22,6 @@ from collections import OrderedDict
 from typing import Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from foldops._checks import as_bool_mask, check_tensor
@@ -31,8 +30,10 @@ from foldops.nn import _init
 from foldops.ops.pair_weighted_averaging import pair_weighted_averaging
 
 # At inference, MSA rows per step are chosen so one step's activations stay under
-# about this many elements (fp32: 64 MiB).
+# about this many elements: 16M on CPU (fp32: 64 MiB), 256M on accelerators, where
+# fewer, larger steps launch less.
 _ROW_CHUNK_ELEMENTS = 16 * 1024 * 1024
+_ROW_CHUNK_ELEMENTS_ACCELERATOR = 256 * 1024 * 1024
 
 # Ligo AlphaFold3 ``MSAPairWeightedAveraging`` key -> Boltz-2 / foldops key.
 LIGO_KEY_MAP = {
@@ -116,16 +117,16 @@ class PairWeightedAveraging(nn.Module):
         self.proj_o = nn.Linear(c_h * num_heads, c_m, bias=False, **factory)
         _init.zeros_(self.proj_o.weight)
 
-    def _rows(self, m: Tensor, logits: Tensor, mask, msa_mask, w_vg: Tensor) -> Tensor:
+    def _rows(self, m: Tensor, logits: Tensor, mask, msa_mask) -> Tensor:
         """The layer on a block of MSA rows, from the layer norm to ``proj_o``."""
-        width = self.num_heads * self.c_h
-        vg = F.linear(self.norm_m(m), w_vg)  # v and gate in one matmul
-        v = vg[..., :width].unflatten(-1, (self.num_heads, self.c_h))
+        m = self.norm_m(m)
+        # Two matmuls, not one on concatenated weights: slicing a joint output costs
+        # two full-size zero-filled gradients in backward.
+        v = self.proj_m(m).unflatten(-1, (self.num_heads, self.c_h))
         if msa_mask is not None:
             v = v * msa_mask[..., None, None].to(v.dtype)
         o = pair_weighted_averaging(v, logits, mask, backend=self.backend)
-        o = torch.sigmoid(vg[..., width:]) * o.flatten(-2)
-        return self.proj_o(o)
+        return self.proj_o(torch.sigmoid(self.proj_g(m)) * o.flatten(-2))
 
     def forward(
         self,
@@ -150,21 +151,21 @@ class PairWeightedAveraging(nn.Module):
         if msa_mask is not None:
             msa_mask = as_bool_mask("msa_mask", msa_mask, (batch, rows, n), m.device)
         logits = self.proj_z(self.norm_z(z)).permute(0, 3, 1, 2)  # [B, H, N, N] view
-        w_vg = torch.cat([self.proj_m.weight, self.proj_g.weight])
 
         if self.training or torch.is_grad_enabled():
-            return self._rows(m, logits, mask, msa_mask, w_vg)
+            return self._rows(m, logits, mask, msa_mask)
         width = self.num_heads * self.c_h
         per_row = batch * n * (2 * self.c_m + 4 * width)
-        budget = _ROW_CHUNK_ELEMENTS // (self.num_heads if chunk_heads else 1)
+        budget = _ROW_CHUNK_ELEMENTS if m.device.type == "cpu" else _ROW_CHUNK_ELEMENTS_ACCELERATOR
+        budget //= self.num_heads if chunk_heads else 1
         step = max(1, budget // max(1, per_row))
         if step >= rows:
-            return self._rows(m, logits, mask, msa_mask, w_vg)
+            return self._rows(m, logits, mask, msa_mask)
         out = None
         for s0 in range(0, rows, step):
             s1 = min(rows, s0 + step)
             chunk_mask = None if msa_mask is None else msa_mask[:, s0:s1]
-            o = self._rows(m[:, s0:s1], logits, mask, chunk_mask, w_vg)
+            o = self._rows(m[:, s0:s1], logits, mask, chunk_mask)
             if out is None:
                 out = o.new_empty((batch, rows, n, o.shape[-1]))
             out[:, s0:s1] = o

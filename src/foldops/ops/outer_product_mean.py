@@ -28,8 +28,9 @@ Backends:
     one matmul per chunk of columns j; FLOPs ~ 2 S N C O (D + N).
 
   Extra memory O(B N (2 C D + O) * chunk) (outer) or O(B S (2 O C + D) * chunk)
-  (fold) besides the output, in forward and backward alike (the backward recomputes
-  chunks instead of saving them): training memory is bounded too.
+  (fold) besides the output, in forward and backward alike: the backward recomputes
+  chunks instead of saving them (except an outer product built in a single chunk,
+  which is kept for the weight gradient), so training memory is bounded too.
 - ``reference``: one shot, O(B N^2 C D); never picked by ``auto``.
 """
 
@@ -46,8 +47,10 @@ from foldops.device import fp32_region
 from foldops.reference import outer_product_mean as _reference
 
 OP = "outer_product_mean"
-# Temporaries of one torch-backend chunk stay under this many elements.
+# Temporaries of one torch-backend chunk stay under this many elements: small on CPU,
+# large on accelerators, where many small steps cost more in launches than they save.
 _TORCH_CHUNK_ELEMENTS = 4 * 1024 * 1024
+_TORCH_CHUNK_ELEMENTS_ACCELERATOR = 256 * 1024 * 1024
 ORDERS = ("outer", "fold")
 
 
@@ -67,12 +70,16 @@ def choose_order(rows: int, n: int, c: int, d: int, o: int) -> str:
     return "fold" if fold < outer else "outer"
 
 
-def _chunk_for(order: str, batch: int, rows: int, n: int, c: int, d: int, o: int) -> int:
+def _chunk_budget(device: torch.device) -> int:
+    return _TORCH_CHUNK_ELEMENTS if device.type == "cpu" else _TORCH_CHUNK_ELEMENTS_ACCELERATOR
+
+
+def _chunk_for(order: str, batch: int, rows: int, n: int, c: int, d: int, o: int, budget: int) -> int:
     if order == "outer":
         per_row = batch * n * (2 * c * d + o)
     else:
         per_row = batch * rows * (2 * o * c + d) + batch * n * o
-    return max(1, min(n, _TORCH_CHUNK_ELEMENTS // max(1, per_row)))
+    return max(1, min(n, budget // max(1, per_row)))
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -109,7 +116,8 @@ def _scale_bias_store(y, inv, bias, out_view, acc):
     out_view.copy_(y)
 
 
-def _forward_outer(a, b, w, inv, bias, out, chunk, acc):
+def _forward_outer(a, b, w, inv, bias, out, chunk, acc, keep_z=False):
+    """Returns the outer product when it was built in one chunk and ``keep_z``, else None."""
     batch, rows, n, c = a.shape
     d = b.shape[-1]
     o = w.shape[0]
@@ -124,6 +132,7 @@ def _forward_outer(a, b, w, inv, bias, out, chunk, acc):
         y = torch.mm(z, w_t).view(batch, ci, n, o)
         scale = inv if not torch.is_tensor(inv) else inv[:, i0:i1, :, None]
         _scale_bias_store(y, scale, bias, out[:, i0:i1], acc)
+    return z if keep_z and chunk >= n else None
 
 
 def _w_dc(w, c, d):
@@ -156,7 +165,7 @@ def _forward_fold(a, b, w, inv, bias, out, chunk, acc):
         _scale_bias_store(y, scale, bias, out[:, :, j0:j1], acc)
 
 
-def _backward_outer(a, b, w, gs, chunk, need_a, need_b, need_w, acc, gs_lo=None):
+def _backward_outer(a, b, w, gs, chunk, need_a, need_b, need_w, acc, gs_lo=None, z_saved=None):
     batch, rows, n, c = a.shape
     d = b.shape[-1]
     o = w.shape[0]
@@ -172,8 +181,11 @@ def _backward_outer(a, b, w, gs, chunk, need_a, need_b, need_w, acc, gs_lo=None)
         a_c = a[:, :, i0:i1].reshape(batch, rows, ci * c)  # [B, S, (i,c)]
         g_c = gs[:, i0:i1].reshape(batch * ci * n, o)
         if need_w:
-            z = torch.bmm(a_c.transpose(1, 2), b_flat).view(batch, ci, c, n, d)
-            z = z.transpose(2, 3).reshape(batch * ci * n, c * d)
+            if z_saved is not None:  # one chunk, kept from the forward
+                z = z_saved
+            else:
+                z = torch.bmm(a_c.transpose(1, 2), b_flat).view(batch, ci, c, n, d)
+                z = z.transpose(2, 3).reshape(batch * ci * n, c * d)
             if same:
                 gw.addmm_(g_c.t(), z)
             else:
@@ -235,9 +247,14 @@ class _OuterProductMean(torch.autograd.Function):
             w = weight.to(mm).contiguous()
             bias_acc = None if bias is None else bias.to(acc)
             out = torch.empty(batch, n, n, weight.shape[0], dtype=a.dtype, device=a.device)
-            forward = _forward_outer if order == "outer" else _forward_fold
-            forward(a_m, b_m, w, inv, bias_acc, out, chunk, acc)
-        ctx.save_for_backward(a, b, keep, weight, inv if torch.is_tensor(inv) else None)
+            z = None
+            if order == "outer":
+                # Within the budget in one chunk: keep the outer product for the weight
+                # gradient rather than recompute it (as plain autograd would keep it).
+                z = _forward_outer(a_m, b_m, w, inv, bias_acc, out, chunk, acc, keep_z=ctx.needs_input_grad[4])
+            else:
+                _forward_fold(a_m, b_m, w, inv, bias_acc, out, chunk, acc)
+        ctx.save_for_backward(a, b, keep, weight, inv if torch.is_tensor(inv) else None, z)
         ctx.inv_scalar = None if torch.is_tensor(inv) else inv
         ctx.chunk, ctx.order, ctx.mm = chunk, order, mm
         return out
@@ -245,7 +262,7 @@ class _OuterProductMean(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        a, b, keep, weight, inv_t = ctx.saved_tensors
+        a, b, keep, weight, inv_t, z_saved = ctx.saved_tensors
         inv = ctx.inv_scalar if inv_t is None else inv_t[..., None]
         need_a, need_b, _, _, need_w, need_bias = ctx.needs_input_grad[:6]
         acc, mm = _accumulation_dtype(a.dtype), ctx.mm
@@ -261,7 +278,9 @@ class _OuterProductMean(torch.autograd.Function):
                 w = weight.to(mm).contiguous()
                 if ctx.order == "outer":
                     gs_lo = (gs_acc - gs).to(mm) if (mm != acc and need_w) else None
-                    ga, gb, gw = _backward_outer(a_m, b_m, w, gs, ctx.chunk, need_a, need_b, need_w, acc, gs_lo)
+                    ga, gb, gw = _backward_outer(
+                        a_m, b_m, w, gs, ctx.chunk, need_a, need_b, need_w, acc, gs_lo, z_saved
+                    )
                 else:
                     ga, gb, gw = _backward_fold(a_m, b_m, w, gs, ctx.chunk, need_a, need_b, need_w, acc)
                 if need_a:
@@ -280,7 +299,7 @@ def _torch_backend(a, b, mask, out_weight, out_bias, chunk_size, order=None, hal
     if order is None:
         order = choose_order(rows, n, c, d, o)
     if chunk_size is None:
-        chunk_size = _chunk_for(order, batch, rows, n, c, d, o)
+        chunk_size = _chunk_for(order, batch, rows, n, c, d, o, _chunk_budget(a.device))
     with fp32_region(a):
         if mask is None:
             keep, inv = None, 1.0 / max(1, rows)
@@ -336,7 +355,8 @@ def outer_product_mean(
         out_weight: ``[O, C * D]`` (an ``nn.Linear(C * D, O)`` weight), a's dtype or fp32.
         out_bias: ``[O]`` or None, out_weight's dtype.
         chunk_size: token rows (or, in the fold order, columns) per step of the
-            ``torch`` backend (default: temporaries bounded at 4M elements per step).
+            ``torch`` backend (default: temporaries bounded at 4M elements per step on
+            CPU, 256M on accelerators).
         backend: ``"auto"``, ``"torch"`` or ``"reference"``.
 
     Returns:

@@ -15,7 +15,7 @@ Backends:
 - ``torch``: PyTorch matmuls batched over (b, h). At inference it works on groups of
   heads and chunks of MSA rows, so besides the output it holds O(B h N^2) softmax
   weights and O(B s N h D) of v and output copies per step (h heads, s rows per step,
-  default budget 4M elements); with autograd it runs in one shot (O(B H N^2 + B S N H D)
+  default budget 4M elements on CPU, 256M on accelerators); with autograd it runs in one shot (O(B H N^2 + B S N H D)
   saved for backward), since chunking bounds nothing while autograd keeps every chunk.
 - ``reference``: one shot, O(B H N^2 + B S N H D); never picked by ``auto``.
 """
@@ -32,8 +32,10 @@ from foldops.device import fp32_region
 from foldops.reference import pair_weighted_averaging as _reference
 
 OP = "pair_weighted_averaging"
-# Temporaries of one torch-backend step stay under about this many elements.
+# Temporaries of one torch-backend step stay under about this many elements: small on
+# CPU, large on accelerators, where many small steps cost more in launches.
 _TORCH_CHUNK_ELEMENTS = 4 * 1024 * 1024
+_TORCH_CHUNK_ELEMENTS_ACCELERATOR = 256 * 1024 * 1024
 
 
 def softmax_weights(logits: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -68,9 +70,10 @@ def _torch_backend(v, logits, mask, chunk_size):
             weights = softmax_weights(logits, mask, softmax_dtype).to(v.dtype)
             return _weighted_sum(weights, v).contiguous()
         # Heads per group: the fp32 weights of a group stay under the budget.
-        group = max(1, min(heads, _TORCH_CHUNK_ELEMENTS // max(1, batch * n * n)))
+        budget = _TORCH_CHUNK_ELEMENTS if v.device.type == "cpu" else _TORCH_CHUNK_ELEMENTS_ACCELERATOR
+        group = max(1, min(heads, budget // max(1, batch * n * n)))
         if chunk_size is None:
-            chunk_size = max(1, _TORCH_CHUNK_ELEMENTS // max(1, batch * n * group * dim))
+            chunk_size = max(1, budget // max(1, batch * n * group * dim))
         out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         for h0 in range(0, heads, group):
             h1 = min(heads, h0 + group)
@@ -115,7 +118,8 @@ def pair_weighted_averaging(
             fp32, any strides.
         mask: ``[B, N, N]`` keep-mask over (i, j) (bool or 0/1 float), or None.
         chunk_size: MSA rows per step of the ``torch`` backend at inference
-            (default: v and output copies bounded at 4M elements per step).
+            (default: v and output copies bounded at 4M elements per step on CPU, 256M
+            on accelerators).
         backend: ``"auto"``, ``"torch"`` or ``"reference"``.
 
     Returns:
