@@ -63,18 +63,85 @@ __all__ = [
 #
 # Offsets are int64 throughout: at N = 4096 one [B, I, N, H, D] tensor has 2^31 elements,
 # and a transposed view (ending node) strides j by N*H*D.
+#
+# Logits s = scale * q.k + bias stay in natural units; the softmax runs in base 2 with
+# log2(e) folded into the one FFMA that also subtracts the row max or the lse:
+# p = exp2(s * log2(e) - m2). The forward and dQ loops come in two copies (constexpr
+# USE_MASK): rows that keep every key, the common case, skip the per-logit mask add.
+
+LOG2E_C = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _key_bias(mask_ptr, offs_k, N, HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
-    """[BLOCK_K] fp32: 0 for keys that count, -inf for masked or out-of-range keys."""
-    if HAS_MASK:
+def _key_bias(mask_ptr, offs_k, N, USE_MASK: tl.constexpr, EVEN_N: tl.constexpr):
+    """[BLOCK_K] fp32: 0 for keys that count, -inf for masked or out-of-range keys.
+
+    ``mask_ptr`` points at a bool keep-mask, or at that fp32 key bias already built.
+    """
+    if USE_MASK:
+        if mask_ptr.dtype.element_ty == tl.float32:
+            return tl.load(mask_ptr, mask=offs_k < N, other=float("-inf"))
         keep = tl.load(mask_ptr, mask=offs_k < N, other=0)
         return tl.where(keep != 0, 0.0, float("-inf"))
     elif EVEN_N:
         return tl.zeros(offs_k.shape, dtype=tl.float32)
     else:
         return tl.where(offs_k < N, 0.0, float("-inf"))
+
+
+@triton.jit
+def _all_kept(mask_ptr, smk, N, BLOCK: tl.constexpr):
+    """Whether one mask row keeps every key (then the per-logit mask is skipped)."""
+    offs = tl.arange(0, BLOCK)
+    dropped = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)
+    for start in range(0, N, BLOCK):
+        cur = start + offs
+        keep = tl.load(mask_ptr + cur.to(tl.int64) * smk, mask=cur < N, other=1)
+        dropped += tl.sum((keep == 0).to(tl.int32), 0)
+    return dropped == 0
+
+
+@triton.jit
+def _fwd_loop(
+    q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+    USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online softmax over all key blocks of one [BLOCK_J] query block: (m2, l, acc)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    m_i = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
+    l_i = tl.zeros([BLOCK_J], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_J, D], dtype=tl.float32)
+    for start_k in range(0, N, BLOCK_K):
+        cur_k = start_k + offs_k
+        if EVEN_N:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+            bias = tl.load(b_ptrs)
+        else:
+            valid_k = cur_k < N
+            kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=valid_k[:, None], other=0.0)
+            bias = tl.load(b_ptrs, mask=valid_j[:, None] & valid_k[None, :], other=0.0)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        s = qk * scale + bias.to(tl.float32)
+        if USE_MASK or not EVEN_N:
+            s += _key_bias(m_ptrs, cur_k, N, USE_MASK, EVEN_N)[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1) * LOG2E_C)
+        # A row with no kept key so far has m_new = -inf: subtract 0 instead (exp2(-inf) = 0).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s * LOG2E_C - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+        kt_ptrs += BLOCK_K * skn
+        v_ptrs += BLOCK_K * svn
+        b_ptrs += BLOCK_K * sbk
+        if USE_MASK:
+            m_ptrs += BLOCK_K * smk
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -86,10 +153,11 @@ def _fwd_kernel(
     sbb, sbh, sbj, sbk,
     smb, smi, smk,
     sob, soi, son, soh, sod,
-    I, N, H, qk_scale,
+    I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,  # EVEN_N: N % both blocks == 0
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h)."""
     pid_j = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
     bh = tl.program_id(2)
@@ -103,52 +171,30 @@ def _fwd_kernel(
     k64 = offs_k.to(tl.int64)
     valid_j = offs_j < N
 
-    q_ptrs = Q + b * sqb + i * sqi + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + i * sqi + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=valid_j[:, None], other=0.0)
     kt_ptrs = K + b * skb + i * ski + h * skh + k64[None, :] * skn + offs_d[:, None] * skd
     v_ptrs = V + b * svb + i * svi + h * svh + k64[:, None] * svn + offs_d[None, :] * svd
     b_ptrs = BIAS + b * sbb + h * sbh + j64[:, None] * sbj + k64[None, :] * sbk
     m_ptrs = MASK + b * smb + i * smi + k64 * smk
 
-    m_i = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_J], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-
-    for start_k in range(0, N, BLOCK_K):
-        cur_k = start_k + offs_k
-        if EVEN_N:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
-            bias = tl.load(b_ptrs)
-        else:
-            valid_k = cur_k < N
-            kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=valid_k[:, None], other=0.0)
-            bias = tl.load(b_ptrs, mask=valid_j[:, None] & valid_k[None, :], other=0.0)
-        key_bias = _key_bias(m_ptrs, cur_k, N, HAS_MASK, EVEN_N)
-        qk = tl.dot(q, kt, input_precision=PRECISION)
-        s = qk * qk_scale + (bias.to(tl.float32) * 1.4426950408889634 + key_bias[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no kept key so far has m_new = -inf: subtract 0 instead (exp2(-inf) = 0).
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
-        kt_ptrs += BLOCK_K * skn
-        v_ptrs += BLOCK_K * svn
-        b_ptrs += BLOCK_K * sbk
-        m_ptrs += BLOCK_K * smk
+    if HAS_MASK:
+        full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
+    else:
+        full = True
+    if full:
+        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+                                  False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
+    else:
+        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+                                  True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
     o_ptrs = OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=valid_j[:, None])
-    lse_ptrs = LSE + ((b * I + i) * H + h) * N + j64
-    tl.store(lse_ptrs, lse, mask=valid_j)
+    tl.store(LSE + ((b * I + i) * H + h) * N + j64, lse, mask=valid_j)
 
 
 @triton.jit
@@ -189,6 +235,41 @@ def _sum_splits_kernel(PARTIAL, OUT, SPLITS, NUMEL, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _dq_loop(
+    q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+    USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    offs_k = tl.arange(0, BLOCK_K)
+    dq = tl.zeros([BLOCK_J, D], dtype=tl.float32)
+    for start_k in range(0, N, BLOCK_K):
+        cur_k = start_k + offs_k
+        if EVEN_N:
+            k = tl.load(k_ptrs)
+            vt = tl.load(vt_ptrs)
+            bias = tl.load(b_ptrs)
+        else:
+            valid_k = cur_k < N
+            k = tl.load(k_ptrs, mask=valid_k[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
+            bias = tl.load(b_ptrs, mask=valid_j[:, None] & valid_k[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = qk * scale + bias.to(tl.float32)
+        if USE_MASK or not EVEN_N:
+            s += _key_bias(m_ptrs, cur_k, N, USE_MASK, EVEN_N)[None, :]
+        p = tl.math.exp2(s * LOG2E_C - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        k_ptrs += BLOCK_K * skn
+        vt_ptrs += BLOCK_K * svn
+        b_ptrs += BLOCK_K * sbk
+        if USE_MASK:
+            m_ptrs += BLOCK_K * smk
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, BIAS, MASK, OUT, DO, LSE, DQ,
     sqb, sqi, sqn, sqh, sqd,
@@ -199,7 +280,7 @@ def _bwd_dq_kernel(
     sob, soi, son, soh, sod,
     sdob, sdoi, sdon, sdoh, sdod,
     sdqb, sdqi, sdqn, sdqh, sdqd,
-    I, N, H, qk_scale, scale,
+    I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -230,33 +311,58 @@ def _bwd_dq_kernel(
     vt_ptrs = V + b * svb + i * svi + h * svh + k64[None, :] * svn + offs_d[:, None] * svd
     b_ptrs = BIAS + b * sbb + h * sbh + j64[:, None] * sbj + k64[None, :] * sbk
     m_ptrs = MASK + b * smb + i * smi + k64 * smk
-
-    dq = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-    for start_k in range(0, N, BLOCK_K):
-        cur_k = start_k + offs_k
-        if EVEN_N:
-            k = tl.load(k_ptrs)
-            vt = tl.load(vt_ptrs)
-            bias = tl.load(b_ptrs)
-        else:
-            valid_k = cur_k < N
-            k = tl.load(k_ptrs, mask=valid_k[:, None], other=0.0)
-            vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
-            bias = tl.load(b_ptrs, mask=valid_j[:, None] & valid_k[None, :], other=0.0)
-        key_bias = _key_bias(m_ptrs, cur_k, N, HAS_MASK, EVEN_N)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = qk * qk_scale + (bias.to(tl.float32) * 1.4426950408889634 + key_bias[None, :])
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-        k_ptrs += BLOCK_K * skn
-        vt_ptrs += BLOCK_K * svn
-        b_ptrs += BLOCK_K * sbk
-        m_ptrs += BLOCK_K * smk
-
+    if HAS_MASK:
+        full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
+    else:
+        full = True
+    if full:
+        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
+    else:
+        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
     dq_ptrs = DQ + b * sdqb + i * sdqi + h * sdqh + j64[:, None] * sdqn + offs_d[None, :] * sdqd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
+
+
+@triton.jit
+def _dkdv_loop(
+    k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj, N, scale, valid_k,
+    USE_KEY_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    offs_j = tl.arange(0, BLOCK_J)
+    dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    for start_j in range(0, N, BLOCK_J):
+        cur_j = start_j + offs_j
+        if EVEN_N:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE + row_ptrs)
+            delta = tl.load(DELTA + row_ptrs)
+            bias_t = tl.load(bt_ptrs)
+        else:
+            valid_j = cur_j < N
+            q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=valid_j[:, None], other=0.0)
+            lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
+            delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
+            bias_t = tl.load(bt_ptrs, mask=valid_k[:, None] & valid_j[None, :], other=0.0)
+        kq = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        st = kq * scale + bias_t.to(tl.float32)
+        if USE_KEY_BIAS:
+            st += key_bias[:, None]
+        pt = tl.math.exp2(st * LOG2E_C - lse[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+        q_ptrs += BLOCK_J * sqn
+        do_ptrs += BLOCK_J * sdon
+        bt_ptrs += BLOCK_J * sbj
+        row_ptrs += BLOCK_J
+    return dk, dv
 
 
 @triton.jit
@@ -270,7 +376,7 @@ def _bwd_dkdv_kernel(
     sdob, sdoi, sdon, sdoh, sdod,
     sdkb, sdki, sdkn, sdkh, sdkd,
     sdvb, sdvi, sdvn, sdvh, sdvd,
-    I, N, H, qk_scale, scale,
+    I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -298,35 +404,17 @@ def _bwd_dkdv_kernel(
     do_ptrs = DO + b * sdob + i * sdoi + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod
     bt_ptrs = BIAS + b * sbb + h * sbh + j64[None, :] * sbj + k64[:, None] * sbk
     row_ptrs = ((b * I + i) * H + h) * N + j64
-
-    dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
-    for start_j in range(0, N, BLOCK_J):
-        cur_j = start_j + offs_j
-        if EVEN_N:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(LSE + row_ptrs)
-            delta = tl.load(DELTA + row_ptrs)
-            bias_t = tl.load(bt_ptrs)
-        else:
-            valid_j = cur_j < N
-            q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=valid_j[:, None], other=0.0)
-            lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
-            delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
-            bias_t = tl.load(bt_ptrs, mask=valid_k[:, None] & valid_j[None, :], other=0.0)
-        kq = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        st = kq * qk_scale + (bias_t.to(tl.float32) * 1.4426950408889634 + key_bias[:, None])
-        pt = tl.math.exp2(st - lse[None, :])
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
-        q_ptrs += BLOCK_J * sqn
-        do_ptrs += BLOCK_J * sdon
-        bt_ptrs += BLOCK_J * sbj
-        row_ptrs += BLOCK_J
+    # Key blocks with every key kept (the common case) skip the per-logit mask add.
+    if HAS_MASK or not EVEN_N:
+        full = tl.min(key_bias, 0) == 0.0
+    else:
+        full = True
+    if full:
+        dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
+                            N, scale, valid_k, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
+    else:
+        dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
+                            N, scale, valid_k, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
 
     dk_ptrs = DK + b * sdkb + i * sdki + h * sdkh + k64[:, None] * sdkn + offs_d[None, :] * sdkd
     dv_ptrs = DV + b * sdvb + i * sdvi + h * sdvh + k64[:, None] * sdvn + offs_d[None, :] * sdvd
@@ -344,7 +432,7 @@ def _bwd_dbias_kernel(
     smb, smi, smk,
     sdob, sdoi, sdon, sdoh, sdod,
     sdbs, sdbb, sdbh, sdbj, sdbk,
-    I, N, H, BH, qk_scale, ROWS_PER_SPLIT,
+    I, N, H, BH, scale, ROWS_PER_SPLIT,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -366,8 +454,7 @@ def _bwd_dbias_kernel(
     valid_k = offs_k < N
 
     bias = tl.load(BIAS + b * sbb + h * sbh + j64[:, None] * sbj + k64[None, :] * sbk,
-                   mask=valid_j[:, None] & valid_k[None, :], other=0.0)
-    bias2 = bias.to(tl.float32) * 1.4426950408889634
+                   mask=valid_j[:, None] & valid_k[None, :], other=0.0).to(tl.float32)
 
     i_start = split * ROWS_PER_SPLIT
     n_rows = tl.minimum(ROWS_PER_SPLIT, I - i_start)
@@ -395,10 +482,11 @@ def _bwd_dbias_kernel(
             vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
             lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
             delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
-        key_bias = _key_bias(m_ptrs, offs_k, N, HAS_MASK, EVEN_N)
         qk = tl.dot(q, kt, input_precision=PRECISION)
-        s = qk * qk_scale + (bias2 + key_bias[None, :])
-        p = tl.math.exp2(s - lse[:, None])
+        s = qk * scale + bias
+        if HAS_MASK or not EVEN_N:
+            s += _key_bias(m_ptrs, offs_k, N, HAS_MASK, EVEN_N)[None, :]
+        p = tl.math.exp2(s * LOG2E_C - lse[:, None])
         dp = tl.dot(do, vt, input_precision=PRECISION)
         acc += p * (dp - delta[:, None])
         q_ptrs += sqi
@@ -553,7 +641,7 @@ def triangle_attention_forward(
     wrap_triton(_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
-        rows, n, heads, scale * LOG2E,
+        rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32),
         num_warps=warps, num_stages=stages,
@@ -597,17 +685,25 @@ def triangle_attention_backward(
 
     Passes, in this order: delta = rowsum(dO*O) [B, I, H, N] fp32, kept in dq's (not yet
     written) storage; the bias gradient, whose row-split partial sums live in dk's
-    storage; dK/dV; dQ last, over delta. Peak memory is the gradients themselves.
+    storage; dK/dV, reading an fp32 transposed copy of the bias also kept in dq's
+    storage; dQ last, over both. Peak memory is the gradients themselves.
     """
     batch, rows, n, heads, d = q.shape
     dq, dq_flat = _empty_buffer(q)
     dk, dk_flat = _empty_buffer(k)
-    dv, _ = _empty_buffer(v)
+    dv, dv_flat = _empty_buffer(v)
     dbias_shape = (batch, heads, n, n) if need_dbias else (0,)
     dbias = torch.empty(dbias_shape, dtype=bias.dtype, device=q.device)
     if q.numel() == 0:
         return dq, dk, dv, dbias.zero_()
-    delta = _fp32_scratch(dq_flat, (batch, rows, heads, n))  # D >= 2 always fits
+    # dq's storage (2 B I N H D bytes or more) holds delta, then an fp32 copy of the bias
+    # transposed for the dK/dV pass, until dq is written last.
+    scratch_shape = (batch * rows * heads * n + batch * heads * n * n,)
+    scratch = _fp32_scratch(dq_flat, scratch_shape)
+    if scratch is None:  # few rows (I << N): dq is smaller than the bias
+        scratch = torch.empty(scratch_shape, dtype=torch.float32, device=q.device)
+    delta = scratch[: batch * rows * heads * n].view(batch, rows, heads, n)
+    bias_kj = scratch[batch * rows * heads * n:].view(batch, heads, n, n)
     if _tracing_under_interpreter(q):
         return dq, dk, dv, dbias
     precision = _precision(q.dtype, allow_tf32)
@@ -620,6 +716,14 @@ def triangle_attention_backward(
     )
 
     if need_dbias:
+        if mask is not None:
+            # The key mask as an fp32 0/-inf bias, in dv's not yet written storage: the
+            # bias-gradient pass adds it instead of unpacking mask bytes per logit.
+            key_bias = _fp32_scratch(dv_flat, (batch, rows, n))
+            if key_bias is None:
+                key_bias = torch.empty((batch, rows, n), dtype=torch.float32, device=q.device)
+            key_bias.fill_(0.0).masked_fill_(~mask, float("-inf"))
+            mask_t, mask_strides = key_bias, key_bias.stride()
         bj, bk, warps, stages = _config("dbias", n, d, q.dtype)
         tiles = triton.cdiv(n, bj) * triton.cdiv(n, bk)
         room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
@@ -635,7 +739,7 @@ def triangle_attention_backward(
             q, k, v, bias, mask_t, grad_out, lse, delta, target,
             *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides,
             *grad_out.stride(), *target_strides,
-            rows, n, heads, batch * heads, scale * LOG2E, rows_per_split,
+            rows, n, heads, batch * heads, scale, rows_per_split,
             HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
             BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
             num_warps=warps, num_stages=stages,
@@ -646,12 +750,17 @@ def triangle_attention_backward(
                 target, dbias, splits, numel, BLOCK=1024, num_warps=4,
             )
 
+    mask_t, mask_strides, has_mask = _mask_args(mask, q)
+    # bias_kj[b, h, k, j] = bias[b, h, j, k]: the dK/dV tiles are [keys, queries], and
+    # loading them from fp32 laid out that way saves a conversion and a shuffle per logit.
+    bias_kj.copy_(bias.transpose(2, 3))
+    bias_t = bias_kj.transpose(2, 3)
     bj, bk, warps, stages = _config("dkdv", n, d, q.dtype)
     wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(n, bk), rows, batch * heads)](
-        q, k, v, bias, mask_t, grad_out, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides,
+        q, k, v, bias_t, mask_t, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *bias_t.stride(), *mask_strides,
         *grad_out.stride(), *dk.stride(), *dv.stride(),
-        rows, n, heads, scale * LOG2E, scale,
+        rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
         num_warps=warps, num_stages=stages,
@@ -662,7 +771,7 @@ def triangle_attention_backward(
         q, k, v, bias, mask_t, out, grad_out, lse, dq,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
         *grad_out.stride(), *dq.stride(),
-        rows, n, heads, scale * LOG2E, scale,
+        rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
         num_warps=warps, num_stages=stages,
