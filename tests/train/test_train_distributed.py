@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,22 +41,28 @@ def two_process_run(tmp_path_factory):
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     if sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
-    procs = []
+    procs, log_paths = [], []
     for rank in range(2):
-        procs.append(subprocess.Popen(
-            [sys.executable, str(HERE / "dist_worker.py"), str(out), str(resume_dir)],
-            env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), cwd=str(HERE),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
+        log_paths.append(out / f"rank{rank}.log")
+        with open(log_paths[-1], "w") as log_file:  # files, not pipes: a full pipe would block a rank
+            procs.append(subprocess.Popen(
+                [sys.executable, str(HERE / "dist_worker.py"), str(out), str(resume_dir)],
+                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), cwd=str(HERE),
+                stdout=log_file, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 150
     try:
-        for p in procs:
-            logs.append(p.communicate(timeout=150)[0])
+        # A rank that fails leaves the other waiting in a collective: stop it at once.
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    for p, path in zip(procs, log_paths):
+        p.wait()
+        assert p.returncode == 0, path.read_text()[-4000:]
     return out
 
 

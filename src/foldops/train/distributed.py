@@ -181,8 +181,14 @@ def default_fsdp_blocks(model: nn.Module) -> List[nn.Module]:
     return [b for b in blocks if id(b) not in inner]
 
 
-def apply_fsdp(dispatch: StepDispatch, block_names: Optional[Sequence[str]], mp_dtype: Optional[torch.dtype]) -> nn.Module:
-    """``fully_shard`` each block, then the root (the dispatcher)."""
+def apply_fsdp(dispatch: StepDispatch, block_names: Optional[Sequence[str]], mp_dtype: Optional[torch.dtype],
+               device: torch.device) -> nn.Module:
+    """``fully_shard`` each block, then the root (the dispatcher), on a mesh of ``device``'s type.
+
+    The mesh is explicit: FSDP2's default mesh takes the machine's accelerator even when
+    training runs on CPU.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = dispatch.model
@@ -194,7 +200,7 @@ def apply_fsdp(dispatch: StepDispatch, block_names: Optional[Sequence[str]], mp_
         blocks = [m for m in model.modules() if type(m).__name__ in names]
         if not blocks:
             raise ValueError(f"fsdp_blocks: no module of the model has a class named in {sorted(names)}")
-    kwargs = {}
+    kwargs = {"mesh": init_device_mesh(device.type, (dist.get_world_size(),))}
     if mp_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
     for block in blocks:

@@ -246,7 +246,7 @@ class Trainer:
         if self._strategy == "ddp":
             self._engine = fdist.wrap_ddp(self._dispatch, self.device, self.config.find_unused_parameters)
         elif self._strategy == "fsdp":
-            self._engine = fdist.apply_fsdp(self._dispatch, self.config.fsdp_blocks, None)
+            self._engine = fdist.apply_fsdp(self._dispatch, self.config.fsdp_blocks, None, self.device)
         else:
             self._engine = self._dispatch
         self.optimizer = None
