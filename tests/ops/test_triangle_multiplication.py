@@ -152,7 +152,7 @@ def test_inference_chunks_and_blocks_sweep(direction, chunk_size, monkeypatch):
 
 def test_default_chunk_is_bounded():
     assert tm_module._default_chunk(1, 4) == 4
-    assert tm_module._default_chunk(256, 128) == 32  # 2 * 32 * 256^2 = 4M elements
+    assert tm_module._default_chunk(256, 128) == 16  # 2 * 16 * 256^2 = 2M elements
     assert tm_module._default_chunk(2048, 128) == 8  # never thinner than 8 channels
     assert tm_module._default_chunk(2048, 4) == 4
 

@@ -21,9 +21,10 @@ Backends:
 - ``torch``: at inference (no gradient needed) memory-bounded: ``h`` is kept once in the
   compute dtype and overwritten by the output, ``t`` is built in ``[B, D, N, N]``
   layout by batched matmuls, ``chunk_size`` channels at a time, from gated
-  projections computed straight into that layout in position blocks (L2-sized on CPU).
-  Extra memory O(B N^2 D) for ``h`` and ``t`` plus O(chunk N^2) for one chunk of
-  ``a, b`` (the 2D-wide projection is never materialised whole). With gradients it
+  projections computed straight into that layout. Extra memory O(B N^2 D) for ``h``
+  and ``t`` plus O(chunk N^2) for one chunk of ``a, b`` and its gate (the 2D-wide
+  projection is never materialised whole); about 2.5x the size of x in fp32 at
+  D = 128, N = 256 (Boltz's module: about 7x). Few large ops, reused workspaces. With gradients it
   runs the reference's autograd graph (O(B N^2 D) activations, as Boltz's module).
 - ``reference``: the plain composition (O(B N^2 D) with several 2D-wide temporaries);
   never picked by ``auto``.
@@ -56,19 +57,14 @@ WEIGHT_NAMES = (
     "p_out_weight",
     "g_out_weight",
 )
-# One chunk of a, b ([2 * chunk, N, N] in the product dtype) is kept under this many
-# elements by default (fp32: 16 MiB), but a chunk never has fewer than _MIN_CHUNK
-# channels: thinner chunks would re-read h too often.
-_CHUNK_ELEMENTS = 4 * 1024 * 1024
+# One chunk of a, b ([2 * chunk, N, N] in the product dtype, and as much again for the
+# gate) is kept under this many elements by default (fp32: 8 MiB each), but a chunk
+# never has fewer than _MIN_CHUNK channels: thinner chunks would re-read h too often.
+_CHUNK_ELEMENTS = 2 * 1024 * 1024
 _MIN_CHUNK = 8
-# Position blocks of the projections / output (elements): about L2-sized on CPU, where
-# fresh large buffers cost page faults; larger on accelerators, where launches cost.
-_BLOCK_ELEMENTS = 256 * 1024
-_DEVICE_BLOCK_ELEMENTS = 4 * 1024 * 1024
-
-
-def _block_elements(device: torch.device) -> int:
-    return _BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+# Position blocks of the LayerNorms and the output step: [block, D] temporaries stay
+# under this many elements (fp32: 4 MiB each).
+_BLOCK_ELEMENTS = 1024 * 1024
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -97,52 +93,56 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
     ln_dtype = torch.float32 if amp else cdt
     wide = product_dtype(cdt)
     chunk = min(dim, chunk_size or _default_chunk(n, dim))
-    budget = _block_elements(x.device)
+    block = max(1, _BLOCK_ELEMENTS // dim)  # positions per LayerNorm / output step
+    dev = x.device
     with fp32_region(x):  # dtypes are explicit below
-        w_in = torch.cat([w["p_in_weight"], w["g_in_weight"]]).to(cdt)  # [4D, D]: p_a p_b g_a g_b
-        g_out = w["g_out_weight"].to(cdt)
-        p_out = w["p_out_weight"].to(cdt)
+        p_in, g_in = w["p_in_weight"].to(cdt), w["g_in_weight"].to(cdt)
+        p_out, g_out = w["p_out_weight"].to(cdt), w["g_out_weight"].to(cdt)
         ln_in = (w["norm_in_weight"].to(ln_dtype), w["norm_in_bias"].to(ln_dtype))
         ln_out = (w["norm_out_weight"].to(wide), w["norm_out_bias"].to(wide))
         keep = None if mask is None else mask.reshape(batch, nn_).to(cdt)
 
         # h: LayerNorm_in(x), kept once; it becomes the output at the end.
-        h = torch.empty((batch, n, n, dim), dtype=cdt, device=x.device)
-        rows = max(1, budget // max(1, n * dim))
+        h = torch.empty((batch, n, n, dim), dtype=cdt, device=dev)
+        rows = max(1, block // n)
         for i in range(0, n, rows):
             h[:, i : i + rows] = F.layer_norm(x[:, i : i + rows].to(ln_dtype), (dim,), *ln_in, eps)
         hf = h.view(batch, nn_, dim)
 
-        # t[b, d] = a[b, d] @ b[b, d]^T (outgoing) or a^T @ b (incoming), chunk channels at a time.
-        t = torch.empty((batch, dim, n, n), dtype=wide, device=x.device)
-        ab = torch.empty((2 * chunk, nn_), dtype=wide, device=x.device)
+        # t[b, d] = a[b, d] @ b[b, d]^T (outgoing) or a^T @ b (incoming), ``chunk`` channels
+        # at a time. Workspaces are allocated once and reused: few, large ops (each one a
+        # thread-pool barrier on CPU) and no page faults from fresh buffers per chunk.
+        t = torch.empty((batch, dim, n, n), dtype=wide, device=dev)
+        ab = torch.empty((2 * chunk, nn_), dtype=wide, device=dev)
+        gate = torch.empty((2 * chunk, nn_), dtype=cdt, device=dev)
+        proj = ab if cdt == wide else torch.empty((2 * chunk, nn_), dtype=cdt, device=dev)
         for c0 in range(0, dim, chunk):
             c = min(chunk, dim - c0)
-            sel = torch.cat([torch.arange(c0, c0 + c, device=x.device) + k * dim for k in range(4)])
-            w_c = w_in.index_select(0, sel)  # [4c, D]: p_a, p_b, g_a, g_b of these channels
-            block = max(1, budget // (4 * c))
+            sel = torch.arange(c0, c0 + c, device=dev)
+            sel = torch.cat([sel, sel + dim])  # channels of a, then of b
+            w_p, w_g = p_in.index_select(0, sel), g_in.index_select(0, sel)  # [2c, D]
+            pc, gc, abc = proj[: 2 * c], gate[: 2 * c], ab[: 2 * c]
             for bi in range(batch):
-                for s in range(0, nn_, block):
-                    pg = torch.matmul(w_c, hf[bi, s : s + block].T)  # [4c, s]: channel-major
-                    p = pg[: 2 * c]
-                    p.mul_(pg[2 * c :].sigmoid_())
-                    if keep is not None:
-                        p.mul_(keep[bi, s : s + block])
-                    ab[: 2 * c, s : s + block] = p
-                a = ab[:c].view(c, n, n)
-                b = ab[c : 2 * c].view(c, n, n)
+                ht = hf[bi].T  # [D, N*N]: the projections come out channel-major
+                torch.matmul(w_p, ht, out=pc)
+                torch.matmul(w_g, ht, out=gc)
+                pc.mul_(gc.sigmoid_())
+                if keep is not None:
+                    pc.mul_(keep[bi])
+                if pc.data_ptr() != abc.data_ptr():
+                    abc.copy_(pc)  # to fp32 after the gating, as the reference rounds
+                a, b = ab[:c].view(c, n, n), ab[c : 2 * c].view(c, n, n)
                 if direction == "outgoing":
                     torch.bmm(a, b.transpose(1, 2), out=t[bi, c0 : c0 + c])
                 else:
                     torch.bmm(a.transpose(1, 2), b, out=t[bi, c0 : c0 + c])
-        del ab
+        del ab, gate, proj
 
         # out = LayerNorm_out(t) p_out^T * sigmoid(h g_out^T), written over h block by block.
-        block = max(1, budget // dim)
         for bi in range(batch):
             tf = t[bi].view(dim, nn_)
             for s in range(0, nn_, block):
-                y = F.layer_norm(tf[:, s : s + block].T.contiguous(), (dim,), *ln_out, eps)
+                y = F.layer_norm(tf[:, s : s + block].T, (dim,), *ln_out, eps)
                 out = torch.matmul(y.to(cdt), p_out.T)
                 out.mul_(torch.matmul(hf[bi, s : s + block], g_out.T).sigmoid_())
                 hf[bi, s : s + block] = out
@@ -254,7 +254,7 @@ def triangle_multiplication(
             Weights have x's dtype (any float dtype under autocast).
         eps: LayerNorm epsilon of both norms.
         chunk_size: channels of the product per step for the ``torch`` backend at
-            inference (default: one chunk of ``a, b`` bounded at 4M elements, at least
+            inference (default: one chunk of ``a, b`` bounded at 2M elements, at least
             8 channels).
         backend: ``"auto"``, ``"torch"``, ``"reference"`` or ``"cuequivariance"``.
 
