@@ -3,7 +3,8 @@
     python dist_worker.py OUT_DIR RESUME_DIR
 
 Runs, in one process group: (1) DDP training from scratch with accumulation, counting
-gradient all-reduces; (2) DDP resume of a one-process checkpoint; (3) FSDP2 training.
+gradient all-reduces; (2) DDP resume of a one-process checkpoint; (3) FSDP2 training with
+EMA; (4) FSDP2 resume of its own checkpoint.
 Rank 0 writes the resulting parameters under OUT_DIR.
 """
 
@@ -56,14 +57,22 @@ t2.fit(resumed, make_loader(48, 4, dtype=torch.float64), resume="last")
 if rank == 0:
     torch.save({"params": resumed.state_dict(), "steps": t2.global_step}, os.path.join(out_dir, "resumed.pt"))
 
-# (3) FSDP2, each Linear sharded: 32 samples, 4 per rank and batch.
+# (3) FSDP2, each Linear sharded, with EMA: 32 samples, 4 per rank and batch; then (4) resume
+# its own checkpoint for 2 more steps.
+fsdp_kw = dict(strategy="fsdp", fsdp_blocks=("Linear",), ema_decay=0.9,
+               checkpoint_dir=os.path.join(out_dir, "fsdp"), **common)
 fsdp_model = model()
-t3 = Trainer(TrainerConfig(max_steps=4, strategy="fsdp", fsdp_blocks=("Linear",),
-                           checkpoint_dir=os.path.join(out_dir, "fsdp"), **common))
+t3 = Trainer(TrainerConfig(max_steps=4, **fsdp_kw))
 t3.fit(fsdp_model, make_loader(32, 4, dtype=torch.float64))
-full = t3._model_state()  # collective
+full, ema = t3._model_state(), t3.ema.export()  # collectives
 if rank == 0:
-    torch.save({"params": full, "steps": t3.global_step}, os.path.join(out_dir, "fsdp.pt"))
+    torch.save({"params": full, "ema": ema, "steps": t3.global_step}, os.path.join(out_dir, "fsdp.pt"))
+fsdp_resumed = model()
+t4 = Trainer(TrainerConfig(max_steps=6, **fsdp_kw))
+t4.fit(fsdp_resumed, make_loader(32, 4, dtype=torch.float64), resume="last")
+full, ema = t4._model_state(), t4.ema.export()
+if rank == 0:
+    torch.save({"params": full, "ema": ema, "steps": t4.global_step}, os.path.join(out_dir, "fsdp_resumed.pt"))
 
 dist.barrier()
 dist.destroy_process_group()

@@ -94,13 +94,19 @@ def test_one_process_checkpoint_resumes_with_two(two_process_run):
     _assert_close(got["params"], reference.state_dict())
 
 
-def test_fsdp2_two_processes_match_one_with_doubled_batch(two_process_run):
-    got = torch.load(two_process_run / "fsdp.pt", weights_only=True)
-    assert got["steps"] == 4
+@pytest.mark.parametrize("name,steps", [("fsdp", 4), ("fsdp_resumed", 6)])
+def test_fsdp2_two_processes_match_one_with_doubled_batch(two_process_run, name, steps):
+    got = torch.load(two_process_run / f"{name}.pt", weights_only=True)
+    assert got["steps"] == steps
     reference = _model()
-    Trainer(TrainerConfig(max_steps=4, **COMMON)).fit(reference, make_loader(32, 8, dtype=torch.float64))
+    trainer = Trainer(TrainerConfig(max_steps=steps, ema_decay=0.9, **COMMON))
+    trainer.fit(reference, make_loader(32, 8, dtype=torch.float64))
     _assert_close(got["params"], reference.state_dict())
-    # its checkpoint holds full (unsharded) tensors that load into a plain model
+    _assert_close(got["ema"], trainer.ema.export())
+
+
+def test_fsdp2_checkpoint_loads_into_a_plain_model(two_process_run):
+    got = torch.load(two_process_run / "fsdp_resumed.pt", weights_only=True)
     from foldops.compat import load_checkpoint
 
     plain = _model()

@@ -517,6 +517,12 @@ def test_bad_models_and_steps():
     with pytest.raises(TypeError, match="training_step"):
         Trainer(cfg()).fit(nn.Linear(2, 2), make_loader())
 
+    class NoValidation(TinyRegressor):
+        validation_step = None
+
+    with pytest.raises(TypeError, match="validation_step"):
+        Trainer(cfg()).fit(NoValidation(), make_loader(), make_loader())
+
     class NoLoss(TinyRegressor):
         def training_step(self, batch, step):
             return {"out": torch.zeros(())}

@@ -290,9 +290,10 @@ class Trainer:
                 exists, else a fresh start) or a checkpoint path.
         """
         cfg = self.config
-        for name in ("training_step", "configure_optimizers"):
+        for name in ("training_step", "configure_optimizers") + (("validation_step",) if val_loader is not None else ()):
             if not callable(getattr(model, name, None)):
-                raise TypeError(f"model: {type(model).__name__} has no {name}() method")
+                raise TypeError(f"model: {type(model).__name__} has no {name}() method"
+                                + (" (needed with a val_loader)" if name == "validation_step" else ""))
         self._setup_runtime()
         resume_path = self._resolve_resume(resume)
         if cfg.seed is not None:
