@@ -33,15 +33,10 @@ from foldops.device import autocast_dtype_in_effect, fp32_region
 from foldops.reference import transition as _reference
 
 OP = "swiglu_transition"
-# Default positions per chunk: the fused [chunk, 2H] hidden block is kept about L2-sized
-# on CPU (faster than big blocks there: no page faults), larger on accelerators (fewer
-# launches); 16M elements = 64 MiB in fp32.
-_BLOCK_ELEMENTS = 512 * 1024
-_DEVICE_BLOCK_ELEMENTS = 16 * 1024 * 1024
-
-
-def _block_elements(device: torch.device) -> int:
-    return _BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+# Default positions per chunk: the fused [chunk, 2H] hidden block stays under this many
+# elements (fp32: 32 MiB). Large chunks mean few ops (each one a thread-pool barrier on
+# CPU, a launch on GPU); the block is a workspace reused by every chunk.
+_BLOCK_ELEMENTS = 8 * 1024 * 1024
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -74,16 +69,18 @@ def _inference_path(x, norm_weight, norm_bias, fc1_weight, fc2_weight, fc3_weigh
     positions = math.prod(lead)
     cdt, amp = _compute_dtype(x)
     ln_dtype = torch.float32 if amp else cdt
-    chunk = chunk_size or max(1, _block_elements(x.device) // (2 * hidden))
+    chunk = min(max(1, positions), chunk_size or max(1, _BLOCK_ELEMENTS // (2 * hidden)))
     with fp32_region(x):  # dtypes are explicit below
         xf = x.reshape(positions, dim)
         w12 = torch.cat([fc1_weight, fc2_weight]).to(cdt)
         w3 = fc3_weight.to(cdt)
         ln = (norm_weight.to(ln_dtype), norm_bias.to(ln_dtype))
         out = torch.empty((positions, out_dim), dtype=cdt, device=x.device)
+        work = torch.empty((chunk, 2 * hidden), dtype=cdt, device=x.device)
         for s in range(0, positions, chunk):
             h = F.layer_norm(xf[s : s + chunk].to(ln_dtype), (dim,), *ln, eps).to(cdt)
-            u = torch.matmul(h, w12.T)  # [chunk, 2H]
+            u = work[: h.shape[0]]
+            torch.matmul(h, w12.T, out=u)  # [chunk, 2H]: fc1 | fc2
             gate = F.silu(u[:, :hidden], inplace=True)
             gate.mul_(u[:, hidden:])
             torch.matmul(gate, w3.T, out=out[s : s + chunk])
@@ -159,8 +156,7 @@ def swiglu_transition(
             dtype under autocast).
         eps: LayerNorm epsilon.
         chunk_size: positions per step for the ``torch`` backend at inference
-            (default: the ``[chunk, 2H]`` hidden block bounded at 512K elements on
-            CPU, 16M elsewhere).
+            (default: the ``[chunk, 2H]`` hidden block bounded at 8M elements).
         backend: ``"auto"``, ``"torch"`` or ``"reference"``.
 
     Returns:
