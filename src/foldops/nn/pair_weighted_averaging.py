@@ -8,8 +8,9 @@ checkpoint loads with ``strict=True``; same initialisation (PyTorch defaults,
 Differences from Boltz, by design: masking is exact (``inf`` is kept for
 compatibility only), and rows i whose pair mask is all zero (padding) give zeros
 instead of an unmasked average. At inference the layer runs a chunk of MSA rows at a
-time, from the layer norm to the output projection, so besides its output it holds
-O(chunk * N * H * c_h) activations instead of several ``[B, S, N, H * c_h]`` tensors.
+time, from the layer norm to the output projection (one softmax shared by all chunks),
+so besides its output it holds O(H N^2 + chunk * N * H * c_h) activations instead of
+several ``[B, S, N, H * c_h]`` tensors.
 
 ``convert_ligo_state_dict`` maps the Ligo AlphaFold3 naming of the same layer
 (``msa_ln``, ``msa_proj.0``, ``to_gamma.0``, ``proj_pair_bias.0/1``, ``output_proj``)
@@ -24,10 +25,13 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from foldops import backends
 from foldops._checks import as_bool_mask, check_tensor
 from foldops.backends import AUTO
+from foldops.device import fp32_region
 from foldops.nn import _init
-from foldops.ops.pair_weighted_averaging import pair_weighted_averaging
+from foldops.ops.pair_weighted_averaging import OP as _PWA_OP
+from foldops.ops.pair_weighted_averaging import pair_weighted_averaging, softmax_weights, weighted_sum
 
 # At inference, MSA rows per step are chosen so one step's activations stay under
 # about this many elements: 16M on CPU (fp32: 64 MiB), 256M on accelerators, where
@@ -117,16 +121,24 @@ class PairWeightedAveraging(nn.Module):
         self.proj_o = nn.Linear(c_h * num_heads, c_m, bias=False, **factory)
         _init.zeros_(self.proj_o.weight)
 
-    def _rows(self, m: Tensor, logits: Tensor, mask, msa_mask) -> Tensor:
-        """The layer on a block of MSA rows, from the layer norm to ``proj_o``."""
+    def _rows(self, m: Tensor, logits: Tensor, mask, msa_mask, weights=None):
+        """The layer on a block of MSA rows, from the layer norm to ``proj_o``.
+
+        ``weights``: softmax weights shared by every block (torch backend at
+        inference), or None to call the op. Returns (output, weights in v's dtype).
+        """
         m = self.norm_m(m)
         # Two matmuls, not one on concatenated weights: slicing a joint output costs
         # two full-size zero-filled gradients in backward.
         v = self.proj_m(m).unflatten(-1, (self.num_heads, self.c_h))
         if msa_mask is not None:
             v = v * msa_mask[..., None, None].to(v.dtype)
-        o = pair_weighted_averaging(v, logits, mask, backend=self.backend)
-        return self.proj_o(torch.sigmoid(self.proj_g(m)) * o.flatten(-2))
+        if weights is None:
+            o = pair_weighted_averaging(v, logits, mask, backend=self.backend)
+        else:
+            weights = weights.to(v.dtype)
+            o = weighted_sum(weights, v)
+        return self.proj_o(torch.sigmoid(self.proj_g(m)) * o.flatten(-2)), weights
 
     def forward(
         self,
@@ -153,19 +165,25 @@ class PairWeightedAveraging(nn.Module):
         logits = self.proj_z(self.norm_z(z)).permute(0, 3, 1, 2)  # [B, H, N, N] view
 
         if self.training or torch.is_grad_enabled():
-            return self._rows(m, logits, mask, msa_mask)
+            return self._rows(m, logits, mask, msa_mask)[0]
         width = self.num_heads * self.c_h
         per_row = batch * n * (2 * self.c_m + 4 * width)
         budget = _ROW_CHUNK_ELEMENTS if m.device.type == "cpu" else _ROW_CHUNK_ELEMENTS_ACCELERATOR
         budget //= self.num_heads if chunk_heads else 1
         step = max(1, budget // max(1, per_row))
         if step >= rows:
-            return self._rows(m, logits, mask, msa_mask)
+            return self._rows(m, logits, mask, msa_mask)[0]
+        weights = None
+        if backends.select(_PWA_OP, self.backend, device=m.device, dtype=m.dtype).name == "torch":
+            # One softmax for every block of rows, as the op itself would share it.
+            with fp32_region(m):
+                softmax_dtype = torch.float64 if m.dtype == torch.float64 else torch.float32
+                weights = softmax_weights(logits, mask, softmax_dtype)
         out = None
         for s0 in range(0, rows, step):
             s1 = min(rows, s0 + step)
             chunk_mask = None if msa_mask is None else msa_mask[:, s0:s1]
-            o = self._rows(m[:, s0:s1], logits, mask, chunk_mask)
+            o, weights = self._rows(m[:, s0:s1], logits, mask, chunk_mask, weights)
             if out is None:
                 out = o.new_empty((batch, rows, n, o.shape[-1]))
             out[:, s0:s1] = o

@@ -54,8 +54,13 @@ def softmax_weights(logits: torch.Tensor, mask: Optional[torch.Tensor], dtype: t
     return torch.softmax(logits, dim=-1).masked_fill(~any_kept, 0.0)
 
 
-def _weighted_sum(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """out[b,s,i,h,:] = sum_j weights[b,h,i,j] v[b,s,j,h,:] as one matmul batched over (b, h)."""
+def weighted_sum(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``out[b,s,i,h,:] = sum_j weights[b,h,i,j] v[b,s,j,h,:]``, one matmul batched over (b, h).
+
+    ``weights`` ``[B, H, N, N]`` (already normalised, v's dtype), ``v`` ``[B, S, N, H, D]``
+    any strides; returns a ``[B, S, N, H, D]`` view of a ``[B, H, N, S, D]`` buffer. For
+    callers that apply one set of weights to several blocks of MSA rows.
+    """
     batch, rows, n, heads, dim = v.shape
     v_t = v.permute(0, 3, 2, 1, 4).reshape(batch, heads, n, rows * dim)  # [B, H, N_j, (s,d)]
     out = torch.matmul(weights, v_t).view(batch, heads, n, rows, dim)
@@ -68,7 +73,7 @@ def _torch_backend(v, logits, mask, chunk_size):
     with fp32_region(v):
         if torch.is_grad_enabled() and (v.requires_grad or logits.requires_grad):
             weights = softmax_weights(logits, mask, softmax_dtype).to(v.dtype)
-            return _weighted_sum(weights, v).contiguous()
+            return weighted_sum(weights, v).contiguous()
         # Heads per group: the fp32 weights of a group stay under the budget.
         budget = _TORCH_CHUNK_ELEMENTS if v.device.type == "cpu" else _TORCH_CHUNK_ELEMENTS_ACCELERATOR
         group = max(1, min(heads, budget // max(1, batch * n * n)))
@@ -80,7 +85,7 @@ def _torch_backend(v, logits, mask, chunk_size):
             weights = softmax_weights(logits[:, h0:h1], mask, softmax_dtype).to(v.dtype)
             for s0 in range(0, rows, chunk_size):
                 s1 = min(rows, s0 + chunk_size)
-                out[:, s0:s1, :, h0:h1] = _weighted_sum(weights, v[:, s0:s1, :, h0:h1])
+                out[:, s0:s1, :, h0:h1] = weighted_sum(weights, v[:, s0:s1, :, h0:h1])
         return out
 
 
@@ -131,4 +136,4 @@ def pair_weighted_averaging(
     return impl.fn(v, logits, mask, chunk_size)
 
 
-__all__ = ["pair_weighted_averaging", "softmax_weights"]
+__all__ = ["pair_weighted_averaging", "softmax_weights", "weighted_sum"]
