@@ -63,6 +63,10 @@ def floors_ms(c: Dict[str, float], mm_flops: float, bandwidth: float, exp_rate: 
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
 
 
+def _sms() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def measure_ceilings(device) -> Dict[str, float]:
     """Device-to-device copy bandwidth (read + write) and bf16 matmul rate, measured here."""
     import triton.testing
@@ -332,14 +336,17 @@ def run(args) -> None:
                 base = dict(op=OP, n=n, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                             dtype=dtype_name, device=name)
                 c = counts(n, args.batch, args.heads, args.head_dim, dtype)
-                mm = ceilings["mm_flops"] if dtype != torch.float32 else ceilings["mm_flops"] / 2  # tf32 at best
+                # fp32 runs with IEEE products (the default precision): the FMA units' rate
+                mm = ceilings["mm_flops"] if dtype != torch.float32 else 2 * 128 * _sms() * CLOCK_HZ
                 fl = floors_ms(c, mm, ceilings["bandwidth"], ceilings["exp_rate"])
                 for key, value in c.items():
                     writer.writerow(dict(base, backend="count", mode="", metric=key, value=value, version=""))
                 for mode, value in fl.items():
                     writer.writerow(dict(base, backend="floor", mode=mode, metric="time_ms", value=value, version=""))
                 for backend in args.backends:
-                    if backend == "torch" and n > args.torch_max_n:
+                    if dtype == torch.float32 and n > args.fp32_max_n:
+                        rows = [dict(mode=m, metric="status", value="skipped (fp32 above --fp32-max-n)") for m in args.modes]
+                    elif backend == "torch" and n > args.torch_max_n:
                         rows = [dict(mode=m, metric="status", value="skipped (too slow / too large)") for m in args.modes]
                     else:
                         rows = run_one(backend, n, dtype, args.modes, args, device)
@@ -506,6 +513,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--mask-fraction", type=float, default=0.0,
                         help="fraction of keys masked at random (default 0: a mask of all True)")
     parser.add_argument("--torch-max-n", type=int, default=1024)
+    parser.add_argument("--fp32-max-n", type=int, default=1024)
     parser.add_argument("--budget-ms", type=float, default=400.0, help="timed repetitions per point, ms")
     parser.add_argument("--acc-n", type=int, nargs="*", default=[256, 512], help="sizes of the accuracy check")
     parser.add_argument("--acc-dtypes", nargs="+", default=["bfloat16"])

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from triton.language.extra import libdevice
 
 from foldops.device import triton_interpret
 from foldops.kernels._utils import patch_interpreter_bf16
@@ -70,6 +71,24 @@ __all__ = [
 # USE_MASK): rows that keep every key, the common case, skip the per-logit mask add.
 
 LOG2E_C = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _exp2(x, PRECISE: tl.constexpr):
+    # fp32 inputs: the accurate libdevice exp2 (ex2.approx errs ~2 ulp, visible against
+    # fp32 PyTorch); 16-bit inputs round far above that.
+    if PRECISE:
+        return libdevice.exp2(x)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _log2(x, PRECISE: tl.constexpr):
+    if PRECISE:
+        return libdevice.log2(x)
+    else:
+        return tl.math.log2(x)
 
 
 @triton.jit
@@ -105,7 +124,7 @@ def _all_kept(mask_ptr, smk, N, BLOCK: tl.constexpr):
 def _fwd_loop(
     q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
     USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """Online softmax over all key blocks of one [BLOCK_J] query block: (m2, l, acc)."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -130,8 +149,8 @@ def _fwd_loop(
         m_new = tl.maximum(m_i, tl.max(s, 1) * LOG2E_C)
         # A row with no kept key so far has m_new = -inf: subtract 0 instead (exp2(-inf) = 0).
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s * LOG2E_C - m_use[:, None])
+        alpha = _exp2(m_i - m_use, PRECISE)
+        p = _exp2(s * LOG2E_C - m_use[:, None], PRECISE)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
@@ -155,7 +174,7 @@ def _fwd_kernel(
     sob, soi, son, soh, sod,
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,  # EVEN_N: N % both blocks == 0
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h)."""
     pid_j = tl.program_id(0)
@@ -184,14 +203,14 @@ def _fwd_kernel(
         full = True
     if full:
         m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
-                                  False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
+                                  False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
     else:
         m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
-                                  True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
+                                  True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
+    lse = tl.where(has_keys, m_i + _log2(tl.where(has_keys, l_i, 1.0), PRECISE), float("inf"))
     o_ptrs = OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=valid_j[:, None])
     tl.store(LSE + ((b * I + i) * H + h) * N + j64, lse, mask=valid_j)
@@ -238,7 +257,7 @@ def _sum_splits_kernel(PARTIAL, OUT, SPLITS, NUMEL, BLOCK: tl.constexpr):
 def _dq_loop(
     q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
     USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     offs_k = tl.arange(0, BLOCK_K)
     dq = tl.zeros([BLOCK_J, D], dtype=tl.float32)
@@ -257,7 +276,7 @@ def _dq_loop(
         s = qk * scale + bias.to(tl.float32)
         if USE_MASK or not EVEN_N:
             s += _key_bias(m_ptrs, cur_k, N, USE_MASK, EVEN_N)[None, :]
-        p = tl.math.exp2(s * LOG2E_C - lse[:, None])
+        p = _exp2(s * LOG2E_C - lse[:, None], PRECISE)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -282,7 +301,7 @@ def _bwd_dq_kernel(
     sdqb, sdqi, sdqn, sdqh, sdqd,
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in registers."""
     pid_j = tl.program_id(0)
@@ -317,10 +336,10 @@ def _bwd_dq_kernel(
         full = True
     if full:
         dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
-                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
+                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
     else:
         dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
-                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
+                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
     dq_ptrs = DQ + b * sdqb + i * sdqi + h * sdqh + j64[:, None] * sdqn + offs_d[None, :] * sdqd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
 
@@ -329,7 +348,7 @@ def _bwd_dq_kernel(
 def _dkdv_loop(
     k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj, N, scale, valid_k,
     USE_KEY_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     offs_j = tl.arange(0, BLOCK_J)
     dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
@@ -353,7 +372,7 @@ def _dkdv_loop(
         st = kq * scale + bias_t.to(tl.float32)
         if USE_KEY_BIAS:
             st += key_bias[:, None]
-        pt = tl.math.exp2(st * LOG2E_C - lse[None, :])
+        pt = _exp2(st * LOG2E_C - lse[None, :], PRECISE)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
@@ -378,7 +397,7 @@ def _bwd_dkdv_kernel(
     sdvb, sdvi, sdvn, sdvh, sdvd,
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """dK, dV for a [BLOCK_K] block of keys of one (b, i, h): transposed tiles [K, J]."""
     pid_k = tl.program_id(0)
@@ -411,10 +430,10 @@ def _bwd_dkdv_kernel(
         full = True
     if full:
         dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
-                            N, scale, valid_k, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
+                            N, scale, valid_k, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
     else:
         dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
-                            N, scale, valid_k, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION)
+                            N, scale, valid_k, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
 
     dk_ptrs = DK + b * sdkb + i * sdki + h * sdkh + k64[:, None] * sdkn + offs_d[None, :] * sdkd
     dv_ptrs = DV + b * sdvb + i * sdvi + h * sdvh + k64[:, None] * sdvn + offs_d[None, :] * sdvd
@@ -434,7 +453,7 @@ def _bwd_dbias_kernel(
     sdbs, sdbb, sdbh, sdbj, sdbk,
     I, N, H, BH, scale, ROWS_PER_SPLIT,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """dBias[b, h, j-tile, k-tile] = sum over rows i (of this split) of dS, in registers."""
     pid_j = tl.program_id(0)
@@ -486,7 +505,7 @@ def _bwd_dbias_kernel(
         s = qk * scale + bias
         if HAS_MASK or not EVEN_N:
             s += _key_bias(m_ptrs, offs_k, N, HAS_MASK, EVEN_N)[None, :]
-        p = tl.math.exp2(s * LOG2E_C - lse[:, None])
+        p = _exp2(s * LOG2E_C - lse[:, None], PRECISE)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         acc += p * (dp - delta[:, None])
         q_ptrs += sqi
@@ -525,8 +544,8 @@ _CONFIGS = {
     ("fwd", 32, False): (128, 32, 4, 3),
     ("fwd", 64, False): (128, 64, 4, 3),
     ("fwd", 128, False): (128, 64, 8, 2),
-    ("dq", 16, False): (64, 32, 4, 3),
-    ("dq", 32, False): (64, 32, 4, 3),
+    ("dq", 16, False): (128, 32, 4, 3),
+    ("dq", 32, False): (128, 32, 4, 3),
     ("dq", 64, False): (64, 64, 4, 3),
     ("dq", 128, False): (64, 64, 4, 2),
     ("dkdv", 16, False): (32, 64, 4, 3),
@@ -540,20 +559,40 @@ _CONFIGS = {
 }
 
 
-def _config(kind: str, n: int, d: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+def _smem_bytes(kind: str, bj: int, bk: int, stages: int, d: int, e: int, be: int) -> int:
+    """Rough shared memory of one program: pipelined tiles (x2 for the two loop copies)."""
+    if kind in ("fwd", "dq"):
+        return 2 * stages * (2 * bk * d * e + bj * bk * be) + 2 * bj * d * e
+    if kind == "dkdv":
+        return 2 * stages * (2 * bj * d * e + bj * bk * 4) + 2 * bk * d * e
+    return stages * (2 * bj * d + 2 * bk * d) * e
+
+
+_SMEM_BUDGET = 160 * 1024
+
+
+def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype] = None) -> Tuple[int, int, int, int]:
+    """(BLOCK_J, BLOCK_K, num_warps, num_stages), plain ints even for symbolic N."""
     if _interpreting():
         return 16, 16, 1, 1  # small tiles: multi-block loops at small N, fast interpretation
-    fp32 = dtype == torch.float32
-    if fp32:
-        bj, bk, warps, stages = _CONFIGS[(kind, d, False)]
-        # fp32 operands take twice the registers and shared memory.
-        bj, bk = min(bj, 64), min(bk, 64 if d <= 32 else 32)
-        stages = min(stages, 2)
-    else:
-        bj, bk, warps, stages = _CONFIGS[(kind, d, False)]
-    # Small N: smaller tiles for more programs and less padding.
-    cap = max(16, triton.next_power_of_2(n))
-    return min(bj, cap), min(bk, cap), warps, stages
+    bj, bk, warps, stages = _CONFIGS[(kind, d, False)]
+    if dtype == torch.float32:  # fp32 operands take twice the registers and shared memory
+        bj, bk, stages = min(bj, 64), min(bk, 64 if d <= 32 else 32), min(stages, 2)
+    if n < 256:  # small N: smaller tiles for more programs and less padding
+        cap = max(16, triton.next_power_of_2(int(n)))
+        bj, bk = min(bj, cap), min(bk, cap)
+    e = torch.tensor([], dtype=dtype).element_size()
+    be = torch.tensor([], dtype=bias_dtype or dtype).element_size()
+    while _smem_bytes(kind, bj, bk, stages, d, e, be) > _SMEM_BUDGET:
+        if stages > 2:
+            stages -= 1
+        elif bk > 16 and (kind != "dkdv" or bk >= bj):
+            bk //= 2
+        elif bj > 16:
+            bj //= 2
+        else:
+            break
+    return bj, bk, warps, stages
 
 
 def _tracing_under_interpreter(t: torch.Tensor) -> bool:
@@ -571,7 +610,14 @@ def _tracing_under_interpreter(t: torch.Tensor) -> bool:
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+    # TF32 products as three TF32 passes (Triton's "tf32x3"): a single pass truncates
+    # the operands and errs about twice as much as PyTorch's own TF32 matmuls.
+    return "tf32x3" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def _precise(dtype: torch.dtype) -> bool:
+    """Accurate exp2/log2 for fp32 inputs (libdevice; not under the interpreter)."""
+    return dtype == torch.float32 and not _interpreting()
 
 
 # Launchers -------------------------------------------------------------------------------
@@ -631,19 +677,20 @@ def triangle_attention_forward(
     """Forward launcher: ``(out [B, I, N, H, D] in q's dtype, lse [B, I, H, N] fp32, base 2)``."""
     _check(q, k, v, bias, mask)
     batch, rows, n, heads, d = q.shape
+    d = int(d)  # a compile-time constant of the kernels (also under symbolic shapes)
     out = _empty_in_order(q)
     lse = torch.empty((batch, rows, heads, n), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or _tracing_under_interpreter(q):
         return out, lse
-    bj, bk, warps, stages = _config("fwd", n, d, q.dtype)
+    bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     grid = (triton.cdiv(n, bj), rows, batch * heads)
     wrap_triton(_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
         rows, n, heads, scale,
-        HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
-        BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32),
+        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -689,6 +736,7 @@ def triangle_attention_backward(
     storage; dQ last, over both. Peak memory is the gradients themselves.
     """
     batch, rows, n, heads, d = q.shape
+    d = int(d)
     dq, dq_flat = _empty_buffer(q)
     dk, dk_flat = _empty_buffer(k)
     dv, dv_flat = _empty_buffer(v)
@@ -709,7 +757,7 @@ def triangle_attention_backward(
     precision = _precision(q.dtype, allow_tf32)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
 
-    bj = min(128, max(16, triton.next_power_of_2(n)))
+    bj = 128 if n >= 128 else max(16, triton.next_power_of_2(int(n)))
     wrap_triton(_bwd_delta_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), rows, n, heads,
         D=d, BLOCK_J=bj, num_warps=4,
@@ -724,7 +772,7 @@ def triangle_attention_backward(
                 key_bias = torch.empty((batch, rows, n), dtype=torch.float32, device=q.device)
             key_bias.fill_(0.0).masked_fill_(~mask, float("-inf"))
             mask_t, mask_strides = key_bias, key_bias.stride()
-        bj, bk, warps, stages = _config("dbias", n, d, q.dtype)
+        bj, bk, warps, stages = _config("dbias", n, d, q.dtype, bias.dtype)
         tiles = triton.cdiv(n, bj) * triton.cdiv(n, bk)
         room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
         splits = min(_bias_splits(tiles * batch * heads, rows, q.device), max(1, room))
@@ -740,8 +788,8 @@ def triangle_attention_backward(
             *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides,
             *grad_out.stride(), *target_strides,
             rows, n, heads, batch * heads, scale, rows_per_split,
-            HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
-            BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
+            HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
+            BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
             num_warps=warps, num_stages=stages,
         )
         if splits > 1:
@@ -761,19 +809,19 @@ def triangle_attention_backward(
         *q.stride(), *k.stride(), *v.stride(), *bias_t.stride(), *mask_strides,
         *grad_out.stride(), *dk.stride(), *dv.stride(),
         rows, n, heads, scale,
-        HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
-        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
+        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
         num_warps=warps, num_stages=stages,
     )
 
-    bj, bk, warps, stages = _config("dq", n, d, q.dtype)
+    bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype)
     wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
         q, k, v, bias, mask_t, out, grad_out, lse, dq,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
         *grad_out.stride(), *dq.stride(),
         rows, n, heads, scale,
-        HAS_MASK=has_mask, EVEN_N=(n % bj == 0 and n % bk == 0), D=d,
-        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision,
+        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv, dbias
@@ -855,6 +903,7 @@ def _backward(ctx, grad_out, _grad_lse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.compiler.assume_constant_result
 def _allow_tf32() -> bool:
     # torch's own switch: torch.set_float32_matmul_precision("high") allows TF32.
     return torch.get_float32_matmul_precision() != "highest"
