@@ -69,6 +69,8 @@ class LogMixin:
 
 def _as_value(name: str, value: Any):
     if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return value.detach()
         if value.numel() != 1:
             raise ValueError(f"log: {name!r} needs a scalar, got a tensor of shape {tuple(value.shape)}")
         return value.detach().reshape(())

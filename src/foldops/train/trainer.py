@@ -67,6 +67,7 @@ logger = logging.getLogger("foldops.train")
 
 ResumeArg = Union[None, str, os.PathLike]
 _NULL_CONTEXT = contextlib.nullcontext()
+_AMP_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 
 def _extract_loss(out: Any, where: str) -> Optional[torch.Tensor]:
@@ -225,11 +226,8 @@ class Trainer:
                 strategy = "ddp" if self._ctx.enabled else "single"
             self._strategy = strategy
 
-    def _mixed_dtype(self) -> Optional[torch.dtype]:
-        return {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(self.config.precision)
-
     def _autocast(self):
-        dtype = self._mixed_dtype()
+        dtype = _AMP_DTYPES.get(self.config.precision)
         if dtype is None:
             return _NULL_CONTEXT
         return fdevice.autocast(self.device, dtype=dtype)
