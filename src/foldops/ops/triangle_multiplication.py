@@ -63,8 +63,8 @@ WEIGHT_NAMES = (
 _CHUNK_ELEMENTS = 2 * 1024 * 1024
 _MIN_CHUNK = 8
 # Position blocks of the LayerNorms and the output step: [block, D] temporaries stay
-# under this many elements (fp32: 4 MiB each).
-_BLOCK_ELEMENTS = 1024 * 1024
+# under this many elements (fp32: 2 MiB each).
+_BLOCK_ELEMENTS = 512 * 1024
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -138,14 +138,19 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
                     torch.bmm(a.transpose(1, 2), b, out=t[bi, c0 : c0 + c])
         del ab, gate, proj
 
-        # out = LayerNorm_out(t) p_out^T * sigmoid(h g_out^T), written over h block by block.
+        # out = LayerNorm_out(t) p_out^T * sigmoid(h g_out^T), written over h block by block
+        # (the gate first: it reads the block of h that the projection then overwrites).
+        gate = torch.empty((min(block, nn_), dim), dtype=cdt, device=dev)
         for bi in range(batch):
             tf = t[bi].view(dim, nn_)
             for s in range(0, nn_, block):
+                hb = hf[bi, s : s + block]
+                gb = gate[: hb.shape[0]]
+                torch.matmul(hb, g_out.T, out=gb)
+                gb.sigmoid_()
                 y = F.layer_norm(tf[:, s : s + block].T, (dim,), *ln_out, eps)
-                out = torch.matmul(y.to(cdt), p_out.T)
-                out.mul_(torch.matmul(hf[bi, s : s + block], g_out.T).sigmoid_())
-                hf[bi, s : s + block] = out
+                torch.matmul(y.to(cdt), p_out.T, out=hb)
+                hb.mul_(gb)
     return h
 
 
