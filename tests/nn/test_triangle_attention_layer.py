@@ -78,6 +78,19 @@ def test_inference_chunks_equal_one_shot(starting, chunk_size):
     assert_within_baseline("chunked", chunked, exact, one_shot)
 
 
+def test_chunk_size_caps_the_memory_bounded_step(monkeypatch):
+    monkeypatch.setattr(tri_module, "_ROW_CHUNK_ELEMENTS_CPU", 2 * 11 * 4 * D * H * 3)  # bound: 3 rows
+    calls = []
+    real = tri_module.triangle_attention
+    monkeypatch.setattr(tri_module, "triangle_attention", lambda q, *a, **kw: calls.append(q.shape[1]) or real(q, *a, **kw))
+    layer = make(True)
+    x = torch.randn(2, 11, 11, C)
+    with torch.no_grad():
+        layer(x, chunk_size=2)
+        layer(x, chunk_size=512)  # Boltz's small-N size: the bound still applies
+    assert calls == [2] * 5 + [1] + [3, 3, 3, 2]
+
+
 def test_default_inference_chunking_kicks_in(monkeypatch):
     monkeypatch.setattr(tri_module, "_ROW_CHUNK_ELEMENTS_CPU", 2 * 11 * 4 * D * H * 3)  # 3 rows per step
     calls = []

@@ -8,7 +8,7 @@ v, the bias and the mask, so no transposed copy of the pair tensor is made.
 
 Differences from Boltz, by design: rows whose keys are all masked (padding) give
 zeros instead of an average over masked keys; masking is exact rather than a
-``-inf`` bias; at inference the projections are computed ``chunk_size`` rows at a
+``-inf`` bias; at inference the projections are computed a bounded number of rows at a
 time, so no ``[B, N, N, 4 * H * D]`` tensor is ever held whole.
 """
 
@@ -109,8 +109,9 @@ class TriangleAttention(nn.Module):
         """Args:
             x: ``[*, N, N, C]``.
             mask: ``[*, N, N]`` pair keep-mask (bool or 0/1 float), or None.
-            chunk_size: rows per step at inference (Boltz's ``chunk_size``); None picks a
-                memory-bounded default. Ignored when gradients are needed.
+            chunk_size: at most this many rows per step at inference (Boltz's
+                ``chunk_size``); fewer where the memory bound asks for it. Ignored when
+                gradients are needed.
             use_kernels: accepted for Boltz compatibility; kernels are chosen by ``backend``.
 
         Returns:
@@ -134,11 +135,13 @@ class TriangleAttention(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if needs_grad:
             step = n
-        elif chunk_size is not None:
-            step = chunk_size
         else:
+            # Boltz's chunk_size (e.g. its stack's 512 below 384 tokens) caps the rows per
+            # step; the memory bound may take fewer.
             bound = _ROW_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else _ROW_CHUNK_ELEMENTS
             step = max(1, bound // max(1, batch * n * 4 * width))
+            if chunk_size is not None:
+                step = min(step, chunk_size)
         one_shot = step >= n
 
         # bias[b, h, q, k] = linear(x')[b, q, k, h] with x' = x (start) or x^T (end).
