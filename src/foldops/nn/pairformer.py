@@ -6,9 +6,9 @@ Constructor arguments, forward signatures and state-dict keys are Boltz-2's
 
 What differs, by design:
 
-- The fp32-guarded sequence stack uses ``foldops.device.fp32_region``. Boltz writes
-  ``torch.autocast("cuda", enabled=False)``, which guards nothing on CPU, XPU or MPS, so
-  there its sequence stack silently runs in bf16 under autocast.
+- The fp32-guarded sequence stack uses ``foldops.device.fp32_region``. Boltz turns
+  autocast off for NVIDIA GPUs only, which guards nothing on CPU, XPU or MPS, so there
+  its sequence stack silently runs in bf16 under autocast.
 - Dropout masks are drawn as Boltz draws them (same shapes, same order), but not at all
   in eval mode or when the rate is 0 (same values, one pass over z fewer per update).
 - Padding: rows of a triangle attention whose keys are all masked give zeros (Boltz
