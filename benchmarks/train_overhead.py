@@ -167,7 +167,10 @@ def main(argv=None):
     ]
     for name, steps, hand, tr, ov, trn, ovn in summary:
         lines.append(f"| {name} | {steps} | {hand:.3f} | {tr:.3f} | {ov:+.2f}% | {trn:.3f} | {ovn:+.2f}% |")
-    lines += ["", "Target: at most 3% on a small CPU model. Raw rows: train_overhead.csv."]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines += ["", f"Load average at the end: {load:.2f} on {os.cpu_count()} cores (other jobs inflate Python-side "
+              "costs, so the small-model row is sensitive to it).",
+              "", "Target: at most 3% on a small CPU model. Raw rows: train_overhead.csv."]
     (out / "train_overhead.md").write_text("\n".join(lines) + "\n")
 
 
