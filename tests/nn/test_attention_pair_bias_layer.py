@@ -157,3 +157,34 @@ def test_inference_projects_the_pair_bias_in_row_chunks(monkeypatch):
         chunked = layer(s, z, mask, s)
     assert rows_seen[1:] == [2, 2, 2, 2, 1]
     torch.testing.assert_close(chunked, one_shot.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_triton_backend_with_multiplicity():
+    """The kernel reads the shared bias once per item and the [B, N] mask expanded over samples."""
+    from foldops.device import kernel_support, resolve_device
+    from foldops.testing import assert_within_baseline
+
+    device = resolve_device("auto")
+    reason = kernel_support(device, explicit=True)
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+    layers = {}  # 32 channels over 2 heads: head dim 16, a kernel size
+    for name, backend, dtype in (("fast", "triton", torch.float32), ("base", "torch", torch.float32), ("exact", "reference", torch.float64)):
+        layer = AttentionPairBias(32, CZ, 2, backend=backend, dtype=dtype)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        layers[name] = layer.to(device)
+    s, z = torch.randn(6, 5, 32, device=device), torch.randn(2, 5, 5, CZ, device=device)
+    mask = torch.ones(6, 5, device=device)
+    mask[1, 3:] = 0
+    outs = {}
+    for name, layer in layers.items():
+        dtype = next(layer.parameters()).dtype
+        si = s.to(dtype).requires_grad_(True)
+        y = layer(si, z.to(dtype), mask, si, multiplicity=3)
+        (ds,) = torch.autograd.grad(y.sum(), si)
+        outs[name] = (y.detach(), ds)
+    for i, what in enumerate(("out", "ds")):
+        assert_within_baseline(what, outs["fast"][i], outs["exact"][i], outs["base"][i], dtype=torch.float32)

@@ -15,9 +15,9 @@ def boltz_classes(nnh):
     return {True: mod.TriangleAttentionStartingNode, False: mod.TriangleAttentionEndingNode}
 
 
-def ours(starting, **kwargs):
+def ours(starting, d=D, h=H, **kwargs):
     cls = TriangleAttentionStartingNode if starting else TriangleAttentionEndingNode
-    return cls(C, D, H, **kwargs)
+    return cls(C, d, h, **kwargs)
 
 
 @pytest.mark.parametrize("train", (False, True), ids=("eval", "train"))
@@ -199,3 +199,43 @@ def test_bad_inputs(x, mask, chunk, error, pattern):
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="no_heads"):
         TriangleAttention(C, D, 0)
+
+
+def kernel_device():
+    """The device the Triton kernel runs on here (CPU under TRITON_INTERPRET=1), or skip."""
+    from foldops.device import kernel_support, resolve_device
+
+    device = resolve_device("auto")
+    reason = kernel_support(device, explicit=True)
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+    return device
+
+
+@pytest.mark.parametrize("starting", (True, False), ids=("start", "end"))
+def test_triton_backend_takes_the_layer_views(starting):
+    """The kernel gets the layer's strided (ending node: transposed) views, whole and chunked."""
+    device = kernel_device()
+    layers = {
+        name: make(starting, d=16, h=2, backend=backend, dtype=dtype).to(device)
+        for name, backend, dtype in (
+            ("fast", "triton", torch.float32),
+            ("base", "torch", torch.float32),
+            ("exact", "reference", torch.float64),
+        )
+    }
+    x = torch.randn(1, 7, 7, C, device=device)
+    mask = torch.rand(1, 7, 7, device=device) > 0.2
+    mask[:, 2] = False
+    mask[:, :, 3] = False
+    grad_out = torch.randn(1, 7, 7, C, device=device)
+    outs = {}
+    for name, layer in layers.items():
+        xi = x.to(next(layer.parameters()).dtype).requires_grad_(True)
+        y = layer(xi, mask)
+        (dx,) = torch.autograd.grad(y, xi, grad_out.to(y.dtype))
+        with torch.no_grad():
+            chunked = layer(xi, mask, chunk_size=3)
+        outs[name] = (y.detach(), dx, chunked)
+    for i, what in enumerate(("out", "dx", "chunked out")):
+        assert_within_baseline(what, outs["fast"][i], outs["exact"][i], outs["base"][i], dtype=torch.float32)
