@@ -134,11 +134,15 @@ class PairWeightedAveraging(nn.Module):
         if msa_mask is not None:
             v = v * msa_mask[..., None, None].to(v.dtype)
         if weights is None:
-            o = pair_weighted_averaging(v, logits, mask, backend=self.backend)
+            o = pair_weighted_averaging(v, logits, mask, backend=self.backend).flatten(-2)
         else:
             weights = weights.to(v.dtype)
-            o = weighted_sum(weights, v)
-        return self.proj_o(torch.sigmoid(self.proj_g(m)) * o.flatten(-2)), weights
+            o = weighted_sum(weights, v).flatten(-2)  # the flatten copies; the view dies here
+        del v
+        if torch.is_grad_enabled():
+            return self.proj_o(torch.sigmoid(self.proj_g(m)) * o), weights
+        # Inference: gate in place on buffers this layer owns, so fewer are alive at once.
+        return self.proj_o(o.mul_(self.proj_g(m).sigmoid_())), weights
 
     def forward(
         self,
