@@ -23,8 +23,9 @@ Backends:
   layout by batched matmuls, ``chunk_size`` channels at a time, from gated
   projections computed straight into that layout. Extra memory O(B N^2 D) for ``h``
   and ``t`` plus O(chunk N^2) for one chunk of ``a, b`` and its gate (the 2D-wide
-  projection is never materialised whole); about 2.5x the size of x in fp32 at
-  D = 128, N = 256 (Boltz's module: about 7x). Few large ops, reused workspaces. With gradients it
+  projection is never materialised whole). Measured peak on CPU, fp32, D = 128,
+  N = 256: about 3x the size of x (Boltz's module: about 7x). Few large ops, reused
+  workspaces. With gradients it
   runs the reference's autograd graph (O(B N^2 D) activations, as Boltz's module).
 - ``reference``: the plain composition (O(B N^2 D) with several 2D-wide temporaries);
   never picked by ``auto``.
