@@ -156,6 +156,10 @@ def _version(backend: str) -> str:
     try:
         return version(names[backend].replace("_", "-"))
     except PackageNotFoundError:
+        if backend == "foldops":  # run from a source tree (PYTHONPATH=src)
+            import foldops
+
+            return foldops.__version__
         return "?"
 
 
@@ -401,7 +405,10 @@ def plot(out_dir: str) -> None:
                     if r["dtype"] == dtype and r["backend"] == backend and r["mode"] == mode and r["metric"] == metric
                 )
                 if pts:
-                    style = dict(linestyle="--", color="gray") if backend == "floor" else dict(marker="o")
+                    colors = {"foldops": "tab:orange", "trifast": "tab:red", "cuequivariance": "tab:blue",
+                              "torch": "tab:green", "floor": "gray"}
+                    style = dict(linestyle="--") if backend == "floor" else dict(marker="o")
+                    style["color"] = colors.get(backend)
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], label=backend, **style)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

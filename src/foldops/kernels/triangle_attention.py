@@ -84,6 +84,19 @@ def _exp2(x, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _lse_parts(lse):
+    """(hi, lo) in fp32 with hi + lo = lse. fp32 inputs save lse in fp64: one fp32 lse
+    of magnitude ~10 is off by up to 5e-7, the same for every probability of its row,
+    which shows against fp32 PyTorch; 16-bit inputs save fp32 and use lo = 0."""
+    if lse.dtype == tl.float64:
+        finite = tl.where(lse == float("inf"), 0.0, lse)  # rows with no kept key: lo = 0
+        lo = (finite - finite.to(tl.float32).to(tl.float64)).to(tl.float32)
+        return lse.to(tl.float32), lo
+    else:
+        return lse, tl.zeros_like(lse)
+
+
+@triton.jit
 def _log2(x, PRECISE: tl.constexpr):
     if PRECISE:
         return libdevice.log2(x)
@@ -177,6 +190,7 @@ def _fwd_kernel(
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h)."""
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
     bh = tl.program_id(2)
@@ -210,7 +224,11 @@ def _fwd_kernel(
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + _log2(tl.where(has_keys, l_i, 1.0), PRECISE), float("inf"))
+    log2_l = _log2(tl.where(has_keys, l_i, 1.0), PRECISE)
+    if LSE.dtype.element_ty == tl.float64:  # m_i + log2_l exactly (fp32 inputs)
+        lse = tl.where(has_keys, m_i.to(tl.float64) + log2_l.to(tl.float64), float("inf"))
+    else:
+        lse = tl.where(has_keys, m_i + log2_l, float("inf"))
     o_ptrs = OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=valid_j[:, None])
     tl.store(LSE + ((b * I + i) * H + h) * N + j64, lse, mask=valid_j)
@@ -260,6 +278,7 @@ def _dq_loop(
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     offs_k = tl.arange(0, BLOCK_K)
+    lse_hi, lse_lo = _lse_parts(lse)
     dq = tl.zeros([BLOCK_J, D], dtype=tl.float32)
     for start_k in range(0, N, BLOCK_K):
         cur_k = start_k + offs_k
@@ -276,7 +295,10 @@ def _dq_loop(
         s = qk * scale + bias.to(tl.float32)
         if USE_MASK or not EVEN_N:
             s += _key_bias(m_ptrs, cur_k, N, USE_MASK, EVEN_N)[None, :]
-        p = _exp2(s * LOG2E_C - lse[:, None], PRECISE)
+        x = s * LOG2E_C - lse_hi[:, None]
+        if lse.dtype == tl.float64:
+            x -= lse_lo[:, None]
+        p = _exp2(x, PRECISE)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -304,6 +326,7 @@ def _bwd_dq_kernel(
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in registers."""
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
     bh = tl.program_id(2)
@@ -368,11 +391,15 @@ def _dkdv_loop(
             lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
             delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
             bias_t = tl.load(bt_ptrs, mask=valid_k[:, None] & valid_j[None, :], other=0.0)
+        lse_hi, lse_lo = _lse_parts(lse)
         kq = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         st = kq * scale + bias_t.to(tl.float32)
         if USE_KEY_BIAS:
             st += key_bias[:, None]
-        pt = _exp2(st * LOG2E_C - lse[None, :], PRECISE)
+        xt = st * LOG2E_C - lse_hi[None, :]
+        if lse.dtype == tl.float64:
+            xt -= lse_lo[None, :]
+        pt = _exp2(xt, PRECISE)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
@@ -400,6 +427,7 @@ def _bwd_dkdv_kernel(
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """dK, dV for a [BLOCK_K] block of keys of one (b, i, h): transposed tiles [K, J]."""
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_k = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
     bh = tl.program_id(2)
@@ -456,6 +484,7 @@ def _bwd_dbias_kernel(
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """dBias[b, h, j-tile, k-tile] = sum over rows i (of this split) of dS, in registers."""
+    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_z = tl.program_id(2)  # (split, b, h) flattened, (b, h) fastest
@@ -505,7 +534,11 @@ def _bwd_dbias_kernel(
         s = qk * scale + bias
         if HAS_MASK or not EVEN_N:
             s += _key_bias(m_ptrs, offs_k, N, HAS_MASK, EVEN_N)[None, :]
-        p = _exp2(s * LOG2E_C - lse[:, None], PRECISE)
+        lse_hi, lse_lo = _lse_parts(lse)
+        x = s * LOG2E_C - lse_hi[:, None]
+        if lse.dtype == tl.float64:
+            x -= lse_lo[:, None]
+        p = _exp2(x, PRECISE)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         acc += p * (dp - delta[:, None])
         q_ptrs += sqi
@@ -679,7 +712,8 @@ def triangle_attention_forward(
     batch, rows, n, heads, d = q.shape
     d = int(d)  # a compile-time constant of the kernels (also under symbolic shapes)
     out = _empty_in_order(q)
-    lse = torch.empty((batch, rows, heads, n), dtype=torch.float32, device=q.device)
+    lse_dtype = torch.float64 if q.dtype == torch.float32 else torch.float32  # see _lse_parts
+    lse = torch.empty((batch, rows, heads, n), dtype=lse_dtype, device=q.device)
     if out.numel() == 0 or _tracing_under_interpreter(q):
         return out, lse
     bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype)
