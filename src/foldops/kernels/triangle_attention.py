@@ -16,17 +16,18 @@ Layers (see docs/kernels/triangle_attention.md for the design, floors and timing
 - ``triangle_attention(q, k, v, bias, mask, scale)``: the differentiable entry point.
 
 Softmax in base 2 and fp32: logits are ``s2 = log2(e) * (scale * q.k + bias)``; the
-saved log-sum-exp ``lse`` [B, I, H, N] is in the same base. Rows whose keys are all
-masked get ``lse = +inf``, so every recomputed probability is 0: zero outputs and
-zero gradients without NaN.
+saved log-sum-exp ``lse`` [B, I, H, N] is in the same base (fp32; fp64 for fp32 inputs,
+see ``_lse_parts``). Rows whose keys are all masked get ``lse = +inf``, so every
+recomputed probability is 0: zero outputs and zero gradients without NaN.
 
 The bias gradient is deterministic: a program owns a (j, k) tile of one (b, h) and
 sums dS over rows i in registers; at small N the rows are split over a few programs
 whose partial tiles are summed afterwards in a fixed order. No atomics anywhere.
 
-Memory, beyond inputs and outputs: the forward saves lse, O(B I H N) fp32. The
-backward allocates only its gradients: delta = rowsum(dO*O) and the partial bias
-gradients live in dq's and dk's storage until those are written.
+Memory, beyond inputs and outputs: the forward saves lse, O(B I H N). The backward
+allocates only its gradients: delta = rowsum(dO*O), an fp32 transposed copy of the bias,
+the fp32 key mask and the partial bias gradients live in dq's, dv's and dk's storage
+until those are written (a separate buffer only when I << N and dq is too small).
 """
 
 from __future__ import annotations
