@@ -40,8 +40,9 @@ class TrainerConfig:
         gradient_clip_val: clip threshold, or ``None`` for no clipping.
         gradient_clip_algorithm: ``"norm"`` (total 2-norm) or ``"value"`` (element-wise).
         skip_nonfinite: skip (and count) an optimizer step whose loss or gradient norm is not
-            finite. Costs one pass over the gradients per step, which also gives the logged
-            ``train/grad_norm``.
+            finite. Costs one foreach norm over the gradients and one host read per step; the
+            same norm serves clipping and the logged ``train/grad_norm`` (which, with this off
+            and no norm clipping, is computed on logging steps only).
 
     Validation:
         val_every_n_steps: validate every this many optimizer steps; ``None``: at the end of

@@ -52,7 +52,10 @@ def transfer_to_device(batch: Any, device: torch.device, non_blocking: bool = Tr
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # named tuple
         return type(batch)(*(transfer_to_device(v, device, non_blocking) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(transfer_to_device(v, device, non_blocking) for v in batch)
+        moved = [transfer_to_device(v, device, non_blocking) for v in batch]
+        if all(m is v for m, v in zip(moved, batch)):
+            return batch  # already there: no new container
+        return type(batch)(moved)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         changes = {}
         for f in dataclasses.fields(batch):

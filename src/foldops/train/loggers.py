@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -33,6 +34,16 @@ class Logger:
         pass
 
 
+_FLUSH_S = 1.0  # a killed run loses at most this much of its rows; close() flushes
+
+
+def _flush_due(logger: Any, now: float) -> bool:
+    if now - logger._last_flush >= logger.flush_s:
+        logger._last_flush = now
+        return True
+    return False
+
+
 def _json_safe(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)  # JSON has no NaN/inf
@@ -40,11 +51,16 @@ def _json_safe(x: Any) -> Any:
 
 
 class JSONLLogger(Logger):
-    """One JSON object per line: ``{"step": ..., "<metric>": value, ...}`` in ``metrics.jsonl``."""
+    """One JSON object per line: ``{"step": ..., "<metric>": value, ...}`` in ``metrics.jsonl``.
 
-    def __init__(self, log_dir: os.PathLike, filename: str = "metrics.jsonl") -> None:
+    Rows are flushed to the file at most every ``flush_s`` seconds (and on ``close()``).
+    """
+
+    def __init__(self, log_dir: os.PathLike, filename: str = "metrics.jsonl", flush_s: float = _FLUSH_S) -> None:
         self.path = Path(log_dir) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.flush_s = flush_s
+        self._last_flush = time.monotonic()
         self._file = None
 
     def _open(self):
@@ -60,7 +76,8 @@ class JSONLLogger(Logger):
         row = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
         f = self._open()
         f.write(json.dumps(row) + "\n")
-        f.flush()
+        if _flush_due(self, time.monotonic()):
+            f.flush()
 
     def truncate_after(self, step: int) -> None:
         self.close()
@@ -86,13 +103,18 @@ class CSVLogger(Logger):
     """A wide ``metrics.csv`` (one column per metric, a row per logging step).
 
     When a new metric appears the file is rewritten with the wider header, as Lightning's
-    CSVLogger does; cells a row did not log are empty.
+    CSVLogger does; cells a row did not log are empty. Rows are flushed at most every
+    ``flush_s`` seconds (and on ``close()``).
     """
 
-    def __init__(self, log_dir: os.PathLike, filename: str = "metrics.csv") -> None:
+    def __init__(self, log_dir: os.PathLike, filename: str = "metrics.csv", flush_s: float = _FLUSH_S) -> None:
         self.path = Path(log_dir) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.flush_s = flush_s
+        self._last_flush = time.monotonic()
         self.columns: List[str] = ["step"]
+        self._file = None  # kept open between rows; closed before any read or rewrite
+        self._writer = None
         if self.path.exists():
             with open(self.path, newline="", encoding="utf-8") as f:
                 header = next(csv.reader(f), None)
@@ -108,6 +130,7 @@ class CSVLogger(Logger):
     def _write_all(self, rows: Sequence[Dict[str, Any]]) -> None:
         import io
 
+        self.close()
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, restval="")
         writer.writeheader()
@@ -117,18 +140,30 @@ class CSVLogger(Logger):
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
         row = {"step": step, **metrics}
         new = [k for k in row if k not in self.columns]
-        if new or not self.path.exists():
+        if new or (self._file is None and not self.path.exists()):
+            self.close()
             rows = self._rows()
             self.columns = self.columns + new
             self._write_all(rows + [row])
             return
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, fieldnames=self.columns, restval="").writerow(row)
+        if self._file is None:
+            self._file = open(self.path, "a", newline="", encoding="utf-8")
+            self._writer = csv.DictWriter(self._file, fieldnames=self.columns, restval="")
+        self._writer.writerow(row)
+        if _flush_due(self, time.monotonic()):
+            self._file.flush()
 
     def truncate_after(self, step: int) -> None:
+        self.close()
         rows = [r for r in self._rows() if r.get("step") and int(float(r["step"])) <= step]
         if self.path.exists():
             self._write_all(rows)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._writer = None
 
 
 class TensorBoardLogger(Logger):

@@ -120,8 +120,12 @@ class _Series:
         for i, v in enumerate(self.values):
             if isinstance(v, torch.Tensor):
                 by_device.setdefault(v.device, []).append(i)
-        for idx in by_device.values():  # one device sync per device, not per value
-            for i, x in zip(idx, torch.stack([self.values[i].float() for i in idx]).tolist()):
+        for dev, idx in by_device.items():
+            if dev.type == "cpu":  # no sync to save: a read each is cheaper than a stack
+                for i in idx:
+                    vals[i] = float(self.values[i].item())
+                continue
+            for i, x in zip(idx, torch.stack([self.values[i].float() for i in idx]).tolist()):  # one sync
                 vals[i] = x
         if self.reduce_fx == "mean":
             total_w = sum(self.weights)
@@ -131,6 +135,13 @@ class _Series:
         if self.reduce_fx == "max":
             return max(vals), 1.0, "max"
         return min(vals), 1.0, "min"
+
+
+def _series(table: Dict[str, _Series], name: str, reduce_fx: str) -> _Series:
+    s = table.get(name)
+    if s is None:  # built only for a new name, not on every call
+        s = table[name] = _Series(reduce_fx)
+    return s
 
 
 class MetricStore:
@@ -145,11 +156,14 @@ class MetricStore:
 
     def record(self, name: str, value: Any, *, on_step: Optional[bool], on_epoch: Optional[bool],
                prog_bar: bool, batch_size: Optional[int], reduce_fx: str) -> None:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"log: name must be a non-empty string, got {name!r}")
         if reduce_fx not in _REDUCES:
             raise ValueError(f"log: reduce_fx must be one of {_REDUCES}, got {reduce_fx!r}")
-        value = _as_value(name, value)
+        if isinstance(value, torch.Tensor) and value.dim() == 0:  # the common case, checked first
+            value = value.detach()
+        else:
+            value = _as_value(name, value)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"log: name must be a non-empty string, got {name!r}")
         training = self.stage == "train"
         if on_step is None:
             on_step = training
@@ -157,10 +171,10 @@ class MetricStore:
             on_epoch = not training
         weight = float(batch_size) if batch_size is not None else 1.0
         if on_step and training:
-            self._step.setdefault(name, _Series(reduce_fx)).add(value, weight)
+            _series(self._step, name, reduce_fx).add(value, weight)
         # Outside training there are no per-step rows: step values join the epoch mean.
         if on_epoch or (on_step and not training):
-            self._epoch.setdefault(self.stage, {}).setdefault(name, _Series(reduce_fx)).add(value, weight)
+            _series(self._epoch.setdefault(self.stage, {}), name, reduce_fx).add(value, weight)
         if prog_bar:
             self.prog_bar_names.add(name)
             self.latest[name] = value

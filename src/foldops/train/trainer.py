@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import math
@@ -71,6 +72,8 @@ _AMP_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 
 def _extract_loss(out: Any, where: str) -> Optional[torch.Tensor]:
+    if isinstance(out, torch.Tensor) and out.dim() == 0:  # the common case first
+        return out
     if out is None:
         return None
     if isinstance(out, Mapping):
@@ -183,11 +186,10 @@ class Trainer:
         self._window_loss: Optional[torch.Tensor] = None
         self._window_n = 0
         self._stepped_once = False
-        self._interval_loss: Optional[torch.Tensor] = None
+        self._loss_sums: Optional[torch.Tensor] = None  # [interval, epoch] sums of window means
         self._interval_steps = 0
         self._interval_t0 = time.perf_counter()
         self._interval_samples = 0
-        self._epoch_loss: Optional[torch.Tensor] = None
         self._epoch_loss_steps = 0
         self._consecutive_ooms = 0
         self._last_norm: Optional[torch.Tensor] = None
@@ -300,6 +302,10 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         self._attach(model)
+        # DDP and FSDP hook the wrapper's __call__; a single process calls the step directly,
+        # without the module-call machinery on every batch.
+        self._train_step = model.training_step if self._engine is self._dispatch \
+            else functools.partial(self._engine, "train")
         self._reset_run_state()
         self.global_step = 0
         self.epoch = 0
@@ -309,6 +315,10 @@ class Trainer:
         self.optimizer, self.scheduler = opt, sched
         self._sched_interval, self._sched_frequency, self._sched_monitor = interval, frequency, monitor
         self._params = [p for group in opt.param_groups for p in group["params"]]
+        # Gradients share their parameter's device and dtype: one group (and no sharded
+        # DTensors) lets _grad_norm use a single foreach norm.
+        self._fast_norm = (self._strategy != "fsdp" and len({(p.device, p.dtype) for p in self._params}) == 1
+                           and all(type(p) in (nn.Parameter, torch.Tensor) for p in self._params))
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16-mixed" else None
         if cfg.ema_decay is not None:
             self.ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
@@ -435,7 +445,7 @@ class Trainer:
         try:
             with self._no_sync(sync):
                 with self._autocast():
-                    out = self._engine("train", batch, self.global_step)
+                    out = self._train_step(batch, self.global_step)
                 loss = _extract_loss(out, "training_step")
                 if loss is None:
                     if self._ctx.enabled:
@@ -491,11 +501,24 @@ class Trainer:
             )
 
     def _grad_norm(self) -> torch.Tensor:
+        """Total 2-norm of the gradients as a 0-dim device tensor (no host sync)."""
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
+        if self._fast_norm:
+            # One foreach kernel over all gradients, then the norm of the per-tensor norms:
+            # torch's get_total_norm without its per-call grouping and support checks.
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
         return fdist.full_tensor(norm)
+
+    def _is_nonfinite(self, norm: torch.Tensor) -> bool:
+        """True when the window's loss or the gradient norm is inf/NaN (on any rank)."""
+        # The sum is finite only when both terms are: one op and one host read.
+        probe = norm if self._window_loss is None else norm + self._window_loss.to(norm.device)
+        if self._ctx.enabled:
+            return bool(fdist.any_true(~torch.isfinite(probe)).item())
+        return not math.isfinite(probe.item())
 
     def _optimizer_step(self) -> None:
         cfg = self.config
@@ -503,12 +526,12 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         clip_norm = cfg.gradient_clip_val is not None and cfg.gradient_clip_algorithm == "norm"
-        norm = self._grad_norm() if (cfg.skip_nonfinite or clip_norm) else None
-        skip = False
-        if cfg.skip_nonfinite:
-            # One op and one sync: the sum is finite only when both terms are.
-            probe = norm if self._window_loss is None else norm + self._window_loss.to(norm.device)
-            skip = bool(fdist.any_true(~torch.isfinite(probe)).item())
+        # One norm serves the non-finite check, clipping and the logged train/grad_norm;
+        # with neither check nor clipping it is computed only on the steps that log it.
+        norm = None
+        if cfg.skip_nonfinite or clip_norm or self._log_due(self.global_step + 1):
+            norm = self._grad_norm()
+        skip = cfg.skip_nonfinite and self._is_nonfinite(norm)
         if skip:
             self.counters["skipped_nonfinite"] += 1
             if self.scaler is not None:
@@ -534,15 +557,13 @@ class Trainer:
             self._step_scheduler()
         if self.ema is not None and not skip:
             self.ema.update(self.model)
-        self._last_norm = norm
+        if norm is not None:
+            self._last_norm = norm
         window_mean = self._window_loss
         if window_mean is not None and self._window_n > 1:
             window_mean = window_mean / self._window_n
         if window_mean is not None:
-            self._interval_loss = window_mean if self._interval_loss is None else self._interval_loss + window_mean
-            self._interval_steps += 1
-            self._epoch_loss = window_mean if self._epoch_loss is None else self._epoch_loss + window_mean
-            self._epoch_loss_steps += 1
+            self._add_loss(window_mean)
         self._window_count = 0
         self._window_loss = None
         self._window_n = 0
@@ -564,10 +585,29 @@ class Trainer:
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 self.scheduler.step()
 
+    def _add_loss(self, window_mean: torch.Tensor) -> None:
+        # [interval sum, epoch sum] in one preallocated device buffer: one in-place op per
+        # step, read (one sync) only when a row is written.
+        if self._loss_sums is None:
+            self._loss_sums = torch.zeros(2, dtype=torch.float32, device=window_mean.device)
+        self._loss_sums.add_(window_mean)
+        self._interval_steps += 1
+        self._epoch_loss_steps += 1
+
+    def _take_loss_sum(self, index: int) -> float:
+        entry = self._loss_sums.select(0, index)
+        value = float(entry.item())
+        entry.zero_()
+        return value
+
+    def _log_due(self, step: int) -> bool:
+        cfg = self.config
+        return step % cfg.log_every_n_steps == 0 or (cfg.max_steps is not None and step >= cfg.max_steps)
+
     def _after_step(self, loss: Optional[torch.Tensor]) -> None:
         cfg = self.config
         step = self.global_step
-        if step % cfg.log_every_n_steps == 0 or (cfg.max_steps is not None and step >= cfg.max_steps):
+        if self._log_due(step):
             self._write_step_metrics()
         self._progress.update(step, self.epoch, loss=loss)
         validated = False
@@ -582,8 +622,8 @@ class Trainer:
 
     def _write_step_metrics(self) -> None:
         values = self._metrics.take_step()
-        if self._interval_loss is not None:
-            values["train/loss"] = (float(self._interval_loss.item()), float(self._interval_steps), "mean")
+        if self._interval_steps:
+            values["train/loss"] = (self._take_loss_sum(0), float(self._interval_steps), "mean")
         metrics = fdist.reduce_across_ranks(values)
         now = time.perf_counter()
         elapsed = now - self._interval_t0
@@ -600,7 +640,6 @@ class Trainer:
         if self.scaler is not None:
             metrics["train/loss_scale"] = float(self.scaler.get_scale())
         self._emit(metrics, self.global_step)
-        self._interval_loss = None
         self._interval_steps = 0
         self._interval_samples = 0
         self._interval_t0 = now
@@ -616,9 +655,9 @@ class Trainer:
         with self._metrics.active("train"):
             self._call_hook("on_train_epoch_end")
         values = self._metrics.take_epoch("train")
-        if self._epoch_loss is not None:
-            values["train/loss_epoch"] = (float(self._epoch_loss.item()), float(self._epoch_loss_steps), "mean")
-        self._epoch_loss, self._epoch_loss_steps = None, 0
+        if self._epoch_loss_steps:
+            values["train/loss_epoch"] = (self._take_loss_sum(1), float(self._epoch_loss_steps), "mean")
+        self._epoch_loss_steps = 0
         metrics = fdist.reduce_across_ranks(values)
         if metrics:
             self._emit(metrics, self.global_step)
