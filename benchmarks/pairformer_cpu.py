@@ -93,14 +93,15 @@ def _child(impl: str, n: int, repeats: int, threads: int) -> dict:
     reset = _reset_peak()
     steady = _status_mib("VmRSS")
 
-    times = []
+    times, cpu_times = [], []
     with torch.no_grad():
         for i in range(repeats + 1):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out_s, out_z = layer(s, z, mask, pair_mask)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             if i > 0:
                 times.append(elapsed)
+                cpu_times.append(cpu)
             del out_s, out_z
     peak_after = _rss_mib()
     return {
@@ -108,6 +109,7 @@ def _child(impl: str, n: int, repeats: int, threads: int) -> dict:
         "n": n,
         "median_ms": 1e3 * statistics.median(times),
         "min_ms": 1e3 * min(times),
+        "cpu_ms": 1e3 * statistics.median(cpu_times),
         "peak_mib": max(peak_before, peak_after) - after_import,
         "forward_peak_mib": (_status_mib("VmHWM") - steady) if reset else float("nan"),
         "repeats": repeats,
@@ -168,6 +170,7 @@ def main() -> None:
         summary[key] = {
             "time_ms_median": min(r["median_ms"] for r in rows),
             "time_ms_median_worst_round": max(r["median_ms"] for r in rows),
+            "cpu_ms_median": min(r["cpu_ms"] for r in rows),
             "peak_mib_above_import": statistics.median(r["peak_mib"] for r in rows),
             "forward_peak_mib_above_steady": statistics.median(r["forward_peak_mib"] for r in rows),
         }
@@ -200,14 +203,16 @@ def main() -> None:
         "same random weights for both.",
         "",
         f"Time: median of {args.repeats} runs after one warm-up in a fresh process; {args.rounds} rounds alternate "
-        "Boltz and foldops; the table gives the best round's median (worst round in brackets). "
+        "Boltz and foldops; the table gives the best round's median (worst round in brackets). CPU ms: "
+        "the process's CPU time per forward (all threads; median, best round), which other tenants of a "
+        "shared machine disturb far less than wall time. "
         "Peak: `ru_maxrss` minus the `ru_maxrss` right after the imports (weights, inputs, construction and "
         "forward; median over rounds). Fwd peak: the forward's own peak RSS above the RSS just before it "
         "(peak mark reset through /proc/self/clear_refs after construction).",
         "",
-        "| N | Boltz ms | foldops ms | time ratio | Boltz peak MiB | foldops peak MiB | memory ratio "
-        "| Boltz fwd peak MiB | foldops fwd peak MiB | fwd ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| N | Boltz ms | foldops ms | time ratio | Boltz CPU ms | foldops CPU ms | CPU ratio "
+        "| Boltz peak MiB | foldops peak MiB | memory ratio | Boltz fwd peak MiB | foldops fwd peak MiB | fwd ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in args.sizes:
         b, f = summary[("boltz", n)], summary[("foldops", n)]
@@ -215,6 +220,7 @@ def main() -> None:
             f"| {n} | {b['time_ms_median']:.0f} ({b['time_ms_median_worst_round']:.0f}) | "
             f"{f['time_ms_median']:.0f} ({f['time_ms_median_worst_round']:.0f}) | "
             f"{f['time_ms_median'] / b['time_ms_median']:.2f} | "
+            f"{b['cpu_ms_median']:.0f} | {f['cpu_ms_median']:.0f} | {f['cpu_ms_median'] / b['cpu_ms_median']:.2f} | "
             f"{b['peak_mib_above_import']:.0f} | {f['peak_mib_above_import']:.0f} | "
             f"{f['peak_mib_above_import'] / b['peak_mib_above_import']:.2f} | "
             f"{b['forward_peak_mib_above_steady']:.0f} | {f['forward_peak_mib_above_steady']:.0f} | "

@@ -148,7 +148,9 @@ def test_ending_node_passes_views_not_copies(monkeypatch):
     monkeypatch.setattr(tri_module, "triangle_attention", spy)
     layer = make(False)
     x = torch.randn(2, 10, 10, C)
-    layer(x, torch.ones(2, 10, 10, dtype=torch.bool))
+    mask = torch.ones(2, 10, 10, dtype=torch.bool)
+    mask[1, 7:] = False
+    layer(x, mask)
     for name in ("q", "k", "v", "bias", "mask"):
         t = seen[name]
         assert t._base is not None, f"{name} is not a view"
@@ -239,3 +241,16 @@ def test_triton_backend_takes_the_layer_views(starting):
         outs[name] = (y.detach(), dx, chunked)
     for i, what in enumerate(("out", "dx", "chunked out")):
         assert_within_baseline(what, outs["fast"][i], outs["exact"][i], outs["base"][i], dtype=torch.float32)
+
+
+def test_all_kept_mask_is_dropped_on_cpu(monkeypatch):
+    masks = []
+    real = tri_module.triangle_attention
+    monkeypatch.setattr(tri_module, "triangle_attention", lambda q, k, v, b, m, **kw: masks.append(m) or real(q, k, v, b, m, **kw))
+    layer = make(True)
+    x = torch.randn(1, 5, 5, C)
+    full, partial = torch.ones(1, 5, 5), torch.ones(1, 5, 5)
+    partial[0, 1, 2] = 0
+    assert torch.equal(layer(x, full), layer(x))
+    layer(x, partial)
+    assert masks[0] is None and masks[1] is None and masks[2] is not None
