@@ -44,23 +44,29 @@ def _torch_backend(q, k, v, bias, mask, scale, chunk_size):
         chunk_size = max(1, budget // max(1, batch * heads * n * n))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
         chunk_size = rows  # one graph: chunking bounds nothing while autograd keeps every chunk
+    head_dim = q.shape[-1]
     bias = bias.to(q.dtype)[:, None]  # [B, 1, H, N, N]
     outs = []
     for start in range(0, rows, chunk_size):
         stop = min(rows, start + chunk_size)
-        # [B, c, N, H, D] -> [B, c, H, N, D]: SDPA batches over the leading dims.
-        qc, kc, vc = (t[:, start:stop].transpose(2, 3) for t in (q, k, v))
-        attn_bias = bias
+        count = stop - start
+        # SDPA gets 4-D [B*c, H, N, D]: with 5-D inputs its CPU path fell back to the
+        # generic math kernel (81 ms vs 23 ms per 16-row chunk at N=256).
+        qc, kc, vc = (
+            t[:, start:stop].transpose(2, 3).reshape(batch * count, heads, n, head_dim) for t in (q, k, v)
+        )
         keep = None
-        if mask is not None:
+        if mask is None:
+            attn_bias = bias[:, 0] if batch == 1 else bias.expand(batch, count, heads, n, n).flatten(0, 1)
+        else:
             keep = mask[:, start:stop]  # [B, c, N]
             # Finite (half the dtype's range, so fp16 cannot overflow to -inf when the bias
             # is added): SDPA never sees an all -inf row; such rows are zeroed below.
             masked = torch.finfo(q.dtype).min / 2
             mask_bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, masked)
-            attn_bias = bias + mask_bias[:, :, None, None, :]
+            attn_bias = (bias + mask_bias[:, :, None, None, :]).flatten(0, 1)  # [B*c, H, N, N]
         out = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=attn_bias, scale=scale)
-        out = out.transpose(2, 3)  # [B, c, N, H, D]
+        out = out.view(batch, count, heads, n, head_dim).transpose(2, 3)  # [B, c, N, H, D]
         if keep is not None:
             out = out * keep.any(-1)[:, :, None, None, None].to(out.dtype)
         outs.append(out)
