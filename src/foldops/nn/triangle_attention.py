@@ -161,7 +161,6 @@ class TriangleAttention(nn.Module):
             mask = mask.transpose(1, 2)
         w_qkvg = self.mha.qkvg_weight()
 
-        one_shot = step >= n
         # Ending node, one shot: the op gets transposed views (no copy of the pair tensor).
         # In inference chunks: the chunk's columns are projected in the transposed frame,
         # so the op gets row-major q/k/v (the copy is chunk-sized, made inside F.linear).
