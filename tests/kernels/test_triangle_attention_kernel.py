@@ -108,6 +108,7 @@ CASES = [
     pytest.param(1, 4, 17, 1, 32, torch.float16, "float", "end", None, id="n17-fp16-end-floatmask"),
     pytest.param(1, 3, 13, 2, 32, torch.bfloat16, "bool", "end", torch.float32, id="n13-bf16-fp32bias-end"),
     pytest.param(2, 2, 32, 1, 16, torch.float16, "none", "contiguous", None, id="n32-fp16-even"),
+    pytest.param(1, 5, 32, 2, 16, torch.bfloat16, "bool", "end", None, id="n32-bf16-even-mask"),
     pytest.param(1, 1, 40, 2, 16, torch.float32, "bool", "start", None, id="i1-n40-fp32"),  # I << N
 ]
 

@@ -1,0 +1,223 @@
+"""Static resource report of the triangle attention kernels, compiled for a GPU offline.
+
+Needs no GPU: Triton compiles every kernel of one forward + backward exactly as the
+launchers would launch it (same arguments, specialisations and tile configs), for the
+chosen target (sm_90 = H100 by default), with the ptxas bundled in the Triton wheel.
+For each kernel it prints registers, spills, shared memory and, for each loop, the SASS
+instructions per logit and per thread, the MUFU count and the global loads issued
+inside the loop (LDG: not pipelined through shared memory), and how many of those are
+read in the same iteration (their latency exposed every step; a load prefetched a step
+ahead is read only in the next one).
+
+This is the proxy used to tune between GPU sessions: the kernels are issue- or
+latency-bound (docs/kernels/triangle_attention.md), so instructions per logit,
+in-loop LDGs and registers (occupancy) predict most of a change. Timings still come
+only from ``benchmarks/triangle_attention.py`` on the GPU. The local Triton may differ
+from the GPU machine's (3.9 here, 3.6 there): registers differ by a few percent.
+
+    python benchmarks/triangle_attention_sass.py --n 512 --mask
+    python benchmarks/triangle_attention_sass.py --n 512 --config dbias=64,64,8,3 --sass /tmp/sass
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Tuple
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even from a test shell
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+_INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")
+
+
+class _OfflineDriver:
+    """Just enough of a Triton driver to compile for ``target`` without a GPU."""
+
+    def __init__(self, capability: int):
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+class _Recorder:
+    """Stands in for ``wrap_triton``: compiles (warmup) instead of launching."""
+
+    launches: List[Tuple[str, tuple, dict, object]] = []
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            compiled = self.fn.warmup(*args, grid=grid, **kwargs)
+            _Recorder.launches.append((self.fn.__name__, grid, kwargs, compiled))
+
+        return launch
+
+
+def _sass(cubin: bytes) -> Tuple[str, str]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return usage, sass
+
+
+def _loops(sass: str) -> List[List[str]]:
+    """Instruction lists of the loop bodies (backward branches), outermost last."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION.match, sass.splitlines()) if m]
+    index = {addr: n for n, (addr, _) in enumerate(ins)}
+    bodies = []
+    for n, (addr, text) in enumerate(ins):
+        m = _BRANCH.search(text)
+        if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index:
+            bodies.append([t for _, t in ins[index[int(m.group(1), 16)]: n + 1]])
+    return bodies
+
+
+def _exposed_loads(body: List[str]) -> int:
+    """LDGs whose result is read later in the same iteration (latency not hidden)."""
+    exposed = 0
+    for n, text in enumerate(body):
+        if _opcode(text) != "LDG":
+            continue
+        m = re.search(r"LDG\S*\s+R(\d+)", text)
+        width = 2 if ".64" in text else (4 if ".128" in text else 1)
+        regs = {f"R{int(m.group(1)) + w}" for w in range(width)}
+        for later in body[n + 1:]:
+            sources = later.split(",", 1)[1] if "," in later else ""
+            if any(re.search(rf"\b{r}\b", sources) for r in regs):
+                exposed += 1
+                break
+    return exposed
+
+
+def _opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
+def _usage(text: str) -> Dict[str, int]:
+    line = next(line for line in text.splitlines() if "REG:" in line)
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+
+
+def _tile_logits(name: str, kwargs: dict) -> int:
+    """Logits one program handles per loop iteration (the tile of the main loop)."""
+    return kwargs.get("BLOCK_J", 1) * kwargs.get("BLOCK_K", 1)
+
+
+def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass_dir: str = "") -> List[dict]:
+    from foldops.kernels import triangle_attention as K
+
+    driver.set_active(_OfflineDriver(capability))
+    K.wrap_triton = _Recorder
+    K._num_sms = lambda index: 132
+    _Recorder.launches.clear()
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, n, 4, d, generator=gen).to(dtype) for _ in range(3))
+    bias = torch.randn(1, 4, n, n, generator=gen).to(dtype)
+    keep = torch.ones(1, n, n, dtype=torch.bool) if mask else None
+    out, lse = K.triangle_attention_forward(q, k, v, bias, keep, d**-0.5)
+    K.triangle_attention_backward(torch.randn_like(out), q, k, v, bias, keep, out, lse, d**-0.5)
+
+    rows = []
+    for name, grid, kwargs, compiled in _Recorder.launches:
+        usage_text, sass = _sass(compiled.asm["cubin"])
+        if sass_dir:
+            os.makedirs(sass_dir, exist_ok=True)
+            with open(os.path.join(sass_dir, f"{name}.sass"), "w") as f:
+                f.write(sass)
+        usage = _usage(usage_text)
+        warps = kwargs.get("num_warps", 4)
+        logits = _tile_logits(name, kwargs) / (32 * warps)  # per thread and iteration
+        loops = []
+        for body in _loops(sass):
+            ops = collections.Counter(_opcode(t) for t in body)
+            if ops["MUFU"] == 0 and ops["HGMMA"] + ops["HMMA"] == 0:
+                continue  # a bookkeeping loop (the all-kept check), not a logit loop
+            loops.append({
+                "instructions": len(body),
+                "per_logit": len(body) / logits,
+                "mufu": ops["MUFU"],
+                "ldg_in_loop": ops["LDG"],
+                "ldg_exposed": _exposed_loads(body),
+                "mma": ops["HGMMA"] + ops["HMMA"],
+            })
+        rows.append({
+            "kernel": name,
+            "grid": grid,
+            "tile": f"{kwargs.get('BLOCK_J', '-')}x{kwargs.get('BLOCK_K', '-')}"
+                    f" w{warps} s{kwargs.get('num_stages', '-')}",
+            "regs": usage["REG"],
+            "local": usage["LOCAL"],
+            "shared": compiled.metadata.shared,
+            "loops": loops,
+        })
+    return rows
+
+
+def _set_configs(specs: List[str]) -> None:
+    from foldops.kernels import triangle_attention as K
+
+    for spec in specs:
+        kind, values = spec.split("=")
+        bj, bk, warps, stages = (int(x) for x in values.split(","))
+        for key in list(K._CONFIGS):
+            if key[0] == kind:
+                K._CONFIGS[key] = (bj, bk, warps, stages)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--d", type=int, default=32)
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--mask", action="store_true", help="pass an (all-kept) key mask")
+    parser.add_argument("--sm", type=int, default=90, help="compute capability, e.g. 80 or 90")
+    parser.add_argument("--config", action="append", default=[],
+                        help="override a kernel's tiles: KIND=BLOCK_J,BLOCK_K,WARPS,STAGES "
+                             "(KIND in fwd, dq, dkdv, dbias)")
+    parser.add_argument("--sass", default="", help="write each kernel's SASS into this folder")
+    args = parser.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    _set_configs(args.config)
+    rows = report(args.n, args.d, dtype, args.mask, args.sm, args.sass)
+    print(f"# sm_{args.sm}, triton {triton.__version__}, N={args.n} D={args.d} {args.dtype} "
+          f"mask={'yes' if args.mask else 'no'}")
+    print(f"{'kernel':<20} {'tile':<16} {'regs':>4} {'spill':>5} {'smem':>6}  loops: instr/logit (instr, MUFU, LDG exposed/all)")
+    for r in rows:
+        loops = "; ".join(f"{x['per_logit']:.1f} ({x['instructions']}, {x['mufu']}, {x['ldg_exposed']}/{x['ldg_in_loop']})"
+                          for x in r["loops"])
+        print(f"{r['kernel']:<20} {r['tile']:<16} {r['regs']:>4} {r['local']:>5} {r['shared']:>6}  {loops}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
