@@ -110,6 +110,10 @@ CASES = [
     pytest.param(2, 2, 32, 1, 16, torch.float16, "none", "contiguous", None, id="n32-fp16-even"),
     pytest.param(1, 5, 32, 2, 16, torch.bfloat16, "bool", "end", None, id="n32-bf16-even-mask"),
     pytest.param(1, 1, 40, 2, 16, torch.float32, "bool", "start", None, id="i1-n40-fp32"),  # I << N
+    # Head dims other than 16/32/64/128 run zero-padded to the next one.
+    pytest.param(1, 3, 13, 2, 24, torch.bfloat16, "bool", "start", None, id="n13-bf16-d24"),
+    pytest.param(1, 2, 9, 1, 8, torch.float32, "float", "end", None, id="n9-fp32-d8"),
+    pytest.param(1, 2, 11, 1, 40, torch.float16, "none", "contiguous", None, id="n11-fp16-d40"),
 ]
 
 
@@ -209,7 +213,7 @@ def test_empty_inputs():
 @pytest.mark.parametrize(
     "change, error, name",
     [
-        (dict(d=24), ValueError, "q: head dim"),
+        (dict(d=136), ValueError, "q: head dim"),
         (dict(dtype=torch.float64), TypeError, "q: expected dtype"),
         (dict(bias_shape=(1, 1, 5, 4)), ValueError, "bias: expected shape"),
         (dict(bias_dtype=torch.float16), TypeError, "bias: expected dtype"),
@@ -256,6 +260,7 @@ GPU_CASES = [
     pytest.param(1, 32, 161, 2, 32, torch.float32, "bool", "end", None, id="n161-fp32"),
     pytest.param(1, 16, 96, 2, 64, torch.float32, "bool", "start", None, id="n96-fp32-d64"),
     pytest.param(1, 64, 512, 4, 32, torch.bfloat16, "bool", "start", None, id="n512-bf16"),
+    pytest.param(2, 1, 384, 16, 24, torch.bfloat16, "bool", "start", None, id="i1-n384-bf16-d24"),  # Boltz APB
 ]
 
 

@@ -159,8 +159,10 @@ def test_inference_projects_the_pair_bias_in_row_chunks(monkeypatch):
     torch.testing.assert_close(chunked, one_shot.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_triton_backend_with_multiplicity():
-    """The kernel reads the shared bias once per item and the [B, N] mask expanded over samples."""
+@pytest.mark.parametrize("c_s", [32, 48], ids=["d16", "d24-padded"])
+def test_triton_backend_with_multiplicity(c_s):
+    """The kernel reads the shared bias once per item and the [B, N] mask expanded over
+    samples; head dim 24 (Boltz's 384 channels over 16 heads) runs zero-padded to 32."""
     from foldops.device import kernel_support, resolve_device
     from foldops.testing import assert_within_baseline
 
@@ -168,15 +170,15 @@ def test_triton_backend_with_multiplicity():
     reason = kernel_support(device, explicit=True)
     if reason is not None:
         pytest.skip(f"triton backend unavailable: {reason}")
-    layers = {}  # 32 channels over 2 heads: head dim 16, a kernel size
+    layers = {}  # over 2 heads
     for name, backend, dtype in (("fast", "triton", torch.float32), ("base", "torch", torch.float32), ("exact", "reference", torch.float64)):
-        layer = AttentionPairBias(32, CZ, 2, backend=backend, dtype=dtype)
+        layer = AttentionPairBias(c_s, CZ, 2, backend=backend, dtype=dtype)
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in layer.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
         layers[name] = layer.to(device)
-    s, z = torch.randn(6, 5, 32, device=device), torch.randn(2, 5, 5, CZ, device=device)
+    s, z = torch.randn(6, 5, c_s, device=device), torch.randn(2, 5, 5, CZ, device=device)
     mask = torch.ones(6, 5, device=device)
     mask[1, 3:] = 0
     outs = {}

@@ -57,6 +57,7 @@ __all__ = [
     "triangle_attention_forward",
     "triangle_attention_backward",
     "HEAD_DIMS",
+    "padded_head_dim",
     "DTYPES",
 ]
 
@@ -964,6 +965,14 @@ def _allow_tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The kernel head dim that runs ``head_dim`` (the next of ``HEAD_DIMS``)."""
+    for d in HEAD_DIMS:
+        if head_dim <= d:
+            return d
+    raise ValueError(f"q: head dim (last axis) must be at most {HEAD_DIMS[-1]}, got {head_dim}")
+
+
 def triangle_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -975,7 +984,9 @@ def triangle_attention(
     """Differentiable triangle attention on the Triton kernels; see the module doc.
 
     Args:
-        q, k, v: ``[B, I, N, H, D]``, fp16 / bf16 / fp32, D in 16/32/64/128, any strides.
+        q, k, v: ``[B, I, N, H, D]``, fp16 / bf16 / fp32, any strides. D up to 128;
+            one of 16/32/64/128 runs as is, any other is zero-padded to the next
+            (Boltz's AttentionPairBias, 384 channels over 16 heads: D = 24 -> 32).
         bias: ``[B, H, N, N]`` in q's dtype or fp32, any strides.
         mask: ``[B, I, N]`` bool keep-mask over keys, or None.
         scale: logit scale.
@@ -984,5 +995,11 @@ def triangle_attention(
         ``[B, I, N, H, D]`` in q's dtype, laid out in q's dimension order. fp32 inputs
         use TF32 products when ``torch.get_float32_matmul_precision()`` is not "highest".
     """
+    head_dim = q.shape[-1]
+    padded = padded_head_dim(head_dim)
+    if padded != head_dim:
+        # Zero columns change no logit (q.k) and give zero output columns (v): pad, run
+        # the tile width above, slice. The copies cost O(B I N H D), never O(N^2).
+        q, k, v = (torch.nn.functional.pad(t, (0, padded - head_dim)) for t in (q, k, v))
     out, _ = torch.ops.foldops.triangle_attention_fwd(q, k, v, bias, mask, float(scale), _allow_tf32())
-    return out
+    return out if padded == head_dim else out[..., :head_dim]

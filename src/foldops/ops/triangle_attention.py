@@ -10,7 +10,8 @@ Starting node: I is the first pair index. Ending node: pass transposed views
 (``q.transpose(1, 2)``, ...), no copies; backends accept any strides. Rows whose keys
 are all masked give zeros, with zero gradients.
 
-Backends: ``triton`` (CUDA cc >= 8.0, fp16/bf16/fp32, head dim 16/32/64/128),
+Backends: ``triton`` (CUDA cc >= 8.0, fp16/bf16/fp32, head dim up to 128; other than
+16/32/64/128 zero-padded to the next),
 ``torch`` (memory-bounded PyTorch: logits are built ``chunk_size`` rows of I at a time;
 O(chunk * H * N^2) extra memory at inference), ``reference`` (one shot, O(B I H N^2)).
 """
@@ -28,7 +29,7 @@ from foldops.device import kernel_support
 from foldops.reference import triangle_attention as _reference
 
 OP = "triangle_attention"
-KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+KERNEL_MAX_HEAD_DIM = 128  # 16/32/64/128 run as is, other head dims zero-padded to those
 # Logits of one torch-backend chunk stay under this many elements. CPU: 4M (16 MiB fp32);
 # on a 2-core CPU at N=256 chunks of <= 16 rows ran 2x faster than one shot (cache-
 # resident). Accelerators: 64M (256 MiB fp32); small chunks there cost launches, and at
@@ -89,8 +90,8 @@ def _triton_supports(device, dtype, head_dim, explicit, **_):
         return reason
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} (kernel supports fp16, bf16, fp32)"
-    if head_dim not in KERNEL_HEAD_DIMS:
-        return f"head dim {head_dim} (kernel supports {KERNEL_HEAD_DIMS})"
+    if head_dim > KERNEL_MAX_HEAD_DIM:
+        return f"head dim {head_dim} (kernel supports up to {KERNEL_MAX_HEAD_DIM})"
     try:
         import foldops.kernels.triangle_attention  # noqa: F401
     except ImportError as exc:
