@@ -132,7 +132,24 @@ def _tile_logits(name: str, kwargs: dict) -> int:
     return kwargs.get("BLOCK_J", 1) * kwargs.get("BLOCK_K", 1)
 
 
-def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass_dir: str = "") -> List[dict]:
+def _inputs(n: int, d: int, dtype: torch.dtype, layout: str):
+    """q, k, v, bias as the layers lay them out (see tests/kernels for the same layouts)."""
+    gen = torch.Generator().manual_seed(0)
+    heads = 4
+    if layout == "contiguous":
+        q, k, v = (torch.randn(1, n, n, heads, d, generator=gen).to(dtype) for _ in range(3))
+        return q, k, v, torch.randn(1, heads, n, n, generator=gen).to(dtype)
+    proj = torch.randn(1, n, n, 4, heads, d, generator=gen).to(dtype)  # q, k, v, gate of one Linear
+    tri = torch.randn(1, n, n, heads, generator=gen).to(dtype)  # the bias Linear's output
+    if layout == "start":
+        q, k, v = proj.unbind(3)[:3]
+        return q, k, v, tri.permute(0, 3, 1, 2)
+    q, k, v = (t.transpose(1, 2) for t in proj.unbind(3)[:3])
+    return q, k, v, tri.permute(0, 3, 2, 1)
+
+
+def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass_dir: str = "",
+           layout: str = "contiguous") -> List[dict]:
     from foldops.kernels import triangle_attention as K
 
     driver.set_active(_OfflineDriver(capability))
@@ -140,9 +157,7 @@ def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass
     K._num_sms = lambda index: 132
     _Recorder.launches.clear()
 
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, n, n, 4, d, generator=gen).to(dtype) for _ in range(3))
-    bias = torch.randn(1, 4, n, n, generator=gen).to(dtype)
+    q, k, v, bias = _inputs(n, d, dtype, layout)
     keep = torch.ones(1, n, n, dtype=torch.bool) if mask else None
     out, lse = K.triangle_attention_forward(q, k, v, bias, keep, d**-0.5)
     K.triangle_attention_backward(torch.randn_like(out), q, k, v, bias, keep, out, lse, d**-0.5)
@@ -200,6 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--d", type=int, default=32)
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--mask", action="store_true", help="pass an (all-kept) key mask")
+    parser.add_argument("--layout", choices=["contiguous", "start", "end"], default="contiguous",
+                        help="q/k/v/bias as the benchmark (contiguous) or the layers (start, end) pass them")
     parser.add_argument("--sm", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--config", action="append", default=[],
                         help="override a kernel's tiles: KIND=BLOCK_J,BLOCK_K,WARPS,STAGES "
@@ -208,9 +225,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     _set_configs(args.config)
-    rows = report(args.n, args.d, dtype, args.mask, args.sm, args.sass)
+    rows = report(args.n, args.d, dtype, args.mask, args.sm, args.sass, args.layout)
     print(f"# sm_{args.sm}, triton {triton.__version__}, N={args.n} D={args.d} {args.dtype} "
-          f"mask={'yes' if args.mask else 'no'}")
+          f"mask={'yes' if args.mask else 'no'} layout={args.layout}")
     print(f"{'kernel':<20} {'tile':<16} {'regs':>4} {'spill':>5} {'smem':>6}  loops: instr/logit (instr, MUFU, LDG exposed/all)")
     for r in rows:
         loops = "; ".join(f"{x['per_logit']:.1f} ({x['instructions']}, {x['mufu']}, {x['ldg_exposed']}/{x['ldg_in_loop']})"
