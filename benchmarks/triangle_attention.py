@@ -107,6 +107,18 @@ def _foldops(q, k, v, bias, keep):
     return [q, k, v, bias], lambda q, k, v, b: triangle_attention(q, k, v, b, keep, scale), _identity
 
 
+def _foldops_layer_layout(q, k, v, bias, keep):
+    """foldops on the strides the starting-node layer passes: q/k/v sliced out of one
+    [B, N, N, 4, H, D] projection, the bias a permuted view of a [B, N, N, H] Linear output."""
+    from foldops.kernels.triangle_attention import triangle_attention
+
+    proj = torch.stack([q, k, v, q], dim=3)
+    tri = bias.permute(0, 2, 3, 1).contiguous()
+    scale = q.shape[-1] ** -0.5
+    inputs = [*proj.unbind(3)[:3], tri.permute(0, 3, 1, 2)]
+    return inputs, lambda q, k, v, b: triangle_attention(q, k, v, b, keep, scale), _identity
+
+
 def _reference(q, k, v, bias, keep):
     from foldops.reference.triangle_attention import triangle_attention
 
@@ -143,6 +155,7 @@ def _cueq(q, k, v, bias, keep):
 
 BACKENDS: Dict[str, Callable] = {
     "foldops": _foldops,
+    "foldops-layer-layout": _foldops_layer_layout,
     "trifast": _trifast,
     "cuequivariance": _cueq,
     "torch": _reference,
@@ -152,11 +165,12 @@ BACKENDS: Dict[str, Callable] = {
 def _version(backend: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    names = {"foldops": "foldops", "trifast": "trifast", "cuequivariance": "cuequivariance_torch", "torch": "torch"}
+    names = {"foldops": "foldops", "foldops-layer-layout": "foldops", "trifast": "trifast",
+             "cuequivariance": "cuequivariance_torch", "torch": "torch"}
     try:
         return version(names[backend].replace("_", "-"))
     except PackageNotFoundError:
-        if backend == "foldops":  # run from a source tree (PYTHONPATH=src)
+        if names[backend] == "foldops":  # run from a source tree (PYTHONPATH=src)
             import foldops
 
             return foldops.__version__
@@ -406,7 +420,7 @@ def plot(out_dir: str) -> None:
                 )
                 if pts:
                     colors = {"foldops": "tab:orange", "trifast": "tab:red", "cuequivariance": "tab:blue",
-                              "torch": "tab:green", "floor": "gray"}
+                              "torch": "tab:green", "floor": "gray", "foldops-layer-layout": "tab:brown"}
                     style = dict(linestyle="--") if backend == "floor" else dict(marker="o")
                     style["color"] = colors.get(backend)
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], label=backend, **style)
