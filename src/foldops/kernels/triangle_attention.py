@@ -136,45 +136,59 @@ def _all_kept(mask_ptr, smk, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale,
+              USE_KEY_BIAS: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
+    """One key block of the online softmax: the updated (m2, l, acc)."""
+    qk = tl.dot(q, kt, input_precision=PRECISION)
+    s = qk * scale + bias.to(tl.float32)
+    if USE_KEY_BIAS:
+        s += key_bias[None, :]
+    m_new = tl.maximum(m_i, tl.max(s, 1) * LOG2E_C)
+    # A row with no kept key so far has m_new = -inf: subtract 0 instead (exp2(-inf) = 0).
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = _exp2(m_i - m_use, PRECISE)
+    p = _exp2(s * LOG2E_C - m_use[:, None], PRECISE)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_loop(
-    q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+    q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
     USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """Online softmax over all key blocks of one [BLOCK_J] query block: (m2, l, acc)."""
+    """Online softmax over all key blocks of one [BLOCK_J] query block: (m2, l, acc).
+
+    Full key blocks load without masks (query rows past N read clamped, valid rows that
+    are never stored): masked loads cannot go through the shared-memory pipeline. A last
+    partial block, if any, runs once after the loop with masked loads and a -inf bias
+    for keys past N.
+    """
     offs_k = tl.arange(0, BLOCK_K)
     m_i = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
     l_i = tl.zeros([BLOCK_J], dtype=tl.float32)
     acc = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-    for start_k in range(0, N, BLOCK_K):
-        cur_k = start_k + offs_k
-        if EVEN_N:
-            kt = tl.load(kt_ptrs)
-            v = tl.load(v_ptrs)
-            bias = tl.load(b_ptrs)
-        else:
-            valid_k = cur_k < N
-            kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=valid_k[:, None], other=0.0)
-            bias = tl.load(b_ptrs, mask=valid_j[:, None] & valid_k[None, :], other=0.0)
-        qk = tl.dot(q, kt, input_precision=PRECISION)
-        s = qk * scale + bias.to(tl.float32)
-        if USE_MASK or not EVEN_N:
-            s += _key_bias(m_ptrs, cur_k, N, USE_MASK, EVEN_N)[None, :]
-        m_new = tl.maximum(m_i, tl.max(s, 1) * LOG2E_C)
-        # A row with no kept key so far has m_new = -inf: subtract 0 instead (exp2(-inf) = 0).
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = _exp2(m_i - m_use, PRECISE)
-        p = _exp2(s * LOG2E_C - m_use[:, None], PRECISE)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
+    n_full = N - N % BLOCK_K
+    for start_k in range(0, n_full, BLOCK_K):
+        key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
+        m_i, l_i, acc = _fwd_step(q, tl.load(kt_ptrs), tl.load(v_ptrs), tl.load(b_ptrs), key_bias, m_i, l_i, acc,
+                                  scale, USE_MASK, PRECISION, PRECISE)
         kt_ptrs += BLOCK_K * skn
         v_ptrs += BLOCK_K * svn
         b_ptrs += BLOCK_K * sbk
         if USE_MASK:
             m_ptrs += BLOCK_K * smk
+    if not EVEN_N:
+        if n_full < N:
+            valid_k = n_full + offs_k < N
+            key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
+            kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=valid_k[:, None], other=0.0)
+            bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
+            m_i, l_i, acc = _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale, True, PRECISION, PRECISE)
     return m_i, l_i, acc
 
 
@@ -202,15 +216,15 @@ def _fwd_kernel(
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
-    j64 = offs_j.to(tl.int64)
-    k64 = offs_k.to(tl.int64)
     valid_j = offs_j < N
+    j64 = offs_j.to(tl.int64)
+    jc64 = tl.minimum(offs_j, N - 1).to(tl.int64)  # rows past N read row N-1 (never stored)
+    k64 = offs_k.to(tl.int64)
 
-    q = tl.load(Q + b * sqb + i * sqi + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=valid_j[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + i * sqi + h * sqh + jc64[:, None] * sqn + offs_d[None, :] * sqd)
     kt_ptrs = K + b * skb + i * ski + h * skh + k64[None, :] * skn + offs_d[:, None] * skd
     v_ptrs = V + b * svb + i * svi + h * svh + k64[:, None] * svn + offs_d[None, :] * svd
-    b_ptrs = BIAS + b * sbb + h * sbh + j64[:, None] * sbj + k64[None, :] * sbk
+    b_ptrs = BIAS + b * sbb + h * sbh + jc64[:, None] * sbj + k64[None, :] * sbk
     m_ptrs = MASK + b * smb + i * smi + k64 * smk
 
     if HAS_MASK:
@@ -218,10 +232,10 @@ def _fwd_kernel(
     else:
         full = True
     if full:
-        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
                                   False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
     else:
-        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
                                   True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
 
     has_keys = l_i > 0.0
@@ -274,41 +288,52 @@ def _sum_splits_kernel(PARTIAL, OUT, SPLITS, NUMEL, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale,
+             USE_KEY_BIAS: tl.constexpr, LSE_LO: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
+    """dQ contribution of one key block."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = qk * scale + bias.to(tl.float32)
+    if USE_KEY_BIAS:
+        s += key_bias[None, :]
+    x = s * LOG2E_C - lse_hi[:, None]
+    if LSE_LO:
+        x -= lse_lo[:, None]
+    p = _exp2(x, PRECISE)
+    dp = tl.dot(do, vt, input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
+@triton.jit
 def _dq_loop(
-    q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+    q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
     USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
+    """dQ over all key blocks: full blocks unmasked, a partial last one masked (as _fwd_loop)."""
     offs_k = tl.arange(0, BLOCK_K)
     lse_hi, lse_lo = _lse_parts(lse)
+    LSE_LO: tl.constexpr = lse.dtype == tl.float64
     dq = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-    for start_k in range(0, N, BLOCK_K):
-        cur_k = start_k + offs_k
-        if EVEN_N:
-            k = tl.load(k_ptrs)
-            vt = tl.load(vt_ptrs)
-            bias = tl.load(b_ptrs)
-        else:
-            valid_k = cur_k < N
-            k = tl.load(k_ptrs, mask=valid_k[:, None], other=0.0)
-            vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
-            bias = tl.load(b_ptrs, mask=valid_j[:, None] & valid_k[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = qk * scale + bias.to(tl.float32)
-        if USE_MASK or not EVEN_N:
-            s += _key_bias(m_ptrs, cur_k, N, USE_MASK, EVEN_N)[None, :]
-        x = s * LOG2E_C - lse_hi[:, None]
-        if lse.dtype == tl.float64:
-            x -= lse_lo[:, None]
-        p = _exp2(x, PRECISE)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    n_full = N - N % BLOCK_K
+    for start_k in range(0, n_full, BLOCK_K):
+        key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
+        dq = _dq_step(q, do, lse_hi, lse_lo, delta, tl.load(k_ptrs), tl.load(vt_ptrs), tl.load(b_ptrs), key_bias,
+                      dq, scale, USE_MASK, LSE_LO, PRECISION, PRECISE)
         k_ptrs += BLOCK_K * skn
         vt_ptrs += BLOCK_K * svn
         b_ptrs += BLOCK_K * sbk
         if USE_MASK:
             m_ptrs += BLOCK_K * smk
+    if not EVEN_N:
+        if n_full < N:
+            valid_k = n_full + offs_k < N
+            key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
+            k = tl.load(k_ptrs, mask=valid_k[:, None], other=0.0)
+            vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
+            bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
+            dq = _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale, True, LSE_LO,
+                          PRECISION, PRECISE)
     return dq
 
 
@@ -338,32 +363,30 @@ def _bwd_dq_kernel(
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
-    j64 = offs_j.to(tl.int64)
-    k64 = offs_k.to(tl.int64)
     valid_j = offs_j < N
+    j64 = offs_j.to(tl.int64)
+    jc64 = tl.minimum(offs_j, N - 1).to(tl.int64)  # rows past N read row N-1 (never stored)
+    k64 = offs_k.to(tl.int64)
 
-    q = tl.load(Q + b * sqb + i * sqi + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=valid_j[:, None], other=0.0)
-    do = tl.load(DO + b * sdob + i * sdoi + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod,
-                 mask=valid_j[:, None], other=0.0)
-    o = tl.load(OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod,
-                mask=valid_j[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + i * sqi + h * sqh + jc64[:, None] * sqn + offs_d[None, :] * sqd)
+    do = tl.load(DO + b * sdob + i * sdoi + h * sdoh + jc64[:, None] * sdon + offs_d[None, :] * sdod)
+    o = tl.load(OUT + b * sob + i * soi + h * soh + jc64[:, None] * son + offs_d[None, :] * sod)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse = tl.load(LSE + ((b * I + i) * H + h) * N + j64, mask=valid_j, other=float("inf"))
+    lse = tl.load(LSE + ((b * I + i) * H + h) * N + jc64)
 
     k_ptrs = K + b * skb + i * ski + h * skh + k64[:, None] * skn + offs_d[None, :] * skd
     vt_ptrs = V + b * svb + i * svi + h * svh + k64[None, :] * svn + offs_d[:, None] * svd
-    b_ptrs = BIAS + b * sbb + h * sbh + j64[:, None] * sbj + k64[None, :] * sbk
+    b_ptrs = BIAS + b * sbb + h * sbh + jc64[:, None] * sbj + k64[None, :] * sbk
     m_ptrs = MASK + b * smb + i * smi + k64 * smk
     if HAS_MASK:
         full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
     else:
         full = True
     if full:
-        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
                       False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
     else:
-        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale, valid_j,
+        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
                       True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
     dq_ptrs = DQ + b * sdqb + i * sdqi + h * sdqh + j64[:, None] * sdqn + offs_d[None, :] * sdqd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
@@ -715,15 +738,23 @@ def _check(q, k, v, bias, mask) -> None:
 
 
 def _rows_contiguous(bias: torch.Tensor) -> torch.Tensor:
-    """``bias`` with unit stride over keys, copied if needed.
+    """``bias`` with unit stride over keys and 16-element aligned rows, copied if needed.
 
     The layers pass the bias as a permuted view of a ``[B, N, N, H]`` Linear output (key
-    stride H or N*H). Tiles of such a view load element by element and cannot go through
-    the shared-memory pipeline: the forward and dQ loops then issue ~45% more
-    instructions per logit (benchmarks/triangle_attention_sass.py --layout start). The
-    copy is O(B H N^2), 1/D of q's size, and lives for one launch.
+    stride H or N*H); tiles of such a view load element by element, outside the
+    shared-memory pipeline, and the forward and dQ loops issue ~45% more instructions
+    per logit (benchmarks/triangle_attention_sass.py --layout start). Rows whose stride
+    is not a multiple of 16 elements (N % 16 != 0) cannot be proven aligned for vector
+    loads either, so the copy pads them. It is O(B H N^2), 1/D of q's size, and lives for
+    one launch.
     """
-    return bias if bias.stride(-1) == 1 else bias.contiguous()
+    if bias.stride(-1) == 1 and bias.stride(-2) % 16 == 0 and bias.stride(-3) % 16 == 0:
+        return bias
+    batch, heads, n, _ = bias.shape
+    padded = torch.empty((batch, heads, n, -(-n // 16) * 16), dtype=bias.dtype, device=bias.device)
+    padded = padded[..., :n]
+    padded.copy_(bias)
+    return padded
 
 
 def _mask_args(mask, fallback):
