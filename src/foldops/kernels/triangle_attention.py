@@ -393,46 +393,55 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _dkdv_step(k, v, key_bias, q, do, lse, delta, bias_t, dk, dv, scale,
+               USE_KEY_BIAS: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
+    """dK, dV contributions of one query block (transposed [K, J] tiles)."""
+    lse_hi, lse_lo = _lse_parts(lse)
+    kq = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    st = kq * scale + bias_t.to(tl.float32)
+    if USE_KEY_BIAS:
+        st += key_bias[:, None]
+    xt = st * LOG2E_C - lse_hi[None, :]
+    if lse.dtype == tl.float64:
+        xt -= lse_lo[None, :]
+    pt = _exp2(xt, PRECISE)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_loop(
-    k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj, N, scale, valid_k,
+    k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj, N, scale,
     USE_KEY_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
+    """dK, dV over all query blocks: full blocks unmasked (key rows past N read clamped,
+    never stored), a partial last one masked with lse = +inf past N (as _fwd_loop)."""
     offs_j = tl.arange(0, BLOCK_J)
     dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
-    for start_j in range(0, N, BLOCK_J):
-        cur_j = start_j + offs_j
-        if EVEN_N:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(LSE + row_ptrs)
-            delta = tl.load(DELTA + row_ptrs)
-            bias_t = tl.load(bt_ptrs)
-        else:
-            valid_j = cur_j < N
-            q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=valid_j[:, None], other=0.0)
-            lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
-            delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
-            bias_t = tl.load(bt_ptrs, mask=valid_k[:, None] & valid_j[None, :], other=0.0)
-        lse_hi, lse_lo = _lse_parts(lse)
-        kq = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        st = kq * scale + bias_t.to(tl.float32)
-        if USE_KEY_BIAS:
-            st += key_bias[:, None]
-        xt = st * LOG2E_C - lse_hi[None, :]
-        if lse.dtype == tl.float64:
-            xt -= lse_lo[None, :]
-        pt = _exp2(xt, PRECISE)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+    n_full = N - N % BLOCK_J
+    for start_j in range(0, n_full, BLOCK_J):
+        dk, dv = _dkdv_step(k, v, key_bias, tl.load(q_ptrs), tl.load(do_ptrs), tl.load(LSE + row_ptrs),
+                            tl.load(DELTA + row_ptrs), tl.load(bt_ptrs), dk, dv, scale,
+                            USE_KEY_BIAS, PRECISION, PRECISE)
         q_ptrs += BLOCK_J * sqn
         do_ptrs += BLOCK_J * sdon
         bt_ptrs += BLOCK_J * sbj
         row_ptrs += BLOCK_J
+    if not EVEN_N:
+        if n_full < N:
+            valid_j = n_full + offs_j < N
+            q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=valid_j[:, None], other=0.0)
+            lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
+            delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
+            bias_t = tl.load(bt_ptrs, mask=valid_j[None, :], other=0.0)
+            dk, dv = _dkdv_step(k, v, key_bias, q, do, lse, delta, bias_t, dk, dv, scale,
+                                USE_KEY_BIAS, PRECISION, PRECISE)
     return dk, dv
 
 
@@ -462,19 +471,18 @@ def _bwd_dkdv_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_j = tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, D)
+    valid_k = offs_k < N
     j64 = offs_j.to(tl.int64)
     k64 = offs_k.to(tl.int64)
-    valid_k = offs_k < N
+    kc64 = tl.minimum(offs_k, N - 1).to(tl.int64)  # keys past N read key N-1 (never stored)
 
-    k = tl.load(K + b * skb + i * ski + h * skh + k64[:, None] * skn + offs_d[None, :] * skd,
-                mask=valid_k[:, None], other=0.0)
-    v = tl.load(V + b * svb + i * svi + h * svh + k64[:, None] * svn + offs_d[None, :] * svd,
-                mask=valid_k[:, None], other=0.0)
+    k = tl.load(K + b * skb + i * ski + h * skh + kc64[:, None] * skn + offs_d[None, :] * skd)
+    v = tl.load(V + b * svb + i * svi + h * svh + kc64[:, None] * svn + offs_d[None, :] * svd)
     key_bias = _key_bias(MASK + b * smb + i * smi + k64 * smk, offs_k, N, HAS_MASK, EVEN_N)
 
     q_ptrs = Q + b * sqb + i * sqi + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd
     do_ptrs = DO + b * sdob + i * sdoi + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod
-    bt_ptrs = BIAS + b * sbb + h * sbh + j64[None, :] * sbj + k64[:, None] * sbk
+    bt_ptrs = BIAS + b * sbb + h * sbh + j64[None, :] * sbj + kc64[:, None] * sbk
     row_ptrs = ((b * I + i) * H + h) * N + j64
     # Key blocks with every key kept (the common case) skip the per-logit mask add.
     if HAS_MASK or not EVEN_N:
@@ -483,10 +491,10 @@ def _bwd_dkdv_kernel(
         full = True
     if full:
         dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
-                            N, scale, valid_k, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+                            N, scale, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
     else:
         dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
-                            N, scale, valid_k, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+                            N, scale, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
 
     dk_ptrs = DK + b * sdkb + i * sdki + h * sdkh + k64[:, None] * sdkn + offs_d[None, :] * sdkd
     dv_ptrs = DV + b * sdvb + i * sdvi + h * sdvh + k64[:, None] * sdvn + offs_d[None, :] * sdvd
@@ -846,12 +854,16 @@ def triangle_attention_backward(
         return dq, dk, dv, dbias.zero_()
     # dq's storage (2 B I N H D bytes or more) holds delta, then an fp32 copy of the bias
     # transposed for the dK/dV pass, until dq is written last.
-    scratch_shape = (batch * rows * heads * n + batch * heads * n * n,)
+    # bias_kj's rows are padded to 16 elements (and start 64-byte aligned) so that its
+    # tiles load as vectors whatever N is.
+    delta_numel = -(-batch * rows * heads * n // 16) * 16
+    n_pad = -(-n // 16) * 16
+    scratch_shape = (delta_numel + batch * heads * n * n_pad,)
     scratch = _fp32_scratch(dq_flat, scratch_shape)
     if scratch is None:  # few rows (I << N): dq is smaller than the bias
         scratch = torch.empty(scratch_shape, dtype=torch.float32, device=q.device)
     delta = scratch[: batch * rows * heads * n].view(batch, rows, heads, n)
-    bias_kj = scratch[batch * rows * heads * n:].view(batch, heads, n, n)
+    bias_kj = scratch[delta_numel:].view(batch, heads, n, n_pad)[..., :n]
     if _tracing_under_interpreter(q):
         return dq, dk, dv, dbias
     bias_rows = _rows_contiguous(bias)  # for the dQ and dBias tiles
