@@ -503,23 +503,6 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dbias_row_vectors(LSE, DELTA, row_offs, m_ptrs, offs_j, offs_k, N,
-                       HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
-    """(lse [BLOCK_J], delta [BLOCK_J], key bias [BLOCK_K]) of one row i for the dBias pass."""
-    if EVEN_N:
-        lse = tl.load(LSE + row_offs)
-        delta = tl.load(DELTA + row_offs)
-    else:
-        lse = tl.load(LSE + row_offs, mask=offs_j < N, other=float("inf"))
-        delta = tl.load(DELTA + row_offs, mask=offs_j < N, other=0.0)
-    if HAS_MASK and EVEN_N:
-        key_bias = tl.load(m_ptrs)  # the fp32 0/-inf key bias built by the launcher
-    else:
-        key_bias = _key_bias(m_ptrs, offs_k, N, HAS_MASK, EVEN_N)
-    return lse, delta, key_bias
-
-
-@triton.jit
 def _bwd_dbias_kernel(
     Q, K, V, BIAS, MASK, DO, LSE, DELTA, DB,
     sqb, sqi, sqn, sqh, sqd,
@@ -562,32 +545,28 @@ def _bwd_dbias_kernel(
     do_ptrs = DO + b * sdob + i0 * sdoi + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod
     kt_ptrs = K + b * skb + i0 * ski + h * skh + k64[None, :] * skn + offs_d[:, None] * skd
     vt_ptrs = V + b * svb + i0 * svi + h * svh + k64[None, :] * svn + offs_d[:, None] * svd
-    row_offs = ((b * I + i0) * H + h) * N + j64
+    row_ptrs = ((b * I + i0) * H + h) * N + j64
     m_ptrs = MASK + b * smb + i0 * smi + k64 * smk
-    # The per-row vectors (lse, delta, key bias) are loaded one row ahead into registers:
-    # Triton pipelines only the tiles that feed tl.dot through shared memory, and a load
-    # used in its own iteration would expose its full latency every row.
-    lse, delta, key_bias = _dbias_row_vectors(LSE, DELTA, row_offs, m_ptrs, offs_j, offs_k, N,
-                                              HAS_MASK, EVEN_N)
     acc = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
-    for it in range(0, n_rows):
-        ahead = tl.minimum(it + 1, n_rows - 1).to(tl.int64)  # the last row reloads itself
-        lse_next, delta_next, key_bias_next = _dbias_row_vectors(
-            LSE, DELTA, row_offs + ahead * (H * N), m_ptrs + ahead * smi, offs_j, offs_k, N, HAS_MASK, EVEN_N)
+    for _ in range(0, n_rows):
         if EVEN_N:
             q = tl.load(q_ptrs)
             do = tl.load(do_ptrs)
             kt = tl.load(kt_ptrs)
             vt = tl.load(vt_ptrs)
+            lse = tl.load(LSE + row_ptrs)
+            delta = tl.load(DELTA + row_ptrs)
         else:
             q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=valid_j[:, None], other=0.0)
             kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
             vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
+            lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
+            delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
         qk = tl.dot(q, kt, input_precision=PRECISION)
         s = qk * scale + bias
         if HAS_MASK or not EVEN_N:
-            s += key_bias[None, :]
+            s += _key_bias(m_ptrs, offs_k, N, HAS_MASK, EVEN_N)[None, :]
         lse_hi, lse_lo = _lse_parts(lse)
         x = s * LOG2E_C - lse_hi[:, None]
         if lse.dtype == tl.float64:
@@ -595,11 +574,12 @@ def _bwd_dbias_kernel(
         p = _exp2(x, PRECISE)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         acc += p * (dp - delta[:, None])
-        lse, delta, key_bias = lse_next, delta_next, key_bias_next
         q_ptrs += sqi
         do_ptrs += sdoi
         kt_ptrs += ski
         vt_ptrs += svi
+        row_ptrs += H * N
+        m_ptrs += smi
 
     db_ptrs = DB + split.to(tl.int64) * sdbs + b * sdbb + h * sdbh + j64[:, None] * sdbj + k64[None, :] * sdbk
     tl.store(db_ptrs, acc.to(DB.dtype.element_ty), mask=valid_j[:, None] & valid_k[None, :])
