@@ -127,11 +127,6 @@ def _usage(text: str) -> Dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
 
 
-def _tile_logits(name: str, kwargs: dict) -> int:
-    """Logits one program handles per loop iteration (the tile of the main loop)."""
-    return kwargs.get("BLOCK_J", 1) * kwargs.get("BLOCK_K", 1)
-
-
 def _inputs(n: int, d: int, dtype: torch.dtype, layout: str):
     """q, k, v, bias as the layers lay them out (see tests/kernels for the same layouts)."""
     gen = torch.Generator().manual_seed(0)
@@ -171,7 +166,8 @@ def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass
                 f.write(sass)
         usage = _usage(usage_text)
         warps = kwargs.get("num_warps", 4)
-        logits = _tile_logits(name, kwargs) / (32 * warps)  # per thread and iteration
+        # logits of the loop's tile, per thread and iteration
+        logits = kwargs.get("BLOCK_J", 1) * kwargs.get("BLOCK_K", 1) / (32 * warps)
         loops = []
         for body in _loops(sass):
             ops = collections.Counter(_opcode(t) for t in body)

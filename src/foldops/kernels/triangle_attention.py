@@ -57,7 +57,6 @@ __all__ = [
     "triangle_attention_forward",
     "triangle_attention_backward",
     "HEAD_DIMS",
-    "padded_head_dim",
     "DTYPES",
 ]
 
@@ -725,7 +724,12 @@ def _check(q, k, v, bias, mask) -> None:
             raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
 
 
-def _rows_contiguous(bias: torch.Tensor) -> torch.Tensor:
+def _round_up_16(count: int) -> int:
+    """``count`` rounded up to 16 elements: rows the kernels can prove vector-aligned."""
+    return -(-count // 16) * 16
+
+
+def _aligned_bias(bias: torch.Tensor) -> torch.Tensor:
     """``bias`` with unit stride over keys and 16-element aligned rows, copied if needed.
 
     The layers pass the bias as a permuted view of a ``[B, N, N, H]`` Linear output (key
@@ -739,10 +743,8 @@ def _rows_contiguous(bias: torch.Tensor) -> torch.Tensor:
     if bias.stride(-1) == 1 and bias.stride(-2) % 16 == 0 and bias.stride(-3) % 16 == 0:
         return bias
     batch, heads, n, _ = bias.shape
-    padded = torch.empty((batch, heads, n, -(-n // 16) * 16), dtype=bias.dtype, device=bias.device)
-    padded = padded[..., :n]
-    padded.copy_(bias)
-    return padded
+    padded = torch.empty((batch, heads, n, _round_up_16(n)), dtype=bias.dtype, device=bias.device)[..., :n]
+    return padded.copy_(bias)
 
 
 def _mask_args(mask, fallback):
@@ -769,7 +771,7 @@ def triangle_attention_forward(
     lse = torch.empty((batch, rows, heads, n), dtype=lse_dtype, device=q.device)
     if out.numel() == 0 or _tracing_under_interpreter(q):
         return out, lse
-    bias = _rows_contiguous(bias)
+    bias = _aligned_bias(bias)
     bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     grid = (triton.cdiv(n, bj), rows, batch * heads)
@@ -836,8 +838,8 @@ def triangle_attention_backward(
     # transposed for the dK/dV pass, until dq is written last.
     # bias_kj's rows are padded to 16 elements (and start 64-byte aligned) so that its
     # tiles load as vectors whatever N is.
-    delta_numel = -(-batch * rows * heads * n // 16) * 16
-    n_pad = -(-n // 16) * 16
+    delta_numel = _round_up_16(batch * rows * heads * n)
+    n_pad = _round_up_16(n)
     scratch_shape = (delta_numel + batch * heads * n * n_pad,)
     scratch = _fp32_scratch(dq_flat, scratch_shape)
     if scratch is None:  # few rows (I << N): dq is smaller than the bias
@@ -846,7 +848,7 @@ def triangle_attention_backward(
     bias_kj = scratch[delta_numel:].view(batch, heads, n, n_pad)[..., :n]
     if _tracing_under_interpreter(q):
         return dq, dk, dv, dbias
-    bias_rows = _rows_contiguous(bias)  # for the dQ and dBias tiles
+    bias_rows = _aligned_bias(bias)  # for the dQ and dBias tiles
     precision = _precision(q.dtype, allow_tf32)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
 
@@ -1002,7 +1004,7 @@ def _allow_tf32() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
-def padded_head_dim(head_dim: int) -> int:
+def _padded_head_dim(head_dim: int) -> int:
     """The kernel head dim that runs ``head_dim`` (the next of ``HEAD_DIMS``)."""
     for d in HEAD_DIMS:
         if head_dim <= d:
@@ -1033,7 +1035,7 @@ def triangle_attention(
         use TF32 products when ``torch.get_float32_matmul_precision()`` is not "highest".
     """
     head_dim = q.shape[-1]
-    padded = padded_head_dim(head_dim)
+    padded = _padded_head_dim(head_dim)
     if padded != head_dim:
         # Zero columns change no logit (q.k) and give zero output columns (v): pad, run
         # the tile width above, slice. The copies cost O(B I N H D), never O(N^2).
