@@ -509,6 +509,45 @@ def tune(args) -> None:
     print("best:", best)
 
 
+def passes(args) -> None:
+    """Time each kernel of one forward + backward (torch.profiler, device time per call),
+    to show which pass the fwd+bwd total goes to."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from foldops.kernels.triangle_attention import triangle_attention
+
+    device = torch.device("cuda")
+    d = args.head_dim
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for n in args.n:
+            shape = (args.batch, n, n, args.heads, d)
+            q, k, v, go = (torch.randn(shape, device=device, dtype=dtype) for _ in range(4))
+            bias = torch.randn(args.batch, args.heads, n, n, device=device, dtype=dtype)
+            keep = torch.rand(args.batch, n, n, device=device) > args.mask_fraction
+            leaves = [t.requires_grad_() for t in (q, k, v, bias)]
+
+            def step():
+                out = triangle_attention(*leaves, keep, d**-0.5)
+                torch.autograd.grad(out, leaves, go)
+
+            reps = 20
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    step()
+                torch.cuda.synchronize()
+            rows = [(e.device_time_total / reps / 1000, e.key) for e in prof.key_averages()
+                    if e.device_time_total > 0]
+            rows.sort(reverse=True)
+            total = sum(ms for ms, _ in rows)
+            print(f"passes {dtype_name} N={n} D={d}: total {total:.3f} ms per fwd+bwd")
+            for ms, name in rows:
+                print(f"  {ms:8.3f} ms  {name[:90]}")
+
+
 def apply_configs(path: str) -> None:
     import json
 
@@ -542,6 +581,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--tune", action="store_true")
     parser.add_argument("--kinds", nargs="+", default=None, help="with --tune: fwd dq dkdv dbias")
     parser.add_argument("--configs", default=None, help="tuned.json from --tune to apply first")
+    parser.add_argument("--passes", action="store_true", help="device time of each kernel of fwd+bwd")
     args = parser.parse_args(argv)
     if args.configs:
         apply_configs(args.configs)
@@ -549,6 +589,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         plot(args.out)
     elif args.tune:
         tune(args)
+    elif args.passes:
+        passes(args)
     else:
         print(f"python {' '.join(sys.argv)}  ({platform.node()})")
         run(args)
