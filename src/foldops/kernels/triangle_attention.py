@@ -502,6 +502,27 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dbias_row_vectors(LSE, DELTA, row_offs, m_ptrs, offs_j, offs_k, N,
+                       HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
+    """(lse [BLOCK_J], delta [BLOCK_J], key bias [BLOCK_K]) of one row i for the dBias pass.
+
+    Masked rather than clamped past N: clamped offsets would hide their contiguity from
+    the compiler, which then loads element by element.
+    """
+    if EVEN_N:
+        lse = tl.load(LSE + row_offs)
+        delta = tl.load(DELTA + row_offs)
+    else:
+        lse = tl.load(LSE + row_offs, mask=offs_j < N, other=float("inf"))
+        delta = tl.load(DELTA + row_offs, mask=offs_j < N, other=0.0)
+    if HAS_MASK and EVEN_N:
+        key_bias = tl.load(m_ptrs)  # the fp32 0/-inf key bias built by the launcher
+    else:
+        key_bias = _key_bias(m_ptrs, offs_k, N, HAS_MASK, EVEN_N)
+    return lse, delta, key_bias
+
+
+@triton.jit
 def _bwd_dbias_kernel(
     Q, K, V, BIAS, MASK, DO, LSE, DELTA, DB,
     sqb, sqi, sqn, sqh, sqd,
@@ -515,7 +536,12 @@ def _bwd_dbias_kernel(
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """dBias[b, h, j-tile, k-tile] = sum over rows i (of this split) of dS, in registers."""
+    """dBias[b, h, j-tile, k-tile] = sum over rows i (of this split) of dS, in registers.
+
+    The q/dO/K/V tiles read query and key rows past N clamped to row N-1, unmasked: the
+    loop has no masked (unpipelined) tile loads at any N, and the extra rows and columns
+    of the tile are never stored.
+    """
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -530,6 +556,8 @@ def _bwd_dbias_kernel(
     offs_d = tl.arange(0, D)
     j64 = offs_j.to(tl.int64)
     k64 = offs_k.to(tl.int64)
+    jc64 = tl.minimum(offs_j, N - 1).to(tl.int64)
+    kc64 = tl.minimum(offs_k, N - 1).to(tl.int64)
     valid_j = offs_j < N
     valid_k = offs_k < N
 
@@ -540,45 +568,38 @@ def _bwd_dbias_kernel(
     n_rows = tl.minimum(ROWS_PER_SPLIT, I - i_start)
     i0 = i_start.to(tl.int64)
     # Pointers advance by one row i per step (64-bit pointer arithmetic, no overflow).
-    q_ptrs = Q + b * sqb + i0 * sqi + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd
-    do_ptrs = DO + b * sdob + i0 * sdoi + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod
-    kt_ptrs = K + b * skb + i0 * ski + h * skh + k64[None, :] * skn + offs_d[:, None] * skd
-    vt_ptrs = V + b * svb + i0 * svi + h * svh + k64[None, :] * svn + offs_d[:, None] * svd
-    row_ptrs = ((b * I + i0) * H + h) * N + j64
+    q_ptrs = Q + b * sqb + i0 * sqi + h * sqh + jc64[:, None] * sqn + offs_d[None, :] * sqd
+    do_ptrs = DO + b * sdob + i0 * sdoi + h * sdoh + jc64[:, None] * sdon + offs_d[None, :] * sdod
+    kt_ptrs = K + b * skb + i0 * ski + h * skh + kc64[None, :] * skn + offs_d[:, None] * skd
+    vt_ptrs = V + b * svb + i0 * svi + h * svh + kc64[None, :] * svn + offs_d[:, None] * svd
+    row_offs = ((b * I + i0) * H + h) * N + j64
     m_ptrs = MASK + b * smb + i0 * smi + k64 * smk
+    # The per-row vectors (lse, delta, key bias) are loaded one row ahead into registers:
+    # Triton pipelines only the tiles that feed tl.dot through shared memory, and a load
+    # used in its own iteration would expose its full latency every row.
+    lse, delta, key_bias = _dbias_row_vectors(LSE, DELTA, row_offs, m_ptrs, offs_j, offs_k, N,
+                                              HAS_MASK, EVEN_N)
     acc = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
-    for _ in range(0, n_rows):
-        if EVEN_N:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            kt = tl.load(kt_ptrs)
-            vt = tl.load(vt_ptrs)
-            lse = tl.load(LSE + row_ptrs)
-            delta = tl.load(DELTA + row_ptrs)
-        else:
-            q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=valid_j[:, None], other=0.0)
-            kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
-            vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
-            lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
-            delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
-        qk = tl.dot(q, kt, input_precision=PRECISION)
+    for it in range(0, n_rows):
+        ahead = tl.minimum(it + 1, n_rows - 1).to(tl.int64)  # the last row reloads itself
+        lse_next, delta_next, key_bias_next = _dbias_row_vectors(
+            LSE, DELTA, row_offs + ahead * (H * N), m_ptrs + ahead * smi, offs_j, offs_k, N, HAS_MASK, EVEN_N)
+        qk = tl.dot(tl.load(q_ptrs), tl.load(kt_ptrs), input_precision=PRECISION)
         s = qk * scale + bias
         if HAS_MASK or not EVEN_N:
-            s += _key_bias(m_ptrs, offs_k, N, HAS_MASK, EVEN_N)[None, :]
+            s += key_bias[None, :]
         lse_hi, lse_lo = _lse_parts(lse)
         x = s * LOG2E_C - lse_hi[:, None]
         if lse.dtype == tl.float64:
             x -= lse_lo[:, None]
         p = _exp2(x, PRECISE)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
+        dp = tl.dot(tl.load(do_ptrs), tl.load(vt_ptrs), input_precision=PRECISION)
         acc += p * (dp - delta[:, None])
+        lse, delta, key_bias = lse_next, delta_next, key_bias_next
         q_ptrs += sqi
         do_ptrs += sdoi
         kt_ptrs += ski
         vt_ptrs += svi
-        row_ptrs += H * N
-        m_ptrs += smi
 
     db_ptrs = DB + split.to(tl.int64) * sdbs + b * sdbb + h * sdbh + j64[:, None] * sdbj + k64[None, :] * sdbk
     tl.store(db_ptrs, acc.to(DB.dtype.element_ty), mask=valid_j[:, None] & valid_k[None, :])
@@ -629,7 +650,7 @@ def _smem_bytes(kind: str, bj: int, bk: int, stages: int, d: int, e: int, be: in
     if kind in ("fwd", "dq"):
         return 2 * stages * (2 * bk * d * e + bj * bk * be) + 2 * bj * d * e
     if kind == "dkdv":
-        return 2 * stages * (2 * bj * d * e + bj * bk * 4) + 2 * bk * d * e
+        return 2 * stages * (2 * bj * d * e + bj * bk * be) + 2 * bk * d * e
     return stages * (2 * bj * d + 2 * bk * d) * e
 
 
@@ -794,13 +815,16 @@ def _empty_buffer(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return tensor, flat
 
 
-def _fp32_scratch(flat: torch.Tensor, shape: Tuple[int, ...]) -> Optional[torch.Tensor]:
-    """An fp32 view of the front of ``flat`` (an output not yet written), or None if too small."""
+def _scratch(flat: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype = torch.float32,
+             byte_offset: int = 0) -> Optional[torch.Tensor]:
+    """A ``dtype`` view of ``flat``'s bytes from ``byte_offset`` on (an output not yet
+    written), or None if they are too few."""
+    size = torch.tensor([], dtype=dtype).element_size()
     count = math.prod(shape)
-    ratio = 4 // flat.element_size()
-    if flat.numel() < count * ratio:
+    raw = flat.view(torch.uint8)
+    if raw.numel() < byte_offset + count * size:
         return None
-    return flat[: count * ratio].view(torch.float32).view(shape)
+    return raw[byte_offset: byte_offset + count * size].view(dtype).view(shape)
 
 
 def triangle_attention_backward(
@@ -822,7 +846,7 @@ def triangle_attention_backward(
 
     Passes, in this order: delta = rowsum(dO*O) [B, I, H, N] fp32, kept in dq's (not yet
     written) storage; the bias gradient, whose row-split partial sums live in dk's
-    storage; dK/dV, reading an fp32 transposed copy of the bias also kept in dq's
+    storage; dK/dV, reading a transposed copy of the bias also kept in dq's
     storage; dQ last, over both. Peak memory is the gradients themselves.
     """
     batch, rows, n, heads, d = q.shape
@@ -834,18 +858,18 @@ def triangle_attention_backward(
     dbias = torch.empty(dbias_shape, dtype=bias.dtype, device=q.device)
     if q.numel() == 0:
         return dq, dk, dv, dbias.zero_()
-    # dq's storage (2 B I N H D bytes or more) holds delta, then an fp32 copy of the bias
-    # transposed for the dK/dV pass, until dq is written last.
-    # bias_kj's rows are padded to 16 elements (and start 64-byte aligned) so that its
-    # tiles load as vectors whatever N is.
-    delta_numel = _round_up_16(batch * rows * heads * n)
+    # dq's storage (2 B I N H D bytes or more) holds delta (fp32), then a copy of the bias
+    # transposed for the dK/dV pass, until dq is written last. bias_kj's rows are padded
+    # to 16 elements (and start 64-byte aligned) so that its tiles load as vectors
+    # whatever N is.
+    delta_bytes = 4 * _round_up_16(batch * rows * heads * n)
     n_pad = _round_up_16(n)
-    scratch_shape = (delta_numel + batch * heads * n * n_pad,)
-    scratch = _fp32_scratch(dq_flat, scratch_shape)
+    scratch_bytes = delta_bytes + batch * heads * n * n_pad * bias.element_size()
+    scratch = _scratch(dq_flat, (scratch_bytes,), torch.uint8)
     if scratch is None:  # few rows (I << N): dq is smaller than the bias
-        scratch = torch.empty(scratch_shape, dtype=torch.float32, device=q.device)
-    delta = scratch[: batch * rows * heads * n].view(batch, rows, heads, n)
-    bias_kj = scratch[delta_numel:].view(batch, heads, n, n_pad)[..., :n]
+        scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=q.device)
+    delta = _scratch(scratch, (batch, rows, heads, n))
+    bias_kj = _scratch(scratch, (batch, heads, n, n_pad), bias.dtype, delta_bytes)[..., :n]
     if _tracing_under_interpreter(q):
         return dq, dk, dv, dbias
     bias_rows = _aligned_bias(bias)  # for the dQ and dBias tiles
@@ -862,7 +886,7 @@ def triangle_attention_backward(
         if mask is not None:
             # The key mask as an fp32 0/-inf bias, in dv's not yet written storage: the
             # bias-gradient pass adds it instead of unpacking mask bytes per logit.
-            key_bias = _fp32_scratch(dv_flat, (batch, rows, n))
+            key_bias = _scratch(dv_flat, (batch, rows, n))
             if key_bias is None:
                 key_bias = torch.empty((batch, rows, n), dtype=torch.float32, device=q.device)
             key_bias.fill_(0.0).masked_fill_(~mask, float("-inf"))
@@ -876,7 +900,7 @@ def triangle_attention_backward(
         if splits == 1:
             target, target_strides = dbias, (0, *dbias.stride())
         else:
-            target = _fp32_scratch(dk_flat, (splits, batch, heads, n, n))
+            target = _scratch(dk_flat, (splits, batch, heads, n, n))
             target_strides = target.stride()
         wrap_triton(_bwd_dbias_kernel)[(triton.cdiv(n, bj), triton.cdiv(n, bk), splits * batch * heads)](
             q, k, v, bias_rows, mask_t, grad_out, lse, delta, target,
@@ -895,10 +919,12 @@ def triangle_attention_backward(
 
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     # bias_kj[b, h, k, j] = bias[b, h, j, k]: the dK/dV tiles are [keys, queries], and
-    # loading them from fp32 laid out that way saves a conversion and a shuffle per logit.
+    # loading them laid out that way saves a shuffle per logit. It stays in the bias's
+    # dtype: the pass is bound by L2 traffic (~5.5 TB/s on the H100), of which an fp32
+    # copy was two thirds.
     bias_kj.copy_(bias.transpose(2, 3))
     bias_t = bias_kj.transpose(2, 3)
-    bj, bk, warps, stages = _config("dkdv", n, d, q.dtype)
+    bj, bk, warps, stages = _config("dkdv", n, d, q.dtype, bias.dtype)
     wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(n, bk), rows, batch * heads)](
         q, k, v, bias_t, mask_t, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_t.stride(), *mask_strides,
