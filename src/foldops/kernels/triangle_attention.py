@@ -155,36 +155,26 @@ def _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale,
 
 @triton.jit
 def _fwd_loop(
-    q0, q1, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, row_k, row_v, row_m, skn, svn, sbk, smk, N, scale,
-    ROWS: tl.constexpr, USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
+    q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+    USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """Online softmax over all key blocks of one [BLOCK_J] query block, for ROWS (1 or 2)
-    rows i that share each bias tile: (m2, l, acc) of row 0, then of row 1.
+    """Online softmax over all key blocks of one [BLOCK_J] query block: (m2, l, acc).
 
-    The second row's K, V and mask sit ``row_k``, ``row_v``, ``row_m`` elements past the
-    first's. Sharing halves the bias's L2 traffic (2 of the ~3 bytes per logit that the
-    forward reads; the H100 kernels are bound by L2 bandwidth, not by the tensor cores).
     Full key blocks load without masks (query rows past N read clamped, valid rows that
     are never stored): masked loads cannot go through the shared-memory pipeline. A last
     partial block, if any, runs once after the loop with masked loads and a -inf bias
     for keys past N.
     """
     offs_k = tl.arange(0, BLOCK_K)
-    m0 = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
-    l0 = tl.zeros([BLOCK_J], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-    m1, l1, acc1 = m0, l0, acc0
+    m_i = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
+    l_i = tl.zeros([BLOCK_J], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_J, D], dtype=tl.float32)
     n_full = N - N % BLOCK_K
     for start_k in range(0, n_full, BLOCK_K):
-        bias = tl.load(b_ptrs)
         key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
-        m0, l0, acc0 = _fwd_step(q0, tl.load(kt_ptrs), tl.load(v_ptrs), bias, key_bias, m0, l0, acc0,
-                                 scale, USE_MASK, PRECISION, PRECISE)
-        if ROWS == 2:
-            key_bias = _key_bias(m_ptrs + row_m, start_k + offs_k, N, USE_MASK, True)
-            m1, l1, acc1 = _fwd_step(q1, tl.load(kt_ptrs + row_k), tl.load(v_ptrs + row_v), bias, key_bias,
-                                     m1, l1, acc1, scale, USE_MASK, PRECISION, PRECISE)
+        m_i, l_i, acc = _fwd_step(q, tl.load(kt_ptrs), tl.load(v_ptrs), tl.load(b_ptrs), key_bias, m_i, l_i, acc,
+                                  scale, USE_MASK, PRECISION, PRECISE)
         kt_ptrs += BLOCK_K * skn
         v_ptrs += BLOCK_K * svn
         b_ptrs += BLOCK_K * sbk
@@ -193,32 +183,12 @@ def _fwd_loop(
     if not EVEN_N:
         if n_full < N:
             valid_k = n_full + offs_k < N
-            bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
             key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
             kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=valid_k[:, None], other=0.0)
-            m0, l0, acc0 = _fwd_step(q0, kt, v, bias, key_bias, m0, l0, acc0, scale, True, PRECISION, PRECISE)
-            if ROWS == 2:
-                key_bias = _key_bias(m_ptrs + row_m, n_full + offs_k, N, USE_MASK, False)
-                kt = tl.load(kt_ptrs + row_k, mask=valid_k[None, :], other=0.0)
-                v = tl.load(v_ptrs + row_v, mask=valid_k[:, None], other=0.0)
-                m1, l1, acc1 = _fwd_step(q1, kt, v, bias, key_bias, m1, l1, acc1, scale, True, PRECISION,
-                                         PRECISE)
-    return m0, l0, acc0, m1, l1, acc1
-
-
-@triton.jit
-def _fwd_store(m_i, l_i, acc, o_ptrs, lse_ptrs, valid_j, PRECISE: tl.constexpr):
-    """Normalise one row's accumulator; store it and its base-2 lse (+inf: no kept key)."""
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    log2_l = _log2(tl.where(has_keys, l_i, 1.0), PRECISE)
-    if lse_ptrs.dtype.element_ty == tl.float64:  # m_i + log2_l exactly (fp32 inputs)
-        lse = tl.where(has_keys, m_i.to(tl.float64) + log2_l.to(tl.float64), float("inf"))
-    else:
-        lse = tl.where(has_keys, m_i + log2_l, float("inf"))
-    tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=valid_j[:, None])
-    tl.store(lse_ptrs, lse, mask=valid_j)
+            bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
+            m_i, l_i, acc = _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale, True, PRECISION, PRECISE)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -232,18 +202,12 @@ def _fwd_kernel(
     sob, soi, son, soh, sod,
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,  # EVEN_N: N % both blocks == 0
-    ROWS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """Output and base-2 lse for a [BLOCK_J] block of queries of ROWS rows i of one (b, h).
-
-    With ROWS = 2 and I odd, the last program's second row is row I-1 again (computed
-    twice, the same values stored twice).
-    """
+    """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h)."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
-    i0 = tl.program_id(1).to(tl.int64) * ROWS
-    i1 = tl.minimum(i0 + ROWS - 1, I - 1)
+    i = tl.program_id(1).to(tl.int64)
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -256,35 +220,33 @@ def _fwd_kernel(
     jc64 = tl.minimum(offs_j, N - 1).to(tl.int64)  # rows past N read row N-1 (never stored)
     k64 = offs_k.to(tl.int64)
 
-    q_ptrs = Q + b * sqb + i0 * sqi + h * sqh + jc64[:, None] * sqn + offs_d[None, :] * sqd
-    q0 = tl.load(q_ptrs)
-    q1 = tl.load(q_ptrs + (i1 - i0) * sqi) if ROWS == 2 else q0
-    kt_ptrs = K + b * skb + i0 * ski + h * skh + k64[None, :] * skn + offs_d[:, None] * skd
-    v_ptrs = V + b * svb + i0 * svi + h * svh + k64[:, None] * svn + offs_d[None, :] * svd
+    q = tl.load(Q + b * sqb + i * sqi + h * sqh + jc64[:, None] * sqn + offs_d[None, :] * sqd)
+    kt_ptrs = K + b * skb + i * ski + h * skh + k64[None, :] * skn + offs_d[:, None] * skd
+    v_ptrs = V + b * svb + i * svi + h * svh + k64[:, None] * svn + offs_d[None, :] * svd
     b_ptrs = BIAS + b * sbb + h * sbh + jc64[:, None] * sbj + k64[None, :] * sbk
-    m_ptrs = MASK + b * smb + i0 * smi + k64 * smk
+    m_ptrs = MASK + b * smb + i * smi + k64 * smk
 
     if HAS_MASK:
-        full = _all_kept(MASK + b * smb + i0 * smi, smk, N, 256)
-        if ROWS == 2:
-            full = full & _all_kept(MASK + b * smb + i1 * smi, smk, N, 256)
+        full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
     else:
         full = True
-    row_k, row_v, row_m = (i1 - i0) * ski, (i1 - i0) * svi, (i1 - i0) * smi
     if full:
-        m0, l0, acc0, m1, l1, acc1 = _fwd_loop(
-            q0, q1, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, row_k, row_v, row_m, skn, svn, sbk, smk, N, scale,
-            ROWS, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                                  False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
     else:
-        m0, l0, acc0, m1, l1, acc1 = _fwd_loop(
-            q0, q1, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, row_k, row_v, row_m, skn, svn, sbk, smk, N, scale,
-            ROWS, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                                  True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
 
-    o_ptrs = OUT + b * sob + i0 * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod
-    lse_ptrs = LSE + ((b * I + i0) * H + h) * N + j64
-    _fwd_store(m0, l0, acc0, o_ptrs, lse_ptrs, valid_j, PRECISE)
-    if ROWS == 2:
-        _fwd_store(m1, l1, acc1, o_ptrs + (i1 - i0) * soi, lse_ptrs + (i1 - i0) * (H * N), valid_j, PRECISE)
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    log2_l = _log2(tl.where(has_keys, l_i, 1.0), PRECISE)
+    if LSE.dtype.element_ty == tl.float64:  # m_i + log2_l exactly (fp32 inputs)
+        lse = tl.where(has_keys, m_i.to(tl.float64) + log2_l.to(tl.float64), float("inf"))
+    else:
+        lse = tl.where(has_keys, m_i + log2_l, float("inf"))
+    o_ptrs = OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=valid_j[:, None])
+    tl.store(LSE + ((b * I + i) * H + h) * N + j64, lse, mask=valid_j)
 
 
 @triton.jit
@@ -338,36 +300,25 @@ def _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale,
     p = _exp2(x, PRECISE)
     dp = tl.dot(do, vt, input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
-    if PRECISE:  # fp32: blocked summation, as in _dkdv_step
-        return dq + tl.dot(ds, k, input_precision=PRECISION)
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
 @triton.jit
 def _dq_loop(
-    q0, do0, lse0, delta0, q1, do1, lse1, delta1, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, row_k, row_v, row_m,
-    skn, svn, sbk, smk, N, scale,
-    ROWS: tl.constexpr, USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
+    q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+    USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """dQ over all key blocks for ROWS (1 or 2) rows i sharing each bias tile (as
-    _fwd_loop): full blocks unmasked, a partial last one masked. (dq of row 0, of row 1)."""
+    """dQ over all key blocks: full blocks unmasked, a partial last one masked (as _fwd_loop)."""
     offs_k = tl.arange(0, BLOCK_K)
-    lse0_hi, lse0_lo = _lse_parts(lse0)
-    lse1_hi, lse1_lo = _lse_parts(lse1)
-    LSE_LO: tl.constexpr = lse0.dtype == tl.float64
-    dq0 = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-    dq1 = dq0
+    lse_hi, lse_lo = _lse_parts(lse)
+    LSE_LO: tl.constexpr = lse.dtype == tl.float64
+    dq = tl.zeros([BLOCK_J, D], dtype=tl.float32)
     n_full = N - N % BLOCK_K
     for start_k in range(0, n_full, BLOCK_K):
-        bias = tl.load(b_ptrs)
         key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
-        dq0 = _dq_step(q0, do0, lse0_hi, lse0_lo, delta0, tl.load(k_ptrs), tl.load(vt_ptrs), bias, key_bias,
-                       dq0, scale, USE_MASK, LSE_LO, PRECISION, PRECISE)
-        if ROWS == 2:
-            key_bias = _key_bias(m_ptrs + row_m, start_k + offs_k, N, USE_MASK, True)
-            dq1 = _dq_step(q1, do1, lse1_hi, lse1_lo, delta1, tl.load(k_ptrs + row_k), tl.load(vt_ptrs + row_v),
-                           bias, key_bias, dq1, scale, USE_MASK, LSE_LO, PRECISION, PRECISE)
+        dq = _dq_step(q, do, lse_hi, lse_lo, delta, tl.load(k_ptrs), tl.load(vt_ptrs), tl.load(b_ptrs), key_bias,
+                      dq, scale, USE_MASK, LSE_LO, PRECISION, PRECISE)
         k_ptrs += BLOCK_K * skn
         vt_ptrs += BLOCK_K * svn
         b_ptrs += BLOCK_K * sbk
@@ -376,28 +327,13 @@ def _dq_loop(
     if not EVEN_N:
         if n_full < N:
             valid_k = n_full + offs_k < N
-            bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
             key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
             k = tl.load(k_ptrs, mask=valid_k[:, None], other=0.0)
             vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
-            dq0 = _dq_step(q0, do0, lse0_hi, lse0_lo, delta0, k, vt, bias, key_bias, dq0, scale, True, LSE_LO,
-                           PRECISION, PRECISE)
-            if ROWS == 2:
-                key_bias = _key_bias(m_ptrs + row_m, n_full + offs_k, N, USE_MASK, False)
-                k = tl.load(k_ptrs + row_k, mask=valid_k[:, None], other=0.0)
-                vt = tl.load(vt_ptrs + row_v, mask=valid_k[None, :], other=0.0)
-                dq1 = _dq_step(q1, do1, lse1_hi, lse1_lo, delta1, k, vt, bias, key_bias, dq1, scale, True,
-                               LSE_LO, PRECISION, PRECISE)
-    return dq0, dq1
-
-
-@triton.jit
-def _dq_row_inputs(q_ptrs, do_ptrs, o_ptrs, lse_ptrs):
-    """(q, dO, lse, delta = rowsum(dO * O) in fp32) of one row i's query block."""
-    q = tl.load(q_ptrs)
-    do = tl.load(do_ptrs)
-    delta = tl.sum(do.to(tl.float32) * tl.load(o_ptrs).to(tl.float32), 1)
-    return q, do, tl.load(lse_ptrs), delta
+            bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
+            dq = _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale, True, LSE_LO,
+                          PRECISION, PRECISE)
+    return dq
 
 
 @triton.jit
@@ -413,15 +349,12 @@ def _bwd_dq_kernel(
     sdqb, sdqi, sdqn, sdqh, sdqd,
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """dQ for a [BLOCK_J] block of queries of ROWS rows i of one (b, h) (as _fwd_kernel);
-    delta = rowsum(dO*O) in registers."""
+    """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in registers."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
-    i0 = tl.program_id(1).to(tl.int64) * ROWS
-    di = tl.minimum(i0 + ROWS - 1, I - 1) - i0  # second row's offset (0 if ROWS = 1)
+    i = tl.program_id(1).to(tl.int64)
     bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -434,39 +367,28 @@ def _bwd_dq_kernel(
     jc64 = tl.minimum(offs_j, N - 1).to(tl.int64)  # rows past N read row N-1 (never stored)
     k64 = offs_k.to(tl.int64)
 
-    q_ptrs = Q + b * sqb + i0 * sqi + h * sqh + jc64[:, None] * sqn + offs_d[None, :] * sqd
-    do_ptrs = DO + b * sdob + i0 * sdoi + h * sdoh + jc64[:, None] * sdon + offs_d[None, :] * sdod
-    o_ptrs = OUT + b * sob + i0 * soi + h * soh + jc64[:, None] * son + offs_d[None, :] * sod
-    lse_ptrs = LSE + ((b * I + i0) * H + h) * N + jc64
-    q0, do0, lse0, delta0 = _dq_row_inputs(q_ptrs, do_ptrs, o_ptrs, lse_ptrs)
-    if ROWS == 2:
-        q1, do1, lse1, delta1 = _dq_row_inputs(q_ptrs + di * sqi, do_ptrs + di * sdoi, o_ptrs + di * soi,
-                                               lse_ptrs + di * (H * N))
-    else:
-        q1, do1, lse1, delta1 = q0, do0, lse0, delta0
+    q = tl.load(Q + b * sqb + i * sqi + h * sqh + jc64[:, None] * sqn + offs_d[None, :] * sqd)
+    do = tl.load(DO + b * sdob + i * sdoi + h * sdoh + jc64[:, None] * sdon + offs_d[None, :] * sdod)
+    o = tl.load(OUT + b * sob + i * soi + h * soh + jc64[:, None] * son + offs_d[None, :] * sod)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse = tl.load(LSE + ((b * I + i) * H + h) * N + jc64)
 
-    k_ptrs = K + b * skb + i0 * ski + h * skh + k64[:, None] * skn + offs_d[None, :] * skd
-    vt_ptrs = V + b * svb + i0 * svi + h * svh + k64[None, :] * svn + offs_d[:, None] * svd
+    k_ptrs = K + b * skb + i * ski + h * skh + k64[:, None] * skn + offs_d[None, :] * skd
+    vt_ptrs = V + b * svb + i * svi + h * svh + k64[None, :] * svn + offs_d[:, None] * svd
     b_ptrs = BIAS + b * sbb + h * sbh + jc64[:, None] * sbj + k64[None, :] * sbk
-    m_ptrs = MASK + b * smb + i0 * smi + k64 * smk
+    m_ptrs = MASK + b * smb + i * smi + k64 * smk
     if HAS_MASK:
-        full = _all_kept(MASK + b * smb + i0 * smi, smk, N, 256)
-        if ROWS == 2:
-            full = full & _all_kept(MASK + b * smb + (i0 + di) * smi, smk, N, 256)
+        full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
     else:
         full = True
     if full:
-        dq0, dq1 = _dq_loop(q0, do0, lse0, delta0, q1, do1, lse1, delta1, k_ptrs, vt_ptrs, b_ptrs, m_ptrs,
-                            di * ski, di * svi, di * smi, skn, svn, sbk, smk, N, scale,
-                            ROWS, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
     else:
-        dq0, dq1 = _dq_loop(q0, do0, lse0, delta0, q1, do1, lse1, delta1, k_ptrs, vt_ptrs, b_ptrs, m_ptrs,
-                            di * ski, di * svi, di * smi, skn, svn, sbk, smk, N, scale,
-                            ROWS, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
-    dq_ptrs = DQ + b * sdqb + i0 * sdqi + h * sdqh + j64[:, None] * sdqn + offs_d[None, :] * sdqd
-    tl.store(dq_ptrs, (dq0 * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
-    if ROWS == 2:
-        tl.store(dq_ptrs + di * sdqi, (dq1 * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
+        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+    dq_ptrs = DQ + b * sdqb + i * sdqi + h * sdqh + j64[:, None] * sdqn + offs_d[None, :] * sdqd
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
 
 
 @triton.jit
@@ -482,16 +404,10 @@ def _dkdv_step(k, v, key_bias, q, do, lse, delta, bias_t, dk, dv, scale,
     if lse.dtype == tl.float64:
         xt -= lse_lo[None, :]
     pt = _exp2(xt, PRECISE)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dst = pt * (dpt - delta[None, :])
-    if PRECISE:
-        # fp32: each block's sum from zero, then added (blocked summation). Accumulating
-        # in place chains one FMA per query row, whose rounding error grows with N.
-        dv += tl.dot(pt, do, input_precision=PRECISION)
-        dk += tl.dot(dst, q, input_precision=PRECISION)
-    else:
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -729,10 +645,6 @@ _CONFIGS = {
 }
 
 
-# Rows i per program that share each bias tile (1 or 2), by kernel.
-_ROWS_PER_PROGRAM = {"fwd": 2, "dq": 2}
-
-
 def _smem_bytes(kind: str, bj: int, bk: int, stages: int, d: int, e: int, be: int) -> int:
     """Rough shared memory of one program: pipelined tiles (x2 for the two loop copies)."""
     if kind in ("fwd", "dq"):
@@ -882,14 +794,13 @@ def triangle_attention_forward(
         return out, lse
     bias = _aligned_bias(bias)
     bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype)
-    row_block = _ROWS_PER_PROGRAM["fwd"] if rows > 1 else 1
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
-    grid = (triton.cdiv(n, bj), triton.cdiv(rows, row_block), batch * heads)
+    grid = (triton.cdiv(n, bj), rows, batch * heads)
     wrap_triton(_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
         rows, n, heads, scale,
-        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d, ROWS=row_block,
+        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
         num_warps=warps, num_stages=stages,
     )
@@ -1025,13 +936,12 @@ def triangle_attention_backward(
     )
 
     bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype)
-    row_block = _ROWS_PER_PROGRAM["dq"] if rows > 1 else 1
-    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), triton.cdiv(rows, row_block), batch * heads)](
+    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
         q, k, v, bias_rows, mask_t, out, grad_out, lse, dq,
         *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides, *out.stride(),
         *grad_out.stride(), *dq.stride(),
         rows, n, heads, scale,
-        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d, ROWS=row_block,
+        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
         num_warps=warps, num_stages=stages,
     )
