@@ -25,7 +25,7 @@ sums dS over rows i in registers; at small N the rows are split over a few progr
 whose partial tiles are summed afterwards in a fixed order. No atomics anywhere.
 
 Memory, beyond inputs and outputs: the forward saves lse, O(B I H N). The backward
-allocates only its gradients: delta = rowsum(dO*O), an fp32 transposed copy of the bias,
+allocates only its gradients: delta = rowsum(dO*O), a transposed copy of the bias,
 the fp32 key mask and the partial bias gradients live in dq's, dv's and dk's storage
 until those are written (a separate buffer only when I << N and dq is too small).
 """
