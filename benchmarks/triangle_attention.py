@@ -451,6 +451,16 @@ TUNE_CANDIDATES = {
 }
 
 
+def _kernel_inputs(args, n: int, dtype: torch.dtype):
+    """Random (q, k, v, dO, bias, keep-mask) on the GPU for the --tune / --passes modes."""
+    device = torch.device("cuda")
+    shape = (args.batch, n, n, args.heads, args.head_dim)
+    q, k, v, go = (torch.randn(shape, device=device, dtype=dtype) for _ in range(4))
+    bias = torch.randn(args.batch, args.heads, n, n, device=device, dtype=dtype)
+    keep = torch.rand(args.batch, n, n, device=device) > args.mask_fraction
+    return q, k, v, go, bias, keep
+
+
 def tune(args) -> None:
     """Time each kernel over candidate tiles (the others at their defaults); the best
     per kind, summed over the sizes, goes to ``--out``/tuned.json."""
@@ -460,17 +470,13 @@ def tune(args) -> None:
 
     from foldops.kernels import triangle_attention as K
 
-    device = torch.device("cuda")
     kinds = args.kinds or list(TUNE_CANDIDATES)
     totals: Dict[tuple, float] = {}
     d = args.head_dim
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for n in args.n:
-            shape = (args.batch, n, n, args.heads, d)
-            q, k, v, go = (torch.randn(shape, device=device, dtype=dtype) for _ in range(4))
-            bias = torch.randn(args.batch, args.heads, n, n, device=device, dtype=dtype)
-            keep = torch.rand(args.batch, n, n, device=device) > args.mask_fraction
+            q, k, v, go, bias, keep = _kernel_inputs(args, n, dtype)
             scale = d**-0.5
             out, lse = K.triangle_attention_forward(q, k, v, bias, keep, scale)
             calls = {  # dq/dkdv: the backward without the bias pass; dbias: with it
@@ -516,15 +522,11 @@ def passes(args) -> None:
 
     from foldops.kernels.triangle_attention import triangle_attention
 
-    device = torch.device("cuda")
     d = args.head_dim
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for n in args.n:
-            shape = (args.batch, n, n, args.heads, d)
-            q, k, v, go = (torch.randn(shape, device=device, dtype=dtype) for _ in range(4))
-            bias = torch.randn(args.batch, args.heads, n, n, device=device, dtype=dtype)
-            keep = torch.rand(args.batch, n, n, device=device) > args.mask_fraction
+            q, k, v, go, bias, keep = _kernel_inputs(args, n, dtype)
             leaves = [t.requires_grad_() for t in (q, k, v, bias)]
 
             def step():
