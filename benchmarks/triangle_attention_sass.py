@@ -199,10 +199,10 @@ def _set_configs(specs: List[str]) -> None:
 
     for spec in specs:
         kind, values = spec.split("=")
-        config = tuple(int(x) for x in values.split(","))
+        bj, bk, warps, stages = (int(x) for x in values.split(","))
         for key in list(K._CONFIGS):
             if key[0] == kind:
-                K._CONFIGS[key] = config
+                K._CONFIGS[key] = (bj, bk, warps, stages)
 
 
 def main(argv=None) -> int:
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sm", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--config", action="append", default=[],
                         help="override a kernel's tiles: KIND=BLOCK_J,BLOCK_K,WARPS,STAGES "
-                             "(KIND in fwd, dq, dkdv, dbias; dkdv_dbias adds ROWS per group)")
+                             "(KIND in fwd, dq, dkdv, dbias)")
     parser.add_argument("--sass", default="", help="write each kernel's SASS into this folder")
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]

@@ -394,7 +394,7 @@ def _bwd_dq_kernel(
 @triton.jit
 def _dkdv_step(k, v, key_bias, q, do, lse, delta, bias_t, dk, dv, scale,
                USE_KEY_BIAS: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
-    """dK, dV contributions of one query block (transposed [K, J] tiles), and its dS^T."""
+    """dK, dV contributions of one query block (transposed [K, J] tiles)."""
     lse_hi, lse_lo = _lse_parts(lse)
     kq = tl.dot(k, tl.trans(q), input_precision=PRECISION)
     st = kq * scale + bias_t.to(tl.float32)
@@ -408,133 +408,45 @@ def _dkdv_step(k, v, key_bias, q, do, lse, delta, bias_t, dk, dv, scale,
     dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dst = pt * (dpt - delta[None, :])
     dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
-    return dk, dv, dst
+    return dk, dv
 
 
 @triton.jit
-def _dkdv_row(k, v, key_bias, row_ok, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, bias_t, dk, dv, scale, valid_j,
-              USE_KEY_BIAS: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
-    """One row i's step on one query block: (dk, dv, dS^T). ``MASKED``: the partial last
-    block (queries past N get lse = +inf). A padding row (``row_ok`` false: the last
-    group of a split ran out of rows) reads a valid row with lse = +inf, so P = dS = 0."""
-    if MASKED:
-        q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=valid_j[:, None], other=0.0)
-        lse = tl.load(lse_ptrs, mask=valid_j, other=float("inf"))
-        delta = tl.load(delta_ptrs, mask=valid_j, other=0.0)
-    else:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
-        lse = tl.load(lse_ptrs)
-        delta = tl.load(delta_ptrs)
-    lse = tl.where(row_ok, lse, float("inf"))
-    return _dkdv_step(k, v, key_bias, q, do, lse, delta, bias_t, dk, dv, scale, USE_KEY_BIAS, PRECISION, PRECISE)
-
-
-@triton.jit
-def _dkdv_blocks(
-    start, stop, k0, v0, kb0, k1, v1, kb1, k2, v2, kb2, k3, v3, kb3, last,
-    dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3,
-    q_ptrs, do_ptrs, row_ptrs, bt_ptrs, db_ptrs, LSE, DELTA,
-    sqi, sdoi, srow, sqn, sdon, sbj, N, scale, accumulate,
-    ROWS: tl.constexpr, DBIAS: tl.constexpr, USE_KEY_BIAS: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK_J: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+def _dkdv_loop(
+    k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj, N, scale,
+    USE_KEY_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """Query blocks [start, stop) for ROWS rows i of one key block: the updated dk_r, dv_r.
-
-    Row r is row 0 + min(r, ``last``) (its K, V and key bias already loaded as k_r, v_r,
-    kb_r; the pointers address row 0 at query 0). Each bias^T tile is loaded once for all
-    ROWS rows. With DBIAS, the rows' dS^T tiles are summed in registers and added into
-    this program's fp32 partial bias gradient (``db_ptrs``: owned by this program alone,
-    so plain loads and stores, deterministic); ``accumulate`` is false for the first
-    group of rows of a split. MASKED: the partial last block (queries past N masked).
-    """
+    """dK, dV over all query blocks: full blocks unmasked (key rows past N read clamped,
+    never stored), a partial last one masked with lse = +inf past N (as _fwd_loop)."""
     offs_j = tl.arange(0, BLOCK_J)
-    d1, d2, d3 = tl.minimum(1, last), tl.minimum(2, last), tl.minimum(3, last)
-    ok1, ok2, ok3 = last >= 1, last >= 2, last >= 3
-    q_ptrs += start * sqn
-    do_ptrs += start * sdon
-    bt_ptrs += start * sbj
-    row_ptrs += start
-    db_ptrs += start
-    for start_j in range(start, stop, BLOCK_J):
-        valid_j = start_j + offs_j < N
-        if DBIAS:  # issued first: its latency hides behind the rows' work
-            dbias_t = tl.load(db_ptrs, mask=accumulate, other=0.0)
-        if MASKED:
-            bias_t = tl.load(bt_ptrs, mask=valid_j[None, :], other=0.0)
-        else:
-            bias_t = tl.load(bt_ptrs)
-        dk0, dv0, dbt = _dkdv_row(k0, v0, kb0, True, q_ptrs, do_ptrs, LSE + row_ptrs, DELTA + row_ptrs,
-                                  bias_t, dk0, dv0, scale, valid_j, USE_KEY_BIAS, MASKED, PRECISION, PRECISE)
-        if ROWS >= 2:
-            dk1, dv1, ds = _dkdv_row(k1, v1, kb1, ok1, q_ptrs + d1 * sqi, do_ptrs + d1 * sdoi,
-                                     LSE + row_ptrs + d1 * srow, DELTA + row_ptrs + d1 * srow, bias_t, dk1, dv1,
-                                     scale, valid_j, USE_KEY_BIAS, MASKED, PRECISION, PRECISE)
-            dbt += ds
-        if ROWS >= 4:
-            dk2, dv2, ds = _dkdv_row(k2, v2, kb2, ok2, q_ptrs + d2 * sqi, do_ptrs + d2 * sdoi,
-                                     LSE + row_ptrs + d2 * srow, DELTA + row_ptrs + d2 * srow, bias_t, dk2, dv2,
-                                     scale, valid_j, USE_KEY_BIAS, MASKED, PRECISION, PRECISE)
-            dbt += ds
-            dk3, dv3, ds = _dkdv_row(k3, v3, kb3, ok3, q_ptrs + d3 * sqi, do_ptrs + d3 * sdoi,
-                                     LSE + row_ptrs + d3 * srow, DELTA + row_ptrs + d3 * srow, bias_t, dk3, dv3,
-                                     scale, valid_j, USE_KEY_BIAS, MASKED, PRECISION, PRECISE)
-            dbt += ds
-        if DBIAS:
-            tl.store(db_ptrs, dbias_t + dbt)
+    dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    n_full = N - N % BLOCK_J
+    for start_j in range(0, n_full, BLOCK_J):
+        dk, dv = _dkdv_step(k, v, key_bias, tl.load(q_ptrs), tl.load(do_ptrs), tl.load(LSE + row_ptrs),
+                            tl.load(DELTA + row_ptrs), tl.load(bt_ptrs), dk, dv, scale,
+                            USE_KEY_BIAS, PRECISION, PRECISE)
         q_ptrs += BLOCK_J * sqn
         do_ptrs += BLOCK_J * sdon
         bt_ptrs += BLOCK_J * sbj
         row_ptrs += BLOCK_J
-        db_ptrs += BLOCK_J
-    return dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3
-
-
-@triton.jit
-def _dkdv_group(
-    k0, v0, kb0, k1, v1, kb1, k2, v2, kb2, k3, v3, kb3, last,
-    q_ptrs, do_ptrs, row_ptrs, bt_ptrs, db_ptrs, LSE, DELTA,
-    sqi, sdoi, srow, sqn, sdon, sbj, N, scale, accumulate,
-    ROWS: tl.constexpr, DBIAS: tl.constexpr, USE_KEY_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-):
-    """dK, dV of a group of ROWS rows over all query blocks: the full blocks unmasked (as
-    _fwd_loop), then a partial last one, if any, masked."""
-    dk0 = tl.zeros([BLOCK_K, D], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_K, D], dtype=tl.float32)
-    dk1, dv1, dk2, dv2, dk3, dv3 = dk0, dv0, dk0, dv0, dk0, dv0
-    n_full = N - N % BLOCK_J
-    dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _dkdv_blocks(
-        0, n_full, k0, v0, kb0, k1, v1, kb1, k2, v2, kb2, k3, v3, kb3, last,
-        dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, q_ptrs, do_ptrs, row_ptrs, bt_ptrs, db_ptrs, LSE, DELTA,
-        sqi, sdoi, srow, sqn, sdon, sbj, N, scale, accumulate,
-        ROWS, DBIAS, USE_KEY_BIAS, False, BLOCK_J, PRECISION, PRECISE)
     if not EVEN_N:
-        dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _dkdv_blocks(
-            n_full, N, k0, v0, kb0, k1, v1, kb1, k2, v2, kb2, k3, v3, kb3, last,
-            dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3, q_ptrs, do_ptrs, row_ptrs, bt_ptrs, db_ptrs, LSE, DELTA,
-            sqi, sdoi, srow, sqn, sdon, sbj, N, scale, accumulate,
-            ROWS, DBIAS, True, True, BLOCK_J, PRECISION, PRECISE)
-    return dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3
-
-
-@triton.jit
-def _dkdv_row_inputs(K, V, MASK, k_offs, v_offs, m_offs, offs_k, N, HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
-    """(K, V [BLOCK_K, D], key bias [BLOCK_K]) of one row i."""
-    key_bias = _key_bias(MASK + m_offs, offs_k, N, HAS_MASK, EVEN_N)
-    return tl.load(K + k_offs), tl.load(V + v_offs), key_bias
-
-
-@triton.jit
-def _store_dkdv(DK, DV, dk, dv, dk_offs, dv_offs, mask, scale):
-    tl.store(DK + dk_offs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + dv_offs, dv.to(DV.dtype.element_ty), mask=mask)
+        if n_full < N:
+            valid_j = n_full + offs_j < N
+            q = tl.load(q_ptrs, mask=valid_j[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=valid_j[:, None], other=0.0)
+            lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
+            delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
+            bias_t = tl.load(bt_ptrs, mask=valid_j[None, :], other=0.0)
+            dk, dv = _dkdv_step(k, v, key_bias, q, do, lse, delta, bias_t, dk, dv, scale,
+                                USE_KEY_BIAS, PRECISION, PRECISE)
+    return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, BIAS, MASK, DO, LSE, DELTA, DK, DV, DBP,
+    Q, K, V, BIAS, MASK, DO, LSE, DELTA, DK, DV,
     sqb, sqi, sqn, sqh, sqd,
     skb, ski, skn, skh, skd,
     svb, svi, svn, svh, svd,
@@ -543,21 +455,15 @@ def _bwd_dkdv_kernel(
     sdob, sdoi, sdon, sdoh, sdod,
     sdkb, sdki, sdkn, sdkh, sdkd,
     sdvb, sdvi, sdvn, sdvh, sdvd,
-    sdbs, sdbz, sdbk,
-    I, N, H, SPLITS, scale, ROWS_PER_SPLIT,
-    HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, DBIAS: tl.constexpr,
+    I, N, H, scale,
+    HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """dK, dV for a [BLOCK_K] block of keys of the rows i of one split of one (b, h), in
-    groups of ROWS rows (transposed tiles [K, J]); with DBIAS also this split's partial
-    bias gradient dBias^T[k-block, :] = sum over its rows of dS^T (fp32, ``DBP``
-    [SPLITS, B*H, keys, queries] with unit stride over queries, padded to whole blocks).
-    """
+    """dK, dV for a [BLOCK_K] block of keys of one (b, i, h): transposed tiles [K, J]."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_k = tl.program_id(0)
-    pid_z = tl.program_id(1)  # (b, h, split) flattened, split fastest
-    split = pid_z % SPLITS
-    bh = pid_z // SPLITS
+    i = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
 
@@ -569,90 +475,30 @@ def _bwd_dkdv_kernel(
     k64 = offs_k.to(tl.int64)
     kc64 = tl.minimum(offs_k, N - 1).to(tl.int64)  # keys past N read key N-1 (never stored)
 
-    i_start = split * ROWS_PER_SPLIT
-    n_rows = tl.minimum(ROWS_PER_SPLIT, I - i_start)
-    # Offsets at row 0 of (b, h); rows are added per group.
-    k_offs = b * skb + h * skh + kc64[:, None] * skn + offs_d[None, :] * skd
-    v_offs = b * svb + h * svh + kc64[:, None] * svn + offs_d[None, :] * svd
-    m_offs = b * smb + k64 * smk
-    q_offs = b * sqb + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd
-    do_offs = b * sdob + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod
-    dk_offs = b * sdkb + h * sdkh + k64[:, None] * sdkn + offs_d[None, :] * sdkd
-    dv_offs = b * sdvb + h * sdvh + k64[:, None] * sdvn + offs_d[None, :] * sdvd
+    k = tl.load(K + b * skb + i * ski + h * skh + kc64[:, None] * skn + offs_d[None, :] * skd)
+    v = tl.load(V + b * svb + i * svi + h * svh + kc64[:, None] * svn + offs_d[None, :] * svd)
+    key_bias = _key_bias(MASK + b * smb + i * smi + k64 * smk, offs_k, N, HAS_MASK, EVEN_N)
+
+    q_ptrs = Q + b * sqb + i * sqi + h * sqh + j64[:, None] * sqn + offs_d[None, :] * sqd
+    do_ptrs = DO + b * sdob + i * sdoi + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod
     bt_ptrs = BIAS + b * sbb + h * sbh + j64[None, :] * sbj + kc64[:, None] * sbk
-    db_ptrs = DBP + split.to(tl.int64) * sdbs + bh.to(tl.int64) * sdbz + k64[:, None] * sdbk + j64[None, :]
+    row_ptrs = ((b * I + i) * H + h) * N + j64
+    # Key blocks with every key kept (the common case) skip the per-logit mask add.
+    if HAS_MASK or not EVEN_N:
+        full = tl.min(key_bias, 0) == 0.0
+    else:
+        full = True
+    if full:
+        dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
+                            N, scale, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+    else:
+        dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
+                            N, scale, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
 
-    for g in range(0, n_rows, ROWS):
-        i0 = (i_start + g).to(tl.int64)
-        last = tl.minimum(ROWS - 1, n_rows - 1 - g)  # rows past it are padding
-        r1, r2, r3 = i0 + tl.minimum(1, last), i0 + tl.minimum(2, last), i0 + tl.minimum(3, last)
-        k0, v0, kb0 = _dkdv_row_inputs(K, V, MASK, k_offs + i0 * ski, v_offs + i0 * svi, m_offs + i0 * smi,
-                                       offs_k, N, HAS_MASK, EVEN_N)
-        k1, v1, kb1 = k0, v0, kb0
-        k2, v2, kb2 = k0, v0, kb0
-        k3, v3, kb3 = k0, v0, kb0
-        if ROWS >= 2:
-            k1, v1, kb1 = _dkdv_row_inputs(K, V, MASK, k_offs + r1 * ski, v_offs + r1 * svi, m_offs + r1 * smi,
-                                           offs_k, N, HAS_MASK, EVEN_N)
-        if ROWS >= 4:
-            k2, v2, kb2 = _dkdv_row_inputs(K, V, MASK, k_offs + r2 * ski, v_offs + r2 * svi, m_offs + r2 * smi,
-                                           offs_k, N, HAS_MASK, EVEN_N)
-            k3, v3, kb3 = _dkdv_row_inputs(K, V, MASK, k_offs + r3 * ski, v_offs + r3 * svi, m_offs + r3 * smi,
-                                           offs_k, N, HAS_MASK, EVEN_N)
-        q_ptrs = Q + q_offs + i0 * sqi
-        do_ptrs = DO + do_offs + i0 * sdoi
-        row_ptrs = ((b * I + i0) * H + h) * N + j64
-        # A [BLOCK_K, BLOCK_J] mask (the interpreter takes no scalar masks).
-        accumulate = (tl.zeros([BLOCK_K, BLOCK_J], dtype=tl.int32) + g) > 0
-        # Key blocks with every key kept in every row (the common case) skip the
-        # per-logit mask add.
-        if HAS_MASK or not EVEN_N:
-            full = tl.min(tl.minimum(tl.minimum(kb0, kb1), tl.minimum(kb2, kb3)), 0) == 0.0
-        else:
-            full = True
-        if full:
-            dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _dkdv_group(
-                k0, v0, kb0, k1, v1, kb1, k2, v2, kb2, k3, v3, kb3, last,
-                q_ptrs, do_ptrs, row_ptrs, bt_ptrs, db_ptrs, LSE, DELTA,
-                sqi, sdoi, H * N, sqn, sdon, sbj, N, scale, accumulate,
-                ROWS, DBIAS, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
-        else:
-            dk0, dv0, dk1, dv1, dk2, dv2, dk3, dv3 = _dkdv_group(
-                k0, v0, kb0, k1, v1, kb1, k2, v2, kb2, k3, v3, kb3, last,
-                q_ptrs, do_ptrs, row_ptrs, bt_ptrs, db_ptrs, LSE, DELTA,
-                sqi, sdoi, H * N, sqn, sdon, sbj, N, scale, accumulate,
-                ROWS, DBIAS, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
-        last_k = tl.zeros_like(offs_k) + last  # [BLOCK_K] vectors: the interpreter takes no scalar masks
-        _store_dkdv(DK, DV, dk0, dv0, dk_offs + i0 * sdki, dv_offs + i0 * sdvi, valid_k[:, None], scale)
-        if ROWS >= 2:
-            _store_dkdv(DK, DV, dk1, dv1, dk_offs + r1 * sdki, dv_offs + r1 * sdvi,
-                        (valid_k & (last_k >= 1))[:, None], scale)
-        if ROWS >= 4:
-            _store_dkdv(DK, DV, dk2, dv2, dk_offs + r2 * sdki, dv_offs + r2 * sdvi,
-                        (valid_k & (last_k >= 2))[:, None], scale)
-            _store_dkdv(DK, DV, dk3, dv3, dk_offs + r3 * sdki, dv_offs + r3 * sdvi,
-                        (valid_k & (last_k >= 3))[:, None], scale)
-
-
-@triton.jit
-def _dbias_reduce_kernel(
-    PARTIAL, DB, SPLITS, spart_s, spart_z, spart_k, sdbb, sdbh, sdbj, sdbk, N, H,
-    BLOCK: tl.constexpr,
-):
-    """dBias[b, h, j, k] = sum over splits s of PARTIAL[s, (b, h), k, j], in a fixed order
-    (deterministic), for one [BLOCK, BLOCK] tile."""
-    offs_k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs_j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    bh = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    valid = (offs_k[:, None] < N) & (offs_j[None, :] < N)
-    p_ptrs = PARTIAL + bh.to(tl.int64) * spart_z + offs_k.to(tl.int64)[:, None] * spart_k + offs_j[None, :]
-    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    for s in range(0, SPLITS):
-        acc += tl.load(p_ptrs + s * spart_s, mask=valid, other=0.0)
-    db_ptrs = DB + b * sdbb + h * sdbh + offs_j.to(tl.int64)[None, :] * sdbj + offs_k.to(tl.int64)[:, None] * sdbk
-    tl.store(db_ptrs, acc.to(DB.dtype.element_ty), mask=valid)
+    dk_ptrs = DK + b * sdkb + i * sdki + h * sdkh + k64[:, None] * sdkn + offs_d[None, :] * sdkd
+    dv_ptrs = DV + b * sdvb + i * sdvi + h * sdvh + k64[:, None] * sdvn + offs_d[None, :] * sdvd
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=valid_k[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=valid_k[:, None])
 
 
 @triton.jit
@@ -796,54 +642,43 @@ _CONFIGS = {
     ("dbias", 32, False): (64, 64, 4, 3),
     ("dbias", 64, False): (64, 64, 4, 3),
     ("dbias", 128, False): (64, 64, 8, 2),
-    # dK/dV fused with the bias gradient: (..., rows i per group); 0 rows = separate
-    # dBias pass (the group's dK/dV accumulators do not fit in registers at D >= 64).
-    ("dkdv_dbias", 16, False): (32, 64, 4, 2, 2),
-    ("dkdv_dbias", 32, False): (32, 64, 4, 2, 2),
-    ("dkdv_dbias", 64, False): (32, 64, 4, 3, 0),
-    ("dkdv_dbias", 128, False): (64, 64, 8, 2, 0),
 }
 
 
-def _smem_bytes(kind: str, bj: int, bk: int, stages: int, d: int, e: int, be: int, rows: int = 1) -> int:
+def _smem_bytes(kind: str, bj: int, bk: int, stages: int, d: int, e: int, be: int) -> int:
     """Rough shared memory of one program: pipelined tiles (x2 for the two loop copies)."""
     if kind in ("fwd", "dq"):
         return 2 * stages * (2 * bk * d * e + bj * bk * be) + 2 * bj * d * e
     if kind == "dkdv":
         return 2 * stages * (2 * bj * d * e + bj * bk * be) + 2 * bk * d * e
-    if kind == "dkdv_dbias":
-        return 2 * stages * (rows * 2 * bj * d * e + bj * bk * (be + 4)) + 2 * rows * bk * d * e
     return stages * (2 * bj * d + 2 * bk * d) * e
 
 
 _SMEM_BUDGET = 160 * 1024
 
 
-def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype] = None) -> Tuple[int, ...]:
-    """(BLOCK_J, BLOCK_K, num_warps, num_stages), plain ints even for symbolic N; kind
-    "dkdv_dbias" adds the rows per group (0: no fusion)."""
-    bj, bk, warps, stages, *rest = _CONFIGS[(kind, d, False)]
+def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype] = None) -> Tuple[int, int, int, int]:
+    """(BLOCK_J, BLOCK_K, num_warps, num_stages), plain ints even for symbolic N."""
     if _interpreting():
-        # Small tiles: multi-block loops at small N, fast interpretation.
-        return (16, 16, 1, 1, *rest)
+        return 16, 16, 1, 1  # small tiles: multi-block loops at small N, fast interpretation
+    bj, bk, warps, stages = _CONFIGS[(kind, d, False)]
     if dtype == torch.float32:  # fp32 operands take twice the registers and shared memory
         bj, bk, stages = min(bj, 64), min(bk, 64 if d <= 32 else 32), min(stages, 2)
-        rest = [min(r, 2) for r in rest]
     if n < 256:  # small N: smaller tiles for more programs and less padding
         cap = max(16, triton.next_power_of_2(int(n)))
         bj, bk = min(bj, cap), min(bk, cap)
     e = torch.tensor([], dtype=dtype).element_size()
     be = torch.tensor([], dtype=bias_dtype or dtype).element_size()
-    while _smem_bytes(kind, bj, bk, stages, d, e, be, *rest) > _SMEM_BUDGET:
+    while _smem_bytes(kind, bj, bk, stages, d, e, be) > _SMEM_BUDGET:
         if stages > 2:
             stages -= 1
-        elif bk > 16 and (not kind.startswith("dkdv") or bk >= bj):
+        elif bk > 16 and (kind != "dkdv" or bk >= bj):
             bk //= 2
         elif bj > 16:
             bj //= 2
         else:
             break
-    return (bj, bk, warps, stages, *rest)
+    return bj, bk, warps, stages
 
 
 def _tracing_under_interpreter(t: torch.Tensor) -> bool:
@@ -1009,12 +844,10 @@ def triangle_attention_backward(
     ``need_dbias``. dq/dk/dv follow q/k/v's dimension order; dbias is contiguous in
     bias's dtype, deterministic.
 
-    Passes, in this order: delta = rowsum(dO*O) [B, I, H, N] fp32; dK/dV, reading a
-    transposed copy of the bias, and with it the bias gradient as fp32 partial sums
-    over splits of the rows (summed in a fixed order by a small kernel); dQ last. delta,
-    the bias copy and the partial sums live in dq's storage until dQ is written: peak
-    memory is the gradients themselves. (Head dims >= 64 run the bias gradient as a
-    separate pass before dK/dV instead, its partial sums in dk's storage.)
+    Passes, in this order: delta = rowsum(dO*O) [B, I, H, N] fp32, kept in dq's (not yet
+    written) storage; the bias gradient, whose row-split partial sums live in dk's
+    storage; dK/dV, reading a transposed copy of the bias also kept in dq's
+    storage; dQ last, over both. Peak memory is the gradients themselves.
     """
     batch, rows, n, heads, d = q.shape
     d = int(d)
@@ -1025,80 +858,85 @@ def triangle_attention_backward(
     dbias = torch.empty(dbias_shape, dtype=bias.dtype, device=q.device)
     if q.numel() == 0:
         return dq, dk, dv, dbias.zero_()
-    bh = batch * heads
-    group = _config("dkdv_dbias", n, d, q.dtype, bias.dtype)[4] if need_dbias else 0
-    fused = group > 0
-    if fused:
-        bj, bk, warps, stages, _ = _config("dkdv_dbias", n, d, q.dtype, bias.dtype)
-    else:
-        (bj, bk, warps, stages), group = _config("dkdv", n, d, q.dtype, bias.dtype), 1
-    # Scratch, in dq's storage (2 B I N H D bytes or more; a separate buffer only when
-    # I << N): delta (fp32), a copy of the bias transposed for the dK/dV pass (rows
-    # padded to 16 elements, so that its tiles load as vectors whatever N is), and with
-    # the fusion the partial bias gradients [splits, B*H, keys, queries] in fp32, padded
-    # to whole blocks so that their tiles load and store unmasked.
+    # dq's storage (2 B I N H D bytes or more) holds delta (fp32), then a copy of the bias
+    # transposed for the dK/dV pass, until dq is written last. bias_kj's rows are padded
+    # to 16 elements (and start 64-byte aligned) so that its tiles load as vectors
+    # whatever N is.
     delta_bytes = 4 * _round_up_16(batch * rows * heads * n)
     n_pad = _round_up_16(n)
-    bias_kj_bytes = bh * n * n_pad * bias.element_size()
-    groups = triton.cdiv(rows, group)
-    if fused:
-        k_pad, j_pad = triton.cdiv(n, bk) * bk, _round_up_16(triton.cdiv(n, bj) * bj)
-        split_bytes = 4 * bh * k_pad * j_pad
-        splits = _bias_splits(triton.cdiv(n, bk) * bh, groups, q.device)
-        room = (dq_flat.numel() * dq_flat.element_size() - delta_bytes - bias_kj_bytes) // split_bytes
-        splits = min(splits, room) if room >= 1 else splits
-    else:
-        k_pad = j_pad = split_bytes = 0
-        splits = min(rows, 65535 // bh)  # one row per program, within the grid's y limit
-    rows_per_split = triton.cdiv(groups, splits) * group
-    splits = triton.cdiv(rows, rows_per_split)
-    scratch_bytes = delta_bytes + bias_kj_bytes + splits * split_bytes
+    scratch_bytes = delta_bytes + batch * heads * n * n_pad * bias.element_size()
     scratch = _scratch(dq_flat, (scratch_bytes,), torch.uint8)
-    if scratch is None:  # few rows (I << N): dq is smaller than the scratch
+    if scratch is None:  # few rows (I << N): dq is smaller than the bias
         scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=q.device)
     delta = _scratch(scratch, (batch, rows, heads, n))
     bias_kj = _scratch(scratch, (batch, heads, n, n_pad), bias.dtype, delta_bytes)[..., :n]
-    if fused:
-        partial = _scratch(scratch, (splits, bh, k_pad, j_pad), torch.float32, delta_bytes + bias_kj_bytes)
-        partial_strides = partial.stride()[:3]
-    else:
-        partial, partial_strides = delta, (0, 0, 0)  # unused
     if _tracing_under_interpreter(q):
         return dq, dk, dv, dbias
     bias_rows = _aligned_bias(bias)  # for the dQ and dBias tiles
     precision = _precision(q.dtype, allow_tf32)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
 
-    delta_bj = 128 if n >= 128 else max(16, triton.next_power_of_2(int(n)))
-    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(n, delta_bj), rows, bh)](
+    bj = 128 if n >= 128 else max(16, triton.next_power_of_2(int(n)))
+    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), rows, n, heads,
-        D=d, BLOCK_J=delta_bj, num_warps=4,
+        D=d, BLOCK_J=bj, num_warps=4,
     )
-    if need_dbias and not fused:
-        _bias_grad_pass(q, k, v, bias_rows, mask, grad_out, lse, delta, dbias, dk_flat, dv_flat, scale, precision)
 
+    if need_dbias:
+        if mask is not None:
+            # The key mask as an fp32 0/-inf bias, in dv's not yet written storage: the
+            # bias-gradient pass adds it instead of unpacking mask bytes per logit.
+            key_bias = _scratch(dv_flat, (batch, rows, n))
+            if key_bias is None:
+                key_bias = torch.empty((batch, rows, n), dtype=torch.float32, device=q.device)
+            key_bias.fill_(0.0).masked_fill_(~mask, float("-inf"))
+            mask_t, mask_strides = key_bias, key_bias.stride()
+        bj, bk, warps, stages = _config("dbias", n, d, q.dtype, bias.dtype)
+        tiles = triton.cdiv(n, bj) * triton.cdiv(n, bk)
+        room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
+        splits = min(_bias_splits(tiles * batch * heads, rows, q.device), max(1, room))
+        rows_per_split = triton.cdiv(rows, splits)
+        splits = triton.cdiv(rows, rows_per_split)
+        if splits == 1:
+            target, target_strides = dbias, (0, *dbias.stride())
+        else:
+            target = _scratch(dk_flat, (splits, batch, heads, n, n))
+            target_strides = target.stride()
+        wrap_triton(_bwd_dbias_kernel)[(triton.cdiv(n, bj), triton.cdiv(n, bk), splits * batch * heads)](
+            q, k, v, bias_rows, mask_t, grad_out, lse, delta, target,
+            *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides,
+            *grad_out.stride(), *target_strides,
+            rows, n, heads, batch * heads, scale, rows_per_split,
+            HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
+            BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
+            num_warps=warps, num_stages=stages,
+        )
+        if splits > 1:
+            numel = batch * heads * n * n
+            wrap_triton(_sum_splits_kernel)[(triton.cdiv(numel, 1024),)](
+                target, dbias, splits, numel, BLOCK=1024, num_warps=4,
+            )
+
+    mask_t, mask_strides, has_mask = _mask_args(mask, q)
     # bias_kj[b, h, k, j] = bias[b, h, j, k]: the dK/dV tiles are [keys, queries], and
     # loading them laid out that way saves a shuffle per logit. It stays in the bias's
     # dtype: the pass is bound by L2 traffic (~5.5 TB/s on the H100), of which an fp32
     # copy was two thirds.
     bias_kj.copy_(bias.transpose(2, 3))
     bias_t = bias_kj.transpose(2, 3)
-    wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(n, bk), splits * bh)](
-        q, k, v, bias_t, mask_t, grad_out, lse, delta, dk, dv, partial,
+    bj, bk, warps, stages = _config("dkdv", n, d, q.dtype, bias.dtype)
+    wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(n, bk), rows, batch * heads)](
+        q, k, v, bias_t, mask_t, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_t.stride(), *mask_strides,
-        *grad_out.stride(), *dk.stride(), *dv.stride(), *partial_strides,
-        rows, n, heads, splits, scale, rows_per_split,
-        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d, ROWS=group, DBIAS=fused,
+        *grad_out.stride(), *dk.stride(), *dv.stride(),
+        rows, n, heads, scale,
+        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
         num_warps=warps, num_stages=stages,
     )
-    if fused:
-        wrap_triton(_dbias_reduce_kernel)[(triton.cdiv(n, 64), triton.cdiv(n, 64), bh)](
-            partial, dbias, splits, *partial_strides, *dbias.stride(), n, heads, BLOCK=64, num_warps=4,
-        )
 
     bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype)
-    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, bh)](
+    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
         q, k, v, bias_rows, mask_t, out, grad_out, lse, dq,
         *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides, *out.stride(),
         *grad_out.stride(), *dq.stride(),
@@ -1108,49 +946,6 @@ def triangle_attention_backward(
         num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv, dbias
-
-
-def _bias_grad_pass(q, k, v, bias_rows, mask, grad_out, lse, delta, dbias, dk_flat, dv_flat, scale, precision):
-    """The bias gradient as its own pass (head dims >= 64): a program owns one (b, h,
-    j-tile, k-tile) and sums dS over rows i in registers; at small N the rows are split
-    over programs whose partial tiles (in dk's not yet written storage) are summed in a
-    fixed order afterwards."""
-    batch, rows, n, heads, d = q.shape
-    d = int(d)
-    mask_t, mask_strides, has_mask = _mask_args(mask, q)
-    if mask is not None:
-        # The key mask as an fp32 0/-inf bias, in dv's not yet written storage: the
-        # pass adds it instead of unpacking mask bytes per logit.
-        key_bias = _scratch(dv_flat, (batch, rows, n))
-        if key_bias is None:
-            key_bias = torch.empty((batch, rows, n), dtype=torch.float32, device=q.device)
-        key_bias.fill_(0.0).masked_fill_(~mask, float("-inf"))
-        mask_t, mask_strides = key_bias, key_bias.stride()
-    bj, bk, warps, stages = _config("dbias", n, d, q.dtype, dbias.dtype)
-    tiles = triton.cdiv(n, bj) * triton.cdiv(n, bk)
-    room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
-    splits = min(_bias_splits(tiles * batch * heads, rows, q.device), max(1, room))
-    rows_per_split = triton.cdiv(rows, splits)
-    splits = triton.cdiv(rows, rows_per_split)
-    if splits == 1:
-        target, target_strides = dbias, (0, *dbias.stride())
-    else:
-        target = _scratch(dk_flat, (splits, batch, heads, n, n))
-        target_strides = target.stride()
-    wrap_triton(_bwd_dbias_kernel)[(triton.cdiv(n, bj), triton.cdiv(n, bk), splits * batch * heads)](
-        q, k, v, bias_rows, mask_t, grad_out, lse, delta, target,
-        *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides,
-        *grad_out.stride(), *target_strides,
-        rows, n, heads, batch * heads, scale, rows_per_split,
-        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
-        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-        num_warps=warps, num_stages=stages,
-    )
-    if splits > 1:
-        numel = batch * heads * n * n
-        wrap_triton(_sum_splits_kernel)[(triton.cdiv(numel, 1024),)](
-            target, dbias, splits, numel, BLOCK=1024, num_warps=4,
-        )
 
 
 def _bias_splits(programs: int, rows: int, device: torch.device) -> int:
