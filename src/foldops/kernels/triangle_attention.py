@@ -155,15 +155,16 @@ def _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale,
 
 @triton.jit
 def _fwd_loop(
-    q, k_desc, v_desc, b_desc, j0, m_ptrs, smk, N, scale,
+    q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
     USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
     """Online softmax over all key blocks of one [BLOCK_J] query block: (m2, l, acc).
 
-    K, V and bias tiles come through TMA descriptors, which read rows and columns past
-    N as zeros: the full blocks run in the loop, a last partial block, if any, once
-    after it with a -inf bias for the keys past N.
+    Full key blocks load without masks (query rows past N read clamped, valid rows that
+    are never stored): masked loads cannot go through the shared-memory pipeline. A last
+    partial block, if any, runs once after the loop with masked loads and a -inf bias
+    for keys past N.
     """
     offs_k = tl.arange(0, BLOCK_K)
     m_i = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
@@ -172,45 +173,38 @@ def _fwd_loop(
     n_full = N - N % BLOCK_K
     for start_k in range(0, n_full, BLOCK_K):
         key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
-        m_i, l_i, acc = _fwd_step(q, tl.trans(k_desc.load([start_k, 0])), v_desc.load([start_k, 0]),
-                                  b_desc.load([j0, start_k]), key_bias, m_i, l_i, acc,
+        m_i, l_i, acc = _fwd_step(q, tl.load(kt_ptrs), tl.load(v_ptrs), tl.load(b_ptrs), key_bias, m_i, l_i, acc,
                                   scale, USE_MASK, PRECISION, PRECISE)
+        kt_ptrs += BLOCK_K * skn
+        v_ptrs += BLOCK_K * svn
+        b_ptrs += BLOCK_K * sbk
         if USE_MASK:
             m_ptrs += BLOCK_K * smk
     if not EVEN_N:
         if n_full < N:
+            valid_k = n_full + offs_k < N
             key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
-            m_i, l_i, acc = _fwd_step(q, tl.trans(k_desc.load([n_full, 0])), v_desc.load([n_full, 0]),
-                                      b_desc.load([j0, n_full]), key_bias, m_i, l_i, acc,
-                                      scale, True, PRECISION, PRECISE)
+            kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=valid_k[:, None], other=0.0)
+            bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
+            m_i, l_i, acc = _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale, True, PRECISION, PRECISE)
     return m_i, l_i, acc
-
-
-@triton.jit
-def _rows_desc(base, N, stride, BLOCK: tl.constexpr, D: tl.constexpr):
-    """TMA descriptor over the [N, D] rows of one (b, i, h) (unit stride over D)."""
-    return tl.make_tensor_descriptor(base, shape=[N, D], strides=[stride, 1], block_shape=[BLOCK, D])
 
 
 @triton.jit
 def _fwd_kernel(
     Q, K, V, BIAS, MASK, OUT, LSE,
-    sqb, sqi, sqn, sqh,
-    skb, ski, skn, skh,
-    svb, svi, svn, svh,
-    sbb, sbh, sbj,
+    sqb, sqi, sqn, sqh, sqd,
+    skb, ski, skn, skh, skd,
+    svb, svi, svn, svh, svd,
+    sbb, sbh, sbj, sbk,
     smb, smi, smk,
     sob, soi, son, soh, sod,
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,  # EVEN_N: N % both blocks == 0
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
 ):
-    """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h).
-
-    q, k, v have unit stride over D and the bias over keys, and every row start and row
-    stride is a multiple of 16 bytes (the launcher sees to it): the tiles load through
-    TMA descriptors.
-    """
+    """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h)."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
@@ -218,19 +212,18 @@ def _fwd_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
 
-    j0 = pid_j * BLOCK_J
-    offs_j = j0 + tl.arange(0, BLOCK_J)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
     valid_j = offs_j < N
     j64 = offs_j.to(tl.int64)
+    jc64 = tl.minimum(offs_j, N - 1).to(tl.int64)  # rows past N read row N-1 (never stored)
     k64 = offs_k.to(tl.int64)
 
-    q = _rows_desc(Q + b * sqb + i * sqi + h * sqh, N, sqn, BLOCK_J, D).load([j0, 0])
-    k_desc = _rows_desc(K + b * skb + i * ski + h * skh, N, skn, BLOCK_K, D)
-    v_desc = _rows_desc(V + b * svb + i * svi + h * svh, N, svn, BLOCK_K, D)
-    b_desc = tl.make_tensor_descriptor(BIAS + b * sbb + h * sbh, shape=[N, N], strides=[sbj, 1],
-                                       block_shape=[BLOCK_J, BLOCK_K])
+    q = tl.load(Q + b * sqb + i * sqi + h * sqh + jc64[:, None] * sqn + offs_d[None, :] * sqd)
+    kt_ptrs = K + b * skb + i * ski + h * skh + k64[None, :] * skn + offs_d[:, None] * skd
+    v_ptrs = V + b * svb + i * svi + h * svh + k64[:, None] * svn + offs_d[None, :] * svd
+    b_ptrs = BIAS + b * sbb + h * sbh + jc64[:, None] * sbj + k64[None, :] * sbk
     m_ptrs = MASK + b * smb + i * smi + k64 * smk
 
     if HAS_MASK:
@@ -238,10 +231,10 @@ def _fwd_kernel(
     else:
         full = True
     if full:
-        m_i, l_i, acc = _fwd_loop(q, k_desc, v_desc, b_desc, j0, m_ptrs, smk, N, scale,
+        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
                                   False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
     else:
-        m_i, l_i, acc = _fwd_loop(q, k_desc, v_desc, b_desc, j0, m_ptrs, smk, N, scale,
+        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
                                   True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
 
     has_keys = l_i > 0.0
@@ -757,34 +750,6 @@ def _round_up_16(count: int) -> int:
     return -(-count // 16) * 16
 
 
-def _aligned_16(t: torch.Tensor, strides) -> bool:
-    """Whether ``t``'s start and these strides (of dimensions longer than 1) are whole
-    16-element multiples: every row then starts on a 16-byte boundary, as TMA
-    descriptors and vector loads need."""
-    dims = [s for s, size in zip(strides, t.shape) if size > 1]
-    return t.storage_offset() % 16 == 0 and all(s % 16 == 0 for s in dims)
-
-
-def _tma_rows(t: torch.Tensor) -> torch.Tensor:
-    """q/k/v ``[B, I, N, H, D]`` as the forward's TMA descriptors need them: unit stride
-    over D and 16-byte aligned rows. Every layer layout qualifies (row strides are
-    multiples of H * D); any other view is copied."""
-    elements = max(1, 16 // t.element_size())
-    dims = [s for s, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1]
-    if t.stride(-1) == 1 and t.storage_offset() % elements == 0 and all(s % elements == 0 for s in dims):
-        return t
-    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
-
-
-def _tma_allocator(device: torch.device):
-    """Triton's scratch allocator for descriptors built in the kernel (torch memory)."""
-
-    def allocate(size: int, alignment: int, stream) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.int8, device=device)
-
-    return allocate
-
-
 def _aligned_bias(bias: torch.Tensor) -> torch.Tensor:
     """``bias`` with unit stride over keys and 16-element aligned rows, copied if needed.
 
@@ -796,7 +761,7 @@ def _aligned_bias(bias: torch.Tensor) -> torch.Tensor:
     loads either, so the copy pads them. It is O(B H N^2), 1/D of q's size, and lives for
     one launch.
     """
-    if bias.stride(-1) == 1 and _aligned_16(bias, bias.stride()[:-1]):
+    if bias.stride(-1) == 1 and bias.stride(-2) % 16 == 0 and bias.stride(-3) % 16 == 0:
         return bias
     batch, heads, n, _ = bias.shape
     padded = torch.empty((batch, heads, n, _round_up_16(n)), dtype=bias.dtype, device=bias.device)[..., :n]
@@ -828,15 +793,12 @@ def triangle_attention_forward(
     if out.numel() == 0 or _tracing_under_interpreter(q):
         return out, lse
     bias = _aligned_bias(bias)
-    q, k, v = (_tma_rows(t) for t in (q, k, v))
-    if not torch.compiler.is_compiling():  # compiled graphs launch with Inductor's allocator
-        triton.set_allocator(_tma_allocator(q.device))
     bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     grid = (triton.cdiv(n, bj), rows, batch * heads)
     wrap_triton(_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
-        *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *bias.stride()[:3], *mask_strides, *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
