@@ -14,8 +14,9 @@ against foldops, 128x64 tiles:
     N=512 0.428 vs 0.409 ms (128x32: 0.411)   N=768 1.233 vs 1.303   N=1024 2.873 vs 3.062
     (128x32: 2.823)   N=1536 9.141 vs 9.920   N=2048 21.18 vs 24.63
 
-So descriptors win 5-14% at N >= 768 and nothing at N=512. warp_specialize=True
-(8 warps) was slower at every size. The "start" layout run (q/k/v as views of one
+A rerun in one process, repeating each size, measured foldops 0.409 / 3.04-3.14 ms and
+the prototype 0.411-0.413 / 3.00 ms at N=512 / 1024: within the noise, and so not the
+gain the first run suggested. warp_specialize=True (8 warps) was slower at every size. The "start" layout run (q/k/v as views of one
 projection) stopped on an illegal memory access at its first CUDA call and was not
 investigated.
 """
