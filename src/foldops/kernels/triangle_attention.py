@@ -667,8 +667,8 @@ def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch
     if n < 256:  # small N: smaller tiles for more programs and less padding
         cap = max(16, triton.next_power_of_2(int(n)))
         bj, bk = min(bj, cap), min(bk, cap)
-    e = torch.tensor([], dtype=dtype).element_size()
-    be = torch.tensor([], dtype=bias_dtype or dtype).element_size()
+    e = dtype.itemsize
+    be = (bias_dtype or dtype).itemsize
     while _smem_bytes(kind, bj, bk, stages, d, e, be) > _SMEM_BUDGET:
         if stages > 2:
             stages -= 1
@@ -819,7 +819,7 @@ def _scratch(flat: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype = to
              byte_offset: int = 0) -> Optional[torch.Tensor]:
     """A ``dtype`` view of ``flat``'s bytes from ``byte_offset`` on (an output not yet
     written), or None if they are too few."""
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     count = math.prod(shape)
     raw = flat.view(torch.uint8)
     if raw.numel() < byte_offset + count * size:
