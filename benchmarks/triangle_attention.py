@@ -515,39 +515,69 @@ def tune(args) -> None:
     print("best:", best)
 
 
+_KNOB_DEFAULTS: Dict[str, object] = {}
+
+
+def _apply_variant(spec: str) -> str:
+    """Set the kernel knobs named in ``NAME:mma=fwd+dq+dkdv|none,splits=auto|INT``
+    (unnamed knobs at their defaults; splits: the dBias row splits); returns NAME."""
+    from foldops.kernels import triangle_attention as K
+
+    name, _, settings = spec.partition(":")
+    _KNOB_DEFAULTS.setdefault("mma", dict(K._MMA_WAIT))
+    _KNOB_DEFAULTS.setdefault("splits", K._bias_splits)
+    K._MMA_WAIT = dict(_KNOB_DEFAULTS["mma"])
+    K._bias_splits = _KNOB_DEFAULTS["splits"]
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        if key == "mma":
+            K._MMA_WAIT = {(kind, mask): kind in value.split("+") for kind, mask in K._MMA_WAIT}
+        elif key == "splits" and value != "auto":
+            K._bias_splits = lambda *a, count=int(value): count
+        elif key != "splits":
+            raise ValueError(f"--variant: unknown setting {key!r} in {spec!r}")
+    return name or "default"
+
+
 def passes(args) -> None:
     """Time each kernel of one forward + backward (torch.profiler, device time per call),
-    to show which pass the fwd+bwd total goes to."""
+    to show which pass the fwd+bwd total goes to. With --variant, each variant in turn,
+    twice round, in this one process."""
     from torch.profiler import ProfilerActivity, profile
 
     from foldops.kernels.triangle_attention import triangle_attention
 
     d = args.head_dim
+    variants = args.variant or [""]
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for n in args.n:
             q, k, v, go, bias, keep = _kernel_inputs(args, n, dtype)
+            keep = None if args.no_mask else keep
             leaves = [t.requires_grad_() for t in (q, k, v, bias)]
 
             def step():
                 out = triangle_attention(*leaves, keep, d**-0.5)
                 torch.autograd.grad(out, leaves, go)
 
-            reps = 20
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(reps):
+            for spec in variants * (2 if args.variant else 1):
+                name = _apply_variant(spec)
+                reps = 20
+                for _ in range(5):
                     step()
                 torch.cuda.synchronize()
-            rows = [(e.device_time_total / reps / 1000, e.key) for e in prof.key_averages()
-                    if e.device_time_total > 0]
-            rows.sort(reverse=True)
-            total = sum(ms for ms, _ in rows)
-            print(f"passes {dtype_name} N={n} D={d}: total {total:.3f} ms per fwd+bwd")
-            for ms, name in rows:
-                print(f"  {ms:8.3f} ms  {name[:90]}")
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(reps):
+                        step()
+                    torch.cuda.synchronize()
+                rows = [(e.device_time_total / reps / 1000, e.key) for e in prof.key_averages()
+                        if e.device_time_total > 0]
+                rows.sort(reverse=True)
+                total = sum(ms for ms, _ in rows)
+                print(f"passes {dtype_name} N={n} D={d} mask={'no' if keep is None else 'yes'} "
+                      f"variant={name}: total {total:.3f} ms per fwd+bwd")
+                for ms, kname in rows:
+                    print(f"  {ms:8.3f} ms  {kname[:90]}")
 
 
 def apply_configs(path: str) -> None:
@@ -584,6 +614,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--kinds", nargs="+", default=None, help="with --tune: fwd dq dkdv dbias")
     parser.add_argument("--configs", default=None, help="tuned.json from --tune to apply first")
     parser.add_argument("--passes", action="store_true", help="device time of each kernel of fwd+bwd")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="with --passes, repeatable: NAME:mma=fwd+dq+dkdv|none,splits=auto|INT")
+    parser.add_argument("--no-mask", action="store_true", help="with --passes: no key mask at all")
     args = parser.parse_args(argv)
     if args.configs:
         apply_configs(args.configs)

@@ -4,7 +4,8 @@ Needs no GPU: Triton compiles every kernel of one forward + backward exactly as 
 launchers would launch it (same arguments, specialisations and tile configs), for the
 chosen target (sm_90 = H100 by default), with the ptxas bundled in the Triton wheel.
 For each kernel it prints registers, spills, shared memory and, for each loop, the SASS
-instructions per logit and per thread, the MUFU count and the global loads issued
+instructions per logit and per thread, whether ptxas serialised the wgmma pipeline
+(warning C7515: each product waits for the previous one), the MUFU count and the global loads issued
 inside the loop (LDG: not pipelined through shared memory), and how many of those are
 read in the same iteration (their latency exposed every step; a load prefetched a step
 ahead is read only in the next one).
@@ -38,6 +39,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 _INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")
 
@@ -87,6 +89,30 @@ def _sass(cubin: bytes) -> Tuple[str, str]:
         usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     return usage, sass
+
+
+def _wgmma_serialized(ptx: str, capability: int) -> str:
+    """ptxas's verdict on the kernel's wgmma pipeline: "serial" when it prints C7515
+    (every wgmma waits for the previous one), "ok", or "-" without wgmma. The bundled
+    sm_90 ptxas may be older than the PTX version Triton writes: the header is then
+    lowered to the version it names (the instructions used are older than both)."""
+    if "wgmma" not in ptx:
+        return "-"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        for _ in range(2):
+            with open(src, "w") as f:
+                f.write(ptx)
+            log = subprocess.run([PTXAS, f"-arch=sm_{capability}a", "-v", src, "-o", out],
+                                 capture_output=True, text=True)
+            text = log.stdout + log.stderr
+            newest = re.search(r"Unsupported \.version \S+; current version is '([\d.]+)'", text)
+            if log.returncode == 0 or not newest:
+                break
+            ptx = re.sub(r"^\.version \S+", f".version {newest.group(1)}", ptx, count=1, flags=re.M)
+    if log.returncode != 0:
+        return "?"
+    return "serial" if "C7515" in text else "ok"
 
 
 def _loops(sass: str) -> List[List[str]]:
@@ -150,6 +176,7 @@ def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass
     driver.set_active(_OfflineDriver(capability))
     K.wrap_triton = _Recorder
     K._num_sms = lambda index: 132
+    K._mma_wait = lambda kind, device, has_mask: K._MMA_WAIT[(kind, has_mask)] and capability // 10 == 9  # CPU tensors here
     _Recorder.launches.clear()
 
     q, k, v, bias = _inputs(n, d, dtype, layout)
@@ -190,6 +217,7 @@ def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass
             "local": usage["LOCAL"],
             "shared": compiled.metadata.shared,
             "loops": loops,
+            "wgmma": _wgmma_serialized(compiled.asm["ptx"], capability),
         })
     return rows
 
@@ -224,11 +252,12 @@ def main(argv=None) -> int:
     rows = report(args.n, args.d, dtype, args.mask, args.sm, args.sass, args.layout)
     print(f"# sm_{args.sm}, triton {triton.__version__}, N={args.n} D={args.d} {args.dtype} "
           f"mask={'yes' if args.mask else 'no'} layout={args.layout}")
-    print(f"{'kernel':<20} {'tile':<16} {'regs':>4} {'spill':>5} {'smem':>6}  loops: instr/logit (instr, MUFU, LDG exposed/all)")
+    print(f"{'kernel':<20} {'tile':<16} {'regs':>4} {'spill':>5} {'smem':>6} {'wgmma':>6}  "
+          "loops: instr/logit (instr, MUFU, LDG exposed/all)")
     for r in rows:
         loops = "; ".join(f"{x['per_logit']:.1f} ({x['instructions']}, {x['mufu']}, {x['ldg_exposed']}/{x['ldg_in_loop']})"
                           for x in r["loops"])
-        print(f"{r['kernel']:<20} {r['tile']:<16} {r['regs']:>4} {r['local']:>5} {r['shared']:>6}  {loops}")
+        print(f"{r['kernel']:<20} {r['tile']:<16} {r['regs']:>4} {r['local']:>5} {r['shared']:>6} {r['wgmma']:>6}  {loops}")
     return 0
 
 

@@ -135,6 +135,24 @@ def _all_kept(mask_ptr, smk, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _retire_mma(token, MMA_WAIT: tl.constexpr):
+    """Wait for this warpgroup's tensor-core products (Hopper wgmma) before the loop's
+    back edge.
+
+    Triton leaves a loop's accumulating product in flight into the next iteration. With
+    a second copy of the loop (masked keys) or a block of zero-initialised accumulators
+    laid out between the loop and its final wait, ptxas then finds "non wgmma
+    instructions defining accumulator registers" inside that pipeline stage and
+    serialises every wgmma of the kernel (warning C7515): each product waits for the
+    previous one. Ending the stage inside the loop keeps the rest asynchronous.
+    ``token`` is any loop value; only sm_90 launches set MMA_WAIT.
+    """
+    if MMA_WAIT:
+        tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;", "=r,r", [token], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale,
               USE_KEY_BIAS: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
     """One key block of the online softmax: the updated (m2, l, acc)."""
@@ -156,8 +174,8 @@ def _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale,
 @triton.jit
 def _fwd_loop(
     q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-    USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    USE_MASK: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr, MMA_WAIT: tl.constexpr,
 ):
     """Online softmax over all key blocks of one [BLOCK_J] query block: (m2, l, acc).
 
@@ -180,6 +198,7 @@ def _fwd_loop(
         b_ptrs += BLOCK_K * sbk
         if USE_MASK:
             m_ptrs += BLOCK_K * smk
+        _retire_mma(start_k, MMA_WAIT)
     if not EVEN_N:
         if n_full < N:
             valid_k = n_full + offs_k < N
@@ -203,6 +222,7 @@ def _fwd_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,  # EVEN_N: N % both blocks == 0
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    MMA_WAIT: tl.constexpr,
 ):
     """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h)."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
@@ -232,10 +252,10 @@ def _fwd_kernel(
         full = True
     if full:
         m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                                  False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+                                  False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
     else:
         m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                                  True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+                                  True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -306,8 +326,8 @@ def _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale,
 @triton.jit
 def _dq_loop(
     q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-    USE_MASK: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    USE_MASK: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr, MMA_WAIT: tl.constexpr,
 ):
     """dQ over all key blocks: full blocks unmasked, a partial last one masked (as _fwd_loop)."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -324,6 +344,7 @@ def _dq_loop(
         b_ptrs += BLOCK_K * sbk
         if USE_MASK:
             m_ptrs += BLOCK_K * smk
+        _retire_mma(start_k, MMA_WAIT)
     if not EVEN_N:
         if n_full < N:
             valid_k = n_full + offs_k < N
@@ -350,6 +371,7 @@ def _bwd_dq_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    MMA_WAIT: tl.constexpr,
 ):
     """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in registers."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
@@ -383,10 +405,10 @@ def _bwd_dq_kernel(
         full = True
     if full:
         dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
     else:
         dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
     dq_ptrs = DQ + b * sdqb + i * sdqi + h * sdqh + j64[:, None] * sdqn + offs_d[None, :] * sdqd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
 
@@ -414,8 +436,8 @@ def _dkdv_step(k, v, key_bias, q, do, lse, delta, bias_t, dk, dv, scale,
 @triton.jit
 def _dkdv_loop(
     k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj, N, scale,
-    USE_KEY_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    USE_KEY_BIAS: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr, MMA_WAIT: tl.constexpr,
 ):
     """dK, dV over all query blocks: full blocks unmasked (key rows past N read clamped,
     never stored), a partial last one masked with lse = +inf past N (as _fwd_loop)."""
@@ -431,6 +453,7 @@ def _dkdv_loop(
         do_ptrs += BLOCK_J * sdon
         bt_ptrs += BLOCK_J * sbj
         row_ptrs += BLOCK_J
+        _retire_mma(start_j, MMA_WAIT)
     if not EVEN_N:
         if n_full < N:
             valid_j = n_full + offs_j < N
@@ -458,6 +481,7 @@ def _bwd_dkdv_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    MMA_WAIT: tl.constexpr,
 ):
     """dK, dV for a [BLOCK_K] block of keys of one (b, i, h): transposed tiles [K, J]."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
@@ -490,10 +514,10 @@ def _bwd_dkdv_kernel(
         full = True
     if full:
         dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
-                            N, scale, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+                            N, scale, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
     else:
         dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
-                            N, scale, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE)
+                            N, scale, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
 
     dk_ptrs = DK + b * sdkb + i * sdki + h * sdkh + k64[:, None] * sdkn + offs_d[None, :] * sdkd
     dv_ptrs = DV + b * sdvb + i * sdvi + h * sdvh + k64[:, None] * sdvn + offs_d[None, :] * sdvd
@@ -617,6 +641,29 @@ def _num_sms(index: Optional[int]) -> int:
     if _interpreting():
         return 4  # small, so the split path of the bias gradient runs in tests
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: Optional[int]) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+# (kernel, key mask?) -> whether its loops end with an explicit wgmma wait (_retire_mma)
+# on sm_90. ptxas serialised every wgmma of dK/dV always, and of the forward and dQ with
+# a key mask (two loop copies). The forward gains without a mask too (118 instead of
+# 131 registers: 4 programs per SM); dQ without a mask was not serialised and loses 3%.
+# H100 measurements in docs/kernels/triangle_attention.md, "Session 5".
+_MMA_WAIT = {
+    ("fwd", False): True, ("fwd", True): True,
+    ("dq", False): False, ("dq", True): True,
+    ("dkdv", False): True, ("dkdv", True): True,
+}
+
+
+def _mma_wait(kind: str, device: torch.device, has_mask: bool) -> bool:
+    if _interpreting() or device.type != "cuda":
+        return False
+    return _MMA_WAIT[(kind, has_mask)] and _capability(device.index)[0] == 9
 
 
 def _n_bucket(n: int) -> int:
@@ -802,7 +849,7 @@ def triangle_attention_forward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
-        num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("fwd", q.device, has_mask), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -932,7 +979,7 @@ def triangle_attention_backward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-        num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("dkdv", q.device, has_mask), num_warps=warps, num_stages=stages,
     )
 
     bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype)
@@ -943,7 +990,7 @@ def triangle_attention_backward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-        num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("dq", q.device, has_mask), num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv, dbias
 
