@@ -168,19 +168,6 @@ def test_bias_grad_split_and_deterministic(monkeypatch, splits):
     assert_within_baseline("dbias", first, exact_grad, base)
 
 
-def test_bias_splits_fill_whole_waves(monkeypatch):
-    """The split count follows the wave count: a grid that fills whole waves stays one
-    pass; 1.3 waves (N = 512 on an H100) are split so that the waves come out full."""
-    monkeypatch.setattr(kernel, "_num_sms", lambda index: 132)
-    resident = 132 * kernel._DBIAS_PROGRAMS_PER_SM
-    cpu = torch.device("cpu")
-    assert kernel._bias_splits(4 * resident, 1024, 2**24, cpu) == 1
-    splits = kernel._bias_splits(256, 512, 2**22, cpu)
-    waves = -(-256 * splits // resident)
-    assert splits > 1 and 256 * splits / (waves * resident) > 0.9
-    assert kernel._bias_splits(256, 2, 2**22, cpu) <= 2  # never more splits than rows
-
-
 def test_bias_grad_skipped_when_not_needed(monkeypatch):
     calls = []
     original = kernel._bias_splits

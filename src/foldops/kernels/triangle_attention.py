@@ -940,9 +940,8 @@ def triangle_attention_backward(
             mask_t, mask_strides = key_bias, key_bias.stride()
         bj, bk, warps, stages = _config("dbias", n, d, q.dtype, bias.dtype)
         tiles = triton.cdiv(n, bj) * triton.cdiv(n, bk)
-        partial_bytes = 4 * batch * heads * n * n
-        room = dk_flat.numel() * dk_flat.element_size() // partial_bytes
-        splits = min(_bias_splits(tiles * batch * heads, rows, partial_bytes, q.device), max(1, room))
+        room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
+        splits = min(_bias_splits(tiles * batch * heads, rows, q.device), max(1, room))
         rows_per_split = triton.cdiv(rows, splits)
         splits = triton.cdiv(rows, rows_per_split)
         if splits == 1:
@@ -996,28 +995,10 @@ def triangle_attention_backward(
     return dq, dk, dv, dbias
 
 
-# Resident dBias programs per SM for the tuned configs (ncu, H100, bf16 D=32: 167
-# registers and 49 KB of shared memory allow 3). Only used to count waves.
-_DBIAS_PROGRAMS_PER_SM = 3
-
-
-def _bias_splits(programs: int, rows: int, partial_bytes: int, device: torch.device) -> int:
-    """Row splits for the bias gradient.
-
-    Every dBias program loops over the same number of rows, so the pass takes
-    ceil(programs * splits / resident) waves of ceil(rows / splits) rows each: a grid of
-    1.3 waves runs as 2 (N = 512 on the H100). Pick the split count that minimises that
-    makespan plus the traffic of the fp32 partial sums (``partial_bytes`` each, written
-    and read once; one wave-row of the H100 costs about as much as 2 MB of traffic).
-    """
-    resident = _num_sms(device.index if device.type != "cpu" else None) * _DBIAS_PROGRAMS_PER_SM
-
-    def cost(splits: int) -> float:
-        waves = -(-programs * splits // resident)
-        partials = 2 * partial_bytes * splits / 2**21 if splits > 1 else 0.0
-        return waves * -(-rows // splits) + partials
-
-    return min(range(1, max(1, min(rows, 64)) + 1), key=cost)
+def _bias_splits(programs: int, rows: int, device: torch.device) -> int:
+    """Row splits for the bias gradient: enough programs for ~2 waves, never more than rows."""
+    sms = _num_sms(device.index if device.type != "cpu" else None)
+    return max(1, min(rows, -(-2 * sms // max(1, programs)), 64))
 
 
 # Custom ops ------------------------------------------------------------------------------
