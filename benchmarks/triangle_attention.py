@@ -519,26 +519,21 @@ _KNOB_DEFAULTS: Dict[str, object] = {}
 
 
 def _apply_variant(spec: str) -> str:
-    """Set the kernel knobs named in ``NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,rows=fused|split|masked``
-    (unnamed knobs at their defaults; splits: the dBias row splits; rows: _MASK_LOOPS);
-    returns NAME."""
+    """Set the kernel knobs named in ``NAME:mma=fwd+dq+dkdv|none,splits=auto|INT``
+    (unnamed knobs at their defaults; splits: the dBias row splits); returns NAME."""
     from foldops.kernels import triangle_attention as K
 
     name, _, settings = spec.partition(":")
     _KNOB_DEFAULTS.setdefault("mma", dict(K._MMA_WAIT))
     _KNOB_DEFAULTS.setdefault("splits", K._bias_splits)
-    _KNOB_DEFAULTS.setdefault("rows", K._MASK_LOOPS)
     K._MMA_WAIT = dict(_KNOB_DEFAULTS["mma"])
     K._bias_splits = _KNOB_DEFAULTS["splits"]
-    K._MASK_LOOPS = _KNOB_DEFAULTS["rows"]
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
         if key == "mma":
             K._MMA_WAIT = {(kind, mask): kind in value.split("+") for kind, mask in K._MMA_WAIT}
         elif key == "splits" and value != "auto":
             K._bias_splits = lambda *a, count=int(value): count
-        elif key == "rows":
-            K._MASK_LOOPS = value
         elif key != "splits":
             raise ValueError(f"--variant: unknown setting {key!r} in {spec!r}")
     return name or "default"
@@ -620,7 +615,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--configs", default=None, help="tuned.json from --tune to apply first")
     parser.add_argument("--passes", action="store_true", help="device time of each kernel of fwd+bwd")
     parser.add_argument("--variant", action="append", default=[],
-                        help="with --passes, repeatable: NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,rows=fused|split|masked")
+                        help="with --passes, repeatable: NAME:mma=fwd+dq+dkdv|none,splits=auto|INT")
     parser.add_argument("--no-mask", action="store_true", help="with --passes: no key mask at all")
     args = parser.parse_args(argv)
     if args.configs:

@@ -135,22 +135,6 @@ def _all_kept(mask_ptr, smk, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _owns(full, ROWS: tl.constexpr):
-    """Whether this launch computes a program whose keys are all kept (``full``) or not.
-
-    ROWS (see ``_row_launches``): 0, one launch, both loop copies in the kernel; 1 and 2,
-    two launches, the rows keeping every key (unmasked loop) and the others (masked
-    loop), one loop copy each; 3, one launch, the masked loop for every row.
-    """
-    if ROWS == 1:
-        return full
-    elif ROWS == 2:
-        return full == 0
-    else:
-        return True
-
-
-@triton.jit
 def _retire_mma(token, MMA_WAIT: tl.constexpr):
     """Wait for this warpgroup's tensor-core products (Hopper wgmma) before the loop's
     back edge.
@@ -238,7 +222,7 @@ def _fwd_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,  # EVEN_N: N % both blocks == 0
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-    MMA_WAIT: tl.constexpr, ROWS: tl.constexpr,
+    MMA_WAIT: tl.constexpr,
 ):
     """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h)."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
@@ -266,21 +250,12 @@ def _fwd_kernel(
         full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
     else:
         full = True
-    mine = _owns(full, ROWS)
-    if ROWS == 0:
-        if full:
-            m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
-        else:
-            m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+    if full:
+        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                                  False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
     else:
-        m_i = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_J], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-        if mine:
-            m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                                      ROWS != 1, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                                  True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -290,8 +265,8 @@ def _fwd_kernel(
     else:
         lse = tl.where(has_keys, m_i + log2_l, float("inf"))
     o_ptrs = OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=tl.where(mine, valid_j[:, None], False))
-    tl.store(LSE + ((b * I + i) * H + h) * N + j64, lse, mask=tl.where(mine, valid_j, False))
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=valid_j[:, None])
+    tl.store(LSE + ((b * I + i) * H + h) * N + j64, lse, mask=valid_j)
 
 
 @triton.jit
@@ -396,7 +371,7 @@ def _bwd_dq_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-    MMA_WAIT: tl.constexpr, ROWS: tl.constexpr,
+    MMA_WAIT: tl.constexpr,
 ):
     """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in registers."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
@@ -428,21 +403,14 @@ def _bwd_dq_kernel(
         full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
     else:
         full = True
-    mine = _owns(full, ROWS)
-    if ROWS == 0:
-        if full:
-            dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                          False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
-        else:
-            dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                          True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+    if full:
+        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
     else:
-        dq = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-        if mine:
-            dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                          ROWS != 1, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
     dq_ptrs = DQ + b * sdqb + i * sdqi + h * sdqh + j64[:, None] * sdqn + offs_d[None, :] * sdqd
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=tl.where(mine, valid_j[:, None], False))
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
 
 
 @triton.jit
@@ -513,7 +481,7 @@ def _bwd_dkdv_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-    MMA_WAIT: tl.constexpr, ROWS: tl.constexpr,
+    MMA_WAIT: tl.constexpr,
 ):
     """dK, dV for a [BLOCK_K] block of keys of one (b, i, h): transposed tiles [K, J]."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
@@ -544,25 +512,17 @@ def _bwd_dkdv_kernel(
         full = tl.min(key_bias, 0) == 0.0
     else:
         full = True
-    mine = _owns(full, ROWS)
-    if ROWS == 0:
-        if full:
-            dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
-                                N, scale, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
-        else:
-            dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
-                                N, scale, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+    if full:
+        dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
+                            N, scale, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
     else:
-        dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
-        if mine:
-            dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
-                                N, scale, ROWS != 1, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+        dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, sqn, sdon, sbj,
+                            N, scale, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
 
     dk_ptrs = DK + b * sdkb + i * sdki + h * sdkh + k64[:, None] * sdkn + offs_d[None, :] * sdkd
     dv_ptrs = DV + b * sdvb + i * sdvi + h * sdvh + k64[:, None] * sdvn + offs_d[None, :] * sdvd
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=tl.where(mine, valid_k[:, None], False))
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=tl.where(mine, valid_k[:, None], False))
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=valid_k[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=valid_k[:, None])
 
 
 @triton.jit
@@ -704,20 +664,6 @@ def _mma_wait(kind: str, device: torch.device, has_mask: bool) -> bool:
     if _interpreting() or device.type != "cuda":
         return False
     return _MMA_WAIT[(kind, has_mask)] and _capability(device.index)[0] == 9
-
-
-# How the kernels with two loop copies (key mask; dK/dV also at odd N) run: "fused", one
-# launch choosing the copy per program; "split", one launch per copy, each compiled with
-# a single loop (fewer registers and half the shared memory); "masked", one launch with
-# the masked loop only.
-_MASK_LOOPS = "split"
-
-
-def _row_launches(two_copies: bool) -> Tuple[int, ...]:
-    """The ROWS value of each launch (see ``_owns``)."""
-    if not two_copies:
-        return (0,)
-    return {"fused": (0,), "split": (1, 2), "masked": (3,)}[_MASK_LOOPS]
 
 
 def _n_bucket(n: int) -> int:
@@ -897,15 +843,14 @@ def triangle_attention_forward(
     bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     grid = (triton.cdiv(n, bj), rows, batch * heads)
-    for row_set in _row_launches(has_mask):
-        wrap_triton(_fwd_kernel)[grid](
-            q, k, v, bias, mask_t, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
-            rows, n, heads, scale,
-            HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
-            BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
-            MMA_WAIT=_mma_wait("fwd", q.device, has_mask), ROWS=row_set, num_warps=warps, num_stages=stages,
-        )
+    wrap_triton(_fwd_kernel)[grid](
+        q, k, v, bias, mask_t, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
+        rows, n, heads, scale,
+        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
+        MMA_WAIT=_mma_wait("fwd", q.device, has_mask), num_warps=warps, num_stages=stages,
+    )
     return out, lse
 
 
@@ -1027,29 +972,26 @@ def triangle_attention_backward(
     bias_kj.copy_(bias.transpose(2, 3))
     bias_t = bias_kj.transpose(2, 3)
     bj, bk, warps, stages = _config("dkdv", n, d, q.dtype, bias.dtype)
-    even_n = bool(n % bj == 0 and n % bk == 0)
-    for row_set in _row_launches(has_mask or not even_n):
-        wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(n, bk), rows, batch * heads)](
-            q, k, v, bias_t, mask_t, grad_out, lse, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *bias_t.stride(), *mask_strides,
-            *grad_out.stride(), *dk.stride(), *dv.stride(),
-            rows, n, heads, scale,
-            HAS_MASK=has_mask, EVEN_N=even_n, D=d,
-            BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-            MMA_WAIT=_mma_wait("dkdv", q.device, has_mask), ROWS=row_set, num_warps=warps, num_stages=stages,
-        )
+    wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(n, bk), rows, batch * heads)](
+        q, k, v, bias_t, mask_t, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *bias_t.stride(), *mask_strides,
+        *grad_out.stride(), *dk.stride(), *dv.stride(),
+        rows, n, heads, scale,
+        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
+        MMA_WAIT=_mma_wait("dkdv", q.device, has_mask), num_warps=warps, num_stages=stages,
+    )
 
     bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype)
-    for row_set in _row_launches(has_mask):
-        wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
-            q, k, v, bias_rows, mask_t, out, grad_out, lse, dq,
-            *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides, *out.stride(),
-            *grad_out.stride(), *dq.stride(),
-            rows, n, heads, scale,
-            HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
-            BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-            MMA_WAIT=_mma_wait("dq", q.device, has_mask), ROWS=row_set, num_warps=warps, num_stages=stages,
-        )
+    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
+        q, k, v, bias_rows, mask_t, out, grad_out, lse, dq,
+        *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides, *out.stride(),
+        *grad_out.stride(), *dq.stride(),
+        rows, n, heads, scale,
+        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
+        MMA_WAIT=_mma_wait("dq", q.device, has_mask), num_warps=warps, num_stages=stages,
+    )
     return dq, dk, dv, dbias
 
 
