@@ -176,7 +176,7 @@ def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass
     driver.set_active(_OfflineDriver(capability))
     K.wrap_triton = _Recorder
     K._num_sms = lambda index: 132
-    K._mma_wait = lambda kind, device, has_mask: K._MMA_WAIT[(kind, has_mask)] and capability // 10 == 9  # CPU tensors here
+    K._mma_wait = lambda kind, t, has_mask: K._MMA_WAIT[(kind, has_mask)] and capability // 10 == 9  # CPU tensors here
     _Recorder.launches.clear()
 
     q, k, v, bias = _inputs(n, d, dtype, layout)

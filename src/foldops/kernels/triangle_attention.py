@@ -660,10 +660,18 @@ _MMA_WAIT = {
 }
 
 
-def _mma_wait(kind: str, device: torch.device, has_mask: bool) -> bool:
-    if _interpreting() or device.type != "cuda":
+def _mma_wait(kind: str, t: torch.Tensor, has_mask: bool) -> bool:
+    """MMA_WAIT for a launch on ``t``'s device.
+
+    Never while torch.compile traces the launcher (fake tensors): Inductor's mutation
+    analysis cannot read inline asm, then assumes that every input is mutated, and the
+    layer compile tests came out wrong on the H100 (cause not isolated further).
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    if _interpreting() or t.device.type != "cuda" or torch.compiler.is_compiling() or is_fake(t):
         return False
-    return _MMA_WAIT[(kind, has_mask)] and _capability(device.index)[0] == 9
+    return _MMA_WAIT[(kind, has_mask)] and _capability(t.device.index)[0] == 9
 
 
 def _n_bucket(n: int) -> int:
@@ -849,7 +857,7 @@ def triangle_attention_forward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("fwd", q.device, has_mask), num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("fwd", q, has_mask), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -979,7 +987,7 @@ def triangle_attention_backward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("dkdv", q.device, has_mask), num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("dkdv", q, has_mask), num_warps=warps, num_stages=stages,
     )
 
     bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype)
@@ -990,7 +998,7 @@ def triangle_attention_backward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("dq", q.device, has_mask), num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("dq", q, has_mask), num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv, dbias
 
