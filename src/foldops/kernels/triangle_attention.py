@@ -548,7 +548,7 @@ def _dbias_row_vectors(LSE, DELTA, row_offs, m_ptrs, offs_j, offs_k, N,
 
 @triton.jit
 def _bwd_dbias_kernel(
-    Q, K, V, BIAS, MASK, DO, LSE, DELTA, DB, FLAGS, sfb, sfi,
+    Q, K, V, BIAS, MASK, DO, LSE, DELTA, DB,
     sqb, sqi, sqn, sqh, sqd,
     skb, ski, skn, skh, skd,
     svb, svi, svn, svh, svd,
@@ -601,26 +601,17 @@ def _bwd_dbias_kernel(
     # The per-row vectors (lse, delta, key bias) are loaded one row ahead into registers:
     # Triton pipelines only the tiles that feed tl.dot through shared memory, and a load
     # used in its own iteration would expose its full latency every row.
-    FLAGGED: tl.constexpr = HAS_MASK and EVEN_N
     lse, delta, key_bias = _dbias_row_vectors(LSE, DELTA, row_offs, m_ptrs, offs_j, offs_k, N,
-                                              HAS_MASK and not FLAGGED, EVEN_N)
-    f_ptr = FLAGS + b * sfb + i0 * sfi + pid_k
-    partial = tl.load(f_ptr)
+                                              HAS_MASK, EVEN_N)
     acc = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
     for it in range(0, n_rows):
         ahead = tl.minimum(it + 1, n_rows - 1).to(tl.int64)  # the last row reloads itself
         lse_next, delta_next, key_bias_next = _dbias_row_vectors(
-            LSE, DELTA, row_offs + ahead * (H * N), m_ptrs + ahead * smi, offs_j, offs_k, N,
-            HAS_MASK and not FLAGGED, EVEN_N)
-        partial_next = tl.load(f_ptr + ahead * sfi)
+            LSE, DELTA, row_offs + ahead * (H * N), m_ptrs + ahead * smi, offs_j, offs_k, N, HAS_MASK, EVEN_N)
         qk = tl.dot(tl.load(q_ptrs), tl.load(kt_ptrs), input_precision=PRECISION)
         s = qk * scale + bias
-        if FLAGGED:
-            if partial != 0:
-                s += tl.load(m_ptrs + it * smi)[None, :]
-        elif HAS_MASK or not EVEN_N:
+        if HAS_MASK or not EVEN_N:
             s += key_bias[None, :]
-        partial = partial_next
         lse_hi, lse_lo = _lse_parts(lse)
         x = s * LOG2E_C - lse_hi[:, None]
         if lse.dtype == tl.float64:
@@ -966,14 +957,8 @@ def triangle_attention_backward(
         else:
             target = _scratch(dk_flat, (splits, batch, heads, n, n))
             target_strides = target.stride()
-        if mask is not None:
-            nblk = triton.cdiv(n, bk)
-            padded = torch.nn.functional.pad(mask, (0, nblk * bk - n), value=True)
-            flags = (~padded.view(batch, rows, nblk, bk).all(-1)).to(torch.int8)
-        else:
-            flags = torch.zeros(1, 1, 1, dtype=torch.int8, device=q.device)
         wrap_triton(_bwd_dbias_kernel)[(triton.cdiv(n, bj), triton.cdiv(n, bk), splits * batch * heads)](
-            q, k, v, bias_rows, mask_t, grad_out, lse, delta, target, flags, flags.stride(0), flags.stride(1),
+            q, k, v, bias_rows, mask_t, grad_out, lse, delta, target,
             *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides,
             *grad_out.stride(), *target_strides,
             rows, n, heads, batch * heads, scale, rows_per_split,
