@@ -536,7 +536,10 @@ def _apply_variant(spec: str) -> str:
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
         if key == "mma":
-            K._MMA_WAIT = {(kind, mask): kind in value.split("+") for kind, mask in K._MMA_WAIT}
+            kinds = set(value.split("+")) - {"none"}
+            if not kinds <= set(K._MMA_WAIT):
+                raise ValueError(f"--variant: mma takes {'+'.join(K._MMA_WAIT)} or none, not {value!r}")
+            K._MMA_WAIT = {kind: kind in kinds for kind in K._MMA_WAIT}
         elif key == "splits" and value != "auto":
             K._bias_splits = lambda *a, count=int(value): count
         elif key != "splits":

@@ -10,7 +10,9 @@ of one fwd+bwd (forward, delta, bias transpose, dBias, dK/dV, dQ):
     ncu -i /tmp/ta512.ncu-rep --page source --csv --print-source sass \\
         -k regex:_bwd_dkdv > dkdv_sass.csv
 
-Inputs are those of benchmarks/triangle_attention.py (B=1, H=4, D=32, random).
+Inputs are those of benchmarks/triangle_attention.py (B=1, H=4, D=32, random, a key
+mask keeping each key with probability 1 - --mask-fraction: all kept by default);
+--no-mask passes no mask at all (the kernels compiled without the mask path).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--mask-fraction", type=float, default=0.0)
+    parser.add_argument("--no-mask", action="store_true")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     device = torch.device("cuda")
@@ -36,7 +39,7 @@ def main() -> None:
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(shape, device=device, dtype=dtype)
     bias = torch.randn(1, args.heads, args.n, args.n, device=device, dtype=dtype, requires_grad=True)
-    mask = torch.rand(1, args.n, args.n, device=device) >= args.mask_fraction if args.mask_fraction else None
+    mask = None if args.no_mask else torch.rand(1, args.n, args.n, device=device) > args.mask_fraction
 
     def step() -> None:
         out = triangle_attention(q, k, v, bias, mask, args.head_dim ** -0.5)

@@ -91,19 +91,30 @@ def _sass(cubin: bytes) -> Tuple[str, str]:
     return usage, sass
 
 
+def _ptxas(capability: int) -> str:
+    """The ptxas Triton itself uses for this target (3.4+), else the one it bundles."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(capability).path
+    except (ImportError, TypeError, AttributeError):
+        return PTXAS
+
+
 def _wgmma_serialized(ptx: str, capability: int) -> str:
     """ptxas's verdict on the kernel's wgmma pipeline: "serial" when it prints C7515
-    (every wgmma waits for the previous one), "ok", or "-" without wgmma. The bundled
-    sm_90 ptxas may be older than the PTX version Triton writes: the header is then
-    lowered to the version it names (the instructions used are older than both)."""
-    if "wgmma" not in ptx:
+    (every wgmma waits for the previous one), "ok", or "-" when the kernel issues no
+    wgmma (mma.sync tiles). A ptxas older than the PTX version Triton writes gets the
+    header lowered to the version it names (the instructions used are older than both)."""
+    if "wgmma.mma_async" not in ptx:
         return "-"
+    ptxas = _ptxas(capability)
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         for _ in range(2):
             with open(src, "w") as f:
                 f.write(ptx)
-            log = subprocess.run([PTXAS, f"-arch=sm_{capability}a", "-v", src, "-o", out],
+            log = subprocess.run([ptxas, f"-arch=sm_{capability}a", "-v", src, "-o", out],
                                  capture_output=True, text=True)
             text = log.stdout + log.stderr
             newest = re.search(r"Unsupported \.version \S+; current version is '([\d.]+)'", text)
@@ -176,7 +187,8 @@ def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass
     driver.set_active(_OfflineDriver(capability))
     K.wrap_triton = _Recorder
     K._num_sms = lambda index: 132
-    K._mma_wait = lambda kind, t, has_mask: K._MMA_WAIT[(kind, has_mask)] and capability // 10 == 9  # CPU tensors here
+    K._mma_wait = lambda kind, t, has_mask, d: (  # the launcher's rule, for CPU tensors
+        K._MMA_WAIT[kind] and (kind, has_mask, d) not in K._MMA_WAIT_SKIP and capability // 10 == 9)
     _Recorder.launches.clear()
 
     q, k, v, bias = _inputs(n, d, dtype, layout)

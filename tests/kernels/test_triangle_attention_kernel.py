@@ -153,6 +153,9 @@ def test_bias_grad_split_and_deterministic(monkeypatch, splits):
     """Both bias-gradient paths (rows split over programs, or one pass) agree with fp64
     and repeat bit for bit."""
     monkeypatch.setattr(kernel, "_bias_splits", lambda *args: splits)
+    launched = []
+    wrap = kernel.wrap_triton
+    monkeypatch.setattr(kernel, "wrap_triton", lambda fn: launched.append(fn.__name__) or wrap(fn))
     batch, rows, n, heads, d = 1, 5, 9, 2, 16
     q, k, v = _make_qkv(batch, rows, n, heads, d, torch.float32, "contiguous")
     bias = _make_bias(batch, heads, n, torch.float32, "contiguous").requires_grad_()
@@ -161,11 +164,22 @@ def test_bias_grad_split_and_deterministic(monkeypatch, splits):
     first = torch.autograd.grad(kernel.triangle_attention(q, k, v, bias, mask, 0.25), bias, grad_out)[0]
     second = torch.autograd.grad(kernel.triangle_attention(q, k, v, bias, mask, 0.25), bias, grad_out)[0]
     assert torch.equal(first, second)
+    assert ("_sum_splits_kernel" in launched) == (splits > 1)  # the path named in the id ran
     exact_bias = bias.detach().double().requires_grad_()
     exact = reference(q.double(), k.double(), v.double(), exact_bias, mask, 0.25)
     exact_grad = torch.autograd.grad(exact, exact_bias, grad_out.double())[0]
     base = torch.autograd.grad(reference(q, k, v, bias, mask, 0.25), bias, grad_out)[0]
     assert_within_baseline("dbias", first, exact_grad, base)
+
+
+def test_bias_splits_rule(monkeypatch):
+    """Rows are split only when the (j, k) tiles alone give under two programs per SM,
+    and never into more parts than there are rows."""
+    monkeypatch.setattr(kernel, "_num_sms", lambda index: 132)
+    cpu = torch.device("cpu")
+    assert kernel._bias_splits(1024, 1024, cpu) == 1
+    assert kernel._bias_splits(256, 512, cpu) == 2  # N=512, H=4: 1.03 programs per SM
+    assert kernel._bias_splits(4, 3, cpu) == 3
 
 
 def test_bias_grad_skipped_when_not_needed(monkeypatch):

@@ -39,6 +39,7 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
@@ -145,7 +146,9 @@ def _retire_mma(token, MMA_WAIT: tl.constexpr):
     instructions defining accumulator registers" inside that pipeline stage and
     serialises every wgmma of the kernel (warning C7515): each product waits for the
     previous one. Ending the stage inside the loop keeps the rest asynchronous.
-    ``token`` is any loop value; only sm_90 launches set MMA_WAIT.
+    ``token`` is the int32 loop index (the asm takes one 32-bit register); the wait is
+    placed by its order among Triton's own wgmma instructions, not by a data
+    dependency. Only sm_90 launches set MMA_WAIT.
     """
     if MMA_WAIT:
         tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;", "=r,r", [token], dtype=tl.int32,
@@ -648,30 +651,32 @@ def _capability(index: Optional[int]) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-# (kernel, key mask?) -> whether its loops end with an explicit wgmma wait (_retire_mma)
-# on sm_90. ptxas serialised every wgmma of dK/dV always, and of the forward and dQ with
-# a key mask (two loop copies). The forward gains without a mask too (118 instead of
-# 131 registers: 4 programs per SM); dQ without a mask was not serialised and loses 3%.
-# H100 measurements in docs/kernels/triangle_attention.md, "Session 5".
-_MMA_WAIT = {
-    ("fwd", False): True, ("fwd", True): True,
-    ("dq", False): False, ("dq", True): True,
-    ("dkdv", False): True, ("dkdv", True): True,
-}
+# Which kernels end their loops with an explicit wgmma wait (_retire_mma) on sm_90.
+# Without it ptxas serialised every wgmma of dK/dV always, of the forward and dQ with a
+# key mask (two loop copies), and of dQ at head dim 64 without one (offline compile).
+# The forward gains without a mask too (118 instead of 131 registers: 4 programs per
+# SM). Measured on the H100 in docs/kernels/triangle_attention.md, "Session 5".
+_MMA_WAIT = {"fwd": True, "dq": True, "dkdv": True}
+# (kernel, key mask?, head dim) left without the wait: never serialised there, and the
+# wait cost dQ 3% at D=32 (0.356 -> 0.366 ms, N=512).
+_MMA_WAIT_SKIP = {("dq", False, 16), ("dq", False, 32)}
 
 
-def _mma_wait(kind: str, t: torch.Tensor, has_mask: bool) -> bool:
-    """MMA_WAIT for a launch on ``t``'s device.
+def _mma_wait(kind: str, t: torch.Tensor, has_mask: bool, d: int) -> bool:
+    """MMA_WAIT for a launch on ``t``'s device (an NVIDIA sm_90 GPU only).
 
     Never while torch.compile traces the launcher (fake tensors): Inductor's mutation
     analysis cannot read inline asm, then assumes that every input is mutated, and the
-    layer compile tests came out wrong on the H100 (cause not isolated further).
+    layer compile tests came out wrong on the H100 (cause not isolated further). Compiled
+    models therefore keep the serialised kernels.
     """
-    from torch._subclasses.fake_tensor import is_fake
-
-    if _interpreting() or t.device.type != "cuda" or torch.compiler.is_compiling() or is_fake(t):
+    if _interpreting() or t.device.type != "cuda" or torch.version.hip is not None:
         return False
-    return _MMA_WAIT[(kind, has_mask)] and _capability(t.device.index)[0] == 9
+    if torch.compiler.is_compiling() or is_fake(t):
+        return False
+    if not _MMA_WAIT[kind] or (kind, has_mask, d) in _MMA_WAIT_SKIP:
+        return False
+    return _capability(t.device.index)[0] == 9
 
 
 def _n_bucket(n: int) -> int:
@@ -745,8 +750,6 @@ def _tracing_under_interpreter(t: torch.Tensor) -> bool:
     """
     if not _interpreting():
         return False
-    from torch._subclasses.fake_tensor import is_fake
-
     return t.device.type == "meta" or is_fake(t)
 
 
@@ -857,7 +860,7 @@ def triangle_attention_forward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("fwd", q, has_mask), num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("fwd", q, has_mask, d), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -987,7 +990,7 @@ def triangle_attention_backward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("dkdv", q, has_mask), num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("dkdv", q, has_mask, d), num_warps=warps, num_stages=stages,
     )
 
     bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype)
@@ -998,7 +1001,7 @@ def triangle_attention_backward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("dq", q, has_mask), num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("dq", q, has_mask, d), num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv, dbias
 
