@@ -524,15 +524,18 @@ _KNOB_DEFAULTS: Dict[str, object] = {}
 
 
 def _apply_variant(spec: str) -> str:
-    """Set the kernel knobs named in ``NAME:mma=fwd+dq+dkdv|none,splits=auto|INT``
-    (unnamed knobs at their defaults; splits: the dBias row splits); returns NAME."""
+    """Set the kernel knobs named in ``NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,maskdot=on|off``
+    (unnamed knobs at their defaults; splits: the dBias row splits; maskdot: the key
+    mask as a tensor-core product); returns NAME."""
     from foldops.kernels import triangle_attention as K
 
     name, _, settings = spec.partition(":")
     _KNOB_DEFAULTS.setdefault("mma", dict(K._MMA_WAIT))
     _KNOB_DEFAULTS.setdefault("splits", K._bias_splits)
+    _KNOB_DEFAULTS.setdefault("maskdot", K._MASK_DOT)
     K._MMA_WAIT = dict(_KNOB_DEFAULTS["mma"])
     K._bias_splits = _KNOB_DEFAULTS["splits"]
+    K._MASK_DOT = _KNOB_DEFAULTS["maskdot"]
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
         if key == "mma":
@@ -542,6 +545,10 @@ def _apply_variant(spec: str) -> str:
             K._MMA_WAIT = {kind: kind in kinds for kind in K._MMA_WAIT}
         elif key == "splits" and value != "auto":
             K._bias_splits = lambda *a, count=int(value): count
+        elif key == "maskdot":
+            if value not in ("on", "off"):
+                raise ValueError(f"--variant: maskdot takes on or off, not {value!r}")
+            K._MASK_DOT = value == "on"
         elif key != "splits":
             raise ValueError(f"--variant: unknown setting {key!r} in {spec!r}")
     return name or "default"
@@ -623,7 +630,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--configs", default=None, help="tuned.json from --tune to apply first")
     parser.add_argument("--passes", action="store_true", help="device time of each kernel of fwd+bwd")
     parser.add_argument("--variant", action="append", default=[],
-                        help="with --passes, repeatable: NAME:mma=fwd+dq+dkdv|none,splits=auto|INT")
+                        help="with --passes, repeatable: NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,maskdot=on|off")
     parser.add_argument("--no-mask", action="store_true", help="with --passes: no key mask at all")
     args = parser.parse_args(argv)
     if args.configs:

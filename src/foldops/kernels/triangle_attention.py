@@ -156,10 +156,35 @@ def _retire_mma(token, MMA_WAIT: tl.constexpr):
 
 
 @triton.jit
+def _add_key_mask(qk, mask_rows):
+    """``qk`` plus the key mask's 0/-inf bias, as one more tensor-core product.
+
+    ``mask_rows`` [16, BLOCK_K] holds the bias (0 kept, -inf masked) in each of its 16
+    rows; ones [M, 16] @ mask_rows adds 16 copies, and 16 x 0 = 0, 16 x -inf = -inf
+    exactly. This costs a K=16 product per tile (the tensor cores have room) instead
+    of an add per logit, and needs no second copy of the loop for masked rows. Logits
+    are scaled after, so the launchers require scale > 0.
+    """
+    ones = tl.full((qk.shape[0], 16), 1.0, dtype=mask_rows.dtype)
+    # fp32: a TF32 product is exact for 1, 0 and -inf (tf32x3 would split -inf into NaN).
+    return tl.dot(ones, mask_rows, qk, input_precision="tf32" if mask_rows.dtype == tl.float32 else "ieee")
+
+
+@triton.jit
+def _mask_rows_ptrs(row_ptr, offs_k):
+    """[16, BLOCK_K] pointers, each row the same keys of one row of the key-mask bias."""
+    return row_ptr + offs_k[None, :] + tl.zeros((16, 1), dtype=tl.int64)
+
+
+@triton.jit
 def _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale,
-              USE_KEY_BIAS: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
-    """One key block of the online softmax: the updated (m2, l, acc)."""
+              USE_KEY_BIAS: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+              MASK_DOT: tl.constexpr = False):
+    """One key block of the online softmax: the updated (m2, l, acc). ``key_bias`` is
+    [BLOCK_K] (added per logit if USE_KEY_BIAS) or, with MASK_DOT, [16, BLOCK_K] rows."""
     qk = tl.dot(q, kt, input_precision=PRECISION)
+    if MASK_DOT:
+        qk = _add_key_mask(qk, key_bias)
     s = qk * scale + bias.to(tl.float32)
     if USE_KEY_BIAS:
         s += key_bias[None, :]
@@ -179,13 +204,15 @@ def _fwd_loop(
     q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
     USE_MASK: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr, MMA_WAIT: tl.constexpr,
+    MASK_DOT: tl.constexpr = False,
 ):
     """Online softmax over all key blocks of one [BLOCK_J] query block: (m2, l, acc).
 
     Full key blocks load without masks (query rows past N read clamped, valid rows that
     are never stored): masked loads cannot go through the shared-memory pipeline. A last
     partial block, if any, runs once after the loop with masked loads and a -inf bias
-    for keys past N.
+    for keys past N. With MASK_DOT, ``m_ptrs`` are [16, BLOCK_K] pointers into the
+    key-mask bias (padded with -inf past N) and the mask is added by ``_add_key_mask``.
     """
     offs_k = tl.arange(0, BLOCK_K)
     m_i = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
@@ -193,23 +220,30 @@ def _fwd_loop(
     acc = tl.zeros([BLOCK_J, D], dtype=tl.float32)
     n_full = N - N % BLOCK_K
     for start_k in range(0, n_full, BLOCK_K):
-        key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
+        if MASK_DOT:
+            key_bias = tl.load(m_ptrs)
+        else:
+            key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
         m_i, l_i, acc = _fwd_step(q, tl.load(kt_ptrs), tl.load(v_ptrs), tl.load(b_ptrs), key_bias, m_i, l_i, acc,
-                                  scale, USE_MASK, PRECISION, PRECISE)
+                                  scale, USE_MASK, PRECISION, PRECISE, MASK_DOT)
         kt_ptrs += BLOCK_K * skn
         v_ptrs += BLOCK_K * svn
         b_ptrs += BLOCK_K * sbk
-        if USE_MASK:
+        if USE_MASK or MASK_DOT:
             m_ptrs += BLOCK_K * smk
         _retire_mma(start_k, MMA_WAIT)
     if not EVEN_N:
         if n_full < N:
             valid_k = n_full + offs_k < N
-            key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
+            if MASK_DOT:
+                key_bias = tl.load(m_ptrs)  # -inf past N
+            else:
+                key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
             kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=valid_k[:, None], other=0.0)
             bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
-            m_i, l_i, acc = _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale, True, PRECISION, PRECISE)
+            m_i, l_i, acc = _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale, not MASK_DOT, PRECISION,
+                                      PRECISE, MASK_DOT)
     return m_i, l_i, acc
 
 
@@ -225,9 +259,12 @@ def _fwd_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,  # EVEN_N: N % both blocks == 0
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-    MMA_WAIT: tl.constexpr,
+    MMA_WAIT: tl.constexpr, MASK_DOT: tl.constexpr,
 ):
-    """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h)."""
+    """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h).
+
+    MASK is the bool keep-mask, or with MASK_DOT its 0/-inf bias in q's dtype (rows
+    padded with -inf, see ``_key_mask_bias``)."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
@@ -247,18 +284,22 @@ def _fwd_kernel(
     kt_ptrs = K + b * skb + i * ski + h * skh + k64[None, :] * skn + offs_d[:, None] * skd
     v_ptrs = V + b * svb + i * svi + h * svh + k64[:, None] * svn + offs_d[None, :] * svd
     b_ptrs = BIAS + b * sbb + h * sbh + jc64[:, None] * sbj + k64[None, :] * sbk
-    m_ptrs = MASK + b * smb + i * smi + k64 * smk
-
-    if HAS_MASK:
-        full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
-    else:
-        full = True
-    if full:
+    if MASK_DOT:
+        m_ptrs = _mask_rows_ptrs(MASK + b * smb + i * smi, k64 * smk)
         m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                                  False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+                                  False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT, True)
     else:
-        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                                  True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+        m_ptrs = MASK + b * smb + i * smi + k64 * smk
+        if HAS_MASK:
+            full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
+        else:
+            full = True
+        if full:
+            m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+        else:
+            m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -311,9 +352,12 @@ def _sum_splits_kernel(PARTIAL, OUT, SPLITS, NUMEL, BLOCK: tl.constexpr):
 
 @triton.jit
 def _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale,
-             USE_KEY_BIAS: tl.constexpr, LSE_LO: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
-    """dQ contribution of one key block."""
+             USE_KEY_BIAS: tl.constexpr, LSE_LO: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+             MASK_DOT: tl.constexpr = False):
+    """dQ contribution of one key block (``key_bias`` as in ``_fwd_step``)."""
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if MASK_DOT:
+        qk = _add_key_mask(qk, key_bias)
     s = qk * scale + bias.to(tl.float32)
     if USE_KEY_BIAS:
         s += key_bias[None, :]
@@ -331,6 +375,7 @@ def _dq_loop(
     q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
     USE_MASK: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr, MMA_WAIT: tl.constexpr,
+    MASK_DOT: tl.constexpr = False,
 ):
     """dQ over all key blocks: full blocks unmasked, a partial last one masked (as _fwd_loop)."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -339,24 +384,30 @@ def _dq_loop(
     dq = tl.zeros([BLOCK_J, D], dtype=tl.float32)
     n_full = N - N % BLOCK_K
     for start_k in range(0, n_full, BLOCK_K):
-        key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
+        if MASK_DOT:
+            key_bias = tl.load(m_ptrs)
+        else:
+            key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
         dq = _dq_step(q, do, lse_hi, lse_lo, delta, tl.load(k_ptrs), tl.load(vt_ptrs), tl.load(b_ptrs), key_bias,
-                      dq, scale, USE_MASK, LSE_LO, PRECISION, PRECISE)
+                      dq, scale, USE_MASK, LSE_LO, PRECISION, PRECISE, MASK_DOT)
         k_ptrs += BLOCK_K * skn
         vt_ptrs += BLOCK_K * svn
         b_ptrs += BLOCK_K * sbk
-        if USE_MASK:
+        if USE_MASK or MASK_DOT:
             m_ptrs += BLOCK_K * smk
         _retire_mma(start_k, MMA_WAIT)
     if not EVEN_N:
         if n_full < N:
             valid_k = n_full + offs_k < N
-            key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
+            if MASK_DOT:
+                key_bias = tl.load(m_ptrs)  # -inf past N
+            else:
+                key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
             k = tl.load(k_ptrs, mask=valid_k[:, None], other=0.0)
             vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
             bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
-            dq = _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale, True, LSE_LO,
-                          PRECISION, PRECISE)
+            dq = _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale, not MASK_DOT, LSE_LO,
+                          PRECISION, PRECISE, MASK_DOT)
     return dq
 
 
@@ -374,9 +425,10 @@ def _bwd_dq_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-    MMA_WAIT: tl.constexpr,
+    MMA_WAIT: tl.constexpr, MASK_DOT: tl.constexpr,
 ):
-    """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in registers."""
+    """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in
+    registers. MASK as in ``_fwd_kernel``."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
@@ -401,17 +453,22 @@ def _bwd_dq_kernel(
     k_ptrs = K + b * skb + i * ski + h * skh + k64[:, None] * skn + offs_d[None, :] * skd
     vt_ptrs = V + b * svb + i * svi + h * svh + k64[None, :] * svn + offs_d[:, None] * svd
     b_ptrs = BIAS + b * sbb + h * sbh + jc64[:, None] * sbj + k64[None, :] * sbk
-    m_ptrs = MASK + b * smb + i * smi + k64 * smk
-    if HAS_MASK:
-        full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
-    else:
-        full = True
-    if full:
+    if MASK_DOT:
+        m_ptrs = _mask_rows_ptrs(MASK + b * smb + i * smi, k64 * smk)
         dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT, True)
     else:
-        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+        m_ptrs = MASK + b * smb + i * smi + k64 * smk
+        if HAS_MASK:
+            full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
+        else:
+            full = True
+        if full:
+            dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                          False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+        else:
+            dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                          True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
     dq_ptrs = DQ + b * sdqb + i * sdqi + h * sdqh + j64[:, None] * sdqn + offs_d[None, :] * sdqd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
 
@@ -562,8 +619,12 @@ def _bwd_dbias_kernel(
     I, N, H, BH, scale, ROWS_PER_SPLIT,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    MASK_DOT: tl.constexpr,
 ):
     """dBias[b, h, j-tile, k-tile] = sum over rows i (of this split) of dS, in registers.
+
+    MASK is the fp32 0/-inf key bias, or with MASK_DOT that bias in q's dtype with rows
+    padded with -inf (``_key_mask_bias``), added by ``_add_key_mask``.
 
     The q/dO/K/V tiles read query and key rows past N clamped to row N-1, unmasked: the
     loop has no masked (unpipelined) tile loads at any N, and the extra rows and columns
@@ -601,19 +662,26 @@ def _bwd_dbias_kernel(
     vt_ptrs = V + b * svb + i0 * svi + h * svh + kc64[None, :] * svn + offs_d[:, None] * svd
     row_offs = ((b * I + i0) * H + h) * N + j64
     m_ptrs = MASK + b * smb + i0 * smi + k64 * smk
+    if MASK_DOT:
+        mask_rows_ptrs = _mask_rows_ptrs(MASK + b * smb + i0 * smi, k64 * smk)
+    KEY_BIAS: tl.constexpr = (HAS_MASK and not MASK_DOT) or not EVEN_N
     # The per-row vectors (lse, delta, key bias) are loaded one row ahead into registers:
     # Triton pipelines only the tiles that feed tl.dot through shared memory, and a load
     # used in its own iteration would expose its full latency every row.
     lse, delta, key_bias = _dbias_row_vectors(LSE, DELTA, row_offs, m_ptrs, offs_j, offs_k, N,
-                                              HAS_MASK, EVEN_N)
+                                              HAS_MASK and not MASK_DOT, EVEN_N)
     acc = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
     for it in range(0, n_rows):
         ahead = tl.minimum(it + 1, n_rows - 1).to(tl.int64)  # the last row reloads itself
         lse_next, delta_next, key_bias_next = _dbias_row_vectors(
-            LSE, DELTA, row_offs + ahead * (H * N), m_ptrs + ahead * smi, offs_j, offs_k, N, HAS_MASK, EVEN_N)
+            LSE, DELTA, row_offs + ahead * (H * N), m_ptrs + ahead * smi, offs_j, offs_k, N,
+            HAS_MASK and not MASK_DOT, EVEN_N)
         qk = tl.dot(tl.load(q_ptrs), tl.load(kt_ptrs), input_precision=PRECISION)
+        if MASK_DOT:
+            qk = _add_key_mask(qk, tl.load(mask_rows_ptrs))
+            mask_rows_ptrs += smi
         s = qk * scale + bias
-        if HAS_MASK or not EVEN_N:
+        if KEY_BIAS:
             s += key_bias[None, :]
         lse_hi, lse_lo = _lse_parts(lse)
         x = s * LOG2E_C - lse_hi[:, None]
@@ -779,7 +847,7 @@ def _empty_in_order(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> tor
     return buf.permute([order.index(d) for d in range(t.dim())])
 
 
-def _check(q, k, v, bias, mask) -> None:
+def _check(q, k, v, bias, mask, scale) -> None:
     if q.dim() != 5:
         raise ValueError(f"q: expected shape (B, I, N, H, D), got {tuple(q.shape)}")
     batch, rows, n, heads, d = q.shape
@@ -796,6 +864,8 @@ def _check(q, k, v, bias, mask) -> None:
         raise ValueError(f"bias: expected shape {(batch, heads, n, n)}, got {tuple(bias.shape)}")
     if bias.dtype not in (q.dtype, torch.float32):
         raise TypeError(f"bias: expected dtype {q.dtype} or torch.float32, got {bias.dtype}")
+    if not scale > 0.0:  # the masked logits are -inf before scaling (_add_key_mask)
+        raise ValueError(f"scale: expected a positive number, got {scale}")
     if mask is not None:
         if tuple(mask.shape) != (batch, rows, n):
             raise ValueError(f"mask: expected shape {(batch, rows, n)}, got {tuple(mask.shape)}")
@@ -832,6 +902,32 @@ def _mask_args(mask, fallback):
     return mask, tuple(mask.stride()), True
 
 
+# Whether the forward, dQ and dBias add a key mask as a tensor-core product
+# (``_add_key_mask``) rather than per logit, with a second loop copy for rows that keep
+# every key (forward, dQ). A switch for in-process A/B (benchmarks/triangle_attention.py
+# --variant NAME:maskdot=on|off).
+_MASK_DOT = True
+_MASK_ROW_ALIGN = 128  # >= every BLOCK_K: unmasked [16, BLOCK_K] tiles stay in the rows
+
+
+def _key_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``mask`` [B, I, N] as a 0 (kept) / -inf (masked) bias in ``dtype``, rows padded
+    with -inf to a multiple of ``_MASK_ROW_ALIGN`` (the view holds the first N).
+    O(B I N): 1/(H D) of q's size."""
+    batch, rows, n = mask.shape
+    padded = -(-n // _MASK_ROW_ALIGN) * _MASK_ROW_ALIGN
+    bias = torch.full((batch, rows, padded), float("-inf"), dtype=dtype, device=mask.device)[..., :n]
+    return bias.masked_fill_(mask, 0.0)
+
+
+def _mask_dot_args(mask, fallback, dtype):
+    """(tensor, strides, has_mask, mask_dot) for the forward, dQ and dBias launches."""
+    if mask is None or not _MASK_DOT:
+        return (*_mask_args(mask, fallback), False)
+    bias = _key_mask_bias(mask, dtype)
+    return bias, tuple(bias.stride()), True, True
+
+
 def triangle_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -842,7 +938,7 @@ def triangle_attention_forward(
     allow_tf32: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward launcher: ``(out [B, I, N, H, D] in q's dtype, lse [B, I, H, N] fp32, base 2)``."""
-    _check(q, k, v, bias, mask)
+    _check(q, k, v, bias, mask, scale)
     batch, rows, n, heads, d = q.shape
     d = int(d)  # a compile-time constant of the kernels (also under symbolic shapes)
     out = _empty_in_order(q)
@@ -852,7 +948,7 @@ def triangle_attention_forward(
         return out, lse
     bias = _aligned_bias(bias)
     bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype)
-    mask_t, mask_strides, has_mask = _mask_args(mask, q)
+    mask_t, mask_strides, has_mask, mask_dot = _mask_dot_args(mask, q, q.dtype)
     grid = (triton.cdiv(n, bj), rows, batch * heads)
     wrap_triton(_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
@@ -860,7 +956,7 @@ def triangle_attention_forward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("fwd", q, has_mask, d), num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("fwd", q, has_mask, d), MASK_DOT=mask_dot, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -940,8 +1036,11 @@ def triangle_attention_backward(
         D=d, BLOCK_J=bj, num_warps=4,
     )
 
+    # dBias and dQ: the key mask as a 0/-inf bias in q's dtype (_key_mask_bias), added by
+    # a tensor-core product; O(B I N), alive until dQ.
+    mask_t, mask_strides, has_mask, mask_dot = _mask_dot_args(mask, q, q.dtype)
     if need_dbias:
-        if mask is not None:
+        if mask is not None and not mask_dot:
             # The key mask as an fp32 0/-inf bias, in dv's not yet written storage: the
             # bias-gradient pass adds it instead of unpacking mask bytes per logit.
             key_bias = _scratch(dv_flat, (batch, rows, n))
@@ -967,7 +1066,7 @@ def triangle_attention_backward(
             rows, n, heads, batch * heads, scale, rows_per_split,
             HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
             BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-            num_warps=warps, num_stages=stages,
+            MASK_DOT=mask_dot, num_warps=warps, num_stages=stages,
         )
         if splits > 1:
             numel = batch * heads * n * n
@@ -975,7 +1074,8 @@ def triangle_attention_backward(
                 target, dbias, splits, numel, BLOCK=1024, num_warps=4,
             )
 
-    mask_t, mask_strides, has_mask = _mask_args(mask, q)
+    dq_mask = (mask_t, mask_strides)
+    mask_t, mask_strides, has_mask = _mask_args(mask, q)  # dK/dV: the bool mask
     # bias_kj[b, h, k, j] = bias[b, h, j, k]: the dK/dV tiles are [keys, queries], and
     # loading them laid out that way saves a shuffle per logit. It stays in the bias's
     # dtype: the pass is bound by L2 traffic (~5.5 TB/s on the H100), of which an fp32
@@ -995,13 +1095,13 @@ def triangle_attention_backward(
 
     bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype)
     wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
-        q, k, v, bias_rows, mask_t, out, grad_out, lse, dq,
-        *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides, *out.stride(),
+        q, k, v, bias_rows, dq_mask[0], out, grad_out, lse, dq,
+        *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *dq_mask[1], *out.stride(),
         *grad_out.stride(), *dq.stride(),
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("dq", q, has_mask, d), num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("dq", q, has_mask, d), MASK_DOT=mask_dot, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv, dbias
 
