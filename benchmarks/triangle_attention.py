@@ -18,14 +18,14 @@ Backends that are not installed or cannot run are recorded with status
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import gc
-import math
 import os
 import platform
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -445,15 +445,18 @@ def plot(out_dir: str) -> None:
 # Block-size sweep -------------------------------------------------------------------------
 
 TUNE_CANDIDATES = {
-    "fwd": [(128, 32, 4, 3), (128, 32, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3),
-            (64, 32, 4, 3), (128, 32, 8, 3), (256, 32, 8, 2)],
-    "dq": [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2),
-           (32, 64, 4, 3), (64, 32, 4, 2), (128, 32, 8, 3)],
-    "dkdv": [(32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 256, 8, 2),
-             (64, 64, 4, 3), (32, 128, 4, 2), (64, 128, 8, 3)],
-    "dbias": [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 2),
-              (64, 64, 4, 4), (128, 64, 8, 2), (32, 64, 4, 3)],
+    "fwd": [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3),
+            (64, 64, 4, 4), (128, 64, 8, 2), (64, 128, 4, 2)],
+    "dq": [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3),
+           (64, 64, 4, 4), (128, 64, 8, 2), (64, 128, 4, 2)],
+    "dkdv": [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3),
+             (32, 64, 4, 4), (64, 64, 4, 4), (16, 64, 4, 3)],
+    "dbias": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (32, 64, 4, 3),
+              (128, 64, 8, 2), (64, 32, 4, 3), (128, 128, 8, 2)],
 }
+# The kernels whose device time is each kind's (dBias: also the sum of its row splits).
+TUNE_KERNELS = {"fwd": ("_fwd_kernel",), "dq": ("_bwd_dq_kernel",), "dkdv": ("_bwd_dkdv_kernel",),
+                "dbias": ("_bwd_dbias_kernel", "_sum_splits_kernel")}
 
 
 def _kernel_inputs(args, n: int, dtype: torch.dtype):
@@ -466,58 +469,97 @@ def _kernel_inputs(args, n: int, dtype: torch.dtype):
     return q, k, v, go, bias, keep
 
 
-def tune(args) -> None:
-    """Time each kernel over candidate tiles (the others at their defaults); the best
-    per kind, summed over the sizes, goes to ``--out``/tuned.json."""
-    import json
+def _fwd_bwd_step(args, n: int, dtype: torch.dtype) -> Tuple[Callable[[], None], bool]:
+    """(one public forward + backward on fixed random inputs, whether a mask is passed)."""
+    from foldops.kernels.triangle_attention import triangle_attention
 
-    import triton.testing
+    q, k, v, go, bias, keep = _kernel_inputs(args, n, dtype)
+    keep = None if args.no_mask else keep
+    leaves = [t.requires_grad_() for t in (q, k, v, bias)]
+
+    def step():
+        out = triangle_attention(*leaves, keep, args.head_dim**-0.5)
+        torch.autograd.grad(out, leaves, go)
+
+    return step, keep is not None
+
+
+def _kernel_times(step: Callable[[], None], reps: int = 20, warmup: int = 5) -> Dict[str, float]:
+    """Device ms per call of ``step`` for each kernel it launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    return {e.key: e.device_time_total / reps / 1000 for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def tune(args) -> None:
+    """Device time of each kernel for each candidate tile, from torch.profiler.
+
+    All four kernels change tile together (candidate c of every kind), since each is
+    timed on its own. A first round only compiles; then ``--rounds`` rounds go through
+    every candidate (and every ``--variant``) in turn, so that clock drift spreads over
+    all of them alike; the median per candidate is reported. The best per kind, summed
+    over the sizes, goes to ``--out``/tuned.json. (Timing whole launches with do_bench
+    between compiles, as before, mostly measured the GPU's clock ramp after each idle
+    compile: the same config differed by 30% between sizes.)
+    """
+    import json
+    import statistics
 
     from foldops.kernels import triangle_attention as K
 
     kinds = args.kinds or list(TUNE_CANDIDATES)
-    totals: Dict[tuple, float] = {}
+    width = max(len(TUNE_CANDIDATES[kind]) for kind in kinds)
+    variants = args.variant or [""]
     d = args.head_dim
+    defaults = {kind: K._CONFIGS[(kind, d, False)] for kind in kinds}
+    totals: Dict[tuple, float] = {}
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for n in args.n:
-            q, k, v, go, bias, keep = _kernel_inputs(args, n, dtype)
-            scale = d**-0.5
-            out, lse = K.triangle_attention_forward(q, k, v, bias, keep, scale)
-            calls = {  # dq/dkdv: the backward without the bias pass; dbias: with it
-                "fwd": lambda: K.triangle_attention_forward(q, k, v, bias, keep, scale),
-                "dq": lambda: K.triangle_attention_backward(go, q, k, v, bias, keep, out, lse, scale, need_dbias=False),
-                "dkdv": lambda: K.triangle_attention_backward(go, q, k, v, bias, keep, out, lse, scale, need_dbias=False),
-                "dbias": lambda: K.triangle_attention_backward(go, q, k, v, bias, keep, out, lse, scale),
-            }
-            for kind in kinds:
-                key = (kind, d, False)
-                default = K._CONFIGS[key]
-                results = []
-                for cfg in TUNE_CANDIDATES[kind]:
-                    K._CONFIGS[key] = cfg
-                    try:
-                        ms = triton.testing.do_bench(calls[kind], warmup=25, rep=100, return_mode="median")
-                    except Exception as exc:
-                        ms = float("nan")
-                        print(f"  {kind} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
-                    results.append((ms, cfg))
-                    if not math.isnan(ms):
-                        totals[(kind, cfg)] = totals.get((kind, cfg), 0.0) + ms / len(args.n)
-                K._CONFIGS[key] = default
-                results.sort(key=lambda r: (math.isnan(r[0]), r[0]))
-                line = "  ".join(f"{c}:{ms:.3f}" for ms, c in results)
-                what = {"dq": " (bwd w/o bias pass)", "dkdv": " (bwd w/o bias pass)", "dbias": " (whole bwd)"}.get(kind, "")
-                print(f"tune {dtype_name} N={n} D={d} {kind}{what}: {line}", flush=True)
+            step, masked = _fwd_bwd_step(args, n, dtype)
+            times: Dict[tuple, List[float]] = collections.defaultdict(list)
+            for rnd in range(args.rounds + 1):
+                for spec in variants:
+                    name = _apply_variant(spec)
+                    for c in range(width):
+                        cfgs = {kind: TUNE_CANDIDATES[kind][c % len(TUNE_CANDIDATES[kind])] for kind in kinds}
+                        for kind, cfg in cfgs.items():
+                            K._CONFIGS[(kind, d, False)] = cfg
+                        try:
+                            ms = _kernel_times(step, reps=10, warmup=2) if rnd else (step(), {})[1]
+                        except Exception as exc:  # a tile that does not fit, say
+                            print(f"  {name} {cfgs}: {type(exc).__name__}: {str(exc)[:120]}")
+                            ms = None
+                        for kind, cfg in cfgs.items():
+                            if rnd and ms is not None:
+                                times[(name, kind, cfg)].append(sum(ms.get(k, 0.0) for k in TUNE_KERNELS[kind]))
+            for kind, cfg in defaults.items():
+                K._CONFIGS[(kind, d, False)] = cfg
+            _apply_variant("")
+            for spec in variants:
+                name = spec.partition(":")[0] or "default"
+                for kind in kinds:
+                    rows = sorted((statistics.median(t), cfg) for (v, k_, cfg), t in times.items()
+                                  if v == name and k_ == kind)
+                    for ms, cfg in rows:
+                        totals[(name, kind, cfg)] = totals.get((name, kind, cfg), 0.0) + ms
+                    line = "  ".join(f"{cfg}:{ms:.3f}" for ms, cfg in rows)
+                    print(f"tune {dtype_name} N={n} D={d} mask={'yes' if masked else 'no'} variant={name} "
+                          f"{kind}: {line}", flush=True)
     best = {}
-    for kind in kinds:
-        cands = [(t, cfg) for (k_, cfg), t in totals.items() if k_ == kind]
-        if cands:
-            best[kind] = list(min(cands)[1])
+    for (name, kind, cfg), total in sorted(totals.items(), key=lambda item: item[1]):
+        best.setdefault(name, {}).setdefault(kind, list(cfg))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tuned.json"), "w") as fh:
         json.dump({"head_dim": d, "best": best}, fh)
-    print("best:", best)
+    print("best (summed over sizes):", best)
 
 
 _KNOB_DEFAULTS: Dict[str, object] = {}
@@ -558,38 +600,17 @@ def passes(args) -> None:
     """Time each kernel of one forward + backward (torch.profiler, device time per call),
     to show which pass the fwd+bwd total goes to. With --variant, each variant in turn,
     twice round, in this one process."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from foldops.kernels.triangle_attention import triangle_attention
-
     d = args.head_dim
     variants = args.variant or [""]
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for n in args.n:
-            q, k, v, go, bias, keep = _kernel_inputs(args, n, dtype)
-            keep = None if args.no_mask else keep
-            leaves = [t.requires_grad_() for t in (q, k, v, bias)]
-
-            def step():
-                out = triangle_attention(*leaves, keep, d**-0.5)
-                torch.autograd.grad(out, leaves, go)
-
+            step, masked = _fwd_bwd_step(args, n, dtype)
             for spec in variants * (2 if args.variant else 1):
                 name = _apply_variant(spec)
-                reps = 20
-                for _ in range(5):
-                    step()
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(reps):
-                        step()
-                    torch.cuda.synchronize()
-                rows = [(e.device_time_total / reps / 1000, e.key) for e in prof.key_averages()
-                        if e.device_time_total > 0]
-                rows.sort(reverse=True)
+                rows = sorted(((ms, key) for key, ms in _kernel_times(step).items()), reverse=True)
                 total = sum(ms for ms, _ in rows)
-                print(f"passes {dtype_name} N={n} D={d} mask={'no' if keep is None else 'yes'} "
+                print(f"passes {dtype_name} N={n} D={d} mask={'yes' if masked else 'no'} "
                       f"variant={name}: total {total:.3f} ms per fwd+bwd")
                 for ms, kname in rows:
                     print(f"  {ms:8.3f} ms  {kname[:90]}")
@@ -602,7 +623,9 @@ def apply_configs(path: str) -> None:
 
     with open(path) as fh:
         data = json.load(fh)
-    for kind, cfg in data.get("best", {}).items():
+    best = data.get("best", {})  # {variant: {kind: config}}: the default variant, else the first
+    chosen = best.get("default", next(iter(best.values()), {}))
+    for kind, cfg in chosen.items():
         K._CONFIGS[(kind, data["head_dim"], False)] = tuple(cfg)
     print("configs from", path, data)
 
@@ -627,11 +650,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--tune", action="store_true")
     parser.add_argument("--kinds", nargs="+", default=None, help="with --tune: fwd dq dkdv dbias")
+    parser.add_argument("--rounds", type=int, default=3, help="with --tune: timed rounds over the candidates")
     parser.add_argument("--configs", default=None, help="tuned.json from --tune to apply first")
     parser.add_argument("--passes", action="store_true", help="device time of each kernel of fwd+bwd")
     parser.add_argument("--variant", action="append", default=[],
-                        help="with --passes, repeatable: NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,maskdot=on|off")
-    parser.add_argument("--no-mask", action="store_true", help="with --passes: no key mask at all")
+                        help="with --passes or --tune, repeatable: NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,maskdot=on|off")
+    parser.add_argument("--no-mask", action="store_true", help="with --passes or --tune: no key mask at all")
     args = parser.parse_args(argv)
     if args.configs:
         apply_configs(args.configs)
