@@ -527,7 +527,7 @@ def tune(args) -> None:
             times: Dict[tuple, List[float]] = collections.defaultdict(list)
             for rnd in range(args.rounds + 1):
                 for spec in variants:
-                    name = _apply_variant(spec)
+                    name = _apply_variant(spec, d)
                     for c in range(width):
                         cfgs = {kind: TUNE_CANDIDATES[kind][c % len(TUNE_CANDIDATES[kind])] for kind in kinds}
                         for kind, cfg in cfgs.items():
@@ -565,16 +565,20 @@ def tune(args) -> None:
 _KNOB_DEFAULTS: Dict[str, object] = {}
 
 
-def _apply_variant(spec: str) -> str:
-    """Set the kernel knobs named in ``NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,maskdot=on|off``
+def _apply_variant(spec: str, head_dim: int = 32) -> str:
+    """Set the kernel knobs named in
+    ``NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,maskdot=on|off,KIND=BJxBKxWARPSxSTAGES``
     (unnamed knobs at their defaults; splits: the dBias row splits; maskdot: the key
-    mask as a tensor-core product); returns NAME."""
+    mask as a tensor-core product; KIND (fwd, dq, dkdv, dbias): that kernel's tile at
+    ``head_dim``); returns NAME."""
     from foldops.kernels import triangle_attention as K
 
     name, _, settings = spec.partition(":")
     _KNOB_DEFAULTS.setdefault("mma", dict(K._MMA_WAIT))
     _KNOB_DEFAULTS.setdefault("splits", K._bias_splits)
     _KNOB_DEFAULTS.setdefault("maskdot", K._MASK_DOT)
+    _KNOB_DEFAULTS.setdefault("configs", dict(K._CONFIGS))
+    K._CONFIGS.update(_KNOB_DEFAULTS["configs"])
     K._MMA_WAIT = dict(_KNOB_DEFAULTS["mma"])
     K._bias_splits = _KNOB_DEFAULTS["splits"]
     K._MASK_DOT = _KNOB_DEFAULTS["maskdot"]
@@ -591,6 +595,8 @@ def _apply_variant(spec: str) -> str:
             if value not in ("on", "off"):
                 raise ValueError(f"--variant: maskdot takes on or off, not {value!r}")
             K._MASK_DOT = value == "on"
+        elif key in TUNE_CANDIDATES:
+            K._CONFIGS[(key, head_dim, False)] = tuple(int(x) for x in value.split("x"))
         elif key != "splits":
             raise ValueError(f"--variant: unknown setting {key!r} in {spec!r}")
     return name or "default"
@@ -599,16 +605,16 @@ def _apply_variant(spec: str) -> str:
 def passes(args) -> None:
     """Time each kernel of one forward + backward (torch.profiler, device time per call),
     to show which pass the fwd+bwd total goes to. With --variant, each variant in turn,
-    twice round, in this one process."""
+    --rounds times round, in this one process."""
     d = args.head_dim
     variants = args.variant or [""]
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for n in args.n:
             step, masked = _fwd_bwd_step(args, n, dtype)
-            for spec in variants * (2 if args.variant else 1):
-                name = _apply_variant(spec)
-                rows = sorted(((ms, key) for key, ms in _kernel_times(step).items()), reverse=True)
+            for spec in variants * (args.rounds if args.variant else 1):
+                name = _apply_variant(spec, d)
+                rows = sorted(((ms, key) for key, ms in _kernel_times(step, reps=args.reps).items()), reverse=True)
                 total = sum(ms for ms, _ in rows)
                 print(f"passes {dtype_name} N={n} D={d} mask={'yes' if masked else 'no'} "
                       f"variant={name}: total {total:.3f} ms per fwd+bwd")
@@ -650,7 +656,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--tune", action="store_true")
     parser.add_argument("--kinds", nargs="+", default=None, help="with --tune: fwd dq dkdv dbias")
-    parser.add_argument("--rounds", type=int, default=3, help="with --tune: timed rounds over the candidates")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --tune or --passes --variant: timed rounds over the candidates or variants")
+    parser.add_argument("--reps", type=int, default=20, help="with --passes: fwd+bwd calls per timing")
     parser.add_argument("--configs", default=None, help="tuned.json from --tune to apply first")
     parser.add_argument("--passes", action="store_true", help="device time of each kernel of fwd+bwd")
     parser.add_argument("--variant", action="append", default=[],
