@@ -469,6 +469,16 @@ def _kernel_inputs(args, n: int, dtype: torch.dtype):
     return q, k, v, go, bias, keep
 
 
+def _set_config(kind: str, head_dim: int, cfg: Tuple[int, int, int, int]) -> None:
+    """Make ``cfg`` the tile of ``kind`` at ``head_dim`` for every N."""
+    from foldops.kernels import triangle_attention as K
+
+    key = (kind, head_dim, False)
+    K._CONFIGS[key] = tuple(cfg)
+    if key in K._CONFIGS_SMALL_N:
+        K._CONFIGS_SMALL_N[key] = tuple(cfg)
+
+
 def _fwd_bwd_step(args, n: int, dtype: torch.dtype) -> Tuple[Callable[[], None], bool]:
     """(one public forward + backward on fixed random inputs, whether a mask is passed)."""
     from foldops.kernels.triangle_attention import triangle_attention
@@ -518,7 +528,7 @@ def tune(args) -> None:
     width = max(len(TUNE_CANDIDATES[kind]) for kind in kinds)
     variants = args.variant or [""]
     d = args.head_dim
-    defaults = {kind: K._CONFIGS[(kind, d, False)] for kind in kinds}
+    defaults = (dict(K._CONFIGS), dict(K._CONFIGS_SMALL_N))
     totals: Dict[tuple, float] = {}
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -531,7 +541,7 @@ def tune(args) -> None:
                     for c in range(width):
                         cfgs = {kind: TUNE_CANDIDATES[kind][c % len(TUNE_CANDIDATES[kind])] for kind in kinds}
                         for kind, cfg in cfgs.items():
-                            K._CONFIGS[(kind, d, False)] = cfg
+                            _set_config(kind, d, cfg)
                         try:
                             ms = _kernel_times(step, reps=10, warmup=2) if rnd else (step(), {})[1]
                         except Exception as exc:  # a tile that does not fit, say
@@ -540,8 +550,8 @@ def tune(args) -> None:
                         for kind, cfg in cfgs.items():
                             if rnd and ms is not None:
                                 times[(name, kind, cfg)].append(sum(ms.get(k, 0.0) for k in TUNE_KERNELS[kind]))
-            for kind, cfg in defaults.items():
-                K._CONFIGS[(kind, d, False)] = cfg
+            K._CONFIGS.update(defaults[0])
+            K._CONFIGS_SMALL_N.update(defaults[1])
             _apply_variant("")
             for spec in variants:
                 name = spec.partition(":")[0] or "default"
@@ -567,21 +577,19 @@ _KNOB_DEFAULTS: Dict[str, object] = {}
 
 def _apply_variant(spec: str, head_dim: int = 32) -> str:
     """Set the kernel knobs named in
-    ``NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,maskdot=on|off,KIND=BJxBKxWARPSxSTAGES``
-    (unnamed knobs at their defaults; splits: the dBias row splits; maskdot: the key
-    mask as a tensor-core product; KIND (fwd, dq, dkdv, dbias): that kernel's tile at
-    ``head_dim``); returns NAME."""
+    ``NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,KIND=BJxBKxWARPSxSTAGES``
+    (unnamed knobs at their defaults; splits: the dBias row splits; KIND (fwd, dq, dkdv,
+    dbias): that kernel's tile at ``head_dim`` for every N); returns NAME."""
     from foldops.kernels import triangle_attention as K
 
     name, _, settings = spec.partition(":")
     _KNOB_DEFAULTS.setdefault("mma", dict(K._MMA_WAIT))
     _KNOB_DEFAULTS.setdefault("splits", K._bias_splits)
-    _KNOB_DEFAULTS.setdefault("maskdot", K._MASK_DOT)
-    _KNOB_DEFAULTS.setdefault("configs", dict(K._CONFIGS))
-    K._CONFIGS.update(_KNOB_DEFAULTS["configs"])
+    _KNOB_DEFAULTS.setdefault("configs", (dict(K._CONFIGS), dict(K._CONFIGS_SMALL_N)))
+    K._CONFIGS.update(_KNOB_DEFAULTS["configs"][0])
+    K._CONFIGS_SMALL_N.update(_KNOB_DEFAULTS["configs"][1])
     K._MMA_WAIT = dict(_KNOB_DEFAULTS["mma"])
     K._bias_splits = _KNOB_DEFAULTS["splits"]
-    K._MASK_DOT = _KNOB_DEFAULTS["maskdot"]
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
         if key == "mma":
@@ -591,12 +599,8 @@ def _apply_variant(spec: str, head_dim: int = 32) -> str:
             K._MMA_WAIT = {kind: kind in kinds for kind in K._MMA_WAIT}
         elif key == "splits" and value != "auto":
             K._bias_splits = lambda *a, count=int(value): count
-        elif key == "maskdot":
-            if value not in ("on", "off"):
-                raise ValueError(f"--variant: maskdot takes on or off, not {value!r}")
-            K._MASK_DOT = value == "on"
         elif key in TUNE_CANDIDATES:
-            K._CONFIGS[(key, head_dim, False)] = tuple(int(x) for x in value.split("x"))
+            _set_config(key, head_dim, tuple(int(x) for x in value.split("x")))
         elif key != "splits":
             raise ValueError(f"--variant: unknown setting {key!r} in {spec!r}")
     return name or "default"
@@ -625,14 +629,12 @@ def passes(args) -> None:
 def apply_configs(path: str) -> None:
     import json
 
-    from foldops.kernels import triangle_attention as K
-
     with open(path) as fh:
         data = json.load(fh)
     best = data.get("best", {})  # {variant: {kind: config}}: the default variant, else the first
     chosen = best.get("default", next(iter(best.values()), {}))
     for kind, cfg in chosen.items():
-        K._CONFIGS[(kind, data["head_dim"], False)] = tuple(cfg)
+        _set_config(kind, data["head_dim"], tuple(cfg))
     print("configs from", path, data)
 
 
@@ -662,7 +664,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--configs", default=None, help="tuned.json from --tune to apply first")
     parser.add_argument("--passes", action="store_true", help="device time of each kernel of fwd+bwd")
     parser.add_argument("--variant", action="append", default=[],
-                        help="with --passes or --tune, repeatable: NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,maskdot=on|off")
+                        help="with --passes or --tune, repeatable: NAME:mma=fwd+dq+dkdv|none,splits=auto|INT")
     parser.add_argument("--no-mask", action="store_true", help="with --passes or --tune: no key mask at all")
     args = parser.parse_args(argv)
     if args.configs:

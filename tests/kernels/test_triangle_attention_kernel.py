@@ -232,6 +232,8 @@ def test_empty_inputs():
         (dict(mask_dtype=torch.float32), TypeError, "mask: expected dtype"),
         (dict(mask_shape=(1, 2, 4)), ValueError, "mask: expected shape"),
         (dict(k_shape=(1, 2, 5, 1, 32)), ValueError, "k: expected shape"),
+        (dict(scale=0.0), ValueError, "scale: expected a positive number"),
+        (dict(scale=float("nan")), ValueError, "scale: expected a positive number"),
     ],
 )
 def test_bad_inputs(change, error, name):
@@ -242,7 +244,7 @@ def test_bad_inputs(change, error, name):
     bias = torch.randn(*change.get("bias_shape", (1, 1, 5, 5)), dtype=change.get("bias_dtype", dtype), device=DEVICE)
     mask = torch.ones(*change.get("mask_shape", (1, 2, 5)), dtype=change.get("mask_dtype", torch.bool), device=DEVICE)
     with pytest.raises(error, match=name):
-        kernel.triangle_attention(q, k, q, bias, mask, 0.25)
+        kernel.triangle_attention(q, k, q, bias, mask, change.get("scale", 0.25))
 
 
 def test_opcheck():

@@ -15,6 +15,11 @@ Layers (see docs/kernels/triangle_attention.md for the design, floors and timing
   registered on the forward);
 - ``triangle_attention(q, k, v, bias, mask, scale)``: the differentiable entry point.
 
+Key mask: the forward and dBias add it as one more tensor-core product (a K=16 wgmma of
+ones against 16 copies of the row's 0/-inf key bias, ``_add_key_mask``); dQ runs a
+second loop copy with a per-logit add for rows that do not keep every key; dK/dV, whose
+key rows are fixed per program, adds it per row block only where a key is masked.
+
 Softmax in base 2 and fp32: logits are ``s2 = log2(e) * (scale * q.k + bias)``; the
 saved log-sum-exp ``lse`` [B, I, H, N] is in the same base (fp32; fp64 for fp32 inputs,
 see ``_lse_parts``). Rows whose keys are all masked get ``lse = +inf``, so every
@@ -69,8 +74,8 @@ __all__ = [
 #
 # Logits s = scale * q.k + bias stay in natural units; the softmax runs in base 2 with
 # log2(e) folded into the one FFMA that also subtracts the row max or the lse:
-# p = exp2(s * log2(e) - m2). The forward and dQ loops come in two copies (constexpr
-# USE_MASK): rows that keep every key, the common case, skip the per-logit mask add.
+# p = exp2(s * log2(e) - m2). The dQ loop comes in two copies (constexpr USE_MASK): rows
+# that keep every key, the common case, skip the per-logit mask add.
 
 LOG2E_C = tl.constexpr(1.4426950408889634)
 
@@ -161,9 +166,9 @@ def _add_key_mask(qk, mask_rows):
 
     ``mask_rows`` [16, BLOCK_K] holds the bias (0 kept, -inf masked) in each of its 16
     rows; ones [M, 16] @ mask_rows adds 16 copies, and 16 x 0 = 0, 16 x -inf = -inf
-    exactly. This costs a K=16 product per tile (the tensor cores have room) instead
-    of an add per logit, and needs no second copy of the loop for masked rows. Logits
-    are scaled after, so the launchers require scale > 0.
+    exactly. A K=16 product per tile instead of an add per logit, and one loop for
+    every row (a second, masked loop copy doubled the forward's shared memory). The
+    logits are scaled after this, so the launchers require scale > 0.
     """
     ones = tl.full((qk.shape[0], 16), 1.0, dtype=mask_rows.dtype)
     # fp32: a TF32 product is exact for 1, 0 and -inf (tf32x3 would split -inf into NaN).
@@ -171,20 +176,20 @@ def _add_key_mask(qk, mask_rows):
 
 
 @triton.jit
-def _mask_rows_ptrs(row_ptr, offs_k):
-    """[16, BLOCK_K] pointers, each row the same keys of one row of the key-mask bias."""
-    return row_ptr + offs_k[None, :] + tl.zeros((16, 1), dtype=tl.int64)
+def _mask_rows_ptrs(row_ptr, offs):
+    """[16, BLOCK_K] pointers: 16 times the same keys of one row of the key-mask bias."""
+    return row_ptr + offs[None, :] + tl.zeros((16, 1), dtype=tl.int64)
 
 
 @triton.jit
-def _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale,
-              USE_KEY_BIAS: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-              MASK_DOT: tl.constexpr = False):
-    """One key block of the online softmax: the updated (m2, l, acc). ``key_bias`` is
-    [BLOCK_K] (added per logit if USE_KEY_BIAS) or, with MASK_DOT, [16, BLOCK_K] rows."""
+def _fwd_step(q, kt, v, bias, mask_rows, key_bias, m_i, l_i, acc, scale, HAS_MASK: tl.constexpr,
+              USE_KEY_BIAS: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
+    """One key block of the online softmax: the updated (m2, l, acc). ``mask_rows``
+    [16, BLOCK_K] (HAS_MASK) as in ``_add_key_mask``; ``key_bias`` [BLOCK_K] is the -inf
+    for keys past N of a last partial block (USE_KEY_BIAS)."""
     qk = tl.dot(q, kt, input_precision=PRECISION)
-    if MASK_DOT:
-        qk = _add_key_mask(qk, key_bias)
+    if HAS_MASK:
+        qk = _add_key_mask(qk, mask_rows)
     s = qk * scale + bias.to(tl.float32)
     if USE_KEY_BIAS:
         s += key_bias[None, :]
@@ -201,49 +206,45 @@ def _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale,
 
 @triton.jit
 def _fwd_loop(
-    q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-    USE_MASK: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    q, kt_ptrs, v_ptrs, b_ptrs, mask_rows_ptrs, skn, svn, sbk, N, scale,
+    HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr, MMA_WAIT: tl.constexpr,
-    MASK_DOT: tl.constexpr = False,
 ):
     """Online softmax over all key blocks of one [BLOCK_J] query block: (m2, l, acc).
 
     Full key blocks load without masks (query rows past N read clamped, valid rows that
     are never stored): masked loads cannot go through the shared-memory pipeline. A last
     partial block, if any, runs once after the loop with masked loads and a -inf bias
-    for keys past N. With MASK_DOT, ``m_ptrs`` are [16, BLOCK_K] pointers into the
-    key-mask bias (padded with -inf past N) and the mask is added by ``_add_key_mask``.
+    for keys past N (the key-mask bias rows are padded with -inf and load unmasked).
     """
     offs_k = tl.arange(0, BLOCK_K)
     m_i = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
     l_i = tl.zeros([BLOCK_J], dtype=tl.float32)
     acc = tl.zeros([BLOCK_J, D], dtype=tl.float32)
+    no_key_bias = tl.zeros([BLOCK_K], dtype=tl.float32)
+    mask_rows = tl.zeros([16, BLOCK_K], dtype=q.dtype)  # replaced by the loads below if HAS_MASK
     n_full = N - N % BLOCK_K
     for start_k in range(0, n_full, BLOCK_K):
-        if MASK_DOT:
-            key_bias = tl.load(m_ptrs)
-        else:
-            key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
-        m_i, l_i, acc = _fwd_step(q, tl.load(kt_ptrs), tl.load(v_ptrs), tl.load(b_ptrs), key_bias, m_i, l_i, acc,
-                                  scale, USE_MASK, PRECISION, PRECISE, MASK_DOT)
+        if HAS_MASK:
+            mask_rows = tl.load(mask_rows_ptrs)
+            mask_rows_ptrs += BLOCK_K
+        m_i, l_i, acc = _fwd_step(q, tl.load(kt_ptrs), tl.load(v_ptrs), tl.load(b_ptrs), mask_rows, no_key_bias,
+                                  m_i, l_i, acc, scale, HAS_MASK, False, PRECISION, PRECISE)
         kt_ptrs += BLOCK_K * skn
         v_ptrs += BLOCK_K * svn
         b_ptrs += BLOCK_K * sbk
-        if USE_MASK or MASK_DOT:
-            m_ptrs += BLOCK_K * smk
         _retire_mma(start_k, MMA_WAIT)
     if not EVEN_N:
         if n_full < N:
             valid_k = n_full + offs_k < N
-            if MASK_DOT:
-                key_bias = tl.load(m_ptrs)  # -inf past N
-            else:
-                key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
+            if HAS_MASK:
+                mask_rows = tl.load(mask_rows_ptrs)
+            key_bias = _key_bias(mask_rows_ptrs, n_full + offs_k, N, False, False)
             kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=valid_k[:, None], other=0.0)
             bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
-            m_i, l_i, acc = _fwd_step(q, kt, v, bias, key_bias, m_i, l_i, acc, scale, not MASK_DOT, PRECISION,
-                                      PRECISE, MASK_DOT)
+            m_i, l_i, acc = _fwd_step(q, kt, v, bias, mask_rows, key_bias, m_i, l_i, acc, scale, HAS_MASK,
+                                      not HAS_MASK, PRECISION, PRECISE)
     return m_i, l_i, acc
 
 
@@ -259,12 +260,12 @@ def _fwd_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,  # EVEN_N: N % both blocks == 0
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-    MMA_WAIT: tl.constexpr, MASK_DOT: tl.constexpr,
+    MMA_WAIT: tl.constexpr,
 ):
     """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h).
 
-    MASK is the bool keep-mask, or with MASK_DOT its 0/-inf bias in q's dtype (rows
-    padded with -inf, see ``_key_mask_bias``)."""
+    MASK: the key mask as a 0/-inf bias in q's dtype, rows padded with -inf
+    (``_key_mask_bias``), or unused without a mask."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
@@ -284,22 +285,10 @@ def _fwd_kernel(
     kt_ptrs = K + b * skb + i * ski + h * skh + k64[None, :] * skn + offs_d[:, None] * skd
     v_ptrs = V + b * svb + i * svi + h * svh + k64[:, None] * svn + offs_d[None, :] * svd
     b_ptrs = BIAS + b * sbb + h * sbh + jc64[:, None] * sbj + k64[None, :] * sbk
-    if MASK_DOT:
-        m_ptrs = _mask_rows_ptrs(MASK + b * smb + i * smi, k64 * smk)
-        m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                                  False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT, True)
-    else:
-        m_ptrs = MASK + b * smb + i * smi + k64 * smk
-        if HAS_MASK:
-            full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
-        else:
-            full = True
-        if full:
-            m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
-        else:
-            m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+    mask_rows_ptrs = _mask_rows_ptrs(MASK + b * smb + i * smi, k64)  # contiguous over keys
+
+    m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, mask_rows_ptrs, skn, svn, sbk, N, scale,
+                              HAS_MASK, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -352,12 +341,9 @@ def _sum_splits_kernel(PARTIAL, OUT, SPLITS, NUMEL, BLOCK: tl.constexpr):
 
 @triton.jit
 def _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale,
-             USE_KEY_BIAS: tl.constexpr, LSE_LO: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-             MASK_DOT: tl.constexpr = False):
-    """dQ contribution of one key block (``key_bias`` as in ``_fwd_step``)."""
+             USE_KEY_BIAS: tl.constexpr, LSE_LO: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
+    """dQ contribution of one key block."""
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    if MASK_DOT:
-        qk = _add_key_mask(qk, key_bias)
     s = qk * scale + bias.to(tl.float32)
     if USE_KEY_BIAS:
         s += key_bias[None, :]
@@ -375,7 +361,6 @@ def _dq_loop(
     q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
     USE_MASK: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr, MMA_WAIT: tl.constexpr,
-    MASK_DOT: tl.constexpr = False,
 ):
     """dQ over all key blocks: full blocks unmasked, a partial last one masked (as _fwd_loop)."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -384,30 +369,24 @@ def _dq_loop(
     dq = tl.zeros([BLOCK_J, D], dtype=tl.float32)
     n_full = N - N % BLOCK_K
     for start_k in range(0, n_full, BLOCK_K):
-        if MASK_DOT:
-            key_bias = tl.load(m_ptrs)
-        else:
-            key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
+        key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
         dq = _dq_step(q, do, lse_hi, lse_lo, delta, tl.load(k_ptrs), tl.load(vt_ptrs), tl.load(b_ptrs), key_bias,
-                      dq, scale, USE_MASK, LSE_LO, PRECISION, PRECISE, MASK_DOT)
+                      dq, scale, USE_MASK, LSE_LO, PRECISION, PRECISE)
         k_ptrs += BLOCK_K * skn
         vt_ptrs += BLOCK_K * svn
         b_ptrs += BLOCK_K * sbk
-        if USE_MASK or MASK_DOT:
+        if USE_MASK:
             m_ptrs += BLOCK_K * smk
         _retire_mma(start_k, MMA_WAIT)
     if not EVEN_N:
         if n_full < N:
             valid_k = n_full + offs_k < N
-            if MASK_DOT:
-                key_bias = tl.load(m_ptrs)  # -inf past N
-            else:
-                key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
+            key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
             k = tl.load(k_ptrs, mask=valid_k[:, None], other=0.0)
             vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
             bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
-            dq = _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale, not MASK_DOT, LSE_LO,
-                          PRECISION, PRECISE, MASK_DOT)
+            dq = _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale, True, LSE_LO,
+                          PRECISION, PRECISE)
     return dq
 
 
@@ -425,10 +404,9 @@ def _bwd_dq_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-    MMA_WAIT: tl.constexpr, MASK_DOT: tl.constexpr,
+    MMA_WAIT: tl.constexpr,
 ):
-    """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in
-    registers. MASK as in ``_fwd_kernel``."""
+    """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in registers."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
@@ -453,22 +431,17 @@ def _bwd_dq_kernel(
     k_ptrs = K + b * skb + i * ski + h * skh + k64[:, None] * skn + offs_d[None, :] * skd
     vt_ptrs = V + b * svb + i * svi + h * svh + k64[None, :] * svn + offs_d[:, None] * svd
     b_ptrs = BIAS + b * sbb + h * sbh + jc64[:, None] * sbj + k64[None, :] * sbk
-    if MASK_DOT:
-        m_ptrs = _mask_rows_ptrs(MASK + b * smb + i * smi, k64 * smk)
-        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT, True)
+    m_ptrs = MASK + b * smb + i * smi + k64 * smk
+    if HAS_MASK:
+        full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
     else:
-        m_ptrs = MASK + b * smb + i * smi + k64 * smk
-        if HAS_MASK:
-            full = _all_kept(MASK + b * smb + i * smi, smk, N, 256)
-        else:
-            full = True
-        if full:
-            dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                          False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
-        else:
-            dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
-                          True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+        full = True
+    if full:
+        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                      False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+    else:
+        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, skn, svn, sbk, smk, N, scale,
+                      True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
     dq_ptrs = DQ + b * sdqb + i * sdqi + h * sdqh + j64[:, None] * sdqn + offs_d[None, :] * sdqd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
 
@@ -586,9 +559,8 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dbias_row_vectors(LSE, DELTA, row_offs, m_ptrs, offs_j, offs_k, N,
-                       HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
-    """(lse [BLOCK_J], delta [BLOCK_J], key bias [BLOCK_K]) of one row i for the dBias pass.
+def _dbias_row_vectors(LSE, DELTA, row_offs, offs_j, N, EVEN_N: tl.constexpr):
+    """(lse [BLOCK_J], delta [BLOCK_J]) of one row i for the dBias pass.
 
     Masked rather than clamped past N: clamped offsets would hide their contiguity from
     the compiler, which then loads element by element.
@@ -599,11 +571,7 @@ def _dbias_row_vectors(LSE, DELTA, row_offs, m_ptrs, offs_j, offs_k, N,
     else:
         lse = tl.load(LSE + row_offs, mask=offs_j < N, other=float("inf"))
         delta = tl.load(DELTA + row_offs, mask=offs_j < N, other=0.0)
-    if HAS_MASK and EVEN_N:
-        key_bias = tl.load(m_ptrs)  # the fp32 0/-inf key bias built by the launcher
-    else:
-        key_bias = _key_bias(m_ptrs, offs_k, N, HAS_MASK, EVEN_N)
-    return lse, delta, key_bias
+    return lse, delta
 
 
 @triton.jit
@@ -619,12 +587,11 @@ def _bwd_dbias_kernel(
     I, N, H, BH, scale, ROWS_PER_SPLIT,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-    MASK_DOT: tl.constexpr,
 ):
     """dBias[b, h, j-tile, k-tile] = sum over rows i (of this split) of dS, in registers.
 
-    MASK is the fp32 0/-inf key bias, or with MASK_DOT that bias in q's dtype with rows
-    padded with -inf (``_key_mask_bias``), added by ``_add_key_mask``.
+    MASK: the key mask as a 0/-inf bias in q's dtype, rows padded with -inf
+    (``_key_mask_bias``), or unused without a mask.
 
     The q/dO/K/V tiles read query and key rows past N clamped to row N-1, unmasked: the
     loop has no masked (unpipelined) tile loads at any N, and the extra rows and columns
@@ -661,27 +628,25 @@ def _bwd_dbias_kernel(
     kt_ptrs = K + b * skb + i0 * ski + h * skh + kc64[None, :] * skn + offs_d[:, None] * skd
     vt_ptrs = V + b * svb + i0 * svi + h * svh + kc64[None, :] * svn + offs_d[:, None] * svd
     row_offs = ((b * I + i0) * H + h) * N + j64
-    m_ptrs = MASK + b * smb + i0 * smi + k64 * smk
-    if MASK_DOT:
-        mask_rows_ptrs = _mask_rows_ptrs(MASK + b * smb + i0 * smi, k64 * smk)
-    KEY_BIAS: tl.constexpr = (HAS_MASK and not MASK_DOT) or not EVEN_N
-    # The per-row vectors (lse, delta, key bias) are loaded one row ahead into registers:
-    # Triton pipelines only the tiles that feed tl.dot through shared memory, and a load
-    # used in its own iteration would expose its full latency every row.
-    lse, delta, key_bias = _dbias_row_vectors(LSE, DELTA, row_offs, m_ptrs, offs_j, offs_k, N,
-                                              HAS_MASK and not MASK_DOT, EVEN_N)
+    # Keys past N (never stored) get a -inf logit, as in the other passes: from the mask
+    # rows, padded with -inf (loaded unmasked: k64 < the padded row length), or without a
+    # mask from this key bias.
+    key_bias = _key_bias(MASK, offs_k, N, False, EVEN_N)
+    mask_rows_ptrs = _mask_rows_ptrs(MASK + b * smb + i0 * smi, k64)  # contiguous over keys
+    # The per-row vectors (lse, delta) are loaded one row ahead into registers: Triton
+    # pipelines only the tiles that feed tl.dot through shared memory, and a load used in
+    # its own iteration would expose its full latency every row.
+    lse, delta = _dbias_row_vectors(LSE, DELTA, row_offs, offs_j, N, EVEN_N)
     acc = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
     for it in range(0, n_rows):
         ahead = tl.minimum(it + 1, n_rows - 1).to(tl.int64)  # the last row reloads itself
-        lse_next, delta_next, key_bias_next = _dbias_row_vectors(
-            LSE, DELTA, row_offs + ahead * (H * N), m_ptrs + ahead * smi, offs_j, offs_k, N,
-            HAS_MASK and not MASK_DOT, EVEN_N)
+        lse_next, delta_next = _dbias_row_vectors(LSE, DELTA, row_offs + ahead * (H * N), offs_j, N, EVEN_N)
         qk = tl.dot(tl.load(q_ptrs), tl.load(kt_ptrs), input_precision=PRECISION)
-        if MASK_DOT:
+        if HAS_MASK:
             qk = _add_key_mask(qk, tl.load(mask_rows_ptrs))
             mask_rows_ptrs += smi
         s = qk * scale + bias
-        if KEY_BIAS:
+        if not EVEN_N and not HAS_MASK:
             s += key_bias[None, :]
         lse_hi, lse_lo = _lse_parts(lse)
         x = s * LOG2E_C - lse_hi[:, None]
@@ -690,7 +655,7 @@ def _bwd_dbias_kernel(
         p = _exp2(x, PRECISE)
         dp = tl.dot(tl.load(do_ptrs), tl.load(vt_ptrs), input_precision=PRECISION)
         acc += p * (dp - delta[:, None])
-        lse, delta, key_bias = lse_next, delta_next, key_bias_next
+        lse, delta = lse_next, delta_next
         q_ptrs += sqi
         do_ptrs += sdoi
         kt_ptrs += ski
@@ -747,15 +712,12 @@ def _mma_wait(kind: str, t: torch.Tensor, has_mask: bool, d: int) -> bool:
     return _capability(t.device.index)[0] == 9
 
 
-def _n_bucket(n: int) -> int:
-    return 128 if n <= 128 else (512 if n <= 512 else 4096)
-
-
 # (kind, head dim, fp32?) -> (BLOCK_J, BLOCK_K, num_warps, num_stages). Tuned on an H100
-# at N = 512 / 1024 in bf16; see docs/kernels/triangle_attention.md.
+# in bf16 with the benchmark's key mask (D = 32 at N = 512 / 768 / 1024 in session 6; D =
+# 16 follows D = 32, untimed); see docs/kernels/triangle_attention.md.
 _CONFIGS = {
-    ("fwd", 16, False): (128, 32, 4, 3),
-    ("fwd", 32, False): (128, 32, 4, 3),
+    ("fwd", 16, False): (64, 64, 4, 3),
+    ("fwd", 32, False): (64, 64, 4, 3),
     ("fwd", 64, False): (128, 64, 4, 3),
     ("fwd", 128, False): (128, 64, 8, 2),
     ("dq", 16, False): (128, 32, 4, 3),
@@ -771,11 +733,19 @@ _CONFIGS = {
     ("dbias", 64, False): (64, 64, 4, 3),
     ("dbias", 128, False): (64, 64, 8, 2),
 }
+# Overrides for N <= 512: larger dBias tiles with 8 warps won there (0.42 -> 0.36 ms at
+# N = 512) and lost above (768: 1.58 -> 1.66 ms, one 256-thread program per SM).
+_CONFIGS_SMALL_N = {
+    ("dbias", 16, False): (128, 64, 8, 3),
+    ("dbias", 32, False): (128, 64, 8, 3),
+}
 
 
 def _smem_bytes(kind: str, bj: int, bk: int, stages: int, d: int, e: int, be: int) -> int:
-    """Rough shared memory of one program: pipelined tiles (x2 for the two loop copies)."""
-    if kind in ("fwd", "dq"):
+    """Rough shared memory of one program: pipelined tiles (x2 for dQ's two loop copies)."""
+    if kind == "fwd":  # k, v, bias and the [16, BLOCK_K] key-mask rows
+        return stages * (2 * bk * d * e + bj * bk * be + 16 * bk * e) + bj * d * e
+    if kind == "dq":
         return 2 * stages * (2 * bk * d * e + bj * bk * be) + 2 * bj * d * e
     if kind == "dkdv":
         return 2 * stages * (2 * bj * d * e + bj * bk * be) + 2 * bk * d * e
@@ -789,7 +759,9 @@ def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch
     """(BLOCK_J, BLOCK_K, num_warps, num_stages), plain ints even for symbolic N."""
     if _interpreting():
         return 16, 16, 1, 1  # small tiles: multi-block loops at small N, fast interpretation
-    bj, bk, warps, stages = _CONFIGS[(kind, d, False)]
+    key = (kind, d, False)
+    small = isinstance(n, int) and n <= 512  # symbolic N (torch.compile): the general tiles
+    bj, bk, warps, stages = _CONFIGS_SMALL_N[key] if small and key in _CONFIGS_SMALL_N else _CONFIGS[key]
     if dtype == torch.float32:  # fp32 operands take twice the registers and shared memory
         bj, bk, stages = min(bj, 64), min(bk, 64 if d <= 32 else 32), min(stages, 2)
     if n < 256:  # small N: smaller tiles for more programs and less padding
@@ -864,7 +836,7 @@ def _check(q, k, v, bias, mask, scale) -> None:
         raise ValueError(f"bias: expected shape {(batch, heads, n, n)}, got {tuple(bias.shape)}")
     if bias.dtype not in (q.dtype, torch.float32):
         raise TypeError(f"bias: expected dtype {q.dtype} or torch.float32, got {bias.dtype}")
-    if not scale > 0.0:  # the masked logits are -inf before scaling (_add_key_mask)
+    if not scale > 0.0:  # masked logits are -inf before the scaling (_add_key_mask)
         raise ValueError(f"scale: expected a positive number, got {scale}")
     if mask is not None:
         if tuple(mask.shape) != (batch, rows, n):
@@ -902,30 +874,20 @@ def _mask_args(mask, fallback):
     return mask, tuple(mask.stride()), True
 
 
-# Whether the forward, dQ and dBias add a key mask as a tensor-core product
-# (``_add_key_mask``) rather than per logit, with a second loop copy for rows that keep
-# every key (forward, dQ). A switch for in-process A/B (benchmarks/triangle_attention.py
-# --variant NAME:maskdot=on|off).
-_MASK_DOT = True
-_MASK_ROW_ALIGN = 128  # >= every BLOCK_K: unmasked [16, BLOCK_K] tiles stay in the rows
+_MASK_ROW_ALIGN = 128  # >= every BLOCK_K: unmasked [16, BLOCK_K] tiles stay inside the rows
 
 
-def _key_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``mask`` [B, I, N] as a 0 (kept) / -inf (masked) bias in ``dtype``, rows padded
-    with -inf to a multiple of ``_MASK_ROW_ALIGN`` (the view holds the first N).
-    O(B I N): 1/(H D) of q's size."""
+def _key_mask_bias(mask: torch.Tensor, dtype: torch.dtype, storage: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``mask`` [B, I, N] as a 0 (kept) / -inf (masked) bias in ``dtype`` for
+    ``_add_key_mask``: rows padded with -inf to a multiple of ``_MASK_ROW_ALIGN`` (the
+    view holds the first N). O(B I N), 1/(H D) of q's size; in ``storage``'s bytes
+    (an output not yet written) if they suffice."""
     batch, rows, n = mask.shape
-    padded = -(-n // _MASK_ROW_ALIGN) * _MASK_ROW_ALIGN
-    bias = torch.full((batch, rows, padded), float("-inf"), dtype=dtype, device=mask.device)[..., :n]
-    return bias.masked_fill_(mask, 0.0)
-
-
-def _mask_dot_args(mask, fallback, dtype):
-    """(tensor, strides, has_mask, mask_dot) for the forward, dQ and dBias launches."""
-    if mask is None or not _MASK_DOT:
-        return (*_mask_args(mask, fallback), False)
-    bias = _key_mask_bias(mask, dtype)
-    return bias, tuple(bias.stride()), True, True
+    shape = (batch, rows, -(-n // _MASK_ROW_ALIGN) * _MASK_ROW_ALIGN)
+    padded = None if storage is None else _scratch(storage, shape, dtype)
+    if padded is None:
+        padded = torch.empty(shape, dtype=dtype, device=mask.device)
+    return padded.fill_(float("-inf"))[..., :n].masked_fill_(mask, 0.0)
 
 
 def triangle_attention_forward(
@@ -948,7 +910,7 @@ def triangle_attention_forward(
         return out, lse
     bias = _aligned_bias(bias)
     bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype)
-    mask_t, mask_strides, has_mask, mask_dot = _mask_dot_args(mask, q, q.dtype)
+    mask_t, mask_strides, has_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype), q)
     grid = (triton.cdiv(n, bj), rows, batch * heads)
     wrap_triton(_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
@@ -956,7 +918,7 @@ def triangle_attention_forward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("fwd", q, has_mask, d), MASK_DOT=mask_dot, num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("fwd", q, has_mask, d), num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -1036,18 +998,9 @@ def triangle_attention_backward(
         D=d, BLOCK_J=bj, num_warps=4,
     )
 
-    # dBias and dQ: the key mask as a 0/-inf bias in q's dtype (_key_mask_bias), added by
-    # a tensor-core product; O(B I N), alive until dQ.
-    mask_t, mask_strides, has_mask, mask_dot = _mask_dot_args(mask, q, q.dtype)
     if need_dbias:
-        if mask is not None and not mask_dot:
-            # The key mask as an fp32 0/-inf bias, in dv's not yet written storage: the
-            # bias-gradient pass adds it instead of unpacking mask bytes per logit.
-            key_bias = _scratch(dv_flat, (batch, rows, n))
-            if key_bias is None:
-                key_bias = torch.empty((batch, rows, n), dtype=torch.float32, device=q.device)
-            key_bias.fill_(0.0).masked_fill_(~mask, float("-inf"))
-            mask_t, mask_strides = key_bias, key_bias.stride()
+        if mask is not None:  # as a 0/-inf bias, in dv's not yet written storage
+            mask_t, mask_strides, _ = _mask_args(_key_mask_bias(mask, q.dtype, dv_flat), q)
         bj, bk, warps, stages = _config("dbias", n, d, q.dtype, bias.dtype)
         tiles = triton.cdiv(n, bj) * triton.cdiv(n, bk)
         room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
@@ -1066,7 +1019,7 @@ def triangle_attention_backward(
             rows, n, heads, batch * heads, scale, rows_per_split,
             HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
             BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-            MASK_DOT=mask_dot, num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages,
         )
         if splits > 1:
             numel = batch * heads * n * n
@@ -1074,8 +1027,7 @@ def triangle_attention_backward(
                 target, dbias, splits, numel, BLOCK=1024, num_warps=4,
             )
 
-    dq_mask = (mask_t, mask_strides)
-    mask_t, mask_strides, has_mask = _mask_args(mask, q)  # dK/dV: the bool mask
+    mask_t, mask_strides, has_mask = _mask_args(mask, q)
     # bias_kj[b, h, k, j] = bias[b, h, j, k]: the dK/dV tiles are [keys, queries], and
     # loading them laid out that way saves a shuffle per logit. It stays in the bias's
     # dtype: the pass is bound by L2 traffic (~5.5 TB/s on the H100), of which an fp32
@@ -1095,13 +1047,13 @@ def triangle_attention_backward(
 
     bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype)
     wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
-        q, k, v, bias_rows, dq_mask[0], out, grad_out, lse, dq,
-        *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *dq_mask[1], *out.stride(),
+        q, k, v, bias_rows, mask_t, out, grad_out, lse, dq,
+        *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides, *out.stride(),
         *grad_out.stride(), *dq.stride(),
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("dq", q, has_mask, d), MASK_DOT=mask_dot, num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("dq", q, has_mask, d), num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv, dbias
 
