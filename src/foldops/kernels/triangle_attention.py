@@ -879,15 +879,21 @@ _MASK_ROW_ALIGN = 128  # >= every BLOCK_K: unmasked [16, BLOCK_K] tiles stay ins
 
 def _key_mask_bias(mask: torch.Tensor, dtype: torch.dtype, storage: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``mask`` [B, I, N] as a 0 (kept) / -inf (masked) bias in ``dtype`` for
-    ``_add_key_mask``: rows padded with -inf to a multiple of ``_MASK_ROW_ALIGN`` (the
-    view holds the first N). O(B I N), 1/(H D) of q's size; in ``storage``'s bytes
-    (an output not yet written) if they suffice."""
+    ``_add_key_mask``, [B, I, N_pad]: rows padded with -inf to a multiple of
+    ``_MASK_ROW_ALIGN``. O(B I N), 1/(H D) of q's size; in ``storage``'s bytes (an output
+    not yet written) if they suffice.
+
+    The kernels read the padding, so they get the whole padded tensor, never a
+    ``[..., :N]`` view of it: torch.compile may hand a kernel a dense copy of a view
+    (the padding then gone), which gave wrong outputs in the layer compile tests."""
     batch, rows, n = mask.shape
     shape = (batch, rows, -(-n // _MASK_ROW_ALIGN) * _MASK_ROW_ALIGN)
     padded = None if storage is None else _scratch(storage, shape, dtype)
     if padded is None:
         padded = torch.empty(shape, dtype=dtype, device=mask.device)
-    return padded.fill_(float("-inf"))[..., :n].masked_fill_(mask, 0.0)
+    padded.fill_(float("-inf"))
+    padded[..., :n].masked_fill_(mask, 0.0)
+    return padded
 
 
 def triangle_attention_forward(
