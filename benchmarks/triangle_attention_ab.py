@@ -1,0 +1,94 @@
+"""A/B of the triangle attention kernels: the working tree against those of a git revision.
+
+Both versions run in one process on the same inputs (bf16, B=1, H=4, D=32, the
+benchmark's all-kept key mask unless told otherwise): the revision's kernel file is
+loaded as a second module with its custom ops renamed. For each size, --rounds rounds
+each time both versions (torch.profiler device time per kernel, as ``--passes`` of
+benchmarks/triangle_attention.py), then the median per kernel and the median of the
+per-round ratios of the totals. Interleaving spreads the clock drift of a long run
+over both versions alike.
+
+    python benchmarks/triangle_attention_ab.py --rev f167275 --n 256 384 512 768 1024
+    python benchmarks/triangle_attention_ab.py --rev f167275 --n 512 1024 --mask-fraction 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from triangle_attention import _kernel_times  # noqa: E402
+
+KERNEL_FILE = "src/foldops/kernels/triangle_attention.py"
+
+
+def load_revision(rev: str):
+    """The kernel module of ``rev``, its ops renamed to ``foldops_ab::...``."""
+    source = subprocess.run(["git", "show", f"{rev}:{KERNEL_FILE}"], check=True, capture_output=True,
+                            text=True).stdout
+    source = source.replace("foldops::triangle_attention_", "foldops_ab::triangle_attention_")
+    source = source.replace("torch.ops.foldops.triangle_attention_", "torch.ops.foldops_ab.triangle_attention_")
+    path = os.path.join(tempfile.mkdtemp(), "triangle_attention_ab.py")
+    with open(path, "w") as fh:
+        fh.write(source)
+    spec = importlib.util.spec_from_file_location("triangle_attention_ab", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare(versions, n: int, mask_fraction: float, masked: bool, rounds: int) -> None:
+    shape = (1, n, n, 4, 32)
+    q, k, v, go = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    bias = torch.randn(1, 4, n, n, device="cuda", dtype=torch.bfloat16)
+    keep = (torch.rand(1, n, n, device="cuda") > mask_fraction) if masked else None
+    leaves = [t.requires_grad_() for t in (q, k, v, bias)]
+    times = collections.defaultdict(lambda: collections.defaultdict(list))
+    for _ in range(rounds):
+        for name, module in versions:
+            def step(module=module):
+                out = module.triangle_attention(*leaves, keep, 32**-0.5)
+                torch.autograd.grad(out, leaves, go)
+
+            per_kernel = _kernel_times(step, reps=10, warmup=3)
+            times[name]["total"].append(sum(per_kernel.values()))
+            for kernel, ms in per_kernel.items():
+                if kernel.startswith("_"):  # Triton kernels; the small torch ops count in the total
+                    times[name][kernel.replace("_bwd_", "").replace("_kernel", "").strip("_")].append(ms)
+    label = f"N={n} mask={mask_fraction if masked else 'no'}"
+    for name, _ in versions:
+        cols = "  ".join(f"{kernel} {statistics.median(ms):.3f}" for kernel, ms in times[name].items())
+        print(f"{label} {name}: {cols}", flush=True)
+    (a, _), (b, _) = versions
+    ratios = [y / x for x, y in zip(times[a]["total"], times[b]["total"])]
+    print(f"{label} {b}/{a} total: median {statistics.median(ratios):.3f} {['%.3f' % r for r in ratios]}",
+          flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", required=True, help="git revision whose kernels are the baseline")
+    parser.add_argument("--n", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--mask-fraction", type=float, default=0.0, help="share of masked keys")
+    parser.add_argument("--no-mask", action="store_true")
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+
+    from foldops.kernels import triangle_attention as tree
+
+    versions = [(args.rev, load_revision(args.rev)), ("tree", tree)]
+    for n in args.n:
+        compare(versions, n, args.mask_fraction, not args.no_mask, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
