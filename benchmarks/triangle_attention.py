@@ -529,7 +529,7 @@ def tune(args) -> None:
     variants = args.variant or [""]
     d = args.head_dim
     defaults = (dict(K._CONFIGS), dict(K._CONFIGS_SMALL_N))
-    totals: Dict[tuple, float] = {}
+    totals: Dict[tuple, List[float]] = collections.defaultdict(list)
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for n in args.n:
@@ -548,7 +548,8 @@ def tune(args) -> None:
                             print(f"  {name} {cfgs}: {type(exc).__name__}: {str(exc)[:120]}")
                             ms = None
                         for kind, cfg in cfgs.items():
-                            if rnd and ms is not None:
+                            # A kernel missing from the profile is not counted as 0 ms.
+                            if rnd and ms is not None and TUNE_KERNELS[kind][0] in ms:
                                 times[(name, kind, cfg)].append(sum(ms.get(k, 0.0) for k in TUNE_KERNELS[kind]))
             K._CONFIGS.update(defaults[0])
             K._CONFIGS_SMALL_N.update(defaults[1])
@@ -559,13 +560,17 @@ def tune(args) -> None:
                     rows = sorted((statistics.median(t), cfg) for (v, k_, cfg), t in times.items()
                                   if v == name and k_ == kind)
                     for ms, cfg in rows:
-                        totals[(name, kind, cfg)] = totals.get((name, kind, cfg), 0.0) + ms
+                        totals[(name, kind, cfg)].append(ms)
                     line = "  ".join(f"{cfg}:{ms:.3f}" for ms, cfg in rows)
                     print(f"tune {dtype_name} N={n} D={d} mask={'yes' if masked else 'no'} variant={name} "
                           f"{kind}: {line}", flush=True)
+    # Only candidates timed at every size compete (a tile that failed at one size, or
+    # shared a candidate index with one that failed, would otherwise sum fewer terms).
+    sizes = len(args.dtypes) * len(args.n)
     best = {}
-    for (name, kind, cfg), total in sorted(totals.items(), key=lambda item: item[1]):
-        best.setdefault(name, {}).setdefault(kind, list(cfg))
+    for (name, kind, cfg), ms in sorted(totals.items(), key=lambda item: sum(item[1])):
+        if len(ms) == sizes:
+            best.setdefault(name, {}).setdefault(kind, list(cfg))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tuned.json"), "w") as fh:
         json.dump({"head_dim": d, "best": best}, fh)
@@ -600,7 +605,10 @@ def _apply_variant(spec: str, head_dim: int = 32) -> str:
         elif key == "splits" and value != "auto":
             K._bias_splits = lambda *a, count=int(value): count
         elif key in TUNE_CANDIDATES:
-            _set_config(key, head_dim, tuple(int(x) for x in value.split("x")))
+            tile = tuple(int(x) for x in value.split("x") if x.isdigit())
+            if len(tile) != 4 or value.count("x") != 3:
+                raise ValueError(f"--variant: {key} takes BJxBKxWARPSxSTAGES, not {value!r}")
+            _set_config(key, head_dim, tile)
         elif key != "splits":
             raise ValueError(f"--variant: unknown setting {key!r} in {spec!r}")
     return name or "default"
@@ -631,8 +639,13 @@ def apply_configs(path: str) -> None:
 
     with open(path) as fh:
         data = json.load(fh)
-    best = data.get("best", {})  # {variant: {kind: config}}: the default variant, else the first
-    chosen = best.get("default", next(iter(best.values()), {}))
+    best = data.get("best", {})  # {variant: {kind: config}}, or {kind: config} before session 6
+    if all(isinstance(cfg, list) for cfg in best.values()):
+        chosen = best
+    elif len(best) == 1 or "default" in best:
+        chosen = best.get("default", next(iter(best.values())))
+    else:
+        raise ValueError(f"{path}: tuned for variants {sorted(best)}; keep one (its knobs are not applied)")
     for kind, cfg in chosen.items():
         _set_config(kind, data["head_dim"], tuple(cfg))
     print("configs from", path, data)
@@ -664,7 +677,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--configs", default=None, help="tuned.json from --tune to apply first")
     parser.add_argument("--passes", action="store_true", help="device time of each kernel of fwd+bwd")
     parser.add_argument("--variant", action="append", default=[],
-                        help="with --passes or --tune, repeatable: NAME:mma=fwd+dq+dkdv|none,splits=auto|INT")
+                        help="with --passes or --tune, repeatable: "
+                        "NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,KIND=BJxBKxWARPSxSTAGES (KIND: fwd dq dkdv dbias)")
     parser.add_argument("--no-mask", action="store_true", help="with --passes or --tune: no key mask at all")
     args = parser.parse_args(argv)
     if args.configs:

@@ -3,8 +3,8 @@
 Both versions run in one process on the same inputs (bf16, B=1, H=4, D=32, the
 benchmark's all-kept key mask unless told otherwise): the revision's kernel file is
 loaded as a second module with its custom ops renamed. For each size, --rounds rounds
-each time both versions (torch.profiler device time per kernel, as ``--passes`` of
-benchmarks/triangle_attention.py), then the median per kernel and the median of the
+each time both versions, in alternating order (torch.profiler device time per kernel,
+as ``--passes`` of benchmarks/triangle_attention.py), then the median per kernel and the median of the
 per-round ratios of the totals. Interleaving spreads the clock drift of a long run
 over both versions alike.
 
@@ -53,8 +53,8 @@ def compare(versions, n: int, mask_fraction: float, masked: bool, rounds: int) -
     keep = (torch.rand(1, n, n, device="cuda") > mask_fraction) if masked else None
     leaves = [t.requires_grad_() for t in (q, k, v, bias)]
     times = collections.defaultdict(lambda: collections.defaultdict(list))
-    for _ in range(rounds):
-        for name, module in versions:
+    for rnd in range(rounds):
+        for name, module in versions[::-1] if rnd % 2 else versions:  # alternate who goes first
             def step(module=module):
                 out = module.triangle_attention(*leaves, keep, 32**-0.5)
                 torch.autograd.grad(out, leaves, go)

@@ -62,12 +62,13 @@ def _make_mask(batch, rows, n, kind, device=DEVICE):
     return mask
 
 
-def _check_case(batch, rows, n, heads, d, dtype, mask_kind="bool", layout="contiguous", bias_dtype=None):
+def _check_case(batch, rows, n, heads, d, dtype, mask_kind="bool", layout="contiguous", bias_dtype=None,
+                scale=None):
     q, k, v = _make_qkv(batch, rows, n, heads, d, dtype, layout)
     bias = _make_bias(batch, heads, n, bias_dtype or dtype, layout)
     mask = _make_mask(batch, rows, n, mask_kind)
     keep = None if mask is None else mask.bool()
-    scale = d**-0.5
+    scale = d**-0.5 if scale is None else scale
     inputs = [t.detach().requires_grad_() for t in (q, k, v, bias)]
     # Non-contiguous leaves: keep the layout of the views by re-striding them.
     inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
@@ -120,6 +121,13 @@ CASES = [
 @pytest.mark.parametrize("batch, rows, n, heads, d, dtype, mask_kind, layout, bias_dtype", CASES)
 def test_matches_reference(batch, rows, n, heads, d, dtype, mask_kind, layout, bias_dtype):
     _check_case(batch, rows, n, heads, d, dtype, mask_kind, layout, bias_dtype)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+def test_scale_sign(scale):
+    """The forward and dBias add the mask before scaling, with the infinity's sign
+    chosen by the scale's; scale 0 runs without a mask."""
+    _check_case(1, 3, 19, 2, 16, torch.float32, mask_kind="bool" if scale else "none", scale=scale)
 
 
 def test_single_key():
@@ -232,8 +240,9 @@ def test_empty_inputs():
         (dict(mask_dtype=torch.float32), TypeError, "mask: expected dtype"),
         (dict(mask_shape=(1, 2, 4)), ValueError, "mask: expected shape"),
         (dict(k_shape=(1, 2, 5, 1, 32)), ValueError, "k: expected shape"),
-        (dict(scale=0.0), ValueError, "scale: expected a positive number"),
-        (dict(scale=float("nan")), ValueError, "scale: expected a positive number"),
+        (dict(scale=0.0), ValueError, "scale: expected a nonzero number with a key mask"),
+        (dict(scale=float("nan")), ValueError, "scale: expected a finite number"),
+        (dict(scale=float("inf")), ValueError, "scale: expected a finite number"),
     ],
 )
 def test_bad_inputs(change, error, name):

@@ -29,17 +29,18 @@ The bias gradient is deterministic: a program owns a (j, k) tile of one (b, h) a
 sums dS over rows i in registers; at small N the rows are split over a few programs
 whose partial tiles are summed afterwards in a fixed order. No atomics anywhere.
 
-Memory, beyond inputs and outputs: the forward saves lse, O(B I H N). The backward
-allocates only its gradients: delta = rowsum(dO*O), a transposed copy of the bias,
-the fp32 key mask and the partial bias gradients live in dq's, dv's and dk's storage
-until those are written (a separate buffer only when I << N and dq is too small).
+Memory, beyond inputs and outputs: the forward saves lse, O(B I H N), and with a mask
+holds the key-mask bias, O(B I N), for its launch. The backward allocates only its
+gradients: delta = rowsum(dO*O), a transposed copy of the bias, the key-mask bias and
+the partial bias gradients live in dq's, dv's and dk's storage until those are written
+(a separate buffer only when I << N and dq is too small).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -113,13 +114,9 @@ def _log2(x, PRECISE: tl.constexpr):
 
 @triton.jit
 def _key_bias(mask_ptr, offs_k, N, USE_MASK: tl.constexpr, EVEN_N: tl.constexpr):
-    """[BLOCK_K] fp32: 0 for keys that count, -inf for masked or out-of-range keys.
-
-    ``mask_ptr`` points at a bool keep-mask, or at that fp32 key bias already built.
-    """
+    """[BLOCK_K] fp32: 0 for keys that count, -inf for masked or out-of-range keys
+    (``mask_ptr``: a bool keep-mask)."""
     if USE_MASK:
-        if mask_ptr.dtype.element_ty == tl.float32:
-            return tl.load(mask_ptr, mask=offs_k < N, other=float("-inf"))
         keep = tl.load(mask_ptr, mask=offs_k < N, other=0)
         return tl.where(keep != 0, 0.0, float("-inf"))
     elif EVEN_N:
@@ -161,18 +158,19 @@ def _retire_mma(token, MMA_WAIT: tl.constexpr):
 
 
 @triton.jit
-def _add_key_mask(qk, mask_rows):
-    """``qk`` plus the key mask's 0/-inf bias, as one more tensor-core product.
+def _add_key_mask(qk, mask_rows, MASK_PRECISION: tl.constexpr):
+    """``qk`` plus the key mask's bias, as one more tensor-core product.
 
-    ``mask_rows`` [16, BLOCK_K] holds the bias (0 kept, -inf masked) in each of its 16
-    rows; ones [M, 16] @ mask_rows adds 16 copies, and 16 x 0 = 0, 16 x -inf = -inf
+    ``mask_rows`` [16, BLOCK_K] holds the bias (0 kept, an infinity masked) in each of
+    its 16 rows; ones [M, 16] @ mask_rows adds 16 copies, and 16 x 0 = 0, 16 x inf = inf
     exactly. A K=16 product per tile instead of an add per logit, and one loop for
     every row (a second, masked loop copy doubled the forward's shared memory). The
-    logits are scaled after this, so the launchers require scale > 0.
+    logits are scaled after this, so the infinity has the sign of -scale
+    (``_key_mask_bias``), and scale 0 is refused with a mask. MASK_PRECISION: "ieee",
+    or for fp32 on GPUs with TF32 "tf32", exact here (tf32x3 would split inf into NaN).
     """
     ones = tl.full((qk.shape[0], 16), 1.0, dtype=mask_rows.dtype)
-    # fp32: a TF32 product is exact for 1, 0 and -inf (tf32x3 would split -inf into NaN).
-    return tl.dot(ones, mask_rows, qk, input_precision="tf32" if mask_rows.dtype == tl.float32 else "ieee")
+    return tl.dot(ones, mask_rows, qk, input_precision=MASK_PRECISION)
 
 
 @triton.jit
@@ -183,13 +181,14 @@ def _mask_rows_ptrs(row_ptr, offs):
 
 @triton.jit
 def _fwd_step(q, kt, v, bias, mask_rows, key_bias, m_i, l_i, acc, scale, HAS_MASK: tl.constexpr,
-              USE_KEY_BIAS: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
+              USE_KEY_BIAS: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+              MASK_PRECISION: tl.constexpr):
     """One key block of the online softmax: the updated (m2, l, acc). ``mask_rows``
     [16, BLOCK_K] (HAS_MASK) as in ``_add_key_mask``; ``key_bias`` [BLOCK_K] is the -inf
     for keys past N of a last partial block (USE_KEY_BIAS)."""
     qk = tl.dot(q, kt, input_precision=PRECISION)
     if HAS_MASK:
-        qk = _add_key_mask(qk, mask_rows)
+        qk = _add_key_mask(qk, mask_rows, MASK_PRECISION)
     s = qk * scale + bias.to(tl.float32)
     if USE_KEY_BIAS:
         s += key_bias[None, :]
@@ -209,6 +208,7 @@ def _fwd_loop(
     q, kt_ptrs, v_ptrs, b_ptrs, mask_rows_ptrs, skn, svn, sbk, N, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr, MMA_WAIT: tl.constexpr,
+    MASK_PRECISION: tl.constexpr,
 ):
     """Online softmax over all key blocks of one [BLOCK_J] query block: (m2, l, acc).
 
@@ -229,7 +229,7 @@ def _fwd_loop(
             mask_rows = tl.load(mask_rows_ptrs)
             mask_rows_ptrs += BLOCK_K
         m_i, l_i, acc = _fwd_step(q, tl.load(kt_ptrs), tl.load(v_ptrs), tl.load(b_ptrs), mask_rows, no_key_bias,
-                                  m_i, l_i, acc, scale, HAS_MASK, False, PRECISION, PRECISE)
+                                  m_i, l_i, acc, scale, HAS_MASK, False, PRECISION, PRECISE, MASK_PRECISION)
         kt_ptrs += BLOCK_K * skn
         v_ptrs += BLOCK_K * svn
         b_ptrs += BLOCK_K * sbk
@@ -238,13 +238,13 @@ def _fwd_loop(
         if n_full < N:
             valid_k = n_full + offs_k < N
             if HAS_MASK:
-                mask_rows = tl.load(mask_rows_ptrs)
-            key_bias = _key_bias(mask_rows_ptrs, n_full + offs_k, N, False, False)
+                mask_rows = tl.load(mask_rows_ptrs)  # masked past N by the padding
+            key_bias = tl.where(valid_k, 0.0, float("-inf"))  # without a mask
             kt = tl.load(kt_ptrs, mask=valid_k[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=valid_k[:, None], other=0.0)
             bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
             m_i, l_i, acc = _fwd_step(q, kt, v, bias, mask_rows, key_bias, m_i, l_i, acc, scale, HAS_MASK,
-                                      not HAS_MASK, PRECISION, PRECISE)
+                                      not HAS_MASK, PRECISION, PRECISE, MASK_PRECISION)
     return m_i, l_i, acc
 
 
@@ -260,11 +260,11 @@ def _fwd_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,  # EVEN_N: N % both blocks == 0
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-    MMA_WAIT: tl.constexpr,
+    MMA_WAIT: tl.constexpr, MASK_PRECISION: tl.constexpr,
 ):
     """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h).
 
-    MASK: the key mask as a 0/-inf bias in q's dtype, rows padded with -inf
+    MASK: the key mask as a 0/infinity bias in q's dtype, rows padded with the infinity
     (``_key_mask_bias``), or unused without a mask."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)
@@ -288,7 +288,7 @@ def _fwd_kernel(
     mask_rows_ptrs = _mask_rows_ptrs(MASK + b * smb + i * smi, k64)  # contiguous over keys
 
     m_i, l_i, acc = _fwd_loop(q, kt_ptrs, v_ptrs, b_ptrs, mask_rows_ptrs, skn, svn, sbk, N, scale,
-                              HAS_MASK, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+                              HAS_MASK, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT, MASK_PRECISION)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -587,10 +587,11 @@ def _bwd_dbias_kernel(
     I, N, H, BH, scale, ROWS_PER_SPLIT,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    MASK_PRECISION: tl.constexpr,
 ):
     """dBias[b, h, j-tile, k-tile] = sum over rows i (of this split) of dS, in registers.
 
-    MASK: the key mask as a 0/-inf bias in q's dtype, rows padded with -inf
+    MASK: the key mask as a 0/infinity bias in q's dtype, rows padded with the infinity
     (``_key_mask_bias``), or unused without a mask.
 
     The q/dO/K/V tiles read query and key rows past N clamped to row N-1, unmasked: the
@@ -628,10 +629,8 @@ def _bwd_dbias_kernel(
     kt_ptrs = K + b * skb + i0 * ski + h * skh + kc64[None, :] * skn + offs_d[:, None] * skd
     vt_ptrs = V + b * svb + i0 * svi + h * svh + kc64[None, :] * svn + offs_d[:, None] * svd
     row_offs = ((b * I + i0) * H + h) * N + j64
-    # Keys past N (never stored) get a -inf logit, as in the other passes: from the mask
-    # rows, padded with -inf (loaded unmasked: k64 < the padded row length), or without a
-    # mask from this key bias.
-    key_bias = _key_bias(MASK, offs_k, N, False, EVEN_N)
+    # Loaded unmasked: k64 < the padded row length. Columns of keys past N are never
+    # stored (they read the clamped key N-1), so they need no -inf without a mask.
     mask_rows_ptrs = _mask_rows_ptrs(MASK + b * smb + i0 * smi, k64)  # contiguous over keys
     # The per-row vectors (lse, delta) are loaded one row ahead into registers: Triton
     # pipelines only the tiles that feed tl.dot through shared memory, and a load used in
@@ -643,11 +642,9 @@ def _bwd_dbias_kernel(
         lse_next, delta_next = _dbias_row_vectors(LSE, DELTA, row_offs + ahead * (H * N), offs_j, N, EVEN_N)
         qk = tl.dot(tl.load(q_ptrs), tl.load(kt_ptrs), input_precision=PRECISION)
         if HAS_MASK:
-            qk = _add_key_mask(qk, tl.load(mask_rows_ptrs))
+            qk = _add_key_mask(qk, tl.load(mask_rows_ptrs), MASK_PRECISION)
             mask_rows_ptrs += smi
         s = qk * scale + bias
-        if not EVEN_N and not HAS_MASK:
-            s += key_bias[None, :]
         lse_hi, lse_lo = _lse_parts(lse)
         x = s * LOG2E_C - lse_hi[:, None]
         if lse.dtype == tl.float64:
@@ -685,8 +682,9 @@ def _capability(index: Optional[int]) -> Tuple[int, int]:
 
 
 # Which kernels end their loops with an explicit wgmma wait (_retire_mma) on sm_90.
-# Without it ptxas serialised every wgmma of dK/dV always, of the forward and dQ with a
-# key mask (two loop copies), and of dQ at head dim 64 without one (offline compile).
+# Without it ptxas serialised every wgmma of dK/dV always, of dQ (and, before session 6,
+# the forward) with a key mask (two loop copies), and of dQ at head dim 64 without one
+# (offline compile).
 # The forward gains without a mask too (118 instead of 131 registers: 4 programs per
 # SM). Measured on the H100 in docs/kernels/triangle_attention.md, "Session 5".
 _MMA_WAIT = {"fwd": True, "dq": True, "dkdv": True}
@@ -749,7 +747,7 @@ def _smem_bytes(kind: str, bj: int, bk: int, stages: int, d: int, e: int, be: in
         return 2 * stages * (2 * bk * d * e + bj * bk * be) + 2 * bj * d * e
     if kind == "dkdv":
         return 2 * stages * (2 * bj * d * e + bj * bk * be) + 2 * bk * d * e
-    return stages * (2 * bj * d + 2 * bk * d) * e
+    return stages * (2 * bj * d + 2 * bk * d + 16 * bk) * e  # q, dO, k, v, key-mask rows
 
 
 _SMEM_BUDGET = 160 * 1024
@@ -760,7 +758,9 @@ def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch
     if _interpreting():
         return 16, 16, 1, 1  # small tiles: multi-block loops at small N, fast interpretation
     key = (kind, d, False)
-    small = isinstance(n, int) and n <= 512  # symbolic N (torch.compile): the general tiles
+    # Symbolic N (torch.compile with dynamic shapes) takes the general tiles; fp32 was
+    # not timed with the small-N ones.
+    small = isinstance(n, int) and n <= 512 and dtype != torch.float32
     bj, bk, warps, stages = _CONFIGS_SMALL_N[key] if small and key in _CONFIGS_SMALL_N else _CONFIGS[key]
     if dtype == torch.float32:  # fp32 operands take twice the registers and shared memory
         bj, bk, stages = min(bj, 64), min(bk, 64 if d <= 32 else 32), min(stages, 2)
@@ -836,8 +836,10 @@ def _check(q, k, v, bias, mask, scale) -> None:
         raise ValueError(f"bias: expected shape {(batch, heads, n, n)}, got {tuple(bias.shape)}")
     if bias.dtype not in (q.dtype, torch.float32):
         raise TypeError(f"bias: expected dtype {q.dtype} or torch.float32, got {bias.dtype}")
-    if not scale > 0.0:  # masked logits are -inf before the scaling (_add_key_mask)
-        raise ValueError(f"scale: expected a positive number, got {scale}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    if mask is not None and scale == 0.0:  # the mask is added before scaling (_add_key_mask)
+        raise ValueError("scale: expected a nonzero number with a key mask, got 0")
     if mask is not None:
         if tuple(mask.shape) != (batch, rows, n):
             raise ValueError(f"mask: expected shape {(batch, rows, n)}, got {tuple(mask.shape)}")
@@ -877,11 +879,12 @@ def _mask_args(mask, fallback):
 _MASK_ROW_ALIGN = 128  # >= every BLOCK_K: unmasked [16, BLOCK_K] tiles stay inside the rows
 
 
-def _key_mask_bias(mask: torch.Tensor, dtype: torch.dtype, storage: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``mask`` [B, I, N] as a 0 (kept) / -inf (masked) bias in ``dtype`` for
-    ``_add_key_mask``, [B, I, N_pad]: rows padded with -inf to a multiple of
-    ``_MASK_ROW_ALIGN``. O(B I N), 1/(H D) of q's size; in ``storage``'s bytes (an output
-    not yet written) if they suffice.
+def _key_mask_bias(mask: torch.Tensor, dtype: torch.dtype, scale: float,
+                   storage: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``mask`` [B, I, N] as a bias in ``dtype`` for ``_add_key_mask``, [B, I, N_pad]: 0
+    for kept keys, for masked ones the infinity that ``scale`` turns into -inf, rows
+    padded with it to a multiple of ``_MASK_ROW_ALIGN``. O(B I N), 1/(H D) of q's size;
+    in ``storage``'s bytes (an output not yet written) if they suffice.
 
     The kernels read the padding, so they get the whole padded tensor, never a
     ``[..., :N]`` view of it: torch.compile may hand a kernel a dense copy of a view
@@ -891,9 +894,17 @@ def _key_mask_bias(mask: torch.Tensor, dtype: torch.dtype, storage: Optional[tor
     padded = None if storage is None else _scratch(storage, shape, dtype)
     if padded is None:
         padded = torch.empty(shape, dtype=dtype, device=mask.device)
-    padded.fill_(float("-inf"))
+    padded.fill_(float("-inf") if scale > 0 else float("inf"))
     padded[..., :n].masked_fill_(mask, 0.0)
     return padded
+
+
+def _mask_precision(t: torch.Tensor) -> str:
+    """``_add_key_mask``'s product precision: one exact TF32 pass for fp32 on NVIDIA GPUs
+    that have TF32 (sm_80 on), else IEEE (16-bit products ignore it)."""
+    if t.dtype != torch.float32 or _interpreting() or t.device.type != "cuda" or torch.version.hip is not None:
+        return "ieee"
+    return "tf32" if _capability(t.device.index)[0] >= 8 else "ieee"
 
 
 def triangle_attention_forward(
@@ -916,7 +927,8 @@ def triangle_attention_forward(
         return out, lse
     bias = _aligned_bias(bias)
     bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype)
-    mask_t, mask_strides, has_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype), q)
+    assert _MASK_ROW_ALIGN % bk == 0, "the key-mask rows must cover every key block"
+    mask_t, mask_strides, has_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype, scale), q)
     grid = (triton.cdiv(n, bj), rows, batch * heads)
     wrap_triton(_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse,
@@ -924,7 +936,8 @@ def triangle_attention_forward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("fwd", q, has_mask, d), num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("fwd", q, has_mask, d), MASK_PRECISION=_mask_precision(q),
+        num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -968,9 +981,11 @@ def triangle_attention_backward(
 
     Passes, in this order: delta = rowsum(dO*O) [B, I, H, N] fp32, kept in dq's (not yet
     written) storage; the bias gradient, whose row-split partial sums live in dk's
-    storage; dK/dV, reading a transposed copy of the bias also kept in dq's
-    storage; dQ last, over both. Peak memory is the gradients themselves.
+    storage and whose key-mask bias lives in dv's; dK/dV, reading a transposed copy of
+    the bias also kept in dq's storage; dQ last, over both. Peak memory is the
+    gradients themselves.
     """
+    _check(q, k, v, bias, mask, scale)
     batch, rows, n, heads, d = q.shape
     d = int(d)
     dq, dq_flat = _empty_buffer(q)
@@ -1005,9 +1020,10 @@ def triangle_attention_backward(
     )
 
     if need_dbias:
-        if mask is not None:  # as a 0/-inf bias, in dv's not yet written storage
-            mask_t, mask_strides, _ = _mask_args(_key_mask_bias(mask, q.dtype, dv_flat), q)
         bj, bk, warps, stages = _config("dbias", n, d, q.dtype, bias.dtype)
+        assert _MASK_ROW_ALIGN % bk == 0, "the key-mask rows must cover every key block"
+        if mask is not None:  # as a bias, in dv's not yet written storage
+            mask_t, mask_strides, _ = _mask_args(_key_mask_bias(mask, q.dtype, scale, dv_flat), q)
         tiles = triton.cdiv(n, bj) * triton.cdiv(n, bk)
         room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
         splits = min(_bias_splits(tiles * batch * heads, rows, q.device), max(1, room))
@@ -1025,7 +1041,7 @@ def triangle_attention_backward(
             rows, n, heads, batch * heads, scale, rows_per_split,
             HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
             BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
-            num_warps=warps, num_stages=stages,
+            MASK_PRECISION=_mask_precision(q), num_warps=warps, num_stages=stages,
         )
         if splits > 1:
             numel = batch * heads * n * n
@@ -1170,7 +1186,8 @@ def triangle_attention(
             (Boltz's AttentionPairBias, 384 channels over 16 heads: D = 24 -> 32).
         bias: ``[B, H, N, N]`` in q's dtype or fp32, any strides.
         mask: ``[B, I, N]`` bool keep-mask over keys, or None.
-        scale: logit scale.
+        scale: logit scale, finite; nonzero with a mask (the kernels add the mask
+            before scaling).
 
     Returns:
         ``[B, I, N, H, D]`` in q's dtype, laid out in q's dimension order. fp32 inputs

@@ -84,10 +84,12 @@ def _triton_backend(q, k, v, bias, mask, scale, chunk_size):
     return kernel(q, k, v, bias, mask, scale)
 
 
-def _triton_supports(device, dtype, head_dim, explicit, **_):
+def _triton_supports(device, dtype, head_dim, explicit, scale=1.0, masked=False, **_):
     reason = kernel_support(device, explicit)
     if reason is not None:
         return reason
+    if not math.isfinite(scale) or (masked and scale == 0.0):
+        return f"scale {scale} (kernel needs a finite scale, nonzero with a mask)"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} (kernel supports fp16, bf16, fp32)"
     if head_dim > KERNEL_MAX_HEAD_DIM:
@@ -147,5 +149,6 @@ def triangle_attention(
     check_positive_int("chunk_size", chunk_size)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    impl = backends.select(OP, backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1])
+    impl = backends.select(OP, backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
+                           scale=float(scale), masked=mask is not None)
     return impl.fn(q, k, v, bias, mask, float(scale), chunk_size)
