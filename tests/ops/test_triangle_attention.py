@@ -11,6 +11,7 @@ import torch
 
 from foldops import backends
 from foldops.backends import BackendUnavailableError
+from foldops.device import kernel_support
 from foldops.ops import triangle_attention
 from foldops.reference.triangle_attention import triangle_attention as reference
 from foldops.testing import assert_within_baseline
@@ -267,6 +268,18 @@ def test_explicit_triton_that_cannot_run_raises():
     # fp64 is never a kernel dtype; without Triton or a GPU the reason is that instead.
     with pytest.raises(BackendUnavailableError, match="backend 'triton' cannot run triangle_attention"):
         triangle_attention(*small(), backend="triton")
+
+
+@pytest.mark.parametrize("scale, masked", [(0.0, True), (float("nan"), False), (float("inf"), True)])
+def test_triton_declines_scales_it_cannot_run(scale, masked):
+    """The kernels add a key mask before scaling: scale 0 with a mask, or a non-finite
+    scale, goes to another backend (auto) or names the reason (explicit)."""
+    if kernel_support("cpu") is not None:
+        pytest.skip("no Triton kernels here")
+    ctx = dict(device=torch.device("cpu"), dtype=torch.float32, head_dim=32)
+    reasons = dict(backends.availability(OP, **ctx, scale=scale, masked=masked))
+    assert "scale" in reasons["triton"]
+    assert dict(backends.availability(OP, **ctx, scale=0.0, masked=False))["triton"] is None
 
 
 def test_availability_lists_every_backend():
