@@ -16,7 +16,7 @@ Layers (see docs/kernels/triangle_attention.md for the design, floors and timing
 - ``triangle_attention(q, k, v, bias, mask, scale)``: the differentiable entry point.
 
 Key mask: the forward and dBias add it as one more tensor-core product (a K=16 wgmma of
-ones against 16 copies of the row's 0/-inf key bias, ``_add_key_mask``); dQ runs a
+ones against 16 copies of the row's 0/infinity key bias, ``_add_key_mask``); dQ runs a
 second loop copy with a per-logit add for rows that do not keep every key; dK/dV, whose
 key rows are fixed per program, adds it per row block only where a key is masked.
 
@@ -215,7 +215,8 @@ def _fwd_loop(
     Full key blocks load without masks (query rows past N read clamped, valid rows that
     are never stored): masked loads cannot go through the shared-memory pipeline. A last
     partial block, if any, runs once after the loop with masked loads and a -inf bias
-    for keys past N (the key-mask bias rows are padded with -inf and load unmasked).
+    for keys past N (the key-mask bias rows are padded with the masked value and load
+    unmasked).
     """
     offs_k = tl.arange(0, BLOCK_K)
     m_i = tl.full([BLOCK_J], float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
@@ -887,8 +888,9 @@ def _key_mask_bias(mask: torch.Tensor, dtype: torch.dtype, scale: float,
     in ``storage``'s bytes (an output not yet written) if they suffice.
 
     The kernels read the padding, so they get the whole padded tensor, never a
-    ``[..., :N]`` view of it: torch.compile may hand a kernel a dense copy of a view
-    (the padding then gone), which gave wrong outputs in the layer compile tests."""
+    ``[..., :N]`` view of it: with the view, the layer compile tests gave wrong outputs
+    on the H100 (presumably torch.compile handed the kernel a dense copy of the view,
+    without the padding)."""
     batch, rows, n = mask.shape
     shape = (batch, rows, -(-n // _MASK_ROW_ALIGN) * _MASK_ROW_ALIGN)
     padded = None if storage is None else _scratch(storage, shape, dtype)
