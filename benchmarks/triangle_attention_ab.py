@@ -26,7 +26,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from triangle_attention import _kernel_times  # noqa: E402
+from triangle_attention import _fwd_bwd_steps, _kernel_times  # noqa: E402
 
 KERNEL_FILE = "src/foldops/kernels/triangle_attention.py"
 
@@ -46,25 +46,18 @@ def load_revision(rev: str):
     return module
 
 
-def compare(versions, n: int, mask_fraction: float, masked: bool, rounds: int) -> None:
-    shape = (1, n, n, 4, 32)
-    q, k, v, go = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    bias = torch.randn(1, 4, n, n, device="cuda", dtype=torch.bfloat16)
-    keep = (torch.rand(1, n, n, device="cuda") > mask_fraction) if masked else None
-    leaves = [t.requires_grad_() for t in (q, k, v, bias)]
+def compare(versions, args, n: int) -> None:
+    steps, masked = _fwd_bwd_steps(args, n, torch.bfloat16, [module.triangle_attention for _, module in versions])
+    order = list(zip(versions, steps))
     times = collections.defaultdict(lambda: collections.defaultdict(list))
-    for rnd in range(rounds):
-        for name, module in versions[::-1] if rnd % 2 else versions:  # alternate who goes first
-            def step(module=module):
-                out = module.triangle_attention(*leaves, keep, 32**-0.5)
-                torch.autograd.grad(out, leaves, go)
-
+    for rnd in range(args.rounds):
+        for (name, _), step in order[::-1] if rnd % 2 else order:  # alternate who goes first
             per_kernel = _kernel_times(step, reps=10, warmup=3)
             times[name]["total"].append(sum(per_kernel.values()))
             for kernel, ms in per_kernel.items():
                 if kernel.startswith("_"):  # Triton kernels; the small torch ops count in the total
                     times[name][kernel.replace("_bwd_", "").replace("_kernel", "").strip("_")].append(ms)
-    label = f"N={n} mask={mask_fraction if masked else 'no'}"
+    label = f"N={n} mask={args.mask_fraction if masked else 'no'}"
     for name, _ in versions:
         cols = "  ".join(f"{kernel} {statistics.median(ms):.3f}" for kernel, ms in times[name].items())
         print(f"{label} {name}: {cols}", flush=True)
@@ -85,9 +78,10 @@ def main() -> None:
 
     from foldops.kernels import triangle_attention as tree
 
+    args.batch, args.heads, args.head_dim = 1, 4, 32  # the benchmark's shape (_kernel_inputs)
     versions = [(args.rev, load_revision(args.rev)), ("tree", tree)]
     for n in args.n:
-        compare(versions, n, args.mask_fraction, not args.no_mask, args.rounds)
+        compare(versions, args, n)
 
 
 if __name__ == "__main__":
