@@ -32,9 +32,14 @@ KERNEL_FILE = "src/foldops/kernels/triangle_attention.py"
 
 
 def load_revision(rev: str):
-    """The kernel module of ``rev``, its ops renamed to ``foldops_ab::...``."""
-    source = subprocess.run(["git", "show", f"{rev}:{KERNEL_FILE}"], check=True, capture_output=True,
-                            text=True).stdout
+    """The kernel module of ``rev`` (a git revision, or a saved copy of the kernel file
+    where the machine has no git history), its ops renamed to ``foldops_ab::...``."""
+    if os.path.isfile(rev):
+        with open(rev) as fh:
+            source = fh.read()
+    else:
+        source = subprocess.run(["git", "show", f"{rev}:{KERNEL_FILE}"], check=True, capture_output=True,
+                                text=True).stdout
     source = source.replace("foldops::triangle_attention_", "foldops_ab::triangle_attention_")
     source = source.replace("torch.ops.foldops.triangle_attention_", "torch.ops.foldops_ab.triangle_attention_")
     path = os.path.join(tempfile.mkdtemp(), "triangle_attention_ab.py")
@@ -69,7 +74,8 @@ def compare(versions, args, n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rev", required=True, help="git revision whose kernels are the baseline")
+    parser.add_argument("--rev", required=True,
+                        help="git revision whose kernels are the baseline, or a copy of its kernel file")
     parser.add_argument("--n", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--mask-fraction", type=float, default=0.0, help="share of masked keys")
     parser.add_argument("--no-mask", action="store_true")

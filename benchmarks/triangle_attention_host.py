@@ -5,17 +5,25 @@ next is launched. This times, at a size whose device time is negligible, the pub
 fwd+bwd (custom op + autograd), each launcher alone, one bare Triton launch, and prints
 a cProfile of the public fwd+bwd, to show where the host time goes.
 
-    python benchmarks/triangle_attention_host.py --n 64 --calls 300
+``--breakdown`` times, inside the public fwd+bwd, each launcher helper and each Triton
+launch (wall clock, inclusive; cProfile misattributes the time under dynamo's disable
+wrapper of the custom ops). ``--timeline N`` lists the kernels of one fwd+bwd at size N
+from torch.profiler: when each was launched, when it ran, and the GPU's idle gaps.
+
+    python benchmarks/triangle_attention_host.py --n 64 --calls 300 --breakdown --timeline 512
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
+import functools
 import pstats
+import statistics
 import time
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch._library.triton import set_wrap_triton_enabled
@@ -37,6 +45,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--profile-top", type=int, default=30)
+    parser.add_argument("--breakdown", action="store_true", help="time launcher helpers and launches")
+    parser.add_argument("--timeline", type=int, nargs="*", default=[], metavar="N",
+                        help="kernel launch/run timeline of one fwd+bwd at these sizes")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the per-call timings")
+    parser.add_argument("--e2e", type=int, nargs="*", default=[], metavar="N",
+                        help="fwd+bwd time as the benchmark measures it (do_bench), eager path against "
+                        "the registered custom ops, at these sizes")
     args = parser.parse_args()
 
     import triton
@@ -66,25 +81,14 @@ def main() -> None:
         K._bwd_delta_kernel[(triton.cdiv(n, 128), n, heads)](
             out, go, delta, *out.stride(), *go.stride(), n, n, heads, D=d, BLOCK_J=128, num_warps=4)
 
-    class Direct(torch.autograd.Function):
-        """The launchers under a plain autograd.Function, Triton launched directly."""
+    def registered():  # the custom ops' dispatch and autograd, as torch.compile traces them
+        K._use_registered_ops = lambda _q: True
+        try:
+            public()
+        finally:
+            K._use_registered_ops = use_registered_ops
 
-        @staticmethod
-        def forward(ctx, q, k, v, bias):
-            with set_wrap_triton_enabled(False):
-                o, lse_ = K.triangle_attention_forward(q, k, v, bias, keep, scale)
-            ctx.save_for_backward(q, k, v, bias, o, lse_)
-            return o
-
-        @staticmethod
-        def backward(ctx, g):
-            q_, k_, v_, b_, o, lse_ = ctx.saved_tensors
-            with set_wrap_triton_enabled(False):
-                return K.triangle_attention_backward(g, q_, k_, v_, b_, keep, o, lse_, scale)
-
-    def direct():
-        o = Direct.apply(*leaves)
-        torch.autograd.grad(o, leaves, go)
+    use_registered_ops = K._use_registered_ops
 
     def unwrapped(fn):
         def call():
@@ -118,9 +122,9 @@ def main() -> None:
         torch.autograd.grad(o, leaves, go)
 
     rows = [
-        ("public fwd+bwd (custom op, autograd)", public),
-        ("public forward (no_grad)", public_fwd),
-        ("autograd.Function over the launchers, fwd+bwd", direct),
+        ("public fwd+bwd (eager: autograd.Function over the launchers)", public),
+        ("public fwd+bwd through the registered custom ops", registered),
+        ("public forward (no_grad: no lse)", public_fwd),
         ("forward launcher", unwrapped(lambda: K.triangle_attention_forward(q, k, v, bias, keep, scale))),
         ("backward launcher", unwrapped(lambda: K.triangle_attention_backward(go, q, k, v, bias, keep, out, lse,
                                                                               scale))),
@@ -130,10 +134,24 @@ def main() -> None:
         ("custom ops with autograd, empty bodies, fwd+bwd", noop),
         ("torch.empty_like(q)", lambda: torch.empty_like(q)),
     ]
-    print(f"N={n} B=1 H={heads} D={d} bf16, host time per call (us), {args.calls} calls")
-    for name, fn in rows:
-        print(f"  {_per_call_us(fn, args.calls):9.1f}  {name}")
+    # Interleaved rounds, medians: the host's speed drifts within a run (the same path
+    # once read 1.46 and 2.0 ms per call in two runs).
+    times: Dict[str, List[float]] = collections.defaultdict(list)
+    for _ in range(args.rounds):
+        for name, fn in rows:
+            times[name].append(_per_call_us(fn, args.calls))
+    print(f"N={n} B=1 H={heads} D={d} bf16, host time per call (us), median (min-max) of {args.rounds} "
+          f"interleaved rounds of {args.calls} calls")
+    for name, _ in rows:
+        ts = sorted(times[name])
+        print(f"  {statistics.median(ts):9.1f}  ({ts[0]:.1f}-{ts[-1]:.1f})  {name}")
+    for n_e2e in args.e2e:
+        end_to_end(K, n_e2e, heads, d, args.rounds)
 
+    if args.breakdown:
+        breakdown(K, public, args.calls)
+    for n_timeline in args.timeline:
+        timeline(K, n_timeline, heads, d)
     if not args.profile_top:
         return
     prof = cProfile.Profile()
@@ -145,6 +163,141 @@ def main() -> None:
     stats = pstats.Stats(prof)
     stats.sort_stats("tottime").print_stats(args.profile_top)
     stats.sort_stats("cumulative").print_stats(args.profile_top)
+
+
+# Launcher helpers timed by --breakdown (module globals, so the launchers call the wrapper).
+_HELPERS = ("triangle_attention_forward", "triangle_attention_backward", "_check", "_empty_in_order",
+            "_empty_buffer", "_scratch", "_aligned_bias", "_config", "_key_mask_bias", "_mask_args",
+            "_mask_precision", "_mma_wait", "_precision", "_precise", "_bias_splits", "_tracing_under_interpreter")
+
+
+def breakdown(K, public, calls: int) -> None:
+    """Inclusive wall time per fwd+bwd of each helper and of each kernel's Triton launch."""
+    from triton.runtime.jit import JITFunction
+
+    totals: Dict[str, float] = collections.defaultdict(float)
+
+    def timed(name, fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                totals[name] += time.perf_counter() - start
+        return wrapper
+
+    saved = {name: getattr(K, name) for name in _HELPERS}
+    run = JITFunction.run
+    for name, fn in saved.items():
+        setattr(K, name, timed(name, fn))
+
+    def run_timed(self, *a, **kw):
+        start = time.perf_counter()
+        try:
+            return run(self, *a, **kw)
+        finally:
+            totals["launch " + self.fn.__name__] += time.perf_counter() - start
+
+    JITFunction.run = run_timed
+    try:
+        for _ in range(20):
+            public()
+        torch.cuda.synchronize()
+        totals.clear()
+        start = time.perf_counter()
+        for _ in range(calls):
+            public()
+        torch.cuda.synchronize()
+        whole = time.perf_counter() - start
+    finally:
+        JITFunction.run = run
+        for name, fn in saved.items():
+            setattr(K, name, fn)
+    print(f"breakdown: public fwd+bwd {whole / calls * 1e6:.1f} us per call; inclusive us per call:")
+    for name, total in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {total / calls * 1e6:9.1f}  {name}")
+    inside = totals["triangle_attention_forward"] + totals["triangle_attention_backward"]
+    print(f"  {(whole - inside) / calls * 1e6:9.1f}  outside the launchers (custom ops, autograd, the call)")
+
+
+def end_to_end(K, n: int, heads: int, d: int, rounds: int) -> None:
+    """fwd+bwd ms per call at size n as the benchmark times it (triton.testing.do_bench,
+    median), the eager path against the registered custom ops, interleaved rounds."""
+    import triton.testing
+
+    device = torch.device("cuda")
+    shape = (1, n, n, heads, d)
+    q, k, v, go = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(4))
+    bias = torch.randn(1, heads, n, n, device=device, dtype=torch.bfloat16)
+    keep = torch.ones(1, n, n, device=device, dtype=torch.bool)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+    use_registered_ops = K._use_registered_ops
+
+    def step(registered):
+        def call():
+            K._use_registered_ops = (lambda _q: True) if registered else use_registered_ops
+            try:
+                o = K.triangle_attention(*leaves, keep, d**-0.5)
+                torch.autograd.grad(o, leaves, go)
+            finally:
+                K._use_registered_ops = use_registered_ops
+        return call
+
+    times: Dict[str, List[float]] = collections.defaultdict(list)
+    for _ in range(rounds):
+        for name, registered in (("eager", False), ("registered ops", True)):
+            times[name].append(triton.testing.do_bench(step(registered), warmup=50, rep=300,
+                                                       return_mode="median"))
+    print(f"end to end N={n}: " + ", ".join(
+        f"{name} {statistics.median(ts):.3f} ms ({min(ts):.3f}-{max(ts):.3f})" for name, ts in times.items()))
+
+
+def timeline(K, n: int, heads: int, d: int, reps: int = 3) -> None:
+    """Kernels of one public fwd+bwd at size n: launch time on the host, start and length
+    on the GPU (us from the first launch), and the GPU idle time before each."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    shape = (1, n, n, heads, d)
+    q, k, v, go = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(4))
+    bias = torch.randn(1, heads, n, n, device=device, dtype=torch.bfloat16)
+    keep = torch.ones(1, n, n, device=device, dtype=torch.bool)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+
+    def step():
+        o = K.triangle_attention(*leaves, keep, d**-0.5)
+        torch.autograd.grad(o, leaves, go)
+
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            step()
+            torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    launches = sorted((e for e in events if e.device_type == DeviceType.CPU and e.name in
+                       ("cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernel", "cudaLaunchKernelExC")),
+                      key=lambda e: e.time_range.start)
+    per = len(kernels) // reps
+    first, last = kernels[-per:], launches[-per:] if len(launches) >= per else []
+    t0 = min([e.time_range.start for e in first] + [e.time_range.start for e in last])
+    print(f"timeline N={n} (last of {reps} fwd+bwd, us from the first launch; {per} kernels)")
+    print("   launch    start   length  idle before  kernel")
+    busy, prev_end = 0.0, None
+    for i, e in enumerate(first):
+        launch = last[i].time_range.start - t0 if i < len(last) else float("nan")
+        start = e.time_range.start - t0
+        idle = 0.0 if prev_end is None else max(0.0, e.time_range.start - prev_end)
+        busy += e.time_range.elapsed_us()
+        prev_end = e.time_range.end
+        print(f"  {launch:7.1f}  {start:7.1f}  {e.time_range.elapsed_us():7.1f}  {idle:11.1f}  {e.name[:60]}")
+    span = first[-1].time_range.end - first[0].time_range.start
+    print(f"  GPU busy {busy:.1f} us of a {span:.1f} us span from first kernel start to last kernel end")
 
 
 if __name__ == "__main__":

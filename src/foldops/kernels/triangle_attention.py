@@ -12,8 +12,10 @@ Layers (see docs/kernels/triangle_attention.md for the design, floors and timing
 - launchers ``triangle_attention_forward`` / ``triangle_attention_backward``;
 - custom ops ``foldops::triangle_attention_fwd`` / ``foldops::triangle_attention_bwd``
   (``torch.library.triton_op``: the body is also the fake implementation; autograd
-  registered on the forward);
+  registered on the forward), which torch.compile traces;
 - ``triangle_attention(q, k, v, bias, mask, scale)``: the differentiable entry point.
+  Eager calls skip the ops' dispatch (an ``autograd.Function`` over the launchers, less
+  host time) and, without autograd, the lse.
 
 Key mask: the forward and dBias add it as one more tensor-core product (a K=16 wgmma of
 ones against 16 copies of the row's 0/infinity key bias, ``_add_key_mask``); dQ runs a
@@ -46,7 +48,10 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
+from torch.autograd.function import once_differentiable
+from torch._library.triton import set_wrap_triton_enabled
 from torch.library import triton_op, wrap_triton
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from triton.language.extra import libdevice
 
 from foldops.device import triton_interpret
@@ -261,9 +266,9 @@ def _fwd_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,  # EVEN_N: N % both blocks == 0
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-    MMA_WAIT: tl.constexpr, MASK_PRECISION: tl.constexpr,
+    MMA_WAIT: tl.constexpr, MASK_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
-    """Output and base-2 lse for a [BLOCK_J] block of queries of one (b, i, h).
+    """Output and (STORE_LSE) base-2 lse for a [BLOCK_J] block of queries of one (b, i, h).
 
     MASK: the key mask as a 0/infinity bias in q's dtype, rows padded with the infinity
     (``_key_mask_bias``), or unused without a mask."""
@@ -293,14 +298,15 @@ def _fwd_kernel(
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    log2_l = _log2(tl.where(has_keys, l_i, 1.0), PRECISE)
-    if LSE.dtype.element_ty == tl.float64:  # m_i + log2_l exactly (fp32 inputs)
-        lse = tl.where(has_keys, m_i.to(tl.float64) + log2_l.to(tl.float64), float("inf"))
-    else:
-        lse = tl.where(has_keys, m_i + log2_l, float("inf"))
     o_ptrs = OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=valid_j[:, None])
-    tl.store(LSE + ((b * I + i) * H + h) * N + j64, lse, mask=valid_j)
+    if STORE_LSE:
+        log2_l = _log2(tl.where(has_keys, l_i, 1.0), PRECISE)
+        if LSE.dtype.element_ty == tl.float64:  # m_i + log2_l exactly (fp32 inputs)
+            lse = tl.where(has_keys, m_i.to(tl.float64) + log2_l.to(tl.float64), float("inf"))
+        else:
+            lse = tl.where(has_keys, m_i + log2_l, float("inf"))
+        tl.store(LSE + ((b * I + i) * H + h) * N + j64, lse, mask=valid_j)
 
 
 @triton.jit
@@ -815,6 +821,8 @@ def _empty_in_order(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> tor
     one projection: the ending node's transposed views give a transposed result, which
     transposes back to contiguous for free.
     """
+    if t.is_contiguous():  # the common case, one call (host time matters at N <= 512)
+        return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
     order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -d))
     buf = torch.empty([t.shape[d] for d in order], dtype=dtype or t.dtype, device=t.device)
     return buf.permute([order.index(d) for d in range(t.dim())])
@@ -896,8 +904,12 @@ def _key_mask_bias(mask: torch.Tensor, dtype: torch.dtype, scale: float,
     padded = None if storage is None else _scratch(storage, shape, dtype)
     if padded is None:
         padded = torch.empty(shape, dtype=dtype, device=mask.device)
-    padded.fill_(float("-inf") if scale > 0 else float("inf"))
-    padded[..., :n].masked_fill_(mask, 0.0)
+    keys = padded[..., :n]
+    torch.log(mask, out=keys)  # one op: log(True) = 0, log(False) = -inf
+    if scale < 0:
+        keys.neg_()
+    if n < shape[-1]:
+        padded[..., n:].fill_(float("-inf") if scale > 0 else float("inf"))
     return padded
 
 
@@ -917,14 +929,18 @@ def triangle_attention_forward(
     mask: Optional[torch.Tensor],
     scale: float,
     allow_tf32: bool = False,
+    need_lse: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward launcher: ``(out [B, I, N, H, D] in q's dtype, lse [B, I, H, N] fp32, base 2)``."""
+    """Forward launcher: ``(out [B, I, N, H, D] in q's dtype, lse [B, I, H, N] fp32, base 2)``.
+
+    Without ``need_lse`` (inference: no backward will follow) lse is empty (0 elements)
+    and never written: O(B I H N) less memory, the forward's peak is its output."""
     _check(q, k, v, bias, mask, scale)
     batch, rows, n, heads, d = q.shape
     d = int(d)  # a compile-time constant of the kernels (also under symbolic shapes)
     out = _empty_in_order(q)
     lse_dtype = torch.float64 if q.dtype == torch.float32 else torch.float32  # see _lse_parts
-    lse = torch.empty((batch, rows, heads, n), dtype=lse_dtype, device=q.device)
+    lse = torch.empty((batch, rows, heads, n) if need_lse else (0,), dtype=lse_dtype, device=q.device)
     if out.numel() == 0 or _tracing_under_interpreter(q):
         return out, lse
     bias = _aligned_bias(bias)
@@ -933,12 +949,12 @@ def triangle_attention_forward(
     mask_t, mask_strides, has_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype, scale), q)
     grid = (triton.cdiv(n, bj), rows, batch * heads)
     wrap_triton(_fwd_kernel)[grid](
-        q, k, v, bias, mask_t, out, lse,
+        q, k, v, bias, mask_t, out, lse if need_lse else out,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
-        MMA_WAIT=_mma_wait("fwd", q, has_mask, d), MASK_PRECISION=_mask_precision(q),
+        MMA_WAIT=_mma_wait("fwd", q, has_mask, d), MASK_PRECISION=_mask_precision(q), STORE_LSE=need_lse,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -946,8 +962,10 @@ def triangle_attention_forward(
 
 def _empty_buffer(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(tensor like ``t`` in ``t``'s dimension order, its dense 1-D storage)."""
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -d))
     flat = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+    if t.is_contiguous():
+        return flat.view(t.shape), flat
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -d))
     tensor = flat.view([t.shape[d] for d in order]).permute([order.index(d) for d in range(t.dim())])
     return tensor, flat
 
@@ -1012,8 +1030,26 @@ def triangle_attention_backward(
     if _tracing_under_interpreter(q):
         return dq, dk, dv, dbias
     bias_rows = _aligned_bias(bias)  # for the dQ and dBias tiles
-    precision = _precision(q.dtype, allow_tf32)
+    precision, precise = _precision(q.dtype, allow_tf32), _precise(q.dtype)
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
+    even = lambda bj, bk: bool(n % bj == 0 and n % bk == 0)  # noqa: E731
+    # Up to N = 512 the GPU runs a pass faster than Python prepares the next: only what
+    # delta and dBias need comes before their launches, the rest runs behind dBias.
+    if need_dbias:
+        dbias_cfg = _config("dbias", n, d, q.dtype, bias.dtype)
+        assert _MASK_ROW_ALIGN % dbias_cfg[1] == 0, "the key-mask rows must cover every key block"
+        # The mask as a bias, in dv's not yet written storage.
+        dbias_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype, scale, dv_flat), q)
+        tiles = triton.cdiv(n, dbias_cfg[0]) * triton.cdiv(n, dbias_cfg[1])
+        room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
+        splits = min(_bias_splits(tiles * batch * heads, rows, dbias_cfg[2], q.device), max(1, room))
+        rows_per_split = triton.cdiv(rows, splits)
+        splits = triton.cdiv(rows, rows_per_split)
+        if splits == 1:
+            target, target_strides = dbias, (0, *dbias.stride())
+        else:
+            target = _scratch(dk_flat, (splits, batch, heads, n, n))
+            target_strides = target.stride()
 
     bj = 128 if n >= 128 else max(16, triton.next_power_of_2(int(n)))
     wrap_triton(_bwd_delta_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
@@ -1022,27 +1058,14 @@ def triangle_attention_backward(
     )
 
     if need_dbias:
-        bj, bk, warps, stages = _config("dbias", n, d, q.dtype, bias.dtype)
-        assert _MASK_ROW_ALIGN % bk == 0, "the key-mask rows must cover every key block"
-        if mask is not None:  # as a bias, in dv's not yet written storage
-            mask_t, mask_strides, _ = _mask_args(_key_mask_bias(mask, q.dtype, scale, dv_flat), q)
-        tiles = triton.cdiv(n, bj) * triton.cdiv(n, bk)
-        room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
-        splits = min(_bias_splits(tiles * batch * heads, rows, q.device), max(1, room))
-        rows_per_split = triton.cdiv(rows, splits)
-        splits = triton.cdiv(rows, rows_per_split)
-        if splits == 1:
-            target, target_strides = dbias, (0, *dbias.stride())
-        else:
-            target = _scratch(dk_flat, (splits, batch, heads, n, n))
-            target_strides = target.stride()
+        bj, bk, warps, stages = dbias_cfg
         wrap_triton(_bwd_dbias_kernel)[(triton.cdiv(n, bj), triton.cdiv(n, bk), splits * batch * heads)](
-            q, k, v, bias_rows, mask_t, grad_out, lse, delta, target,
-            *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides,
+            q, k, v, bias_rows, dbias_mask[0], grad_out, lse, delta, target,
+            *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *dbias_mask[1],
             *grad_out.stride(), *target_strides,
             rows, n, heads, batch * heads, scale, rows_per_split,
-            HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
-            BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
+            HAS_MASK=has_mask, EVEN_N=even(bj, bk), D=d,
+            BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=precise,
             MASK_PRECISION=_mask_precision(q), num_warps=warps, num_stages=stages,
         )
         if splits > 1:
@@ -1051,7 +1074,6 @@ def triangle_attention_backward(
                 target, dbias, splits, numel, BLOCK=1024, num_warps=4,
             )
 
-    mask_t, mask_strides, has_mask = _mask_args(mask, q)
     # bias_kj[b, h, k, j] = bias[b, h, j, k]: the dK/dV tiles are [keys, queries], and
     # loading them laid out that way saves a shuffle per logit. It stays in the bias's
     # dtype: the pass is bound by L2 traffic (~5.5 TB/s on the H100), of which an fp32
@@ -1064,8 +1086,8 @@ def triangle_attention_backward(
         *q.stride(), *k.stride(), *v.stride(), *bias_t.stride(), *mask_strides,
         *grad_out.stride(), *dk.stride(), *dv.stride(),
         rows, n, heads, scale,
-        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
-        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
+        HAS_MASK=has_mask, EVEN_N=even(bj, bk), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=precise,
         MMA_WAIT=_mma_wait("dkdv", q, has_mask, d), num_warps=warps, num_stages=stages,
     )
 
@@ -1075,17 +1097,41 @@ def triangle_attention_backward(
         *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides, *out.stride(),
         *grad_out.stride(), *dq.stride(),
         rows, n, heads, scale,
-        HAS_MASK=has_mask, EVEN_N=bool(n % bj == 0 and n % bk == 0), D=d,
-        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=_precise(q.dtype),
+        HAS_MASK=has_mask, EVEN_N=even(bj, bk), D=d,
+        BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=precise,
         MMA_WAIT=_mma_wait("dq", q, has_mask, d), num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv, dbias
 
 
-def _bias_splits(programs: int, rows: int, device: torch.device) -> int:
-    """Row splits for the bias gradient: enough programs for ~2 waves, never more than rows."""
+# dBias programs resident per SM by num_warps, as compiled for the H100 (bf16, D = 32):
+# the 4-warp tiles hold 168 registers (3 programs), the 8-warp ones one program. Only
+# the row-split count depends on it, through the makespan model of _bias_splits.
+_DBIAS_PROGRAMS_PER_SM = {4: 3, 8: 1}
+_MAX_BIAS_SPLITS = 16
+
+
+def _bias_splits(programs: int, rows: int, warps: int, device: torch.device) -> int:
+    """Row splits for the bias gradient, given ``programs`` (b, h, j-tile, k-tile) tiles.
+
+    Each program sums its share of the rows one after another, so the pass takes about
+    waves x rows per program, waves = ceil(programs x splits / resident programs); each
+    extra split adds 1% for its partial sums. The count in 1..16 that minimises this,
+    among those that give every SM a program. On the H100 the model matched the
+    measured dBias times within a few percent: 1 split took 1.57 ms at N = 768 and 2
+    took 1.15 (N = 1024: 3.03 -> ~2.8 ms); at N = 512 all counts model alike, and 1 split,
+    with 4 of 132 SMs idle, measured 4% slower than 2.
+    """
     sms = _num_sms(device.index if device.type != "cpu" else None)
-    return max(1, min(rows, -(-2 * sms // max(1, programs)), 64))
+    resident = sms * _DBIAS_PROGRAMS_PER_SM.get(warps, 2)
+
+    def modelled_time(splits: int) -> float:
+        waves = -(-programs * splits // resident)
+        return waves * -(-rows // splits) * (1 + 0.01 * (splits - 1))
+
+    most = max(1, min(rows, _MAX_BIAS_SPLITS))
+    fewest = min(most, -(-sms // max(1, programs)))  # a program for every SM
+    return min(range(fewest, most + 1), key=modelled_time)
 
 
 # Custom ops ------------------------------------------------------------------------------
@@ -1116,8 +1162,9 @@ def _fwd_op(
     mask: Optional[torch.Tensor],
     scale: float,
     allow_tf32: bool,
+    need_lse: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return triangle_attention_forward(q, k, v, bias, mask, scale, allow_tf32)
+    return triangle_attention_forward(q, k, v, bias, mask, scale, allow_tf32, need_lse)
 
 
 @_op("foldops::triangle_attention_bwd")
@@ -1138,24 +1185,68 @@ def _bwd_op(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, bias, mask, scale, allow_tf32 = inputs
+    q, k, v, bias, mask, scale, allow_tf32 = inputs[:7]
     out, lse = output
     ctx.save_for_backward(q, k, v, bias, mask, out, lse)
     ctx.scale = scale
     ctx.allow_tf32 = allow_tf32
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _backward_with(ctx, grad_out, backward):
     q, k, v, bias, mask, out, lse = ctx.saved_tensors
+    if lse.numel() == 0 and out.numel() > 0:
+        raise RuntimeError("triangle attention: no backward for a forward run with need_lse=False")
     need_dbias = ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.foldops.triangle_attention_bwd(
-        grad_out, q, k, v, bias, mask, out, lse, ctx.scale, ctx.allow_tf32, need_dbias
-    )
-    return dq, dk, dv, dbias if need_dbias else None, None, None, None
+    dq, dk, dv, dbias = backward(grad_out, q, k, v, bias, mask, out, lse, ctx.scale, ctx.allow_tf32, need_dbias)
+    return dq, dk, dv, dbias if need_dbias else None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+def _op_backward(ctx, grad_out, _grad_lse):
+    return *_backward_with(ctx, grad_out, torch.ops.foldops.triangle_attention_bwd), None, None, None, None
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+def _direct_launches():
+    """Eager launches go straight to Triton, as in ``triton_op``'s own eager path: with
+    ``wrap_triton`` enabled each launch is dispatched as a higher-order op, which took
+    0.1-0.5 ms of host time per launch on the H100 machine."""
+    return set_wrap_triton_enabled(False)
+
+
+class _EagerTriangleAttention(torch.autograd.Function):
+    """The same forward and backward, on the launchers directly.
+
+    Eager calls take this path: torch.library's dispatch of the two custom ops costs
+    host time, and up to N = 512 the GPU waits for the host
+    (``benchmarks/triangle_attention_host.py``). torch.compile, fake tensors, dispatch
+    modes and torch.func transforms take the registered ops. The forward takes ``ctx``
+    (no ``setup_context``): ``apply`` then skips binding the arguments by signature."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, scale, allow_tf32):
+        with _direct_launches():
+            output = triangle_attention_forward(q, k, v, bias, mask, scale, allow_tf32)
+        _setup_context(ctx, (q, k, v, bias, mask, scale, allow_tf32), output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        with _direct_launches():
+            grads = _backward_with(ctx, grad_out, triangle_attention_backward)
+        return *grads, None, None, None
+
+
+def _use_registered_ops(q: torch.Tensor) -> bool:
+    """Whether this call must go through the custom ops: under torch.compile, on fake or
+    meta tensors, inside a dispatch mode (FakeTensorMode, FlopCounterMode, ...) or a
+    torch.func transform."""
+    return (torch.compiler.is_compiling() or q.device.type == "meta" or is_fake(q)
+            or is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active())
 
 
 @torch.compiler.assume_constant_result
@@ -1201,5 +1292,14 @@ def triangle_attention(
         # Zero columns change no logit (q.k) and give zero output columns (v): pad, run
         # the tile width above, slice. The copies cost O(B I N H D), never O(N^2).
         q, k, v = (torch.nn.functional.pad(t, (0, padded - head_dim)) for t in (q, k, v))
-    out, _ = torch.ops.foldops.triangle_attention_fwd(q, k, v, bias, mask, float(scale), _allow_tf32())
+    scale, allow_tf32 = float(scale), _allow_tf32()
+    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                             or bias.requires_grad)
+    if _use_registered_ops(q):
+        out, _ = torch.ops.foldops.triangle_attention_fwd(q, k, v, bias, mask, scale, allow_tf32, need_grad)
+    elif need_grad:
+        out, _ = _EagerTriangleAttention.apply(q, k, v, bias, mask, scale, allow_tf32)
+    else:  # inference: no lse
+        with _direct_launches():
+            out, _ = triangle_attention_forward(q, k, v, bias, mask, scale, allow_tf32, need_lse=False)
     return out if padded == head_dim else out[..., :head_dim]
