@@ -78,8 +78,8 @@ def main() -> None:
             K.triangle_attention(q, k, v, bias, keep, scale)
 
     def launch_one():  # the smallest kernel, as the backward launcher launches it
-        K._bwd_delta_kernel[(triton.cdiv(n, 128), n, heads)](
-            out, go, delta, *out.stride(), *go.stride(), n, n, heads, D=d, BLOCK_J=128, num_warps=4)
+        K._bwd_delta_kernel[(triton.cdiv(n, 64), n, 1)](
+            out, go, delta, *out.stride(), *go.stride(), n, n, heads, D=d, BLOCK_J=64, BLOCK_H=heads, num_warps=4)
 
     def registered():  # the custom ops' dispatch and autograd, as torch.compile traces them
         K._use_registered_ops = lambda _q: True

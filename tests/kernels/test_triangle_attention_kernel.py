@@ -111,6 +111,8 @@ CASES = [
     pytest.param(2, 2, 32, 1, 16, torch.float16, "none", "contiguous", None, id="n32-fp16-even"),
     pytest.param(1, 5, 32, 2, 16, torch.bfloat16, "bool", "end", None, id="n32-bf16-even-mask"),
     pytest.param(1, 1, 40, 2, 16, torch.float32, "bool", "start", None, id="i1-n40-fp32"),  # I << N
+    # delta takes 4 heads per program at D = 64: two head groups, the second partial.
+    pytest.param(1, 2, 9, 5, 64, torch.bfloat16, "bool", "end", None, id="n9-bf16-h5-d64"),
     # Head dims other than 16/32/64/128 run zero-padded to the next one.
     pytest.param(1, 3, 13, 2, 24, torch.bfloat16, "bool", "start", None, id="n13-bf16-d24"),
     pytest.param(1, 2, 9, 1, 8, torch.float32, "float", "end", None, id="n9-fp32-d8"),

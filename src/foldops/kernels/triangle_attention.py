@@ -315,24 +315,29 @@ def _bwd_delta_kernel(
     sob, soi, son, soh, sod,
     sdob, sdoi, sdon, sdoh, sdod,
     I, N, H,
-    D: tl.constexpr, BLOCK_J: tl.constexpr,
+    D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """delta[b, i, h, j] = sum_d dO * O (fp32), for a [BLOCK_J] block of one (b, i, h)."""
+    """delta[b, i, h, j] = sum_d dO * O (fp32), for a [BLOCK_J] block of one (b, i) and
+    BLOCK_H heads: with several heads the [BLOCK_J, BLOCK_H, D] tiles are whole rows of
+    the usual layouts, read as contiguous bytes (one head per program read 64-byte
+    pieces of 256-byte rows at D = 32, H = 4)."""
     pid_j = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
-    bh = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    head_groups = tl.cdiv(H, BLOCK_H)
+    b = (tl.program_id(2) // head_groups).to(tl.int64)
+    offs_h = (tl.program_id(2) % head_groups) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, D)
-    j64 = offs_j.to(tl.int64)
-    valid_j = offs_j < N
-    do = tl.load(DO + b * sdob + i * sdoi + h * sdoh + j64[:, None] * sdon + offs_d[None, :] * sdod,
-                 mask=valid_j[:, None], other=0.0)
-    o = tl.load(OUT + b * sob + i * soi + h * soh + j64[:, None] * son + offs_d[None, :] * sod,
-                mask=valid_j[:, None], other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + ((b * I + i) * H + h) * N + j64, delta, mask=valid_j)
+    j64 = offs_j.to(tl.int64)[:, None, None]
+    h64 = offs_h.to(tl.int64)[None, :, None]
+    valid = (offs_j[:, None, None] < N) & (offs_h[None, :, None] < H)
+    do = tl.load(DO + b * sdob + i * sdoi + j64 * sdon + h64 * sdoh + offs_d[None, None, :] * sdod,
+                 mask=valid, other=0.0)
+    o = tl.load(OUT + b * sob + i * soi + j64 * son + h64 * soh + offs_d[None, None, :] * sod,
+                mask=valid, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 2)  # [BLOCK_J, BLOCK_H]
+    rows = (b * I + i) * H + offs_h[None, :].to(tl.int64)
+    tl.store(DELTA + rows * N + offs_j[:, None], delta, mask=(offs_j[:, None] < N) & (offs_h[None, :] < H))
 
 
 @triton.jit
@@ -1051,10 +1056,11 @@ def triangle_attention_backward(
             target = _scratch(dk_flat, (splits, batch, heads, n, n))
             target_strides = target.stride()
 
-    bj = 128 if n >= 128 else max(16, triton.next_power_of_2(int(n)))
-    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
+    bh = min(triton.next_power_of_2(int(heads)), max(1, 256 // d))  # rows of up to 256 elements
+    bj = min(max(16, 8192 // (bh * d)), max(16, triton.next_power_of_2(int(n))))  # 8K-element tiles
+    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(n, bj), rows, batch * triton.cdiv(heads, bh))](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), rows, n, heads,
-        D=d, BLOCK_J=bj, num_warps=4,
+        D=d, BLOCK_J=bj, BLOCK_H=bh, num_warps=4,
     )
 
     if need_dbias:
