@@ -1218,8 +1218,8 @@ _fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 def _direct_launches():
     """Eager launches go straight to Triton, as in ``triton_op``'s own eager path: with
-    ``wrap_triton`` enabled each launch is dispatched as a higher-order op, which took
-    0.1-0.5 ms of host time per launch on the H100 machine."""
+    ``wrap_triton`` enabled each launch is dispatched as a higher-order op: about 0.4 ms
+    of host time per launch on the H100 machine (fwd+bwd 4.4 ms per call against 2.0)."""
     return set_wrap_triton_enabled(False)
 
 
