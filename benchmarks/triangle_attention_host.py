@@ -29,6 +29,16 @@ import torch
 from torch._library.triton import set_wrap_triton_enabled
 
 
+def _inputs(n: int, heads: int, d: int):
+    """(q, k, v, bias, all-kept mask, dO, leaves requiring grad): bf16, B=1, I=N."""
+    device = torch.device("cuda")
+    shape = (1, n, n, heads, d)
+    q, k, v, go = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(4))
+    bias = torch.randn(1, heads, n, n, device=device, dtype=torch.bfloat16)
+    keep = torch.ones(1, n, n, device=device, dtype=torch.bool)
+    return q, k, v, bias, keep, go, [t.detach().requires_grad_() for t in (q, k, v, bias)]
+
+
 def _per_call_us(fn, calls: int) -> float:
     for _ in range(20):
         fn()
@@ -60,11 +70,7 @@ def main() -> None:
 
     device = torch.device("cuda")
     n, heads, d = args.n, 4, 32
-    shape = (1, n, n, heads, d)
-    q, k, v, go = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(4))
-    bias = torch.randn(1, heads, n, n, device=device, dtype=torch.bfloat16)
-    keep = torch.ones(1, n, n, device=device, dtype=torch.bool)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+    q, k, v, bias, keep, go, leaves = _inputs(n, heads, d)
     scale = d**-0.5
     out, lse = K.triangle_attention_forward(q, k, v, bias, keep, scale)
     delta = torch.empty(1, n, heads, n, device=device, dtype=torch.float32)
@@ -226,12 +232,7 @@ def end_to_end(K, n: int, heads: int, d: int, rounds: int) -> None:
     median), the eager path against the registered custom ops, interleaved rounds."""
     import triton.testing
 
-    device = torch.device("cuda")
-    shape = (1, n, n, heads, d)
-    q, k, v, go = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(4))
-    bias = torch.randn(1, heads, n, n, device=device, dtype=torch.bfloat16)
-    keep = torch.ones(1, n, n, device=device, dtype=torch.bool)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+    q, k, v, bias, keep, go, leaves = _inputs(n, heads, d)
     use_registered_ops = K._use_registered_ops
 
     def step(registered):
@@ -259,12 +260,7 @@ def timeline(K, n: int, heads: int, d: int, reps: int = 3) -> None:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    device = torch.device("cuda")
-    shape = (1, n, n, heads, d)
-    q, k, v, go = (torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(4))
-    bias = torch.randn(1, heads, n, n, device=device, dtype=torch.bfloat16)
-    keep = torch.ones(1, n, n, device=device, dtype=torch.bool)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+    q, k, v, bias, keep, go, leaves = _inputs(n, heads, d)
 
     def step():
         o = K.triangle_attention(*leaves, keep, d**-0.5)
