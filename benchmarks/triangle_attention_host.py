@@ -39,6 +39,19 @@ def _inputs(n: int, heads: int, d: int):
     return q, k, v, bias, keep, go, [t.detach().requires_grad_() for t in (q, k, v, bias)]
 
 
+def _through_registered_ops(K, fn):
+    """``fn`` with the kernels' entry point sent through the custom ops' dispatch and
+    autograd (as torch.compile traces them) instead of the eager path."""
+    def call():
+        use_registered_ops = K._use_registered_ops
+        K._use_registered_ops = lambda _q: True
+        try:
+            fn()
+        finally:
+            K._use_registered_ops = use_registered_ops
+    return call
+
+
 def _per_call_us(fn, calls: int) -> float:
     for _ in range(20):
         fn()
@@ -87,14 +100,7 @@ def main() -> None:
         K._bwd_delta_kernel[(triton.cdiv(n, 64), n, 1)](
             out, go, delta, *out.stride(), *go.stride(), n, n, heads, D=d, BLOCK_J=64, BLOCK_H=heads, num_warps=4)
 
-    def registered():  # the custom ops' dispatch and autograd, as torch.compile traces them
-        K._use_registered_ops = lambda _q: True
-        try:
-            public()
-        finally:
-            K._use_registered_ops = use_registered_ops
-
-    use_registered_ops = K._use_registered_ops
+    registered = _through_registered_ops(K, public)
 
     def unwrapped(fn):
         def call():
@@ -233,23 +239,15 @@ def end_to_end(K, n: int, heads: int, d: int, rounds: int) -> None:
     import triton.testing
 
     q, k, v, bias, keep, go, leaves = _inputs(n, heads, d)
-    use_registered_ops = K._use_registered_ops
 
-    def step(registered):
-        def call():
-            K._use_registered_ops = (lambda _q: True) if registered else use_registered_ops
-            try:
-                o = K.triangle_attention(*leaves, keep, d**-0.5)
-                torch.autograd.grad(o, leaves, go)
-            finally:
-                K._use_registered_ops = use_registered_ops
-        return call
+    def eager():
+        o = K.triangle_attention(*leaves, keep, d**-0.5)
+        torch.autograd.grad(o, leaves, go)
 
     times: Dict[str, List[float]] = collections.defaultdict(list)
     for _ in range(rounds):
-        for name, registered in (("eager", False), ("registered ops", True)):
-            times[name].append(triton.testing.do_bench(step(registered), warmup=50, rep=300,
-                                                       return_mode="median"))
+        for name, step in (("eager", eager), ("registered ops", _through_registered_ops(K, eager))):
+            times[name].append(triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median"))
     print(f"end to end N={n}: " + ", ".join(
         f"{name} {statistics.median(ts):.3f} ms ({min(ts):.3f}-{max(ts):.3f})" for name, ts in times.items()))
 
