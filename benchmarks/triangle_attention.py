@@ -454,6 +454,13 @@ TUNE_CANDIDATES = {
     "dbias": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (32, 64, 4, 3),
               (128, 64, 8, 2), (64, 32, 4, 3), (128, 128, 8, 2)],
 }
+# fp32 products run on the FMA units (no tensor cores unless TF32 is allowed): smaller
+# tiles and fewer warps, as trifast's autotuner keeps for fp32.
+TUNE_CANDIDATES_FP32 = {
+    kind: [(64, 32, 4, 2), (32, 32, 1, 2), (32, 32, 2, 2), (64, 32, 2, 2), (32, 64, 2, 2), (64, 16, 2, 3),
+           (128, 32, 4, 2), (32, 64, 4, 2)]
+    for kind in ("fwd", "dq", "dkdv", "dbias")
+}
 # The kernels whose device time is each kind's (dBias: also the sum of its row splits).
 TUNE_KERNELS = {"fwd": ("_fwd_kernel",), "dq": ("_bwd_dq_kernel",), "dkdv": ("_bwd_dkdv_kernel",),
                 "dbias": ("_bwd_dbias_kernel", "_sum_splits_kernel")}
@@ -469,11 +476,12 @@ def _kernel_inputs(args, n: int, dtype: torch.dtype):
     return q, k, v, go, bias, keep
 
 
-def _set_config(kind: str, head_dim: int, cfg: Tuple[int, int, int, int]) -> None:
-    """Make ``cfg`` the tile of ``kind`` at ``head_dim`` for every N."""
+def _set_config(kind: str, head_dim: int, cfg: Tuple[int, int, int, int], fp32: bool = False) -> None:
+    """Make ``cfg`` the tile of ``kind`` at ``head_dim`` for every N (of fp32 inputs
+    only, with ``fp32``)."""
     from foldops.kernels import triangle_attention as K
 
-    key = (kind, head_dim, False)
+    key = (kind, head_dim, fp32)
     K._CONFIGS[key] = tuple(cfg)
     if key in K._CONFIGS_SMALL_N:
         K._CONFIGS_SMALL_N[key] = tuple(cfg)
@@ -535,13 +543,15 @@ def tune(args) -> None:
     from foldops.kernels import triangle_attention as K
 
     kinds = args.kinds or list(TUNE_CANDIDATES)
-    width = max(len(TUNE_CANDIDATES[kind]) for kind in kinds)
+    width = max(len(TUNE_CANDIDATES[kind]) for kind in kinds)  # both tables have as many
     variants = args.variant or [""]
     d = args.head_dim
     defaults = (dict(K._CONFIGS), dict(K._CONFIGS_SMALL_N))
     totals: Dict[tuple, List[float]] = collections.defaultdict(list)
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
+        fp32 = dtype == torch.float32
+        candidates = TUNE_CANDIDATES_FP32 if fp32 else TUNE_CANDIDATES
         for n in args.n:
             step, masked = _fwd_bwd_step(args, n, dtype)
             times: Dict[tuple, List[float]] = collections.defaultdict(list)
@@ -549,9 +559,9 @@ def tune(args) -> None:
                 for spec in variants:
                     name = _apply_variant(spec, d)
                     for c in range(width):
-                        cfgs = {kind: TUNE_CANDIDATES[kind][c % len(TUNE_CANDIDATES[kind])] for kind in kinds}
+                        cfgs = {kind: candidates[kind][c % len(candidates[kind])] for kind in kinds}
                         for kind, cfg in cfgs.items():
-                            _set_config(kind, d, cfg)
+                            _set_config(kind, d, cfg, fp32)
                         try:
                             ms = _kernel_times(step, reps=10, warmup=2) if rnd else (step(), {})[1]
                         except Exception as exc:  # a tile that does not fit, say
@@ -561,6 +571,7 @@ def tune(args) -> None:
                             # A kernel missing from the profile is not counted as 0 ms.
                             if rnd and ms is not None and TUNE_KERNELS[kind][0] in ms:
                                 times[(name, kind, cfg)].append(sum(ms.get(k, 0.0) for k in TUNE_KERNELS[kind]))
+            K._CONFIGS.clear()
             K._CONFIGS.update(defaults[0])
             K._CONFIGS_SMALL_N.update(defaults[1])
             _apply_variant("")

