@@ -543,7 +543,6 @@ def tune(args) -> None:
     from foldops.kernels import triangle_attention as K
 
     kinds = args.kinds or list(TUNE_CANDIDATES)
-    width = max(len(TUNE_CANDIDATES[kind]) for kind in kinds)  # both tables have as many
     variants = args.variant or [""]
     d = args.head_dim
     defaults = (dict(K._CONFIGS), dict(K._CONFIGS_SMALL_N))
@@ -552,6 +551,7 @@ def tune(args) -> None:
         dtype = getattr(torch, dtype_name)
         fp32 = dtype == torch.float32
         candidates = TUNE_CANDIDATES_FP32 if fp32 else TUNE_CANDIDATES
+        width = max(len(candidates[kind]) for kind in kinds)
         for n in args.n:
             step, masked = _fwd_bwd_step(args, n, dtype)
             times: Dict[tuple, List[float]] = collections.defaultdict(list)

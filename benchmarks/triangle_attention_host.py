@@ -39,6 +39,17 @@ def _inputs(n: int, heads: int, d: int):
     return q, k, v, bias, keep, go, [t.detach().requires_grad_() for t in (q, k, v, bias)]
 
 
+def _public_fwd_bwd(K, n: int, heads: int, d: int):
+    """One public fwd+bwd at size n on fixed random inputs (``_inputs``), as a closure."""
+    q, k, v, bias, keep, go, leaves = _inputs(n, heads, d)
+
+    def step():
+        o = K.triangle_attention(*leaves, keep, d**-0.5)
+        torch.autograd.grad(o, leaves, go)
+
+    return step
+
+
 def _through_registered_ops(K, fn):
     """``fn`` with the kernels' entry point sent through the custom ops' dispatch and
     autograd (as torch.compile traces them) instead of the eager path."""
@@ -242,11 +253,7 @@ def end_to_end(K, n: int, heads: int, d: int, rounds: int) -> None:
     median), the eager path against the registered custom ops, interleaved rounds."""
     import triton.testing
 
-    q, k, v, bias, keep, go, leaves = _inputs(n, heads, d)
-
-    def eager():
-        o = K.triangle_attention(*leaves, keep, d**-0.5)
-        torch.autograd.grad(o, leaves, go)
+    eager = _public_fwd_bwd(K, n, heads, d)
 
     times: Dict[str, List[float]] = collections.defaultdict(list)
     for _ in range(rounds):
@@ -262,11 +269,7 @@ def timeline(K, n: int, heads: int, d: int, reps: int = 3) -> None:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    q, k, v, bias, keep, go, leaves = _inputs(n, heads, d)
-
-    def step():
-        o = K.triangle_attention(*leaves, keep, d**-0.5)
-        torch.autograd.grad(o, leaves, go)
+    step = _public_fwd_bwd(K, n, heads, d)
 
     for _ in range(10):
         step()
@@ -306,12 +309,8 @@ def steady(K, n: int, heads: int, d: int, reps: int = 10) -> None:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    q, k, v, bias, keep, go, leaves = _inputs(n, heads, d)
+    step = _public_fwd_bwd(K, n, heads, d)
     cache = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-
-    def step():
-        o = K.triangle_attention(*leaves, keep, d**-0.5)
-        torch.autograd.grad(o, leaves, go)
 
     for _ in range(5):
         step()
