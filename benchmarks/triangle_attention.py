@@ -454,11 +454,12 @@ TUNE_CANDIDATES = {
     "dbias": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (32, 64, 4, 3),
               (128, 64, 8, 2), (64, 32, 4, 3), (128, 128, 8, 2)],
 }
-# fp32 products run on the FMA units (no tensor cores unless TF32 is allowed): smaller
-# tiles and fewer warps, as trifast's autotuner keeps for fp32.
+# fp32 products run on the FMA units (no tensor cores unless TF32 is allowed). Session 8
+# found two warps best for the backward; session 9 added the larger tiles, of which the
+# forward took 128x64 with 4 warps (session9/tune_fp32_*.txt).
 TUNE_CANDIDATES_FP32 = {
-    kind: [(64, 32, 4, 2), (32, 32, 1, 2), (32, 32, 2, 2), (64, 32, 2, 2), (32, 64, 2, 2), (64, 16, 2, 3),
-           (128, 32, 4, 2), (32, 64, 4, 2)]
+    kind: [(64, 32, 2, 2), (32, 64, 2, 2), (128, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 2), (128, 64, 4, 3),
+           (128, 128, 8, 2), (256, 64, 8, 2), (64, 256, 8, 2), (128, 32, 4, 3), (32, 128, 4, 2), (128, 128, 4, 2)]
     for kind in ("fwd", "dq", "dkdv", "dbias")
 }
 # The kernels whose device time is each kind's (dBias: also the sum of its row splits).

@@ -201,15 +201,21 @@ def test_bias_splits_rule(monkeypatch):
 
 
 def test_fp32_tiles_only_for_fma_products(monkeypatch):
-    """fp32 without TF32 takes its own tiles (two warps, tuned on the FMA units); TF32
-    and 16-bit inputs keep theirs; head dims without fp32 tiles keep the clamped ones."""
+    """fp32 without TF32 takes its own tiles (tuned on the FMA units), with their own
+    small-N overrides; TF32 and 16-bit inputs keep theirs; head dims without fp32 tiles
+    keep the clamped ones."""
     monkeypatch.setattr(kernel, "_interpreting", lambda: False)
     for kind in ("fwd", "dq", "dkdv", "dbias"):
-        assert kernel._config(kind, 512, 32, torch.float32) == kernel._CONFIGS[(kind, 32, True)]
-        assert kernel._config(kind, 512, 32, torch.float32) != kernel._config(kind, 512, 32, torch.float32,
-                                                                                allow_tf32=True)
+        key = (kind, 32, True)
+        assert kernel._config(kind, 1024, 32, torch.float32) == kernel._CONFIGS[key]
+        assert kernel._config(kind, 512, 32, torch.float32) == kernel._CONFIGS_SMALL_N.get(key, kernel._CONFIGS[key])
+        for n in (512, 1024):
+            assert kernel._config(kind, n, 32, torch.float32) != kernel._config(kind, n, 32, torch.float32,
+                                                                                  allow_tf32=True)
         assert kernel._config(kind, 1024, 32, torch.bfloat16) == kernel._CONFIGS[(kind, 32, False)]
-        assert kernel._config(kind, 512, 32, torch.float32)[2] == 2  # two warps
+    # The 16-bit small-N dBias tile (8 warps) reaches neither fp32 path.
+    assert kernel._config("dbias", 512, 32, torch.float32) != kernel._CONFIGS_SMALL_N[("dbias", 32, False)]
+    assert kernel._config("dbias", 512, 32, torch.float32, allow_tf32=True)[2] == 4
     assert (("dkdv", 64, True)) not in kernel._CONFIGS
     assert kernel._config("dkdv", 512, 64, torch.float32)[3] <= 2  # the clamp: at most 2 stages
 

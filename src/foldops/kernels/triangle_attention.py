@@ -744,20 +744,26 @@ _CONFIGS = {
     ("dbias", 128, False): (64, 64, 8, 2),
 }
 # fp32 without TF32, (kind, head dim, True): products on the FMA units, where two warps
-# per program won every kind (`bench --tune --dtypes float32`, N = 512, session 8: dK/dV
-# 13.4 -> 7.3 ms, dQ 10.3 -> 6.0 ms against the clamped 16-bit tiles). D = 16 follows
-# D = 32, untimed; D = 64 / 128 keep the clamped 16-bit tiles (untimed).
+# per program won the backward kinds (`bench --tune --dtypes float32`, N = 512, session 8:
+# dK/dV 13.4 -> 7.3 ms, dQ 10.3 -> 6.0 ms against the clamped 16-bit tiles). Session 9
+# (N = 512 and 1024, D = 32): the forward's 128x64 tile with 4 warps took 4.68 -> 3.85 and
+# 36.2 -> 30.3 ms; dBias's 64x128 took 52.1 -> 45.2 ms at 1024 but lost at 512 (6.48 ->
+# 7.18). D = 16 keeps session 8's tiles, untimed; D = 64 / 128 keep the clamped 16-bit
+# tiles (untimed).
 _CONFIGS.update({
     (kind, d, True): tile
     for d in (16, 32)
     for kind, tile in (("fwd", (64, 32, 2, 2)), ("dq", (32, 64, 2, 2)), ("dkdv", (32, 64, 2, 2)),
                        ("dbias", (32, 64, 2, 2)))
 })
+_CONFIGS[("fwd", 32, True)] = (128, 64, 4, 2)
+_CONFIGS[("dbias", 32, True)] = (64, 128, 4, 2)
 # Overrides for N <= 512: larger dBias tiles with 8 warps won there (0.42 -> 0.36 ms at
 # N = 512) and lost above (768: 1.58 -> 1.66 ms, one 256-thread program per SM).
 _CONFIGS_SMALL_N = {
     ("dbias", 16, False): (128, 64, 8, 3),
     ("dbias", 32, False): (128, 64, 8, 3),
+    ("dbias", 32, True): (32, 64, 2, 2),
 }
 
 
@@ -782,14 +788,13 @@ def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch
     the FMA units, are then not used)."""
     if _interpreting():
         return 16, 16, 1, 1  # small tiles: multi-block loops at small N, fast interpretation
-    key = (kind, d, False)
-    # Symbolic N (torch.compile with dynamic shapes) takes the general tiles; fp32 was
+    fp32_tiles = dtype == torch.float32 and not allow_tf32 and (kind, d, True) in _CONFIGS
+    key = (kind, d, fp32_tiles)
+    # Symbolic N (torch.compile with dynamic shapes) takes the general tiles; TF32 was
     # not timed with the small-N ones.
-    small = isinstance(n, int) and n <= 512 and dtype != torch.float32
+    small = isinstance(n, int) and n <= 512 and (dtype != torch.float32 or fp32_tiles)
     bj, bk, warps, stages = _CONFIGS_SMALL_N[key] if small and key in _CONFIGS_SMALL_N else _CONFIGS[key]
-    if dtype == torch.float32 and not allow_tf32 and (kind, d, True) in _CONFIGS:  # tuned for fp32
-        bj, bk, warps, stages = _CONFIGS[(kind, d, True)]
-    elif dtype == torch.float32:  # fp32 operands take twice the registers and shared memory
+    if dtype == torch.float32 and not fp32_tiles:  # fp32 operands take twice the registers and shared memory
         bj, bk, stages = min(bj, 64), min(bk, 64 if d <= 32 else 32), min(stages, 2)
     if n < 256:  # small N: smaller tiles for more programs and less padding
         cap = max(16, triton.next_power_of_2(int(n)))
