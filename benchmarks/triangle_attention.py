@@ -68,15 +68,21 @@ def _sms() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-def measure_ceilings(device) -> Dict[str, float]:
-    """Device-to-device copy bandwidth (read + write) and bf16 matmul rate, measured here."""
+def _copy_bandwidth(device) -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second (buffers freed on return)."""
     import triton.testing
 
     a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=200, return_mode="median")
-    bandwidth = 2 * a.numel() / (ms * 1e-3)
-    del a, b
+    return 2 * a.numel() / (ms * 1e-3)
+
+
+def measure_ceilings(device) -> Dict[str, float]:
+    """Device-to-device copy bandwidth (read + write) and bf16 matmul rate, measured here."""
+    import triton.testing
+
+    bandwidth = _copy_bandwidth(device)
     x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     y = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median")
