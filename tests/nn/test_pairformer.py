@@ -9,7 +9,7 @@ import foldops.nn.pairformer as pf_module
 import foldops.nn.triangle_attention as tri_module
 from foldops.device import autocast
 from foldops.nn import PairformerLayer, PairformerModule, PairformerNoSeqLayer, PairformerNoSeqModule, PairformerStack
-from foldops.testing import DEFAULT_REL_FLOOR, assert_within_baseline
+from foldops.testing import assert_within_baseline
 
 S, Z, HEADS, PW, PH = 32, 16, 4, 8, 2  # token_s, token_z, heads, pairwise head width / heads
 N = 13

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from foldops.train import Trainer, TrainerConfig, log
 from foldops.train.loggers import CSVLogger, JSONLLogger
