@@ -310,12 +310,31 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _rowdot_fma(a_ptrs, b_ptrs, sad, sbd, valid, D: tl.constexpr):
+    """sum_d a[..., d] * b[..., d] (fp32) as one FMA chain over d = 0, 1, ..., D - 1 from
+    0: the rounding of an fp32 "ieee" ``tl.dot`` (FMA units; the interpreter's OpenBLAS
+    sgemm alike). ``a_ptrs`` / ``b_ptrs`` point at column d = 0; ``valid`` masks rows.
+
+    delta = dO.O taken so rounds exactly as dP = dO.v does: where a row keeps a single
+    key, O = v and dS = P (dP - delta) is exactly 0, as in PyTorch's softmax backward
+    (P = 1, sum(P dP) = dP), instead of the difference of two dot products summed in
+    different orders, which dK sums over all N queries (fp32 dK up to ~5x PyTorch's
+    error)."""
+    acc = tl.zeros(valid.shape, dtype=tl.float32)
+    for dd in tl.static_range(D):
+        a = tl.load(a_ptrs + dd * sad, mask=valid, other=0.0).to(tl.float32)
+        b = tl.load(b_ptrs + dd * sbd, mask=valid, other=0.0).to(tl.float32)
+        acc = tl.fma(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _bwd_delta_kernel(
     OUT, DO, DELTA,
     sob, soi, son, soh, sod,
     sdob, sdoi, sdon, sdoh, sdod,
     I, N, H,
-    D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr,
+    D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr, FMA_CHAIN: tl.constexpr,
 ):
     """delta[b, i, h, j] = sum_d dO * O (fp32), for a [BLOCK_J] block of one (b, i) and
     BLOCK_H heads: with several heads the [BLOCK_J, BLOCK_H, D] tiles are whole rows of
@@ -331,11 +350,18 @@ def _bwd_delta_kernel(
     j64 = offs_j.to(tl.int64)[:, None, None]
     h64 = offs_h.to(tl.int64)[None, :, None]
     valid = (offs_j[:, None, None] < N) & (offs_h[None, :, None] < H)
-    do = tl.load(DO + b * sdob + i * sdoi + j64 * sdon + h64 * sdoh + offs_d[None, None, :] * sdod,
-                 mask=valid, other=0.0)
-    o = tl.load(OUT + b * sob + i * soi + j64 * son + h64 * soh + offs_d[None, None, :] * sod,
-                mask=valid, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 2)  # [BLOCK_J, BLOCK_H]
+    if FMA_CHAIN:  # fp32 "ieee": round as the kernels' dP products (_rowdot_fma)
+        valid2 = (offs_j[:, None] < N) & (offs_h[None, :] < H)
+        j2 = offs_j.to(tl.int64)[:, None]
+        h2 = offs_h.to(tl.int64)[None, :]
+        delta = _rowdot_fma(DO + b * sdob + i * sdoi + j2 * sdon + h2 * sdoh,
+                            OUT + b * sob + i * soi + j2 * son + h2 * soh, sdod, sod, valid2, D)
+    else:
+        do = tl.load(DO + b * sdob + i * sdoi + j64 * sdon + h64 * sdoh + offs_d[None, None, :] * sdod,
+                     mask=valid, other=0.0)
+        o = tl.load(OUT + b * sob + i * soi + j64 * son + h64 * soh + offs_d[None, None, :] * sod,
+                    mask=valid, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 2)  # [BLOCK_J, BLOCK_H]
     rows = (b * I + i) * H + offs_h[None, :].to(tl.int64)
     tl.store(DELTA + rows * N + offs_j[:, None], delta, mask=(offs_j[:, None] < N) & (offs_h[None, :] < H))
 
@@ -416,7 +442,7 @@ def _bwd_dq_kernel(
     I, N, H, scale,
     HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr, D: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
-    MMA_WAIT: tl.constexpr,
+    MMA_WAIT: tl.constexpr, FMA_CHAIN: tl.constexpr,
 ):
     """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in registers."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
@@ -436,8 +462,12 @@ def _bwd_dq_kernel(
 
     q = tl.load(Q + b * sqb + i * sqi + h * sqh + jc64[:, None] * sqn + offs_d[None, :] * sqd)
     do = tl.load(DO + b * sdob + i * sdoi + h * sdoh + jc64[:, None] * sdon + offs_d[None, :] * sdod)
-    o = tl.load(OUT + b * sob + i * soi + h * soh + jc64[:, None] * son + offs_d[None, :] * sod)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if FMA_CHAIN:  # fp32 "ieee": round as the dP products (_rowdot_fma)
+        delta = _rowdot_fma(DO + b * sdob + i * sdoi + h * sdoh + jc64 * sdon,
+                            OUT + b * sob + i * soi + h * soh + jc64 * son, sdod, sod, valid_j, D)
+    else:
+        o = tl.load(OUT + b * sob + i * soi + h * soh + jc64[:, None] * son + offs_d[None, :] * sod)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse = tl.load(LSE + ((b * I + i) * H + h) * N + jc64)
 
     k_ptrs = K + b * skb + i * ski + h * skh + k64[:, None] * skn + offs_d[None, :] * skd
@@ -1067,7 +1097,8 @@ def triangle_attention_backward(
         dbias_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype, scale, dv_flat), q)
         tiles = triton.cdiv(n, dbias_cfg[0]) * triton.cdiv(n, dbias_cfg[1])
         room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
-        splits = min(_bias_splits(tiles * batch * heads, rows, dbias_cfg[2], q.device), max(1, room))
+        row_bytes = 4 * n * d * q.element_size()  # q, k, v, dO of one row i and head
+        splits = min(_bias_splits(tiles * batch * heads, rows, dbias_cfg[2], q.device, row_bytes), max(1, room))
         rows_per_split = triton.cdiv(rows, splits)
         splits = triton.cdiv(rows, rows_per_split)
         if splits == 1:
@@ -1076,11 +1107,13 @@ def triangle_attention_backward(
             target = _scratch(dk_flat, (splits, batch, heads, n, n))
             target_strides = target.stride()
 
+    # fp32 without TF32: delta rounds as the dP products (_rowdot_fma).
+    fma_chain = q.dtype == torch.float32 and precision == "ieee"
     bh = min(triton.next_power_of_2(int(heads)), max(1, 256 // d))  # rows of up to 256 elements
     bj = min(max(16, 8192 // (bh * d)), max(16, triton.next_power_of_2(int(n))))  # 8K-element tiles
     wrap_triton(_bwd_delta_kernel)[(triton.cdiv(n, bj), rows, batch * triton.cdiv(heads, bh))](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), rows, n, heads,
-        D=d, BLOCK_J=bj, BLOCK_H=bh, num_warps=4,
+        D=d, BLOCK_J=bj, BLOCK_H=bh, FMA_CHAIN=fma_chain, num_warps=4,
     )
 
     if need_dbias:
@@ -1125,7 +1158,7 @@ def triangle_attention_backward(
         rows, n, heads, scale,
         HAS_MASK=has_mask, EVEN_N=even(bj, bk), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=precise,
-        MMA_WAIT=_mma_wait("dq", q, has_mask, d), num_warps=warps, num_stages=stages,
+        MMA_WAIT=_mma_wait("dq", q, has_mask, d), FMA_CHAIN=fma_chain, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv, dbias
 
@@ -1135,18 +1168,27 @@ def triangle_attention_backward(
 # the row-split count depends on it, through the makespan model of _bias_splits.
 _DBIAS_PROGRAMS_PER_SM = {4: 3, 8: 1}
 _MAX_BIAS_SPLITS = 16
+# The q, k, v and dO rows that one split of one head streams through (rows x row_bytes):
+# past this the programs of a wave, drifting apart in their rows, no longer meet in the
+# 50 MB L2, and dBias slows (H100, bf16, D = 32, `session9/passes_splits.txt`: 75-90 MB
+# ran at the rate of N = 1024; 100 MB +1%, 134 MB +13%, 604 MB +19%, 1 GB +76%).
+_DBIAS_SPLIT_BYTES = 80 * 2**20
 
 
-def _bias_splits(programs: int, rows: int, warps: int, device: torch.device) -> int:
-    """Row splits for the bias gradient, given ``programs`` (b, h, j-tile, k-tile) tiles.
+def _bias_splits(programs: int, rows: int, warps: int, device: torch.device, row_bytes: int = 0) -> int:
+    """Row splits for the bias gradient, given ``programs`` (b, h, j-tile, k-tile) tiles
+    and ``row_bytes``, what one row i of one head adds to the inputs a split reads.
 
     Each program sums its share of the rows one after another, so the pass takes about
     waves x rows per program, waves = ceil(programs x splits / resident programs); each
     extra split adds 1% for its partial sums. The count in 1..16 that minimises this,
-    among those that give every SM a program. On the H100 the model matched the
-    measured dBias times within a few percent: 1 split took 1.57 ms at N = 768 and 2
-    took 1.15 (N = 1024: 3.03 -> ~2.8 ms); at N = 512 all counts model alike, and 1 split,
-    with 4 of 132 SMs idle, measured 4% slower than 2.
+    among those that give every SM a program and keep a split's rows within
+    ``_DBIAS_SPLIT_BYTES``. On the H100 the model matched the measured dBias times within
+    a few percent: 1 split took 1.57 ms at N = 768 and 2 took 1.15 (N = 1024: 3.03 ->
+    ~2.8 ms); at N = 512 all counts model alike, and 1 split, with 4 of 132 SMs idle,
+    measured 4% slower than 2. The byte bound alone sets N = 1536 and 2048 (8 and 13
+    splits, where the makespan model chose 1 and 2): dBias 11.3 -> 9.5 ms and 39.1 ->
+    22.0 ms.
     """
     sms = _num_sms(device.index if device.type != "cpu" else None)
     resident = sms * _DBIAS_PROGRAMS_PER_SM.get(warps, 2)
@@ -1156,7 +1198,9 @@ def _bias_splits(programs: int, rows: int, warps: int, device: torch.device) -> 
         return waves * -(-rows // splits) * (1 + 0.01 * (splits - 1))
 
     most = max(1, min(rows, _MAX_BIAS_SPLITS))
-    fewest = min(most, -(-sms // max(1, programs)))  # a program for every SM
+    every_sm = -(-sms // max(1, programs))
+    within_l2 = -(-rows * row_bytes // _DBIAS_SPLIT_BYTES)
+    fewest = min(most, max(every_sm, within_l2))
     return min(range(fewest, most + 1), key=modelled_time)
 
 
