@@ -1170,8 +1170,9 @@ _DBIAS_PROGRAMS_PER_SM = {4: 3, 8: 1}
 _MAX_BIAS_SPLITS = 16
 # The q, k, v and dO rows that one split of one head streams through (rows x row_bytes):
 # past this the programs of a wave, drifting apart in their rows, no longer meet in the
-# 50 MB L2, and dBias slows (H100, bf16, D = 32, `session9/passes_splits.txt`: 75-90 MB
-# ran at the rate of N = 1024; 100 MB +1%, 134 MB +13%, 604 MB +19%, 1 GB +76%).
+# 50 MB L2, and dBias slows (H100, bf16, D = 32, `session9/passes_splits.txt`; against the
+# best count at the same N: 51-85 MiB ran at the rate of N = 1024, 96 MiB +1%, 128 MiB
+# +15%, 576 MiB +19% (N = 1536), 512 MiB +77% (N = 2048)).
 _DBIAS_SPLIT_BYTES = 80 * 2**20
 
 
