@@ -24,6 +24,8 @@ pytestmark = pytest.mark.skipif(
 if pytestmark.args[0]:  # pragma: no cover - no Triton
     kernel = None
 else:
+    import triton
+
     from foldops.kernels import triangle_attention as kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,6 +229,31 @@ def test_fp32_tiles_only_for_fma_products(monkeypatch):
     assert kernel._config("dbias", 512, 32, torch.float32, allow_tf32=True)[2] == 4
     assert (("dkdv", 64, True)) not in kernel._CONFIGS
     assert kernel._config("dkdv", 512, 64, torch.float32)[3] <= 2  # the clamp: at most 2 stages
+
+
+def test_fp32_delta_is_one_fma_chain():
+    """fp32 delta = rowsum(dO * O) as one FMA chain over d from 0, the rounding of the
+    kernels' fp32 dP products (so a row with a single kept key gets dS = 0 exactly; the
+    end-to-end effect shows only on the GPU, whose dot is that chain). Bitwise against
+    the chain emulated with exact fp64 products and one fp32 rounding per step."""
+    batch, rows, n, heads, d = 1, 2, 7, 3, 16
+    do, o = (torch.randn(batch, rows, n, heads, d, device=DEVICE) * s for s in (1, 3))
+
+    def delta(fma_chain):
+        out = torch.empty(batch, rows, heads, n, device=DEVICE)
+        bh = min(triton.next_power_of_2(heads), max(1, 256 // d))
+        kernel._bwd_delta_kernel[(1, rows, batch * triton.cdiv(heads, bh))](
+            o, do, out, *o.stride(), *do.stride(), rows, n, heads,
+            D=d, BLOCK_J=16, BLOCK_H=bh, FMA_CHAIN=fma_chain, num_warps=4)
+        return out
+
+    chain = torch.zeros(batch, rows, n, heads, dtype=torch.float64)
+    for dd in range(d):
+        chain = (do[..., dd].double() * o[..., dd].double() + chain).float().double()
+    chain = chain.float().permute(0, 1, 3, 2)
+    assert torch.equal(delta(True), chain)
+    tree = delta(False)  # the 16-bit path's tree sum: close, but not these bits
+    assert not torch.equal(tree, chain) and torch.allclose(tree, chain, rtol=1e-5, atol=1e-5)
 
 
 def test_bias_grad_skipped_when_not_needed(monkeypatch):
