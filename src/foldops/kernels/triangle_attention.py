@@ -312,8 +312,9 @@ def _fwd_kernel(
 @triton.jit
 def _rowdot_fma(a_ptrs, b_ptrs, sad, sbd, valid, D: tl.constexpr):
     """sum_d a[..., d] * b[..., d] (fp32) as one FMA chain over d = 0, 1, ..., D - 1 from
-    0: the rounding of an fp32 "ieee" ``tl.dot`` (FMA units; the interpreter's OpenBLAS
-    sgemm alike). ``a_ptrs`` / ``b_ptrs`` point at column d = 0; ``valid`` masks rows.
+    0: the rounding of an fp32 "ieee" ``tl.dot`` on the GPU's FMA units (the CPU
+    interpreter's numpy matmul need not round so). ``a_ptrs`` / ``b_ptrs`` point at
+    column d = 0; ``valid`` masks rows.
 
     delta = dO.O taken so rounds exactly as dP = dO.v does: where a row keeps a single
     key, O = v and dS = P (dP - delta) is exactly 0, as in PyTorch's softmax backward
