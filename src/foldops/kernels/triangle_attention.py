@@ -1169,11 +1169,13 @@ def triangle_attention_backward(
 # the row-split count depends on it, through the makespan model of _bias_splits.
 _DBIAS_PROGRAMS_PER_SM = {4: 3, 8: 1}
 _MAX_BIAS_SPLITS = 16
-# The q, k, v and dO rows that one split of one head streams through (rows x row_bytes):
-# past this the programs of a wave, drifting apart in their rows, no longer meet in the
-# 50 MB L2, and dBias slows (H100, bf16, D = 32, `session9/passes_splits.txt`; against the
-# best count at the same N: 51-85 MiB ran at the rate of N = 1024, 96 MiB +1%, 128 MiB
-# +15%, 576 MiB +19% (N = 1536), 512 MiB +77% (N = 2048)).
+# An empirical bound on the q, k, v and dO rows that one split of one head streams
+# through (rows x row_bytes), read as L2 reuse (50 MB) but not profiled. H100, bf16,
+# D = 32 (`session9/passes_splits.txt`), against the best count at the same N: 51-85 MiB
+# per split ran at the rate of N = 1024; 96 MiB +2%, 128 MiB +15%. Above that the cost is
+# not monotonic: one split (576 MiB at N = 1536, 1 GiB at 2048) took +19% / +21%, two to
+# six splits at 2048 +30-77%. fp32 takes the same rule (twice the bytes per row), timed
+# only end to end together with its delta change (session 9).
 _DBIAS_SPLIT_BYTES = 80 * 2**20
 
 
@@ -1188,9 +1190,9 @@ def _bias_splits(programs: int, rows: int, warps: int, device: torch.device, row
     ``_DBIAS_SPLIT_BYTES``. On the H100 the model matched the measured dBias times within
     a few percent: 1 split took 1.57 ms at N = 768 and 2 took 1.15 (N = 1024: 3.03 ->
     ~2.8 ms); at N = 512 all counts model alike, and 1 split, with 4 of 132 SMs idle,
-    measured 4% slower than 2. The byte bound alone sets N = 1536 and 2048 (8 and 13
-    splits, where the makespan model chose 1 and 2): dBias 11.3 -> 9.5 ms and 39.1 ->
-    22.0 ms.
+    measured 4% slower than 2. The byte bound alone sets bf16 N = 1536 and 2048 (8 and 13
+    splits, where the makespan model chose 1 and 2): dBias 11.3 -> 9.4 ms and 39.1 ->
+    21.8 ms.
     """
     sms = _num_sms(device.index if device.type != "cpu" else None)
     resident = sms * _DBIAS_PROGRAMS_PER_SM.get(warps, 2)
