@@ -351,12 +351,12 @@ def _bwd_delta_kernel(
     j64 = offs_j.to(tl.int64)[:, None, None]
     h64 = offs_h.to(tl.int64)[None, :, None]
     valid = (offs_j[:, None, None] < N) & (offs_h[None, :, None] < H)
+    row_ok = (offs_j[:, None] < N) & (offs_h[None, :] < H)  # [BLOCK_J, BLOCK_H]
     if FMA_CHAIN:  # fp32 "ieee": round as the kernels' dP products (_rowdot_fma)
-        valid2 = (offs_j[:, None] < N) & (offs_h[None, :] < H)
         j2 = offs_j.to(tl.int64)[:, None]
         h2 = offs_h.to(tl.int64)[None, :]
         delta = _rowdot_fma(DO + b * sdob + i * sdoi + j2 * sdon + h2 * sdoh,
-                            OUT + b * sob + i * soi + j2 * son + h2 * soh, sdod, sod, valid2, D)
+                            OUT + b * sob + i * soi + j2 * son + h2 * soh, sdod, sod, row_ok, D)
     else:
         do = tl.load(DO + b * sdob + i * sdoi + j64 * sdon + h64 * sdoh + offs_d[None, None, :] * sdod,
                      mask=valid, other=0.0)
@@ -364,7 +364,7 @@ def _bwd_delta_kernel(
                     mask=valid, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 2)  # [BLOCK_J, BLOCK_H]
     rows = (b * I + i) * H + offs_h[None, :].to(tl.int64)
-    tl.store(DELTA + rows * N + offs_j[:, None], delta, mask=(offs_j[:, None] < N) & (offs_h[None, :] < H))
+    tl.store(DELTA + rows * N + offs_j[:, None], delta, mask=row_ok)
 
 
 @triton.jit
