@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from foldops import budget
+
+
+def test_cpu_budget_is_cache_sized(monkeypatch):
+    monkeypatch.delenv(budget.ENV_BUDGET_MB, raising=False)
+    assert budget.chunk_budget_bytes(torch.device("cpu")) == budget.CPU_BUDGET_BYTES
+
+
+def test_override_and_bad_override(monkeypatch):
+    monkeypatch.setenv(budget.ENV_BUDGET_MB, "3")
+    assert budget.chunk_budget_bytes(torch.device("cpu")) == 3 * 2**20
+    monkeypatch.setenv(budget.ENV_BUDGET_MB, "lots")
+    with pytest.raises(ValueError, match=budget.ENV_BUDGET_MB):
+        budget.chunk_budget_bytes(torch.device("cpu"))
+    monkeypatch.setenv(budget.ENV_BUDGET_MB, "0")
+    with pytest.raises(ValueError, match="positive"):
+        budget.chunk_budget_bytes(torch.device("cpu"))
+
+
+def test_rows_per_chunk(monkeypatch):
+    monkeypatch.setenv(budget.ENV_BUDGET_MB, "1")
+    cpu = torch.device("cpu")
+    assert budget.rows_per_chunk(cpu, bytes_per_row=2**10, rows=10_000) == 1024
+    assert budget.rows_per_chunk(cpu, bytes_per_row=2**10, rows=100) == 100
+    assert budget.rows_per_chunk(cpu, bytes_per_row=2**30, rows=100) == 1
+    assert budget.rows_per_chunk(cpu, bytes_per_row=2**10, rows=0) == 1
+    assert budget.rows_per_chunk(cpu, bytes_per_row=2**10, rows=100, chunk_size=7) == 7
+    assert budget.rows_per_chunk(cpu, bytes_per_row=2**10, rows=5, chunk_size=7) == 5
