@@ -486,12 +486,12 @@ def _kernel_inputs(args, n: int, dtype: torch.dtype):
 def _set_config(kind: str, head_dim: int, cfg: Tuple[int, int, int, int], fp32: bool = False) -> None:
     """Make ``cfg`` the tile of ``kind`` at ``head_dim`` for every N (of fp32 inputs
     only, with ``fp32``)."""
-    from foldops.kernels import triangle_attention as K
+    from foldops.kernels.triangle_attention import configs
 
     key = (kind, head_dim, fp32)
-    K._CONFIGS[key] = tuple(cfg)
-    if key in K._CONFIGS_SMALL_N:
-        K._CONFIGS_SMALL_N[key] = tuple(cfg)
+    configs.CONFIGS[key] = tuple(cfg)
+    if key in configs.CONFIGS_SMALL_N:
+        configs.CONFIGS_SMALL_N[key] = tuple(cfg)
 
 
 def _fwd_bwd_steps(args, n: int, dtype: torch.dtype, ops: List[Callable]) -> Tuple[List[Callable[[], None]], bool]:
@@ -547,12 +547,12 @@ def tune(args) -> None:
     import json
     import statistics
 
-    from foldops.kernels import triangle_attention as K
+    from foldops.kernels.triangle_attention import configs
 
     kinds = args.kinds or list(TUNE_CANDIDATES)
     variants = args.variant or [""]
     d = args.head_dim
-    defaults = (dict(K._CONFIGS), dict(K._CONFIGS_SMALL_N))
+    defaults = (dict(configs.CONFIGS), dict(configs.CONFIGS_SMALL_N))
     totals: Dict[tuple, List[float]] = collections.defaultdict(list)
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -578,9 +578,9 @@ def tune(args) -> None:
                             # A kernel missing from the profile is not counted as 0 ms.
                             if rnd and ms is not None and TUNE_KERNELS[kind][0] in ms:
                                 times[(name, kind, cfg)].append(sum(ms.get(k, 0.0) for k in TUNE_KERNELS[kind]))
-            K._CONFIGS.clear()
-            K._CONFIGS.update(defaults[0])
-            K._CONFIGS_SMALL_N.update(defaults[1])
+            configs.CONFIGS.clear()
+            configs.CONFIGS.update(defaults[0])
+            configs.CONFIGS_SMALL_N.update(defaults[1])
             _apply_variant("")
             for spec in variants:
                 name = spec.partition(":")[0] or "default"
@@ -613,25 +613,25 @@ def _apply_variant(spec: str, head_dim: int = 32) -> str:
     ``NAME:mma=fwd+dq+dkdv|none,splits=auto|INT,KIND=BJxBKxWARPSxSTAGES``
     (unnamed knobs at their defaults; splits: the dBias row splits; KIND (fwd, dq, dkdv,
     dbias): that kernel's tile at ``head_dim`` for every N); returns NAME."""
-    from foldops.kernels import triangle_attention as K
+    from foldops.kernels.triangle_attention import configs, dbias_splits
 
     name, _, settings = spec.partition(":")
-    _KNOB_DEFAULTS.setdefault("mma", dict(K._MMA_WAIT))
-    _KNOB_DEFAULTS.setdefault("splits", K._bias_splits)
-    _KNOB_DEFAULTS.setdefault("configs", (dict(K._CONFIGS), dict(K._CONFIGS_SMALL_N)))
-    K._CONFIGS.update(_KNOB_DEFAULTS["configs"][0])
-    K._CONFIGS_SMALL_N.update(_KNOB_DEFAULTS["configs"][1])
-    K._MMA_WAIT = dict(_KNOB_DEFAULTS["mma"])
-    K._bias_splits = _KNOB_DEFAULTS["splits"]
+    _KNOB_DEFAULTS.setdefault("mma", dict(configs.MMA_WAIT))
+    _KNOB_DEFAULTS.setdefault("splits", dbias_splits.bias_splits)
+    _KNOB_DEFAULTS.setdefault("configs", (dict(configs.CONFIGS), dict(configs.CONFIGS_SMALL_N)))
+    configs.CONFIGS.update(_KNOB_DEFAULTS["configs"][0])
+    configs.CONFIGS_SMALL_N.update(_KNOB_DEFAULTS["configs"][1])
+    configs.MMA_WAIT = dict(_KNOB_DEFAULTS["mma"])
+    dbias_splits.bias_splits = _KNOB_DEFAULTS["splits"]
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
         if key == "mma":
             kinds = set(value.split("+")) - {"none"}
-            if not kinds <= set(K._MMA_WAIT):
-                raise ValueError(f"--variant: mma takes {'+'.join(K._MMA_WAIT)} or none, not {value!r}")
-            K._MMA_WAIT = {kind: kind in kinds for kind in K._MMA_WAIT}
+            if not kinds <= set(configs.MMA_WAIT):
+                raise ValueError(f"--variant: mma takes {'+'.join(configs.MMA_WAIT)} or none, not {value!r}")
+            configs.MMA_WAIT = {kind: kind in kinds for kind in configs.MMA_WAIT}
         elif key == "splits" and value != "auto":
-            K._bias_splits = lambda *a, count=int(value): count
+            dbias_splits.bias_splits = lambda *a, count=int(value): count
         elif key in TUNE_CANDIDATES:
             tile = tuple(int(x) for x in value.split("x") if x.isdigit())
             if len(tile) != 4 or value.count("x") != 3:

@@ -2,7 +2,7 @@
 
 Both versions run in one process on the same inputs (bf16, B=1, H=4, D=32, the
 benchmark's all-kept key mask unless told otherwise): the revision's kernel file is
-loaded as a second module with its custom ops renamed. For each size, --rounds rounds
+loaded as a second module (or package) with its custom ops renamed. For each size, --rounds rounds
 each time both versions, in alternating order (torch.profiler device time per kernel,
 as ``--passes`` of benchmarks/triangle_attention.py), then the median per kernel and the median of the
 per-round ratios of the totals. Interleaving spreads the clock drift of a long run
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
+import importlib
 import os
 import statistics
 import subprocess
@@ -28,27 +28,49 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from triangle_attention import _fwd_bwd_steps, _kernel_times  # noqa: E402
 
-KERNEL_FILE = "src/foldops/kernels/triangle_attention.py"
+KERNEL_PACKAGE = "src/foldops/kernels/triangle_attention"  # the kernels as a package
+KERNEL_FILE = KERNEL_PACKAGE + ".py"  # revisions before the package: one file
+
+
+def _renamed(source: str) -> str:
+    """``source`` with its custom ops renamed to ``foldops_ab::...`` and its imports of
+    the kernel package pointed at the copy."""
+    source = source.replace("foldops::triangle_attention_", "foldops_ab::triangle_attention_")
+    source = source.replace("torch.ops.foldops.triangle_attention_", "torch.ops.foldops_ab.triangle_attention_")
+    return source.replace("foldops.kernels.triangle_attention", "foldops_ab_kernels")
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout
 
 
 def load_revision(rev: str):
-    """The kernel module of ``rev`` (a git revision, or a saved copy of the kernel file
-    where the machine has no git history), its ops renamed to ``foldops_ab::...``."""
+    """The kernels of ``rev`` (a git revision, or a saved copy of the kernel package or
+    of the one-file module where the machine has no git history), imported as
+    ``foldops_ab_kernels`` with their ops renamed to ``foldops_ab::...``."""
     if os.path.isfile(rev):
-        with open(rev) as fh:
-            source = fh.read()
+        files = {"foldops_ab_kernels.py": open(rev).read()}
+    elif os.path.isdir(rev):
+        files = {f"foldops_ab_kernels/{name}": open(os.path.join(rev, name)).read()
+                 for name in os.listdir(rev) if name.endswith(".py")}
     else:
-        source = subprocess.run(["git", "show", f"{rev}:{KERNEL_FILE}"], check=True, capture_output=True,
-                                text=True).stdout
-    source = source.replace("foldops::triangle_attention_", "foldops_ab::triangle_attention_")
-    source = source.replace("torch.ops.foldops.triangle_attention_", "torch.ops.foldops_ab.triangle_attention_")
-    path = os.path.join(tempfile.mkdtemp(), "triangle_attention_ab.py")
-    with open(path, "w") as fh:
-        fh.write(source)
-    spec = importlib.util.spec_from_file_location("triangle_attention_ab", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+        try:
+            is_package = _git("cat-file", "-t", f"{rev}:{KERNEL_PACKAGE}").strip() == "tree"
+        except subprocess.CalledProcessError:  # no such path at rev: the one-file module
+            is_package = False
+        if is_package:
+            files = {f"foldops_ab_kernels/{name}": _git("show", f"{rev}:{KERNEL_PACKAGE}/{name}")
+                     for name in _git("ls-tree", "--name-only", f"{rev}:{KERNEL_PACKAGE}").split()
+                     if name.endswith(".py")}
+        else:
+            files = {"foldops_ab_kernels.py": _git("show", f"{rev}:{KERNEL_FILE}")}
+    root = tempfile.mkdtemp()
+    for name, source in files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        with open(os.path.join(root, name), "w") as fh:
+            fh.write(_renamed(source))
+    sys.path.insert(0, root)
+    return importlib.import_module("foldops_ab_kernels")
 
 
 def compare(versions, args, n: int) -> None:

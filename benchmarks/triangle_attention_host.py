@@ -53,13 +53,15 @@ def _public_fwd_bwd(K, n: int, heads: int, d: int):
 def _through_registered_ops(K, fn):
     """``fn`` with the kernels' entry point sent through the custom ops' dispatch and
     autograd (as torch.compile traces them) instead of the eager path."""
+    op = K.op  # the kernel package's module of the entry point
+
     def call():
-        use_registered_ops = K._use_registered_ops
-        K._use_registered_ops = lambda _q: True
+        use_registered_ops = op._use_registered_ops
+        op._use_registered_ops = lambda _q: True
         try:
             fn()
         finally:
-            K._use_registered_ops = use_registered_ops
+            op._use_registered_ops = use_registered_ops
     return call
 
 
@@ -110,8 +112,9 @@ def main() -> None:
             K.triangle_attention(q, k, v, bias, keep, scale)
 
     def launch_one():  # the smallest kernel, as the backward launcher launches it
-        K._bwd_delta_kernel[(triton.cdiv(n, 64), n, 1)](
-            out, go, delta, *out.stride(), *go.stride(), n, n, heads, D=d, BLOCK_J=64, BLOCK_H=heads, num_warps=4)
+        K.backward._bwd_delta_kernel[(triton.cdiv(n, 64), n, 1)](
+            out, go, delta, *out.stride(), *go.stride(), n, n, heads, D=d, BLOCK_J=64, BLOCK_H=heads,
+            FMA_CHAIN=False, num_warps=4)
 
     registered = _through_registered_ops(K, public)
 

@@ -183,12 +183,13 @@ def _inputs(n: int, d: int, dtype: torch.dtype, layout: str):
 def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass_dir: str = "",
            layout: str = "contiguous") -> List[dict]:
     from foldops.kernels import triangle_attention as K
+    from foldops.kernels.triangle_attention import configs, dbias_splits, launch
 
     driver.set_active(_OfflineDriver(capability))
-    K.wrap_triton = _Recorder
-    K._num_sms = lambda index: 132
-    K._mma_wait = lambda kind, t, has_mask, d: (  # the launcher's rule, for CPU tensors
-        K._MMA_WAIT[kind] and (kind, has_mask, d) not in K._MMA_WAIT_SKIP and capability // 10 == 9)
+    launch.wrap_triton = _Recorder
+    dbias_splits.num_sms = lambda device: 132
+    launch._mma_wait = lambda kind, t, has_mask, d: (  # the launcher's rule, for CPU tensors
+        configs.MMA_WAIT[kind] and (kind, has_mask, d) not in configs.MMA_WAIT_SKIP and capability // 10 == 9)
     _Recorder.launches.clear()
 
     q, k, v, bias = _inputs(n, d, dtype, layout)
@@ -235,14 +236,14 @@ def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass
 
 
 def _set_configs(specs: List[str]) -> None:
-    from foldops.kernels import triangle_attention as K
+    from foldops.kernels.triangle_attention import configs
 
     for spec in specs:
         kind, values = spec.split("=")
         bj, bk, warps, stages = (int(x) for x in values.split(","))
-        for key in list(K._CONFIGS):
+        for key in list(configs.CONFIGS):
             if key[0] == kind:
-                K._CONFIGS[key] = (bj, bk, warps, stages)
+                configs.CONFIGS[key] = (bj, bk, warps, stages)
 
 
 def main(argv=None) -> int:

@@ -320,3 +320,24 @@ def test_import_touches_no_device_and_no_triton():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False", "False"]
+
+
+def test_capability_and_sm_count_are_cached_per_device_index(monkeypatch):
+    """The launchers' per-call device queries ask the driver once per device index."""
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: calls.append(("cc", index)) or (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: calls.append(("sm", index)) or SimpleNamespace(multi_processor_count=132))
+    fdevice._capability.cache_clear()
+    fdevice._multiprocessors.cache_clear()
+    try:
+        for device in (torch.device("cuda", 1), "cuda:1", 1):
+            assert fdevice.compute_capability(device) == (9, 0)
+            assert fdevice.multiprocessor_count(device) == 132
+        assert calls == [("cc", 1), ("sm", 1)]
+        assert fdevice.is_rocm() == (torch.version.hip is not None)
+    finally:
+        fdevice._capability.cache_clear()
+        fdevice._multiprocessors.cache_clear()

@@ -269,6 +269,45 @@ def kernel_support(device: Union[torch.Tensor, DeviceLike], explicit: bool = Tru
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def is_rocm() -> bool:
+    """True on a ROCm (HIP) build of PyTorch, whose "cuda" devices are AMD GPUs."""
+    return torch.version.hip is not None
+
+
+def _cuda_index(device: Union[torch.Tensor, DeviceLike, int]) -> int:
+    """The CUDA device index of a tensor, device, string or index (None: the current one)."""
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    if isinstance(device, torch.device):
+        index = device.index
+    else:
+        index = device if device is None or isinstance(device, int) else torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def compute_capability(device: Union[torch.Tensor, DeviceLike, int] = None) -> tuple[int, int]:
+    """``(major, minor)`` compute capability of a CUDA device, cached per device for the
+    launchers' per-call checks (asks the driver on first use, never at import). Whether
+    kernels run at all is ``kernel_support``'s rule."""
+    return _capability(_cuda_index(device))
+
+
+def multiprocessor_count(device: Union[torch.Tensor, DeviceLike, int] = None) -> int:
+    """Streaming multiprocessors (SMs; compute units on ROCm) of a CUDA device (cached)."""
+    return _multiprocessors(_cuda_index(device))
+
+
 @contextlib.contextmanager
 def device_guard(device: torch.device) -> Iterator[None]:
     """Make ``device`` current for launches (CUDA/XPU); a no-op elsewhere."""

@@ -27,6 +27,7 @@ else:
     import triton
 
     from foldops.kernels import triangle_attention as kernel
+    from foldops.kernels.triangle_attention import backward, configs, dbias_splits, launch, op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -164,10 +165,10 @@ def test_output_layout_follows_q():
 def test_bias_grad_split_and_deterministic(monkeypatch, splits):
     """Both bias-gradient paths (rows split over programs, or one pass) agree with fp64
     and repeat bit for bit."""
-    monkeypatch.setattr(kernel, "_bias_splits", lambda *args: splits)
+    monkeypatch.setattr(dbias_splits, "bias_splits", lambda *args: splits)
     launched = []
-    wrap = kernel.wrap_triton
-    monkeypatch.setattr(kernel, "wrap_triton", lambda fn: launched.append(fn.__name__) or wrap(fn))
+    wrap = launch.wrap_triton
+    monkeypatch.setattr(launch, "wrap_triton", lambda fn: launched.append(fn.__name__) or wrap(fn))
     batch, rows, n, heads, d = 1, 5, 9, 2, 16
     q, k, v = _make_qkv(batch, rows, n, heads, d, torch.float32, "contiguous")
     bias = _make_bias(batch, heads, n, torch.float32, "contiguous").requires_grad_()
@@ -188,47 +189,47 @@ def test_bias_splits_rule(monkeypatch):
     """The split count minimises waves x rows per program (+1% per split) among those
     that give every SM a program and keep a split's rows within 80 MiB, never more than
     the rows or 16; the H100 cases measured in the docs."""
-    monkeypatch.setattr(kernel, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(dbias_splits, "num_sms", lambda device: 132)
     cpu = torch.device("cpu")
     # (programs, rows, warps) -> splits: N = 256 / 384 / 512 with 128x64 tiles, 8 warps
     # (one program per SM); N = 768 / 1024 with 64x64 tiles, 4 warps (three per SM).
-    assert kernel._bias_splits(32, 256, 8, cpu) == 8  # 256 programs, two waves of 32 rows
-    assert kernel._bias_splits(72, 384, 8, cpu) == 11  # 792 programs, 6 waves of 35 rows
-    assert kernel._bias_splits(128, 512, 8, cpu) == 2  # 1 split would leave 4 SMs idle
-    assert kernel._bias_splits(576, 768, 4, cpu) == 2  # 1152 programs, 3 waves of 384 rows
-    assert kernel._bias_splits(1024, 1024, 4, cpu) == 5
-    assert kernel._bias_splits(4, 3, 4, cpu) == 3  # capped by the rows
-    assert kernel._bias_splits(1, 4096, 8, cpu) == 16  # and by 16
-    assert kernel._bias_splits(100_000, 1024, 4, cpu) == 1  # many tiles: no split
+    assert dbias_splits.bias_splits(32, 256, 8, cpu) == 8  # 256 programs, two waves of 32 rows
+    assert dbias_splits.bias_splits(72, 384, 8, cpu) == 11  # 792 programs, 6 waves of 35 rows
+    assert dbias_splits.bias_splits(128, 512, 8, cpu) == 2  # 1 split would leave 4 SMs idle
+    assert dbias_splits.bias_splits(576, 768, 4, cpu) == 2  # 1152 programs, 3 waves of 384 rows
+    assert dbias_splits.bias_splits(1024, 1024, 4, cpu) == 5
+    assert dbias_splits.bias_splits(4, 3, 4, cpu) == 3  # capped by the rows
+    assert dbias_splits.bias_splits(1, 4096, 8, cpu) == 16  # and by 16
+    assert dbias_splits.bias_splits(100_000, 1024, 4, cpu) == 1  # many tiles: no split
     # With the bytes a split streams (q, k, v, dO rows of one head, bf16, D = 32): 768 and
     # 1024 keep the makespan choice; 1536 and 2048 take the fewest splits within 80 MiB.
     row_bytes = lambda n: 4 * n * 32 * 2  # noqa: E731
-    assert kernel._bias_splits(576, 768, 4, cpu, row_bytes(768)) == 2
-    assert kernel._bias_splits(1024, 1024, 4, cpu, row_bytes(1024)) == 5
-    assert kernel._bias_splits(2304, 1536, 4, cpu, row_bytes(1536)) == 8
-    assert kernel._bias_splits(4096, 2048, 4, cpu, row_bytes(2048)) == 13
-    assert kernel._bias_splits(4096, 2048, 4, cpu) == 2  # the makespan model alone
-    assert kernel._bias_splits(4096, 8192, 4, cpu, row_bytes(8192)) == 16  # never above 16
+    assert dbias_splits.bias_splits(576, 768, 4, cpu, row_bytes(768)) == 2
+    assert dbias_splits.bias_splits(1024, 1024, 4, cpu, row_bytes(1024)) == 5
+    assert dbias_splits.bias_splits(2304, 1536, 4, cpu, row_bytes(1536)) == 8
+    assert dbias_splits.bias_splits(4096, 2048, 4, cpu, row_bytes(2048)) == 13
+    assert dbias_splits.bias_splits(4096, 2048, 4, cpu) == 2  # the makespan model alone
+    assert dbias_splits.bias_splits(4096, 8192, 4, cpu, row_bytes(8192)) == 16  # never above 16
 
 
 def test_fp32_tiles_only_for_fma_products(monkeypatch):
     """fp32 without TF32 takes its own tiles (tuned on the FMA units), with their own
     small-N overrides; TF32 and 16-bit inputs keep theirs; head dims without fp32 tiles
     keep the clamped ones."""
-    monkeypatch.setattr(kernel, "_interpreting", lambda: False)
+    monkeypatch.setattr(launch, "_interpreting", lambda: False)
     for kind in ("fwd", "dq", "dkdv", "dbias"):
         key = (kind, 32, True)
-        assert kernel._config(kind, 1024, 32, torch.float32) == kernel._CONFIGS[key]
-        assert kernel._config(kind, 512, 32, torch.float32) == kernel._CONFIGS_SMALL_N.get(key, kernel._CONFIGS[key])
+        assert launch._config(kind, 1024, 32, torch.float32) == configs.CONFIGS[key]
+        assert launch._config(kind, 512, 32, torch.float32) == configs.CONFIGS_SMALL_N.get(key, configs.CONFIGS[key])
         for n in (512, 1024):
-            assert kernel._config(kind, n, 32, torch.float32) != kernel._config(kind, n, 32, torch.float32,
+            assert launch._config(kind, n, 32, torch.float32) != launch._config(kind, n, 32, torch.float32,
                                                                                   allow_tf32=True)
-        assert kernel._config(kind, 1024, 32, torch.bfloat16) == kernel._CONFIGS[(kind, 32, False)]
+        assert launch._config(kind, 1024, 32, torch.bfloat16) == configs.CONFIGS[(kind, 32, False)]
     # The 16-bit small-N dBias tile (8 warps) reaches neither fp32 path.
-    assert kernel._config("dbias", 512, 32, torch.float32) != kernel._CONFIGS_SMALL_N[("dbias", 32, False)]
-    assert kernel._config("dbias", 512, 32, torch.float32, allow_tf32=True)[2] == 4
-    assert (("dkdv", 64, True)) not in kernel._CONFIGS
-    assert kernel._config("dkdv", 512, 64, torch.float32)[3] <= 2  # the clamp: at most 2 stages
+    assert launch._config("dbias", 512, 32, torch.float32) != configs.CONFIGS_SMALL_N[("dbias", 32, False)]
+    assert launch._config("dbias", 512, 32, torch.float32, allow_tf32=True)[2] == 4
+    assert (("dkdv", 64, True)) not in configs.CONFIGS
+    assert launch._config("dkdv", 512, 64, torch.float32)[3] <= 2  # the clamp: at most 2 stages
 
 
 def test_fp32_delta_is_one_fma_chain():
@@ -242,7 +243,7 @@ def test_fp32_delta_is_one_fma_chain():
     def delta(fma_chain):
         out = torch.empty(batch, rows, heads, n, device=DEVICE)
         bh = min(triton.next_power_of_2(heads), max(1, 256 // d))
-        kernel._bwd_delta_kernel[(1, rows, batch * triton.cdiv(heads, bh))](
+        backward._bwd_delta_kernel[(1, rows, batch * triton.cdiv(heads, bh))](
             o, do, out, *o.stride(), *do.stride(), rows, n, heads,
             D=d, BLOCK_J=16, BLOCK_H=bh, FMA_CHAIN=fma_chain, num_warps=4)
         return out
@@ -258,8 +259,8 @@ def test_fp32_delta_is_one_fma_chain():
 
 def test_bias_grad_skipped_when_not_needed(monkeypatch):
     calls = []
-    original = kernel._bias_splits
-    monkeypatch.setattr(kernel, "_bias_splits", lambda *a: calls.append(1) or original(*a))
+    original = dbias_splits.bias_splits
+    monkeypatch.setattr(dbias_splits, "bias_splits", lambda *a: calls.append(1) or original(*a))
     q, k, v = (t.requires_grad_() for t in _make_qkv(1, 2, 5, 1, 16, torch.float32, "contiguous"))
     bias = _make_bias(1, 1, 5, torch.float32, "contiguous")  # no grad
     out = kernel.triangle_attention(q, k, v, bias, None, 0.25)
@@ -279,7 +280,7 @@ def test_eager_registered_and_inference_paths_agree(monkeypatch, mask_kind):
     grad_out = torch.randn(q.shape, device=DEVICE).to(torch.bfloat16)
 
     def fwd_bwd(registered):
-        monkeypatch.setattr(kernel, "_use_registered_ops", lambda _q: registered)
+        monkeypatch.setattr(op, "_use_registered_ops", lambda _q: registered)
         leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
         out = kernel.triangle_attention(*leaves, keep, 0.3)
         return (out, *torch.autograd.grad(out, leaves, grad_out))
@@ -290,8 +291,8 @@ def test_eager_registered_and_inference_paths_agree(monkeypatch, mask_kind):
     monkeypatch.undo()
 
     lse_sizes = []
-    forward = kernel.triangle_attention_forward
-    monkeypatch.setattr(kernel, "triangle_attention_forward",
+    forward = op.triangle_attention_forward
+    monkeypatch.setattr(op, "triangle_attention_forward",
                         lambda *a, **kw: (lambda r: lse_sizes.append(r[1].numel()) or r)(forward(*a, **kw)))
     with torch.no_grad():
         out = kernel.triangle_attention(q, k, v, bias, keep, 0.3)
