@@ -12,7 +12,7 @@
 See docs/training.md.
 """
 
-from foldops.train.checkpoint import (
+from foldops.train.checkpointing import (
     CheckpointError,
     CheckpointManager,
     UnsafeCheckpointError,

@@ -49,7 +49,7 @@ class TrainerConfig:
             each epoch.
         limit_val_batches: at most this many validation batches per run (``None``: all).
 
-    Checkpoints (all written atomically; see ``foldops.train.checkpoint``):
+    Checkpoints (all written atomically; see ``foldops.train.checkpointing``):
         checkpoint_dir: directory for ``last.ckpt``, step and top-k checkpoints; ``None``: no
             checkpoints.
         checkpoint_every_n_steps: write ``step=NNNNNNNN.ckpt`` and refresh ``last.ckpt`` every

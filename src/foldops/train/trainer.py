@@ -44,7 +44,7 @@ from torch import nn
 from foldops import device as fdevice
 from foldops.compat.seed import seed_everything
 from foldops.train import distributed as fdist
-from foldops.train.checkpoint import (
+from foldops.train.checkpointing import (
     FORMAT,
     FORMAT_VERSION,
     CheckpointError,
