@@ -156,7 +156,7 @@ class Trainer:
         elif not isinstance(config, TrainerConfig):
             raise TypeError(f"config: expected a TrainerConfig, got {type(config).__name__}")
         elif overrides:
-            config = dataclasses.replace(config, **overrides)
+            config = config.replace(**overrides)
         self.config = config
         self._extra_loggers = list(loggers)
         self.global_step = 0
