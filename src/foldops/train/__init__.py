@@ -19,6 +19,7 @@ from foldops.train.checkpointing import (
     CheckpointError,
     CheckpointManager,
     UnsafeCheckpointError,
+    UnverifiedCheckpointWarning,
     atomic_save,
     read_checkpoint,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "Trainer",
     "TrainerConfig",
     "UnsafeCheckpointError",
+    "UnverifiedCheckpointWarning",
     "WandbLogger",
     "atomic_save",
     "log",

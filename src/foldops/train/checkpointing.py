@@ -5,19 +5,30 @@ fsync'ed, then renamed over the target (``os.replace`` is atomic on POSIX and Wi
 and the directory is fsync'ed. A process killed at any moment therefore leaves either
 the previous file or the new one, never a torn one; at worst a stray ``.*.tmp`` file,
 which the next :class:`CheckpointManager` removes.
+
+Every file written here ends with a trailer holding the SHA-256 of the bytes before it
+(``torch.save``'s container, zip or legacy), computed while writing; ``torch.load`` ignores
+trailing bytes, so the files stay plain torch checkpoints. :func:`read_checkpoint` checks
+the trailer before unpickling anything. A file without one (written elsewhere) is checked
+by the CRC-32 of each zip record when it is a zip; a legacy (non-zip) file without one
+cannot be checked and loads with an :class:`UnverifiedCheckpointWarning`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import pickle
 import random
 import re
 import shutil
+import struct
 import tempfile
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -26,7 +37,11 @@ import torch
 PathLike = Union[str, os.PathLike]
 
 FORMAT = "foldops.train"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the optimizer's class is stored (files of version 1 still load)
+
+_TRAILER_MAGIC = b"\nfoldops-checkpoint-sha256:"
+_TRAILER_LEN = len(_TRAILER_MAGIC) + 64 + 1  # magic, hex digest, newline
+_CHUNK = 8 << 20
 
 
 class CheckpointError(ValueError):
@@ -35,6 +50,10 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that safe loading (``weights_only=True``) refuses."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint with no checksum and no zip container: its integrity cannot be checked."""
 
 
 # Files ---------------------------------------------------------------------------------
@@ -57,14 +76,36 @@ def _temp_path(path: Path) -> Tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` so that ``path`` is never seen half-written."""
+class _HashingWriter:
+    """A write-only file that hashes what passes through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_save(obj: Any, path: PathLike, **save_kwargs: Any) -> Path:
+    """``torch.save(obj)`` to ``path`` so that ``path`` is never seen half-written.
+
+    The file ends with the SHA-256 trailer that :func:`read_checkpoint` verifies.
+    ``save_kwargs`` go to ``torch.save`` (e.g. ``_use_new_zipfile_serialization=False``
+    for the legacy container).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_path(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _HashingWriter(f)
+            torch.save(obj, writer, **save_kwargs)
+            f.write(_TRAILER_MAGIC + writer.sha.hexdigest().encode("ascii") + b"\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -121,8 +162,11 @@ def read_checkpoint(
 ) -> Dict[str, Any]:
     """Load a checkpoint dict with ``torch.load(weights_only=True)`` and clear errors.
 
-    ``verify`` checks the CRC-32 of every record of the zip container first (one extra
-    read of the file): torch's reader does not, and would return silently damaged tensors.
+    ``verify`` first reads the whole file once and checks its SHA-256 trailer (files
+    written by :func:`atomic_save`) or, for a zip file without one, the CRC-32 of every
+    record; a legacy (non-zip) file without a trailer loads with an
+    :class:`UnverifiedCheckpointWarning`. torch's reader checks neither, and would return
+    silently damaged tensors. Any damage found raises :class:`CheckpointError`.
 
     ``safe_globals`` extends the allow-list (objects, or ``(object, "module.Name")``
     pairs for classes that live elsewhere). ``trust_checkpoint=True`` switches to full
@@ -134,8 +178,7 @@ def read_checkpoint(
     if path.is_dir():
         raise CheckpointError(f"path: {str(path)!r} is a directory, expected a checkpoint file")
     size = path.stat().st_size
-    if verify:
-        _verify_zip(path, size)
+    checked = verify_checkpoint(path) if verify else None
     try:
         if trust_checkpoint:
             obj = torch.load(path, map_location=map_location, weights_only=False)
@@ -148,29 +191,77 @@ def read_checkpoint(
         if names or "unsupported global" in str(exc).lower():
             raise UnsafeCheckpointError(_unsafe_message(path, names)) from exc
         raise CheckpointError(_corrupt_message(path, size, exc)) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
-            IndexError, TypeError, AttributeError, ImportError) as exc:
+    except _READ_ERRORS as exc:
         if isinstance(exc, FileNotFoundError):
             raise
         raise CheckpointError(_corrupt_message(path, size, exc)) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, the file holds a {type(obj).__name__}")
+    if checked == "unverified":
+        warnings.warn(
+            f"{path}: this checkpoint has no checksum (it was not written by foldops) and is not a zip file, so "
+            f"its integrity could not be verified: a damaged weight would have loaded silently. Re-save it with "
+            f"foldops.train.atomic_save to add one.",
+            UnverifiedCheckpointWarning,
+            stacklevel=2,
+        )
     return obj
 
 
-def _verify_zip(path: Path, size: int) -> None:
-    if not zipfile.is_zipfile(path):
-        return  # legacy (pre-1.6) format or not a checkpoint: torch.load decides
+# What a damaged file can make the zip and torch readers raise.
+_READ_ERRORS = (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError,
+                AttributeError, ImportError, NotImplementedError, struct.error, zlib.error, OverflowError,
+                MemoryError)
+
+
+def verify_checkpoint(path: PathLike) -> str:
+    """Check a checkpoint file's integrity; -> ``"sha256"``, ``"zip-crc32"`` or ``"unverified"``.
+
+    Raises :class:`CheckpointError` naming the check that failed; ``"unverified"``: a legacy
+    (non-zip) file without a trailer, nothing to check against.
+    """
+    path = Path(path)
+    size = path.stat().st_size
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        with open(path, "rb") as f:
+            if size >= _TRAILER_LEN:
+                f.seek(size - _TRAILER_LEN)
+                tail = f.read(_TRAILER_LEN)
+                if tail.startswith(_TRAILER_MAGIC) and tail.endswith(b"\n"):
+                    expected = tail[len(_TRAILER_MAGIC):-1]
+                    f.seek(0)
+                    sha = hashlib.sha256()
+                    left = size - _TRAILER_LEN
+                    while left > 0:
+                        chunk = f.read(min(_CHUNK, left))
+                        if not chunk:
+                            break
+                        sha.update(chunk)
+                        left -= len(chunk)
+                    if sha.hexdigest().encode("ascii") != expected:
+                        raise CheckpointError(
+                            f"{path}: cannot read this checkpoint ({size} bytes); the file is truncated or corrupt: "
+                            f"its content fails the SHA-256 checksum written with it (damaged on disk or in transfer)"
+                        )
+                    return "sha256"
+    except OSError as exc:
+        raise CheckpointError(_corrupt_message(path, size, exc)) from exc
+    try:
+        is_zip = zipfile.is_zipfile(path)
+        bad = None
+        if is_zip:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+    except _READ_ERRORS as exc:  # zip structures damaged: is_zipfile and testzip raise many kinds
         raise CheckpointError(_corrupt_message(path, size, exc)) from exc
     if bad is not None:
         raise CheckpointError(
             f"{path}: cannot read this checkpoint ({size} bytes); the file is truncated or corrupt: "
             f"record {bad!r} fails its CRC-32 check (damaged on disk or in transfer)"
         )
+    if is_zip:
+        return "zip-crc32"
+    return "unverified"
 
 
 def _corrupt_message(path: Path, size: int, exc: BaseException) -> str:
