@@ -170,8 +170,15 @@ FAULTS = [
     (legacy_weight_flip, CheckpointError, "fails the SHA-256 checksum"),
     (zip_weight_flip, CheckpointError, "fails the SHA-256 checksum"),
     (resume_from_legacy_weight_flip, CheckpointError, "flipped-legacy-last.ckpt"),
+    (resume_last_dangling_link, CheckpointError, "which does not exist"),
+    (resume_last_missing_beside_step_files, CheckpointError, "other checkpoint(s) (step=00000001.ckpt"),
     (zip_compression_method_flip, CheckpointError, "truncated or corrupt"),
     (zip_multi_disk_locator, CheckpointError, "truncated or corrupt"),
+    (resume_adam_into_sgd, CheckpointError, "optimizer is torch.optim.adamw.AdamW, this run's is torch.optim.sgd.SGD"),
+    (resume_adam_into_sgd_from_a_file_without_the_class, CheckpointError, "another optimizer type"),
+    (resume_other_param_groups, CheckpointError, "1 parameter group(s) in the checkpoint, 2 here"),
+    (detached_loss, ValueError, "attached to the autograd graph"),
+    (integer_loss, TypeError, "must be a floating-point tensor"),
 ]
 ITEMS = {"legacy_weight_flip": 6, "zip_weight_flip": 6, "resume_from_legacy_weight_flip": 6,
          "resume_last_dangling_link": 7, "resume_last_missing_beside_step_files": 7,
@@ -236,3 +243,9 @@ def test_foreign_legacy_file_loads_with_a_warning_and_checksummed_ones_silently(
             assert _same(read_checkpoint(_checksummed(tmp_path, legacy)), _payload())
         assert _same(read_checkpoint(_foreign_zip(tmp_path)), _payload())  # zip: its CRCs are checked
         assert _same(torch.load(_checksummed(tmp_path, False), weights_only=True), _payload())  # plain torch reads it
+
+
+def test_resume_last_on_a_first_run_starts_fresh(tmp_path):
+    trainer = Trainer(_config(tmp_path / "new"))
+    trainer.fit(TinyRegressor(), make_loader(16, 4), resume="last")
+    assert trainer.global_step == 2

@@ -87,6 +87,49 @@ def _plain(obj: Any) -> bool:
     return False
 
 
+def _refuse_loss(loss: torch.Tensor) -> None:
+    what = (f"a {loss.dtype} tensor" if not loss.is_floating_point()
+            else "a tensor detached from the autograd graph (requires_grad=False)")
+    error = TypeError if not loss.is_floating_point() else ValueError
+    raise error(
+        f"training_step: the loss must be a floating-point tensor attached to the autograd graph of the "
+        f"model's parameters, got {what}. Compute it from the model's outputs without .detach(), .item(), "
+        f"torch.no_grad() or an integer cast; return None to skip a batch."
+    )
+
+
+def _qualified_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _optimizer_differences(optimizer: torch.optim.Optimizer, saved: Any, saved_class: Optional[str]) -> List[str]:
+    """What keeps a saved optimizer state from fitting ``optimizer`` (empty: it fits)."""
+    problems = []
+    ours = _qualified_name(optimizer)
+    if saved_class is not None and saved_class != ours:
+        problems.append(f"the checkpoint's optimizer is {saved_class}, this run's is {ours}")
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not isinstance(groups, list) or not all(isinstance(g, Mapping) and "params" in g for g in groups):
+        return problems + ["the checkpoint's optimizer state has no parameter groups"]
+    if len(groups) != len(optimizer.param_groups):
+        problems.append(f"{len(groups)} parameter group(s) in the checkpoint, {len(optimizer.param_groups)} here")
+    else:
+        for i, (theirs, mine) in enumerate(zip(groups, optimizer.param_groups)):
+            if len(theirs["params"]) != len(mine["params"]):
+                problems.append(f"parameter group {i} holds {len(theirs['params'])} tensors in the checkpoint, "
+                                f"{len(mine['params'])} here")
+    if saved_class is None and groups:
+        # Files without the class name: the option names tell optimizers apart. A newer torch
+        # may add options (filled with defaults on load), so only a difference both ways counts.
+        ignored = {"params", "param_names", "initial_lr"}
+        missing = sorted(set(optimizer.defaults) - set(groups[0]) - ignored)
+        extra = sorted(set(groups[0]) - set(optimizer.defaults) - ignored)
+        if missing and extra:
+            problems.append(f"the checkpoint's optimizer has options {extra} that {ours} lacks, and lacks "
+                            f"{missing}: another optimizer type")
+    return problems
+
+
 class _Loop:
     """Where the fit loop is within the data, and what it has decided (one per ``fit``)."""
 
@@ -222,8 +265,23 @@ class Trainer:
                 raise ValueError("resume: 'last' needs config.checkpoint_dir to be set")
             path = Path(self.config.checkpointing.checkpoint_dir) / "last.ckpt"
             if not path.exists():
+                # A first run has nothing to resume; a run whose last checkpoint is gone must
+                # not silently start over (and overwrite its step files).
+                if path.is_symlink():
+                    raise CheckpointError(
+                        f"resume: 'last' is {str(path)!r}, a link to {os.readlink(path)!r}, which does not exist; "
+                        f"pass the checkpoint to continue from as resume=PATH, or resume=None to start over"
+                    )
+                others = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
+                if others:
+                    shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+                    raise CheckpointError(
+                        f"resume: 'last' found no {str(path)!r}, but the directory holds {len(others)} other "
+                        f"checkpoint(s) ({shown}): pass the one to continue from as resume=PATH, or resume=None "
+                        f"to start over"
+                    )
                 if self.is_main:
-                    logger.warning("resume='last': no %s yet, starting from scratch", path)
+                    logger.info("resume='last': no %s yet, starting from scratch", path)
                 return None
             return path
         if not isinstance(resume, (str, os.PathLike)):
@@ -493,6 +551,8 @@ class Trainer:
                                          "run backward; return a zero loss instead")
                     self.counters["null_loss_batches"] += 1
                     return True
+                if not loss.requires_grad:
+                    _refuse_loss(loss)
                 window.add_loss(loss)
                 scaled = loss / window.size if window.size > 1 else loss
                 if self.scaler is not None:
@@ -729,6 +789,7 @@ class Trainer:
             "torch_version": str(torch.__version__),
             "state_dict": model_state,
             "optimizer": optimizer_state,
+            "optimizer_class": _qualified_name(self.optimizer),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ema": ema_state,
@@ -777,6 +838,11 @@ class Trainer:
         self._call_hook("on_load_checkpoint", ckpt)
         model_state = ckpt["state_dict"]
         check_state_dict(self.model.state_dict(), model_state, strict=True, source=f"checkpoint {path.name}")
+        problems = _optimizer_differences(self.optimizer, ckpt.get("optimizer"), ckpt.get("optimizer_class"))
+        if problems:
+            raise CheckpointError(f"{path}: the optimizer state does not fit this run's optimizer: "
+                                  + "; ".join(problems) + ". Resume with the optimizer the checkpoint was trained "
+                                  "with, or load only the weights with foldops.compat.load_checkpoint(path, model)")
         try:
             if self._strategy == "fsdp":
                 from torch.distributed.checkpoint.state_dict import (
