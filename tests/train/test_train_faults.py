@@ -249,3 +249,66 @@ def test_resume_last_on_a_first_run_starts_fresh(tmp_path):
     trainer = Trainer(_config(tmp_path / "new"))
     trainer.fit(TinyRegressor(), make_loader(16, 4), resume="last")
     assert trainer.global_step == 2
+
+
+# Metric files (item 14) ---------------------------------------------------------------------
+
+class ReadsItsLogs(TinyRegressor):
+    """Records, at each step, the steps present in metrics.jsonl and the newest checkpoint's step."""
+
+    def __init__(self, directory):
+        super().__init__(scheduler=None)
+        self.directory = directory
+        self.seen = []
+
+    def training_step(self, batch, step):
+        path = self.directory / "last.ckpt"
+        if path.exists():
+            saved = read_checkpoint(path)["global_step"]
+            lines = (self.directory / "metrics.jsonl").read_text().splitlines()
+            self.seen.append((saved, {json.loads(line)["step"] for line in lines}))
+        return super().training_step(batch, step)
+
+
+def test_metric_files_are_flushed_when_a_checkpoint_is_written(tmp_path):
+    model = ReadsItsLogs(tmp_path)
+    Trainer(_config(tmp_path, max_steps=6, log_every_n_steps=1, checkpoint_every_n_steps=2,
+                    loggers=("jsonl", "csv"))).fit(model, make_loader(64, 4))
+    assert model.seen
+    for saved, logged in model.seen:
+        assert set(range(1, saved + 1)) <= logged  # every row the checkpoint accounts for is on disk
+
+
+def _rows(directory):
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def _csv_steps(directory):
+    return [int(float(line.split(",")[0])) for line in (directory / "metrics.csv").read_text().splitlines()[1:]]
+
+
+def test_resume_drops_rows_written_after_the_checkpoint_and_rewrites_them_once(tmp_path):
+    # 16 samples / batch 4 = 4 steps per epoch; a step file at step 4 is written before the
+    # epoch's rows (loss_epoch, validation) at the same step. Resuming from that file (as after a
+    # kill between the two saves) must not repeat them, and the resumed logs equal a straight run's.
+    def config(directory, steps):
+        return _config(directory, max_steps=steps, log_every_n_steps=3, checkpoint_every_n_steps=4,
+                       loggers=("jsonl", "csv"), seed=1)
+
+    def model():
+        torch.manual_seed(0)
+        return TinyRegressor(scheduler=None)
+
+    straight = tmp_path / "straight"
+    Trainer(config(straight, 8)).fit(model(), make_loader(16, 4), make_loader(8, 4, shuffle=False))
+    resumed = tmp_path / "resumed"
+    Trainer(config(resumed, 8)).fit(model(), make_loader(16, 4), make_loader(8, 4, shuffle=False))
+    Trainer(config(resumed, 8)).fit(model(), make_loader(16, 4), make_loader(8, 4, shuffle=False),
+                                    resume=resumed / "step=00000004.ckpt")
+    a, b = _rows(straight), _rows(resumed)
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]  # the same rows, once each, in order
+    drop = {"train/steps_per_s", "train/samples_per_s"}  # wall-clock rates
+    for ra, rb in zip(a, b):
+        for k in set(ra) - drop:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
+    assert _csv_steps(straight) == _csv_steps(resumed)

@@ -121,11 +121,23 @@ class StepMeters:
         self.loss_sums: Optional[torch.Tensor] = None
         self.interval_steps = 0  # steps with a loss since the last step row
         self.epoch_steps = 0  # steps with a loss since the last epoch row
+        self.timed_steps = 0  # steps since interval_t0 (throughput)
         self.interval_samples = 0
         self.interval_t0 = time.perf_counter()
         self.last_norm: Optional[torch.Tensor] = None
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The loss sums and counts of the open interval and epoch (throughput restarts)."""
+        sums = [0.0, 0.0] if self.loss_sums is None else [float(v) for v in self.loss_sums.tolist()]
+        return {"loss_sums": sums, "interval_steps": self.interval_steps, "epoch_steps": self.epoch_steps}
+
+    def load_state_dict(self, state: Dict[str, Any], device: torch.device) -> None:
+        self.loss_sums = torch.tensor([float(v) for v in state["loss_sums"]], dtype=torch.float32, device=device)
+        self.interval_steps = int(state["interval_steps"])
+        self.epoch_steps = int(state["epoch_steps"])
+
     def add_step(self, window_mean: Optional[torch.Tensor], norm: Optional[torch.Tensor]) -> None:
+        self.timed_steps += 1
         if norm is not None:
             self.last_norm = norm
         if window_mean is None:
@@ -143,12 +155,13 @@ class StepMeters:
         return value
 
     def take_interval(self, values: Dict[str, Any]) -> Tuple[float, int, int]:
-        """Add the interval's mean loss to ``values``; -> (elapsed s, steps, samples); restart it."""
+        """Add the interval's mean loss to ``values``; -> (elapsed s, steps timed, samples); restart it."""
         if self.interval_steps:
             values["train/loss"] = (self._take(0), float(self.interval_steps), "mean")
         now = time.perf_counter()
-        out = (now - self.interval_t0, self.interval_steps, self.interval_samples)
+        out = (now - self.interval_t0, self.timed_steps, self.interval_samples)
         self.interval_steps = 0
+        self.timed_steps = 0
         self.interval_samples = 0
         self.interval_t0 = now
         return out

@@ -54,7 +54,7 @@ from foldops.train.checkpointing import (
 from foldops.train.config import TrainerConfig
 from foldops.train.data import EpochData, batch_size_of, eval_loader, transfer_to_device
 from foldops.train.ema import EMA
-from foldops.train.loggers import Logger, make_loggers
+from foldops.train.loggers import Logger, flush_logger, make_loggers, truncate_logger
 from foldops.train.metrics import MetricStore, log
 from foldops.train.predict import check_writer, writer_close, writer_setup, writer_write
 from foldops.train.progress import ProgressBar
@@ -133,7 +133,8 @@ def _optimizer_differences(optimizer: torch.optim.Optimizer, saved: Any, saved_c
 class _Loop:
     """Where the fit loop is within the data, and what it has decided (one per ``fit``)."""
 
-    __slots__ = ("batches_in_epoch", "epoch_exhausted", "stop", "last_saved_step", "consecutive_ooms")
+    __slots__ = ("batches_in_epoch", "epoch_exhausted", "stop", "last_saved_step", "consecutive_ooms",
+                 "row_step", "rows_at_step")
 
     def __init__(self) -> None:
         self.batches_in_epoch = 0  # batches drawn this epoch (the data position a checkpoint stores)
@@ -141,6 +142,10 @@ class _Loop:
         self.stop = False  # max_steps reached
         self.last_saved_step = -1
         self.consecutive_ooms = 0
+        # Metric rows written at step row_step so far: a checkpoint stores the count, and a
+        # resumed run drops that step's later rows (written after the checkpoint).
+        self.row_step = -1
+        self.rows_at_step: Optional[int] = 0
 
 
 class Trainer:
@@ -387,7 +392,7 @@ class Trainer:
             + self._extra_loggers
         for lg in self._loggers:
             if resumed:
-                lg.truncate_after(self.global_step)
+                truncate_logger(lg, self.global_step, self._loop.rows_at_step)
             else:
                 lg.log_hyperparams(cfg.to_dict())
 
@@ -635,6 +640,11 @@ class Trainer:
         self._emit(metrics, self.global_step)
 
     def _emit(self, metrics: Dict[str, float], step: int) -> None:
+        loop = self._loop
+        if loop.row_step == step:
+            loop.rows_at_step = (loop.rows_at_step or 0) + 1
+        else:
+            loop.row_step, loop.rows_at_step = step, 1
         self.callback_metrics.update(metrics)
         if self.is_main:
             for lg in self._loggers:
@@ -777,6 +787,8 @@ class Trainer:
         optimizer_state = self._optimizer_state()
         ema_state = self.ema.state_dict() if self.ema is not None else None
         rng = fdist.gather_objects(capture_rng_state(self.device))
+        # Per rank: the open logging interval and epoch, so a resumed run writes the same rows.
+        log_state = fdist.gather_objects({"meters": self._meters.state_dict(), "metrics": self._metrics.state_dict()})
         hparams = getattr(self.model, "hparams", None)
         if hparams is not None:
             hparams = dict(hparams) if isinstance(hparams, Mapping) else None
@@ -797,13 +809,21 @@ class Trainer:
             "epoch": self.epoch,
             "data": self._data_position(),
             "rng": rng,
+            "log_state": log_state,
+            "log_rows_at_step": self._loop.rows_at_step if self._loop.row_step == self.global_step else 0,
             "counters": dict(self.counters),
             "config": self.config.to_dict(),
             "hyper_parameters": hparams,
             "world_size": self.world_size,
         }
 
+    def _flush_loggers(self) -> None:
+        """Before a checkpoint is written: the metric files then hold every row it accounts for."""
+        for lg in self._loggers:
+            flush_logger(lg)
+
     def _save(self, step_file: bool = False) -> None:
+        self._flush_loggers()
         parts = self._checkpoint_parts()
         self._loop.last_saved_step = self.global_step
         if not self.is_main or self.checkpoints is None:
@@ -820,6 +840,7 @@ class Trainer:
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> None:
         """Write the full training state to ``path`` (atomically; call on every rank)."""
+        self._flush_loggers()
         parts = self._checkpoint_parts()
         if self.is_main:
             parts["checkpoints"] = self.checkpoints.state_dict() if self.checkpoints else None
@@ -876,6 +897,12 @@ class Trainer:
         if self.checkpoints is not None and ckpt.get("checkpoints"):
             self.checkpoints.load_state_dict(ckpt["checkpoints"])
         self._loop.last_saved_step = self.global_step
+        self._loop.row_step = self.global_step
+        self._loop.rows_at_step = ckpt.get("log_rows_at_step")  # None (older files): keep the step's rows
+        log_state = ckpt.get("log_state")
+        if log_state is not None and len(log_state) == self.world_size:
+            self._meters.load_state_dict(log_state[self.rank]["meters"], self.device)
+            self._metrics.load_state_dict(log_state[self.rank]["metrics"])
         rng = ckpt["rng"]
         if len(rng) == self.world_size:
             restore_rng_state(rng[self.rank], self.device)
