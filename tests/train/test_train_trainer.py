@@ -628,3 +628,11 @@ def test_config_groups_and_flat_names_are_one_config():
         TrainerConfig(run={"max_steps": 1})
     with pytest.raises(ValueError, match="accumulate_grad_batches"):
         nested.replace(accumulate_grad_batches=0)
+
+
+def test_progress_bar_prints_values_with_a_fixed_precision():
+    from foldops.train.progress import format_value
+
+    assert [format_value(x) for x in (2.652, 0.1, 0.73301, 12.5, 0.0)] == ["2.6520", "0.1000", "0.7330", "12.5000",
+                                                                        "0.0000"]
+    assert format_value(3.21e-5) == "3.2100e-05" and format_value(float("nan")) == "nan"
