@@ -31,7 +31,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Sized, Union
 
 import torch
 from torch import nn
@@ -146,6 +146,27 @@ class _Loop:
         # resumed run drops that step's later rows (written after the checkpoint).
         self.row_step = -1
         self.rows_at_step: Optional[int] = 0
+
+
+class _WindowBatches:
+    """Up to ``size`` batches drawn from an epoch's iterator, counted into the loop's position."""
+
+    __slots__ = ("batches", "size", "loop")
+
+    def __init__(self, batches: Iterator[Any], size: int, loop: _Loop) -> None:
+        self.batches, self.size, self.loop = batches, size, loop
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[Any]:
+        for _ in range(self.size):
+            batch = next(self.batches, _END)
+            if batch is _END:
+                self.loop.epoch_exhausted = True
+                return
+            self.loop.batches_in_epoch += 1
+            yield batch
 
 
 class Trainer:
@@ -426,26 +447,18 @@ class Trainer:
             if loop.stop:
                 break
 
-    def _micro_batches(self, batches: Iterator[Any], n_epoch: Optional[int]) -> Iterator[Tuple[Any, bool]]:
-        """The next accumulation window: ``(batch, is_last)`` pairs drawn lazily from ``batches``.
+    def _micro_batches(self, batches: Iterator[Any], n_epoch: Optional[int]) -> "_WindowBatches":
+        """The next accumulation window, drawn lazily from the epoch's iterator ``batches``.
 
-        A window holds ``accumulate_grad_batches`` batches, fewer at the end of a sized epoch;
-        an unsized one that ends mid-window ends the window there.
+        It holds ``accumulate_grad_batches`` batches, fewer at the end of a sized epoch; an
+        unsized epoch that ends mid-window ends the window there.
         """
-        loop = self._loop
         accum = self.config.optim.accumulate_grad_batches
-        remaining = None if n_epoch is None else n_epoch - loop.batches_in_epoch
-        size = accum if remaining is None or remaining <= 0 else min(accum, remaining)
-        self._window.reset(size)
-        for i in range(size):
-            batch = next(batches, _END)
-            if batch is _END:
-                loop.epoch_exhausted = True
-                return
-            loop.batches_in_epoch += 1
-            yield batch, i == size - 1
+        remaining = None if n_epoch is None else n_epoch - self._loop.batches_in_epoch
+        return _WindowBatches(batches, accum if remaining is None or remaining <= 0 else min(accum, remaining),
+                              self._loop)
 
-    def train_step(self, micro_batches: Iterable[Tuple[Any, bool]]) -> bool:
+    def train_step(self, micro_batches: Sized) -> bool:
         """One optimizer step over one accumulation window; False if nothing was stepped.
 
         In order: forward and backward of each micro-batch (gradients synchronised across
@@ -456,19 +469,23 @@ class Trainer:
         ``None``) right after the step rather than before the next one, so that
         validation, checkpointing and data loading in between do not hold them.
 
-        Returns False, without stepping, when the window had no batch (the epoch ended)
-        or one of its batches ran out of memory (the window is dropped).
+        ``micro_batches`` is the window: ``len()`` batches are planned (each loss is divided
+        by that), iteration may end earlier. Returns False, without stepping, when the
+        window had no batch (the epoch ended) or one of its batches ran out of memory (the
+        window is dropped).
         """
         cfg = self.config
         opt, window = self.optimizer, self._window
+        window.reset(len(micro_batches))
 
         # 1. Forward and backward over the window.
-        for batch, last in micro_batches:
+        for batch in micro_batches:
             window.count += 1
             n = batch_size_of(batch)
             if n:
                 self._meters.interval_samples += n * self.world_size
                 self._progress.add_samples(n * self.world_size)
+            last = window.count >= window.size  # gradients are synchronised on this one
             if not self._forward_backward(transfer_to_device(batch, self.device), sync=last):
                 self._recover_from_oom()
                 return False
