@@ -312,3 +312,13 @@ def test_resume_drops_rows_written_after_the_checkpoint_and_rewrites_them_once(t
         for k in set(ra) - drop:
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
     assert _csv_steps(straight) == _csv_steps(resumed)
+
+
+def test_resume_from_a_file_without_the_optimizer_class_into_the_same_optimizer(tmp_path):
+    state = read_checkpoint(_trained(tmp_path))
+    del state["optimizer_class"]  # as files of format version 1
+    older = tmp_path / "v1.ckpt"
+    atomic_save(state, older)
+    trainer = Trainer(_config(max_steps=4))
+    trainer.fit(TinyRegressor(), make_loader(16, 4), resume=older)
+    assert trainer.global_step == 4
