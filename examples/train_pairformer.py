@@ -200,8 +200,9 @@ def main(argv=None) -> dict:
     # Part 1: train half-way and stop (as a preempted job would).
     first = Trainer(config(args.steps // 2))
     first.fit(TinyFold(total_steps=args.steps), train, val)
-    print(f"stopped at step {first.global_step}: train loss {first.callback_metrics['train/loss']:.3f}, "
-          f"val loss {first.callback_metrics['val/loss']:.3f}")
+    rows = _loss_rows(out)
+    print(f"part 1: trained steps 1-{first.global_step}, stopped. train loss {rows[-1][2]:.3f} "
+          f"(mean of steps {rows[-1][0]}-{rows[-1][1]}), val loss {first.callback_metrics['val/loss']:.3f}")
 
     # Part 2: a new process would do exactly this: build the model, resume from `last`.
     model = TinyFold(total_steps=args.steps)
@@ -210,8 +211,9 @@ def main(argv=None) -> dict:
     writer = MAEWriter()
     second.predict(model, val, writer=writer)  # with the EMA weights
     elapsed = time.perf_counter() - t0
+    logged = _loss_rows(out)
     rows = {
-        "first_loss": _first_logged_loss(out),
+        "first_loss": logged[0][2],
         "final_loss": second.callback_metrics["train/loss"],
         "val_loss": second.callback_metrics["val/loss"],
         "val_distance_mae": sum(writer.errors) / len(writer.errors),
@@ -219,21 +221,26 @@ def main(argv=None) -> dict:
         "seconds": elapsed,
         "out": out,
     }
-    print(f"resumed to step {second.global_step}: train loss {rows['first_loss']:.3f} -> {rows['final_loss']:.3f}, "
-          f"val distance MAE (EMA weights) {rows['val_distance_mae']:.2f} Å, {elapsed:.1f} s")
+    (a, b, _), (c, d, _) = logged[0], logged[-1]
+    print(f"part 2: resumed from last.ckpt at step {first.global_step}, trained to step {second.global_step}. "
+          f"train loss {rows['final_loss']:.3f} (mean of steps {c}-{d}; it was {rows['first_loss']:.3f} over "
+          f"steps {a}-{b}), val distance MAE (EMA weights) {rows['val_distance_mae']:.2f} Å, {elapsed:.1f} s")
     print(f"checkpoints in {out}: last.ckpt, best {second.best_model_path.name if second.best_model_path else '-'}")
     return rows
 
 
-def _first_logged_loss(out: str) -> float:
+def _loss_rows(out: str) -> list:
+    """``[(first step, last step, mean train loss)]`` of each train/loss row in metrics.jsonl."""
     import json
     from pathlib import Path
 
+    rows, previous = [], 0
     for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "train/loss" in row:
-            return row["train/loss"]
-    return float("nan")
+            rows.append((previous + 1, row["step"], row["train/loss"]))
+            previous = row["step"]
+    return rows
 
 
 if __name__ == "__main__":

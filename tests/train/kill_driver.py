@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from foldops.train.checkpoint import CheckpointManager, read_checkpoint
+from foldops.train.checkpointing import CheckpointManager, read_checkpoint
 
 directory, kills, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(seed)

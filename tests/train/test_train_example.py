@@ -19,7 +19,7 @@ def test_example_trains_checkpoints_and_resumes(tmp_path):
         torch.set_num_threads(threads)
     assert rows["final_loss"] < rows["first_loss"]
     assert (tmp_path / "last.ckpt").exists() and Path(rows["best"]).exists()
-    from foldops.train.checkpoint import read_checkpoint
+    from foldops.train.checkpointing import read_checkpoint
 
     ckpt = read_checkpoint(tmp_path / "last.ckpt")
     assert ckpt["global_step"] == 12 and ckpt["ema"]["num_updates"] == 12

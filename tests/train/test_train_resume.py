@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from foldops.train import Trainer, TrainerConfig
-from foldops.train.checkpoint import read_checkpoint
+from foldops.train.checkpointing import read_checkpoint
 
 from train_helpers import TinyRegressor, make_loader, params_of
 

@@ -603,3 +603,36 @@ def test_save_checkpoint_by_hand(tmp_path):
     twin = _model(seed=4)
     info = load_checkpoint(tmp_path / "manual.ckpt", twin)
     assert info.global_step == 2 and all(torch.equal(a, b) for a, b in zip(twin.parameters(), model.parameters()))
+
+
+def test_config_groups_and_flat_names_are_one_config():
+    import typing
+
+    from foldops.train import CheckpointConfig, NumericsConfig, OptimConfig, RunConfig
+
+    flat = TrainerConfig(max_steps=5, precision="bf16", accumulate_grad_batches=2, checkpoint_dir="runs/x")
+    nested = TrainerConfig(run=RunConfig(max_steps=5), numerics=NumericsConfig(precision="bf16-mixed"),
+                           optim=OptimConfig(accumulate_grad_batches=2),
+                           checkpointing=CheckpointConfig(checkpoint_dir="runs/x"))
+    assert flat == nested and flat.to_dict() == nested.to_dict()
+    assert flat.run.max_steps == flat.max_steps == 5 and flat.numerics.precision == "bf16-mixed"
+    flat.max_steps = 7  # flat writes reach the group
+    assert flat.run.max_steps == 7
+    assert TrainerConfig.from_dict(nested.to_nested_dict()) == nested
+    mixed = TrainerConfig(run=RunConfig(max_steps=5), max_steps=9)  # flat fields override a group
+    assert mixed.max_steps == 9 and mixed.run is not None
+    assert typing.get_args(typing.get_type_hints(NumericsConfig)["precision"]) == ("fp32", "bf16-mixed", "fp16-mixed")
+    with pytest.raises(TypeError, match="unknown fields"):
+        TrainerConfig(max_steps=1, gpus=8)
+    with pytest.raises(TypeError, match="run: expected a RunConfig"):
+        TrainerConfig(run={"max_steps": 1})
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        nested.replace(accumulate_grad_batches=0)
+
+
+def test_progress_bar_prints_values_with_a_fixed_precision():
+    from foldops.train.progress import format_value
+
+    assert [format_value(x) for x in (2.652, 0.1, 0.73301, 12.5, 0.0)] == ["2.6520", "0.1000", "0.7330", "12.5000",
+                                                                        "0.0000"]
+    assert format_value(3.21e-5) == "3.2100e-05" and format_value(float("nan")) == "nan"

@@ -1,24 +1,26 @@
 """Drop-ins for what structure models took from Lightning and FairScale.
 
-- :func:`load_checkpoint`: Lightning ``.ckpt`` (and foldops) checkpoints into a plain
-  ``nn.Module``, safe by default, with key-prefix remapping and EMA weights.
-- :func:`checkpoint_wrapper`: fairscale's ``checkpoint_wrapper(module, offload_to_cpu=False)``
-  with real (non-reentrant) activation checkpointing.
-- :func:`seed_everything`: seeds python, numpy and torch.
+- ``lightning.py``: :func:`load_checkpoint`, Lightning ``.ckpt`` (and foldops) checkpoint
+  files into a plain ``nn.Module``, safe by default, with key-prefix remapping and EMA weights.
+- ``activation_checkpoint.py``: :func:`checkpoint_wrapper`, fairscale's
+  ``checkpoint_wrapper(module, offload_to_cpu=False)`` with real (non-reentrant) activation
+  checkpointing (recompute in backward).
+- ``seed.py``: :func:`seed_everything`, seeds python, numpy and torch.
 
 Importing this package does not import Lightning or FairScale (neither is needed).
 """
 
-from foldops.compat.checkpoint import (
+from foldops.compat.lightning import (
     AttributeDict,
     CheckpointError,
     LoadedCheckpoint,
     UnsafeCheckpointError,
+    UnverifiedCheckpointWarning,
     lightning_safe_globals,
     load_checkpoint,
     remap_keys,
 )
-from foldops.compat.checkpoint_wrapper import checkpoint_wrapper, is_checkpoint_wrapped, remove_checkpoint_wrapper
+from foldops.compat.activation_checkpoint import checkpoint_wrapper, is_checkpoint_wrapped, remove_checkpoint_wrapper
 from foldops.compat.seed import seed_everything
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "CheckpointError",
     "LoadedCheckpoint",
     "UnsafeCheckpointError",
+    "UnverifiedCheckpointWarning",
     "checkpoint_wrapper",
     "is_checkpoint_wrapped",
     "lightning_safe_globals",

@@ -1,15 +1,19 @@
 """Metric loggers: JSONL and CSV built in; TensorBoard and W&B when installed.
 
-A logger has ``log_hyperparams(dict)``, ``log_metrics(dict, step)``, ``truncate_after(step)``
-(a resumed run drops what the interrupted run wrote after its checkpoint) and ``close()``.
-The Trainer calls them on rank 0 only. Any object with these methods can be passed to
-``Trainer(loggers=[...])``.
+A logger has ``log_hyperparams(dict)``, ``log_metrics(dict, step)``, ``flush()`` (called
+before every checkpoint is written, so that the files hold every row the checkpoint
+accounts for), ``truncate_after(step, keep_at_step=None)`` (a resumed run drops what the
+interrupted run wrote after its checkpoint: rows of later steps, and rows of the
+checkpoint's own step beyond the first ``keep_at_step``) and ``close()``. The Trainer calls
+them on rank 0 only. Any object with these methods can be passed to
+``Trainer(loggers=[...])``; ``flush`` and the ``keep_at_step`` argument are optional.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -27,11 +31,50 @@ class Logger:
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
         pass
 
-    def truncate_after(self, step: int) -> None:
+    def flush(self) -> None:
+        pass
+
+    def truncate_after(self, step: int, keep_at_step: Optional[int] = None) -> None:
         pass
 
     def close(self) -> None:
         pass
+
+
+class _RowFilter:
+    """Keeps rows of steps before ``step`` and the first ``keep_at_step`` rows of ``step``."""
+
+    def __init__(self, step: int, keep_at_step: Optional[int]) -> None:
+        self.step, self.keep_at_step, self.seen_at_step = step, keep_at_step, 0
+
+    def keep(self, row_step: float) -> bool:
+        if row_step < self.step:
+            return True
+        if row_step > self.step:
+            return False
+        self.seen_at_step += 1
+        return self.keep_at_step is None or self.seen_at_step <= self.keep_at_step
+
+
+def flush_logger(lg: Any) -> None:
+    fn = getattr(lg, "flush", None)
+    if callable(fn):
+        fn()
+
+
+def truncate_logger(lg: Any, step: int, keep_at_step: Optional[int]) -> None:
+    """``lg.truncate_after(step, keep_at_step=...)``, or ``(step)`` for loggers without that argument."""
+    fn = getattr(lg, "truncate_after", None)
+    if not callable(fn):
+        return
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    if any(p.name == "keep_at_step" or p.kind is p.VAR_KEYWORD for p in params):
+        fn(step, keep_at_step=keep_at_step)
+    else:
+        fn(step)
 
 
 _FLUSH_S = 1.0  # a killed run loses at most this much of its rows; close() flushes
@@ -79,17 +122,23 @@ class JSONLLogger(Logger):
         if _flush_due(self, time.monotonic()):
             f.flush()
 
-    def truncate_after(self, step: int) -> None:
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._last_flush = time.monotonic()
+
+    def truncate_after(self, step: int, keep_at_step: Optional[int] = None) -> None:
         self.close()
         if not self.path.exists():
             return
         kept = []
+        rows = _RowFilter(step, keep_at_step)
         with open(self.path, encoding="utf-8") as f:
             for line in f:
                 try:
-                    if json.loads(line).get("step", 0) <= step:
+                    if rows.keep(json.loads(line).get("step", 0)):
                         kept.append(line)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, AttributeError, TypeError):
                     continue  # a line torn by a kill
         _rewrite(self.path, "".join(kept))
 
@@ -153,9 +202,15 @@ class CSVLogger(Logger):
         if _flush_due(self, time.monotonic()):
             self._file.flush()
 
-    def truncate_after(self, step: int) -> None:
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._last_flush = time.monotonic()
+
+    def truncate_after(self, step: int, keep_at_step: Optional[int] = None) -> None:
         self.close()
-        rows = [r for r in self._rows() if r.get("step") and int(float(r["step"])) <= step]
+        keep = _RowFilter(step, keep_at_step)
+        rows = [r for r in self._rows() if r.get("step") and keep.keep(int(float(r["step"])))]
         if self.path.exists():
             self._write_all(rows)
 
@@ -183,8 +238,14 @@ class TensorBoardLogger(Logger):
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
 
-    def truncate_after(self, step: int) -> None:
-        # TensorBoard hides events past a restart step itself (purge_step).
+    def flush(self) -> None:
+        flush = getattr(self.writer, "flush", None)
+        if callable(flush):
+            flush()
+
+    def truncate_after(self, step: int, keep_at_step: Optional[int] = None) -> None:
+        # TensorBoard hides events past a restart step itself (purge_step); rows of the
+        # checkpoint's own step are kept whole.
         self.writer.close()
         from torch.utils.tensorboard import SummaryWriter
 

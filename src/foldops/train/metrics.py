@@ -199,6 +199,37 @@ class MetricStore:
         out = self._summarise(self._epoch.pop(stage, {}))
         return out
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The pending training values (this step interval's and this epoch's), summarised.
+
+        What a checkpoint keeps so that a resumed run writes the rows the uninterrupted
+        run would have written. Metric objects (``compute()``) keep their own state and
+        are left out.
+        """
+        def summaries(table: Dict[str, _Series]) -> Dict[str, Any]:
+            out = {}
+            for name, s in table.items():
+                if s.metric is None:
+                    summary = s.summarise()
+                    if summary is not None:
+                        out[name] = [float(summary[0]), float(summary[1]), s.reduce_fx]
+            return out
+
+        return {"step": summaries(self._step), "epoch": summaries(self._epoch.get("train", {}))}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        def restore(table: Dict[str, _Series], saved: Dict[str, Any]) -> None:
+            for name, (value, weight, reduce_fx) in saved.items():
+                series = _series(table, name, reduce_fx)
+                if reduce_fx == "mean":  # (weighted sum, weight) -> one value of that weight
+                    series.add(value / weight if weight else 0.0, weight)
+                else:
+                    series.add(value, 1.0)
+
+        self.clear()
+        restore(self._step, state.get("step", {}))
+        restore(self._epoch.setdefault("train", {}), state.get("epoch", {}))
+
     def clear(self) -> None:
         self._step = {}
         self._epoch = {}

@@ -78,9 +78,9 @@ class ProgressBar:
         else:
             parts.append(f"step {step}")
         if loss is not None:
-            parts.append(f"loss {_scalar(loss):.4g}")
+            parts.append(f"loss {format_value(_scalar(loss))}")
         for k, v in (extra or {}).items():
-            parts.append(f"{k} {_scalar(v):.4g}")
+            parts.append(f"{k} {format_value(_scalar(v))}")
         if self.steps_per_s == self.steps_per_s:
             parts.append(f"{self.steps_per_s:.2f} it/s")
         if self.samples_per_s == self.samples_per_s and self._samples:
@@ -99,6 +99,14 @@ class ProgressBar:
         if self.enabled and self.tty and self._drawn:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def format_value(x: float) -> str:
+    """Four decimals (``0.7330``, ``12.5000``), so that successive values line up; scientific
+    notation with four decimals outside [1e-3, 1e5) (``3.2100e-05``)."""
+    if x != x or x in (float("inf"), float("-inf")) or x == 0 or 1e-3 <= abs(x) < 1e5:
+        return f"{x:.4f}"
+    return f"{x:.4e}"
 
 
 def _scalar(v: Any) -> float:

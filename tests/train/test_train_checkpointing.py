@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from foldops.train import Trainer, TrainerConfig
-from foldops.train.checkpoint import (
+from foldops.train.checkpointing import (
     CheckpointError,
     CheckpointManager,
     UnsafeCheckpointError,
@@ -176,3 +176,10 @@ def test_top_k_all_and_none_and_step_retention(tmp_path):
     names = sorted(p.name for p in (tmp_path / "steps").glob("step=*.ckpt"))
     assert names == ["step=00000003.ckpt", "step=00000004.ckpt"]
     assert read_checkpoint(tmp_path / "steps" / "last.ckpt")["s"] == 4
+
+
+def test_former_module_name_is_the_same_module():
+    import foldops.train.checkpoint as former
+    import foldops.train.checkpointing as current
+
+    assert former is current and former.read_checkpoint is read_checkpoint

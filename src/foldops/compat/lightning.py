@@ -1,4 +1,4 @@
-"""Load Lightning ``.ckpt`` files and foldops checkpoints into a plain ``nn.Module``.
+"""Lightning ``.ckpt`` files (and foldops checkpoints, bare state dicts) into a plain ``nn.Module``.
 
     info = load_checkpoint("boltz2_conf.ckpt", model)                  # weights
     info = load_checkpoint("boltz2_conf.ckpt", model, use_ema=True)    # the EMA weights
@@ -20,10 +20,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from foldops.train.checkpoint import FORMAT, CheckpointError, UnsafeCheckpointError, check_state_dict, read_checkpoint
+from foldops.train.checkpointing import (
+    FORMAT,
+    CheckpointError,
+    UnsafeCheckpointError,
+    UnverifiedCheckpointWarning,
+    check_state_dict,
+    read_checkpoint,
+)
 
 __all__ = ["load_checkpoint", "LoadedCheckpoint", "AttributeDict", "lightning_safe_globals", "remap_keys",
-           "CheckpointError", "UnsafeCheckpointError"]
+           "CheckpointError", "UnsafeCheckpointError", "UnverifiedCheckpointWarning"]
 
 # Prefixes that wrappers add and that never belong to the model itself.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")

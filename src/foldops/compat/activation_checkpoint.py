@@ -1,4 +1,4 @@
-"""``checkpoint_wrapper``: fairscale's drop-in, with real activation checkpointing.
+"""Activation checkpointing: fairscale's ``checkpoint_wrapper`` drop-in, with real recompute.
 
     from foldops.compat import checkpoint_wrapper
     layers.append(checkpoint_wrapper(PairformerLayer(...), offload_to_cpu=False))
