@@ -1,4 +1,11 @@
-"""Input validation shared by the ops: clear errors that name the argument."""
+"""Input validation shared by every op and layer: clear errors that name the argument.
+
+Every public functional (``foldops.ops``) and every layer (``foldops.nn``, for its own
+arguments) validates through these helpers, so one malformed input gets the same
+error type and wording wherever it is passed: ``TypeError`` for a wrong type or
+dtype, ``ValueError`` for a wrong shape, device or value, always starting with the
+argument's name.
+"""
 
 from __future__ import annotations
 
@@ -69,7 +76,32 @@ def as_bool_mask(
     raise TypeError(f"{name}: expected a bool or 0/1 numeric mask, got dtype {mask.dtype}")
 
 
+def check_aux_dtype(name: str, t: torch.Tensor, reference: torch.Tensor) -> None:
+    """``t`` (a bias, logits, a weight) has ``reference``'s dtype or fp32.
+
+    Additive terms may stay fp32 when the main inputs are fp16/bf16 (the softmax and
+    its logits run in fp32 anyway).
+    """
+    if t.dtype not in (reference.dtype, torch.float32):
+        raise TypeError(f"{name}: expected dtype {reference.dtype} or torch.float32, got {t.dtype}")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """``value`` is one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """A finite number > 0 (an epsilon, a temperature), returned as float; inf and NaN fail."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
+        raise ValueError(f"{name}: expected a positive float, got {value!r}")
+    return float(value)
+
+
 def check_positive_int(name: str, value: object, allow_none: bool = True) -> Optional[int]:
+    """A positive int (``None`` passes when ``allow_none``)."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

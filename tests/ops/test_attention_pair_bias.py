@@ -81,59 +81,32 @@ def test_without_mask_and_scale():
     torch.testing.assert_close(out, reference(q, k, v, bias, None, scale=0.3))
 
 
-def test_square_case_dispatches_through_triangle_attention(monkeypatch):
+def test_dispatch_through_its_own_registry(monkeypatch):
+    """attention_pair_bias has its own backends and its own FOLDOPS_BACKEND_<OP> override."""
     calls = []
-    table = backends._REGISTRY["triangle_attention"]
+    table = backends._REGISTRY["attention_pair_bias"]
     for name, backend in list(table.items()):
         def spy(*args, _fn=backend.fn, _name=name):
             calls.append(_name)
             return _fn(*args)
         monkeypatch.setitem(table, name, dataclasses.replace(backend, fn=spy))
-    monkeypatch.setenv("FOLDOPS_BACKEND_TRIANGLE_ATTENTION", "reference")
+    monkeypatch.delenv("FOLDOPS_BACKEND", raising=False)
+    monkeypatch.setenv("FOLDOPS_BACKEND_ATTENTION_PAIR_BIAS", "reference")
     q, k, v, bias, mask = make_inputs(1, 1, 4, 4, 2, 8)
     attention_pair_bias(q, k, v, bias, mask)
     assert calls == ["reference"]
-    monkeypatch.delenv("FOLDOPS_BACKEND_TRIANGLE_ATTENTION")
+    monkeypatch.delenv("FOLDOPS_BACKEND_ATTENTION_PAIR_BIAS")
     attention_pair_bias(q, k, v, bias, mask, backend="torch")
     assert calls == ["reference", "torch"]
+    attention_pair_bias(*make_inputs(1, 1, 4, 6, 2, 8)[:4])  # windowed: auto picks torch
+    assert calls == ["reference", "torch", "torch"]
+    names = [name for name, _ in backends.availability("attention_pair_bias", device=torch.device("cpu"),
+             dtype=torch.float32, head_dim=8, scale=1.0, masked=False, queries=4, keys=4)]
+    assert names == ["triton", "torch", "reference"]
 
 
-def test_windowed_rejects_other_backends():
-    q, k, v, bias, mask = make_inputs(1, 1, 4, 6, 2, 16)
-    with pytest.raises(BackendUnavailableError, match="'triton' cannot run attention_pair_bias with 4 queries and 6 keys"):
-        attention_pair_bias(q.float(), k.float(), v.float(), bias.float(), mask, backend="triton")
-    with pytest.raises(TypeError, match="backend"):
-        attention_pair_bias(q, k, v, bias, mask, backend=1)
+def test_reference_module_matches_triangle_attention_reference():
+    from foldops.reference.attention_pair_bias import attention_pair_bias as apb_reference
 
-
-def good(keys=5):
-    q, k, v, bias, mask = make_inputs(2, 3, 5, keys, 2, 8)
-    return dict(q=q, k=k, v=v, bias=bias, mask=mask)
-
-
-@pytest.mark.parametrize("keys", (5, 7))
-@pytest.mark.parametrize(
-    "field, make, error, pattern",
-    [
-        ("q", lambda n: torch.randn(2, 5, 2, 8), ValueError, "q: expected shape"),
-        ("k", lambda n: torch.randn(2, 3, n, 3, 8), ValueError, r"k: expected shape \(2, 3, '\*', 2, 8\)"),
-        ("v", lambda n: torch.randn(2, 3, n + 1, 2, 8), ValueError, "v: expected shape"),
-        ("bias", lambda n: torch.randn(2, 2, 5, n + 1), ValueError, "bias: expected shape"),
-        ("bias", lambda n: torch.randn(2, 2, 5, n, dtype=torch.float16), TypeError, "bias: expected dtype"),
-        ("mask", lambda n: torch.ones(2, n + 1), ValueError, r"mask: expected shape \(2, \d+\), got \(2, \d+\)"),
-        ("mask", lambda n: torch.ones(2, 4, n), ValueError, r"mask: expected shape \(2, 3, \d+\)"),
-        ("mask", lambda n: torch.ones(2, 3, n, 1), ValueError, r"mask: expected shape \(2, \d+\) or \(2, 3, \d+\)"),
-        ("mask", lambda n: torch.ones(2, n, dtype=torch.complex64), TypeError, "mask: expected a bool"),
-    ],
-)
-def test_bad_inputs(keys, field, make, error, pattern):
-    args = good(keys)
-    args[field] = make(keys)
-    with pytest.raises(error, match=pattern):
-        attention_pair_bias(args["q"], args["k"], args["v"], args["bias"], args["mask"])
-
-
-@pytest.mark.parametrize("keys", (5, 7))
-def test_bad_chunk_size(keys):
-    with pytest.raises(ValueError, match="chunk_size"):
-        attention_pair_bias(*good(keys).values(), chunk_size=0)
+    q, k, v, bias, mask = make_inputs(2, 3, 6, 6, 2, 8)
+    assert torch.equal(apb_reference(q, k, v, bias, mask), reference(q, k, v, bias, expand_mask(mask, 3)))

@@ -4,21 +4,18 @@ The torch backend runs in one shot with autograd and in head groups / MSA-row ch
 at inference; both paths are checked.
 """
 
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from foldops import budget as chunk_budget
 from foldops.backends import BackendUnavailableError
 from foldops.device import autocast
 from foldops.ops import pair_weighted_averaging
 from foldops.reference.pair_weighted_averaging import pair_weighted_averaging as reference
 from foldops.testing import assert_within_baseline
 
-import foldops.ops.pair_weighted_averaging  # noqa: F401  (the module, for monkeypatching)
 
-PWA = sys.modules["foldops.ops.pair_weighted_averaging"]
 LOW = (torch.float32, torch.bfloat16, torch.float16)
 
 # (B, S, N, H, D): N in 1, 2, 7, 13; S in 1, 3, 5; H 1/3; B = 2.
@@ -101,7 +98,7 @@ def test_without_mask_and_fp32_logits(backend):
 @pytest.mark.parametrize("chunk", (1, 2, None), ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("budget", (1, 10**9), ids=("one-head-groups", "all-heads"))
 def test_inference_chunking(monkeypatch, budget, chunk, dtype):
-    monkeypatch.setattr(PWA, "_TORCH_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 4 * budget)  # fp32 elements
     v, logits, mask = make_inputs(2, 5, 7, 3, 8)
     low = (v.to(dtype), logits.to(dtype))
     with torch.no_grad():
@@ -183,7 +180,7 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def test_inference_temporaries_are_bounded(monkeypatch):
-    monkeypatch.setattr(PWA, "_TORCH_CHUNK_ELEMENTS", 64 * 64)
+    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 4 * 64 * 64)  # 64 * 64 fp32 elements
     batch, rows, n, heads, dim = 1, 16, 64, 4, 8
     v = torch.randn(batch, rows, n, heads, dim)
     logits = torch.randn(batch, heads, n, n)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from foldops import backends
+from foldops import budget as chunk_budget
 from foldops.backends import BackendUnavailableError
 from foldops.device import autocast
 from foldops.ops import swiglu_transition
@@ -118,13 +119,13 @@ def test_default_chunk_is_bounded(monkeypatch):
         seen.append(tuple(a.shape))
         return real(a, b, **kw)
 
-    monkeypatch.setattr(tr_module, "_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 4 * 112)
     monkeypatch.setattr(tr_module.torch, "matmul", spy)
     weights = {k: w.float() for k, w in make_weights(4, 8, 4).items()}
     with torch.no_grad():
         swiglu_transition(torch.randn(11, 4), backend="torch", **weights)
     first_mm = [s for s in seen if s[-1] == 4]  # h @ [fc1; fc2]^T
-    assert [s[0] for s in first_mm] == [4, 4, 3]  # 64 // (2 * 8) = 4 positions per chunk
+    assert [s[0] for s in first_mm] == [4, 4, 3]  # 4 positions of 2 * 8 * 4 + 3 * 4 * 4 = 112 bytes
 
 
 @pytest.mark.parametrize("grad", (True, False), ids=("autograd", "inference"))

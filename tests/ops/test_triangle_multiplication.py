@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from foldops import backends
+from foldops import budget as chunk_budget
 from foldops.backends import BackendUnavailableError
 from foldops.device import autocast
 from foldops.ops import triangle_multiplication
@@ -137,7 +138,7 @@ def test_without_mask(direction, backend):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_inference_chunks_and_blocks_sweep(direction, chunk_size, monkeypatch):
     """Channel chunks that do not divide D and position blocks that do not divide N*N."""
-    monkeypatch.setattr(tm_module, "_BLOCK_ELEMENTS", 97)
+    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 16 * 97)  # 12 positions (16 * D bytes each)
     x = torch.randn(2, 11, 11, 8, dtype=torch.float64)
     mask, weights = make_mask(2, 11), make_weights(8)
     fast = check_against_fp64(
@@ -152,7 +153,7 @@ def test_inference_chunks_and_blocks_sweep(direction, chunk_size, monkeypatch):
 
 def test_default_chunk_is_bounded():
     assert tm_module._default_chunk(1, 4) == 4
-    assert tm_module._default_chunk(256, 128) == 16  # 2 * 16 * 256^2 = 2M elements
+    assert tm_module._default_chunk(256, 128) == 16  # a, b, gate: 2 * 16 * 256^2 fp32 each = 16 MiB
     assert tm_module._default_chunk(2048, 128) == 8  # never thinner than 8 channels
     assert tm_module._default_chunk(2048, 4) == 4
 

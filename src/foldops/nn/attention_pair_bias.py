@@ -16,12 +16,9 @@ from torch import Tensor, nn
 
 from foldops._checks import check_positive_int, check_tensor
 from foldops.backends import AUTO
+from foldops.budget import rows_per_chunk
 from foldops.nn import _init
 from foldops.ops.attention_pair_bias import attention_pair_bias
-
-
-# At inference the pair bias is projected this many z elements at a time (fp32: 8 MiB).
-_BIAS_CHUNK_ELEMENTS = 2 * 1024 * 1024
 
 
 class HeadsFirst(nn.Module):
@@ -137,7 +134,9 @@ class AttentionPairBias(nn.Module):
         if not self.compute_pair_bias:
             return self.proj_z(z)
         batch, queries, keys, channels = z.shape
-        step = max(1, _BIAS_CHUNK_ELEMENTS // max(1, batch * keys * channels))
+        # Query rows per step: their normalised z (and LayerNorm's temporaries) stay
+        # within foldops.budget's chunk budget.
+        step = rows_per_chunk(z.device, 2 * batch * keys * channels * z.element_size(), queries)
         needs_grad = torch.is_grad_enabled() and (z.requires_grad or any(p.requires_grad for p in self.proj_z.parameters()))
         if needs_grad or step >= queries:
             return self.proj_z(z)

@@ -22,14 +22,9 @@ from torch import Tensor, nn
 
 from foldops._checks import as_bool_mask, check_positive_int, check_tensor
 from foldops.backends import AUTO
+from foldops.budget import rows_per_chunk
 from foldops.nn import _init
 from foldops.ops.triangle_attention import triangle_attention
-
-# At inference, rows per step are chosen so one step's q/k/v/gate projections stay
-# under this many elements unless chunk_size says otherwise: on CPU 2M (fp32: 8 MiB,
-# cache-sized steps, lean peak memory); on accelerators 32M (fewer, larger launches).
-_ROW_CHUNK_ELEMENTS_CPU = 2 * 1024 * 1024
-_ROW_CHUNK_ELEMENTS = 32 * 1024 * 1024
 
 
 class _Attention(nn.Module):
@@ -140,10 +135,12 @@ class TriangleAttention(nn.Module):
         if needs_grad:
             step = n
         else:
-            # Boltz's chunk_size (e.g. its stack's 512 below 384 tokens) caps the rows per
-            # step; the memory bound may take fewer.
-            bound = _ROW_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else _ROW_CHUNK_ELEMENTS
-            step = max(1, bound // max(1, batch * n * 4 * width))
+            # One step's activations (q/k/v/gate projections, attention output, gated
+            # product, layer norm and output projection) stay within foldops.budget's
+            # chunk budget; Boltz's chunk_size (e.g. its stack's 512 below 384 tokens)
+            # caps the rows per step.
+            per_row = batch * n * (6 * width + 2 * self.c_in) * x.element_size()
+            step = rows_per_chunk(x.device, per_row, n)
             if chunk_size is not None:
                 step = min(step, chunk_size)
         one_shot = step >= n

@@ -18,31 +18,26 @@ O(chunk * H * N^2) extra memory at inference), ``reference`` (one shot, O(B I H 
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Optional
 
 import torch
 
 from foldops import backends
-from foldops._checks import as_bool_mask, check_positive_int, check_same_dtype, check_tensor
+from foldops._checks import as_bool_mask, check_aux_dtype, check_positive_int, check_same_dtype, check_tensor
+from foldops.budget import rows_per_chunk
 from foldops.device import kernel_support
 from foldops.reference import triangle_attention as _reference
 
 OP = "triangle_attention"
 KERNEL_MAX_HEAD_DIM = 128  # 16/32/64/128 run as is, other head dims zero-padded to those
-# Logits of one torch-backend chunk stay under this many elements. CPU: 4M (16 MiB fp32);
-# on a 2-core CPU at N=256 chunks of <= 16 rows ran 2x faster than one shot (cache-
-# resident). Accelerators: 64M (256 MiB fp32); small chunks there cost launches, and at
-# N=768 on an H100 the 4M budget made inference 3x slower than forward+backward.
-_TORCH_CHUNK_ELEMENTS = {"cpu": 4 * 1024 * 1024}
-_TORCH_CHUNK_ELEMENTS_ACCELERATOR = 64 * 1024 * 1024
 
 
 def _torch_backend(q, k, v, bias, mask, scale, chunk_size):
     batch, rows, n, heads, _ = q.shape
-    if chunk_size is None:
-        budget = _TORCH_CHUNK_ELEMENTS.get(q.device.type, _TORCH_CHUNK_ELEMENTS_ACCELERATOR)
-        chunk_size = max(1, budget // max(1, batch * heads * n * n))
+    # A chunk holds [B, c, H, N, N] logits and additive mask (counted in fp32).
+    chunk_size = rows_per_chunk(q.device, batch * heads * n * n * 4, rows, chunk_size)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
         chunk_size = rows  # one graph: chunking bounds nothing while autograd keeps every chunk
     head_dim = q.shape[-1]
@@ -95,7 +90,7 @@ def _triton_supports(device, dtype, head_dim, explicit, scale=1.0, masked=False,
     if head_dim > KERNEL_MAX_HEAD_DIM:
         return f"head dim {head_dim} (kernel supports up to {KERNEL_MAX_HEAD_DIM})"
     try:
-        import foldops.kernels.triangle_attention  # noqa: F401
+        importlib.import_module("foldops.kernels.triangle_attention")
     except ImportError as exc:
         return f"kernel module unavailable: {exc}"
     return None
@@ -114,8 +109,7 @@ def validate(q, k, v, bias, mask):
     check_tensor("v", v, q.shape, device=q.device)
     check_tensor("bias", bias, (batch, heads, n, n), device=q.device)
     check_same_dtype("q", q, k=k, v=v)
-    if bias.dtype not in (q.dtype, torch.float32):
-        raise TypeError(f"bias: expected dtype {q.dtype} or torch.float32, got {bias.dtype}")
+    check_aux_dtype("bias", bias, q)
     return as_bool_mask("mask", mask, (batch, rows, n), q.device)
 
 
@@ -138,8 +132,7 @@ def triangle_attention(
         mask: ``[B, I, N]`` keep-mask over keys (bool or 0/1 float), or None.
         scale: logit scale, default ``1/sqrt(D)``.
         chunk_size: rows of I per step for the ``torch`` backend at inference
-            (default: logits bounded at 4M elements per chunk on CPU, 64M on
-            accelerators).
+            (default: the chunk's logits within ``foldops.budget``'s budget).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
 
     Returns:
