@@ -9,7 +9,7 @@ from foldops import backends
 from foldops.backends import BackendUnavailableError
 from foldops.ops import attention_pair_bias, triangle_attention
 from foldops.reference.triangle_attention import triangle_attention as reference
-from foldops.testing import assert_within_baseline
+from foldops.testing import check_against_float64
 
 BACKENDS = ("torch", "reference")
 
@@ -33,12 +33,6 @@ def expand_mask(mask, samples):
     return mask[:, None].expand(-1, samples, -1) if mask.dim() == 2 else mask
 
 
-def run(fn, tensors, grad_out):
-    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-    out = fn(*leaves)
-    return out.detach(), torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize(
@@ -49,15 +43,12 @@ def test_vs_float64(backend, dtype, batch, samples, queries, keys, mask_rank):
     heads, dim = 3, 16
     q, k, v, bias, mask = make_inputs(batch, samples, queries, keys, heads, dim, mask_rank)
     full_mask = expand_mask(mask, samples)
-    grad_out = torch.randn(q.shape, dtype=torch.float64)
-    exact, exact_g = run(lambda *t: reference(*t, full_mask), (q, k, v, bias), grad_out)
-    low = [t.to(dtype) for t in (q, k, v, bias)]
-    base, base_g = run(lambda *t: reference(*t, full_mask), low, grad_out)
-    fast, fast_g = run(lambda *t: attention_pair_bias(*t, mask, backend=backend), low, grad_out)
+    result = check_against_float64(
+        lambda *t: attention_pair_bias(*t, mask, backend=backend), lambda *t: reference(*t, full_mask),
+        (q, k, v, bias), dtype, names=("q", "k", "v", "bias"),
+    )
+    (fast,), fast_g = result.outputs, result.grads
     assert fast.dtype == dtype and fast.shape == q.shape
-    assert_within_baseline("out", fast, exact, base, dtype=dtype)
-    for name, g, eg, bg in zip(("dq", "dk", "dv", "dbias"), fast_g, exact_g, base_g):
-        assert_within_baseline(name, g, eg, bg, dtype=dtype)
     dead = ~full_mask.any(-1)
     assert (fast[dead] == 0).all() and (fast_g[0][dead] == 0).all()
 
@@ -110,3 +101,44 @@ def test_reference_module_matches_triangle_attention_reference():
 
     q, k, v, bias, mask = make_inputs(2, 3, 6, 6, 2, 8)
     assert torch.equal(apb_reference(q, k, v, bias, mask), reference(q, k, v, bias, expand_mask(mask, 3)))
+
+
+def test_windowed_rejects_other_backends():
+    q, k, v, bias, mask = make_inputs(1, 1, 4, 6, 2, 16)
+    with pytest.raises(BackendUnavailableError, match="'triton' cannot run attention_pair_bias: 4 queries and 6 keys"):
+        attention_pair_bias(q.float(), k.float(), v.float(), bias.float(), mask, backend="triton")
+    with pytest.raises(TypeError, match="backend"):
+        attention_pair_bias(q, k, v, bias, mask, backend=1)
+
+
+def good(keys=5):
+    q, k, v, bias, mask = make_inputs(2, 3, 5, keys, 2, 8)
+    return dict(q=q, k=k, v=v, bias=bias, mask=mask)
+
+
+@pytest.mark.parametrize("keys", (5, 7))
+@pytest.mark.parametrize(
+    "field, make, error, pattern",
+    [
+        ("q", lambda n: torch.randn(2, 5, 2, 8), ValueError, "q: expected shape"),
+        ("k", lambda n: torch.randn(2, 3, n, 3, 8), ValueError, r"k: expected shape \(2, 3, '\*', 2, 8\)"),
+        ("v", lambda n: torch.randn(2, 3, n + 1, 2, 8), ValueError, "v: expected shape"),
+        ("bias", lambda n: torch.randn(2, 2, 5, n + 1), ValueError, "bias: expected shape"),
+        ("bias", lambda n: torch.randn(2, 2, 5, n, dtype=torch.float16), TypeError, "bias: expected dtype"),
+        ("mask", lambda n: torch.ones(2, n + 1), ValueError, r"mask: expected shape \(2, \d+\), got \(2, \d+\)"),
+        ("mask", lambda n: torch.ones(2, 4, n), ValueError, r"mask: expected shape \(2, 3, \d+\)"),
+        ("mask", lambda n: torch.ones(2, 3, n, 1), ValueError, r"mask: expected shape \(2, \d+\) or \(2, 3, \d+\)"),
+        ("mask", lambda n: torch.ones(2, n, dtype=torch.complex64), TypeError, "mask: expected a bool"),
+    ],
+)
+def test_bad_inputs(keys, field, make, error, pattern):
+    args = good(keys)
+    args[field] = make(keys)
+    with pytest.raises(error, match=pattern):
+        attention_pair_bias(args["q"], args["k"], args["v"], args["bias"], args["mask"])
+
+
+@pytest.mark.parametrize("keys", (5, 7))
+def test_bad_chunk_size(keys):
+    with pytest.raises(ValueError, match="chunk_size"):
+        attention_pair_bias(*good(keys).values(), chunk_size=0)

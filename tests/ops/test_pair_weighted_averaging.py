@@ -13,7 +13,7 @@ from foldops.backends import BackendUnavailableError
 from foldops.device import autocast
 from foldops.ops import pair_weighted_averaging
 from foldops.reference.pair_weighted_averaging import pair_weighted_averaging as reference
-from foldops.testing import assert_within_baseline
+from foldops.testing import assert_within_baseline, check_against_float64, forward_backward, leaves
 
 
 LOW = (torch.float32, torch.bfloat16, torch.float16)
@@ -47,28 +47,13 @@ def make_inputs(batch, rows, n, heads, dim, *, masked=True):
     return v, logits, mask
 
 
-def run(fn, v, logits, grad_out):
-    """Output and the gradients of (out * grad_out).sum() w.r.t. v and logits."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (v, logits)]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-    return out.detach(), grads
-
-
 def check_against_fp64(fn, inputs, dtype, logits_dtype=None):
     v, logits, mask = inputs
-    logits_dtype = logits_dtype or dtype
-    grad_out = torch.randn(v.shape, dtype=torch.float64)
-    exact, exact_g = run(lambda v, l: reference(v, l, mask), v, logits, grad_out)
-    low = (v.to(dtype), logits.to(logits_dtype))
-    base, base_g = run(lambda v, l: reference(v, l, mask), *low, grad_out)
-    fast, fast_g = run(fn, *low, grad_out)
-    assert fast.dtype == dtype
-    assert_within_baseline("out", fast, exact, base, dtype=dtype)
-    for name, g, eg, bg, leaf in zip(("dv", "dlogits"), fast_g, exact_g, base_g, low):
-        assert g.dtype == leaf.dtype, name
-        assert_within_baseline(name, g, eg, bg, dtype=dtype)
-    return fast, fast_g
+    fast = check_against_float64(
+        fn, lambda v, l: reference(v, l, mask), (v, logits), (dtype, logits_dtype or dtype),
+        names=("v", "logits"), compare_dtype=dtype,
+    )
+    return fast.outputs[0], fast.grads
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
@@ -113,7 +98,9 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(dtype):
     mask[1] = False  # a whole batch element padded
     low = (v.to(dtype), logits.to(dtype))
     grad_out = torch.randn(v.shape, dtype=torch.float64)
-    out, (dv, dlogits) = run(lambda v, l: pair_weighted_averaging(v, l, mask, backend="torch"), *low, grad_out)
+    (out,), (dv, dlogits), _ = forward_backward(
+        lambda v, l: pair_weighted_averaging(v, l, mask, backend="torch"), leaves(low), [grad_out]
+    )
     with torch.no_grad():
         out_infer = pair_weighted_averaging(*low, mask, backend="torch", chunk_size=1)
     for t in (out, dv, dlogits, out_infer):
