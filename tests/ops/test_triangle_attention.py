@@ -234,10 +234,12 @@ def test_env_global_override(spies, monkeypatch):
     assert spies == ["reference"]
 
 
-def test_env_global_unknown_name_is_ignored(spies, monkeypatch):
+def test_env_global_unknown_name_raises(spies, monkeypatch):
+    """A name no op has is a typo, not a choice: it names the valid ones."""
     monkeypatch.setenv("FOLDOPS_BACKEND", "no_such_backend")
-    triangle_attention(*small())
-    assert spies == ["torch"]
+    with pytest.raises(BackendUnavailableError, match="FOLDOPS_BACKEND: unknown backend 'no_such_backend'; valid: "):
+        triangle_attention(*small())
+    assert spies == []
 
 
 def test_env_per_op_beats_global(spies, monkeypatch):

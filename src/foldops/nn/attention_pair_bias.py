@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from foldops._checks import check_positive_int, check_tensor
+from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_same_dtype, check_tensor
 from foldops.backends import AUTO
 from foldops.budget import rows_per_chunk
 from foldops.nn import _init
@@ -107,6 +107,9 @@ class AttentionPairBias(nn.Module):
         check_tensor("k_in", k_in, (rows, None, self.c_s), device=s.device)
         keys = k_in.shape[1]
         check_tensor("z", z, (None, queries, keys, None if self.compute_pair_bias else self.num_heads), device=s.device)
+        check_layer_input("s", s, self.proj_q.weight)
+        check_layer_input("k_in", k_in, self.proj_k.weight)
+        check_same_dtype("s", s, k_in=k_in)
         batch = z.shape[0]
         if batch * multiplicity != rows:
             raise ValueError(
@@ -114,8 +117,7 @@ class AttentionPairBias(nn.Module):
                 f"(z has batch {batch}), got {rows}"
             )
         if mask is not None:
-            check_tensor("mask", mask, (rows, keys), dtypes=None, device=s.device)
-            mask = mask.reshape(batch, multiplicity, keys)
+            mask = as_bool_mask("mask", mask, (rows, keys), s.device).reshape(batch, multiplicity, keys)
 
         shape_q = (batch, multiplicity, queries, self.num_heads, self.head_dim)
         shape_k = (batch, multiplicity, keys, self.num_heads, self.head_dim)

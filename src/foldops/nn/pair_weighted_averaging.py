@@ -26,7 +26,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from foldops._checks import as_bool_mask, check_positive_int, check_tensor
+from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_tensor
 from foldops.backends import AUTO
 from foldops.budget import rows_per_chunk
 from foldops.nn import _init
@@ -150,6 +150,8 @@ class PairWeightedAveraging(nn.Module):
         check_tensor("m", m, (None, None, None, self.c_m))
         batch, rows, n, _ = m.shape
         check_tensor("z", z, (batch, n, n, self.c_z), device=m.device)
+        check_layer_input("m", m, self.norm_m.weight)
+        check_layer_input("z", z, self.norm_z.weight)
         mask = as_bool_mask("mask", mask, (batch, n, n), m.device)
         if msa_mask is not None:
             msa_mask = as_bool_mask("msa_mask", msa_mask, (batch, rows, n), m.device)

@@ -14,13 +14,14 @@ time, so no ``[B, N, N, 4 * H * D]`` tensor is ever held whole.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from foldops._checks import as_bool_mask, check_positive_int, check_tensor
+from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_tensor
 from foldops.backends import AUTO
 from foldops.budget import rows_per_chunk
 from foldops.nn import _init
@@ -115,9 +116,10 @@ class TriangleAttention(nn.Module):
         check_tensor("x", x)
         if x.dim() < 3 or x.shape[-1] != self.c_in or x.shape[-2] != x.shape[-3]:
             raise ValueError(f"x: expected shape (*, N, N, {self.c_in}), got {tuple(x.shape)}")
+        check_layer_input("x", x, self.layer_norm.weight)
         check_positive_int("chunk_size", chunk_size)
         lead, n = x.shape[:-3], x.shape[-2]
-        x = x.reshape(-1, n, n, self.c_in)
+        x = x.reshape(math.prod(lead), n, n, self.c_in)
         batch = x.shape[0]
         if mask is not None:
             if not isinstance(mask, Tensor):
@@ -129,6 +131,8 @@ class TriangleAttention(nn.Module):
             # pass and no device sync, drop it so the op skips its mask work (unpadded inference).
             if x.device.type == "cpu" and bool(mask.all()):
                 mask = None
+        if x.numel() == 0:  # no tokens (or no batch): empty in, empty out
+            return x.clone().reshape(*lead, n, n, self.c_in)
 
         heads, width = self.no_heads, self.no_heads * self.c_hidden
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))

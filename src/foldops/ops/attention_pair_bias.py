@@ -25,7 +25,15 @@ from typing import Optional
 import torch
 
 from foldops import backends
-from foldops._checks import as_bool_mask, check_aux_dtype, check_positive_int, check_same_dtype, check_tensor
+from foldops._checks import (
+    as_bool_mask,
+    check_aux_dtype,
+    check_finite_float,
+    check_positive_int,
+    check_same_dtype,
+    check_tensor,
+)
+from foldops.ops._common import zeros_output
 from foldops.ops.triangle_attention import _torch_backend as _square_torch
 from foldops.ops.triangle_attention import _triton_backend as _square_triton
 from foldops.ops.triangle_attention import _triton_supports as _square_triton_supports
@@ -101,7 +109,7 @@ def attention_pair_bias(
         bias: ``[B, H, Nq, Nk]``, q's dtype or fp32, shared by the M samples.
         mask: keep-mask over keys, ``[B, Nk]`` (shared by the samples) or ``[B, M, Nk]``;
             bool or 0/1 float; or None.
-        scale: logit scale, default ``1/sqrt(D)``.
+        scale: finite logit scale, default ``1/sqrt(D)``.
         chunk_size: samples per step for the ``torch`` backend at inference (Nq == Nk).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
 
@@ -110,8 +118,9 @@ def attention_pair_bias(
     """
     mask = validate(q, k, v, bias, mask)
     check_positive_int("chunk_size", chunk_size)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(max(1, q.shape[-1])) if scale is None else check_finite_float("scale", scale)
+    if q.numel() == 0 or k.shape[2] == 0:  # no keys: every row fully masked
+        return zeros_output(q.shape, q, (q, k, v, bias))
     impl = backends.select(
         OP, backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], scale=float(scale),
         masked=mask is not None, queries=q.shape[2], keys=k.shape[2],

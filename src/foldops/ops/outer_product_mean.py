@@ -45,6 +45,7 @@ from foldops import backends
 from foldops._checks import as_bool_mask, check_aux_dtype, check_positive_int, check_same_dtype, check_tensor
 from foldops.budget import rows_per_chunk
 from foldops.device import fp32_region
+from foldops.ops._common import zeros_output
 from foldops.reference import outer_product_mean as _reference
 
 OP = "outer_product_mean"
@@ -358,6 +359,9 @@ def outer_product_mean(
     """
     mask = validate(a, b, mask, out_weight, out_bias)
     check_positive_int("chunk_size", chunk_size)
+    batch, rows, n, _ = a.shape
+    if batch * n * out_weight.shape[0] == 0:
+        return zeros_output((batch, n, n, out_weight.shape[0]), a, (a, b, out_weight, out_bias))
     impl = backends.select(OP, backend, device=a.device, dtype=a.dtype)
     return impl.fn(a, b, mask, out_weight, out_bias, chunk_size)
 

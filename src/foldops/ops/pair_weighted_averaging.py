@@ -7,7 +7,8 @@
 
 One softmax over j, in fp32 whatever the input dtype, is shared by every MSA row s;
 the weighted sum runs in v's dtype and the output is in v's dtype. Rows i whose keys
-are all masked give zeros, with zero gradients. ``logits`` may have any strides:
+are all masked, or whose logits are all -inf, give zeros, with zero gradients; a key
+masked for every row contributes nothing whatever v holds there. Empty in, empty out. ``logits`` may have any strides:
 layers pass a permuted view of their ``[B, N, N, H]`` pair projection.
 
 Backends:
@@ -30,6 +31,7 @@ from foldops import backends
 from foldops._checks import as_bool_mask, check_aux_dtype, check_positive_int, check_tensor
 from foldops.budget import rows_per_chunk
 from foldops.device import fp32_region
+from foldops.ops._common import zeros_output
 from foldops.reference import pair_weighted_averaging as _reference
 
 OP = "pair_weighted_averaging"
@@ -39,16 +41,24 @@ def softmax_weights(logits: torch.Tensor, mask: Optional[torch.Tensor], dtype: t
     """``[B, h, N, N]`` softmax over the last dim in ``dtype``; fully masked rows are zero.
 
     ``mask`` is a bool ``[B, N, N]`` keep-mask or None. Masked keys get exactly zero
-    weight; fully masked rows are softmaxed unmasked, then zeroed, so that no -inf row
-    (and no NaN, forward or backward) ever appears.
+    weight whatever their logit; rows with no kept key, or whose logits are all
+    ``-inf``, are softmaxed as zeros, then zeroed, so that no -inf row (and no NaN,
+    forward or backward) ever appears.
     """
     logits = logits.to(dtype)
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None], float("-inf"))
+    dead = logits.amax(dim=-1, keepdim=True) == float("-inf")
+    return torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
+def _zero_dead_keys(v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """v with the keys j that every query row i masks zeroed: such a key contributes
+    nothing, even NaN/inf (a key masked for some rows only meets weight 0 in a matmul,
+    which cannot stop a NaN there)."""
     if mask is None:
-        return torch.softmax(logits, dim=-1)
-    keep = mask[:, None]
-    any_kept = keep.any(dim=-1, keepdim=True)
-    logits = logits.masked_fill(~(keep | ~any_kept), float("-inf"))
-    return torch.softmax(logits, dim=-1).masked_fill(~any_kept, 0.0)
+        return v
+    return v.masked_fill(~mask.any(dim=1)[:, None, :, None, None], 0)
 
 
 def weighted_sum(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -70,7 +80,7 @@ def _torch_backend(v, logits, mask, chunk_size):
     with fp32_region(v):
         if torch.is_grad_enabled() and (v.requires_grad or logits.requires_grad):
             weights = softmax_weights(logits, mask, softmax_dtype).to(v.dtype)
-            return weighted_sum(weights, v).contiguous()
+            return weighted_sum(weights, _zero_dead_keys(v, mask)).contiguous()
         # Heads per group: a group's fp32 weights [B, h, N, N] stay within the budget;
         # MSA rows per step: that step's v and output copies [B, s, N, h, D] too.
         group = rows_per_chunk(v.device, batch * n * n * 4, heads)
@@ -81,7 +91,7 @@ def _torch_backend(v, logits, mask, chunk_size):
             weights = softmax_weights(logits[:, h0:h1], mask, softmax_dtype).to(v.dtype)
             for s0 in range(0, rows, chunk_size):
                 s1 = min(rows, s0 + chunk_size)
-                out[:, s0:s1, :, h0:h1] = weighted_sum(weights, v[:, s0:s1, :, h0:h1])
+                out[:, s0:s1, :, h0:h1] = weighted_sum(weights, _zero_dead_keys(v[:, s0:s1, :, h0:h1], mask))
         return out
 
 
@@ -126,6 +136,8 @@ def pair_weighted_averaging(
     """
     mask = validate(v, logits, mask)
     check_positive_int("chunk_size", chunk_size)
+    if v.numel() == 0:
+        return zeros_output(v.shape, v, (v, logits))
     impl = backends.select(OP, backend, device=v.device, dtype=v.dtype)
     return impl.fn(v, logits, mask, chunk_size)
 

@@ -9,7 +9,8 @@ Shapes (M samples share one pair bias; Nq queries, Nk keys, Nq == Nk or windowed
     out[b,m,i,h] = sum_j softmax_j(scale * q[b,m,i,h].k[b,m,j,h] + bias[b,h,i,j]
                                    | mask[b,(m,)j]) * v[b,m,j,h]
 
-Rows whose keys are all masked give zeros.
+Masked keys contribute nothing whatever their values; rows whose keys are all
+masked, or whose logits are all -inf, give zeros.
 """
 
 from __future__ import annotations
@@ -47,4 +48,6 @@ def attention_pair_bias(
             keep = keep[:, None]
         keep = keep[:, :, None, None, :]
     weights = masked_softmax(logits, keep, dim=-1)
+    if keep is not None:  # a masked key contributes nothing, whatever v holds there
+        v = v.masked_fill(~keep[:, :, 0, 0, :, None, None], 0)
     return torch.einsum("bmhqk,bmkhd->bmqhd", weights.to(v.dtype), v)
