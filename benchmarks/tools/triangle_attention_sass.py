@@ -16,8 +16,8 @@ in-loop LDGs and registers (occupancy) predict most of a change. Timings still c
 only from ``benchmarks/triangle_attention.py`` on the GPU. The local Triton may differ
 from the GPU machine's (3.9 here, 3.6 there): registers differ by a few percent.
 
-    python benchmarks/triangle_attention_sass.py --n 512 --mask
-    python benchmarks/triangle_attention_sass.py --n 512 --config dbias=64,64,8,3 --sass /tmp/sass
+    python benchmarks/tools/triangle_attention_sass.py --n 512 --mask
+    python benchmarks/tools/triangle_attention_sass.py --n 512 --config dbias=64,64,8,3 --sass /tmp/sass
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Scope: bf16, no key mask, N a multiple of the blocks, contiguous q/k/v and bias.
 exists to decide whether the kernels should move to descriptors; see "What to try
 next" in docs/kernels/triangle_attention.md.
 
-    python benchmarks/prototypes/triangle_attention_fwd_tma.py contiguous 512 1024
+    python benchmarks/tools/prototypes/triangle_attention_fwd_tma.py contiguous 512 1024
 
 H100 (session 4; torch 2.11, Triton 3.6), B=1, H=4, D=32. The forward alone: TMA, 4 warps
 against foldops, 128x64 tiles:
