@@ -10,7 +10,7 @@ inside the loop (LDG: not pipelined through shared memory), and how many of thos
 read in the same iteration (their latency exposed every step; a load prefetched a step
 ahead is read only in the next one).
 
-This is the proxy used to tune between GPU sessions: the kernels are issue- or
+This is the proxy used to tune between GPU runs: the kernels are issue- or
 latency-bound (docs/kernels/triangle_attention.md), so instructions per logit,
 in-loop LDGs and registers (occupancy) predict most of a change. Timings still come
 only from ``benchmarks/triangle_attention.py`` on the GPU. The local Triton may differ
