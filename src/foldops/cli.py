@@ -466,6 +466,12 @@ def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
     )
     load_before = _load_average() if device.type == "cpu" else None
     started = time.perf_counter()
+    if device.type == "cpu":
+        from foldops.bench.harness import settle_cpu_threads
+
+        _, unsettled = settle_cpu_threads()
+        if unsettled:
+            progress.message(f"note: {unsettled}")
     rows = run_bench(config, csv_path=csv_path, progress=None if args.quiet else progress,
                      on_skip=progress.message)
     progress.finish()

@@ -296,6 +296,44 @@ class Timer:
         return times
 
 
+def settle_cpu_threads(max_s: float = 5.0, tolerance: float = 1.5) -> Tuple[float, Optional[str]]:
+    """Run a small parallel workload until torch's CPU threads are no slower than one thread.
+
+    On a busy machine the first seconds of multi-threaded work can run 100x slower than
+    later (worker threads spinning while the cores they need are taken), which would
+    land on the first cases measured. The workload's time on one thread is the yardstick:
+    returns (seconds spent, None) once the median of the last 5 multi-threaded runs is
+    within ``tolerance`` of it, or (seconds spent, why not) after ``max_s``.
+    """
+    threads = torch.get_num_threads()
+    began = time.perf_counter()
+    if threads <= 1:
+        return 0.0, None
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 64, 32, generator=g), torch.randn(64, 32, 64, generator=g)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        torch.bmm(a, b).softmax(-1)
+        return (time.perf_counter() - t0) * 1e3
+
+    torch.set_num_threads(1)
+    try:
+        single = statistics.median(once() for _ in range(7))
+    finally:
+        torch.set_num_threads(threads)
+    recent: List[float] = []
+    while True:
+        recent = (recent + [once()])[-5:]
+        if len(recent) == 5 and statistics.median(recent) <= tolerance * single + WARMUP_FLOOR_MS:
+            return time.perf_counter() - began, None
+        if time.perf_counter() - began > max_s:
+            return time.perf_counter() - began, (
+                f"{threads} CPU threads still ran a small workload {statistics.median(recent) / single:.0f}x "
+                f"slower than one thread after {max_s:g} s: the machine is oversubscribed and the timings "
+                "suffer; OMP_NUM_THREADS=1 or OMP_WAIT_POLICY=PASSIVE may give steadier numbers")
+
+
 def runs_agree(times_ms: Sequence[float]) -> bool:
     """Whether the last :data:`WARMUP_WINDOW` runs are within tolerance of their median."""
     if len(times_ms) < WARMUP_WINDOW:
@@ -605,7 +643,10 @@ def run_bench(
     progress: Optional[ProgressFn] = None,
     on_skip: Optional[Callable[[str], None]] = None,
 ) -> List[Row]:
-    """Run the benchmark described by ``config``; return the rows (also written to ``csv_path``)."""
+    """Run the benchmark described by ``config``; return the rows (also written to ``csv_path``).
+
+    On CPU, call :func:`settle_cpu_threads` once per process first (``foldops bench`` does).
+    """
     cfg = config.resolved()
     sink = RowSink(cfg.device, csv_path)
     timer = Timer(cfg.device)
