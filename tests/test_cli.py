@@ -177,9 +177,9 @@ def test_version(capsys):
 
 def test_doctor_into_a_closed_pipe_ends_quietly():
     # `foldops doctor | head -2`: the reader leaves early; no BrokenPipeError traceback.
-    code = (f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'foldops', 'doctor'], "
-            f"stdout=subprocess.PIPE, stderr=subprocess.PIPE); p.stdout.readline(); p.stdout.close(); "
-            f"err = p.stderr.read().decode(); p.wait(); print(p.returncode); print(err)")
+    code = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'foldops', 'doctor'], "
+            "stdout=subprocess.PIPE, stderr=subprocess.PIPE); p.stdout.readline(); p.stdout.close(); "
+            "err = p.stderr.read().decode(); p.wait(); print(p.returncode); print(err)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
     returncode, _, err = result.stdout.partition("\n")
     assert "Traceback" not in err and "BrokenPipeError" not in err, err

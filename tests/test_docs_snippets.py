@@ -2,7 +2,8 @@
 
 Every ```python block of README.md runs in a fresh namespace, in a temporary working
 directory, at the small sizes it is written with. A block preceded by the line
-``<!-- snippet: not run -->`` is skipped (say why next to it). Also: every page under
+``<!-- snippet: not run -->`` is skipped (say why next to it), and so is one that needs
+an optional package that is not installed. Also: every page under
 docs/ is listed in docs/README.md, and the README's relative links resolve.
 """
 
@@ -15,6 +16,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP_MARK = "<!-- snippet: not run -->"
+OPTIONAL = {"boltz"}
+"""Third-party packages a snippet may need; without them it is skipped (the test
+environment of the README installs them)."""
 _FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```", re.M | re.S)
 
 
@@ -47,7 +51,12 @@ def test_readme_snippet_runs(line, code, skipped, tmp_path, monkeypatch):
     for key in [k for k in os.environ if k.startswith("FOLDOPS_BACKEND")]:
         monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    try:
+        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    except ModuleNotFoundError as exc:
+        if exc.name not in OPTIONAL:
+            raise
+        pytest.skip(f"README.md:{line} needs {exc.name}, not installed here")
 
 
 def test_python_blocks_honours_the_skip_mark():
