@@ -223,3 +223,33 @@ def test_doctor_says_how_to_run_the_kernels_on_cpu():
     result = _foldops("doctor", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "set TRITON_INTERPRET=1 and name the backend" in result.stdout
+
+
+def test_a_busy_cpu_bench_restarts_with_passive_omp_threads():
+    from foldops.cli import OMP_RESTART_FLAG, passive_threads_env
+
+    cpu = torch.device("cpu")
+    env = passive_threads_env(cpu, {"PATH": "/bin"}, load=9.5, cores=2)
+    assert env == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE", OMP_RESTART_FLAG: "9.5"}
+    assert passive_threads_env(cpu, {}, load=1.5, cores=2) is None          # not busy
+    assert passive_threads_env(cpu, {}, load=None, cores=2) is None         # no load average here
+    assert passive_threads_env(cpu, {"OMP_WAIT_POLICY": "ACTIVE"}, load=9.5, cores=2) is None  # the user's
+    assert passive_threads_env(cpu, env, load=9.5, cores=2) is None         # restarted already
+    assert passive_threads_env(torch.device("meta"), {}, load=9.5, cores=2) is None
+
+
+def test_busy_restart_happens_only_from_the_command_line(tmp_path, monkeypatch):
+    import foldops.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_load_average", lambda: 99.0)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a) or (_ for _ in ()).throw(SystemExit(0)))
+    args = ["bench", "--device", "cpu", "--ops", "triangle_attention", "--sizes", "3", "--backends", "torch",
+            "--modes", "fwd", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--no-plot", "--quiet"]
+    assert main(args) == 0 and calls == []  # main(argv) from Python: never restarts
+    monkeypatch.setattr(sys, "argv", ["foldops", *args])
+    with pytest.raises(SystemExit):
+        main()
+    (executable, argv, env), = calls
+    assert argv == [sys.executable, "-m", "foldops", *args] and env["OMP_WAIT_POLICY"] == "PASSIVE"

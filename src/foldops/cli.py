@@ -223,7 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "doctor":
             return _doctor_command(sub_parser, args)
         if args.command == "bench":
-            return _bench_command(sub_parser, args, list(sys.argv[1:] if argv is None else argv))
+            return _bench_command(sub_parser, args, list(sys.argv[1:] if argv is None else argv),
+                                  may_restart=argv is None)
         return _plot_command(sub_parser, args)
     except BrokenPipeError:
         # The reader went away (`foldops doctor | head`): stop quietly, as POSIX tools do.
@@ -417,7 +418,28 @@ def _load_average() -> Optional[float]:
         return None
 
 
-def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[str]) -> int:
+OMP_RESTART_FLAG = "FOLDOPS_BENCH_SET_OMP_WAIT_POLICY"
+
+
+def passive_threads_env(device: torch.device, environ: Dict[str, str], load: Optional[float],
+                        cores: int) -> Optional[Dict[str, str]]:
+    """The environment to restart a CPU bench in on an oversubscribed machine, or None.
+
+    OpenMP worker threads spin while they wait for work; when other processes hold the
+    cores (load average above their number), that spinning made 2-thread calls here
+    5-15x slower, and 100x for the first seconds. ``OMP_WAIT_POLICY=PASSIVE`` makes them
+    sleep instead. OpenMP reads it when torch loads, so it takes a restart. A policy the
+    user set is kept.
+    """
+    if device.type != "cpu" or "OMP_WAIT_POLICY" in environ or OMP_RESTART_FLAG in environ:
+        return None
+    if load is None or load <= cores:
+        return None
+    return {**environ, "OMP_WAIT_POLICY": "PASSIVE", OMP_RESTART_FLAG: f"{load:.1f}"}
+
+
+def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[str],
+                   may_restart: bool = False) -> int:
     import foldops
     from foldops import device as fdevice
     from foldops.bench.cases import get_cases
@@ -425,6 +447,14 @@ def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
     from foldops.bench.report import ProgressLine, format_table, write_summary
 
     device = _resolve_device(parser, args.device)
+    if may_restart:
+        env = passive_threads_env(device, dict(os.environ), _load_average(), os.cpu_count() or 1)
+        if env is not None:
+            sys.stderr.write(f"the machine is busy (load average {env[OMP_RESTART_FLAG]} on {os.cpu_count()} "
+                             "cores): restarting with OMP_WAIT_POLICY=PASSIVE so that idle torch threads "
+                             "sleep instead of spinning\n")
+            sys.stderr.flush()
+            os.execve(sys.executable, [sys.executable, "-m", "foldops", *argv], env)
     if args.backends is not None:
         _check_backends(parser, args.ops, args.backends)
         if "triton" in args.backends and device.type == "cpu" and not fdevice.triton_interpret():
@@ -500,6 +530,9 @@ def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
         load_after = _load_average()
         cores = os.cpu_count() or 1
         context["load average"] = f"{load_before:.1f} before, {load_after:.1f} after, on {cores} cores"
+        if OMP_RESTART_FLAG in os.environ:
+            context["threads"] = (f"OMP_WAIT_POLICY=PASSIVE, set by foldops bench (load average "
+                                  f"{os.environ[OMP_RESTART_FLAG]} at the start)")
         if max(load_before, load_after or 0.0) > cores:
             busy = (f"the machine was busy (load average {max(load_before, load_after or 0.0):.1f} on {cores} "
                     "cores): other processes disturbed these CPU timings; compare backends within this run, "
