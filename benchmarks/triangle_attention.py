@@ -460,9 +460,9 @@ TUNE_CANDIDATES = {
     "dbias": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (32, 64, 4, 3),
               (128, 64, 8, 2), (64, 32, 4, 3), (128, 128, 8, 2)],
 }
-# fp32 products run on the FMA units (no tensor cores unless TF32 is allowed). Session 8
-# found two warps best for the backward; session 9 added the larger tiles, of which the
-# forward took 128x64 with 4 warps (session9/tune_fp32_*.txt).
+# fp32 products run on the FMA units (no tensor cores unless TF32 is allowed): two warps
+# tuned best for the backward kernels, and 128x64 with 4 warps for the forward (H100,
+# N = 512 / 1024); the larger tiles are here so a tune can find such a shape.
 TUNE_CANDIDATES_FP32 = {
     kind: [(64, 32, 2, 2), (32, 64, 2, 2), (128, 64, 4, 2), (64, 128, 4, 2), (64, 64, 4, 2), (128, 64, 4, 3),
            (128, 128, 8, 2), (256, 64, 8, 2), (64, 256, 8, 2), (128, 32, 4, 3), (32, 128, 4, 2), (128, 128, 4, 2)]
@@ -667,7 +667,7 @@ def apply_configs(path: str) -> None:
 
     with open(path) as fh:
         data = json.load(fh)
-    best = data.get("best", {})  # {variant: {kind: config}}, or {kind: config} before session 6
+    best = data.get("best", {})  # {variant: {kind: config}}, or {kind: config} in files of the older format
     if all(isinstance(cfg, list) for cfg in best.values()):
         chosen = best
     elif len(best) == 1 or "default" in best:

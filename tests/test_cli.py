@@ -122,8 +122,10 @@ def test_failing_backend_becomes_error_rows(tmp_path, monkeypatch, capsys):
     (["bench", "--dim", "Q=3"], "argument --dim: unknown dimension(s) ['Q'] for these ops"),
     (["bench", "--ops", "triangle_attention", "--dim", "S=3"], "unknown dimension(s) ['S']"),
     (["bench", "--dim", "N=3"], "N is swept: use --sizes"),
-    (["bench", "--device", "hpu"], "argument --device: device: unsupported device type 'hpu'"),
-    (["bench", "--device", "mps"], "argument --device: device: 'mps' was requested but is not available"),
+    (["bench", "--device", "hpu"], "argument --device: unsupported device type 'hpu'"),
+    (["bench", "--device", "mps"], "argument --device: 'mps' was requested but is not available"),
+    (["bench", "--backends", "tritonn"], "argument --backends: unknown backend(s) tritonn; expected some of: triton, torch, reference"),
+    (["bench", "--ops", "outer_product_mean", "--backends", "torch,triton"], "unknown backend(s) triton; expected some of: torch, reference"),
     (["bench", "--device", "gpu"], "argument --device:"),
     (["doctor", "--dtype", "fp32,bf16"], "argument --dtype: doctor takes one dtype, got 2"),
     (["plot", "/nonexistent/bench.csv"], "argument csv: no such file '/nonexistent/bench.csv'"),
@@ -133,7 +135,11 @@ def test_bad_options_give_a_clear_error(args, message, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    if args:  # the sub-command's usage, not the top level's
+        assert err.startswith(f"usage: foldops {args[0]} ")
+        assert "device: device" not in err
 
 
 def test_help_lists_the_options(capsys):
@@ -143,3 +149,107 @@ def test_help_lists_the_options(capsys):
     text = capsys.readouterr().out
     for option in ("--device", "--ops", "--sizes", "--dtype", "--out", "--repeats", "--warmup", "--modes", "--backends"):
         assert option in text
+
+
+def test_help_defaults_are_the_harness_defaults(capsys):
+    from foldops.bench.cases import CPU_SIZES
+    from foldops.bench.harness import PROFILE_DEFAULTS
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    cpu, gpu = PROFILE_DEFAULTS["cpu"], PROFILE_DEFAULTS["gpu"]
+    assert f"timed runs (default {cpu['repeats']} on CPU, {gpu['repeats']} on a GPU)" in text
+    assert f"(default {cpu['warmup']} on CPU, {gpu['warmup']} on a GPU; 0: none)" in text
+    assert f"(default {cpu['max_time_s']:g} on CPU, {gpu['max_time_s']:g} on a GPU)" in text
+    assert f"(default: {','.join(map(str, CPU_SIZES))} on CPU;" in text
+    assert "(default: fp32 on CPU, bf16 on a GPU)" in text
+
+
+def test_version(capsys):
+    import foldops
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"foldops {foldops.__version__} (torch {torch.__version__}")
+
+
+def test_doctor_into_a_closed_pipe_ends_quietly():
+    # `foldops doctor | head -2`: the reader leaves early; no BrokenPipeError traceback.
+    code = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'foldops', 'doctor'], "
+            "stdout=subprocess.PIPE, stderr=subprocess.PIPE); p.stdout.readline(); p.stdout.close(); "
+            "err = p.stderr.read().decode(); p.wait(); print(p.returncode); print(err)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
+    returncode, _, err = result.stdout.partition("\n")
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert returncode in ("0", "141")
+
+
+def test_plot_rejects_a_file_that_is_not_a_bench_csv(tmp_path, capsys):
+    junk = tmp_path / "junk.csv"
+    junk.write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", str(junk)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not a foldops bench CSV: expected the columns op, backend, shape" in err and "has a, b" in err
+    binary = tmp_path / "bench.csv"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", str(binary)])
+    assert exit_info.value.code == 2 and "not a foldops bench CSV" in capsys.readouterr().err
+    empty = tmp_path / "empty.csv"
+    empty.write_text(",".join(CSV_COLUMNS) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", str(empty)])
+    assert exit_info.value.code == 2 and "no successful time_ms rows: nothing to plot" in capsys.readouterr().err
+    assert not any(p.suffix == ".png" for p in tmp_path.iterdir())
+
+
+def test_bench_triton_on_cpu_sets_up_the_interpreter(tmp_path):
+    # Named on CPU without TRITON_INTERPRET: the command turns the interpreter on and says so.
+    pytest.importorskip("triton")
+    result = _foldops("bench", "--device", "cpu", "--ops", "triangle_attention", "--sizes", "3", "--backends", "triton",
+                      "--modes", "fwd", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--no-plot", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "Triton interpreter (TRITON_INTERPRET=1)" in result.stderr
+    _, rows = _read(tmp_path / "bench.csv")
+    assert {(r["metric"], r["status"]) for r in rows} == {("time_ms", "ok"), ("peak_mib", "ok"), ("max_abs_err", "ok"),
+                                                           ("rel_err", "ok")}
+
+
+def test_doctor_says_how_to_run_the_kernels_on_cpu():
+    result = _foldops("doctor", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "set TRITON_INTERPRET=1 and name the backend" in result.stdout
+
+
+def test_a_busy_cpu_bench_restarts_with_passive_omp_threads():
+    from foldops.cli import OMP_RESTART_FLAG, passive_threads_env
+
+    cpu = torch.device("cpu")
+    env = passive_threads_env(cpu, {"PATH": "/bin"}, load=9.5, cores=2)
+    assert env == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE", OMP_RESTART_FLAG: "9.5"}
+    assert passive_threads_env(cpu, {}, load=1.5, cores=2) is None          # not busy
+    assert passive_threads_env(cpu, {}, load=None, cores=2) is None         # no load average here
+    assert passive_threads_env(cpu, {"OMP_WAIT_POLICY": "ACTIVE"}, load=9.5, cores=2) is None  # the user's
+    assert passive_threads_env(cpu, env, load=9.5, cores=2) is None         # restarted already
+    assert passive_threads_env(torch.device("meta"), {}, load=9.5, cores=2) is None
+
+
+def test_busy_restart_happens_only_from_the_command_line(tmp_path, monkeypatch):
+    import foldops.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_load_average", lambda: 99.0)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a) or (_ for _ in ()).throw(SystemExit(0)))
+    args = ["bench", "--device", "cpu", "--ops", "triangle_attention", "--sizes", "3", "--backends", "torch",
+            "--modes", "fwd", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--no-plot", "--quiet"]
+    assert main(args) == 0 and calls == []  # main(argv) from Python: never restarts
+    monkeypatch.setattr(sys, "argv", ["foldops", *args])
+    with pytest.raises(SystemExit):
+        main()
+    (executable, argv, env), = calls
+    assert argv == [sys.executable, "-m", "foldops", *args] and env["OMP_WAIT_POLICY"] == "PASSIVE"

@@ -126,12 +126,47 @@ def _device_help() -> str:
 _DEVICE_HELP = _device_help()
 
 
+def _version_string() -> str:
+    import foldops
+
+    return f"foldops {foldops.__version__} (torch {torch.__version__}, python {platform.python_version()})"
+
+
+def _defaults_help(field: str, fmt=str) -> str:
+    """'X on CPU, Y on a GPU' from the harness's own defaults."""
+    from foldops.bench.harness import PROFILE_DEFAULTS
+
+    cpu, gpu = PROFILE_DEFAULTS["cpu"][field], PROFILE_DEFAULTS["gpu"][field]
+    return f"{fmt(cpu)} on CPU, {fmt(gpu)} on a GPU"
+
+
+def _dtypes_text(dtypes) -> str:
+    from foldops.bench.harness import dtype_name
+
+    return ",".join(dtype_name(d) for d in dtypes)
+
+
+def _sizes_help() -> str:
+    from foldops.bench.cases import get_cases
+
+    per_profile = []
+    for profile, where in (("cpu", "CPU"), ("gpu", "a GPU")):
+        sizes = {tuple(case.sizes[profile]) for case in get_cases()}
+        text = ",".join(map(str, sizes.pop())) if len(sizes) == 1 else "per op"
+        per_profile.append(f"{text} on {where}")
+    return "; ".join(per_profile)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from foldops.bench.harness import DEFAULT_MODES
+
     parser = argparse.ArgumentParser(prog="foldops", description="foldops: fast, portable biomolecular building blocks")
+    parser.add_argument("--version", action="version", version=_version_string())
     sub = parser.add_subparsers(dest="command", metavar="{doctor,bench,plot}")
     sub.required = True
 
     doctor = sub.add_parser("doctor", help="device, versions, Triton kernels and backend availability")
+    doctor.set_defaults(subparser=doctor)
     doctor.add_argument("--device", default="auto", help=_DEVICE_HELP)
     doctor.add_argument("--dtype", type=_dtypes, default=None,
                         help="dtype of the representative inputs (default: fp32 on CPU, bf16 elsewhere)")
@@ -142,30 +177,39 @@ def build_parser() -> argparse.ArgumentParser:
                     "median time, peak memory where measurable, and error against the fp64 reference; "
                     "a table on the terminal, bench.csv, summary.md and one PNG per op in --out.",
     )
+    bench.set_defaults(subparser=bench)
     bench.add_argument("--device", default="auto", help=_DEVICE_HELP)
     bench.add_argument("--ops", type=_ops, default=None, help="comma-separated ops, or all (default)")
     bench.add_argument("--sizes", type=_positive_int_list, default=None,
-                       help="comma-separated N (default: 32,64,96 on CPU; 128,256,512,768,1024 on a GPU)")
+                       help=f"comma-separated N (default: {_sizes_help()})")
     bench.add_argument("--dtype", type=_dtypes, default=None,
-                       help="comma-separated dtypes: fp32, bf16, fp16, fp64 (default: fp32 on CPU, bf16 on a GPU)")
-    bench.add_argument("--modes", type=_modes, default=None, help="comma-separated: fwd, fwd+bwd, bwd (default fwd,fwd+bwd)")
+                       help="comma-separated dtypes: fp32, bf16, fp16, fp64 "
+                            f"(default: {_defaults_help('dtypes', _dtypes_text)})")
+    bench.add_argument("--modes", type=_modes, default=None,
+                       help=f"comma-separated: fwd, fwd+bwd, bwd (default {','.join(DEFAULT_MODES)})")
     bench.add_argument("--backends", type=_csv_list, default=None,
-                       help="only these backends (named ones run even where auto would skip them, e.g. the "
-                            "Triton interpreter); default: every registered backend that can run")
+                       help="only these backends (named ones run even where auto would skip them; triton on "
+                            "CPU runs the Triton interpreter); default: every registered backend that can run")
     bench.add_argument("--out", default="foldops-bench", help="output folder (default ./foldops-bench)")
-    bench.add_argument("--repeats", type=_int_at_least(1), default=None, help="timed runs (default 5 on CPU, 30 on a GPU)")
-    bench.add_argument("--warmup", type=_int_at_least(0), default=None, help="untimed runs first (default 1 on CPU, 5 on a GPU)")
+    bench.add_argument("--repeats", type=_int_at_least(1), default=None,
+                       help=f"timed runs (default {_defaults_help('repeats')})")
+    bench.add_argument("--warmup", type=_int_at_least(0), default=None,
+                       help="untimed runs first, at least; more until the last runs agree, bounded "
+                            f"(default {_defaults_help('warmup')}; 0: none)")
     bench.add_argument("--max-time", type=_positive_float, default=None, dest="max_time",
-                       help="seconds per measurement before stopping early, after 3 runs (default 0.5 CPU, 2 GPU)")
+                       help="seconds per measurement before stopping early, after 3 runs "
+                            f"(default {_defaults_help('max_time_s', lambda v: f'{v:g}')})")
     bench.add_argument("--dim", type=_dim, action="append", default=[], metavar="KEY=VALUE",
                        help="override a fixed dimension of the cases, e.g. --dim S=256 --dim H=8 (repeatable)")
     bench.add_argument("--ref-budget-gib", type=_positive_float, default=None, dest="ref_budget_gib",
-                       help="largest fp64 reference to run for the error columns (default 2 on CPU, 16 on a GPU)")
+                       help="largest fp64 reference to run for the error columns "
+                            f"(default {_defaults_help('ref_budget_gib', lambda v: f'{v:g}')})")
     bench.add_argument("--seed", type=_int_at_least(0), default=0, help="input seed (default 0)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNGs")
     bench.add_argument("--quiet", action="store_true", help="no progress line")
 
     plot = sub.add_parser("plot", help="draw the PNGs of a bench CSV")
+    plot.set_defaults(subparser=plot)
     plot.add_argument("csv", help="a bench.csv written by foldops bench")
     plot.add_argument("--out", default=None, help="output folder (default: beside the CSV)")
     return parser
@@ -174,11 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "doctor":
-        return _doctor_command(parser, args)
-    if args.command == "bench":
-        return _bench_command(parser, args, list(sys.argv[1:] if argv is None else argv))
-    return _plot_command(parser, args)
+    sub_parser = args.subparser  # errors print the sub-command's usage
+    try:
+        if args.command == "doctor":
+            return _doctor_command(sub_parser, args)
+        if args.command == "bench":
+            return _bench_command(sub_parser, args, list(sys.argv[1:] if argv is None else argv),
+                                  may_restart=argv is None)
+        return _plot_command(sub_parser, args)
+    except BrokenPipeError:
+        # The reader went away (`foldops doctor | head`): stop quietly, as POSIX tools do.
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
@@ -187,7 +246,10 @@ def _resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
     try:
         return resolve_device(name)
     except (ValueError, TypeError, RuntimeError) as exc:
-        parser.error(f"argument --device: {exc}")
+        message = str(exc)
+        if message.startswith("device: "):  # the argument is named once, by the prefix below
+            message = message[len("device: "):]
+        parser.error(f"argument --device: {message}")
         raise  # pragma: no cover - parser.error exits
 
 
@@ -250,7 +312,10 @@ def doctor(device: torch.device, dtype: Optional[torch.dtype] = None, stream: Op
     say("versions:")
     say(f"  python       {platform.python_version()} ({sys.executable})")
     say(f"  torch        {torch.__version__}")
-    say(f"  triton       {_version('triton')}")
+    triton_version = _version("triton")
+    if triton_version == "not installed":
+        triton_version += " (optional, for the GPU kernels: pip install 'foldops[triton]')"
+    say(f"  triton       {triton_version}")
     say(f"  numpy        {_version('numpy')}")
     say(f"  foldops      {foldops.__version__}")
     say("peers (optional):")
@@ -262,6 +327,9 @@ def doctor(device: torch.device, dtype: Optional[torch.dtype] = None, stream: Op
     say(f"  used by auto:         {'yes' if auto_reason is None else 'no - ' + auto_reason}")
     say(f"  run when named:       {'yes' if named_reason is None else 'no - ' + named_reason}")
     say(f"  TRITON_INTERPRET:     {os.environ.get('TRITON_INTERPRET', '(unset)')}")
+    if device.type == "cpu" and not fdevice.triton_interpret() and fdevice.triton_import_error() is None:
+        say("  (on CPU the kernels run only under the Triton interpreter, to check results: set "
+            "TRITON_INTERPRET=1 and name the backend, or `foldops bench --backends triton`)")
     overrides = {k: v for k, v in sorted(os.environ.items()) if k.startswith(backends.ENV_GLOBAL)}
     say("backend overrides:")
     if overrides:
@@ -323,7 +391,55 @@ def _doctor_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 # bench -------------------------------------------------------------------------------------
 
-def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[str]) -> int:
+def _check_backends(parser: argparse.ArgumentParser, ops: Optional[List[str]], names: List[str]) -> None:
+    """Every name in ``--backends`` must be registered for at least one of the ops."""
+    from foldops import backends
+    from foldops.bench.cases import CaseUnavailable, get_cases
+
+    known: List[str] = []
+    for case in get_cases(ops):
+        try:
+            case.load()  # importing the op registers its backends
+        except CaseUnavailable:
+            continue
+        if case.registry_op in backends.ops():
+            known += [b.name for b in backends.backends_of(case.registry_op)]
+    known = list(dict.fromkeys(known))
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"argument --backends: unknown backend(s) {', '.join(unknown)}; "
+                     f"expected some of: {', '.join(known)}")
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not offered on this platform
+        return None
+
+
+OMP_RESTART_FLAG = "FOLDOPS_BENCH_SET_OMP_WAIT_POLICY"
+
+
+def passive_threads_env(device: torch.device, environ: Dict[str, str], load: Optional[float],
+                        cores: int) -> Optional[Dict[str, str]]:
+    """The environment to restart a CPU bench in on an oversubscribed machine, or None.
+
+    OpenMP worker threads spin while they wait for work; when other processes hold the
+    cores (load average above their number), that spinning made 2-thread calls here
+    5-15x slower, and 100x for the first seconds. ``OMP_WAIT_POLICY=PASSIVE`` makes them
+    sleep instead. OpenMP reads it when torch loads, so it takes a restart. A policy the
+    user set is kept.
+    """
+    if device.type != "cpu" or "OMP_WAIT_POLICY" in environ or OMP_RESTART_FLAG in environ:
+        return None
+    if load is None or load <= cores:
+        return None
+    return {**environ, "OMP_WAIT_POLICY": "PASSIVE", OMP_RESTART_FLAG: f"{load:.1f}"}
+
+
+def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: List[str],
+                   may_restart: bool = False) -> int:
     import foldops
     from foldops import device as fdevice
     from foldops.bench.cases import get_cases
@@ -331,6 +447,22 @@ def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
     from foldops.bench.report import ProgressLine, format_table, write_summary
 
     device = _resolve_device(parser, args.device)
+    if may_restart:
+        env = passive_threads_env(device, dict(os.environ), _load_average(), os.cpu_count() or 1)
+        if env is not None:
+            sys.stderr.write(f"the machine is busy (load average {env[OMP_RESTART_FLAG]} on {os.cpu_count()} "
+                             "cores): restarting with OMP_WAIT_POLICY=PASSIVE so that idle torch threads "
+                             "sleep instead of spinning\n")
+            sys.stderr.flush()
+            os.execve(sys.executable, [sys.executable, "-m", "foldops", *argv], env)
+    if args.backends is not None:
+        _check_backends(parser, args.ops, args.backends)
+        if "triton" in args.backends and device.type == "cpu" and not fdevice.triton_interpret():
+            # Named on CPU: the kernels can only run under the Triton interpreter, which is
+            # read from the environment when the kernel modules are first imported (below).
+            os.environ["TRITON_INTERPRET"] = "1"
+            sys.stderr.write("--backends triton on CPU: running the Triton kernels under the Triton "
+                             "interpreter (TRITON_INTERPRET=1), which checks results but is slow\n")
     dims: Dict[str, int] = dict(args.dim)
     if dims:
         known = set()
@@ -362,13 +494,26 @@ def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
         f"foldops bench on {fdevice.device_name(device)}: dtype {','.join(dtype_name(d) for d in config.dtypes)}, "
         f"modes {','.join(config.modes)}, writing {csv_path}\n"
     )
+    load_before = _load_average() if device.type == "cpu" else None
     started = time.perf_counter()
+    if device.type == "cpu":
+        from foldops.bench.harness import settle_cpu_threads
+
+        _, unsettled = settle_cpu_threads()
+        if unsettled:
+            progress.message(f"note: {unsettled}")
     rows = run_bench(config, csv_path=csv_path, progress=None if args.quiet else progress,
                      on_skip=progress.message)
     progress.finish()
     elapsed = time.perf_counter() - started
 
     print(format_table(rows))
+    from foldops.bench.report import auto_notes
+
+    slower = auto_notes(rows)
+    if slower:
+        print(f"\nauto's choice measured slower than another backend for {len(slower)} op/mode pair(s); "
+              "summary.md says where and why.")
     context = {
         "command": "foldops " + " ".join(shlex.quote(a) for a in argv),
         "device": fdevice.device_name(device),
@@ -380,16 +525,34 @@ def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall time": f"{elapsed:.1f} s",
     }
+    busy = None
+    if load_before is not None:
+        load_after = _load_average()
+        cores = os.cpu_count() or 1
+        context["load average"] = f"{load_before:.1f} before, {load_after:.1f} after, on {cores} cores"
+        if OMP_RESTART_FLAG in os.environ:
+            context["threads"] = (f"OMP_WAIT_POLICY=PASSIVE, set by foldops bench (load average "
+                                  f"{os.environ[OMP_RESTART_FLAG]} at the start)")
+        if max(load_before, load_after or 0.0) > cores:
+            busy = (f"the machine was busy (load average {max(load_before, load_after or 0.0):.1f} on {cores} "
+                    "cores): other processes disturbed these CPU timings; compare backends within this run, "
+                    "or rerun when it is idle")
+            context["warning"] = busy
     write_summary(os.path.join(out, "summary.md"), rows, context)
     written = [csv_path, os.path.join(out, "summary.md")]
     if not args.no_plot:
         try:
-            from foldops.bench.plot import plot_csv
+            from foldops.bench.plot import NotABenchCsv, plot_csv
 
-            written += [str(p) for p in plot_csv(csv_path, out)]
+            try:
+                written += [str(p) for p in plot_csv(csv_path, out)]
+            except NotABenchCsv as exc:  # every measurement failed
+                sys.stderr.write(f"no plots: {exc}\n")
         except ImportError as exc:
-            sys.stderr.write(f"no plots: {exc} (pip install foldops[bench])\n")
+            sys.stderr.write(f"no plots: {exc} (pip install 'foldops[bench]')\n")
     failures = sum(1 for r in rows if r["status"] in ("error", "oom"))
+    if busy:
+        sys.stderr.write(f"note: {busy}\n")
     sys.stderr.write(
         f"done in {elapsed:.1f} s; {len(rows)} rows, {failures} error/OOM rows; wrote:\n"
         + "".join(f"  {p}\n" for p in written)
@@ -398,11 +561,18 @@ def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
 
 
 def _plot_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from foldops.bench.plot import plot_csv
+    from foldops.bench.plot import NotABenchCsv, plot_csv
 
     if not os.path.isfile(args.csv):
         parser.error(f"argument csv: no such file {args.csv!r}")
-    for path in plot_csv(args.csv, args.out):
+    try:
+        paths = plot_csv(args.csv, args.out)
+    except NotABenchCsv as exc:
+        parser.error(f"argument csv: {exc}")
+    except ImportError as exc:
+        sys.stderr.write(f"foldops plot: {exc} (pip install 'foldops[bench]')\n")
+        return 1
+    for path in paths:
         print(path)
     return 0
 

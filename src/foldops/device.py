@@ -236,7 +236,14 @@ def triton_import_error() -> Optional[str]:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
+        how = (
+            "pip install 'foldops[triton]' (or pip install triton; PyTorch's CUDA wheels for "
+            "Linux include it). Triton runs on Linux x86_64 with an NVIDIA GPU; elsewhere the "
+            "torch backends run"
+        )
+        if not (isinstance(exc, ModuleNotFoundError) and exc.name == "triton"):
+            how = "reinstall it: " + how
+        return f"triton is not importable ({type(exc).__name__}: {exc}); {how}"
     return None
 
 

@@ -3,6 +3,7 @@
 import csv
 import io
 import math
+import time
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from foldops.bench import (
     run_bench,
     write_summary,
 )
-from foldops.bench.harness import compare
+from foldops.bench.harness import WARMUP_EXTRA_RUNS, compare, drifts_down, runs_agree, settle_cpu_threads
 from foldops.device import device_name
 
 from conftest import FAKE_OP, fake_op
@@ -229,9 +230,73 @@ def test_timer_counts_runs_and_stops_early():
     assert not timer.events
     times = timer.measure(timed, setup, warmup=2, repeats=4, max_time_s=60.0)
     assert len(times) == 4 and all(t >= 0 for t in times)
-    assert calls == {"setup": 6, "timed": 6}
-    times = Timer(CPU).measure(lambda _: None, warmup=0, repeats=100, max_time_s=1e-9)
-    assert len(times) == 3  # the minimum, then the time cap
+    # Warm-up: at least 2 runs, and 3 that agree (a no-op agrees within the floor, unless a
+    # busy machine preempts it); timed runs that drift down are retaken at most twice.
+    assert calls["setup"] == calls["timed"] and 3 + 4 <= calls["timed"] <= 2 + WARMUP_EXTRA_RUNS + 3 * 4
+    calls.update(setup=0, timed=0)
+    times = Timer(CPU).measure(timed, setup, warmup=0, repeats=100, max_time_s=1e-9)
+    assert len(times) == 3 and calls["timed"] == 3  # warmup=0: none; the minimum, then the time cap
+
+
+class _ScriptedCalls:
+    """A call whose duration follows a script, on a fake clock the harness reads."""
+
+    def __init__(self, monkeypatch, durations_ms):
+        import types
+
+        from foldops.bench import harness
+
+        self.durations = list(durations_ms)
+        self.calls = 0
+        self.now = 0.0
+        monkeypatch.setattr(harness, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+
+    def __call__(self, _):
+        self.now += self.durations[min(self.calls, len(self.durations) - 1)] / 1e3
+        self.calls += 1
+
+
+def test_warm_up_runs_until_the_first_call_effects_are_gone(monkeypatch):
+    # Slow first calls, then a tail of slower-than-steady ones: the timing sees neither.
+    timed = _ScriptedCalls(monkeypatch, [40, 30, 20, 20, 10, 8, 6] + [1])
+    times = Timer(CPU).measure(timed, warmup=2, repeats=5, max_time_s=60.0)
+    assert times == pytest.approx([1.0] * 5) and timed.calls == 7 + 3 + 5  # warm-up: the 7 slow calls, then 3 that agree
+
+
+def test_timed_runs_that_drift_down_are_taken_again(monkeypatch):
+    # A plateau longer than the warm-up window: the warm-up's 3 runs agree at 20 ms, the
+    # timed runs drift down (20, 20, 1, 1, 1) and are taken again.
+    timed = _ScriptedCalls(monkeypatch, [20] * 5 + [1])
+    times = Timer(CPU).measure(timed, warmup=2, repeats=5, max_time_s=60.0)
+    assert times == pytest.approx([1.0] * 5) and timed.calls == 3 + 5 + 5
+
+
+def test_warm_up_is_bounded(monkeypatch):
+    timer = Timer(CPU)
+    flip = []
+
+    def host_time(timed, setup):  # never agrees: alternates 1 ms and 4 ms
+        flip.append(None)
+        return 4.0 if len(flip) % 2 else 1.0
+    monkeypatch.setattr(timer, "_host_time", host_time)
+    seen = timer.warm_up(None, None, warmup=2, max_time_s=60.0)
+    assert seen[:4] == [4.0, 1.0, 4.0, 1.0] and len(seen) == 2 + WARMUP_EXTRA_RUNS
+
+    def slow_host_time(timed, setup):
+        time.sleep(0.01)
+        return host_time(timed, setup)
+    monkeypatch.setattr(timer, "_host_time", slow_host_time)
+    seen = timer.warm_up(None, None, warmup=2, max_time_s=0.05)
+    assert 2 <= len(seen) < 2 + WARMUP_EXTRA_RUNS
+
+
+def test_runs_agree_and_drift():
+    assert not runs_agree([1.0, 1.0])
+    assert runs_agree([50.0, 1.0, 1.05, 0.95])
+    assert not runs_agree([1.0, 1.0, 2.0])
+    assert runs_agree([0.001, 0.01, 0.015])  # within the absolute floor
+    assert drifts_down([24, 24, 24, 0.24, 0.24, 0.24])
+    assert not drifts_down([1.0, 1.1, 0.9, 1.0]) and not drifts_down([5.0, 1.0, 1.0])
 
 
 def test_cpu_peak_memory_sees_a_temporary():
@@ -318,3 +383,30 @@ def test_progress_line_on_a_log_and_on_a_terminal():
     out = tty.getvalue()
     assert out.count("\r") >= 3 and "\n" not in out.replace("skipped x\n", "")
     assert out.endswith("skipped x\n")
+
+
+def test_summary_explains_where_auto_measured_slower(tmp_path):
+    from foldops.bench.harness import AUTO_NOTE
+    from foldops.bench.report import auto_notes
+
+    def row(backend, metric, value, note=""):
+        return {"op": "opm", "backend": backend, "shape": "N=64", "dtype": "fp32", "mode": "fwd", "metric": metric,
+                "value": str(value), "status": "ok", "note": note}
+    rows = [row("torch", "time_ms", 3.0, f"median of 5; {AUTO_NOTE}"), row("reference", "time_ms", 1.0),
+            row("torch", "peak_mib", 2.0), row("reference", "peak_mib", 8.0)]
+    notes = auto_notes(rows)
+    assert len(notes) == 1
+    assert "opm fwd: auto's choice `torch` measured slower than `reference` (N=64 fp32: 3 vs 1 ms, peak 2 vs 8 MiB)" in notes[0]
+    assert "auto never picks `reference`" in notes[0]
+    assert auto_notes(rows[:1] + [row("reference", "time_ms", 2.9)]) == []  # within noise
+    write_summary(tmp_path / "summary.md", rows, {"command": "foldops bench"})
+    assert "## Where auto's choice measured slower" in (tmp_path / "summary.md").read_text()
+
+
+def test_cpu_threads_settle_within_the_bound():
+    threads = torch.get_num_threads()
+    began = time.perf_counter()
+    spent, why = settle_cpu_threads(max_s=0.3)
+    assert time.perf_counter() - began < 0.3 + 2.0 and 0 <= spent
+    assert why is None or ("slower than one thread" in why and "OMP_NUM_THREADS=1" in why)
+    assert torch.get_num_threads() == threads

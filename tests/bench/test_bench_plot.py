@@ -5,17 +5,27 @@ import csv
 import pytest
 
 from foldops.bench import CSV_COLUMNS
-from foldops.bench.plot import oom_sizes, plot_csv, read_csv, series, size_of
+from foldops.bench.plot import (
+    NotABenchCsv,
+    figure_title,
+    log_ticks,
+    not_drawn,
+    oom_sizes,
+    plot_csv,
+    read_csv,
+    series,
+    size_of,
+)
 
 pytest.importorskip("matplotlib")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _row(op, backend, n, mode, metric, value, status="ok", dtype="fp32"):
+def _row(op, backend, n, mode, metric, value, status="ok", dtype="fp32", note=""):
     row = dict.fromkeys(CSV_COLUMNS, "")
     row.update(op=op, backend=backend, shape=f"B=1,N={n},H=4,D=32", dtype=dtype, mode=mode, metric=metric,
-               value="" if value is None else str(value), status=status, device="cpu (test)")
+               value="" if value is None else str(value), status=status, device="cpu (test)", note=note)
     return row
 
 
@@ -84,3 +94,35 @@ def test_one_png_per_op_with_data(csv_path, tmp_path):
 def test_plots_go_beside_the_csv_by_default(csv_path):
     written = plot_csv(csv_path)
     assert {p.parent for p in written} == {csv_path.parent.resolve()}
+
+
+def test_title_gives_dtype_and_fixed_dims(csv_path):
+    rows = read_csv(csv_path)
+    assert figure_title(rows, "op_a", "cpu (test)") == "op_a: fp32; B=1, H=4, D=32, N varies (cpu (test))"
+
+
+def test_backends_not_drawn_are_named_with_the_reason(tmp_path):
+    rows = [_row("op", "torch", n, "fwd", "time_ms", 1.0) for n in (32, 64)]
+    rows += [_row("op", "triton", n, "fwd", "time_ms", None, "unavailable", note="needs a CUDA device") for n in (32, 64)]
+    rows += [_row("op", "flaky", 32, "fwd", "time_ms", 1.0), _row("op", "flaky", 64, "fwd", "time_ms", None, "error",
+                                                                    note="RuntimeError: boom")]
+    rows += [_row("op", "big", 32, "fwd", "time_ms", 1.0), _row("op", "big", 64, "fwd", "time_ms", None, "oom")]
+    assert not_drawn(rows, "op") == [
+        "triton not drawn (unavailable: needs a CUDA device)",
+        "flaky missing at N=64 (error: RuntimeError: boom)",
+    ]  # big's OOM is drawn as an x
+
+
+def test_log_ticks_label_enough_values():
+    assert log_ticks(0.9, 120) == [1, 2, 5, 10, 20, 50, 100]
+    assert len(log_ticks(600, 1100)) >= 3 and all(600 <= t <= 1100 for t in log_ticks(600, 1100))
+    assert log_ticks(0.3, 0.45) == [0.3, 0.4]  # under a factor of 2: ends of the range
+    assert len(log_ticks(1e-3, 1e6)) <= 12
+    assert log_ticks(0, 1) == []
+
+
+def test_a_file_that_is_not_a_bench_csv(tmp_path):
+    junk = tmp_path / "junk.csv"
+    junk.write_text("x,y\n1,2\n")
+    with pytest.raises(NotABenchCsv, match="is not a foldops bench CSV"):
+        plot_csv(junk)

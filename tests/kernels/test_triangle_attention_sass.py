@@ -19,7 +19,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOL = os.path.join(ROOT, "benchmarks", "triangle_attention_sass.py")
+TOOL = os.path.join(ROOT, "benchmarks", "tools", "triangle_attention_sass.py")
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 

@@ -1,7 +1,11 @@
 """The benchmark harness: time, peak memory and error against fp64, per op, backend, size.
 
-Timing is the median of up to ``repeats`` runs after ``warmup`` runs, stopping early once
-``max_time_s`` has been spent (at least 3 runs). On devices that offer timing events
+Timing is the median of up to ``repeats`` runs after at least ``warmup`` runs, stopping
+early once ``max_time_s`` has been spent (at least 3 runs). First calls can be 100x
+slower than later ones (lazy initialisation, cold caches, a new size), so the warm-up
+goes on until the last runs agree, within bounds (:data:`WARMUP_EXTRA_RUNS` more runs and
+``max_time_s``), and timed runs that still drift downwards are taken again (at most
+:data:`REMEASURE_ATTEMPTS` times); ``warmup=0`` means no warm-up at all. On devices that offer timing events
 (``torch.Event``) each run is bracketed by events; elsewhere by host timers with
 ``foldops.device.synchronize`` on both sides. Peak memory (``peak_mib``) is measured on
 one more run: the most memory allocated during it above what was allocated before it
@@ -56,8 +60,27 @@ _DTYPE_ALIASES = {
     "float64": "fp64", "double": "fp64",
 }
 _NOTE_MAX = 300
+AUTO_NOTE = "auto's choice"
+"""Ends the ``time_ms`` note of the backend that ``backend="auto"`` picks for that input."""
 
 Row = Dict[str, str]
+
+# Defaults per device profile ("cpu", or "gpu" for every accelerator). The command's
+# --help and docs/bench.md quote these.
+PROFILE_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "cpu": {"dtypes": (torch.float32,), "warmup": 2, "repeats": 10, "max_time_s": 0.5, "ref_budget_gib": 2.0},
+    "gpu": {"dtypes": (torch.bfloat16,), "warmup": 5, "repeats": 30, "max_time_s": 2.0, "ref_budget_gib": 16.0},
+}
+
+# Warm-up: runs agree when each of the last WARMUP_WINDOW is within WARMUP_TOLERANCE of
+# their median, or within WARMUP_FLOOR_MS of it (host-timer noise on tiny calls).
+WARMUP_WINDOW = 3
+WARMUP_TOLERANCE = 0.2
+WARMUP_FLOOR_MS = 0.02
+WARMUP_EXTRA_RUNS = 50
+"""At most this many warm-up runs beyond ``warmup`` while waiting for runs to agree."""
+REMEASURE_ATTEMPTS = 2
+"""Timed runs whose first half is over 1.3x slower than their second half are retaken."""
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -99,18 +122,11 @@ class BenchConfig:
 
     def resolved(self) -> "BenchConfig":
         """A copy with every ``None`` replaced by the profile default, checked."""
-        cpu = self.profile == "cpu"
+        defaults = PROFILE_DEFAULTS[self.profile]
         cfg = dataclasses.replace(self)
-        if cfg.dtypes is None:
-            cfg.dtypes = (torch.float32,) if cpu else (torch.bfloat16,)
-        if cfg.warmup is None:
-            cfg.warmup = 2 if cpu else 5
-        if cfg.repeats is None:
-            cfg.repeats = 10 if cpu else 30
-        if cfg.max_time_s is None:
-            cfg.max_time_s = 0.5 if cpu else 2.0
-        if cfg.ref_budget_gib is None:
-            cfg.ref_budget_gib = 2.0 if cpu else 16.0
+        for field in ("dtypes", "warmup", "repeats", "max_time_s", "ref_budget_gib"):
+            if getattr(cfg, field) is None:
+                setattr(cfg, field, defaults[field])
         bad_modes = [m for m in cfg.modes if m not in MODES]
         if bad_modes or not cfg.modes:
             raise ValueError(f"modes: expected some of {list(MODES)}, got {list(cfg.modes)}")
@@ -213,10 +229,47 @@ class Timer:
         max_time_s: float = 1.0,
         min_repeats: int = 3,
     ) -> List[float]:
-        """Milliseconds of ``timed(setup())`` per run; ``setup`` is not timed."""
-        for _ in range(warmup):
-            timed(setup())
+        """Milliseconds of ``timed(setup())`` per run; ``setup`` is not timed.
+
+        At least ``warmup`` untimed runs, more until the last runs agree (bounded); then
+        up to ``repeats`` timed runs, retaken if they still drift downwards.
+        """
+        if warmup > 0:
+            self.warm_up(timed, setup, warmup, max_time_s)
+        times: List[float] = []
+        for _ in range(REMEASURE_ATTEMPTS + 1):
+            times = self._timed_runs(timed, setup, repeats, max_time_s, min_repeats)
+            if warmup == 0 or not drifts_down(times):
+                break
+        return times
+
+    def _host_time(self, timed: Callable[[Any], Any], setup: Callable[[], Any]) -> float:
+        state = setup()
         fdevice.synchronize(self.device)
+        t0 = time.perf_counter()
+        timed(state)
+        fdevice.synchronize(self.device)
+        return (time.perf_counter() - t0) * 1e3
+
+    def warm_up(self, timed: Callable[[Any], Any], setup: Callable[[], Any], warmup: int,
+                max_time_s: float) -> List[float]:
+        """Untimed runs (host-timed here) until the last ones agree; their milliseconds.
+
+        At least ``warmup`` runs; stops once :func:`runs_agree`, or after
+        ``warmup + WARMUP_EXTRA_RUNS`` runs, or once ``max_time_s`` has passed.
+        """
+        seen: List[float] = []
+        began = time.perf_counter()
+        while True:
+            seen.append(self._host_time(timed, setup))
+            if len(seen) >= warmup and runs_agree(seen):
+                break
+            if len(seen) >= warmup + WARMUP_EXTRA_RUNS or (
+                    len(seen) >= warmup and time.perf_counter() - began > max_time_s):
+                break
+        return seen
+
+    def _timed_runs(self, timed, setup, repeats, max_time_s, min_repeats) -> List[float]:
         times: List[float] = []
         pairs = []
         began = time.perf_counter()
@@ -242,6 +295,62 @@ class Timer:
             fdevice.synchronize(self.device)
             times = [start.elapsed_time(end) for start, end in pairs]
         return times
+
+
+def settle_cpu_threads(max_s: float = 5.0, tolerance: float = 1.5) -> Tuple[float, Optional[str]]:
+    """Run a small parallel workload until torch's CPU threads are no slower than one thread.
+
+    On a busy machine the first seconds of multi-threaded work can run 100x slower than
+    later (worker threads spinning while the cores they need are taken), which would
+    land on the first cases measured. The workload's time on one thread is the yardstick:
+    returns (seconds spent, None) once the median of the last 5 multi-threaded runs is
+    within ``tolerance`` of it, or (seconds spent, why not) after ``max_s``.
+    """
+    threads = torch.get_num_threads()
+    began = time.perf_counter()
+    if threads <= 1:
+        return 0.0, None
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 64, 32, generator=g), torch.randn(64, 32, 64, generator=g)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        torch.bmm(a, b).softmax(-1)
+        return (time.perf_counter() - t0) * 1e3
+
+    torch.set_num_threads(1)
+    try:
+        single = statistics.median(once() for _ in range(7))
+    finally:
+        torch.set_num_threads(threads)
+    recent: List[float] = []
+    while True:
+        recent = (recent + [once()])[-5:]
+        if len(recent) == 5 and statistics.median(recent) <= tolerance * single + WARMUP_FLOOR_MS:
+            return time.perf_counter() - began, None
+        if time.perf_counter() - began > max_s:
+            return time.perf_counter() - began, (
+                f"{threads} CPU threads still ran a small workload {statistics.median(recent) / single:.0f}x "
+                f"slower than one thread after {max_s:g} s: the machine is oversubscribed and the timings "
+                "suffer; OMP_NUM_THREADS=1 or OMP_WAIT_POLICY=PASSIVE may give steadier numbers")
+
+
+def runs_agree(times_ms: Sequence[float]) -> bool:
+    """Whether the last :data:`WARMUP_WINDOW` runs are within tolerance of their median."""
+    if len(times_ms) < WARMUP_WINDOW:
+        return False
+    window = times_ms[-WARMUP_WINDOW:]
+    middle = statistics.median(window)
+    return all(abs(t - middle) <= max(WARMUP_TOLERANCE * middle, WARMUP_FLOOR_MS) for t in window)
+
+
+def drifts_down(times_ms: Sequence[float]) -> bool:
+    """Whether the first half of the runs is clearly slower than the second half."""
+    if len(times_ms) < 4:
+        return False
+    half = len(times_ms) // 2
+    first, second = statistics.median(times_ms[:half]), statistics.median(times_ms[half:])
+    return first > 1.3 * second + WARMUP_FLOOR_MS
 
 
 @contextlib.contextmanager
@@ -346,6 +455,8 @@ class _SizeRun:
         self._reference: Optional[Tuple[torch.Tensor, List[torch.Tensor]]] = None
         self._reference_failure: Dict[bool, Tuple[str, str]] = {}  # by need_grad
         self._errors: Dict[Tuple[str, str], Tuple[float, float]] = {}
+        self.auto_choice: Optional[str] = None
+        """The backend ``auto`` picks for these inputs, where known."""
 
     def add(self, backend: str, mode: str, metric: str, value=None, status="ok", note="") -> None:
         self.sink.add(self.case.op, backend, self.shape, self.dtype_name, mode, metric, value, status, note)
@@ -453,8 +564,10 @@ class _SizeRun:
             self.add(backend, mode, "time_ms", status=status, note=_describe(exc))
             _cleanup(self.device, collect=status == "oom")
             return
-        self.add(backend, mode, "time_ms", statistics.median(times),
-                 note=f"median of {len(times)} (min {min(times):.4g}, max {max(times):.4g})")
+        note = f"median of {len(times)} (min {min(times):.4g}, max {max(times):.4g})"
+        if backend == self.auto_choice:
+            note += f"; {AUTO_NOTE}"
+        self.add(backend, mode, "time_ms", statistics.median(times), note=note)
         try:
             setup, timed = self.mode_fns(backend, mode)
             memory = measure_memory(self.device, lambda: timed(setup()))
@@ -531,7 +644,10 @@ def run_bench(
     progress: Optional[ProgressFn] = None,
     on_skip: Optional[Callable[[str], None]] = None,
 ) -> List[Row]:
-    """Run the benchmark described by ``config``; return the rows (also written to ``csv_path``)."""
+    """Run the benchmark described by ``config``; return the rows (also written to ``csv_path``).
+
+    On CPU, call :func:`settle_cpu_threads` once per process first (``foldops bench`` does).
+    """
     cfg = config.resolved()
     sink = RowSink(cfg.device, csv_path)
     timer = Timer(cfg.device)
@@ -587,6 +703,7 @@ def _run_size(cfg, case, fn, dtype, size, sink, timer, step, plan_len) -> None:
         return
     statuses = backend_statuses(registry_op, ctx) if ctx is not None else None
     run = _SizeRun(cfg, case, fn, inputs, dims, dtype, sink, timer)
+    run.auto_choice = next((st.name for st in statuses or () if st.selected), None)
     plan = _backend_plan(registry_op, statuses, cfg.backends)
     if not plan:
         fail_all("skipped", f"no backend of {registry_op} among --backends {list(cfg.backends or [])}")

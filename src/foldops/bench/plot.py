@@ -1,15 +1,19 @@
 """Plots of a bench CSV, drawn from the CSV alone (``foldops plot bench.csv``).
 
 One PNG per op: time against N with one line per backend (and dtype), a panel per
-mode (fwd, fwd+bwd, bwd), and a second row for memory where the CSV has it.
+mode (fwd, fwd+bwd, bwd), and a second row for memory where the CSV has it. The title
+gives the dtype and the fixed dimensions; a footnote names each backend that is not
+drawn (or not at every size) and why; an ``x`` marks an out-of-memory size.
 Needs matplotlib (``pip install foldops[bench]``); nothing else of foldops runs.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -20,9 +24,29 @@ _MEMORY_LABELS = {"peak_mib": "peak memory above inputs (MiB)"}
 _N = re.compile(r"(?:^|,)N=(\d+)(?:,|$)")
 
 
+REQUIRED_COLUMNS = ("op", "backend", "shape", "dtype", "mode", "metric", "value", "status")
+_FOOTNOTE_WIDTH = 150
+
+
+class NotABenchCsv(ValueError):
+    """The file is not a CSV written by ``foldops bench``, or has nothing to plot."""
+
+
 def read_csv(path: os.PathLike) -> List[Dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """The rows of a bench CSV; :class:`NotABenchCsv` if its header is not one."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "") if columns else "nothing"
+                raise NotABenchCsv(
+                    f"{os.fspath(path)} is not a foldops bench CSV: expected the columns "
+                    f"{', '.join(REQUIRED_COLUMNS)}, ...; its first line has {shown}")
+            return list(reader)
+    except UnicodeDecodeError as exc:
+        raise NotABenchCsv(f"{os.fspath(path)} is not a foldops bench CSV (not text: {exc})") from None
 
 
 def size_of(shape: str) -> Optional[int]:
@@ -67,6 +91,69 @@ def oom_sizes(rows: Sequence[Dict[str, str]], op: str, mode: str) -> Dict[str, L
     return {backend: sorted(ns) for backend, ns in sorted(found.items())}
 
 
+def figure_title(rows: Sequence[Dict[str, str]], op: str, device: str = "") -> str:
+    """``op: dtype, fixed dims (device)``: what every point of the figure shares."""
+    own = [r for r in rows if r["op"] == op and r["status"] == "ok" and r["metric"] == "time_ms"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in own if r["dtype"]))
+    fixed = list(dict.fromkeys(_fixed_dims(r["shape"]) for r in own if r["shape"]))
+    parts = [", ".join(dtypes)] if dtypes else []
+    if fixed:
+        parts.append(" | ".join(f.replace(",", ", ") for f in fixed) + ", N varies")
+    title = f"{op}: " + "; ".join(parts) if parts else op
+    return f"{title} ({device})" if device else title
+
+
+def not_drawn(rows: Sequence[Dict[str, str]], op: str) -> List[str]:
+    """One line per backend of ``op`` missing from the figure, or missing at some sizes,
+    with the status and reason (out of memory is drawn as an ``x`` and not repeated)."""
+    lines: List[str] = []
+    backends = list(dict.fromkeys(r["backend"] for r in rows if r["op"] == op and r["backend"]))
+    for backend in backends:
+        own = [r for r in rows if r["op"] == op and r["backend"] == backend and r["metric"] == "time_ms"]
+        failed = [r for r in own if r["status"] not in ("ok", "oom")]
+        if not failed:
+            continue
+        first = failed[0]
+        reason = f"{first['status']}: {first['note']}".rstrip(": ")
+        if not any(r["status"] == "ok" for r in own):
+            lines.append(f"{backend} not drawn ({reason})")
+        else:
+            sizes = sorted({n for n in (size_of(r["shape"]) for r in failed) if n is not None})
+            where = f" at N={','.join(map(str, sizes))}" if sizes else ""
+            lines.append(f"{backend} missing{where} ({reason})")
+    # Whole-op or whole-size failures (rows without a backend).
+    for r in rows:
+        if r["op"] == op and not r["backend"] and r["status"] != "ok":
+            n = size_of(r["shape"])
+            lines.append(f"all backends {'at N=' + str(n) + ' ' if n else ''}({r['status']}: {r['note']})")
+    return list(dict.fromkeys(lines))
+
+
+def log_ticks(low: float, high: float) -> List[float]:
+    """Tick values for a log axis over [low, high] with at least three labels where the
+    range allows: 1-2-5 per decade, or 1..9 per decade when that gives fewer than three."""
+    if not (low > 0 and high > 0):
+        return []
+    low, high = min(low, high), max(low, high)
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    for subs in ((1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [float(f"{m * 10.0 ** e:.6g}") for e in range(first, last + 1) for m in subs]
+        ticks = [t for t in ticks if low * (1 - 1e-9) <= t <= high * (1 + 1e-9)]
+        if len(ticks) >= 3:
+            break
+    if len(ticks) < 2:  # under a factor of ~1.2: label the ends
+        ticks = sorted({float(f"{low:.2g}"), float(f"{high:.2g}")})
+    if len(ticks) > 12:  # many decades: thin out to whole decades and their 1-2-5
+        ticks = [t for t in ticks if round(t / 10.0 ** math.floor(math.log10(t))) in (1, 2, 5)]
+        if len(ticks) > 12:
+            ticks = [t for t in ticks if round(t / 10.0 ** math.floor(math.log10(t))) == 1]
+    return ticks
+
+
+def _tick_label(value: float, _=None) -> str:
+    return f"{float(f'{value:.3g}'):g}"  # 3 significant digits, 1000 rather than 1e+03
+
+
 def _mark_oom(ax, rows, op, mode, colours) -> None:
     # An x at the top of the panel, in the backend's colour, where it ran out of memory.
     for backend, sizes in oom_sizes(rows, op, mode).items():
@@ -84,11 +171,14 @@ def plot_csv(csv_path: os.PathLike, out_dir: Optional[os.PathLike] = None) -> Li
     from matplotlib import ticker
 
     rows = read_csv(csv_path)
+    ops = list(dict.fromkeys(r["op"] for r in rows if r["status"] == "ok" and r["metric"] == "time_ms"))
+    if not ops:
+        raise NotABenchCsv(f"{os.fspath(csv_path)} has no successful time_ms rows: nothing to plot "
+                           f"({len(rows)} rows)")
     out = Path(out_dir) if out_dir is not None else Path(csv_path).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     device = next((r["device"] for r in rows if r.get("device")), "")
     written: List[Path] = []
-    ops = list(dict.fromkeys(r["op"] for r in rows if r["status"] == "ok" and r["metric"] == "time_ms"))
     for op in ops:
         modes = [m for m in MODE_ORDER if any(r["op"] == op and r["mode"] == m and r["status"] == "ok"
                                               and r["metric"] == "time_ms" for r in rows)]
@@ -118,15 +208,26 @@ def plot_csv(csv_path: os.PathLike, out_dir: Optional[os.PathLike] = None) -> Li
                     ax.set_xticks(sizes)
                     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
                     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-                    if ax.lines and all(y > 0 for line in ax.lines for y in line.get_ydata()):
+                    ys = [y for line in ax.lines for y in line.get_ydata()]
+                    if ys and all(y > 0 for y in ys):
                         ax.set_yscale("log")
-                        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-                        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+                        low, high = min(ys), max(ys)
+                        if high / low < 1.5:  # a flat line: give it some room to show values
+                            low, high = low / 1.25, high * 1.25
+                            ax.set_ylim(low, high)
+                        ax.yaxis.set_major_locator(ticker.FixedLocator(log_ticks(*ax.get_ylim())))
+                        ax.yaxis.set_major_formatter(ticker.FuncFormatter(_tick_label))
                         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
                     ax.legend(fontsize="small")
                 ax.grid(True, which="both", alpha=0.3)
-        fig.suptitle(f"{op} ({device})" if device else op, fontsize="medium")
-        fig.tight_layout()
+        fig.suptitle(figure_title(rows, op, device), fontsize="medium")
+        footnote = not_drawn(rows, op)
+        bottom = 0.0
+        if footnote:
+            text = "\n".join(textwrap.shorten(line, _FOOTNOTE_WIDTH, placeholder=" ...") for line in footnote[:6])
+            fig.text(0.01, 0.005, text, fontsize="x-small", va="bottom", ha="left", color="dimgrey")
+            bottom = min(0.4, (0.022 + 0.02 * min(len(footnote), 6)) / nrows)
+        fig.tight_layout(rect=(0, bottom, 1, 1))
         path = out / f"{op}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -7,7 +7,10 @@ import sys
 import time
 from typing import Dict, IO, List, Optional, Sequence, Tuple
 
-from foldops.bench.harness import MODES, Row
+from foldops.bench.harness import AUTO_NOTE, MODES, Row
+
+SLOWER = 1.2
+"""auto's choice is reported as slower where another backend took under 1/SLOWER of its time."""
 
 
 class ProgressLine:
@@ -152,6 +155,52 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
     return "\n".join(out)
 
 
+def auto_notes(rows: Sequence[Row]) -> List[str]:
+    """Where ``auto``'s choice measured slower than another backend, and why it is kept.
+
+    One line per op, mode, auto's backend and faster backend, listing the sizes.
+    """
+    times: Dict[Tuple[str, str, str, str], Dict[str, float]] = {}
+    peaks: Dict[Tuple[str, str, str, str, str], float] = {}
+    chosen: Dict[Tuple[str, str, str, str], str] = {}
+    for r in rows:
+        if r["status"] != "ok" or not r["backend"] or r["value"] == "":
+            continue
+        key = (r["op"], r["shape"], r["dtype"], r["mode"])
+        if r["metric"] == "time_ms":
+            times.setdefault(key, {})[r["backend"]] = float(r["value"])
+            if r["note"].endswith(AUTO_NOTE):
+                chosen[key] = r["backend"]
+        elif r["metric"] == "peak_mib":
+            peaks[key + (r["backend"],)] = float(r["value"])
+    found: Dict[Tuple[str, str, str, str], List[str]] = {}
+    for key, auto in chosen.items():
+        own = times[key][auto]
+        faster = [(t, b) for b, t in times[key].items() if b != auto and t * SLOWER < own]
+        if not faster:
+            continue
+        t, other = min(faster)
+        op, shape, dtype, mode = key
+        cell = f"{shape} {dtype}: {own:.3g} vs {t:.3g} ms"
+        pa, po = peaks.get(key + (auto,)), peaks.get(key + (other,))
+        if pa is not None and po is not None:
+            cell += f", peak {pa:.3g} vs {po:.3g} MiB"
+        found.setdefault((op, mode, auto, other), []).append(cell)
+    notes = []
+    for (op, mode, auto, other), cells in found.items():
+        if other == "reference":
+            why = ("auto never picks `reference`: it is the plain, unchunked version kept to check the "
+                   "others (any dtype, float64 included), with no bound on memory as N grows; at small "
+                   "sizes one unchunked call can beat the memory-bounded `torch` path, and on a busy CPU "
+                   "single timings of a few ms differ by more than that")
+        else:
+            why = (f"auto ranks backends by priority, not by a measurement on this machine; to use "
+                   f"{other} here pass backend=\"{other}\" or set FOLDOPS_BACKEND_{op.upper()}={other}")
+        notes.append(f"{op} {mode}: auto's choice `{auto}` measured slower than `{other}` "
+                     f"({'; '.join(cells)}). {why}.")
+    return notes
+
+
 def write_summary(path, rows: Sequence[Row], context: Dict[str, str]) -> None:
     """summary.md: how the run was made, and the table."""
     lines = ["# foldops bench", ""]
@@ -167,5 +216,10 @@ def write_summary(path, rows: Sequence[Row], context: Dict[str, str]) -> None:
         format_table(rows, markdown=True),
         "",
     ]
+    slower = auto_notes(rows)
+    if slower:
+        lines += ["## Where auto's choice measured slower", ""]
+        lines += [f"- {note}" for note in slower]
+        lines += [""]
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -10,14 +10,14 @@ inside the loop (LDG: not pipelined through shared memory), and how many of thos
 read in the same iteration (their latency exposed every step; a load prefetched a step
 ahead is read only in the next one).
 
-This is the proxy used to tune between GPU sessions: the kernels are issue- or
+This is the proxy used to tune between GPU runs: the kernels are issue- or
 latency-bound (docs/kernels/triangle_attention.md), so instructions per logit,
 in-loop LDGs and registers (occupancy) predict most of a change. Timings still come
 only from ``benchmarks/triangle_attention.py`` on the GPU. The local Triton may differ
 from the GPU machine's (3.9 here, 3.6 there): registers differ by a few percent.
 
-    python benchmarks/triangle_attention_sass.py --n 512 --mask
-    python benchmarks/triangle_attention_sass.py --n 512 --config dbias=64,64,8,3 --sass /tmp/sass
+    python benchmarks/tools/triangle_attention_sass.py --n 512 --mask
+    python benchmarks/tools/triangle_attention_sass.py --n 512 --config dbias=64,64,8,3 --sass /tmp/sass
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ launch (wall clock, inclusive; cProfile misattributes the time under dynamo's di
 wrapper of the custom ops). ``--timeline N`` lists the kernels of one fwd+bwd at size N
 from torch.profiler: when each was launched, when it ran, and the GPU's idle gaps.
 
-    python benchmarks/triangle_attention_host.py --n 64 --calls 300 --breakdown --timeline 512
+    python benchmarks/tools/triangle_attention_host.py --n 64 --calls 300 --breakdown --timeline 512
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ cudaProfilerStart/Stop, so ``ncu --profile-from-start off`` records exactly the 
 of one fwd+bwd (forward, delta, bias transpose, dBias, dK/dV, dQ):
 
     ncu --profile-from-start off --clock-control none --set full --import-source yes \\
-        -o /tmp/ta512 python benchmarks/triangle_attention_ncu.py --n 512
+        -o /tmp/ta512 python benchmarks/tools/triangle_attention_ncu.py --n 512
     ncu -i /tmp/ta512.ncu-rep --page details --csv > details.csv
     ncu -i /tmp/ta512.ncu-rep --page source --csv --print-source sass \\
         -k regex:_bwd_dkdv > dkdv_sass.csv

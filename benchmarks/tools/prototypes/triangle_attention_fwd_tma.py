@@ -3,12 +3,12 @@ descriptors, and optionally Triton's warp specialisation, timed against foldops'
 pointer-based forward in one process.
 
 Scope: bf16, no key mask, N a multiple of the blocks, contiguous q/k/v and bias. It
-exists to decide whether the kernels should move to descriptors; see "What to try
-next" in docs/kernels/triangle_attention.md.
+exists to decide whether the kernels should move to descriptors; see "Alternatives
+measured and lost" in docs/kernels/triangle_attention.md.
 
-    python benchmarks/prototypes/triangle_attention_fwd_tma.py contiguous 512 1024
+    python benchmarks/tools/prototypes/triangle_attention_fwd_tma.py contiguous 512 1024
 
-H100 (session 4; torch 2.11, Triton 3.6), B=1, H=4, D=32. The forward alone: TMA, 4 warps
+H100 (torch 2.11, Triton 3.6), B=1, H=4, D=32. The forward alone: TMA, 4 warps
 against foldops, 128x64 tiles:
 
     N=512 0.428 vs 0.409 ms (128x32: 0.411)   N=768 1.233 vs 1.303   N=1024 2.873 vs 3.062

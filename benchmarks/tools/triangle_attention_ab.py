@@ -8,8 +8,8 @@ as ``--passes`` of benchmarks/triangle_attention.py), then the median per kernel
 per-round ratios of the totals. Interleaving spreads the clock drift of a long run
 over both versions alike.
 
-    python benchmarks/triangle_attention_ab.py --rev f167275 --n 256 384 512 768 1024
-    python benchmarks/triangle_attention_ab.py --rev f167275 --n 512 1024 --mask-fraction 0.05
+    python benchmarks/tools/triangle_attention_ab.py --rev f167275 --n 256 384 512 768 1024
+    python benchmarks/tools/triangle_attention_ab.py --rev f167275 --n 512 1024 --mask-fraction 0.05
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/
 from triangle_attention import _fwd_bwd_steps, _kernel_times  # noqa: E402
 
 KERNEL_PACKAGE = "src/foldops/kernels/triangle_attention"  # the kernels as a package
