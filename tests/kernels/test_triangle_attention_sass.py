@@ -5,7 +5,7 @@ a pipeline stage it cannot prove well formed: dK/dV always did, and the forward 
 with a key mask, until ``_retire_mma`` ended each loop's stage inside the loop. The
 product still comes out right, so only the compiled code shows the regression. This
 compiles every kernel of one forward + backward for sm_90 offline (no GPU) with
-``benchmarks/triangle_attention_sass.py`` and reads ptxas's verdict.
+``benchmarks/tools/triangle_attention_sass.py`` and reads ptxas's verdict.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ CONFIGS_SMALL_N = {
 # Kernels whose loops end with an explicit wgmma wait (``_retire_mma``) on sm_90. Without
 # it ptxas serialises every wgmma (warning C7515) of dK/dV always, of dQ with a key mask
 # (two loop copies) and of dQ at head dim 64; the forward compiles to fewer registers
-# with it (one more program per SM). Check with benchmarks/triangle_attention_sass.py.
+# with it (one more program per SM). Check with benchmarks/tools/triangle_attention_sass.py.
 MMA_WAIT = {
     "fwd": True,  # fewer registers
     "dq": True,  # serialised without it with a key mask, and at D = 64

@@ -176,7 +176,7 @@ def _aligned_bias(bias: torch.Tensor) -> torch.Tensor:
     The layers pass the bias as a permuted view of a ``[B, N, N, H]`` Linear output (key
     stride H or N*H); tiles of such a view load element by element, outside the
     shared-memory pipeline, and the forward and dQ loops issue ~45% more instructions
-    per logit (see benchmarks/triangle_attention_sass.py --layout start). Rows whose stride
+    per logit (see benchmarks/tools/triangle_attention_sass.py --layout start). Rows whose stride
     is not a multiple of 16 elements (N % 16 != 0) cannot be proven aligned for vector
     loads either, so the copy pads them. It is O(B H N^2), 1/D of q's size, and lives for
     one launch.

@@ -103,7 +103,7 @@ _fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 def _direct_launches():
     """Eager launches go straight to Triton, as in ``triton_op``'s own eager path: with
     ``wrap_triton`` enabled each launch is dispatched as a higher-order op, which costs
-    host time per launch (see ``benchmarks/triangle_attention_host.py``)."""
+    host time per launch (see ``benchmarks/tools/triangle_attention_host.py``)."""
     return set_wrap_triton_enabled(False)
 
 
@@ -112,7 +112,7 @@ class _EagerTriangleAttention(torch.autograd.Function):
 
     Eager calls take this path: torch.library's dispatch of the two custom ops costs
     host time, and up to N = 512 the GPU waits for the host
-    (``benchmarks/triangle_attention_host.py``). torch.compile, fake tensors, dispatch
+    (``benchmarks/tools/triangle_attention_host.py``). torch.compile, fake tensors, dispatch
     modes and torch.func transforms take the registered ops. The forward takes ``ctx``
     (no ``setup_context``): ``apply`` then skips binding the arguments by signature."""
 
