@@ -191,7 +191,10 @@ def invariant_point_attention(
         point_weights: ``[H]``, the point term's weight per head, already positive and
             scaled: OpenFold's ``softplus(head_weights) * sqrt(1 / (3 * Pq * 9 / 2))``.
             The op multiplies it by ``-1/2`` and the summed squared distances.
-        z: ``[B, N, N, Cz]``, q's dtype or fp32: the pair output's values.
+        z: ``[B, N, N, Cz]``, q's dtype or fp32: the pair output's values. The
+            ``reference`` and ``triton`` backends form the pair product in q's dtype (an
+            fp32 z rounded on the fly, as a matmul under autocast rounds it; no copy);
+            ``torch`` forms it in fp32.
         mask: ``[B, N]`` residue keep-mask (bool or 0/1 float), or None.
         scale: scalar-term factor, default OpenFold's ``sqrt(1 / (3 C))``.
         chunk_size: query rows per step for the ``torch`` backend at inference

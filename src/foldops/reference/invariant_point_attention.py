@@ -43,8 +43,9 @@ def invariant_point_attention(
     """The three IPA outputs ``(out [B,N,H,C], out_pts [B,N,H,Pv,3], out_pair [B,N,H,Cz])``.
 
     Products in the inputs' dtypes (scalar terms in q's, point terms in the points'),
-    softmax in fp32 (fp64 for fp64 inputs); the attention weights are cast to each
-    operand's dtype for the three weighted sums, as OpenFold under autocast. With fp64
+    softmax in fp32 (fp64 for fp64 inputs); the attention weights are cast to the
+    operands' dtypes for the weighted sums (q's dtype for the pair output, z rounded to
+    it too), as OpenFold under autocast. With fp64
     inputs this is the exact reference; with 16-bit inputs it is the baseline a fast
     backend's error is compared with.
     """
@@ -63,5 +64,7 @@ def invariant_point_attention(
         a = a * keep[:, None, :, None].to(a.dtype)  # padded residues' rows are zero
     out = torch.einsum("bhij,bjhc->bihc", a.to(v.dtype), v)
     out_pts = torch.einsum("bhij,bjhpx->bihpx", a.to(v_pts.dtype), v_pts)
-    out_pair = torch.einsum("bhij,bijc->bihc", a.to(z.dtype), z)
+    # The pair product in q's dtype: an fp32 z beside 16-bit q (a layer under autocast)
+    # is rounded as autocast's matmul rounds it.
+    out_pair = torch.einsum("bhij,bijc->bihc", a.to(q.dtype), z.to(q.dtype)).to(z.dtype)
     return out.to(q.dtype), out_pts, out_pair

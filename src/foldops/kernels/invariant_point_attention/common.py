@@ -37,29 +37,37 @@ def load_row(
 
 
 @triton.jit
-def row_logits(
-    q_row,  # [HP, CP] fp32: q[b, i] * scale
-    qa_row,  # [HP, DP] fp32: augmented query points [w q_pts | -w/2]
-    k_b, ka_b,  # k[b], ka[b] bases
-    bias_row,  # bias[b, :, i] base (heads along stride_bias_h, keys along stride_bias_j)
-    offs_h, offs_j, offs_c, offs_d,  # [HP], [BLOCK_N], [CP], [DP]
-    stride_k_n, stride_k_h, stride_k_c,
-    stride_ka_n, stride_ka_h, stride_ka_d,
-    stride_bias_h, stride_bias_j,
-    h_ok, j_keep, c_ok, d_ok,  # j_keep: key in range, kept by the mask, and the row kept
-    j_ok,  # key in range
+def logits_tile(
+    q_ptrs, k_ptrs,  # pointers to channel 0 of q[b, i, h] and k[b, j, h], broadcastable to the tile
+    q_ok, k_ok,  # their load masks, broadcastable likewise
+    stride_q_c, stride_k_c,
+    qp_ptrs, kp_ptrs,  # pointers to coordinate 0 of q_pts[b, i, h] and k_pts[b, j, h] (fp32)
+    stride_qp_d, stride_kp_d,
+    bias,  # the tile's pair bias, fp32
+    w,  # point weights, broadcastable to the tile
+    scale,
+    C: tl.constexpr,  # scalar channels
+    D: tl.constexpr,  # point coordinates, 3 Pq
 ):
-    """Logits ``[HP, BLOCK_N]`` of one query row for every head, fp32; ``-inf`` at dropped keys.
+    """``(logits, dist2)`` for a tile of (query, key) pairs, fp32.
 
-    ``scale q.k + (w q_pts.k_pts - w/2 |k_pts|^2) + bias``: the point term without the
-    row constant ``-w/2 |q_pts|^2``, which the softmax cancels. Products are formed
-    in fp32 from the operands as stored (exact for 16-bit inputs).
+    logits = ``(sum_c (scale q_c) k_c + bias) - w/2 dist2``, dist2 = ``sum_d (q_d - k_d)^2``,
+    each sum formed one channel after another, in that order. Every kernel forms its
+    logits here, whatever its tile's orientation, so the backward's recomputed logits
+    equal the forward's bit for bit and exp(s - lse) reproduces the forward's
+    normalised weights (a recompute off by eps |s| would put that relative error on
+    every weight). The squared distances come from coordinate differences: no
+    cancellation however far the points are from the origin.
     """
-    k = load_heads_tile(k_b, offs_h, offs_j, offs_c, stride_k_n, stride_k_h, stride_k_c, h_ok, j_ok, c_ok)
-    s = tl.sum(q_row[:, None, :] * k, axis=2)
-    ka = load_heads_tile(ka_b, offs_h, offs_j, offs_d, stride_ka_n, stride_ka_h, stride_ka_d, h_ok, j_ok, d_ok)
-    s += tl.sum(qa_row[:, None, :] * ka, axis=2)
-    bias = tl.load(bias_row + offs_h[:, None] * stride_bias_h + offs_j[None, :] * stride_bias_j,
-                   mask=h_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
-    s += bias
-    return tl.where(j_keep[None, :], s, float("-inf"))
+    acc = tl.zeros(bias.shape, tl.float32)
+    for c in tl.static_range(C):
+        qc = tl.load(q_ptrs + c * stride_q_c, mask=q_ok, other=0.0).to(tl.float32) * scale
+        kc = tl.load(k_ptrs + c * stride_k_c, mask=k_ok, other=0.0).to(tl.float32)
+        acc += qc * kc
+    dist2 = tl.zeros(bias.shape, tl.float32)
+    for d in tl.static_range(D):
+        qd = tl.load(qp_ptrs + d * stride_qp_d, mask=q_ok, other=0.0)
+        kd = tl.load(kp_ptrs + d * stride_kp_d, mask=k_ok, other=0.0)
+        diff = qd - kd
+        dist2 += diff * diff
+    return (acc + bias) - 0.5 * w * dist2, dist2
