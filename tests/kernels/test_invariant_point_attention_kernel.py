@@ -51,10 +51,12 @@ def make_inputs(batch, n, heads, c, pq, pv, cz, *, masked=True, device=DEVICE):
     return inputs, mask
 
 
-def _leaves(inputs, dtype, point_dtype):
+def _leaves(inputs, dtype, point_dtype, z_dtype=None):
     out = []
     for name, t in zip(NAMES, inputs):
         target = point_dtype if name in ("q_pts", "k_pts", "v_pts", "point_weights") else dtype
+        if name == "z" and z_dtype is not None and dtype != torch.float64:
+            target = z_dtype
         leaf = torch.empty_strided(t.shape, t.stride(), dtype=target, device=t.device).copy_(t)
         out.append(leaf.requires_grad_())
     return out
@@ -66,13 +68,14 @@ def _run(fn, inputs, mask, grads_out):
     return outs, torch.autograd.grad(loss, inputs)
 
 
-def check_case(shape, dtype, point_dtype=torch.float32, masked=True, scale=0.3):
+def check_case(shape, dtype, point_dtype=torch.float32, masked=True, scale=0.3, z_dtype=None):
     inputs, mask = make_inputs(*shape, masked=masked)
     exact_in = _leaves(inputs, torch.float64, torch.float64)
     grads_out = [torch.randn_like(o) for o in reference(*exact_in, mask, scale)]
     exact, exact_g = _run(lambda *a: reference(*a, scale), exact_in, mask, grads_out)
-    base, base_g = _run(lambda *a: reference(*a, scale), _leaves(inputs, dtype, point_dtype), mask, grads_out)
-    fast_in = _leaves(inputs, dtype, point_dtype)
+    base, base_g = _run(lambda *a: reference(*a, scale), _leaves(inputs, dtype, point_dtype, z_dtype), mask,
+                        grads_out)
+    fast_in = _leaves(inputs, dtype, point_dtype, z_dtype)
     fast, fast_g = _run(lambda *a: ipa(*a, scale=scale, backend="triton"), fast_in, mask, grads_out)
     for name, f, e, b in zip(("out", "out_pts", "out_pair"), fast, exact, base):
         assert f.dtype == b.dtype and f.shape == e.shape, name
@@ -113,6 +116,11 @@ def test_kernel_against_float64(shape, dtype):
 
 def test_kernel_unmasked_and_16bit_points():
     check_case((1, 6, 2, 4, 2, 2, 3), torch.bfloat16, point_dtype=torch.bfloat16, masked=False)
+
+
+def test_kernel_fp32_pair_values_beside_bf16():
+    """A layer under autocast: bf16 q, k, v and bias, fp32 points and z."""
+    check_case((1, 6, 2, 4, 2, 2, 3), torch.bfloat16, z_dtype=torch.float32)
 
 
 def test_opcheck():

@@ -145,7 +145,7 @@ class InvariantPointAttention(nn.Module):
         if q_pts.dtype not in (q.dtype, torch.float32, torch.float64):
             q_pts, k_pts, v_pts = q_pts.float(), k_pts.float(), v_pts.float()
         o, o_pt, o_pair = invariant_point_attention(
-            q, k, v.contiguous(), q_pts, k_pts, v_pts, bias, self.point_weights(), pair, mask,
+            q, k, v, q_pts, k_pts, v_pts, bias, self.point_weights(), pair, mask,
             scale=math.sqrt(1.0 / (3 * c)), backend=self.backend,
         )
         o_pt = frames[..., None, None].invert_apply(o_pt)  # [B, N, H, Pv, 3], local frames

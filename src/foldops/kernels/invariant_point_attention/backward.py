@@ -25,7 +25,7 @@ from foldops.kernels.invariant_point_attention.common import load_heads_tile, lo
 @triton.jit
 def ipa_bwd_row_kernel(
     Q, K, V, QP, KP, VP, W, BIAS, Z, MASK,  # the forward's inputs, as there
-    DO, DOP, DOZ,  # output gradients [B, N, H, C] (q's dtype), [B, N, H, E] fp32, [B, N, H, CZ] (any float)
+    DO, DOP, DOZ,  # output gradients [B, N, H, C] (q's dtype), [B, N, H, E] fp32, [B, N, H, CZ] (q's dtype)
     LSE,  # [B, N, H, 2] fp32 saved log-sum-exp parts (row max, log of the sum)
     DELTA,  # [B, N, H] fp32 rowsum of dO*O over all three outputs
     DQ, DQP,  # [B, N, H, C], [B, N, H, D] fp32 gradients (written)

@@ -138,10 +138,11 @@ def ipa_backward(do, dop, doz, q, k, v, qp, kp, vp, w, bias, z, mask, o, op, oz,
     grads_q = lambda: (dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype))  # noqa: E731
     if q.numel() == 0 or n == 0 or _skip_launch(q):
         return (*grads_q(), dqp, dkp, dvp, torch.zeros_like(w, dtype=torch.float32), ds.to(bias.dtype), dz)
-    # delta = rowsum(dO * O) over all three outputs, in fp32: O(B N H (C + E + CZ)).
-    delta = ((do.float() * o).sum(-1) + (dop.float() * op).sum(-1) + (doz.float() * oz).sum(-1)).contiguous()
-    # The products with v and z take dO in those operands' dtypes (dP = dO.v + dOz.z).
-    do, dop = do.to(q.dtype), dop.to(torch.float32)
+    # The row kernel forms dP = dO.v + dOp.vp + dOz.z with dO and dOz in q's dtype; delta =
+    # rowsum(dO * O) over all three outputs (fp32, O(B N H (C + E + CZ))) takes them
+    # rounded alike, so that the rows of dS sum to zero as they should.
+    do, dop, doz = do.to(q.dtype), dop.to(torch.float32), doz.to(q.dtype)
+    delta = ((do.float() * o).sum(-1) + (dop * op).sum(-1) + (doz.float() * oz).sum(-1)).contiguous()
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     precision = _precision(q.dtype)
     block, warps = _row_tiles(pads["HP"], (pads["CP"], pads["DP"], pads["EP"]))
