@@ -2,6 +2,7 @@
 ``foldops.backends``. Importing this touches no device and does not import Triton."""
 
 from foldops.ops.attention_pair_bias import attention_pair_bias
+from foldops.ops.invariant_point_attention import invariant_point_attention
 from foldops.ops.outer_product_mean import outer_product_mean
 from foldops.ops.pair_weighted_averaging import pair_weighted_averaging
 from foldops.ops.transition import swiglu_transition
@@ -10,6 +11,7 @@ from foldops.ops.triangle_multiplication import triangle_multiplication
 
 __all__ = [
     "attention_pair_bias",
+    "invariant_point_attention",
     "outer_product_mean",
     "pair_weighted_averaging",
     "swiglu_transition",

@@ -1,0 +1,225 @@
+"""Invariant point attention layers: OpenFold's and the Multiflow / FrameFlow variant.
+
+``InvariantPointAttention(c_s, c_z, c_hidden, no_heads, no_qk_points, no_v_points,
+inf=1e5, eps=1e-8)`` has OpenFold's constructor, parameter names (``linear_q``,
+``linear_kv``, ``linear_q_points``, ``linear_kv_points``, ``linear_b``,
+``head_weights``, ``linear_out``) and forward ``(s, z, r, mask)``;
+``MultiflowInvariantPointAttention(ipa_conf, inf=1e5, eps=1e-8)`` adds ``down_z``
+(the pair output from ``c_z // 4`` channels) and the optional ``attention_mask``. Both
+load their checkpoints with ``strict=True``.
+
+Facts both follow: point projections are laid out x-block | y-block | z-block (the
+first ``H * P`` outputs are the x coordinates, ...); frames map the points to the
+global frame before attention and the point output back (``invert_apply``); logits
+are ``sqrt(1/(3 c_hidden)) q.k + sqrt(1/3) b - 1/2 gamma_h sum_p |q_p - k_p|^2`` with
+``gamma_h = softplus(head_weights) sqrt(1 / (3 * P_qk * 9 / 2))``; ``linear_out`` reads
+``[o, o_pt x, o_pt y, o_pt z, |o_pt|, o_pair]`` with ``|o_pt| = sqrt(sum o_pt^2 + eps)``.
+The attention itself is ``foldops.ops.invariant_point_attention``. Rows of padded
+residues: OpenFold lets them attend over every key, here their attention is zero; the
+layer's output for real residues is the same either way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from foldops._checks import check_positive_int, check_tensor
+from foldops.backends import AUTO
+from foldops.nn import _init
+from foldops.nn.rigid import as_rigid
+from foldops.ops.invariant_point_attention import invariant_point_attention
+
+SOFTPLUS_INVERSE_1 = 0.541324854612918  # softplus^-1(1): the head weights' initial value
+
+
+def _linear(c_in: int, c_out: int, init: str = "default", **factory) -> nn.Linear:
+    layer = nn.Linear(c_in, c_out, **factory)
+    if init == "final":
+        _init.zeros_(layer.weight)
+    else:
+        _init.lecun_normal_(layer.weight)
+    _init.zeros_(layer.bias)
+    return layer
+
+
+class InvariantPointAttention(nn.Module):
+    """OpenFold's ``InvariantPointAttention`` (AlphaFold 2 Algorithm 22) on the fused op.
+
+    Args:
+        c_s, c_z: single and pair channels.
+        c_hidden: scalar channels per head.
+        no_heads: heads H.
+        no_qk_points, no_v_points: query/key and value points per head.
+        inf: kept for OpenFold compatibility; masking here is exact.
+        eps: added under the square root of the point output's norm.
+        backend: backend of the attention op (``"auto"``, ``"triton"``, ``"torch"``, ...).
+        device, dtype: factory kwargs for the parameters.
+    """
+
+    pair_channels_out: Optional[int] = None  # channels of z in the pair output (None: c_z)
+
+    def __init__(
+        self,
+        c_s: int,
+        c_z: int,
+        c_hidden: int,
+        no_heads: int,
+        no_qk_points: int,
+        no_v_points: int,
+        inf: float = 1e5,
+        eps: float = 1e-8,
+        *,
+        backend: str = AUTO,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("c_s", c_s), ("c_z", c_z), ("c_hidden", c_hidden), ("no_heads", no_heads),
+                            ("no_qk_points", no_qk_points), ("no_v_points", no_v_points)):
+            check_positive_int(name, value, allow_none=False)
+        factory = {"device": device, "dtype": dtype}
+        self.c_s, self.c_z, self.c_hidden = c_s, c_z, c_hidden
+        self.no_heads, self.no_qk_points, self.no_v_points = no_heads, no_qk_points, no_v_points
+        self.inf, self.eps = inf, eps
+        self.backend = backend
+        hc = c_hidden * no_heads
+        self.linear_q = _linear(c_s, hc, **factory)
+        self.linear_kv = _linear(c_s, 2 * hc, **factory)
+        self.linear_q_points = _linear(c_s, no_heads * no_qk_points * 3, **factory)
+        self.linear_kv_points = _linear(c_s, no_heads * (no_qk_points + no_v_points) * 3, **factory)
+        self.linear_b = _linear(c_z, no_heads, **factory)
+        self._build_pair(c_z, factory)
+        self.head_weights = nn.Parameter(torch.full((no_heads,), SOFTPLUS_INVERSE_1, **factory))
+        c_pair = self.pair_channels_out or c_z
+        self.linear_out = _linear(no_heads * (c_pair + c_hidden + no_v_points * 4), c_s, init="final", **factory)
+
+    def _build_pair(self, c_z: int, factory) -> None:
+        """OpenFold reads z itself in the pair output."""
+
+    def _pair_values(self, z: Tensor) -> Tensor:
+        return z
+
+    def _points(self, s: Tensor, linear: nn.Linear, frames: Any, count: int) -> Tensor:
+        """``linear(s)`` as ``[B, N, H, count, 3]`` points in the global frame."""
+        pts = linear(s)  # [B, N, 3 * H * count], x-block | y-block | z-block
+        pts = torch.stack(pts.chunk(3, dim=-1), dim=-1)  # [B, N, H * count, 3]
+        pts = frames[..., None].apply(pts)
+        return pts.view(*pts.shape[:-2], self.no_heads, count, 3)
+
+    def point_weights(self) -> Tensor:
+        """gamma_h: ``softplus(head_weights) * sqrt(1 / (3 * P_qk * 9 / 2))``, ``[H]``."""
+        return nn.functional.softplus(self.head_weights) * math.sqrt(1.0 / (3 * (self.no_qk_points * 9.0 / 2)))
+
+    def _check_inputs(self, s: Tensor, z: Tensor, mask: Optional[Tensor]) -> None:
+        check_tensor("s", s, (None, None, self.c_s))
+        batch, n = s.shape[:2]
+        check_tensor("z", z, (batch, n, n, self.c_z), device=s.device)
+        if mask is not None:
+            check_tensor("mask", mask, (batch, n), dtypes=None, device=s.device)
+
+    def _attend(self, s: Tensor, z: Tensor, r: Any, mask: Optional[Tensor], extra_bias: Optional[Tensor]) -> Tensor:
+        self._check_inputs(s, z, mask)
+        batch, n = s.shape[:2]
+        frames = as_rigid(r, (batch, n))
+        heads, c = self.no_heads, self.c_hidden
+        q = self.linear_q(s).view(batch, n, heads, c)
+        k, v = self.linear_kv(s).view(batch, n, heads, 2 * c).split(c, dim=-1)
+        q_pts = self._points(s, self.linear_q_points, frames, self.no_qk_points)
+        kv_pts = self._points(s, self.linear_kv_points, frames, self.no_qk_points + self.no_v_points)
+        k_pts, v_pts = kv_pts.split([self.no_qk_points, self.no_v_points], dim=-2)
+
+        bias = self.linear_b(z).permute(0, 3, 1, 2) * math.sqrt(1.0 / 3)  # [B, H, N, N]
+        if extra_bias is not None:
+            bias = bias + extra_bias
+        if bias.dtype not in (q.dtype, torch.float32):
+            bias = bias.float()
+        pair = self._pair_values(z)
+        if pair.dtype not in (q.dtype, torch.float32):
+            pair = pair.to(q.dtype)
+        v_pts = v_pts.to(q_pts.dtype)
+        k_pts = k_pts.to(q_pts.dtype)
+        if q_pts.dtype not in (q.dtype, torch.float32, torch.float64):
+            q_pts, k_pts, v_pts = q_pts.float(), k_pts.float(), v_pts.float()
+        o, o_pt, o_pair = invariant_point_attention(
+            q, k, v, q_pts, k_pts, v_pts, bias, self.point_weights(), pair, mask,
+            scale=math.sqrt(1.0 / (3 * c)), backend=self.backend,
+        )
+        o_pt = frames[..., None, None].invert_apply(o_pt)  # [B, N, H, Pv, 3], local frames
+        o_pt_norm = torch.sqrt((o_pt * o_pt).sum(-1) + self.eps).flatten(-2)  # [B, N, H * Pv]
+        o_pt = o_pt.flatten(-3, -2)  # [B, N, H * Pv, 3]
+        feats = [o.flatten(-2), *o_pt.unbind(-1), o_pt_norm, o_pair.flatten(-2)]
+        out_dtype = torch.promote_types(o.dtype, o_pt.dtype) if not torch.is_autocast_enabled() else o.dtype
+        return self.linear_out(torch.cat([f.to(out_dtype) for f in feats], dim=-1))
+
+    def forward(self, s: Tensor, z: Tensor, r: Any, mask: Optional[Tensor] = None) -> Tensor:
+        """Args:
+            s: single representation ``[B, N, c_s]``.
+            z: pair representation ``[B, N, N, c_z]``.
+            r: frames ``[B, N]``: ``(rotations [B, N, 3, 3], translations [B, N, 3])``, a
+                ``foldops.nn.Rigid`` or any object with OpenFold ``Rigid``'s ``apply``,
+                ``invert_apply`` and indexing (OpenFold's ``Rigid`` itself).
+            mask: residue mask ``[B, N]`` (bool or 0/1 float), or None.
+
+        Returns:
+            The single representation update ``[B, N, c_s]``.
+        """
+        return self._attend(s, z, r, mask, None)
+
+    def extra_repr(self) -> str:
+        return (f"c_s={self.c_s}, c_z={self.c_z}, c_hidden={self.c_hidden}, no_heads={self.no_heads}, "
+                f"no_qk_points={self.no_qk_points}, no_v_points={self.no_v_points}, backend={self.backend!r}")
+
+
+class MultiflowInvariantPointAttention(InvariantPointAttention):
+    """Multiflow / FrameFlow ``InvariantPointAttention(ipa_conf, inf=1e5, eps=1e-8)``.
+
+    ``ipa_conf`` is any object with attributes ``c_s, c_z, c_hidden, no_heads,
+    no_qk_points, no_v_points, dropout`` (their OmegaConf node works). Differences from
+    OpenFold: ``down_z`` (Linear c_z -> c_z // 4) makes the pair output's values, and
+    ``forward`` takes an optional ``attention_mask`` ``[B, N, N]`` (1 = attend), which
+    Multiflow applies as ``-1e7 (1 - attention_mask)`` on the logits: here the same
+    term is added to the pair bias. Multiflow applies ``dropout`` to the logits before
+    the softmax; the fused op has no dense logits, so training with ``dropout > 0``
+    raises (Multiflow's and FrameFlow's published configs use 0).
+    """
+
+    MASK_PENALTY = 1e7
+
+    def __init__(self, ipa_conf: Any, inf: float = 1e5, eps: float = 1e-8, *, backend: str = AUTO,
+                 device=None, dtype=None) -> None:
+        missing = [a for a in ("c_s", "c_z", "c_hidden", "no_heads", "no_qk_points", "no_v_points", "dropout")
+                   if not hasattr(ipa_conf, a)]
+        if missing:
+            raise TypeError(f"ipa_conf: missing attributes {missing}")
+        c_z = ipa_conf.c_z
+        check_positive_int("c_z // 4", c_z // 4 if isinstance(c_z, int) else c_z, allow_none=False)
+        self.pair_channels_out = c_z // 4
+        super().__init__(ipa_conf.c_s, c_z, ipa_conf.c_hidden, ipa_conf.no_heads, ipa_conf.no_qk_points,
+                         ipa_conf.no_v_points, inf=inf, eps=eps, backend=backend, device=device, dtype=dtype)
+        self._ipa_conf = ipa_conf
+        self.dropout_prob = float(ipa_conf.dropout)
+
+    def _build_pair(self, c_z: int, factory) -> None:
+        self.down_z = _linear(c_z, c_z // 4, **factory)
+
+    def _pair_values(self, z: Tensor) -> Tensor:
+        return self.down_z(z)
+
+    def forward(self, s: Tensor, z: Tensor, r: Any, mask: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None) -> Tensor:
+        """As ``InvariantPointAttention.forward``, plus ``attention_mask`` ``[B, N, N]`` or None."""
+        if self.training and self.dropout_prob > 0.0:
+            raise NotImplementedError(
+                f"dropout={self.dropout_prob}: Multiflow drops attention logits, which the fused op never "
+                "materialises; train with ipa_conf.dropout = 0 (the published configs' value)"
+            )
+        extra = None
+        if attention_mask is not None:
+            batch, n = s.shape[:2]
+            check_tensor("attention_mask", attention_mask, (batch, n, n), dtypes=None, device=s.device)
+            extra = (attention_mask.float() - 1.0)[:, None] * self.MASK_PENALTY  # [B, 1, N, N]
+        return self._attend(s, z, r, mask, extra)

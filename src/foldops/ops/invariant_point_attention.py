@@ -1,0 +1,216 @@
+"""Invariant point attention (AlphaFold 2 Algorithm 22; OpenFold, FrameFlow, Multiflow): the functional.
+
+    q, k, v:        [B, N, H, C]        scalar queries, keys, values
+    q_pts, k_pts:   [B, N, H, Pq, 3]    query / key points, already in the global frame
+    v_pts:          [B, N, H, Pv, 3]    value points, global frame
+    bias:           [B, H, N, N]        pair bias, added to the logits as given
+    point_weights:  [H]                 gamma_h of the point term (see below)
+    z:              [B, N, N, Cz]       pair values of the pair output
+    mask:           [B, N] or None      True = a real residue (padding False)
+
+    logits[b,h,i,j] = scale * q[b,i,h] . k[b,j,h] + bias[b,h,i,j]
+                      - point_weights[h] / 2 * sum_p |q_pts[b,i,h,p] - k_pts[b,j,h,p]|^2
+    a[b,h,i,:] = softmax over the kept keys j
+    out      [B, N, H, C]      = sum_j a v[b,j,h]
+    out_pts  [B, N, H, Pv, 3]  = sum_j a v_pts[b,j,h]      (global frame; apply invert_apply after)
+    out_pair [B, N, H, Cz]     = sum_j a z[b,i,j]
+
+With OpenFold's weights: ``scale = sqrt(1 / (3 C))``, ``bias = sqrt(1/3) * linear_b(z)``
+(heads first), ``point_weights = softplus(head_weights) * sqrt(1 / (3 * Pq * 9 / 2))``:
+the softplus and both factors are applied by the caller, the op only multiplies by
+-1/2. Keys of padded residues get no weight; rows of padded residues are zero (outputs
+and gradients), where OpenFold's additive ``-inf`` mask leaves them attending over all
+keys. Padding never changes a real residue's outputs.
+
+Backends: ``triton`` (CUDA cc >= 8.0: one pass over key tiles per query row computes
+the logits, an online softmax and all three outputs, streaming z; the backward keeps
+only the log-sum-exp), ``torch`` (any device: the squared distance is expanded as
+|q|^2 + |k|^2 - 2 q.k, so the point term and the scalar term are one matmul; no
+[B, N, N, H, P, 3] tensor; at inference query rows are processed in chunks sized by
+``foldops.budget``, so extra memory is O(chunk * H * N)), ``reference`` (the algorithm
+as written, O(B N^2 H Pq) memory).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from foldops import backends
+from foldops._checks import as_bool_mask, check_positive_int, check_same_dtype, check_tensor
+from foldops.budget import rows_per_chunk
+from foldops.device import kernel_support
+from foldops.reference import invariant_point_attention as _reference
+
+OP = "invariant_point_attention"
+_POINT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def augmented_points(q_pts, k_pts, point_weights, mask, dtype):
+    """The point term as one dot product: ``(qa, ka)`` ``[B, N, H, 3 Pq + 1]`` in ``dtype``.
+
+    ``qa . ka = w q.k - w/2 |k|^2`` equals ``-w/2 |q - k|^2`` up to ``-w/2 |q|^2``, a
+    constant of each query row that the softmax cancels (its gradient is zero too).
+    Points are first moved by the mean of the real residues' key points of each batch
+    item and head (a common translation, so no distance changes): the expansion then
+    cancels terms of the size of the protein, not of its distance from the origin.
+    """
+    batch, n, heads, points, _ = q_pts.shape
+    qp = q_pts.to(dtype)
+    kp = k_pts.to(dtype)
+    with torch.no_grad():
+        if mask is None:
+            centre = kp.mean(dim=(1, 3), keepdim=True)
+        else:
+            keep = mask.to(dtype)[:, :, None, None, None]
+            count = keep.sum(dim=1, keepdim=True).clamp_min(1.0) * points
+            centre = (kp * keep).sum(dim=(1, 3), keepdim=True) / count
+    qp = (qp - centre).reshape(batch, n, heads, 3 * points)
+    kp = (kp - centre).reshape(batch, n, heads, 3 * points)
+    w = point_weights.to(dtype)[:, None]  # [H, 1]
+    qa = torch.cat([qp * w, (-0.5 * w).expand(batch, n, heads, 1)], dim=-1)
+    ka = torch.cat([kp, (kp * kp).sum(-1, keepdim=True)], dim=-1)
+    return qa, ka
+
+
+def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, scale, chunk_size):
+    batch, n, heads, channels = q.shape
+    acc = _accumulator(q.dtype)
+    qa, ka = augmented_points(q_pts, k_pts, point_weights, mask, acc)
+    # One matmul for both terms: [scale q | w q_pts | -w/2] . [k | k_pts | |k_pts|^2].
+    q_all = torch.cat([q.to(acc) * scale, qa], dim=-1).transpose(1, 2)  # [B, H, N, C + 3Pq + 1]
+    k_all = torch.cat([k.to(acc), ka], dim=-1).permute(0, 2, 3, 1)  # [B, H, C + 3Pq + 1, N]
+    pv = v_pts.shape[3]
+    # Values and value points in one matmul too: [B, H, N, C + 3 Pv].
+    v_all = torch.cat([v.to(acc), v_pts.to(acc).flatten(-2)], dim=-1).transpose(1, 2)
+    keep = None if mask is None else mask
+    need_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z))
+    bytes_per_row = batch * heads * n * 4 * torch.finfo(acc).bits // 8
+    step = n if need_grad else rows_per_chunk(q.device, bytes_per_row, n, chunk_size)
+    outs, outs_pair = [], []
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        logits = torch.matmul(q_all[:, :, rows], k_all) + bias[:, :, rows].to(acc)  # [B, H, c, N]
+        if keep is None:
+            a = torch.softmax(logits, dim=-1)
+        else:
+            a = torch.softmax(logits.masked_fill(~keep[:, None, None, :], torch.finfo(acc).min), dim=-1)
+            a = a * keep[:, None, rows, None].to(acc)  # padded rows (and all-padded items) are zero
+        outs.append(torch.matmul(a, v_all))  # [B, H, c, C + 3 Pv]
+        # Pair output: for each row i, [H, N] @ [N, Cz]; z is read in its own dtype.
+        outs_pair.append(torch.matmul(a.transpose(1, 2).to(z.dtype), z[:, rows]))  # [B, c, H, Cz]
+    o_all = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).transpose(1, 2)  # [B, N, H, C + 3 Pv]
+    out_pair = outs_pair[0] if len(outs_pair) == 1 else torch.cat(outs_pair, dim=1)
+    out = o_all[..., :channels].to(q.dtype)
+    out_pts = o_all[..., channels:].reshape(batch, n, heads, pv, 3).to(v_pts.dtype)
+    return out, out_pts, out_pair.to(z.dtype)
+
+
+def _reference_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, scale, chunk_size):
+    return _reference.invariant_point_attention(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, scale)
+
+
+def _triton_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, scale, chunk_size):
+    from foldops.kernels.invariant_point_attention import invariant_point_attention as kernel
+
+    return kernel(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, scale)
+
+
+def _triton_supports(device, dtype, explicit, sizes=(), **_):
+    reason = kernel_support(device, explicit)
+    if reason is not None:
+        return reason
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} (kernel supports fp16, bf16, fp32)"
+    try:
+        from foldops.kernels.invariant_point_attention import unsupported
+    except ImportError as exc:
+        return f"kernel module unavailable: {exc}"
+    return unsupported(*sizes)
+
+
+backends.register(OP, "triton", _triton_backend, priority=100, supports=_triton_supports)
+backends.register(OP, "torch", _torch_backend, priority=50)
+backends.register(OP, "reference", _reference_backend, priority=0, auto=False)
+
+
+def validate(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask):
+    """Check shapes, dtypes and devices; return the mask as bool (or None)."""
+    check_tensor("q", q, (None, None, None, None))
+    batch, n, heads, channels = q.shape
+    dev = q.device
+    check_tensor("k", k, q.shape, device=dev)
+    check_tensor("v", v, q.shape, device=dev)
+    check_same_dtype("q", q, k=k, v=v)
+    check_tensor("q_pts", q_pts, (batch, n, heads, None, 3), dtypes=_POINT_DTYPES, device=dev)
+    check_tensor("k_pts", k_pts, q_pts.shape, dtypes=_POINT_DTYPES, device=dev)
+    check_tensor("v_pts", v_pts, (batch, n, heads, None, 3), dtypes=_POINT_DTYPES, device=dev)
+    check_same_dtype("q_pts", q_pts, k_pts=k_pts, v_pts=v_pts)
+    if q_pts.dtype not in (q.dtype, torch.float32, torch.float64):
+        raise TypeError(f"q_pts: expected dtype {q.dtype}, torch.float32 or torch.float64, got {q_pts.dtype}")
+    check_tensor("bias", bias, (batch, heads, n, n), device=dev)
+    if bias.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"bias: expected dtype {q.dtype} or torch.float32, got {bias.dtype}")
+    check_tensor("point_weights", point_weights, (heads,), device=dev)
+    check_tensor("z", z, (batch, n, n, None), device=dev)
+    if z.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"z: expected dtype {q.dtype} or torch.float32, got {z.dtype}")
+    return as_bool_mask("mask", mask, (batch, n), dev)
+
+
+def invariant_point_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pts: torch.Tensor,
+    k_pts: torch.Tensor,
+    v_pts: torch.Tensor,
+    bias: torch.Tensor,
+    point_weights: torch.Tensor,
+    z: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Invariant point attention's core; see the module doc for the formula.
+
+    Args:
+        q, k, v: ``[B, N, H, C]``, one dtype, any strides.
+        q_pts, k_pts: ``[B, N, H, Pq, 3]``; v_pts: ``[B, N, H, Pv, 3]``; global frame;
+            one dtype: q's, fp32 or fp64 (OpenFold's frames make them fp32 under autocast).
+        bias: ``[B, H, N, N]``, q's dtype or fp32, added to the logits as is.
+        point_weights: ``[H]``, the point term's weight per head, already positive and
+            scaled: OpenFold's ``softplus(head_weights) * sqrt(1 / (3 * Pq * 9 / 2))``.
+            The op multiplies it by ``-1/2`` and the summed squared distances.
+        z: ``[B, N, N, Cz]``, q's dtype or fp32: the pair output's values. The
+            ``reference`` and ``triton`` backends form the pair product in q's dtype (an
+            fp32 z rounded on the fly, as a matmul under autocast rounds it; no copy);
+            ``torch`` forms it in fp32.
+        mask: ``[B, N]`` residue keep-mask (bool or 0/1 float), or None.
+        scale: scalar-term factor, default OpenFold's ``sqrt(1 / (3 C))``.
+        chunk_size: query rows per step for the ``torch`` backend at inference
+            (default from ``foldops.budget``).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+
+    Returns:
+        ``(out [B, N, H, C] in q's dtype, out_pts [B, N, H, Pv, 3] in the points' dtype,
+        out_pair [B, N, H, Cz] in z's dtype)``. Softmax in fp32 (fp64 for fp64 inputs).
+    """
+    mask = validate(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask)
+    check_positive_int("chunk_size", chunk_size)
+    if scale is None:
+        scale = 1.0 / math.sqrt(3 * q.shape[-1])
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    sizes = (q.shape[-1], q_pts.shape[3], v_pts.shape[3], z.shape[-1], q.shape[2])
+    impl = backends.select(OP, backend, device=q.device, dtype=q.dtype, sizes=sizes)
+    return impl.fn(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, float(scale), chunk_size)

@@ -1,0 +1,284 @@
+"""foldops.nn.InvariantPointAttention (OpenFold) and MultiflowInvariantPointAttention.
+
+Each layer is compared with a literal float64 transcription of the published forward
+(AlphaFold 2 Algorithm 22 as OpenFold and Multiflow implement it), written here from
+the algorithm: the [N, N, H, P, 3] displacements, OpenFold's additive ``inf`` mask,
+x|y|z point blocks, the output concatenation order. Outputs are compared at real
+residues (OpenFold lets padded rows attend over all keys; foldops zeroes them).
+"""
+
+import math
+import types
+
+import pytest
+import torch
+
+from foldops.device import kernel_support
+from foldops.nn import InvariantPointAttention, MultiflowInvariantPointAttention, Rigid
+from foldops.testing import assert_within_baseline
+
+C_S, C_Z, C_HIDDEN, HEADS, PQ, PV = 12, 8, 5, 3, 4, 6
+
+OPENFOLD_KEYS = {
+    "linear_q.weight": (HEADS * C_HIDDEN, C_S), "linear_q.bias": (HEADS * C_HIDDEN,),
+    "linear_kv.weight": (2 * HEADS * C_HIDDEN, C_S), "linear_kv.bias": (2 * HEADS * C_HIDDEN,),
+    "linear_q_points.weight": (HEADS * PQ * 3, C_S), "linear_q_points.bias": (HEADS * PQ * 3,),
+    "linear_kv_points.weight": (HEADS * (PQ + PV) * 3, C_S), "linear_kv_points.bias": (HEADS * (PQ + PV) * 3,),
+    "linear_b.weight": (HEADS, C_Z), "linear_b.bias": (HEADS,),
+    "head_weights": (HEADS,),
+    "linear_out.weight": (C_S, HEADS * (C_Z + C_HIDDEN + PV * 4)), "linear_out.bias": (C_S,),
+}
+MULTIFLOW_KEYS = dict(OPENFOLD_KEYS)
+MULTIFLOW_KEYS.update({
+    "down_z.weight": (C_Z // 4, C_Z), "down_z.bias": (C_Z // 4,),
+    "linear_out.weight": (C_S, HEADS * (C_Z // 4 + C_HIDDEN + PV * 4)),
+})
+
+
+def conf(dropout=0.0):
+    return types.SimpleNamespace(c_s=C_S, c_z=C_Z, c_hidden=C_HIDDEN, no_heads=HEADS, no_qk_points=PQ,
+                                 no_v_points=PV, dropout=dropout)
+
+
+def random_state(keys, dtype=torch.float64):
+    return {name: torch.randn(shape, dtype=dtype) / math.sqrt(shape[-1]) for name, shape in keys.items()}
+
+
+def random_rotations(*shape, dtype=torch.float64):
+    q, r = torch.linalg.qr(torch.randn(*shape, 3, 3, dtype=dtype))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[..., None, :]
+    det = torch.linalg.det(q)
+    return q * torch.where(det < 0, -1.0, 1.0).to(dtype)[..., None, None]
+
+
+def literal_ipa(p, s, z, rots, trans, mask, multiflow=False, attention_mask=None, inf=1e5, eps=1e-8):
+    """OpenFold / Multiflow IPA forward, transcribed term by term."""
+    batch, n, _ = s.shape
+
+    def lin(name, x):
+        return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+
+    q = lin("linear_q", s).view(batch, n, HEADS, C_HIDDEN)
+    kv = lin("linear_kv", s).view(batch, n, HEADS, 2 * C_HIDDEN)
+    k, v = kv[..., :C_HIDDEN], kv[..., C_HIDDEN:]
+
+    def points(name, count):
+        raw = lin(name, s)
+        m = HEADS * count
+        local = torch.stack([raw[..., :m], raw[..., m:2 * m], raw[..., 2 * m:]], dim=-1)  # x|y|z blocks
+        glob = torch.einsum("bnij,bnpj->bnpi", rots, local) + trans[:, :, None]
+        return glob.view(batch, n, HEADS, count, 3)
+
+    q_pts = points("linear_q_points", PQ)
+    kv_pts = points("linear_kv_points", PQ + PV)
+    k_pts, v_pts = kv_pts[..., :PQ, :], kv_pts[..., PQ:, :]
+    b = lin("linear_b", z)
+    a = torch.einsum("bihc,bjhc->bhij", q, k) * math.sqrt(1.0 / (3 * C_HIDDEN))
+    a = a + math.sqrt(1.0 / 3) * b.permute(0, 3, 1, 2)
+    disp = q_pts[:, :, None] - k_pts[:, None]  # [B, N, N, H, P, 3]
+    pt = (disp**2).sum(-1)
+    hw = torch.nn.functional.softplus(p["head_weights"]) * math.sqrt(1.0 / (3 * (PQ * 9.0 / 2)))
+    pt = (pt * hw[:, None]).sum(-1) * (-0.5)
+    square = mask[:, :, None] * mask[:, None, :]
+    a = a + pt.permute(0, 3, 1, 2) + (inf * (square - 1))[:, None]
+    if attention_mask is not None:
+        a = a - (1 - attention_mask[:, None]) * 1e7
+    a = torch.softmax(a, dim=-1)
+    o = torch.einsum("bhij,bjhc->bihc", a, v).reshape(batch, n, -1)
+    o_pt = torch.einsum("bhij,bjhpx->bihpx", a, v_pts)
+    local = torch.einsum("bnji,bnhpj->bnhpi", rots, o_pt - trans[:, :, None, None])
+    norm = torch.sqrt((local**2).sum(-1) + eps).reshape(batch, n, -1)
+    local = local.reshape(batch, n, HEADS * PV, 3)
+    pair = lin("down_z", z) if multiflow else z
+    o_pair = torch.einsum("bhij,bijc->bihc", a, pair).reshape(batch, n, -1)
+    feats = torch.cat([o, local[..., 0], local[..., 1], local[..., 2], norm, o_pair], dim=-1)
+    return lin("linear_out", feats)
+
+
+def make_inputs(batch=2, n=11, dtype=torch.float64):
+    s = torch.randn(batch, n, C_S, dtype=dtype)
+    z = torch.randn(batch, n, n, C_Z, dtype=dtype)
+    rots = random_rotations(batch, n, dtype=dtype)
+    trans = 5 * torch.randn(batch, n, 3, dtype=dtype) + 20
+    mask = (torch.rand(batch, n) > 0.25).to(dtype)
+    mask[:, 0] = 1
+    return s, z, rots, trans, mask
+
+
+def build(variant, state, dtype, backend):
+    layer = (InvariantPointAttention(C_S, C_Z, C_HIDDEN, HEADS, PQ, PV, backend=backend, dtype=dtype)
+             if variant == "openfold" else MultiflowInvariantPointAttention(conf(), backend=backend, dtype=dtype))
+    layer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    return layer
+
+
+@pytest.mark.parametrize("variant", ["openfold", "multiflow"])
+def test_state_dict_keys(variant):
+    layer = build(variant, random_state(OPENFOLD_KEYS if variant == "openfold" else MULTIFLOW_KEYS),
+                  torch.float32, "torch")
+    want = OPENFOLD_KEYS if variant == "openfold" else MULTIFLOW_KEYS
+    assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == want
+
+
+LITERAL_CASES = [("openfold", "torch"), ("multiflow", "torch"), ("openfold", "reference"), ("multiflow", "reference")]
+if kernel_support("cpu") is None:
+    LITERAL_CASES.append(("multiflow", "triton"))  # the Triton interpreter on CPU: one case (slow)
+
+
+@pytest.mark.parametrize("variant,backend", LITERAL_CASES)
+def test_matches_literal_forward_and_gradients(variant, backend):
+    state = random_state(OPENFOLD_KEYS if variant == "openfold" else MULTIFLOW_KEYS)
+    s, z, rots, trans, mask = make_inputs()
+    attention_mask = None
+    if variant == "multiflow":
+        attention_mask = (torch.rand(2, 11, 11) > 0.2).double()
+        attention_mask[:, torch.arange(11), torch.arange(11)] = 1
+    keep = mask.bool()[..., None].double()
+    grad = torch.randn(2, 11, C_S, dtype=torch.float64) * keep
+
+    def run(fn, dtype):
+        ins = [t.to(dtype).requires_grad_() for t in (s, z)]
+        out = fn(*ins, rots.to(dtype), trans.to(dtype), mask.to(dtype))
+        return (out * keep).detach(), torch.autograd.grad((out * grad.to(dtype)).sum(), ins)
+
+    def literal(dtype):
+        p = {k: v.to(dtype) for k, v in state.items()}
+        am = None if attention_mask is None else attention_mask.to(dtype)
+        return lambda s_, z_, r_, t_, m_: literal_ipa(p, s_, z_, r_, t_, m_, variant == "multiflow", am)
+
+    def ours(dtype):
+        layer = build(variant, state, dtype, backend)
+        am = None if attention_mask is None else attention_mask.to(dtype)
+        if variant == "multiflow":
+            return lambda s_, z_, r_, t_, m_: layer(s_, z_, (r_, t_), m_, attention_mask=am)
+        return lambda s_, z_, r_, t_, m_: layer(s_, z_, (r_, t_), m_)
+
+    exact, exact_g = run(literal(torch.float64), torch.float64)
+    base, base_g = run(literal(torch.float32), torch.float32)
+    got, got_g = run(ours(torch.float32), torch.float32)
+    assert_within_baseline("out", got, exact, base, dtype=torch.float32)
+    for name, g, e, b in zip(("ds", "dz"), got_g, exact_g, base_g):
+        assert_within_baseline(name, g, e, b, dtype=torch.float32)
+    if backend != "triton":  # the kernels take fp16 / bf16 / fp32
+        got64, _ = run(ours(torch.float64), torch.float64)
+        torch.testing.assert_close(got64, exact, rtol=1e-9, atol=1e-9)
+
+
+def test_invariant_to_global_rigid_motion():
+    state = random_state(OPENFOLD_KEYS)
+    layer = build("openfold", state, torch.float64, "torch")
+    s, z, rots, trans, mask = make_inputs()
+    g_rot = random_rotations(dtype=torch.float64)
+    g_trans = 30 * torch.randn(3, dtype=torch.float64)
+    moved_rots = g_rot @ rots
+    moved_trans = trans @ g_rot.T + g_trans
+    out = layer(s, z, (rots, trans), mask)
+    moved = layer(s, z, (moved_rots, moved_trans), mask)
+    keep = mask.bool()  # padded rows are not attended to and carry no meaning
+    torch.testing.assert_close(moved[keep], out[keep], rtol=1e-9, atol=1e-9)
+
+
+def test_frame_forms_agree():
+    """(rots, trans), foldops Rigid and a duck-typed OpenFold-like Rigid give one answer."""
+    state = random_state(OPENFOLD_KEYS)
+    layer = build("openfold", state, torch.float64, "torch")
+    s, z, rots, trans, mask = make_inputs()
+
+    class Duck:  # the part of OpenFold's Rigid the layer uses
+        def __init__(self, r, t):
+            self.r, self.t = r, t
+
+        def __getitem__(self, idx):
+            return Duck(self.r[idx + (slice(None), slice(None))], self.t[idx + (slice(None),)])
+
+        def apply(self, p):
+            return (self.r @ p[..., None])[..., 0] + self.t
+
+        def invert_apply(self, p):
+            return (self.r.transpose(-1, -2) @ (p - self.t)[..., None])[..., 0]
+
+    a = layer(s, z, (rots, trans), mask)
+    b = layer(s, z, Rigid(rots, trans), mask)
+    c = layer(s, z, Duck(rots, trans), mask)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+
+
+def test_bad_frames_and_masks():
+    layer = build("openfold", random_state(OPENFOLD_KEYS), torch.float64, "torch")
+    s, z, rots, trans, mask = make_inputs(1, 5)
+    with pytest.raises(ValueError, match="rotations"):
+        layer(s, z, (rots * 1.5, trans), mask)  # not orthonormal
+    reflect = rots.clone()
+    reflect[..., 0] = -reflect[..., 0]
+    with pytest.raises(ValueError, match="det"):
+        layer(s, z, (reflect, trans), mask)
+    with pytest.raises(ValueError, match=r"expected shape \[\*, 3, 3\]"):
+        layer(s, z, (rots[..., :2], trans), mask)
+    with pytest.raises(ValueError, match=r"r rotations: expected shape \(1, 5, 3, 3\)"):
+        layer(s, z, (rots[:, :4], trans[:, :4]), mask)
+    with pytest.raises(ValueError, match="translations: expected shape"):
+        layer(s, z, (rots, trans[..., :2]), mask)
+    with pytest.raises(ValueError, match=r"mask: expected shape \(1, 5\)"):
+        layer(s, z, (rots, trans), mask[:, :4])
+    with pytest.raises(ValueError, match="z: expected shape"):
+        layer(s, z[..., :-1], (rots, trans), mask)
+    with pytest.raises(TypeError, match="r: expected"):
+        layer(s, z, rots, mask)
+
+
+def test_point_count_mismatch_fails_on_load():
+    layer = InvariantPointAttention(C_S, C_Z, C_HIDDEN, HEADS, PQ + 1, PV)
+    with pytest.raises(RuntimeError, match="linear_q_points"):
+        layer.load_state_dict({k: v.float() for k, v in random_state(OPENFOLD_KEYS).items()}, strict=True)
+
+
+def test_multiflow_dropout_in_training_raises_clearly():
+    layer = MultiflowInvariantPointAttention(conf(dropout=0.1))
+    s, z, rots, trans, mask = make_inputs(1, 4, torch.float32)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        layer(s, z, (rots, trans), mask)
+    layer.eval()
+    assert layer(s, z, (rots, trans), mask).shape == (1, 4, C_S)
+
+
+def test_autocast_cpu_bf16_runs():
+    layer = build("openfold", random_state(OPENFOLD_KEYS), torch.float32, "torch")
+    s, z, rots, trans, mask = make_inputs(1, 7, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(s, z, (rots, trans), mask)
+    ref = layer(s, z, (rots, trans), mask)
+    keep = mask.bool()
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref)[keep].abs().max() < 0.1 * ref[keep].abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["openfold", "multiflow"])
+def test_triton_layer_under_autocast_gpu(variant):
+    """On the GPU, bf16 autocast at N = 300: the Triton layer's output and input
+    gradients against the fp64 literal forward, within 2x the literal forward's own
+    error under the same autocast."""
+    dev = "cuda"
+    state = {k: v.to(dev) for k, v in random_state(OPENFOLD_KEYS if variant == "openfold" else MULTIFLOW_KEYS).items()}
+    s, z, rots, trans, mask = (t.to(dev) for t in make_inputs(1, 300))
+    keep = mask.bool()[..., None].double()
+    grad = torch.randn(1, 300, C_S, dtype=torch.float64, device=dev) * keep
+    multiflow = variant == "multiflow"
+
+    def run(fn, dtype, autocast):
+        ins = [t.to(dtype).requires_grad_() for t in (s, z)]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(*ins, rots.to(dtype), trans.to(dtype), mask.to(dtype))
+        out = out.double() * keep
+        return out.detach(), torch.autograd.grad((out * grad).sum(), ins)
+
+    p64 = {k: v.double() for k, v in state.items()}
+    p32 = {k: v.float() for k, v in state.items()}
+    exact, exact_g = run(lambda *a: literal_ipa(p64, *a, multiflow=multiflow), torch.float64, False)
+    base, base_g = run(lambda *a: literal_ipa(p32, *a, multiflow=multiflow), torch.float32, True)
+    layer = build(variant, {k: v.cpu() for k, v in state.items()}, torch.float32, "triton").to(dev)
+    got, got_g = run(lambda s_, z_, r_, t_, m_: layer(s_, z_, (r_, t_), m_), torch.float32, True)
+    assert_within_baseline("out", got, exact, base, dtype=torch.bfloat16)
+    for name, g, e, b in zip(("ds", "dz"), got_g, exact_g, base_g):
+        assert_within_baseline(name, g, e, b, dtype=torch.bfloat16)
