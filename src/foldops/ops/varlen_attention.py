@@ -200,6 +200,8 @@ def _plan_buckets(len_q: List[int], len_k: List[int], cell_bytes: int, budget_by
     tokens, and its score-sized intermediates n * Lq_max * Lk_max * cell_bytes within the
     budget (a single sequence may exceed it). Host arithmetic over B integers.
     """
+    if cell_bytes == 0:
+        cell_bytes, budget_bytes = 1, math.inf
     order = sorted((b for b in range(len(len_q)) if len_q[b] and len_k[b]),
                    key=lambda b: -(len_q[b] + len_k[b]))
     buckets: List[List[int]] = []
@@ -223,8 +225,8 @@ def _plan_buckets(len_q: List[int], len_k: List[int], cell_bytes: int, budget_by
 
 def _bucket_attention(q, k, v, starts_q, starts_k, lq, lk, causal, scale, dropout_p, generator, return_lse):
     """Attention of the sequences of one bucket, padded to its longest; returns
-    ``(rows, targets, lse_rows)``: the real query rows [n_real, H, D], their packed
-    positions, and their lse [H, n_real] (or None)."""
+    ``(out, lse)``: all n * Mq query rows [n * Mq, H, D] (padding rows included) and
+    their lse [H, n * Mq] (or None)."""
     device, heads, head_dim = q.device, q.shape[1], q.shape[2]
     group = heads // k.shape[1]
     mq, mk = int(lq.max()), int(lk.max())
@@ -236,25 +238,26 @@ def _bucket_attention(q, k, v, starts_q, starts_k, lq, lk, causal, scale, dropou
     n = lq.shape[0]
     uniform = bool((lq == mq).all() and (lk == mk).all())
     pos_q_dev, pos_k_dev = pos_q.to(device).flatten(), pos_k.to(device).flatten()
-    qb = q.index_select(0, pos_q_dev).view(n, mq, heads, head_dim).transpose(1, 2)
-    kb, vb = (t.index_select(0, pos_k_dev).view(n, mk, -1, head_dim).transpose(1, 2) for t in (k, v))
+    # Advanced indexing: on CPU several times faster than index_select over [total, H, D].
+    qb = q[pos_q_dev].view(n, mq, heads, head_dim).transpose(1, 2)
+    kb, vb = (t[pos_k_dev].view(n, mk, -1, head_dim).transpose(1, 2) for t in (k, v))
     if group > 1:  # [n, H_kv, Mk, D] -> [n, H, Mk, D], kv head h // group for query head h
         kb, vb = (t.repeat_interleave(group, dim=1) for t in (kb, vb))
-    keep = row_keep = None
-    if not (uniform and (not causal or mq == mk)):
-        keep = valid_k[:, None, :].expand(n, mq, mk)
-        if causal:
-            keep = keep & (ak[None, None, :] <= aq[None, :, None] + (lk - lq)[:, None, None])
-        row_keep = keep.any(-1).to(device)  # [n, Mq]
+    keep = row_keep = None  # keep: [n, 1 or Mq, Mk] keys each query row may see
+    if causal and not (uniform and mq == mk):
+        keep = valid_k[:, None, :] & (ak[None, None, :] <= aq[None, :, None] + (lk - lq)[:, None, None])
+        row_keep = keep.any(-1).to(device)  # [n, Mq]: causal rows i < Lq - Lk see no key
         keep = keep.to(device)
-    explicit = return_lse or (dropout_p > 0 and generator is not None) or q.dtype == torch.float64
+    elif not causal and not uniform:
+        keep = valid_k[:, None, :].to(device)  # key padding only; every row sees a key (Lk > 0)
+    explicit = _explicit_softmax(q, dropout_p, generator, return_lse)
     if explicit or keep is not None:
         masked_value = torch.finfo(q.dtype).min / 2  # finite: SDPA never sees an all -inf row
     if not explicit:
         mask = None
         if keep is not None:
             mask = torch.zeros(keep.shape, dtype=q.dtype, device=device).masked_fill(~keep, masked_value)
-            mask = mask[:, None]  # [n, 1, Mq, Mk]
+            mask = mask[:, None]  # [n, 1, 1 or Mq, Mk]
         out = torch.nn.functional.scaled_dot_product_attention(
             qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale,
             is_causal=causal and keep is None)
@@ -278,39 +281,62 @@ def _bucket_attention(q, k, v, starts_q, starts_k, lq, lk, causal, scale, dropou
         out = out * row_keep[:, :, None, None].to(out.dtype)
         if lse is not None:
             lse = lse.masked_fill(~row_keep[:, None, :], -math.inf)
-    flat = torch.nonzero(valid_q.flatten()).flatten()
-    targets = pos_q.flatten()[flat]
-    flat_dev = flat.to(device)
-    rows = out.reshape(n * mq, heads, head_dim).index_select(0, flat_dev)
+    out = out.reshape(n * mq, heads, head_dim)
     if lse is not None:
-        lse = lse.transpose(0, 1).reshape(heads, n * mq).index_select(1, flat_dev)
-    return rows, targets, lse
+        lse = lse.transpose(0, 1).reshape(heads, n * mq)
+    return out, lse
+
+
+def _explicit_softmax(q, dropout_p, generator, return_lse) -> bool:
+    """Whether a bucket computes its softmax explicitly (materialised scores) instead of SDPA."""
+    return return_lse or (dropout_p > 0 and generator is not None) or q.dtype == torch.float64
+
+
+def _cell_bytes(q, causal, dropout_p, generator, return_lse) -> int:
+    """Bytes a bucket holds per (sequence, query, key) cell beyond its padded q/k/v/out
+    copies (those stay within PADDING_WASTE x the packed tensors): the scores and weights
+    of the explicit softmax, or SDPA's causal mask. SDPA's fused kernels (CUDA, CPU) hold
+    no scores; elsewhere its math fallback does."""
+    heads = q.shape[1]
+    if _explicit_softmax(q, dropout_p, generator, return_lse):
+        return heads * 2 * (8 if q.dtype == torch.float64 else 4) + 1
+    fused = q.device.type in ("cuda", "cpu")
+    return (0 if fused else heads * 2 * 4) + (q.element_size() if causal else 0)
 
 
 def _torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, return_lse):
     heads = q.shape[1]
     starts_q = torch.cumsum(len_q, 0) - len_q
     starts_k = torch.cumsum(len_k, 0) - len_k
-    score_bytes = 4 if q.dtype != torch.float64 else 8
-    cell_bytes = heads * (2 * score_bytes) + q.element_size()  # scores + weights per head, mask
-    buckets = _plan_buckets(len_q.tolist(), len_k.tolist(), cell_bytes, budget.chunk_budget_bytes(q.device))
-    all_rows, all_targets, all_lse = [], [], []
+    buckets = _plan_buckets(len_q.tolist(), len_k.tolist(), _cell_bytes(q, causal, dropout_p, generator, return_lse),
+                            budget.chunk_budget_bytes(q.device))
+    # slot[t]: the row of packed query t among the concatenated padded bucket outputs; a
+    # final zero row (lse -inf) serves queries of sequences without keys.
+    slot = torch.empty(q.shape[0], dtype=torch.int64)
+    outs, lses, base = [], [], 0
     for members in buckets:
         idx = torch.tensor(members)
-        rows, targets, lse = _bucket_attention(q, k, v, starts_q[idx], starts_k[idx], len_q[idx], len_k[idx],
-                                               causal, scale, dropout_p, generator, return_lse)
-        all_rows.append(rows)
-        all_targets.append(targets)
-        all_lse.append(lse)
-    out = q.new_zeros(q.shape)
+        lq = len_q[idx]
+        mq = int(lq.max())
+        aq = torch.arange(mq)
+        valid = aq[None, :] < lq[:, None]
+        slot[(starts_q[idx][:, None] + aq[None, :])[valid]] = base + torch.nonzero(valid.flatten()).flatten()
+        out, lse = _bucket_attention(q, k, v, starts_q[idx], starts_k[idx], lq, len_k[idx],
+                                     causal, scale, dropout_p, generator, return_lse)
+        outs.append(out)
+        lses.append(lse)
+        base += out.shape[0]
+    no_keys = (len_k == 0) | (len_q == 0)
+    if bool(no_keys.any()):
+        rows = torch.repeat_interleave(no_keys, len_q)
+        slot[rows] = base
+    outs.append(q.new_zeros(1, heads, q.shape[2]))
+    slot = slot.to(q.device)
+    out = torch.cat(outs)[slot]
     lse = None
     if return_lse:
-        lse = torch.full((heads, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
-    if all_rows:
-        targets = torch.cat(all_targets).to(q.device)
-        out = out.index_copy(0, targets, torch.cat(all_rows))
-        if return_lse:
-            lse = lse.index_copy(1, targets, torch.cat(all_lse, 1))
+        lses.append(torch.full((heads, 1), -math.inf, dtype=torch.float32, device=q.device))
+        lse = torch.cat(lses, 1)[:, slot]
     return out, lse
 
 
