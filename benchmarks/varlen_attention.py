@@ -97,13 +97,13 @@ def build(name: str, lens, heads, dim, dtype, device):
         backend = name.split("_")[1]
         return (q, k, v), lambda q, k, v: varlen_attention(q, k, v, cu, cu, lmax, lmax, backend=backend)
     if name.startswith("foldops_torch_buckets"):
-        module = sys.modules["foldops.ops.varlen_attention"]  # the module (its name is shadowed)
+        from foldops.ops._varlen_torch import torch_buckets
         lens_t = torch.tensor(lens)
         kernels = [SDPBackend.EFFICIENT_ATTENTION] if name.endswith("efficient") else list(SDPBackend)
 
         def buckets(q, k, v):
             with sdpa_kernel(kernels):
-                return module._torch_buckets(q, k, v, lens_t, lens_t, False, dim ** -0.5, 0.0, None, False)[0]
+                return torch_buckets(q, k, v, lens_t, lens_t, False, dim ** -0.5, 0.0, None, False)[0]
 
         return (q, k, v), buckets
     if name == "torch_varlen":
