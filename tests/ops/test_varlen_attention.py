@@ -222,8 +222,8 @@ def test_padded_attention_causal_equals_packed(backend):
 def test_auto_and_explicit_selection():
     q, k, v, cu_q, cu_k = make_inputs([3], [3], 2, 2, 8)
     assert backends.select(OP, "auto", device=q.device, dtype=torch.float32, head_dim=8).name == "torch"
-    with pytest.raises(BackendUnavailableError, match="dropout"):
-        backends.select(OP, "triton", device=q.device, dtype=torch.float32, head_dim=8, dropout=True)
+    with pytest.raises(BackendUnavailableError, match="dtype"):
+        backends.select(OP, "triton", device=q.device, dtype=torch.float64, head_dim=8, explicit=True)
 
 
 def bad_input_cases():

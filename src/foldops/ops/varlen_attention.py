@@ -15,8 +15,8 @@ Backends:
 
 - ``triton`` (CUDA cc >= 8.0; fp16/bf16/fp32; head dim <= 128): kernels on the packed
   tensors, a program per (query block, head, sequence); see
-  docs/kernels/varlen_attention.md. No dropout: with ``dropout_p > 0`` ``auto`` takes
-  ``torch`` and a named ``triton`` raises.
+  docs/kernels/varlen_attention.md. Dropout in the kernels (a Philox mask from one seed
+  drawn on the device, redrawn by the backward).
 - ``torch`` (any device, any float dtype): on NVIDIA GPUs of cc >= 8.0 with fp16/bf16,
   no dropout and head dim <= 256 (multiple of 8), ``torch.nn.attention.varlen`` (PyTorch's
   flash kernel on the packed tensors). Everywhere else sequences of similar length are
@@ -156,10 +156,10 @@ def _triton_backend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
                     lengths):
     from foldops.kernels.varlen_attention import varlen_attention as kernel
 
-    return kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse)
+    return kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse, dropout_p, generator)
 
 
-def _triton_supports(device, dtype, head_dim, explicit, dropout=False, **_):
+def _triton_supports(device, dtype, head_dim, explicit, **_):
     reason = kernel_support(device, explicit)
     if reason is not None:
         return reason
@@ -167,8 +167,6 @@ def _triton_supports(device, dtype, head_dim, explicit, dropout=False, **_):
         return f"dtype {dtype} (kernel supports fp16, bf16, fp32)"
     if head_dim > KERNEL_MAX_HEAD_DIM:
         return f"head dim {head_dim} (kernel supports up to {KERNEL_MAX_HEAD_DIM})"
-    if dropout:
-        return "dropout_p > 0 (the kernel has no dropout; auto takes the torch backend)"
     try:
         import foldops.kernels.varlen_attention  # noqa: F401
     except ImportError as exc:
