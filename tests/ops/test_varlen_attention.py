@@ -223,7 +223,7 @@ def test_auto_and_explicit_selection():
     q, k, v, cu_q, cu_k = make_inputs([3], [3], 2, 2, 8)
     assert backends.select(OP, "auto", device=q.device, dtype=torch.float32, head_dim=8).name == "torch"
     with pytest.raises(BackendUnavailableError, match="dtype"):
-        backends.select(OP, "triton", device=q.device, dtype=torch.float64, head_dim=8, explicit=True)
+        backends.select(OP, "triton", device=q.device, dtype=torch.float64, head_dim=8)
 
 
 def bad_input_cases():
