@@ -422,10 +422,8 @@ class SEDD(nn.Module):
         dtype = self.amp_dtype
         if dtype == "auto":
             return fdevice.autocast(x, torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
-        if dtype is None:
+        if dtype is None or dtype == torch.float32:  # float32: the caller's forward holds fp32
             return contextlib.nullcontext()
-        if dtype == torch.float32:
-            return fdevice.fp32_region(x)
         return fdevice.autocast(x, dtype)
 
     def forward(self, indices: torch.Tensor, sigma: torch.Tensor,
@@ -442,6 +440,12 @@ class SEDD(nn.Module):
         indices = indices.long()
         pack = _Packing(batch, length, _seqlens_tensor(seqlens, batch, indices.device), indices.device)
         tokens = pack.unpad(indices)  # [B, L] or [total]
+        # amp_dtype=float32 holds the whole forward in fp32, the embeddings included
+        outer = fdevice.fp32_region(indices) if self.amp_dtype == torch.float32 else contextlib.nullcontext()
+        with outer:
+            return self._forward(tokens, sigma, pack)
+
+    def _forward(self, tokens: torch.Tensor, sigma: torch.Tensor, pack: _Packing) -> torch.Tensor:
         x = self.vocab_embed(tokens)
         c = F.silu(self.sigma_map(sigma))
         cos, sin = self.rotary_emb.cos_sin(pack.positions)
