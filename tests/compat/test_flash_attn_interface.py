@@ -114,3 +114,8 @@ def test_unsupported_arguments_are_named():
     for name, call in cases:
         with pytest.raises(ValueError, match=name):
             call()
+    # cu_seqlens are checked by the op and named as flash_attn names them
+    with pytest.raises((TypeError, ValueError), match="cu_seqlens_q"):
+        fa.flash_attn_varlen_func(q[0], q[0], q[0], cu.long(), cu, 4, 4)
+    with pytest.raises((TypeError, ValueError), match="cu_seqlens"):
+        fa.flash_attn_varlen_qkvpacked_func(torch.randn(4, 3, 2, 8), torch.tensor([1, 4], dtype=torch.int32), 4)

@@ -113,7 +113,7 @@ class _Packing:
         if seqlens is None:
             return
         lengths = seqlens.to(device=device, dtype=torch.long)
-        lo, hi = int(lengths.min()), int(lengths.max())  # one host sync per forward
+        lo, hi = torch.stack([lengths.min(), lengths.max()]).tolist()  # one host read per forward
         if lo < 1 or hi > length:
             raise ValueError(f"seqlens: expected values in [1, {length}] (the padded length), got min {lo}, max {hi}")
         if lo == length:
@@ -260,6 +260,7 @@ class DDiTBlock(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int = 4, dropout: float = 0.1) -> None:
         super().__init__()
+        self.attention_backend = "auto"  # foldops.ops.varlen_attention's backend= (set by SEDD)
         if dim % n_heads:
             raise ValueError(f"n_heads: hidden size {dim} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
@@ -287,7 +288,7 @@ class DDiTBlock(nn.Module):
         qkv = _rotate_qk(qkv, pack.rotary_shape(cos), pack.rotary_shape(sin))
         q, k, v = qkv.reshape(-1, 3, self.n_heads, head_dim).unbind(1)  # [total, H, D] each
         out = varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
-                               causal=False)
+                               causal=False, backend=self.attention_backend)
         return out.reshape(x.shape[:-1] + (x.shape[-1],))
 
     def _forward_packed(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -387,9 +388,12 @@ class SEDD(nn.Module):
             on any device (``torch.float32``: autocast off inside the model), or ``None``
             (leave the caller's autocast as it is).
         activation_checkpointing: recompute each block in backward (training only).
+        attention_backend: ``backend=`` of ``foldops.ops.varlen_attention`` in every block
+            (``"auto"``, ``"triton"``, ``"torch"``, ``"reference"``).
     """
 
-    def __init__(self, config: Any, amp_dtype: AmpDtype = "auto", activation_checkpointing: bool = False) -> None:
+    def __init__(self, config: Any, amp_dtype: AmpDtype = "auto", activation_checkpointing: bool = False,
+                 attention_backend: str = "auto") -> None:
         super().__init__()
         config = _as_config(config)
         self.config = config
@@ -417,6 +421,19 @@ class SEDD(nn.Module):
                              f"got {amp_dtype!r}")
         self.amp_dtype = amp_dtype
         self.activation_checkpointing = bool(activation_checkpointing)
+        self.attention_backend = attention_backend
+
+    @property
+    def attention_backend(self) -> str:
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"attention_backend: expected a backend name, got {type(name).__name__}")
+        self._attention_backend = name
+        for block in self.blocks:
+            block.attention_backend = name
 
     def _autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
         dtype = self.amp_dtype
