@@ -17,6 +17,9 @@ cross-entropy loss on the real positions, backward and an AdamW step. Variants:
 - ``padded_sdpa_mem_efficient`` (``--mem-efficient``): the same with SDPA forced to its
   memory-efficient kernel (what V100-class GPUs use).
 
+``--compile`` compiles each block of both variants (the pointwise steps fuse; the first
+warm-up steps include compilation). ``--checkpointing`` turns on activation checkpointing.
+
 Metrics per variant: median step time over ``--repeats`` timed steps after ``--warmup``
 (device events on CUDA, ``perf_counter`` elsewhere), real tokens per second, peak memory
 (CUDA), and the ratio of tokens/s to ``padded_sdpa``. The issue's target on H100: varlen at
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import foldops
 from foldops import device as fdevice
@@ -53,8 +57,25 @@ def protein_lengths(n: int, lo: int = 50, hi: int = 1022, seed: int = 0) -> torc
     return lengths.clamp(lo, hi)
 
 
+def _padded_block(block, x, c, cos, sin, attn_mask, pack, sdpa_context):
+    batch, length, dim = x.shape
+    mods = pack.rows(block.adaLN_modulation(c)).chunk(6, dim=-1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+    h = modulate_fused(block.norm1(x), shift_msa, scale_msa)
+    heads = block.n_heads
+    qkv = block.attn_qkv(h).unflatten(-1, (3, heads, dim // heads))
+    qkv = _rotate_qk(qkv, cos[:, None, None, :], sin[:, None, None, :])
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D]
+    with sdpa_context():
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    a = a.transpose(1, 2).reshape(batch, length, dim)
+    x = bias_dropout_add_scale(block.attn_out(a), None, gate_msa, x, block.dropout, block.training)
+    h = block.mlp(modulate_fused(block.norm2(x), shift_mlp, scale_mlp))
+    return bias_dropout_add_scale(h, None, gate_mlp, x, block.dropout, block.training)
+
+
 def padded_forward(model: SEDD, tokens: torch.Tensor, sigma: torch.Tensor, keep: torch.Tensor,
-                   sdpa_context=contextlib.nullcontext) -> torch.Tensor:
+                   sdpa_context=contextlib.nullcontext, block_fn=_padded_block) -> torch.Tensor:
     """The SEDD forward on the padded batch, attention by SDPA with a key mask [B, 1, 1, L]."""
     batch, length = tokens.shape
     pack = _Packing(batch, length, None, tokens.device)
@@ -64,19 +85,10 @@ def padded_forward(model: SEDD, tokens: torch.Tensor, sigma: torch.Tensor, keep:
     attn_mask = keep[:, None, None, :]
     with model._autocast(x):
         for block in model.blocks:
-            mods = pack.rows(block.adaLN_modulation(c)).chunk(6, dim=-1)
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-            h = modulate_fused(block.norm1(x), shift_msa, scale_msa)
-            heads, dim = block.n_heads, h.shape[-1]
-            qkv = block.attn_qkv(h).unflatten(-1, (3, heads, dim // heads))
-            qkv = _rotate_qk(qkv, cos[:, None, None, :], sin[:, None, None, :])
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D]
-            with sdpa_context():
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            a = a.transpose(1, 2).reshape(batch, length, dim)
-            x = bias_dropout_add_scale(block.attn_out(a), None, gate_msa, x, block.dropout, block.training)
-            h = block.mlp(modulate_fused(block.norm2(x), shift_mlp, scale_mlp))
-            x = bias_dropout_add_scale(h, None, gate_mlp, x, block.dropout, block.training)
+            if model.activation_checkpointing and model.training and torch.is_grad_enabled():
+                x = checkpoint(block_fn, block, x, c, cos, sin, attn_mask, pack, sdpa_context, use_reentrant=False)
+            else:
+                x = block_fn(block, x, c, cos, sin, attn_mask, pack, sdpa_context)
         x = model.output_layer._forward_packed(x, c, pack)
     if model.scale_by_sigma:
         esigm1_log = torch.where(sigma < 0.5, torch.expm1(sigma), sigma.exp() - 1).log().to(x.dtype)
@@ -98,6 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--mem-efficient", action="store_true", help="also run SDPA forced to its memory-efficient kernel")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in every variant")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block (both variants) after the equality check")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="CSV path (default: print only)")
     args = p.parse_args(argv)
@@ -140,7 +154,7 @@ def main(argv=None) -> int:
 
     def padded(ctx):
         def step():
-            logits = padded_forward(model, tokens, sigma, keep, ctx)
+            logits = padded_forward(model, tokens, sigma, keep, ctx, block_fn)
             loss = F.cross_entropy(logits[keep].float(), targets)
             loss.backward()
             opt.step()
@@ -163,6 +177,11 @@ def main(argv=None) -> int:
         print(f"max |varlen - padded| logits at real positions: {(a - b).abs().max().item():.3e} "
               f"(scale {b.abs().max().item():.2e})")
         del a, b
+    block_fn = _padded_block
+    if args.compile:
+        block_fn = torch.compile(_padded_block)
+        for block in model.blocks:
+            block._forward_packed = torch.compile(block._forward_packed)
     model.train()
     rows, results = [], {}
     for vname, step in variants:
@@ -201,7 +220,8 @@ def main(argv=None) -> int:
                               ("peak_gib", peak_mem / 2**30 if peak_mem else float("nan"))):
             rows.append({"benchmark": "sedd_train_step", "variant": vname, "hidden": args.hidden,
                          "heads": args.heads, "blocks": args.blocks, "seqs": args.seqs, "tokens": real,
-                         "padded_tokens": args.seqs * length, "amp": args.amp, "status": status,
+                         "padded_tokens": args.seqs * length, "amp": args.amp, "compile": args.compile,
+                         "status": status,
                          "metric": metric, "value": value, "device": name, "torch": torch.__version__,
                          "foldops": foldops.__version__})
     if "padded_sdpa" in results and "foldops_varlen" in results:
