@@ -5,8 +5,10 @@
 - :func:`checkpoint_wrapper`: fairscale's ``checkpoint_wrapper(module, offload_to_cpu=False)``
   with real (non-reentrant) activation checkpointing.
 - :func:`seed_everything`: seeds python, numpy and torch.
+- ``foldops.compat.flash_attn`` (a subpackage, imported on demand): flash_attn's functions,
+  ``FusedDense``/``FusedMLP``, rotary embeddings and an opt-in ``install()`` alias.
 
-Importing this package does not import Lightning or FairScale (neither is needed).
+Importing this package does not import Lightning, FairScale or flash_attn (none is needed).
 """
 
 from foldops.compat.checkpoint import (

@@ -19,6 +19,7 @@ nondeterministic accumulation to switch off on the PyTorch path).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -79,6 +80,13 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal,
                             softmax_scale=float(softmax_scale), dropout_p=float(dropout_p), return_lse=return_lse)
 
 
+@functools.lru_cache(maxsize=64)
+def _uniform_cu(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """cu_seqlens of ``batch`` sequences of ``seqlen``, kept so that varlen_attention's one-time
+    check of its values (a host read on accelerators) happens once per shape, not per call."""
+    return torch.arange(batch + 1, device=device, dtype=torch.int32) * seqlen
+
+
 def _dense(q, k, v, dropout_p, softmax_scale, causal, return_attn_probs):
     """Dense [B, S, H, D] attention as packed sequences of equal length (no copy if contiguous)."""
     batch, seqlen_q = q.shape[0], q.shape[1]
@@ -86,9 +94,9 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, return_attn_probs):
     if k.shape[0] != batch or v.shape[:2] != k.shape[:2]:
         raise ValueError(f"k, v: expected batch {batch} and equal sequence lengths, got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
-    steps = torch.arange(batch + 1, device=q.device, dtype=torch.int32)
     out = _varlen(q.reshape(batch * seqlen_q, *q.shape[2:]), k.reshape(batch * seqlen_k, *k.shape[2:]),
-                  v.reshape(batch * seqlen_k, *v.shape[2:]), steps * seqlen_q, steps * seqlen_k,
+                  v.reshape(batch * seqlen_k, *v.shape[2:]), _uniform_cu(batch, seqlen_q, q.device),
+                  _uniform_cu(batch, seqlen_k, q.device),
                   seqlen_q, seqlen_k, dropout_p, softmax_scale, causal, return_attn_probs)
     if not return_attn_probs:
         return out.reshape(q.shape[:3] + v.shape[-1:])

@@ -112,13 +112,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
     seqlen_ro = cos.shape[0]
     pos = _positions(x, seqlen_ro, seqlen_offsets, cu_seqlens, max_seqlen)
     compute = torch.promote_types(x.dtype, torch.float32)
-    valid = pos < seqlen_ro
     idx = pos.clamp_max(seqlen_ro - 1)
     c = cos.to(compute)[idx]
     s = sin.to(compute)[idx]
-    if not bool(valid.all()):  # beyond the table: identity, as flash_attn's kernel
-        c = torch.where(valid[..., None], c, torch.ones_like(c))
-        s = torch.where(valid[..., None], s, torch.zeros_like(s))
+    if isinstance(seqlen_offsets, torch.Tensor):  # int offsets were checked against the table
+        valid = (pos < seqlen_ro)[..., None]  # beyond the table: identity, as flash_attn's kernel
+        c = torch.where(valid, c, torch.ones_like(c))
+        s = torch.where(valid, s, torch.zeros_like(s))
     if conjugate:
         s = -s
     c, s = c.unsqueeze(-2), s.unsqueeze(-2)  # over heads
