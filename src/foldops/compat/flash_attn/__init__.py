@@ -17,7 +17,7 @@ imports flash_attn.
 """
 
 from foldops.compat.flash_attn._install import (
-    API_VERSION as __version__,
+    API_VERSION,
     install,
     is_installed,
     real_flash_attn_available,
@@ -39,6 +39,8 @@ from foldops.compat.flash_attn.rotary import (
     apply_rotary_emb_kv_,
     apply_rotary_emb_qkv_,
 )
+
+__version__ = API_VERSION  # the flash_attn API followed, as install()'s alias reports it
 
 __all__ = [
     "FusedDense",
