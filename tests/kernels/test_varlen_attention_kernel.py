@@ -115,6 +115,54 @@ def test_padded_attention_triton_matches_reference():
     assert (causal.double() - exact).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout_mask_is_philox_and_backward_redraws_it(causal):
+    """Read the kernel's dropout mask Z through one-hot values (out[i, j] = P_ij Z_ij / (1-p)
+    when v[j] = e_j), then check output and gradients for random values against float64
+    with that mask: the backward must redraw the forward's mask."""
+    lens, heads, dim, p = [16, 9, 13], 2, 16, 0.3
+    c = cu(lens)
+    q = torch.randn(sum(lens), heads, dim, device=DEVICE)
+    k = torch.randn(sum(lens), 1, dim, device=DEVICE)
+    onehot = torch.cat([torch.eye(n, dim, device=DEVICE) for n in lens])[:, None, :]
+
+    def fast(q, k, v, seed):
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        return varlen_attention(q, k, v, c, c, 16, 16, causal=causal, dropout_p=p, generator=g, backend="triton")
+
+    weights = varlen_attention(q, k, onehot, c, c, 16, 16, causal=causal, backend="triton")  # P
+    dropped = fast(q, k, onehot, 7)
+    visible = weights > 0
+    keep = (dropped > 0) & visible
+    assert torch.allclose(dropped[keep], weights[keep] / (1 - p), rtol=1e-5, atol=1e-7)
+    rate = keep.sum() / visible.sum()
+    count = visible.sum().item()
+    assert abs(rate.item() - (1 - p)) < 5 * ((p * (1 - p) / count) ** 0.5)
+    assert not torch.equal(dropped, fast(q, k, onehot, 8))  # another seed, another mask
+    assert torch.equal(dropped, fast(q, k, onehot, 7))
+
+    v = torch.randn(sum(lens), 1, dim, device=DEVICE)
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = fast(*leaves, 7)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    exact_leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    outs, start = [], 0
+    for n in lens:  # float64: softmax, the kernel's mask, values
+        qs, ks, vs = (t[start:start + n] for t in exact_leaves)
+        logits = torch.einsum("ihd,jd->hij", qs, ks[:, 0]) / dim ** 0.5
+        if causal:
+            logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
+        z = keep[start:start + n, :, :n].permute(1, 0, 2).double()  # [H, i, j]
+        outs.append(torch.einsum("hij,jd->ihd", torch.softmax(logits, -1) * z / (1 - p), vs[:, 0]))
+        start += n
+    exact = torch.cat(outs)
+    exact_grads = torch.autograd.grad(exact, exact_leaves, grad_out.double())
+    assert (out.double() - exact).abs().max() < 1e-5
+    for name, g, eg in zip(("dq", "dk", "dv"), grads, exact_grads):
+        assert (g.double() - eg).abs().max() < 1e-4 * max(1.0, eg.abs().max().item()), name
+
+
 def test_opcheck():
     from foldops.kernels.varlen_attention import varlen_attention as _entry  # noqa: F401  (registers the ops)
 
@@ -122,7 +170,9 @@ def test_opcheck():
     q = torch.randn(22, 2, 16, device=DEVICE, requires_grad=True)
     k, v = (torch.randn(22, 1, 16, device=DEVICE, requires_grad=True) for _ in range(2))
     c = cu(lens)
-    torch.library.opcheck(torch.ops.foldops.varlen_attention_fwd.default, (q, k, v, c, c, 17, 17, True, 0.25))
+    torch.library.opcheck(torch.ops.foldops.varlen_attention_fwd.default, (q, k, v, c, c, 17, 17, True, 0.25, 0.0, None))
+    seed = torch.tensor([5], device=DEVICE)
+    torch.library.opcheck(torch.ops.foldops.varlen_attention_fwd.default, (q, k, v, c, c, 17, 17, False, 0.25, 0.2, seed))
 
 
 # GPU at real sizes ------------------------------------------------------------------------

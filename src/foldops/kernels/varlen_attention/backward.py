@@ -10,6 +10,10 @@ loops over the query heads of its group and the query blocks that see its keys; 
 program per (query block, head, sequence) loops over the visible key blocks. Rows that
 see no key carry lse = -inf from the forward; here it reads as +inf, so every
 recomputed probability of such a row is 0 (zero gradients, no NaN).
+
+Dropout redraws the forward's Philox mask Z (kept weights scaled by 1/(1-p)):
+dV = (P*Z)^T dO, dP = Z * (dO V^T), and delta = rowsum(dO * O) = rowsum(P * dP) as
+without dropout.
 """
 
 import triton
@@ -54,8 +58,9 @@ def _load_rows(base, rows, stride_n, offs_d, row_ok, D, EVEN_D: tl.constexpr):
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_q_n, stride_do_n,
-                offs_n, offs_d, start, end, seqlen_q, shift, qk_scale2, D,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                offs_n, offs_d, start, end, seqlen_q, shift, qk_scale2, D, seed, rng_base, max_k, dropout_p,
+                keep_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                DROPOUT: tl.constexpr):
     """Accumulate query blocks [start, end) of one query head into this key block's dk, dv."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -70,8 +75,13 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_q_n,
         p_t = tl.exp2(s_t - lse2[None, :])
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        if DROPOUT:  # the forward's stream: (h * total_q + query row) * max_k + key
+            keep_t = tl.rand(seed, rng_base + rows[None, :] * max_k + offs_n[:, None]) >= dropout_p
+            dv = tl.dot(tl.where(keep_t, p_t * keep_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
@@ -95,6 +105,10 @@ def _bwd_dkdv_kernel(
     qk_scale2,  # softmax scale * log2(e)
     scale,  # softmax scale
     D,  # head dim
+    SEED,  # int64 [1]: the forward's dropout seed (read only with DROPOUT)
+    dropout_p,  # dropout probability
+    total_q,  # packed query count (the dropout stream's index, as in the forward)
+    max_k,  # max_seqlen_k
     GROUP: tl.constexpr,  # query heads per kv head
     CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr,  # queries per step
@@ -102,6 +116,7 @@ def _bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -134,18 +149,23 @@ def _bwd_dkdv_kernel(
         m_lo = 0
         m_mid = 0
     q_off = q_start.to(tl.int64)
+    seed, keep_scale = 0, 1.0
+    if DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - dropout_p)
     for g in range(GROUP):
         h = hk * GROUP + g
         q_base = Q + q_off * stride_q_n + h * stride_q_h
         do_base = DO + q_off * stride_do_n + h * stride_do_h
         lse_base = LSE + h * stride_lse_h + q_off
         delta_base = DELTA + h * stride_lse_h + q_off
+        rng_base = (h.to(tl.int64) * total_q + q_off) * max_k
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_q_n, stride_do_n,
-                             offs_n, offs_d, m_lo, m_mid, seqlen_q, shift, qk_scale2, D,
-                             BLOCK_M, True, EVEN_D, PRECISION)
+                             offs_n, offs_d, m_lo, m_mid, seqlen_q, shift, qk_scale2, D, seed, rng_base, max_k,
+                             dropout_p, keep_scale, BLOCK_M, True, EVEN_D, PRECISION, DROPOUT)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_q_n, stride_do_n,
-                             offs_n, offs_d, m_mid, m_hi, seqlen_q, shift, qk_scale2, D,
-                             BLOCK_M, False, EVEN_D, PRECISION)
+                             offs_n, offs_d, m_mid, m_hi, seqlen_q, shift, qk_scale2, D, seed, rng_base, max_k,
+                             dropout_p, keep_scale, BLOCK_M, False, EVEN_D, PRECISION, DROPOUT)
     out_mask = key_ok[:, None] if EVEN_D else key_ok[:, None] & (offs_d[None, :] < D)
     tl.store(DK + k_rows[:, None] * stride_dk_n + hk * stride_dk_h + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
@@ -155,9 +175,9 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_k_n, stride_v_n, offs_m, offs_d, start, end,
-              seqlen_k, shift, qk_scale2, D,
+              seqlen_k, shift, qk_scale2, D, seed, rng_rows, dropout_p, keep_scale,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """Accumulate key blocks [start, end) into this query block's dq."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -173,6 +193,9 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_k_n, stride_v_n, of
                 allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + shift)
             p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = tl.rand(seed, rng_rows[:, None] + offs_n[None, :]) >= dropout_p
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
@@ -194,6 +217,10 @@ def _bwd_dq_kernel(
     qk_scale2,  # softmax scale * log2(e)
     scale,  # softmax scale
     D,  # head dim
+    SEED,  # int64 [1]: the forward's dropout seed (read only with DROPOUT)
+    dropout_p,  # dropout probability
+    total_q,  # packed query count
+    max_k,  # max_seqlen_k
     GROUP: tl.constexpr,
     CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr,  # queries per program
@@ -201,6 +228,7 @@ def _bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -227,11 +255,18 @@ def _bwd_dq_kernel(
     v_base = V + k_start.to(tl.int64) * stride_v_n + hk * stride_v_h
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    seed, keep_scale, rng_rows = 0, 1.0, q_rows
+    if DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+        rng_rows = (h.to(tl.int64) * total_q + q_rows) * max_k
     full, end = _key_range(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_k_n, stride_v_n, offs_m, offs_d,
-                   0, full * BLOCK_N, seqlen_k, shift, qk_scale2, D, BLOCK_N, False, CAUSAL, EVEN_D, PRECISION)
+                   0, full * BLOCK_N, seqlen_k, shift, qk_scale2, D, seed, rng_rows, dropout_p, keep_scale,
+                   BLOCK_N, False, CAUSAL, EVEN_D, PRECISION, DROPOUT)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_k_n, stride_v_n, offs_m, offs_d,
-                   full * BLOCK_N, end, seqlen_k, shift, qk_scale2, D, BLOCK_N, True, CAUSAL, EVEN_D, PRECISION)
+                   full * BLOCK_N, end, seqlen_k, shift, qk_scale2, D, seed, rng_rows, dropout_p, keep_scale,
+                   BLOCK_N, True, CAUSAL, EVEN_D, PRECISION, DROPOUT)
     io_mask = row_ok[:, None] if EVEN_D else row_ok[:, None] & (offs_d[None, :] < D)
     tl.store(DQ + q_rows[:, None] * stride_dq_n + h * stride_dq_h + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)

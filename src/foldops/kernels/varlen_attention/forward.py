@@ -6,6 +6,8 @@
 The program reads its sequence's bounds from cu_seqlens (no padding, no host read) and
 exits at once when its query block lies past the sequence's end: the grid is sized by
 max_seqlen_q. Softmax online and in base 2: logits ``s2 = scale * log2(e) * q.k``.
+Dropout (DROPOUT) draws a Philox number per (head, query row, key) from one seed: the
+backward redraws the same mask.
 Key blocks fully visible to every row of the query block run without masks; the rest
 (the key tail, the causal diagonal) with them.
 """
@@ -18,9 +20,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_k_n, stride_v_n, offs_m, offs_d, start, end,
-               seqlen_k, shift, qk_scale2, D,
+               seqlen_k, shift, qk_scale2, D, seed, rng_rows, dropout_p, keep_scale,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-               PRECISION: tl.constexpr):
+               PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """Accumulate key blocks [start, end) of one sequence into (acc, m_i, l_i)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -53,6 +55,9 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_k_n, stride_v_n, offs_m,
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
+        if DROPOUT:  # l_i sums the weights before dropout; the kept ones scale by 1 / (1 - p)
+            keep = tl.rand(seed, rng_rows[:, None] + offs_n[None, :]) >= dropout_p
+            p = tl.where(keep, p * keep_scale, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -90,6 +95,10 @@ def _fwd_kernel(
     stride_lse_h,  # lse stride over heads (its token stride is 1)
     qk_scale2,  # softmax scale * log2(e)
     D,  # head dim (<= BLOCK_D)
+    SEED,  # int64 [1]: Philox seed of the dropout mask (read only with DROPOUT)
+    dropout_p,  # dropout probability
+    total_q,  # packed query count and max_seqlen_k: the mask's random stream is indexed by
+    max_k,  # (h * total_q + query row) * max_k + key index within the sequence
     GROUP: tl.constexpr,  # H // H_kv: query head h reads kv head h // GROUP
     CAUSAL: tl.constexpr,  # bottom-right causal mask
     BLOCK_M: tl.constexpr,  # queries per program
@@ -97,6 +106,7 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,  # head-dim tile, power of two >= 16
     EVEN_D: tl.constexpr,  # D == BLOCK_D
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
+    DROPOUT: tl.constexpr,  # apply dropout to the attention weights
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -123,12 +133,17 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, end = _key_range(pid_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     shift = seqlen_k - seqlen_q
+    seed, keep_scale, rng_rows = 0, 1.0, q_rows
+    if DROPOUT:
+        seed = tl.load(SEED)
+        keep_scale = 1.0 / (1.0 - dropout_p)
+        rng_rows = (h.to(tl.int64) * total_q + q_rows) * max_k
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_k_n, stride_v_n, offs_m, offs_d,
-                               0, full * BLOCK_N, seqlen_k, shift, qk_scale2, D,
-                               BLOCK_N, False, CAUSAL, EVEN_D, PRECISION)
+                               0, full * BLOCK_N, seqlen_k, shift, qk_scale2, D, seed, rng_rows, dropout_p,
+                               keep_scale, BLOCK_N, False, CAUSAL, EVEN_D, PRECISION, DROPOUT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_k_n, stride_v_n, offs_m, offs_d,
-                               full * BLOCK_N, end, seqlen_k, shift, qk_scale2, D,
-                               BLOCK_N, True, CAUSAL, EVEN_D, PRECISION)
+                               full * BLOCK_N, end, seqlen_k, shift, qk_scale2, D, seed, rng_rows, dropout_p,
+                               keep_scale, BLOCK_N, True, CAUSAL, EVEN_D, PRECISION, DROPOUT)
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)

@@ -1,8 +1,9 @@
 """Launchers of the varlen attention kernels: check, allocate, choose tiles, launch.
 
-    varlen_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out, lse)
-    varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
-        -> (dq, dk, dv)
+    varlen_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed)
+        -> (out, lse)
+    varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale,
+                              dropout_p, seed) -> (dq, dk, dv)
 
 Grids are sized by max_seqlen (a Python int): (ceil(max_q / BLOCK_M), H, B) for the
 forward and dQ, (ceil(max_k / BLOCK_N), H_kv, B) for dK/dV. cu_seqlens is read only by
@@ -12,7 +13,7 @@ the kernels, so nothing here waits for the device.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -60,6 +61,16 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _seed(seed: Optional[torch.Tensor], dropout_p: float, placeholder: torch.Tensor) -> torch.Tensor:
+    """The seed tensor for a launch (any tensor stands in when there is no dropout)."""
+    if dropout_p <= 0:
+        return placeholder
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != placeholder.device:
+        raise ValueError(f"seed: dropout needs an int64 [1] tensor on {placeholder.device}, got "
+                         f"{None if seed is None else (seed.dtype, tuple(seed.shape), seed.device)}")
+    return seed
+
+
 def check(q, k, v, cu_q, cu_k) -> None:
     """Shapes, dtypes and devices the kernels need (values of cu_seqlens are the op's job)."""
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or k.shape[2] != q.shape[2]:
@@ -75,8 +86,11 @@ def check(q, k, v, cu_q, cu_k) -> None:
         raise TypeError("cu_seqlens_q, cu_seqlens_k: expected int32 [B+1] tensors of one shape")
 
 
-def varlen_attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
-    """``(out [total_q, H, D] in q's dtype, lse fp32 [H, total_q])``; see the module doc."""
+def varlen_attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
+                             dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None):
+    """``(out [total_q, H, D] in q's dtype, lse fp32 [H, total_q])``; see the module doc.
+    ``dropout_p > 0`` needs ``seed``, an int64 [1] tensor on q's device (the backward
+    takes the same one)."""
     check(q, k, v, cu_q, cu_k)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     total_q, heads, head_dim = q.shape
@@ -94,15 +108,15 @@ def varlen_attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal
         q, k, v, out, lse, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        scale * LOG2E, head_dim,
+        scale * LOG2E, head_dim, _seed(seed, dropout_p, cu_q), dropout_p, total_q, max_k,
         GROUP=heads // k.shape[1], CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim,
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        PRECISION=_precision(q.dtype), DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
 def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
-                              scale: float):
+                              scale: float, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None):
     """``(dq, dk, dv)`` shaped and typed as q, k, v; see the module doc."""
     check(q, k, v, cu_q, cu_k)
     q, k, v, do, out = (_last_dim_contiguous(t) for t in (q, k, v, do, out))
@@ -128,22 +142,23 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
         total_q, head_dim, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )
     lse = lse.contiguous()
+    seed_arg = _seed(seed, dropout_p, cu_q)
     bm, bn, warps, stages = _config("dkdv", head_dim, q.dtype)
     wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(max_k, bn), kv_heads, batch)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-        scale * LOG2E, scale, head_dim,
+        scale * LOG2E, scale, head_dim, seed_arg, dropout_p, total_q, max_k,
         GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=even_d, PRECISION=precision,
-        num_warps=warps, num_stages=stages,
+        DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages,
     )
     bm, bn, warps, stages = _config("dq", head_dim, q.dtype)
     wrap_triton(_bwd_dq_kernel)[(triton.cdiv(max_q, bm), heads, batch)](
         q, k, v, do, lse, delta, dq, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-        scale * LOG2E, scale, head_dim,
+        scale * LOG2E, scale, head_dim, seed_arg, dropout_p, total_q, max_k,
         GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=even_d, PRECISION=precision,
-        num_warps=warps, num_stages=stages,
+        DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
