@@ -199,3 +199,23 @@ def test_pointwise_steps_trace_without_graph_breaks():
     x, shift, scale = torch.randn(3, 5, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8)
     assert dynamo.explain(modulate_fused)(x, shift, scale).graph_break_count == 0
     assert dynamo.explain(bias_dropout_add_scale)(x, None, scale, x, 0.1, True).graph_break_count == 0
+
+
+def test_row_conditioning_functions_gradcheck():
+    """The packed per-row modulate / gated add against their gather-then-multiply definitions."""
+    from foldops.models._rows import gated_add_rows, modulate_rows
+
+    seq = torch.tensor([0, 0, 0, 1, 2, 2])
+    x, h, res = (torch.randn(6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    shift, scale, gate = (torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    torch.autograd.gradcheck(lambda *a: modulate_rows(*a, seq), (x, shift, scale))
+    torch.autograd.gradcheck(lambda *a: gated_add_rows(*a, seq), (h, gate, res))
+    torch.testing.assert_close(modulate_rows(x, shift, scale, seq), x * (1 + scale[seq]) + shift[seq])
+    torch.testing.assert_close(gated_add_rows(h, gate, res, seq), res + gate[seq] * h)
+    # mixed dtypes as under autocast: fp32 tokens, bf16 row factors; gradients in each input's dtype
+    xf = torch.randn(6, 4, requires_grad=True)
+    sb = torch.randn(3, 4, dtype=torch.bfloat16, requires_grad=True)
+    out = modulate_rows(xf, sb, sb, seq)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert xf.grad.dtype == torch.float32 and sb.grad.dtype == torch.bfloat16

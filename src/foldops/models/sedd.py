@@ -25,7 +25,9 @@ LayerNorm, matmuls and attention in the autocast dtype):
   row's output equals that of the row run alone;
 - the bias-dropout-add-scale and modulate steps are plain PyTorch functions
   (``bias_dropout_add_scale``, ``modulate_fused``) that ``torch.compile`` fuses into one
-  pointwise kernel each (the original used TorchScript with CUDA fusion flags);
+  pointwise kernel each (the original used TorchScript with CUDA fusion flags); on packed
+  tokens the per-row adaLN factors are applied by ``models/_rows.py``, which keeps them at
+  ``[B, C]`` for the backward pass instead of four gathered ``[total, C]`` copies per block;
 - ``activation_checkpointing=True`` recomputes each block in the backward pass.
 
 Memory: O(total tokens x hidden) activations per block plus the attention op's own
@@ -45,6 +47,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from foldops import device as fdevice
+from foldops.models._rows import gated_add_rows, modulate_rows
 
 __all__ = [
     "DDiTBlock",
@@ -125,6 +128,19 @@ class _Packing:
         self.positions = self.index - self.seq * length
         self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         self.max_seqlen = hi
+
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``x * (1 + scale) + shift`` with per-row ``shift, scale [B, C]``."""
+        if self.uniform:
+            return modulate_fused(x, shift[:, None, :], scale[:, None, :])
+        return modulate_rows(x, shift, scale, self.seq)
+
+    def gated_add(self, h: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor, prob: float,
+                  training: bool) -> torch.Tensor:
+        """``residual + gate * dropout(h)`` with a per-row ``gate [B, C]``."""
+        if self.uniform:
+            return bias_dropout_add_scale(h, None, gate[:, None, :], residual, prob, training)
+        return gated_add_rows(F.dropout(h, p=prob, training=training), gate, residual, self.seq)
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """A per-row tensor ``[B, C]`` laid out to broadcast against the activations."""
@@ -293,13 +309,13 @@ class DDiTBlock(nn.Module):
 
     def _forward_packed(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         pack: _Packing) -> torch.Tensor:
-        mods = pack.rows(self.adaLN_modulation(c)).chunk(6, dim=-1)
+        mods = self.adaLN_modulation(c).chunk(6, dim=-1)  # per row [B, dim] each
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        h = modulate_fused(self.norm1(x), shift_msa, scale_msa)
+        h = pack.modulate(self.norm1(x), shift_msa, scale_msa)
         h = self._attention(h, cos, sin, pack)
-        x = bias_dropout_add_scale(self.attn_out(h), None, gate_msa, x, self.dropout, self.training)
-        h = self.mlp(modulate_fused(self.norm2(x), shift_mlp, scale_mlp))
-        return bias_dropout_add_scale(h, None, gate_mlp, x, self.dropout, self.training)
+        x = pack.gated_add(self.attn_out(h), gate_msa, x, self.dropout, self.training)
+        h = self.mlp(pack.modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return pack.gated_add(h, gate_mlp, x, self.dropout, self.training)
 
     def forward(self, x: torch.Tensor, rotary_cos_sin: Tuple[torch.Tensor, torch.Tensor], c: torch.Tensor,
                 seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -327,8 +343,8 @@ class DDitFinalLayer(nn.Module):
         self.adaLN_modulation.bias.data.zero_()
 
     def _forward_packed(self, x: torch.Tensor, c: torch.Tensor, pack: _Packing) -> torch.Tensor:
-        shift, scale = pack.rows(self.adaLN_modulation(c)).chunk(2, dim=-1)
-        return self.linear(modulate_fused(self.norm_final(x), shift, scale))
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(pack.modulate(self.norm_final(x), shift, scale))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x ``[B, L, hidden]``, c ``[B, cond_dim]`` -> ``[B, L, out_channels]``."""
