@@ -20,6 +20,7 @@ USER_MODULE = textwrap.dedent("""
     from flash_attn.flash_attn_interface import flash_attn_varlen_qkvpacked_func, flash_attn_func
     from flash_attn.ops.fused_dense import FusedDense, FusedMLP
     from flash_attn.layers.rotary import RotaryEmbedding, apply_rotary_emb, apply_rotary_emb_qkv_
+    from flash_attn.bert_padding import pad_input, unpad_input
 
     VERSION = flash_attn.__version__
 
@@ -59,11 +60,14 @@ def test_install_resolves_flash_attn_imports(tmp_path, clean_imports):
     assert user.flash_attn_varlen_qkvpacked_func is fa.flash_attn_varlen_qkvpacked_func
     assert user.top_level is fa.flash_attn_varlen_qkvpacked_func
     assert user.FusedMLP is fa.FusedMLP and user.apply_rotary_emb_qkv_ is fa.apply_rotary_emb_qkv_
+    assert user.unpad_input is fa.unpad_input
     assert user.mlp_keys() == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
     assert user.VERSION.startswith("2.") and user.VERSION.endswith("+foldops")
     assert sys.modules["flash_attn.ops.fused_dense"].__name__ == "flash_attn.ops.fused_dense"
     with pytest.raises(ImportError):
-        importlib.import_module("flash_attn.bert_padding")  # not covered: a clear ImportError
+        importlib.import_module("flash_attn.modules.mha")  # not covered: ImportError, as without install()
+    with pytest.raises(ImportError, match="flash_attn_with_kvcache"):
+        exec("from flash_attn.flash_attn_interface import flash_attn_with_kvcache", {})
     fa.uninstall()
     assert "flash_attn" not in sys.modules
     with pytest.raises(ImportError):

@@ -119,3 +119,21 @@ def test_unsupported_arguments_are_named():
         fa.flash_attn_varlen_func(q[0], q[0], q[0], cu.long(), cu, 4, 4)
     with pytest.raises((TypeError, ValueError), match="cu_seqlens"):
         fa.flash_attn_varlen_qkvpacked_func(torch.randn(4, 3, 2, 8), torch.tensor([1, 4], dtype=torch.int32), 4)
+
+
+def test_bert_padding_round_trip_and_varlen():
+    """unpad_input -> flash_attn_varlen_qkvpacked_func -> pad_input, as BERT/ESM ports do."""
+    B, S, H, D = 3, 6, 2, 8
+    mask = torch.tensor([[1] * 6, [1] * 2 + [0] * 4, [1] * 5 + [0]])
+    x = torch.randn(B, S, 3, H, D, requires_grad=True)
+    packed, indices, cu, max_seqlen, used = fa.unpad_input(x, mask)
+    assert packed.shape == (13, 3, H, D) and max_seqlen == 6
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 6, 8, 13] and used.tolist() == [6, 2, 5]
+    out = fa.pad_input(fa.flash_attn_varlen_qkvpacked_func(packed, cu, max_seqlen), indices, B, S)
+    assert out.shape == (B, S, H, D) and torch.equal(out[1, 2:], torch.zeros_like(out[1, 2:]))
+    alone = fa.flash_attn_qkvpacked_func(x[1:2, :2])
+    torch.testing.assert_close(out[1:2, :2], alone)
+    out.sum().backward()
+    assert torch.equal(x.grad[1, 2:], torch.zeros_like(x.grad[1, 2:]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        fa.unpad_input(x, mask[:, :4])

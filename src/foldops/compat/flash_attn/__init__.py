@@ -7,6 +7,8 @@
 - ``fused_dense.py``: ``FusedDense``, ``FusedMLP``, ``fused_dense_func``, ``fused_mlp_func``.
 - ``rotary.py``: ``apply_rotary_emb``, ``apply_rotary_emb_qkv_``, ``apply_rotary_emb_kv_``,
   ``RotaryEmbedding`` (interleaved and not).
+- ``bert_padding.py``: ``unpad_input``, ``pad_input``, ``index_first_axis``,
+  ``index_put_first_axis`` (flash_attn.bert_padding, 2.8's five-value ``unpad_input``).
 - ``_install.py``: ``install()`` / ``uninstall()``: opt-in aliases so that unmodified
   ``import flash_attn ...`` lines resolve here when flash_attn is not installed; a real
   flash_attn is never shadowed.
@@ -23,6 +25,7 @@ from foldops.compat.flash_attn._install import (
     real_flash_attn_available,
     uninstall,
 )
+from foldops.compat.flash_attn.bert_padding import index_first_axis, index_put_first_axis, pad_input, unpad_input
 from foldops.compat.flash_attn.fused_dense import FusedDense, FusedMLP, fused_dense_func, fused_mlp_func
 from foldops.compat.flash_attn.interface import (
     flash_attn_func,
@@ -58,8 +61,12 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "fused_dense_func",
     "fused_mlp_func",
+    "index_first_axis",
+    "index_put_first_axis",
     "install",
     "is_installed",
+    "pad_input",
     "real_flash_attn_available",
     "uninstall",
+    "unpad_input",
 ]

@@ -27,12 +27,23 @@ API_VERSION = "2.8.4+foldops"
 ALIASES = {
     "flash_attn": "foldops.compat.flash_attn",
     "flash_attn.flash_attn_interface": "foldops.compat.flash_attn.interface",
+    "flash_attn.bert_padding": "foldops.compat.flash_attn.bert_padding",
     "flash_attn.ops": None,
     "flash_attn.ops.fused_dense": "foldops.compat.flash_attn.fused_dense",
     "flash_attn.layers": None,
     "flash_attn.layers.rotary": "foldops.compat.flash_attn.rotary",
 }
 _PACKAGES = ("flash_attn", "flash_attn.ops", "flash_attn.layers")
+
+
+def _forward_to(target, alias_name):
+    def __getattr__(name):
+        try:
+            return getattr(target, name)
+        except AttributeError:
+            raise AttributeError(f"module {alias_name!r} (foldops stand-in for flash_attn) has no attribute "
+                                 f"{name!r}: foldops does not provide it") from None
+    return __getattr__
 
 
 class _AliasLoader(importlib.abc.Loader):
@@ -47,7 +58,7 @@ class _AliasLoader(importlib.abc.Loader):
             names = getattr(target, "__all__", [n for n in vars(target) if not n.startswith("_")])
             for name in names:
                 setattr(module, name, getattr(target, name))
-            module.__getattr__ = lambda name, _t=target: getattr(_t, name)  # the rest, on demand
+            module.__getattr__ = _forward_to(target, spec.name)  # the rest, on demand
             module.__doc__ = f"foldops stand-in for {spec.name} (see {target_name})."
         if spec.name == "flash_attn":
             module.__version__ = API_VERSION
@@ -104,6 +115,7 @@ def install() -> bool:
         from flash_attn.flash_attn_interface import flash_attn_varlen_func, ...
         from flash_attn.ops.fused_dense import FusedDense, FusedMLP
         from flash_attn.layers.rotary import RotaryEmbedding, apply_rotary_emb, apply_rotary_emb_qkv_
+        from flash_attn.bert_padding import pad_input, unpad_input, index_first_axis
     """
     if real_flash_attn_available():
         logger.info("flash_attn is installed; foldops.compat.flash_attn.install() leaves it in place")
