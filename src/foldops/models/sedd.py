@@ -116,14 +116,15 @@ class _Packing:
         if seqlens is None:
             return
         lengths = seqlens.to(device=device, dtype=torch.long)
-        lo, hi = torch.stack([lengths.min(), lengths.max()]).tolist()  # one host read per forward
+        # the one host read per forward: the range check, max_seqlen and the token count
+        lo, hi, total = torch.stack([lengths.min(), lengths.max(), lengths.sum()]).tolist()
         if lo < 1 or hi > length:
             raise ValueError(f"seqlens: expected values in [1, {length}] (the padded length), got min {lo}, max {hi}")
         if lo == length:
             return
         self.uniform = False
         keep = positions[None, :] < lengths[:, None]  # [B, L]
-        self.index = keep.reshape(-1).nonzero().squeeze(1)  # [total] flat index into B*L
+        self.index = _nonzero(keep.reshape(-1), total)  # [total] flat index into B*L
         self.seq = torch.div(self.index, length, rounding_mode="floor")
         self.positions = self.index - self.seq * length
         self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
@@ -160,6 +161,14 @@ class _Packing:
     def rotary_shape(self, t: torch.Tensor) -> torch.Tensor:
         """cos/sin ``[L or total, D/2]`` -> broadcastable over ``[..., 2, H, D/2]``."""
         return t[:, None, None, :]
+
+
+def _nonzero(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` True entries: without a device sync where ``nonzero_static`` exists."""
+    try:
+        return torch.nonzero_static(flags, size=count).squeeze(1)
+    except (AttributeError, NotImplementedError, RuntimeError):  # older torch or a device without it
+        return flags.nonzero().squeeze(1)
 
 
 def _seqlens_tensor(seqlens, batch: int, device: torch.device) -> Optional[torch.Tensor]:
