@@ -7,6 +7,7 @@
 - ``foldops.ops``: functional ops, each with ``backend=``
 - ``foldops.reference``: pure-PyTorch reference of every op (fp64-capable)
 - ``foldops.nn``: Boltz-2-compatible layers
+- ``foldops.models``: whole models (SEDD)
 - ``foldops.train`` / ``foldops.compat``: trainer, checkpoints, drop-ins
 """
 
@@ -14,7 +15,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("backends", "bench", "compat", "device", "kernels", "nn", "ops", "reference", "train")
+_SUBMODULES = ("backends", "bench", "compat", "device", "kernels", "models", "nn", "ops", "reference", "train")
 
 
 def __getattr__(name):

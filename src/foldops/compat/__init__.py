@@ -6,8 +6,10 @@
   ``checkpoint_wrapper(module, offload_to_cpu=False)`` with real (non-reentrant) activation
   checkpointing (recompute in backward).
 - ``seed.py``: :func:`seed_everything`, seeds python, numpy and torch.
+- ``flash_attn/`` (a subpackage, imported on demand): flash_attn's functions,
+  ``FusedDense``/``FusedMLP``, rotary embeddings and an opt-in ``install()`` alias.
 
-Importing this package does not import Lightning or FairScale (neither is needed).
+Importing this package does not import Lightning, FairScale or flash_attn (none is needed).
 """
 
 from foldops.compat.lightning import (
