@@ -42,11 +42,12 @@ import torch.nn.functional as F
 
 from foldops import backends
 from foldops._checks import FLOAT_DTYPES, as_bool_mask, check_positive_int, check_tensor
-from foldops.device import autocast_dtype_in_effect, fp32_region
+from foldops.device import autocast_dtype_in_effect, fp32_region, kernel_support
 from foldops.reference import triangle_multiplication as _reference
 from foldops.reference.triangle_multiplication import DIRECTIONS, product_dtype
 
 OP = "triangle_multiplication"
+KERNEL_MAX_CHANNELS = 512  # the Triton kernels hold a position's channels in registers
 
 WEIGHT_NAMES = (
     "norm_in_weight",
@@ -162,6 +163,31 @@ def _torch_backend(x, mask, direction, w, eps, chunk_size):
     return _inference_path(x, mask, direction, w, eps, chunk_size)
 
 
+def _triton_backend(x, mask, direction, w, eps, chunk_size):
+    from foldops.kernels.triangle_multiplication import triangle_multiplication as kernel
+
+    cdt = _compute_dtype(x)[0]
+    mats = ("p_in_weight", "g_in_weight", "p_out_weight", "g_out_weight")
+    weights = [w[k].to(cdt) if k in mats else w[k] for k in WEIGHT_NAMES]
+    with fp32_region(x):  # the kernels take explicit dtypes; no autocast inside
+        return kernel(x.to(cdt), mask, weights, direction == "outgoing", eps)
+
+
+def _triton_supports(device, dtype, explicit, dim=None, **_):
+    reason = kernel_support(device, explicit)
+    if reason is not None:
+        return reason
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} (kernel supports fp16, bf16, fp32)"
+    if dim is not None and dim > KERNEL_MAX_CHANNELS:
+        return f"{dim} channels (kernel supports up to {KERNEL_MAX_CHANNELS})"
+    try:
+        import foldops.kernels.triangle_multiplication  # noqa: F401
+    except ImportError as exc:
+        return f"kernel module unavailable: {exc}"
+    return None
+
+
 def _reference_backend(x, mask, direction, w, eps, chunk_size):
     return _reference.triangle_multiplication(x, mask, direction=direction, eps=eps, **w)
 
@@ -193,6 +219,7 @@ def _cuequivariance_supports(device, dtype, explicit, **_):
     return None
 
 
+backends.register(OP, "triton", _triton_backend, priority=100, supports=_triton_supports)
 backends.register(OP, "torch", _torch_backend, priority=50)
 backends.register(
     OP, "cuequivariance", _cuequivariance_backend, priority=10, supports=_cuequivariance_supports, auto=False
