@@ -28,6 +28,9 @@ def _kernel():
     return importlib.import_module("foldops.kernels.triangle_multiplication")
 
 
+_kernel()  # registers the foldops::triangle_multiplication_* ops
+
+
 def _inputs(batch, n, dim, dtype, masked=True, device=DEVICE):
     x = torch.randn(batch, n, n, dim, dtype=dtype, device=device)
     mask = make_mask(batch, n).to(device) if masked else None

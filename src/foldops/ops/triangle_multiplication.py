@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from foldops import backends
+from foldops.budget import rows_per_chunk
 from foldops._checks import FLOAT_DTYPES, as_bool_mask, check_positive_int, check_tensor
 from foldops.device import autocast_dtype_in_effect, fp32_region, kernel_support
 from foldops.reference import triangle_multiplication as _reference
@@ -59,14 +60,14 @@ WEIGHT_NAMES = (
     "p_out_weight",
     "g_out_weight",
 )
-# One chunk of a, b ([2 * chunk, N, N] in the product dtype, and as much again for the
-# gate) is kept under this many elements by default (fp32: 8 MiB each), but a chunk
-# never has fewer than _MIN_CHUNK channels: thinner chunks would re-read h too often.
-_CHUNK_ELEMENTS = 2 * 1024 * 1024
+# Chunk sizes come from foldops.budget: on CPU a cache-sized budget (small chunks run
+# faster there), on accelerators a share of free memory (usually one chunk: every extra
+# chunk is more launches). A channel chunk never has fewer than _MIN_CHUNK channels:
+# thinner chunks would re-read h too often.
 _MIN_CHUNK = 8
-# Position blocks of the LayerNorms and the output step: [block, D] temporaries stay
-# under this many elements (fp32: 2 MiB each).
-_BLOCK_ELEMENTS = 512 * 1024
+# Bytes per position of the output step's temporaries: LayerNorm_out in fp32 (input
+# view and output), the gate and the projection in the compute dtype.
+_BLOCK_BYTES_PER_CHANNEL = 4 + 4 + 2 + 2
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -77,8 +78,25 @@ def _compute_dtype(x: torch.Tensor):
     return x.dtype, False
 
 
-def _default_chunk(n: int, dim: int) -> int:
-    return max(min(_MIN_CHUNK, dim), min(dim, _CHUNK_ELEMENTS // max(1, 2 * n * n)))
+def _default_chunk(device, n: int, dim: int, wide_bytes: int, cdt_bytes: int) -> int:
+    """Channels of the product per step: a chunk holds a, b (product dtype), their gate
+    and, if narrower, the projection (compute dtype), each [2 * chunk, N, N]."""
+    per_channel = 2 * n * n * (wide_bytes + cdt_bytes + (cdt_bytes if cdt_bytes != wide_bytes else 0))
+    chunk = rows_per_chunk(device, per_channel, dim)
+    if device.type != "cpu":
+        # Accelerators: a chunk's workspace no larger than h (n^2 dim values), so the
+        # peak stays near the path's fixed O(N^2 D) buffers whatever the free memory.
+        chunk = min(chunk, (n * n * dim * cdt_bytes) // per_channel)
+    return max(min(_MIN_CHUNK, dim), chunk)
+
+
+def _position_block(device, positions: int, dim: int, workspace_bytes: int) -> int:
+    """Positions per LayerNorm_in / output step; on accelerators also within the channel
+    chunks' workspace (freed before the output step), so the peak does not grow."""
+    rows = rows_per_chunk(device, dim * _BLOCK_BYTES_PER_CHANNEL, positions)
+    if device.type != "cpu":
+        rows = min(rows, max(1, workspace_bytes // (dim * _BLOCK_BYTES_PER_CHANNEL)))
+    return rows
 
 
 def _autograd_path(x, mask, direction, w, eps):
@@ -94,9 +112,11 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
     cdt, amp = _compute_dtype(x)
     ln_dtype = torch.float32 if amp else cdt
     wide = product_dtype(cdt)
-    chunk = min(dim, chunk_size or _default_chunk(n, dim))
-    block = max(1, _BLOCK_ELEMENTS // dim)  # positions per LayerNorm / output step
     dev = x.device
+    size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
+    chunk = min(dim, chunk_size or _default_chunk(dev, n, dim, size(wide), size(cdt)))
+    workspace = 2 * chunk * nn_ * (size(wide) + 2 * size(cdt))
+    block = _position_block(dev, nn_, dim, workspace)
     with fp32_region(x):  # dtypes are explicit below
         p_in, g_in = w["p_in_weight"].to(cdt), w["g_in_weight"].to(cdt)
         p_out, g_out = w["p_out_weight"].to(cdt), w["g_out_weight"].to(cdt)
@@ -287,9 +307,10 @@ def triangle_multiplication(
             Weights have x's dtype (any float dtype under autocast).
         eps: LayerNorm epsilon of both norms.
         chunk_size: channels of the product per step for the ``torch`` backend at
-            inference (default: one chunk of ``a, b`` bounded at 2M elements, at least
-            8 channels).
-        backend: ``"auto"``, ``"torch"``, ``"reference"`` or ``"cuequivariance"``.
+            inference (default: from ``foldops.budget``, at least 8 channels; on
+            accelerators a chunk's workspace is at most the size of h).
+        backend: ``"auto"``, ``"triton"``, ``"torch"``, ``"reference"`` or
+            ``"cuequivariance"``.
 
     Returns:
         ``[B, N, N, D]`` in x's dtype (autocast's dtype under autocast).

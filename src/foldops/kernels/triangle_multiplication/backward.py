@@ -28,14 +28,15 @@ def _out_bwd_kernel(
     DT,  # [B, C, P] out: gradient of t, channel-major (position stride 1)
     DY,  # [B, P, C] out: dout * gate (dot dtype, channel stride 1)
     U,  # [B, P, C] out: LayerNorm_out(t) (dot dtype, channel stride 1)
-    DGO,  # [B, P, C] out: gradient of h g_out^T, before the sigmoid (dot dtype)
+    DGO,  # [B, P, C] out: gradient of h g_out^T, before the sigmoid (dot dtype, channel stride 1)
     PART,  # [B, n_blocks, 2, CP] out: per-block sums of du * t_hat and of du (fp32)
     P, C, eps,
     stride_t_b, stride_t_c,
     stride_go_b, stride_go_p,
     stride_do_b, stride_do_p, stride_do_c,
     stride_dt_b, stride_dt_c,
-    stride_pc_b, stride_pc_p,  # shared by DY, U and DGO
+    stride_pc_b, stride_pc_p,  # shared by DY and U (chunk buffers)
+    stride_dgo_b, stride_dgo_p,
     SPLIT_DY: tl.constexpr,  # 16-bit dot dtype: add the product of dy's rounding residue
     PRECISION: tl.constexpr,
     CP: tl.constexpr,
@@ -75,7 +76,8 @@ def _out_bwd_kernel(
         dy = dy32.to(W_PO.dtype.element_ty)
         dgo = dout * y * go * (1.0 - go)
         tl.store(DY + pc_off + offs_n[None, :], dy, mask=ok)
-        tl.store(DGO + pc_off + offs_n[None, :], dgo.to(DGO.dtype.element_ty), mask=ok)
+        tl.store(DGO + b * stride_dgo_b + offs_p[:, None] * stride_dgo_p + offs_n[None, :],
+                 dgo.to(DGO.dtype.element_ty), mask=ok)
         du = tl.dot(dy, w, du, input_precision=PRECISION)
         if SPLIT_DY:  # the rounding residue of dy as a second 16-bit product: du to ~fp32
             du = tl.dot((dy32 - dy.to(tl.float32)).to(W_PO.dtype.element_ty), w, du)

@@ -179,7 +179,7 @@ def triangle_multiplication_backward(
         wrap_triton(_out_bwd_kernel)[grid](
             tc, norm_out_weight, norm_out_bias, p_out_weight, goc, doc, dtc, dy, u, dgoc, part,
             pc, c, eps, tc.stride(0), tc.stride(1), goc.stride(0), goc.stride(1), *doc.stride(),
-            dtc.stride(0), dtc.stride(1), u.stride(0), u.stride(1), SPLIT_DY=wdt != torch.float32,
+            dtc.stride(0), dtc.stride(1), u.stride(0), u.stride(1), dgoc.stride(0), dgoc.stride(1), SPLIT_DY=wdt != torch.float32,
             PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
         )
         nb = grid[0]
@@ -228,4 +228,4 @@ def triangle_multiplication_backward(
         d_go = _sum_f32(d_go, dgoc.reshape(-1, c).T @ hc)
         d_lni = _sum_f32(d_lni, part[:, :nb].sum(dim=(0, 1)))
     grads = (d_lni[0, :c], d_lni[1, :c], d_pg[: 2 * c], d_pg[2 * c:], d_lnw[0, :c], d_lnw[1, :c], d_po, d_go)
-    return (dx, *(g.to(w.dtype) for g, w in zip(grads, params)))
+    return (dx, *(g.to(w.dtype, copy=True) for g, w in zip(grads, params)))  # no aliased outputs
