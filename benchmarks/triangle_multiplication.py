@@ -88,7 +88,7 @@ def make_fn(backend: str, direction: str, w: Dict[str, torch.Tensor], c: int):
 
 def bench(fn: Callable[[], object]) -> float:
     from triton.testing import do_bench
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def measure(backend, direction, batch, n, c, dtype, modes, device) -> List[dict]:

@@ -73,6 +73,18 @@ def test_eager_registered_and_inference_paths_agree():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("outgoing", (True, False))
+def test_inference_in_row_blocks(monkeypatch, outgoing):
+    """At inference t is built a block of rows i at a time (3 rows: a partial last block)."""
+    x, mask, w = _inputs(2, 8, 8, torch.float32)
+    weights = [w[k] for k in WEIGHTS]
+    whole = torch.ops.foldops.triangle_multiplication_fwd(*_op_args(x, mask, w, outgoing))[0]
+    monkeypatch.setattr("foldops.budget.rows_per_chunk", lambda device, per_row, rows, chunk=None: 3)
+    with torch.no_grad():
+        blocks = _kernel().triangle_multiplication(x, mask, weights, outgoing, 1e-5)
+    torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=1e-6)
+
+
 def test_backward_is_deterministic():
     x, mask, w = _inputs(1, 11, 8, torch.bfloat16)
     g = torch.randn(1, 11, 11, 8, dtype=torch.float64)

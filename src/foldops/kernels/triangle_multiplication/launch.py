@@ -6,7 +6,8 @@
                    t:  [B, C, P] fp32 triangular product, channel-major
 
 Memory: the forward holds ab, go and t beside x and out, O(B N^2 C) (about 5x x's bytes
-for 16-bit x); the backward adds dt (fp32 [B, C, P]), dgate, d[a, b] and dx, plus
+for 16-bit x; at inference t only for a block of rows i, so about 3x plus that block);
+the backward adds dt (fp32 [B, C, P]), dgate, d[a, b] and dx, plus
 per-chunk buffers (u, dy, h, [dp | dg]) whose positions per chunk come from
 ``foldops.budget.rows_per_chunk``.
 """
@@ -88,9 +89,12 @@ def _launch_product(a, a_strides, bm, b_strides, out, o_strides, nch, m, n, k, s
 def triangle_multiplication_forward(
     x, mask, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight,
     norm_out_weight, norm_out_bias, p_out_weight, g_out_weight,
-    outgoing: bool, eps: float, allow_tf32: bool,
+    outgoing: bool, eps: float, allow_tf32: bool, save: bool = True,
 ):
-    """Returns (out [B, N, N, C], ab [B, 2C, P], go [B, P, C], t [B, C, P] fp32)."""
+    """Returns (out [B, N, N, C], ab [B, 2C, P], go [B, P, C], t [B, C, P] fp32).
+
+    ``save=False`` (inference): t is built and consumed a block of rows i at a time
+    (rows from ``foldops.budget``), and the returned t is that last block."""
     batch, n, _, c = x.shape
     p = n * n
     cp = _padded(c)
@@ -99,7 +103,8 @@ def triangle_multiplication_forward(
     out = torch.empty((batch, n, n, c), dtype=x.dtype, device=x.device)
     ab = torch.empty((batch, 2 * c, p), dtype=x.dtype, device=x.device)
     go = torch.empty((batch, p, c), dtype=x.dtype, device=x.device)
-    t = torch.empty((batch, c, p), dtype=torch.float32, device=x.device)
+    t = torch.empty((batch, c, p) if save or _skip_launch(x) else (batch, c, 0), dtype=torch.float32,
+                    device=x.device)
     if _skip_launch(x) or x.numel() == 0:
         return out, ab, go, t
     precision = _precision(x.dtype, allow_tf32)
@@ -114,17 +119,27 @@ def triangle_multiplication_forward(
     )
     a_view, b_view = ab[:, :c], ab[:, c:]
     sb = ab.stride(0)
-    if outgoing:  # t[i, j] = sum_k a[i, k] b[j, k]
-        a_str, b_str = (sb, p, n, 1), (sb, p, 1, n)
-    else:  # t[i, j] = sum_k a[k, i] b[k, j]
-        a_str, b_str = (sb, p, 1, n), (sb, p, n, 1)
-    _launch_product(a_view, a_str, b_view, b_str, t, (c * p, p, n, 1), c, n, n, n, False, precision)
     out_r = _positions(out)
-    wrap_triton(_epilogue_kernel)[(triton.cdiv(c, bn), triton.cdiv(p, bp), batch)](
-        t, norm_out_weight, norm_out_bias, p_out_weight, go, out_r,
-        p, c, eps, t.stride(0), t.stride(1), go.stride(0), go.stride(1), *out_r.stride(),
-        PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
-    )
+    # Rows i of t per step: all of them when t is saved for the backward; at inference
+    # as many as the budget allows (t is the largest temporary: fp32 [B, C, rows, N]).
+    rows = n if save else budget.rows_per_chunk(x.device, batch * c * n * 4, n)
+    if not save:
+        t = torch.empty((batch, c, rows * n), dtype=torch.float32, device=x.device)
+    for i0 in range(0, n, rows):
+        r = min(rows, n - i0)
+        if outgoing:  # t[i, j] = sum_k a[i, k] b[j, k]
+            a_rows, a_str, b_str = a_view[:, :, i0 * n:], (sb, p, n, 1), (sb, p, 1, n)
+        else:  # t[i, j] = sum_k a[k, i] b[k, j]
+            a_rows, a_str, b_str = a_view[:, :, i0:], (sb, p, 1, n), (sb, p, n, 1)
+        tp = t.stride(1)
+        _launch_product(a_rows, a_str, b_view, b_str, t, (c * tp, tp, n, 1), c, r, n, n, False, precision)
+        o_r = out_r[:, i0 * n:(i0 + r) * n]
+        go_r = go[:, i0 * n:(i0 + r) * n]
+        wrap_triton(_epilogue_kernel)[(triton.cdiv(c, bn), triton.cdiv(r * n, bp), batch)](
+            t, norm_out_weight, norm_out_bias, p_out_weight, go_r, o_r,
+            r * n, c, eps, t.stride(0), t.stride(1), go_r.stride(0), go_r.stride(1), *o_r.stride(),
+            PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
+        )
     return out, ab, go, t
 
 

@@ -157,5 +157,5 @@ def triangle_multiplication(x, mask, weights, outgoing: bool, eps: float) -> tor
     if needs_grad:
         return _Eager.apply(*args)
     with set_wrap_triton_enabled(False):
-        out, ab, go, t = triangle_multiplication_forward(*args)
+        out, ab, go, t = triangle_multiplication_forward(*args, save=False)
     return out
