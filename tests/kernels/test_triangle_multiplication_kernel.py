@@ -42,7 +42,7 @@ def _op_args(x, mask, w, outgoing=True):
     return (x, mask, *(w[k] for k in WEIGHTS), outgoing, 1e-5, False)
 
 
-@pytest.mark.parametrize("outgoing", (True, False))
+@pytest.mark.parametrize("outgoing", (True, pytest.param(False, marks=pytest.mark.slow)))
 def test_opcheck(outgoing):
     x, mask, w = _inputs(1, 5, 8, torch.float32)
     args = [t.detach().requires_grad_() for t in (x, *(w[k] for k in WEIGHTS))]

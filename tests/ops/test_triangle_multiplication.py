@@ -118,12 +118,11 @@ def test_forward_and_grads_vs_float64(direction, backend, dtype, shape):
 
 # The Triton kernels under the interpreter (slow on CPU): N = 1, 13 (positions straddle
 # the interpreter's 32-position blocks), 33 (the product's 32-wide tiles), every dtype.
+# The whole matrix (every shape, dtype and direction) is the slow test below.
 TRITON_CASES = [
     ("outgoing", torch.bfloat16, (2, 13, 8)),
-    ("incoming", torch.bfloat16, (2, 13, 8)),
     ("outgoing", torch.float16, (1, 1, 4)),
     ("incoming", torch.float32, (1, 7, 12)),
-    ("outgoing", torch.float32, (1, 33, 6)),
     ("incoming", torch.float16, (1, 33, 6)),
 ]
 
@@ -154,10 +153,9 @@ def test_triton_non_contiguous_and_unmasked(direction):
     check_against_fp64("triton", wide[..., :6], None, weights, torch.bfloat16, direction)
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
-def test_triton_everything_masked_and_masked_pairs(direction):
-    test_everything_masked_is_finite_and_input_projections_get_no_grad(direction, "triton")
-    test_masked_pairs_do_not_leak(direction, "triton", True)
+def test_triton_everything_masked_and_masked_pairs():
+    test_everything_masked_is_finite_and_input_projections_get_no_grad("incoming", "triton")
+    test_masked_pairs_do_not_leak("outgoing", "triton", True)
 
 
 def test_triton_bf16_autocast_vs_float64():

@@ -18,6 +18,16 @@ pair is not zeroed (as in Boltz and cuEquivariance): only ``a`` and ``b`` are.
 
 Backends:
 
+- ``triton`` (CUDA cc >= 8.0, fp16 / bf16 / fp32, D <= 512; picked by ``auto``): fused
+  kernels in ``foldops.kernels.triangle_multiplication``: LayerNorm_in, both gated
+  projections, the mask and the output gate in one prologue pass writing a, b
+  channel-major; the per-channel product on tensor cores (fp32 accumulation, TF32x3
+  for fp32 when matmul precision allows); LayerNorm_out, p_out and the gate in one
+  epilogue pass. Backward in two row kernels plus per-channel products; weight
+  gradients are GEMMs over positions (deterministic). Memory: training saves a, b,
+  the gate and t (fp32), about 5x x for 16-bit x; inference builds t a block of rows
+  at a time (``foldops.budget``), about 3x x plus the block. Under autocast the
+  inputs and matrices are cast to the autocast dtype first.
 - ``torch``: at inference (no gradient needed) memory-bounded: ``h`` is kept once in the
   compute dtype and overwritten by the output, ``t`` is built in ``[B, D, N, N]``
   layout by batched matmuls, ``chunk_size`` channels at a time, from gated
