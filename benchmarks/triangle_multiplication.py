@@ -172,6 +172,34 @@ FIELDS = ["op", "backend", "direction", "B", "N", "C", "dtype", "mode", "metric"
           "device", "torch", "floor_ms"]
 
 
+def profile(n: int, c: int, direction: str, out_dir: str) -> None:
+    """Device time per kernel of one foldops fwd+bwd (torch.profiler), printed and saved."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    device = torch.device("cuda")
+    w = weights(c, torch.bfloat16, device)
+    params = [t.requires_grad_() for t in w.values()]
+    x = torch.randn(1, n, n, c, device=device, dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.ones(1, n, n, device=device, dtype=torch.bool)
+    dout = torch.randn_like(x)
+
+    def step():
+        out = tm_fn(x, mask, direction=direction, backend="triton", **w)
+        torch.autograd.backward(out, dout, inputs=[x, *params])
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    print(table)
+    with open(os.path.join(out_dir, f"profile_{direction}_{n}.txt"), "w") as fh:
+        fh.write(table)
+
+
 def run(args) -> None:
     device = torch.device("cuda")
     os.makedirs(args.out, exist_ok=True)
@@ -262,9 +290,13 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=3.0, help="copy ceiling, TB/s (read+write)")
     ap.add_argument("--mm-tflops", type=float, default=780.0)
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, help="N of a per-kernel profile of foldops fwd+bwd")
     args = ap.parse_args()
     if args.plot_only:
         plot(args.out)
+    elif args.profile:
+        os.makedirs(args.out, exist_ok=True)
+        profile(args.profile, args.c, args.directions[0], args.out)
     else:
         print(platform.node(), torch.cuda.get_device_name(), torch.__version__)
         run(args)
