@@ -200,6 +200,37 @@ def profile(n: int, c: int, direction: str, out_dir: str) -> None:
         fh.write(table)
 
 
+TUNE = {
+    "ROW_FWD": [(64, 64, 4), (64, 128, 8), (128, 64, 8), (32, 64, 4), (128, 128, 8)],
+    "ROW_BWD": [(64, 32, 8), (32, 32, 4), (64, 64, 8), (128, 32, 8), (32, 64, 8)],
+    "PRODUCT_16BIT": [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3),
+                      (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4)],
+    "PRODUCT_SPLIT": [(128, 128, 32, 8, 8, 3), (128, 64, 32, 8, 4, 3), (64, 128, 64, 8, 8, 3),
+                      (128, 128, 64, 8, 8, 2)],
+}
+
+
+def tune(args) -> None:
+    """One table entry at a time (others at their defaults): fwd and fwd+bwd medians."""
+    from foldops.kernels.triangle_multiplication import configs
+
+    device = torch.device("cuda")
+    for table, cands in TUNE.items():
+        default = getattr(configs, table)
+        for cand in cands:
+            if table.startswith("ROW"):
+                setattr(configs, table, {**default, args.c: cand})
+            else:
+                setattr(configs, table, cand)
+            for n in args.n:
+                res = {r["mode"]: r for r in measure("triton", args.directions[0], 1, n, args.c, torch.bfloat16,
+                                                     args.modes, device) if "mode" in r}
+                cells = " ".join(f"{m} {r['ms']:.3f}" if r["status"] == "ok" else f"{m} {r['status']}"
+                                 for m, r in res.items())
+                print(f"tune {table:14s} {str(cand):28s} N={n:5d} {cells}", flush=True)
+        setattr(configs, table, default)
+
+
 def run(args) -> None:
     device = torch.device("cuda")
     os.makedirs(args.out, exist_ok=True)
@@ -290,10 +321,13 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=3.0, help="copy ceiling, TB/s (read+write)")
     ap.add_argument("--mm-tflops", type=float, default=780.0)
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="sweep the tile tables (TUNE) at --n")
     ap.add_argument("--profile", type=int, default=0, help="N of a per-kernel profile of foldops fwd+bwd")
     args = ap.parse_args()
     if args.plot_only:
         plot(args.out)
+    elif args.tune:
+        tune(args)
     elif args.profile:
         os.makedirs(args.out, exist_ok=True)
         profile(args.profile, args.c, args.directions[0], args.out)
