@@ -8,6 +8,7 @@ appears in the selection and error tests.
 
 import dataclasses
 import importlib
+import os
 
 import pytest
 import torch
@@ -134,10 +135,16 @@ def test_triton_forward_and_grads_vs_float64(direction, dtype, shape):
     check_against_fp64("triton", x, make_mask(batch, n), make_weights(dim), dtype, direction)
 
 
-@pytest.mark.slow
+# About 3 minutes under the interpreter on 2 cores: opt-in (FOLDOPS_SLOW_TESTS=1).
+SLOW = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("FOLDOPS_SLOW_TESTS"),
+                                             reason="slow under the interpreter; FOLDOPS_SLOW_TESTS=1 runs it")]
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES[:3], ids=dtype_id)
 @pytest.mark.parametrize("direction", DIRECTIONS)
+@SLOW[0]
+@SLOW[1]
 def test_triton_full_matrix_vs_float64(direction, dtype, shape):
     batch, n, dim = shape
     x = torch.randn(batch, n, n, dim, dtype=torch.float64)

@@ -50,8 +50,10 @@ def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 def _skip_launch(t: torch.Tensor) -> bool:
-    """Fake/meta tensors (torch.compile / opcheck tracing) only need the allocations."""
-    return t.device.type == "meta" or is_fake(t)
+    """Under the interpreter, fake/meta tensors (torch.compile / opcheck tracing) only
+    need the allocations: the interpreter would run the kernel on them. Compiled
+    kernels are traced (``wrap_triton``) whatever the tensors."""
+    return triton_interpret() and (t.device.type == "meta" or is_fake(t))
 
 
 def _positions(x: torch.Tensor) -> torch.Tensor:
