@@ -26,6 +26,10 @@ ROW_BWD = {
     512: (16, 32, 8),
 }
 
+# fp32 weights: at most this many elements per [CP, BLOCK_N] weight tile (two such tiles,
+# p and g, sit in shared memory at once: 2 x 64 KiB at fp32).
+FP32_MAX_WEIGHT_TILE = 16384
+
 # Per-channel product (batched GEMM, fp32 accumulation):
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
 PRODUCT_16BIT = (128, 128, 64, 8, 8, 3)   # tensor-core tile for bf16/fp16 operands

@@ -39,10 +39,13 @@ def _padded(c: int) -> int:
     return max(16, triton.next_power_of_2(c))
 
 
-def _row_config(cp: int, backward: bool):
+def _row_config(cp: int, backward: bool, dtype: torch.dtype):
     if triton_interpret():
         return configs.INTERPRET_ROW
-    return (configs.ROW_BWD if backward else configs.ROW_FWD)[cp]
+    bp, bn, warps = (configs.ROW_BWD if backward else configs.ROW_FWD)[cp]
+    if dtype == torch.float32 and cp * bn > configs.FP32_MAX_WEIGHT_TILE:
+        bn = max(16, configs.FP32_MAX_WEIGHT_TILE // cp)  # fp32 weight tiles: twice the bytes
+    return bp, bn, warps
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -112,7 +115,7 @@ def triangle_multiplication_forward(
     precision = _precision(x.dtype, allow_tf32)
     xr = _positions(x)
     keep = _mask_rows(mask, x)
-    bp, bn, warps = _row_config(cp, backward=False)
+    bp, bn, warps = _row_config(cp, backward=False, dtype=x.dtype)
     grid = (triton.cdiv(2 * c, bn) + triton.cdiv(c, bn), triton.cdiv(p, bp), batch)
     wrap_triton(_prologue_kernel)[grid](
         xr, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keep, ab, go,
@@ -176,7 +179,7 @@ def triangle_multiplication_backward(
     precision = _precision(x.dtype, allow_tf32)
     xr, dor = _positions(x), _positions(grad_out)
     keep = _mask_rows(mask, x)
-    bp, bn, warps = _row_config(cp, backward=True)
+    bp, bn, warps = _row_config(cp, backward=True, dtype=wdt)
     esize = torch.empty((), dtype=wdt).element_size()
     chunk = _chunk_positions(x, p, 5 * c * esize, bp)  # u, dy | h, dp, dg
 
