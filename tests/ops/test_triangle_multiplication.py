@@ -8,12 +8,12 @@ appears in the selection and error tests.
 
 import dataclasses
 import importlib
+import os
 
 import pytest
 import torch
 
 from foldops import backends
-from foldops import budget as chunk_budget
 from foldops.backends import BackendUnavailableError
 from foldops.device import autocast
 from foldops.ops import triangle_multiplication
@@ -120,6 +120,58 @@ def test_forward_and_grads_vs_float64(direction, backend, dtype, shape):
     check_against_fp64(backend, x, make_mask(batch, n), make_weights(dim), dtype, direction)
 
 
+# The Triton kernels under the interpreter (slow on CPU): N = 1, 13 (positions straddle
+# the interpreter's 32-position blocks), 33 (the product's 32-wide tiles), every dtype.
+# The whole matrix (every shape, dtype and direction) is the slow test below.
+TRITON_CASES = [
+    ("outgoing", torch.bfloat16, (2, 13, 8)),
+    ("outgoing", torch.float16, (1, 1, 4)),
+    ("incoming", torch.float32, (1, 7, 12)),
+    ("incoming", torch.float16, (1, 33, 6)),
+]
+
+
+@pytest.mark.parametrize("direction, dtype, shape", TRITON_CASES, ids=str)
+def test_triton_forward_and_grads_vs_float64(direction, dtype, shape):
+    batch, n, dim = shape
+    x = torch.randn(batch, n, n, dim, dtype=torch.float64)
+    check_against_fp64("triton", x, make_mask(batch, n), make_weights(dim), dtype, direction)
+
+
+# About 3 minutes under the interpreter on 2 cores: opt-in (FOLDOPS_SLOW_TESTS=1).
+SLOW = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("FOLDOPS_SLOW_TESTS"),
+                                             reason="slow under the interpreter; FOLDOPS_SLOW_TESTS=1 runs it")]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES[:3], ids=dtype_id)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@SLOW[0]
+@SLOW[1]
+def test_triton_full_matrix_vs_float64(direction, dtype, shape):
+    batch, n, dim = shape
+    x = torch.randn(batch, n, n, dim, dtype=torch.float64)
+    check_against_fp64("triton", x, make_mask(batch, n), make_weights(dim), dtype, direction)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_triton_non_contiguous_and_unmasked(direction):
+    weights = make_weights(6)
+    wide = torch.randn(1, 7, 7, 12, dtype=torch.float64)
+    view = lambda t: t[..., :6].transpose(1, 2)  # noqa: E731
+    check_against_fp64("triton", wide, make_mask(1, 7), weights, torch.float32, direction, view=view)
+    check_against_fp64("triton", wide[..., :6], None, weights, torch.bfloat16, direction)
+
+
+def test_triton_everything_masked_and_masked_pairs():
+    test_everything_masked_is_finite_and_input_projections_get_no_grad("incoming", "triton")
+    test_masked_pairs_do_not_leak("outgoing", "triton", True)
+
+
+def test_triton_bf16_autocast_vs_float64():
+    test_bf16_autocast_vs_float64("triton", True)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -141,7 +193,7 @@ def test_without_mask(direction, backend):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_inference_chunks_and_blocks_sweep(direction, chunk_size, monkeypatch):
     """Channel chunks that do not divide D and position blocks that do not divide N*N."""
-    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 16 * 97)  # 12 positions (16 * D bytes each)
+    monkeypatch.setattr(tm_module, "_position_block", lambda device, positions, dim, workspace: 97 // dim + 1)
     x = torch.randn(2, 11, 11, 8, dtype=torch.float64)
     mask, weights = make_mask(2, 11), make_weights(8)
     fast = check_against_fp64(
@@ -154,11 +206,31 @@ def test_inference_chunks_and_blocks_sweep(direction, chunk_size, monkeypatch):
     torch.testing.assert_close(fast, whole, rtol=1e-5, atol=1e-5)
 
 
-def test_default_chunk_is_bounded():
-    assert tm_module._default_chunk(1, 4) == 4
-    assert tm_module._default_chunk(256, 128) == 16  # a, b, gate: 2 * 16 * 256^2 fp32 each = 16 MiB
-    assert tm_module._default_chunk(2048, 128) == 8  # never thinner than 8 channels
-    assert tm_module._default_chunk(2048, 4) == 4
+def test_default_chunk_follows_the_budget(monkeypatch):
+    """CPU: a 16 MiB budget over a, b, gate (and projection) per channel; at least 8
+    channels. Accelerators: the budget, capped at a workspace the size of h."""
+    monkeypatch.delenv("FOLDOPS_CHUNK_BUDGET_MB", raising=False)
+    cpu = torch.device("cpu")
+    assert tm_module._default_chunk(cpu, 1, 4, 4, 4) == 4
+    assert tm_module._default_chunk(cpu, 256, 128, 4, 4) == 16  # 2 * 256^2 * 8 B = 1 MiB per channel
+    assert tm_module._default_chunk(cpu, 2048, 128, 4, 4) == 8  # never thinner than 8 channels
+    assert tm_module._default_chunk(cpu, 2048, 4, 4, 4) == 4
+    monkeypatch.setattr("foldops.budget._free_bytes", lambda device: 80 * 2**30)
+    gpu = torch.device("meta")  # any non-CPU device: 25% of (patched) free memory
+    # bf16 compute, fp32 product: 2 * N^2 * (4 + 2 + 2) B per channel; h is N^2 * 128 * 2 B.
+    assert tm_module._default_chunk(gpu, 1024, 128, 4, 2) == 16
+    assert tm_module._position_block(gpu, 1024 * 1024, 128, 16 * 2**20) == 16 * 2**20 // (128 * 12)
+
+
+def test_inference_on_an_accelerator_budget_matches(monkeypatch):
+    """The accelerator rule (large chunks and position blocks) gives the CPU result."""
+    x = torch.randn(2, 11, 11, 8)
+    mask, weights = make_mask(2, 11), {k: w.float() for k, w in make_weights(8).items()}
+    with torch.no_grad():
+        small = triangle_multiplication(x, mask, direction="incoming", backend="torch", **weights)
+        monkeypatch.setattr(tm_module, "_position_block", lambda device, positions, dim, workspace: positions)
+        big = triangle_multiplication(x, mask, direction="incoming", backend="torch", chunk_size=8, **weights)
+    torch.testing.assert_close(big, small, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("grad", (True, False), ids=("autograd", "inference"))
@@ -352,7 +424,7 @@ def test_cuequivariance_named_but_unavailable_raises():
 
 def test_availability_lists_every_backend():
     table = dict(backends.availability(OP, device=torch.device("cpu"), dtype=torch.float32, dim=4))
-    assert list(table) == ["torch", "cuequivariance", "reference"]
+    assert list(table) == ["triton", "torch", "cuequivariance", "reference"]
     assert table["torch"] is None and table["reference"] is None
     assert table["cuequivariance"]  # a reason: not installed here, or not an NVIDIA GPU
 

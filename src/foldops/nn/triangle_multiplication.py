@@ -4,8 +4,10 @@ Same constructor arguments, forward signature and state-dict keys as Boltz-2's
 ``TriangleMultiplicationOutgoing`` / ``TriangleMultiplicationIncoming`` (``norm_in``,
 ``p_in``, ``g_in``, ``norm_out``, ``p_out``, ``g_out``), and the same initialisation
 scheme, so a Boltz checkpoint loads with ``strict=True``. The whole update is
-``foldops.ops.triangle_multiplication``: at inference its ``torch`` backend never holds
-the 2D-wide gated projection whole (see that module for memory bounds).
+``foldops.ops.triangle_multiplication``: ``auto`` runs its fused Triton kernels on CUDA
+GPUs of compute capability >= 8.0 (at inference building the product a block of rows
+at a time), and elsewhere its ``torch`` backend, which at inference never holds the
+2D-wide gated projection whole (see that module for memory bounds).
 
 As in Boltz, the triangular product and the output LayerNorm run in fp32, and the
 output at a masked pair is not zeroed (only its contribution to the products is).
@@ -113,7 +115,7 @@ class TriangleMultiplicationOutgoing(_TriangleMultiplication):
     Args:
         dim: pair channels D (Boltz default 128).
         backend: backend of ``foldops.ops.triangle_multiplication`` (``"auto"``,
-            ``"torch"``, ``"reference"``, ``"cuequivariance"``).
+            ``"triton"``, ``"torch"``, ``"reference"``, ``"cuequivariance"``).
         chunk_size: product channels per step at inference (None: memory-bounded default).
         device, dtype: factory kwargs for the parameters.
     """

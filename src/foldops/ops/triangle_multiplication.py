@@ -18,6 +18,16 @@ pair is not zeroed (as in Boltz and cuEquivariance): only ``a`` and ``b`` are.
 
 Backends:
 
+- ``triton`` (CUDA cc >= 8.0, fp16 / bf16 / fp32, D <= 512; picked by ``auto``): fused
+  kernels in ``foldops.kernels.triangle_multiplication``: LayerNorm_in, both gated
+  projections, the mask and the output gate in one prologue pass writing a, b
+  channel-major; the per-channel product on tensor cores (fp32 accumulation, TF32x3
+  for fp32 when matmul precision allows); LayerNorm_out, p_out and the gate in one
+  epilogue pass. Backward in two row kernels plus per-channel products; weight
+  gradients are GEMMs over positions (deterministic). Memory: training saves a, b,
+  the gate and t (fp32), about 5x x for 16-bit x; inference builds t a block of rows
+  at a time (``foldops.budget``), about 3x x plus the block. Under autocast the
+  inputs and matrices are cast to the autocast dtype first.
 - ``torch``: at inference (no gradient needed) memory-bounded: ``h`` is kept once in the
   compute dtype and overwritten by the output, ``t`` is built in ``[B, D, N, N]``
   layout by batched matmuls, ``chunk_size`` channels at a time, from gated
@@ -50,11 +60,12 @@ from foldops._checks import (
     check_tensor,
 )
 from foldops.budget import rows_per_chunk
-from foldops.device import autocast_dtype_in_effect, fp32_region
+from foldops.device import autocast_dtype_in_effect, fp32_region, kernel_support
 from foldops.reference import triangle_multiplication as _reference
 from foldops.reference.triangle_multiplication import DIRECTIONS, product_dtype
 
 OP = "triangle_multiplication"
+KERNEL_MAX_CHANNELS = 512  # the Triton kernels hold a position's channels in registers
 
 WEIGHT_NAMES = (
     "norm_in_weight",
@@ -66,9 +77,14 @@ WEIGHT_NAMES = (
     "p_out_weight",
     "g_out_weight",
 )
-# A chunk never has fewer than _MIN_CHUNK channels: thinner chunks would re-read h
-# too often.
+# Chunk sizes come from foldops.budget: on CPU a cache-sized budget (small chunks run
+# faster there), on accelerators a share of free memory (usually one chunk: every extra
+# chunk is more launches). A channel chunk never has fewer than _MIN_CHUNK channels:
+# thinner chunks would re-read h too often.
 _MIN_CHUNK = 8
+# Bytes per position of the output step's temporaries: LayerNorm_out in fp32 (input
+# view and output), the gate and the projection in the compute dtype.
+_BLOCK_BYTES_PER_CHANNEL = 4 + 4 + 2 + 2
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -79,19 +95,25 @@ def _compute_dtype(x: torch.Tensor):
     return x.dtype, False
 
 
-def _default_chunk(n: int, dim: int, device: torch.device = torch.device("cpu"), dtype=torch.float32) -> int:
-    """Channels of the product per step: a chunk's a, b ([2c, N, N] in the product dtype),
-    their gate and projection ([2c, N, N] each in ``dtype``, the projection only when
-    it differs from the product dtype) stay within ``foldops.budget``'s chunk budget."""
-    size, wide = torch.finfo(dtype).bits // 8, product_dtype(dtype)
-    per_channel = 2 * n * n * (torch.finfo(wide).bits // 8 + size * (1 if wide == dtype else 2))
-    return max(min(_MIN_CHUNK, dim), rows_per_chunk(device, per_channel, dim))
+def _default_chunk(device, n: int, dim: int, wide_bytes: int, cdt_bytes: int) -> int:
+    """Channels of the product per step: a chunk holds a, b (product dtype), their gate
+    and, if narrower, the projection (compute dtype), each [2 * chunk, N, N]."""
+    per_channel = 2 * n * n * (wide_bytes + cdt_bytes + (cdt_bytes if cdt_bytes != wide_bytes else 0))
+    chunk = rows_per_chunk(device, per_channel, dim)
+    if device.type != "cpu":
+        # Accelerators: a chunk's workspace no larger than h (n^2 dim values), so the
+        # peak stays near the path's fixed O(N^2 D) buffers whatever the free memory.
+        chunk = min(chunk, (n * n * dim * cdt_bytes) // per_channel)
+    return max(min(_MIN_CHUNK, dim), chunk)
 
 
-def _positions_per_block(dim: int, positions: int, device: torch.device) -> int:
-    """Positions per LayerNorm / output step: its four or so ``[block, D]`` temporaries
-    (counted in fp32) stay within ``foldops.budget``'s chunk budget."""
-    return rows_per_chunk(device, 16 * dim, positions)
+def _position_block(device, positions: int, dim: int, workspace_bytes: int) -> int:
+    """Positions per LayerNorm_in / output step; on accelerators also within the channel
+    chunks' workspace (freed before the output step), so the peak does not grow."""
+    rows = rows_per_chunk(device, dim * _BLOCK_BYTES_PER_CHANNEL, positions)
+    if device.type != "cpu":
+        rows = min(rows, max(1, workspace_bytes // (dim * _BLOCK_BYTES_PER_CHANNEL)))
+    return rows
 
 
 def _autograd_path(x, mask, direction, w, eps):
@@ -107,9 +129,11 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
     cdt, amp = _compute_dtype(x)
     ln_dtype = torch.float32 if amp else cdt
     wide = product_dtype(cdt)
-    chunk = min(dim, chunk_size or _default_chunk(n, dim, x.device, cdt))
-    block = _positions_per_block(dim, nn_, x.device)
     dev = x.device
+    size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
+    chunk = min(dim, chunk_size or _default_chunk(dev, n, dim, size(wide), size(cdt)))
+    workspace = 2 * chunk * nn_ * (size(wide) + 2 * size(cdt))
+    block = _position_block(dev, nn_, dim, workspace)
     with fp32_region(x):  # dtypes are explicit below
         p_in, g_in = w["p_in_weight"].to(cdt), w["g_in_weight"].to(cdt)
         p_out, g_out = w["p_out_weight"].to(cdt), w["g_out_weight"].to(cdt)
@@ -176,6 +200,31 @@ def _torch_backend(x, mask, direction, w, eps, chunk_size):
     return _inference_path(x, mask, direction, w, eps, chunk_size)
 
 
+def _triton_backend(x, mask, direction, w, eps, chunk_size):
+    from foldops.kernels.triangle_multiplication import triangle_multiplication as kernel
+
+    cdt = _compute_dtype(x)[0]
+    mats = ("p_in_weight", "g_in_weight", "p_out_weight", "g_out_weight")
+    weights = [w[k].to(cdt) if k in mats else w[k] for k in WEIGHT_NAMES]
+    with fp32_region(x):  # the kernels take explicit dtypes; no autocast inside
+        return kernel(x.to(cdt), mask, weights, direction == "outgoing", eps)
+
+
+def _triton_supports(device, dtype, explicit, dim=None, **_):
+    reason = kernel_support(device, explicit)
+    if reason is not None:
+        return reason
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} (kernel supports fp16, bf16, fp32)"
+    if dim is not None and dim > KERNEL_MAX_CHANNELS:
+        return f"{dim} channels (kernel supports up to {KERNEL_MAX_CHANNELS})"
+    try:
+        import foldops.kernels.triangle_multiplication  # noqa: F401
+    except ImportError as exc:
+        return f"kernel module unavailable: {exc}"
+    return None
+
+
 def _reference_backend(x, mask, direction, w, eps, chunk_size):
     return _reference.triangle_multiplication(x, mask, direction=direction, eps=eps, **w)
 
@@ -207,6 +256,7 @@ def _cuequivariance_supports(device, dtype, explicit, **_):
     return None
 
 
+backends.register(OP, "triton", _triton_backend, priority=100, supports=_triton_supports)
 backends.register(OP, "torch", _torch_backend, priority=50)
 backends.register(
     OP, "cuequivariance", _cuequivariance_backend, priority=10, supports=_cuequivariance_supports, auto=False
@@ -272,9 +322,10 @@ def triangle_multiplication(
             Weights have x's dtype (any float dtype under autocast).
         eps: LayerNorm epsilon of both norms.
         chunk_size: channels of the product per step for the ``torch`` backend at
-            inference (default: one chunk of ``a, b`` within ``foldops.budget``'s chunk
-            budget, at least 8 channels).
-        backend: ``"auto"``, ``"torch"``, ``"reference"`` or ``"cuequivariance"``.
+            inference (default: from ``foldops.budget``, at least 8 channels; on
+            accelerators a chunk's workspace is at most the size of h).
+        backend: ``"auto"``, ``"triton"``, ``"torch"``, ``"reference"`` or
+            ``"cuequivariance"``.
 
     Returns:
         ``[B, N, N, D]`` in x's dtype (autocast's dtype under autocast).

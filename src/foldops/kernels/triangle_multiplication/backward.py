@@ -1,0 +1,180 @@
+"""Backward kernels of the triangle multiplication.
+
+- ``_out_bwd_kernel``: from dout through the output gate, p_out and LayerNorm_out to dt
+  (channel-major, for the per-channel products da = dt b / db = dt^T a), writing the
+  operands of the output weights' gradients (dy, u, dgate) and LayerNorm_out's per-block
+  partial sums;
+- ``_in_bwd_kernel``: from d[a, b] through the mask, the gating, p_in / g_in, g_out and
+  LayerNorm_in to dx, writing the operands of the input weights' gradients (h, dp, dg)
+  and LayerNorm_in's per-block partial sums.
+
+Weight gradients are GEMMs over positions done by the launcher (deterministic, no
+atomics). Every program holds BLOCK_P positions with all of their channels.
+"""
+
+import triton
+import triton.language as tl
+
+from foldops.kernels.triangle_multiplication.common import _row_stats, _sigmoid
+
+
+@triton.jit
+def _out_bwd_kernel(
+    T,  # [B, C, P] fp32 triangular product, channel-major (position stride 1)
+    LN_W, LN_B,  # [C] LayerNorm_out weight and bias
+    W_PO,  # [C, C] p_out weight, in the dot dtype
+    GO,  # [B, P, C] output gate sigmoid(h g_out^T) (channel stride 1)
+    DOUT,  # [B, P, C] gradient of the output, any strides
+    DT,  # [B, C, P] out: gradient of t, channel-major (position stride 1)
+    DY,  # [B, P, C] out: dout * gate (dot dtype, channel stride 1)
+    U,  # [B, P, C] out: LayerNorm_out(t) (dot dtype, channel stride 1)
+    DGO,  # [B, P, C] out: gradient of h g_out^T, before the sigmoid (dot dtype, channel stride 1)
+    PART,  # [B, n_blocks, 2, CP] out: per-block sums of du * t_hat and of du (fp32)
+    P, C, eps,
+    stride_t_b, stride_t_c,
+    stride_go_b, stride_go_p,
+    stride_do_b, stride_do_p, stride_do_c,
+    stride_dt_b, stride_dt_c,
+    stride_pc_b, stride_pc_p,  # shared by DY and U (chunk buffers)
+    stride_dgo_b, stride_dgo_p,
+    SPLIT_DY: tl.constexpr,  # 16-bit dot dtype: add the product of dy's rounding residue
+    PRECISION: tl.constexpr,
+    CP: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.arange(0, CP)
+    valid_p = offs_p < P
+    valid_c = offs_c < C
+    ok_pc = valid_p[:, None] & valid_c[None, :]
+    t = tl.load(T + b * stride_t_b + offs_c[None, :].to(tl.int64) * stride_t_c + offs_p[:, None],
+                mask=ok_pc, other=0.0).to(tl.float32)
+    mean, rstd = _row_stats(t, valid_c[None, :], C, eps)
+    lw = tl.load(LN_W + offs_c, mask=valid_c, other=0.0).to(tl.float32)
+    lb = tl.load(LN_B + offs_c, mask=valid_c, other=0.0).to(tl.float32)
+    that = tl.where(ok_pc, (t - mean[:, None]) * rstd[:, None], 0.0)
+    u = (that * lw[None, :] + lb[None, :]).to(W_PO.dtype.element_ty)
+    pc_off = b * stride_pc_b + offs_p[:, None] * stride_pc_p
+    tl.store(U + pc_off + offs_c[None, :], u, mask=ok_pc)
+
+    du = tl.zeros((BLOCK_P, CP), dtype=tl.float32)
+    for n0 in range(0, C, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < C
+        ok = valid_p[:, None] & valid_n[None, :]
+        w = tl.load(W_PO + offs_n[:, None].to(tl.int64) * C + offs_c[None, :],
+                    mask=valid_n[:, None] & valid_c[None, :], other=0.0)  # [BLOCK_N, CP]
+        y = tl.dot(u, tl.trans(w), input_precision=PRECISION)
+        go = tl.load(GO + b * stride_go_b + offs_p[:, None] * stride_go_p + offs_n[None, :],
+                     mask=ok, other=0.0).to(tl.float32)
+        dout = tl.load(DOUT + b * stride_do_b + offs_p[:, None] * stride_do_p + offs_n[None, :] * stride_do_c,
+                       mask=ok, other=0.0).to(tl.float32)
+        dy32 = dout * go
+        dy = dy32.to(W_PO.dtype.element_ty)
+        dgo = dout * y * go * (1.0 - go)
+        tl.store(DY + pc_off + offs_n[None, :], dy, mask=ok)
+        tl.store(DGO + b * stride_dgo_b + offs_p[:, None] * stride_dgo_p + offs_n[None, :],
+                 dgo.to(DGO.dtype.element_ty), mask=ok)
+        du = tl.dot(dy, w, du, input_precision=PRECISION)
+        if SPLIT_DY:  # the rounding residue of dy as a second 16-bit product: du to ~fp32
+            du = tl.dot((dy32 - dy.to(tl.float32)).to(W_PO.dtype.element_ty), w, du)
+
+    part = PART + (b * tl.num_programs(0) + pid_p) * 2 * CP
+    tl.store(part + offs_c, tl.sum(du * that, axis=0))
+    tl.store(part + CP + offs_c, tl.sum(du, axis=0))
+    g = du * lw[None, :]
+    mg = tl.sum(g, axis=1) / C
+    mgt = tl.sum(g * that, axis=1) / C
+    dt = rstd[:, None] * (g - mg[:, None] - that * mgt[:, None])
+    tl.store(DT + b * stride_dt_b + offs_c[None, :].to(tl.int64) * stride_dt_c + offs_p[:, None],
+             dt.to(DT.dtype.element_ty), mask=ok_pc)
+
+
+@triton.jit
+def _in_bwd_kernel(
+    X,  # [B, P, C] input, any strides
+    LN_W, LN_B,  # [C] LayerNorm_in weight and bias
+    W_P, W_G,  # [2C, C] p_in, g_in weights (dot dtype)
+    W_GO,  # [C, C] g_out weight (dot dtype)
+    MASK,  # [B, P] uint8 keep-mask (read only if HAS_MASK)
+    DAB,  # [B, 2C, P] gradient of [a, b], channel-major (position stride 1)
+    DGO,  # [B, P, C] gradient of h g_out^T (channel stride 1)
+    DX,  # [B, P, C] out: gradient of x, any strides
+    H,  # [B, P, C] out: LayerNorm_in(x) (dot dtype, channel stride 1)
+    DPG,  # [B, P, 4C] out: [dp | dg], gradients of h p_in^T and h g_in^T (channel stride 1)
+    PART,  # [B, n_blocks, 2, CP] out: per-block sums of dh * x_hat and of dh (fp32)
+    P, C, eps,
+    stride_x_b, stride_x_p, stride_x_c,
+    stride_m_b,
+    stride_dab_b, stride_dab_c,
+    stride_dgo_b, stride_dgo_p,
+    stride_dx_b, stride_dx_p, stride_dx_c,
+    stride_h_b, stride_h_p,
+    stride_dpg_b, stride_dpg_p,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    CP: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.arange(0, CP)
+    valid_p = offs_p < P
+    valid_c = offs_c < C
+    ok_pc = valid_p[:, None] & valid_c[None, :]
+    x = tl.load(X + b * stride_x_b + offs_p[:, None] * stride_x_p + offs_c[None, :] * stride_x_c,
+                mask=ok_pc, other=0.0).to(tl.float32)
+    mean, rstd = _row_stats(x, valid_c[None, :], C, eps)
+    lw = tl.load(LN_W + offs_c, mask=valid_c, other=0.0).to(tl.float32)
+    lb = tl.load(LN_B + offs_c, mask=valid_c, other=0.0).to(tl.float32)
+    xhat = tl.where(ok_pc, (x - mean[:, None]) * rstd[:, None], 0.0)
+    h = (xhat * lw[None, :] + lb[None, :]).to(W_P.dtype.element_ty)
+    tl.store(H + b * stride_h_b + offs_p[:, None] * stride_h_p + offs_c[None, :], h, mask=ok_pc)
+    if HAS_MASK:
+        keep = tl.load(MASK + b * stride_m_b + offs_p, mask=valid_p, other=0) != 0
+
+    dpg = DPG + b * stride_dpg_b + offs_p[:, None] * stride_dpg_p
+    dh = tl.zeros((BLOCK_P, CP), dtype=tl.float32)
+    for n0 in range(0, 2 * C, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < 2 * C
+        ok = valid_p[:, None] & valid_n[None, :]
+        w_off = offs_n[:, None].to(tl.int64) * C + offs_c[None, :]
+        w_ok = valid_n[:, None] & valid_c[None, :]
+        wp = tl.load(W_P + w_off, mask=w_ok, other=0.0)  # [BLOCK_N, CP]
+        wg = tl.load(W_G + w_off, mask=w_ok, other=0.0)
+        p = tl.dot(h, tl.trans(wp), input_precision=PRECISION)
+        s = _sigmoid(tl.dot(h, tl.trans(wg), input_precision=PRECISION))
+        dab = tl.load(DAB + b * stride_dab_b + offs_n[None, :].to(tl.int64) * stride_dab_c + offs_p[:, None],
+                      mask=ok, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            dab = tl.where(keep[:, None], dab, 0.0)
+        dp = (dab * s).to(W_P.dtype.element_ty)
+        dg = (dab * p * s * (1.0 - s)).to(W_P.dtype.element_ty)
+        tl.store(dpg + offs_n[None, :], dp, mask=ok)
+        tl.store(dpg + 2 * C + offs_n[None, :], dg, mask=ok)
+        dh = tl.dot(dp, wp, dh, input_precision=PRECISION)
+        dh = tl.dot(dg, wg, dh, input_precision=PRECISION)
+    for n0 in range(0, C, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < C
+        dgo = tl.load(DGO + b * stride_dgo_b + offs_p[:, None] * stride_dgo_p + offs_n[None, :],
+                      mask=valid_p[:, None] & valid_n[None, :], other=0.0)
+        w = tl.load(W_GO + offs_n[:, None].to(tl.int64) * C + offs_c[None, :],
+                    mask=valid_n[:, None] & valid_c[None, :], other=0.0)
+        dh = tl.dot(dgo.to(W_GO.dtype.element_ty), w, dh, input_precision=PRECISION)
+
+    part = PART + (b * tl.num_programs(0) + pid_p) * 2 * CP
+    tl.store(part + offs_c, tl.sum(dh * xhat, axis=0))
+    tl.store(part + CP + offs_c, tl.sum(dh, axis=0))
+    g = dh * lw[None, :]
+    mg = tl.sum(g, axis=1) / C
+    mgt = tl.sum(g * xhat, axis=1) / C
+    dx = rstd[:, None] * (g - mg[:, None] - xhat * mgt[:, None])
+    tl.store(DX + b * stride_dx_b + offs_p[:, None] * stride_dx_p + offs_c[None, :] * stride_dx_c,
+             dx.to(DX.dtype.element_ty), mask=ok_pc)

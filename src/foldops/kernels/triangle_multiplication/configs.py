@@ -1,0 +1,41 @@
+"""Tile tables of the triangle multiplication kernels (plain data).
+
+Row kernels (prologue, epilogue, both backward kernels) hold ``BLOCK_P`` positions with
+all ``CP`` padded channels in registers: ``BLOCK_P * CP`` is kept near 8K fp32 values
+per program so that a tile costs about 64 registers a thread at 4 warps (128 at 8).
+"""
+
+# CP (channels padded) -> (BLOCK_P, BLOCK_N, num_warps) of the forward row kernels.
+ROW_FWD = {
+    16: (128, 16, 4),   # tiny widths (tests): many positions per program
+    32: (128, 32, 4),
+    64: (128, 64, 4),
+    128: (64, 64, 4),   # Boltz's C = 128: 64 x 128 fp32 input tile, 64-wide output slab
+    256: (32, 64, 4),   # halve the positions as the row doubles
+    512: (16, 64, 4),
+}
+
+# CP -> (BLOCK_P, BLOCK_N, num_warps) of the backward row kernels, which also keep an
+# fp32 [BLOCK_P, CP] accumulator (du or dh) beside the normalised row.
+ROW_BWD = {
+    16: (64, 16, 4),
+    32: (64, 32, 4),
+    64: (64, 32, 4),
+    128: (64, 32, 8),   # two [64, 128] fp32 tiles over 8 warps
+    256: (32, 32, 8),
+    512: (16, 32, 8),
+}
+
+# fp32 weights: at most this many elements per [CP, BLOCK_N] weight tile (two such tiles,
+# p and g, sit in shared memory at once: 2 x 64 KiB at fp32).
+FP32_MAX_WEIGHT_TILE = 16384
+
+# Per-channel product (batched GEMM, fp32 accumulation):
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
+PRODUCT_16BIT = (128, 128, 64, 8, 8, 3)   # tensor-core tile for bf16/fp16 operands
+PRODUCT_SPLIT = (128, 128, 32, 8, 8, 3)   # fp32 A split in two 16-bit halves: more registers, shorter K step
+PRODUCT_FP32 = (64, 64, 32, 8, 4, 3)      # fp32 (IEEE or TF32x3) operands
+
+# Under the Triton interpreter (CPU tests): few, large programs run fastest.
+INTERPRET_ROW = (32, 16, 1)
+INTERPRET_PRODUCT = (32, 32, 32, 4, 1, 1)

@@ -1,0 +1,251 @@
+"""Launchers of the triangle multiplication kernels: check, allocate, choose tiles, launch.
+
+    x: [B, N, N, C]   mask: [B, N, N] bool or None   (P = N*N positions)
+    forward saves  ab: [B, 2C, P] (a | b, channel-major, x's dtype)
+                   go: [B, P, C] output gate (x's dtype)
+                   t:  [B, C, P] fp32 triangular product, channel-major
+
+Memory: the forward holds ab, go and t beside x and out, O(B N^2 C) (about 5x x's bytes
+for 16-bit x; at inference t only for a block of rows i, so about 3x plus that block);
+the backward adds dt (fp32 [B, C, P]), dgate, d[a, b] and dx, plus
+per-chunk buffers (u, dy, h, [dp | dg]) whose positions per chunk come from
+``foldops.budget.rows_per_chunk``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
+
+from foldops import budget
+from foldops.device import triton_interpret
+from foldops.kernels._utils import patch_interpreter_bf16
+from foldops.kernels.triangle_multiplication import configs
+from foldops.kernels.triangle_multiplication.backward import _in_bwd_kernel, _out_bwd_kernel
+from foldops.kernels.triangle_multiplication.forward import _epilogue_kernel, _product_kernel, _prologue_kernel
+
+if triton_interpret():
+    patch_interpreter_bf16()
+
+MAX_CHANNELS = 512
+"""Widest C the row kernels hold in registers."""
+
+
+def _padded(c: int) -> int:
+    return max(16, triton.next_power_of_2(c))
+
+
+def _row_config(cp: int, backward: bool, dtype: torch.dtype):
+    if triton_interpret():
+        return configs.INTERPRET_ROW
+    bp, bn, warps = (configs.ROW_BWD if backward else configs.ROW_FWD)[cp]
+    if dtype == torch.float32 and cp * bn > configs.FP32_MAX_WEIGHT_TILE:
+        bn = max(16, configs.FP32_MAX_WEIGHT_TILE // cp)  # fp32 weight tiles: twice the bytes
+    return bp, bn, warps
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32x3" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def _skip_launch(t: torch.Tensor) -> bool:
+    """Under the interpreter, fake/meta tensors (torch.compile / opcheck tracing) only
+    need the allocations: the interpreter would run the kernel on them. Compiled
+    kernels are traced (``wrap_triton``) whatever the tensors."""
+    return triton_interpret() and (t.device.type == "meta" or is_fake(t))
+
+
+def _positions(x: torch.Tensor) -> torch.Tensor:
+    """[B, N, N, C] -> [B, P, C] view (a copy only if the pair axes cannot merge)."""
+    b, n, _, c = x.shape
+    return x.reshape(b, n * n, c)
+
+
+def _mask_rows(mask: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return x.new_empty((1, 1), dtype=torch.uint8)
+    b, n, _ = mask.shape
+    return mask.reshape(b, n * n).to(torch.uint8)
+
+
+def _launch_product(a, a_strides, bm, b_strides, out, o_strides, nch, m, n, k, split_a, precision):
+    """OUT[z] = A[z] @ B[z] over z = (batch, channel); strides are (b, c, row, col)."""
+    if triton_interpret():
+        bm_, bn_, bk_, group, warps, stages = configs.INTERPRET_PRODUCT
+    elif split_a:
+        bm_, bn_, bk_, group, warps, stages = configs.PRODUCT_SPLIT
+    elif a.dtype == torch.float32:
+        bm_, bn_, bk_, group, warps, stages = configs.PRODUCT_FP32
+    else:
+        bm_, bn_, bk_, group, warps, stages = configs.PRODUCT_16BIT
+    batch = out.shape[0]
+    grid = (triton.cdiv(m, bm_) * triton.cdiv(n, bn_), batch * nch)
+    wrap_triton(_product_kernel)[grid](
+        a, bm, out, nch, m, n, k, *a_strides, *b_strides, *o_strides,
+        SPLIT_A=split_a, PRECISION=precision, BLOCK_M=bm_, BLOCK_N=bn_, BLOCK_K=bk_, GROUP_M=group,
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def triangle_multiplication_forward(
+    x, mask, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight,
+    norm_out_weight, norm_out_bias, p_out_weight, g_out_weight,
+    outgoing: bool, eps: float, allow_tf32: bool, save: bool = True,
+):
+    """Returns (out [B, N, N, C], ab [B, 2C, P], go [B, P, C], t [B, C, P] fp32).
+
+    ``save=False`` (inference): t is built and consumed a block of rows i at a time
+    (rows from ``foldops.budget``), and the returned t is that last block."""
+    batch, n, _, c = x.shape
+    p = n * n
+    cp = _padded(c)
+    if c > MAX_CHANNELS:
+        raise ValueError(f"x: at most {MAX_CHANNELS} channels, got {c}")
+    out = torch.empty((batch, n, n, c), dtype=x.dtype, device=x.device)
+    ab = torch.empty((batch, 2 * c, p), dtype=x.dtype, device=x.device)
+    go = torch.empty((batch, p, c), dtype=x.dtype, device=x.device)
+    t = torch.empty((batch, c, p) if save or _skip_launch(x) else (batch, c, 0), dtype=torch.float32,
+                    device=x.device)
+    if _skip_launch(x) or x.numel() == 0:
+        return out, ab, go, t
+    precision = _precision(x.dtype, allow_tf32)
+    xr = _positions(x)
+    keep = _mask_rows(mask, x)
+    bp, bn, warps = _row_config(cp, backward=False, dtype=x.dtype)
+    grid = (triton.cdiv(2 * c, bn) + triton.cdiv(c, bn), triton.cdiv(p, bp), batch)
+    wrap_triton(_prologue_kernel)[grid](
+        xr, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keep, ab, go,
+        p, c, eps, *xr.stride(), keep.stride(0), ab.stride(0), ab.stride(1), go.stride(0), go.stride(1),
+        HAS_MASK=mask is not None, PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
+    )
+    a_view, b_view = ab[:, :c], ab[:, c:]
+    sb = ab.stride(0)
+    out_r = _positions(out)
+    # Rows i of t per step: all of them when t is saved for the backward; at inference
+    # as many as the budget allows (t is the largest temporary: fp32 [B, C, rows, N]).
+    rows = n if save else budget.rows_per_chunk(x.device, batch * c * n * 4, n)
+    if not save:
+        t = torch.empty((batch, c, rows * n), dtype=torch.float32, device=x.device)
+    for i0 in range(0, n, rows):
+        r = min(rows, n - i0)
+        if outgoing:  # t[i, j] = sum_k a[i, k] b[j, k]
+            a_rows, a_str, b_str = a_view[:, :, i0 * n:], (sb, p, n, 1), (sb, p, 1, n)
+        else:  # t[i, j] = sum_k a[k, i] b[k, j]
+            a_rows, a_str, b_str = a_view[:, :, i0:], (sb, p, 1, n), (sb, p, n, 1)
+        tp = t.stride(1)
+        _launch_product(a_rows, a_str, b_view, b_str, t, (c * tp, tp, n, 1), c, r, n, n, False, precision)
+        o_r = out_r[:, i0 * n:(i0 + r) * n]
+        go_r = go[:, i0 * n:(i0 + r) * n]
+        wrap_triton(_epilogue_kernel)[(triton.cdiv(c, bn), triton.cdiv(r * n, bp), batch)](
+            t, norm_out_weight, norm_out_bias, p_out_weight, go_r, o_r,
+            r * n, c, eps, t.stride(0), t.stride(1), go_r.stride(0), go_r.stride(1), *o_r.stride(),
+            PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
+        )
+    return out, ab, go, t
+
+
+def _chunk_positions(x: torch.Tensor, p: int, bytes_per_position: int, block: int) -> int:
+    rows = budget.rows_per_chunk(x.device, bytes_per_position, p)
+    return p if rows >= p else max(block, rows - rows % block)
+
+
+def _sum_f32(acc: Optional[torch.Tensor], part: torch.Tensor) -> torch.Tensor:
+    return part.float() if acc is None else acc + part.float()
+
+
+def triangle_multiplication_backward(
+    grad_out, x, mask, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight,
+    norm_out_weight, norm_out_bias, p_out_weight, g_out_weight,
+    ab, go, t, outgoing: bool, eps: float, allow_tf32: bool,
+):
+    """Gradients (dx, d norm_in w, b, d p_in, d g_in, d norm_out w, b, d p_out, d g_out),
+    each in its input's dtype. Weight gradients are deterministic GEMMs over positions."""
+    batch, n, _, c = x.shape
+    p = n * n
+    cp = _padded(c)
+    wdt = p_in_weight.dtype
+    dev = x.device
+    dx = torch.empty((batch, n, n, c), dtype=x.dtype, device=dev)
+    shapes = [(c,), (c,), (2 * c, c), (2 * c, c), (c,), (c,), (c, c), (c, c)]
+    params = (norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, norm_out_weight, norm_out_bias,
+              p_out_weight, g_out_weight)
+    if _skip_launch(x) or x.numel() == 0:
+        zeros = [torch.zeros(s, dtype=w.dtype, device=dev) for s, w in zip(shapes, params)]
+        return (dx.zero_() if x.numel() == 0 else dx, *zeros)
+    precision = _precision(x.dtype, allow_tf32)
+    xr, dor = _positions(x), _positions(grad_out)
+    keep = _mask_rows(mask, x)
+    bp, bn, warps = _row_config(cp, backward=True, dtype=wdt)
+    esize = torch.empty((), dtype=wdt).element_size()
+    chunk = _chunk_positions(x, p, 5 * c * esize, bp)  # u, dy | h, dp, dg
+
+    # Output side: dt (fp32, channel-major), dgate; u and dy per chunk for dW_out.
+    dt = torch.empty((batch, c, p), dtype=torch.float32, device=dev)
+    dgo = torch.empty((batch, p, c), dtype=wdt, device=dev)
+    nblocks = triton.cdiv(chunk, bp)
+    part = torch.empty((batch, nblocks, 2, cp), dtype=torch.float32, device=dev)
+    u = torch.empty((batch, chunk, c), dtype=wdt, device=dev)
+    dy = torch.empty((batch, chunk, c), dtype=wdt, device=dev)
+    d_po = d_lnw = None
+    for s in range(0, p, chunk):
+        e = min(p, s + chunk)
+        pc = e - s
+        tc, dtc, goc, doc, dgoc = t[:, :, s:e], dt[:, :, s:e], go[:, s:e], dor[:, s:e], dgo[:, s:e]
+        grid = (triton.cdiv(pc, bp), batch)
+        wrap_triton(_out_bwd_kernel)[grid](
+            tc, norm_out_weight, norm_out_bias, p_out_weight, goc, doc, dtc, dy, u, dgoc, part,
+            pc, c, eps, tc.stride(0), tc.stride(1), goc.stride(0), goc.stride(1), *doc.stride(),
+            dtc.stride(0), dtc.stride(1), u.stride(0), u.stride(1), dgoc.stride(0), dgoc.stride(1), SPLIT_DY=wdt != torch.float32,
+            PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
+        )
+        nb = grid[0]
+        d_po = _sum_f32(d_po, dy[:, :pc].reshape(-1, c).T @ u[:, :pc].reshape(-1, c))
+        d_lnw = _sum_f32(d_lnw, part[:, :nb].sum(dim=(0, 1)))
+    del u, dy
+
+    # d[a, b] = per-channel products of dt with b and a (dt is always the A operand).
+    dab = torch.empty((batch, 2 * c, p), dtype=wdt, device=dev)
+    split = dt.dtype != wdt
+    sb, sdt = ab.stride(0), dt.stride(0)
+    a_view, b_view = ab[:, :c], ab[:, c:]
+    da, db = dab[:, :c], dab[:, c:]
+    sdab = dab.stride(0)
+    if outgoing:
+        # da[i, k] = sum_j dt[i, j] b[j, k];  db[j, k] = sum_i dt[i, j] a[i, k]
+        _launch_product(dt, (sdt, p, n, 1), b_view, (sb, p, n, 1), da, (sdab, p, n, 1), c, n, n, n, split, precision)
+        _launch_product(dt, (sdt, p, 1, n), a_view, (sb, p, n, 1), db, (sdab, p, n, 1), c, n, n, n, split, precision)
+    else:
+        # da[k, i] = sum_j dt[i, j] b[k, j];  db[k, j] = sum_i dt[i, j] a[k, i]  (stored transposed)
+        _launch_product(dt, (sdt, p, n, 1), b_view, (sb, p, 1, n), da, (sdab, p, 1, n), c, n, n, n, split, precision)
+        _launch_product(dt, (sdt, p, 1, n), a_view, (sb, p, 1, n), db, (sdab, p, 1, n), c, n, n, n, split, precision)
+    del dt
+
+    # Input side, chunk by chunk: dx, and h, [dp | dg] for dW_in.
+    h = torch.empty((batch, chunk, c), dtype=wdt, device=dev)
+    dpg = torch.empty((batch, chunk, 4 * c), dtype=wdt, device=dev)
+    dxr = _positions(dx)
+    d_pg = d_go = d_lni = None
+    for s in range(0, p, chunk):
+        e = min(p, s + chunk)
+        pc = e - s
+        xc, keepc, dabc, dgoc, dxc = xr[:, s:e], keep[:, s:e] if mask is not None else keep, dab[:, :, s:e], \
+            dgo[:, s:e], dxr[:, s:e]
+        grid = (triton.cdiv(pc, bp), batch)
+        wrap_triton(_in_bwd_kernel)[grid](
+            xc, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keepc, dabc, dgoc,
+            dxc, h, dpg, part,
+            pc, c, eps, *xc.stride(), keepc.stride(0), dabc.stride(0), dabc.stride(1), dgoc.stride(0),
+            dgoc.stride(1), *dxc.stride(), h.stride(0), h.stride(1), dpg.stride(0), dpg.stride(1),
+            HAS_MASK=mask is not None, PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
+        )
+        nb = grid[0]
+        hc = h[:, :pc].reshape(-1, c)
+        d_pg = _sum_f32(d_pg, dpg[:, :pc].reshape(-1, 4 * c).T @ hc)
+        d_go = _sum_f32(d_go, dgoc.reshape(-1, c).T @ hc)
+        d_lni = _sum_f32(d_lni, part[:, :nb].sum(dim=(0, 1)))
+    grads = (d_lni[0, :c], d_lni[1, :c], d_pg[: 2 * c], d_pg[2 * c:], d_lnw[0, :c], d_lnw[1, :c], d_po, d_go)
+    return (dx, *(g.to(w.dtype, copy=True) for g, w in zip(grads, params)))  # no aliased outputs

@@ -1,0 +1,178 @@
+"""Triton kernels of the triangle multiplication: the registered ops, the eager path,
+masks, layouts; GPU cases at real sizes.
+
+On CPU the kernels run under the Triton interpreter at small sizes (the accuracy sweep
+over awkward N, dtypes and directions is in tests/ops/test_triangle_multiplication.py);
+tests marked ``gpu`` run the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from foldops.testing import assert_within_baseline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
+from test_triangle_multiplication import WEIGHTS, make_mask, make_weights, run  # noqa: E402
+
+tm = importlib.import_module("foldops.ops.triangle_multiplication")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kernel():
+    return importlib.import_module("foldops.kernels.triangle_multiplication")
+
+
+_kernel()  # registers the foldops::triangle_multiplication_* ops
+
+
+def _inputs(batch, n, dim, dtype, masked=True, device=DEVICE):
+    x = torch.randn(batch, n, n, dim, dtype=dtype, device=device)
+    mask = make_mask(batch, n).to(device) if masked else None
+    w = {k: v.to(device=device, dtype=dtype) for k, v in make_weights(dim).items()}
+    return x, mask, w
+
+
+def _op_args(x, mask, w, outgoing=True):
+    return (x, mask, *(w[k] for k in WEIGHTS), outgoing, 1e-5, False)
+
+
+@pytest.mark.parametrize("outgoing", (True, pytest.param(False, marks=[pytest.mark.slow, pytest.mark.skipif(
+    not os.environ.get("FOLDOPS_SLOW_TESTS"), reason="slow under the interpreter; FOLDOPS_SLOW_TESTS=1 runs it")])))
+def test_opcheck(outgoing):
+    x, mask, w = _inputs(1, 5, 8, torch.float32)
+    args = [t.detach().requires_grad_() for t in (x, *(w[k] for k in WEIGHTS))]
+    full = (args[0], mask, *args[1:], outgoing, 1e-5, False)
+    torch.library.opcheck(torch.ops.foldops.triangle_multiplication_fwd.default, full)
+    out, ab, go, t = torch.ops.foldops.triangle_multiplication_fwd(*_op_args(x, mask, w, outgoing))
+    torch.library.opcheck(
+        torch.ops.foldops.triangle_multiplication_bwd.default,
+        (torch.randn_like(out), x, mask, *(w[k] for k in WEIGHTS), ab, go, t, outgoing, 1e-5, False),
+    )
+
+
+def test_eager_registered_and_inference_paths_agree():
+    x, mask, w = _inputs(2, 9, 8, torch.float32)
+    weights = [w[k] for k in WEIGHTS]
+    kernel = _kernel()
+    with torch.no_grad():
+        inference = kernel.triangle_multiplication(x, mask, weights, True, 1e-5)
+    registered = torch.ops.foldops.triangle_multiplication_fwd(*_op_args(x, mask, w))[0]
+    leaves = [t.clone().requires_grad_() for t in [x] + weights]
+    eager = kernel.triangle_multiplication(leaves[0], mask, leaves[1:], True, 1e-5)
+    assert torch.equal(inference, registered) and torch.equal(eager.detach(), registered)
+    grads_eager = torch.autograd.grad(eager, leaves, torch.ones_like(eager))
+    leaves2 = [t.clone().requires_grad_() for t in [x] + weights]
+    out2 = torch.ops.foldops.triangle_multiplication_fwd(leaves2[0], mask, *leaves2[1:], True, 1e-5, False)[0]
+    grads_reg = torch.autograd.grad(out2, leaves2, torch.ones_like(out2))
+    for a, b in zip(grads_eager, grads_reg):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("outgoing", (True, False))
+def test_inference_in_row_blocks(monkeypatch, outgoing):
+    """At inference t is built a block of rows i at a time (3 rows: a partial last block)."""
+    x, mask, w = _inputs(2, 8, 8, torch.float32)
+    weights = [w[k] for k in WEIGHTS]
+    whole = torch.ops.foldops.triangle_multiplication_fwd(*_op_args(x, mask, w, outgoing))[0]
+    monkeypatch.setattr("foldops.budget.rows_per_chunk", lambda device, per_row, rows, chunk=None: 3)
+    with torch.no_grad():
+        blocks = _kernel().triangle_multiplication(x, mask, weights, outgoing, 1e-5)
+    torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_backward_is_deterministic():
+    x, mask, w = _inputs(1, 11, 8, torch.bfloat16)
+    g = torch.randn(1, 11, 11, 8, dtype=torch.float64)
+    fn = lambda t, **ww: tm.triangle_multiplication(t, mask, direction="incoming", backend="triton", **ww)  # noqa
+    _, first = run(fn, x, w, g)
+    _, second = run(fn, x, w, g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_position_chunks_in_backward(monkeypatch):
+    """The backward's position chunks (tiny budget: many chunks, a partial last one)
+    give the same gradients as one chunk, to fp32 rounding of the chunk sums."""
+    launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
+    x, mask, w = _inputs(2, 9, 8, torch.float32)
+    g = torch.randn(2, 9, 9, 8, dtype=torch.float64)
+    fn = lambda t, **ww: tm.triangle_multiplication(t, mask, direction="outgoing", backend="triton", **ww)  # noqa
+    _, whole = run(fn, x, w, g)
+    monkeypatch.setattr(launch, "_chunk_positions", lambda x, p, b, block: block)
+    _, chunked = run(fn, x, w, g)
+    for name, a, b in zip(("x",) + WEIGHTS, whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_auto_never_picks_the_interpreter():
+    if torch.cuda.is_available():
+        pytest.skip("interpreter only")
+    table = dict(tm.backends.availability(tm.OP, device=torch.device("cpu"), dtype=torch.float32, dim=8))
+    assert "triton" in table
+    x, mask, w = _inputs(1, 3, 4, torch.float32)
+    impl = tm.backends.select(tm.OP, "auto", device=x.device, dtype=x.dtype, dim=4)
+    assert impl.name == "torch"
+
+
+def test_too_many_channels_is_refused():
+    reason = tm._triton_supports(torch.device(DEVICE), torch.float32, True, dim=640)
+    assert reason and "640 channels" in reason
+
+
+# GPU: compiled kernels at real sizes ----------------------------------------------------
+
+
+def _gpu_check(batch, n, dim, dtype, direction, masked=True):
+    from foldops.reference.triangle_multiplication import triangle_multiplication as reference
+
+    x = torch.randn(batch, n, n, dim, dtype=torch.float64, device="cuda")
+    mask = make_mask(batch, n).cuda() if masked else None
+    w = {k: v.cuda() for k, v in make_weights(dim).items()}
+    low = {k: v.to(dtype) for k, v in w.items()}
+    g = torch.randn(x.shape, dtype=torch.float64, device="cuda")
+    ref = lambda t, **ww: reference(t, mask, direction=direction, **ww)  # noqa: E731
+    fast = lambda t, **ww: tm.triangle_multiplication(t, mask, direction=direction, backend="triton", **ww)  # noqa
+    exact, exact_g = run(ref, x, w, g)
+    base, base_g = run(ref, x.to(dtype), low, g)
+    out, out_g = run(fast, x.to(dtype), low, g)
+    assert_within_baseline("out", out, exact, base, dtype=dtype)
+    for name, a, e, b in zip(("x",) + WEIGHTS, out_g, exact_g, base_g):
+        assert_within_baseline(f"d{name}", a, e, b, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", ("outgoing", "incoming"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
+@pytest.mark.parametrize("shape", [(1, 256, 128), (2, 131, 64), (1, 300, 32), (1, 97, 384)], ids=str)
+def test_gpu_matches_reference(shape, dtype, direction):
+    _gpu_check(*shape, dtype, direction)
+
+
+@pytest.mark.gpu
+def test_gpu_pairformer_layer_compiles():
+    """A PairformerLayer (both triangle multiplications on the kernels) compiles with
+    fullgraph=True under bf16 autocast and trains like eager."""
+    from foldops.nn.pairformer import PairformerLayer
+
+    layer = PairformerLayer(64, 32, num_heads=4, dropout=0.0, backend="auto", device="cuda")
+    s = torch.randn(1, 80, 64, device="cuda", requires_grad=True)
+    z = torch.randn(1, 80, 80, 32, device="cuda", requires_grad=True)
+    mask = torch.ones(1, 80, device="cuda")
+    mask[:, -7:] = 0
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        s_e, z_e = layer(s, z, mask, pair_mask)
+        s_c, z_c = compiled(s, z, mask, pair_mask)
+    loss_e = s_e.float().square().mean() + z_e.float().square().mean()
+    loss_c = s_c.float().square().mean() + z_c.float().square().mean()
+    for a, b in zip(torch.autograd.grad(loss_c, [s, z]), torch.autograd.grad(loss_e, [s, z])):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(z_c, z_e, rtol=3e-2, atol=3e-2)
