@@ -10,7 +10,9 @@ Selection, for ``backend="auto"``:
 1. ``FOLDOPS_BACKEND_<OP>`` (e.g. ``FOLDOPS_BACKEND_TRIANGLE_ATTENTION=torch``) if set:
    an explicit request, so it raises if that backend cannot run;
 2. ``FOLDOPS_BACKEND`` if set and the op has a backend of that name (explicit: it
-   raises if it cannot run); ops without such a backend ignore it;
+   raises if it cannot run); ops without such a backend skip it. A name that no op
+   has (``bogus``, ``trition``, ``TORCH``: names are case-sensitive) is an error
+   naming the valid ones, for every op alike;
 3. otherwise the first backend in priority order whose check passes. The fallback is
    silent, logged once per (op, backend, reason) at debug level.
 
@@ -21,6 +23,7 @@ A ``backend=`` argument other than ``"auto"`` wins over the environment and rais
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -103,6 +106,12 @@ def _check(backend: Backend, ctx: Dict[str, Any], explicit: bool) -> Optional[st
         return f"support check failed: {type(exc).__name__}: {exc}"
 
 
+def known_backends() -> List[str]:
+    """Every backend name some op registers (after importing all of ``foldops.ops``)."""
+    importlib.import_module("foldops.ops")
+    return sorted({name for table in _REGISTRY.values() for name in table})
+
+
 def _explicit(op: str, name: str, ctx: Dict[str, Any], source: str) -> Backend:
     table = _REGISTRY.get(op, {})
     if name not in table:
@@ -132,8 +141,14 @@ def select(op: str, requested: Optional[str] = AUTO, **ctx: Any) -> Backend:
     if per_op and per_op != AUTO:
         return _explicit(op, per_op, ctx, _env_var(op))
     global_choice = os.environ.get(ENV_GLOBAL, "").strip()
-    if global_choice and global_choice != AUTO and global_choice in _REGISTRY.get(op, {}):
-        return _explicit(op, global_choice, ctx, ENV_GLOBAL)
+    if global_choice and global_choice != AUTO:
+        if global_choice in _REGISTRY.get(op, {}):
+            return _explicit(op, global_choice, ctx, ENV_GLOBAL)
+        known = known_backends()
+        if global_choice not in known:
+            raise BackendUnavailableError(
+                f"{ENV_GLOBAL}: unknown backend {global_choice!r}; valid: {known} or 'auto'"
+            )
     skipped = []
     for backend in backends_of(op):
         if not backend.auto:

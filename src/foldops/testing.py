@@ -1,13 +1,21 @@
-"""Test helpers shared by foldops's tests and benchmarks.
+"""The float64 test harness shared by every op's, kernel's and layer's tests.
 
 The accuracy rule (after flash-attention's tests): a fast backend's error against a
 float64 reference is at most twice the error of the plain PyTorch computation run in
 the same low precision, plus a small floor relative to the reference's magnitude.
+
+- ``leaves``: fresh leaf copies of inputs in a dtype, strides kept (non-contiguous
+  inputs stay non-contiguous).
+- ``forward_backward``: one forward and backward; the outputs and the gradients of
+  every differentiable input and parameter.
+- ``check_against_float64``: a fast function against its reference, forward and the
+  gradient of every input, with ``assert_within_baseline``.
+- ``assert_deterministic``: two runs give bitwise equal outputs and gradients.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -54,7 +62,167 @@ def assert_within_baseline(
         )
 
 
-def grads(output: torch.Tensor, inputs: Iterable[torch.Tensor], grad_output: torch.Tensor):
-    """Gradients of ``(output * grad_output).sum()`` w.r.t. ``inputs`` (None where unused)."""
-    inputs = list(inputs)
-    return torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
+DTypes = Union[None, torch.dtype, Sequence[Optional[torch.dtype]]]
+
+
+def _per_input(value, count: int) -> list:
+    if value is None or isinstance(value, (torch.dtype, bool)):
+        return [value] * count
+    value = list(value)
+    if len(value) != count:
+        raise ValueError(f"expected {count} entries (one per input), got {len(value)}")
+    return value
+
+
+def leaves(
+    inputs: Sequence[Optional[torch.Tensor]],
+    dtype: DTypes = None,
+    differentiable: Union[bool, Sequence[bool], None] = None,
+) -> List[Optional[torch.Tensor]]:
+    """Fresh leaf copies of ``inputs`` with their strides kept.
+
+    ``dtype``: one dtype for every floating input, or one per input (None: keep).
+    Non-float inputs (bool masks) and None pass through unchanged. ``differentiable``:
+    which copies require grad (default: every floating one).
+    """
+    dtypes = _per_input(dtype, len(inputs))
+    needs = _per_input(differentiable, len(inputs))
+    out = []
+    for t, dt, need in zip(inputs, dtypes, needs):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            out.append(t)
+            continue
+        dt = dt or t.dtype
+        copy = torch.empty_strided(t.shape, t.stride(), dtype=dt, device=t.device)
+        copy.copy_(t.detach())
+        out.append(copy.requires_grad_(True if need is None else bool(need)))
+    return out
+
+
+class Result(NamedTuple):
+    outputs: Tuple[torch.Tensor, ...]
+    """Detached outputs."""
+    grads: Tuple[Optional[torch.Tensor], ...]
+    """Gradient of each input (None where it needs none)."""
+    param_grads: Dict[str, Optional[torch.Tensor]]
+    """Gradient of each parameter of ``module`` by name (empty without a module)."""
+
+
+def grad_outputs_like(outputs, seed: Optional[int] = None) -> List[torch.Tensor]:
+    """Random float64 cotangents shaped as ``outputs`` (a tensor or a tuple), from
+    ``seed``, or from the global generator when ``seed`` is None."""
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in outputs]
+
+
+def forward_backward(
+    fn: Callable,
+    inputs: Sequence,
+    grad_outs: Optional[Sequence[torch.Tensor]] = None,
+    module: Optional[torch.nn.Module] = None,
+    seed: Optional[int] = None,
+) -> Result:
+    """``fn(*inputs)``, then backward of ``sum(out * grad_out)``; see :class:`Result`.
+
+    ``inputs`` are used as given (make them with :func:`leaves`). ``grad_outs``: one
+    cotangent per output, cast to the output's dtype (default: random, from ``seed``).
+    """
+    if module is not None:
+        module.zero_grad(set_to_none=True)
+    outs = fn(*inputs)
+    outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+    if grad_outs is None:
+        grad_outs = grad_outputs_like(outs, seed)
+    wanted = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    params = [] if module is None else [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    targets = wanted + [p for _, p in params]
+    pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grad_outs) if o.requires_grad]
+    found = [None] * len(targets)
+    if targets and pairs:
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], targets, [g for _, g in pairs], allow_unused=True
+        )
+    by_id = {id(t): g for t, g in zip(wanted, found[: len(wanted)])}
+    grads = tuple(by_id.get(id(t)) if isinstance(t, torch.Tensor) else None for t in inputs)
+    param_grads = {n: g for (n, _), g in zip(params, found[len(wanted):])}
+    return Result(tuple(o.detach() for o in outs), grads, param_grads)
+
+
+def check_against_float64(
+    fn: Callable,
+    reference: Callable,
+    inputs: Sequence,
+    dtype: DTypes,
+    *,
+    names: Optional[Sequence[str]] = None,
+    differentiable: Union[bool, Sequence[bool], None] = None,
+    grad_outs: Optional[Sequence[torch.Tensor]] = None,
+    seed: Optional[int] = None,
+    compare_dtype: Optional[torch.dtype] = None,
+    backward: bool = True,
+) -> Result:
+    """Check ``fn`` against ``reference`` by the accuracy rule; return ``fn``'s result.
+
+    ``reference(*inputs)`` runs twice: in float64 (the exact answer) and in ``dtype``
+    (the baseline: plain PyTorch in the same precision); ``fn`` runs in ``dtype``.
+    Every output and the gradient of every differentiable input are compared with
+    :func:`assert_within_baseline`; ``names`` label the inputs in messages.
+    ``compare_dtype``: the precision the floor is taken for (default: each tensor's).
+    ``backward=False``: ``fn`` runs under ``torch.no_grad()`` (an inference path) and
+    only the outputs are compared.
+    Every run gets the same float64 cotangents (default: random from ``seed``), cast
+    to each run's output dtype; pass cotangents rounded to the low precision to take
+    their rounding out of the comparison.
+    """
+    names = list(names or [f"input {i}" for i in range(len(inputs))])
+    exact_inputs = leaves(inputs, torch.float64, differentiable)
+    if grad_outs is None:
+        with torch.no_grad():
+            grad_outs = grad_outputs_like(reference(*exact_inputs), seed)
+    exact = forward_backward(reference, exact_inputs, grad_outs)
+    base = forward_backward(reference, leaves(inputs, dtype, differentiable), grad_outs)
+    if backward:
+        fast = forward_backward(fn, leaves(inputs, dtype, differentiable), grad_outs)
+    else:
+        with torch.no_grad():
+            fast = forward_backward(fn, leaves(inputs, dtype, False))
+    for i, (f, e, b) in enumerate(zip(fast.outputs, exact.outputs, base.outputs)):
+        if f.dtype != b.dtype:
+            raise AssertionError(f"output {i}: dtype {f.dtype}, the reference gives {b.dtype}")
+        assert_within_baseline(f"output {i}", f, e, b, dtype=compare_dtype or f.dtype)
+    for name, f, e, b in zip(names, fast.grads, exact.grads, base.grads):
+        if e is None:
+            continue
+        if f is None:
+            raise AssertionError(f"grad of {name}: missing (the reference has one)")
+        if f.dtype != b.dtype:
+            raise AssertionError(f"grad of {name}: dtype {f.dtype}, the reference gives {b.dtype}")
+        assert_within_baseline(f"grad of {name}", f, e, b, dtype=compare_dtype or f.dtype)
+    return fast
+
+
+def assert_deterministic(
+    fn: Callable,
+    inputs: Sequence,
+    *,
+    module: Optional[torch.nn.Module] = None,
+    names: Optional[Sequence[str]] = None,
+    runs: int = 2,
+    seed: int = 0,
+) -> Result:
+    """Run ``fn(*inputs)`` forward and backward ``runs`` times (same cotangents); every
+    output, input gradient and parameter gradient must be bitwise equal each time."""
+    names = list(names or [f"input {i}" for i in range(len(inputs))])
+    first = forward_backward(fn, inputs, module=module, seed=seed)
+    if not any(g is not None for g in first.grads) and not first.param_grads:
+        raise AssertionError("no gradient to compare: make the inputs with leaves()")
+    for run in range(1, runs):
+        again = forward_backward(fn, inputs, module=module, seed=seed)
+        pairs = [(f"output {i}", a, b) for i, (a, b) in enumerate(zip(first.outputs, again.outputs))]
+        pairs += [(f"grad of {n}", a, b) for n, a, b in zip(names, first.grads, again.grads)]
+        pairs += [(f"grad of {n}", first.param_grads[n], again.param_grads[n]) for n in first.param_grads]
+        for label, a, b in pairs:
+            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                raise AssertionError(f"{label}: run {run + 1} differs from run 1 (not bitwise deterministic)")
+    return first

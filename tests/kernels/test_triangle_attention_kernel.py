@@ -14,7 +14,7 @@ import torch
 
 from foldops.device import kernel_support
 from foldops.reference.triangle_attention import triangle_attention as reference
-from foldops.testing import assert_within_baseline
+from foldops.testing import assert_deterministic, assert_within_baseline, check_against_float64, leaves
 
 pytestmark = pytest.mark.skipif(
     kernel_support("cpu" if not torch.cuda.is_available() else "cuda") is not None,
@@ -72,27 +72,14 @@ def _check_case(batch, rows, n, heads, d, dtype, mask_kind="bool", layout="conti
     mask = _make_mask(batch, rows, n, mask_kind)
     keep = None if mask is None else mask.bool()
     scale = d**-0.5 if scale is None else scale
-    inputs = [t.detach().requires_grad_() for t in (q, k, v, bias)]
-    # Non-contiguous leaves: keep the layout of the views by re-striding them.
-    inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
-              .requires_grad_() for t in (q, k, v, bias)]
-    out = kernel.triangle_attention(*inputs, keep, scale)
+    # Leaves keep the layout of the views (non-contiguous where the layer's are).
+    fast = check_against_float64(
+        lambda *t: kernel.triangle_attention(*t, keep, scale), lambda *t: reference(*t, keep, scale),
+        (q, k, v, bias), None, names=("q", "k", "v", "bias"), compare_dtype=dtype,
+        grad_outs=[torch.randn(q.shape, device=q.device).to(dtype).double()],
+    )
+    (out,), grads = fast.outputs, fast.grads
     assert out.dtype == dtype and out.shape == q.shape
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-
-    exact_in = [t.detach().to(torch.float64).requires_grad_() for t in inputs]
-    exact = reference(*exact_in, keep, scale)
-    exact_grads = torch.autograd.grad(exact, exact_in, grad_out.to(torch.float64))
-
-    base_in = [t.detach().clone().requires_grad_() for t in inputs]
-    base = reference(*base_in, keep, scale)
-    base_grads = torch.autograd.grad(base, base_in, grad_out)
-
-    assert_within_baseline("out", out, exact, base, dtype=dtype)
-    for name, g, e, bg in zip(("dq", "dk", "dv", "dbias"), grads, exact_grads, base_grads):
-        assert g.dtype == inputs[("dq", "dk", "dv", "dbias").index(name)].dtype
-        assert_within_baseline(name, g, e, bg, dtype=dtype)
     if keep is not None:
         dead = ~keep.any(-1)  # [B, I]: rows whose keys are all masked
         assert dead.any()
@@ -173,10 +160,10 @@ def test_bias_grad_split_and_deterministic(monkeypatch, splits):
     q, k, v = _make_qkv(batch, rows, n, heads, d, torch.float32, "contiguous")
     bias = _make_bias(batch, heads, n, torch.float32, "contiguous").requires_grad_()
     mask = _make_mask(batch, rows, n, "bool")
-    grad_out = torch.randn_like(q)
-    first = torch.autograd.grad(kernel.triangle_attention(q, k, v, bias, mask, 0.25), bias, grad_out)[0]
-    second = torch.autograd.grad(kernel.triangle_attention(q, k, v, bias, mask, 0.25), bias, grad_out)[0]
-    assert torch.equal(first, second)
+    first = assert_deterministic(
+        lambda *t: kernel.triangle_attention(*t, mask, 0.25), leaves((q, k, v, bias)), names=("q", "k", "v", "bias")
+    ).grads[3]
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(q)
     assert ("_sum_splits_kernel" in launched) == (splits > 1)  # the path named in the id ran
     exact_bias = bias.detach().double().requires_grad_()
     exact = reference(q.double(), k.double(), v.double(), exact_bias, mask, 0.25)

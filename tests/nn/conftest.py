@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Sequence
 
 import pytest
 import torch
 
+from foldops import testing
 from foldops.testing import DEFAULT_REL_FLOOR, assert_within_baseline
 
 
@@ -56,15 +57,6 @@ def load_into(ours: torch.nn.Module, theirs: torch.nn.Module) -> torch.nn.Module
     return ours
 
 
-def cast_inputs(inputs: Sequence[torch.Tensor], dtype: torch.dtype, differentiable: Sequence[bool]) -> List[torch.Tensor]:
-    """Float tensors to ``dtype`` as fresh leaves (needing grad where ``differentiable``)."""
-    out = []
-    for t, diff in zip(inputs, differentiable):
-        t = t.detach().to(dtype) if t.is_floating_point() else t
-        out.append(t.requires_grad_(True) if diff else t)
-    return out
-
-
 def forward_backward(
     module: torch.nn.Module,
     call: Callable,
@@ -74,17 +66,12 @@ def forward_backward(
     differentiable: Sequence[bool],
     seed: int = 1234,
 ):
-    """Run ``call(module, *inputs)``, backprop ``grad_outs``; return outputs, input grads,
-    parameter grads (by name), all detached."""
-    leaves = cast_inputs(inputs, dtype, differentiable)
-    module.zero_grad(set_to_none=True)
+    """Run ``call(module, *inputs)`` on fresh ``dtype`` leaves, backprop ``grad_outs``;
+    return outputs, input grads, parameter grads (by name), all detached."""
+    inputs = testing.leaves(inputs, dtype, differentiable)
     torch.manual_seed(seed)  # same dropout masks for every model
-    outs = call(module, *leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward(list(outs), [g.to(o.dtype) for o, g in zip(outs, grad_outs)])
-    input_grads = [t.grad if diff else None for t, diff in zip(leaves, differentiable)]
-    param_grads = {name: p.grad for name, p in module.named_parameters()}
-    return [o.detach() for o in outs], input_grads, param_grads
+    result = testing.forward_backward(lambda *t: call(module, *t), inputs, grad_outs, module=module)
+    return list(result.outputs), list(result.grads), result.param_grads
 
 
 def check_parity(
@@ -109,7 +96,7 @@ def check_parity(
 
     # Outputs: probe them once for shapes, then weight padded entries by zero.
     with torch.no_grad():
-        probe = call(ours32, *cast_inputs(inputs, torch.float32, [False] * len(inputs)))
+        probe = call(ours32, *testing.leaves(inputs, torch.float32, False))
     probe = probe if isinstance(probe, tuple) else (probe,)
     gen = torch.Generator().manual_seed(7)
     grad_outs = [

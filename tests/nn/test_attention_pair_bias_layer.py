@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import foldops.nn.attention_pair_bias as apb_module
+from foldops import budget as chunk_budget
 from foldops.nn import AttentionPairBias
 
 CS, CZ, H = 24, 8, 3
@@ -145,7 +146,7 @@ def test_bad_constructor_arguments():
 
 
 def test_inference_projects_the_pair_bias_in_row_chunks(monkeypatch):
-    monkeypatch.setattr(apb_module, "_BIAS_CHUNK_ELEMENTS", 2 * 9 * CZ * 2)  # 2 rows per step
+    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 2 * (2 * 2 * 9 * CZ * 4))  # 2 rows per step
     rows_seen = []
     layer = make()
     layer.proj_z[0].register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].shape[1]))

@@ -1,18 +1,15 @@
 """foldops.nn.PairWeightedAveraging vs Boltz-2's, the Ligo key map, and its own contracts."""
 
-import sys
-
 import pytest
 import torch
 
-import foldops.nn.pair_weighted_averaging  # noqa: F401  (the module, for monkeypatching)
+from foldops import budget as chunk_budget
 from foldops.backends import BackendUnavailableError
 from foldops.device import autocast
 from foldops.nn import PairWeightedAveraging
 from foldops.nn.pair_weighted_averaging import LIGO_KEY_MAP, convert_ligo_state_dict
 from foldops.testing import assert_within_baseline
 
-PWA_LAYER = sys.modules["foldops.nn.pair_weighted_averaging"]
 C_M, C_Z, C_H, HEADS = 16, 12, 8, 3
 
 
@@ -64,7 +61,7 @@ def test_inference_chunks_match_boltz(nnh, monkeypatch, chunk_heads):
         ref = exact(m.double(), z.double(), pair_mask) * valid
         one_shot = layer(m, z, pair_mask, chunk_heads)
         # Two MSA rows per step (one with chunk_heads: the budget shrinks H-fold).
-        monkeypatch.setattr(PWA_LAYER, "_ROW_CHUNK_ELEMENTS", 2 * 2 * 11 * (2 * C_M + 4 * C_H * HEADS))
+        monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 4 * 2 * 2 * 11 * (2 * C_M + 4 * C_H * HEADS))
         chunked = layer(m, z, pair_mask, chunk_heads)
     for name, out in (("one shot", one_shot), ("chunked", chunked)):
         assert torch.isfinite(out).all()
@@ -123,7 +120,7 @@ def test_factory_kwargs_and_backend(nnh):
 @pytest.mark.parametrize("chunked", (False, True), ids=("one-shot", "row-chunks"))
 def test_autocast_bf16_matches_boltz_accuracy(nnh, monkeypatch, chunked):
     if chunked:
-        monkeypatch.setattr(PWA_LAYER, "_ROW_CHUNK_ELEMENTS", 2 * 2 * 11 * (2 * C_M + 4 * C_H * HEADS))
+        monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 4 * 2 * 2 * 11 * (2 * C_M + 4 * C_H * HEADS))
     boltz = nnh.randomize_(boltz_class(nnh)(C_M, C_Z, C_H, HEADS)).eval()
     layer, exact = ours().eval(), ours(dtype=torch.float64, backend="reference").eval()
     layer.load_state_dict(boltz.state_dict())

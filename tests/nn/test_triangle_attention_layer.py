@@ -4,10 +4,12 @@ import pytest
 import torch
 
 import foldops.nn.triangle_attention as tri_module
+from foldops import budget as chunk_budget
 from foldops.nn import TriangleAttention, TriangleAttentionEndingNode, TriangleAttentionStartingNode
 from foldops.testing import assert_within_baseline
 
 C, D, H = 16, 8, 3
+ROW_BYTES = 2 * 11 * (6 * D * H + 2 * C) * 4  # one row of one inference step, B = 2, N = 11, fp32
 
 
 def boltz_classes(nnh):
@@ -79,7 +81,7 @@ def test_inference_chunks_equal_one_shot(starting, chunk_size):
 
 
 def test_chunk_size_caps_the_memory_bounded_step(monkeypatch):
-    monkeypatch.setattr(tri_module, "_ROW_CHUNK_ELEMENTS_CPU", 2 * 11 * 4 * D * H * 3)  # bound: 3 rows
+    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", ROW_BYTES * 3)  # bound: 3 rows
     calls = []
     real = tri_module.triangle_attention
     monkeypatch.setattr(tri_module, "triangle_attention", lambda q, *a, **kw: calls.append(q.shape[1]) or real(q, *a, **kw))
@@ -92,7 +94,7 @@ def test_chunk_size_caps_the_memory_bounded_step(monkeypatch):
 
 
 def test_default_inference_chunking_kicks_in(monkeypatch):
-    monkeypatch.setattr(tri_module, "_ROW_CHUNK_ELEMENTS_CPU", 2 * 11 * 4 * D * H * 3)  # 3 rows per step
+    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", ROW_BYTES * 3)  # 3 rows per step
     calls = []
     real = tri_module.triangle_attention
 

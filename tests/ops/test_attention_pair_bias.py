@@ -9,7 +9,7 @@ from foldops import backends
 from foldops.backends import BackendUnavailableError
 from foldops.ops import attention_pair_bias, triangle_attention
 from foldops.reference.triangle_attention import triangle_attention as reference
-from foldops.testing import assert_within_baseline
+from foldops.testing import check_against_float64
 
 BACKENDS = ("torch", "reference")
 
@@ -33,12 +33,6 @@ def expand_mask(mask, samples):
     return mask[:, None].expand(-1, samples, -1) if mask.dim() == 2 else mask
 
 
-def run(fn, tensors, grad_out):
-    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-    out = fn(*leaves)
-    return out.detach(), torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize(
@@ -49,15 +43,12 @@ def test_vs_float64(backend, dtype, batch, samples, queries, keys, mask_rank):
     heads, dim = 3, 16
     q, k, v, bias, mask = make_inputs(batch, samples, queries, keys, heads, dim, mask_rank)
     full_mask = expand_mask(mask, samples)
-    grad_out = torch.randn(q.shape, dtype=torch.float64)
-    exact, exact_g = run(lambda *t: reference(*t, full_mask), (q, k, v, bias), grad_out)
-    low = [t.to(dtype) for t in (q, k, v, bias)]
-    base, base_g = run(lambda *t: reference(*t, full_mask), low, grad_out)
-    fast, fast_g = run(lambda *t: attention_pair_bias(*t, mask, backend=backend), low, grad_out)
+    result = check_against_float64(
+        lambda *t: attention_pair_bias(*t, mask, backend=backend), lambda *t: reference(*t, full_mask),
+        (q, k, v, bias), dtype, names=("q", "k", "v", "bias"),
+    )
+    (fast,), fast_g = result.outputs, result.grads
     assert fast.dtype == dtype and fast.shape == q.shape
-    assert_within_baseline("out", fast, exact, base, dtype=dtype)
-    for name, g, eg, bg in zip(("dq", "dk", "dv", "dbias"), fast_g, exact_g, base_g):
-        assert_within_baseline(name, g, eg, bg, dtype=dtype)
     dead = ~full_mask.any(-1)
     assert (fast[dead] == 0).all() and (fast_g[0][dead] == 0).all()
 
@@ -81,26 +72,40 @@ def test_without_mask_and_scale():
     torch.testing.assert_close(out, reference(q, k, v, bias, None, scale=0.3))
 
 
-def test_square_case_dispatches_through_triangle_attention(monkeypatch):
+def test_dispatch_through_its_own_registry(monkeypatch):
+    """attention_pair_bias has its own backends and its own FOLDOPS_BACKEND_<OP> override."""
     calls = []
-    table = backends._REGISTRY["triangle_attention"]
+    table = backends._REGISTRY["attention_pair_bias"]
     for name, backend in list(table.items()):
         def spy(*args, _fn=backend.fn, _name=name):
             calls.append(_name)
             return _fn(*args)
         monkeypatch.setitem(table, name, dataclasses.replace(backend, fn=spy))
-    monkeypatch.setenv("FOLDOPS_BACKEND_TRIANGLE_ATTENTION", "reference")
+    monkeypatch.delenv("FOLDOPS_BACKEND", raising=False)
+    monkeypatch.setenv("FOLDOPS_BACKEND_ATTENTION_PAIR_BIAS", "reference")
     q, k, v, bias, mask = make_inputs(1, 1, 4, 4, 2, 8)
     attention_pair_bias(q, k, v, bias, mask)
     assert calls == ["reference"]
-    monkeypatch.delenv("FOLDOPS_BACKEND_TRIANGLE_ATTENTION")
+    monkeypatch.delenv("FOLDOPS_BACKEND_ATTENTION_PAIR_BIAS")
     attention_pair_bias(q, k, v, bias, mask, backend="torch")
     assert calls == ["reference", "torch"]
+    attention_pair_bias(*make_inputs(1, 1, 4, 6, 2, 8)[:4])  # windowed: auto picks torch
+    assert calls == ["reference", "torch", "torch"]
+    names = [name for name, _ in backends.availability("attention_pair_bias", device=torch.device("cpu"),
+             dtype=torch.float32, head_dim=8, scale=1.0, masked=False, queries=4, keys=4)]
+    assert names == ["triton", "torch", "reference"]
+
+
+def test_reference_module_matches_triangle_attention_reference():
+    from foldops.reference.attention_pair_bias import attention_pair_bias as apb_reference
+
+    q, k, v, bias, mask = make_inputs(2, 3, 6, 6, 2, 8)
+    assert torch.equal(apb_reference(q, k, v, bias, mask), reference(q, k, v, bias, expand_mask(mask, 3)))
 
 
 def test_windowed_rejects_other_backends():
     q, k, v, bias, mask = make_inputs(1, 1, 4, 6, 2, 16)
-    with pytest.raises(BackendUnavailableError, match="'triton' cannot run attention_pair_bias with 4 queries and 6 keys"):
+    with pytest.raises(BackendUnavailableError, match="'triton' cannot run attention_pair_bias: 4 queries and 6 keys"):
         attention_pair_bias(q.float(), k.float(), v.float(), bias.float(), mask, backend="triton")
     with pytest.raises(TypeError, match="backend"):
         attention_pair_bias(q, k, v, bias, mask, backend=1)

@@ -14,7 +14,7 @@ from foldops.device import autocast
 from foldops.ops import outer_product_mean
 from foldops.ops.outer_product_mean import _torch_backend, choose_order, contraction_flops, matmul_dtype
 from foldops.reference.outer_product_mean import outer_product_mean as reference
-from foldops.testing import assert_within_baseline
+from foldops.testing import assert_within_baseline, check_against_float64, forward_backward, leaves
 
 LOW = (torch.float32, torch.bfloat16, torch.float16)
 NAMES = ("da", "db", "dweight", "dbias")
@@ -51,29 +51,15 @@ def make_inputs(batch, rows, n, c, d, o, *, masked=True):
     return a, b, mask, weight, bias
 
 
-def run(fn, a, b, weight, bias, grad_out):
-    """Output and the gradients of (out * grad_out).sum() w.r.t. a, b, weight, bias."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (a, b, weight, bias)]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-    return out.detach(), grads
-
-
 def check_against_fp64(fn, inputs, dtype, weight_dtype=None):
     """fn(a, b, weight, bias) in ``dtype`` vs the fp64 reference, baseline = reference in dtype."""
     a, b, mask, weight, bias = inputs
     weight_dtype = weight_dtype or dtype
-    grad_out = torch.randn(a.shape[0], a.shape[2], a.shape[2], weight.shape[0], dtype=torch.float64)
-    exact, exact_g = run(lambda *t: reference(t[0], t[1], mask, t[2], t[3]), a, b, weight, bias, grad_out)
-    low = [a.to(dtype), b.to(dtype), weight.to(weight_dtype), bias.to(weight_dtype)]
-    base, base_g = run(lambda *t: reference(t[0], t[1], mask, t[2], t[3]), *low, grad_out)
-    fast, fast_g = run(fn, *low, grad_out)
-    assert fast.dtype == dtype
-    assert_within_baseline("out", fast, exact, base, dtype=dtype)
-    for name, g, eg, bg, leaf in zip(NAMES, fast_g, exact_g, base_g, low):
-        assert g.dtype == leaf.dtype, name
-        assert_within_baseline(name, g, eg, bg, dtype=dtype)
-    return fast, fast_g
+    fast = check_against_float64(
+        fn, lambda a, b, w, bias: reference(a, b, mask, w, bias), (a, b, weight, bias),
+        (dtype, dtype, weight_dtype, weight_dtype), names=NAMES, compare_dtype=dtype,
+    )
+    return fast.outputs[0], fast.grads
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
@@ -148,8 +134,8 @@ def test_fully_masked_tokens_give_bias_and_zero_grads(dtype, order):
     mask[1] = False  # a whole batch element padded
     low = [a.to(dtype), b.to(dtype), weight.to(dtype), bias.to(dtype)]
     grad_out = torch.randn(2, 7, 7, 6, dtype=torch.float64)
-    out, (da, db, dw, dbias) = run(
-        lambda *t: _torch_backend(t[0], t[1], mask, t[2], t[3], 2, order), *low, grad_out
+    (out,), (da, db, dw, dbias), _ = forward_backward(
+        lambda *t: _torch_backend(t[0], t[1], mask, t[2], t[3], 2, order), leaves(low), [grad_out]
     )
     for t in (out, da, db, dw, dbias):
         assert torch.isfinite(t).all()

@@ -4,21 +4,18 @@ The torch backend runs in one shot with autograd and in head groups / MSA-row ch
 at inference; both paths are checked.
 """
 
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from foldops import budget as chunk_budget
 from foldops.backends import BackendUnavailableError
 from foldops.device import autocast
 from foldops.ops import pair_weighted_averaging
 from foldops.reference.pair_weighted_averaging import pair_weighted_averaging as reference
-from foldops.testing import assert_within_baseline
+from foldops.testing import assert_within_baseline, check_against_float64, forward_backward, leaves
 
-import foldops.ops.pair_weighted_averaging  # noqa: F401  (the module, for monkeypatching)
 
-PWA = sys.modules["foldops.ops.pair_weighted_averaging"]
 LOW = (torch.float32, torch.bfloat16, torch.float16)
 
 # (B, S, N, H, D): N in 1, 2, 7, 13; S in 1, 3, 5; H 1/3; B = 2.
@@ -50,28 +47,13 @@ def make_inputs(batch, rows, n, heads, dim, *, masked=True):
     return v, logits, mask
 
 
-def run(fn, v, logits, grad_out):
-    """Output and the gradients of (out * grad_out).sum() w.r.t. v and logits."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (v, logits)]
-    out = fn(*leaves)
-    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-    return out.detach(), grads
-
-
 def check_against_fp64(fn, inputs, dtype, logits_dtype=None):
     v, logits, mask = inputs
-    logits_dtype = logits_dtype or dtype
-    grad_out = torch.randn(v.shape, dtype=torch.float64)
-    exact, exact_g = run(lambda v, l: reference(v, l, mask), v, logits, grad_out)
-    low = (v.to(dtype), logits.to(logits_dtype))
-    base, base_g = run(lambda v, l: reference(v, l, mask), *low, grad_out)
-    fast, fast_g = run(fn, *low, grad_out)
-    assert fast.dtype == dtype
-    assert_within_baseline("out", fast, exact, base, dtype=dtype)
-    for name, g, eg, bg, leaf in zip(("dv", "dlogits"), fast_g, exact_g, base_g, low):
-        assert g.dtype == leaf.dtype, name
-        assert_within_baseline(name, g, eg, bg, dtype=dtype)
-    return fast, fast_g
+    fast = check_against_float64(
+        fn, lambda v, l: reference(v, l, mask), (v, logits), (dtype, logits_dtype or dtype),
+        names=("v", "logits"), compare_dtype=dtype,
+    )
+    return fast.outputs[0], fast.grads
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
@@ -101,7 +83,7 @@ def test_without_mask_and_fp32_logits(backend):
 @pytest.mark.parametrize("chunk", (1, 2, None), ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("budget", (1, 10**9), ids=("one-head-groups", "all-heads"))
 def test_inference_chunking(monkeypatch, budget, chunk, dtype):
-    monkeypatch.setattr(PWA, "_TORCH_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 4 * budget)  # fp32 elements
     v, logits, mask = make_inputs(2, 5, 7, 3, 8)
     low = (v.to(dtype), logits.to(dtype))
     with torch.no_grad():
@@ -116,7 +98,9 @@ def test_fully_masked_rows_give_zeros_and_zero_grads(dtype):
     mask[1] = False  # a whole batch element padded
     low = (v.to(dtype), logits.to(dtype))
     grad_out = torch.randn(v.shape, dtype=torch.float64)
-    out, (dv, dlogits) = run(lambda v, l: pair_weighted_averaging(v, l, mask, backend="torch"), *low, grad_out)
+    (out,), (dv, dlogits), _ = forward_backward(
+        lambda v, l: pair_weighted_averaging(v, l, mask, backend="torch"), leaves(low), [grad_out]
+    )
     with torch.no_grad():
         out_infer = pair_weighted_averaging(*low, mask, backend="torch", chunk_size=1)
     for t in (out, dv, dlogits, out_infer):
@@ -183,7 +167,7 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def test_inference_temporaries_are_bounded(monkeypatch):
-    monkeypatch.setattr(PWA, "_TORCH_CHUNK_ELEMENTS", 64 * 64)
+    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 4 * 64 * 64)  # 64 * 64 fp32 elements
     batch, rows, n, heads, dim = 1, 16, 64, 4, 8
     v = torch.randn(batch, rows, n, heads, dim)
     logits = torch.randn(batch, heads, n, n)

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from foldops import backends
+from foldops import budget as chunk_budget
 from foldops.backends import BackendUnavailableError
 from foldops.device import autocast
 from foldops.ops import swiglu_transition
 from foldops.reference.transition import swiglu_transition as reference
-from foldops.testing import assert_within_baseline
+from foldops.testing import assert_within_baseline, forward_backward, leaves
 
 # The module, not the function that foldops.ops re-exports.
 tr_module = importlib.import_module("foldops.ops.transition")
@@ -50,12 +51,17 @@ def make_weights(dim, hidden, out_dim, seed=0):
 
 
 def run(fn, x, weights, grad_out, view=None, grad=True):
-    leaves = [t.detach().clone().requires_grad_(grad) for t in [x] + [weights[k] for k in WEIGHTS]]
-    xin = leaves[0] if view is None else view(leaves[0])
-    out = fn(xin, **dict(zip(WEIGHTS, leaves[1:])))
+    """Output of ``fn(view(x), **weights)`` and the grads of (out * grad_out).sum() w.r.t.
+    x and every weight (in WEIGHTS order), on fresh leaves."""
+    inputs = leaves([x] + [weights[k] for k in WEIGHTS], differentiable=grad)
+
+    def call(t, *ws):
+        return fn(t if view is None else view(t), **dict(zip(WEIGHTS, ws)))
+
     if not grad:
-        return out, None
-    return out.detach(), torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+        return call(*inputs), None
+    (out,), grads, _ = forward_backward(call, inputs, [grad_out])
+    return out, grads
 
 
 def check_against_fp64(backend, x, weights, dtype, view=None, grad=True, **kwargs):
@@ -118,13 +124,13 @@ def test_default_chunk_is_bounded(monkeypatch):
         seen.append(tuple(a.shape))
         return real(a, b, **kw)
 
-    monkeypatch.setattr(tr_module, "_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 4 * 112)
     monkeypatch.setattr(tr_module.torch, "matmul", spy)
     weights = {k: w.float() for k, w in make_weights(4, 8, 4).items()}
     with torch.no_grad():
         swiglu_transition(torch.randn(11, 4), backend="torch", **weights)
     first_mm = [s for s in seen if s[-1] == 4]  # h @ [fc1; fc2]^T
-    assert [s[0] for s in first_mm] == [4, 4, 3]  # 64 // (2 * 8) = 4 positions per chunk
+    assert [s[0] for s in first_mm] == [4, 4, 3]  # 4 positions of 2 * 8 * 4 + 3 * 4 * 4 = 112 bytes
 
 
 @pytest.mark.parametrize("grad", (True, False), ids=("autograd", "inference"))

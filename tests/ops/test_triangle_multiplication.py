@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from foldops import backends
+from foldops import budget as chunk_budget
 from foldops.backends import BackendUnavailableError
 from foldops.device import autocast
 from foldops.ops import triangle_multiplication
 from foldops.reference.triangle_multiplication import triangle_multiplication as reference
-from foldops.testing import assert_within_baseline
+from foldops.testing import assert_within_baseline, forward_backward, leaves
 
 # The module, not the function that foldops.ops re-exports under the same name.
 tm_module = importlib.import_module("foldops.ops.triangle_multiplication")
@@ -68,13 +69,16 @@ def make_mask(batch, n):
 
 def run(fn, x, weights, grad_out, view=None, grad=True):
     """Output of ``fn(view(x), **weights)`` and the grads of (out * grad_out).sum() w.r.t.
-    x and every weight (in WEIGHTS order)."""
-    leaves = [t.detach().clone().requires_grad_(grad) for t in [x] + [weights[k] for k in WEIGHTS]]
-    xin = leaves[0] if view is None else view(leaves[0])
-    out = fn(xin, **dict(zip(WEIGHTS, leaves[1:])))
+    x and every weight (in WEIGHTS order), on fresh leaves."""
+    inputs = leaves([x] + [weights[k] for k in WEIGHTS], differentiable=grad)
+
+    def call(t, *ws):
+        return fn(t if view is None else view(t), **dict(zip(WEIGHTS, ws)))
+
     if not grad:
-        return out, None
-    return out.detach(), torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+        return call(*inputs), None
+    (out,), grads, _ = forward_backward(call, inputs, [grad_out])
+    return out, grads
 
 
 def check_against_fp64(backend, x, mask, weights, dtype, direction, view=None, grad=True, **kwargs):
@@ -137,7 +141,7 @@ def test_without_mask(direction, backend):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_inference_chunks_and_blocks_sweep(direction, chunk_size, monkeypatch):
     """Channel chunks that do not divide D and position blocks that do not divide N*N."""
-    monkeypatch.setattr(tm_module, "_BLOCK_ELEMENTS", 97)
+    monkeypatch.setattr(chunk_budget, "CPU_BUDGET_BYTES", 16 * 97)  # 12 positions (16 * D bytes each)
     x = torch.randn(2, 11, 11, 8, dtype=torch.float64)
     mask, weights = make_mask(2, 11), make_weights(8)
     fast = check_against_fp64(
@@ -152,7 +156,7 @@ def test_inference_chunks_and_blocks_sweep(direction, chunk_size, monkeypatch):
 
 def test_default_chunk_is_bounded():
     assert tm_module._default_chunk(1, 4) == 4
-    assert tm_module._default_chunk(256, 128) == 16  # 2 * 16 * 256^2 = 2M elements
+    assert tm_module._default_chunk(256, 128) == 16  # a, b, gate: 2 * 16 * 256^2 fp32 each = 16 MiB
     assert tm_module._default_chunk(2048, 128) == 8  # never thinner than 8 channels
     assert tm_module._default_chunk(2048, 4) == 4
 

@@ -294,7 +294,6 @@ register_case(BenchCase(
 
 register_case(BenchCase(
     op="attention_pair_bias",
-    backend_op="triangle_attention",
     description="single-representation attention with pair bias (Boltz-2: 16 heads x 24)",
     build=_build_attention_pair_bias,
     positional=("q", "k", "v", "bias", "mask"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import math
 import os
@@ -575,7 +576,7 @@ def _run_size(cfg, case, fn, dtype, size, sink, timer, step, plan_len) -> None:
 
     try:
         inputs = case.make(dims, dtype, cfg.device, cfg.seed)
-        ctx = capture_context(case.registry_op, lambda: case.call(fn, inputs, backends.AUTO))
+        ctx = capture_context(case.registry_op, functools.partial(case.call, fn, inputs, backends.AUTO))
     except Exception as exc:  # inputs do not fit, or the op rejects them
         fail_all(_failure_status(exc), f"inputs: {_describe(exc)}")
         _cleanup(cfg.device, collect=True)

@@ -14,14 +14,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from foldops._checks import check_positive_int, check_tensor
+from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_same_dtype, check_tensor
 from foldops.backends import AUTO
+from foldops.budget import rows_per_chunk
 from foldops.nn import _init
 from foldops.ops.attention_pair_bias import attention_pair_bias
-
-
-# At inference the pair bias is projected this many z elements at a time (fp32: 8 MiB).
-_BIAS_CHUNK_ELEMENTS = 2 * 1024 * 1024
 
 
 class HeadsFirst(nn.Module):
@@ -110,6 +107,9 @@ class AttentionPairBias(nn.Module):
         check_tensor("k_in", k_in, (rows, None, self.c_s), device=s.device)
         keys = k_in.shape[1]
         check_tensor("z", z, (None, queries, keys, None if self.compute_pair_bias else self.num_heads), device=s.device)
+        check_layer_input("s", s, self.proj_q.weight)
+        check_layer_input("k_in", k_in, self.proj_k.weight)
+        check_same_dtype("s", s, k_in=k_in)
         batch = z.shape[0]
         if batch * multiplicity != rows:
             raise ValueError(
@@ -117,8 +117,7 @@ class AttentionPairBias(nn.Module):
                 f"(z has batch {batch}), got {rows}"
             )
         if mask is not None:
-            check_tensor("mask", mask, (rows, keys), dtypes=None, device=s.device)
-            mask = mask.reshape(batch, multiplicity, keys)
+            mask = as_bool_mask("mask", mask, (rows, keys), s.device).reshape(batch, multiplicity, keys)
 
         shape_q = (batch, multiplicity, queries, self.num_heads, self.head_dim)
         shape_k = (batch, multiplicity, keys, self.num_heads, self.head_dim)
@@ -137,7 +136,9 @@ class AttentionPairBias(nn.Module):
         if not self.compute_pair_bias:
             return self.proj_z(z)
         batch, queries, keys, channels = z.shape
-        step = max(1, _BIAS_CHUNK_ELEMENTS // max(1, batch * keys * channels))
+        # Query rows per step: their normalised z (and LayerNorm's temporaries) stay
+        # within foldops.budget's chunk budget.
+        step = rows_per_chunk(z.device, 2 * batch * keys * channels * z.element_size(), queries)
         needs_grad = torch.is_grad_enabled() and (z.requires_grad or any(p.requires_grad for p in self.proj_z.parameters()))
         if needs_grad or step >= queries:
             return self.proj_z(z)

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor, nn
 
-from foldops._checks import check_tensor
+from foldops._checks import as_bool_mask, check_layer_input, check_tensor
 from foldops.backends import AUTO
 from foldops.nn.dropout import check_dropout_rate, dropout_residual
 from foldops.nn.outer_product_mean import OuterProductMean
@@ -91,6 +91,11 @@ class MSALayer(nn.Module):
         """
         check_tensor("z", z, (None, None, None, self.token_z))
         check_tensor("m", m, (z.shape[0], None, z.shape[1], self.msa_s), device=z.device)
+        check_layer_input("z", z, self.pair_weighted_averaging.norm_z.weight)
+        check_layer_input("m", m, self.pair_weighted_averaging.norm_m.weight)
+        batch, rows, n = m.shape[:3]
+        token_mask = as_bool_mask("token_mask", token_mask, (batch, n, n), z.device)
+        msa_mask = as_bool_mask("msa_mask", msa_mask, (batch, rows, n), z.device)
         m = dropout_residual(
             m, self.pair_weighted_averaging(m, z, token_mask, chunk_heads_pwa), self.msa_dropout, self.training
         )

@@ -17,7 +17,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from foldops._checks import check_positive_int, check_tensor
+from foldops._checks import check_layer_input, check_positive_int, check_tensor
 from foldops.backends import AUTO
 from foldops.nn import _init
 from foldops.ops.outer_product_mean import outer_product_mean
@@ -70,6 +70,7 @@ class OuterProductMean(nn.Module):
         ``chunk_size``: token rows per step of the op (overrides the constructor's).
         """
         check_tensor("m", m, (None, None, None, self.c_in))
+        check_layer_input("m", m, self.norm.weight)
         chunk_size = check_positive_int("chunk_size", chunk_size) or self.chunk_size
         m = self.norm(m)
         # The op masks a and b itself (and never lets masked positions get gradient).

@@ -8,8 +8,9 @@ checkpoint loads with ``strict=True``; same initialisation (PyTorch defaults,
 Differences from Boltz, by design: masking is exact (``inf`` is kept for
 compatibility only), and rows i whose pair mask is all zero (padding) give zeros
 instead of an unmasked average. At inference the layer runs a chunk of MSA rows at a
-time, from the layer norm to the output projection (one softmax shared by all chunks),
-so besides its output it holds O(H N^2 + chunk * N * H * c_h) activations instead of
+time, from the layer norm to the output projection (each chunk one call of the op,
+whose softmax costs O(H N^2) next to the chunk's O(chunk H N^2 c_h) weighted sum), so
+besides its output it holds O(H N^2 + chunk * N * H * c_h) activations instead of
 several ``[B, S, N, H * c_h]`` tensors.
 
 ``convert_ligo_state_dict`` maps the Ligo AlphaFold3 naming of the same layer
@@ -25,19 +26,11 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from foldops import backends
-from foldops._checks import as_bool_mask, check_tensor
+from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_tensor
 from foldops.backends import AUTO
-from foldops.device import fp32_region
+from foldops.budget import rows_per_chunk
 from foldops.nn import _init
-from foldops.ops.pair_weighted_averaging import OP as _PWA_OP
-from foldops.ops.pair_weighted_averaging import pair_weighted_averaging, softmax_weights, weighted_sum
-
-# At inference, MSA rows per step are chosen so one step's activations stay under
-# about this many elements: 16M on CPU (fp32: 64 MiB), 256M on accelerators, where
-# fewer, larger steps launch less.
-_ROW_CHUNK_ELEMENTS = 16 * 1024 * 1024
-_ROW_CHUNK_ELEMENTS_ACCELERATOR = 256 * 1024 * 1024
+from foldops.ops.pair_weighted_averaging import pair_weighted_averaging
 
 # Ligo AlphaFold3 ``MSAPairWeightedAveraging`` key -> Boltz-2 / foldops key.
 LIGO_KEY_MAP = {
@@ -106,6 +99,8 @@ class PairWeightedAveraging(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        for name, value in (("c_m", c_m), ("c_z", c_z), ("c_h", c_h), ("num_heads", num_heads)):
+            check_positive_int(name, value, allow_none=False)
         factory = {"device": device, "dtype": dtype}
         self.c_m = c_m
         self.c_z = c_z
@@ -121,28 +116,20 @@ class PairWeightedAveraging(nn.Module):
         self.proj_o = nn.Linear(c_h * num_heads, c_m, bias=False, **factory)
         _init.zeros_(self.proj_o.weight)
 
-    def _rows(self, m: Tensor, logits: Tensor, mask, msa_mask, weights=None):
-        """The layer on a block of MSA rows, from the layer norm to ``proj_o``.
-
-        ``weights``: softmax weights shared by every block (torch backend at
-        inference), or None to call the op. Returns (output, weights in v's dtype).
-        """
+    def _rows(self, m: Tensor, logits: Tensor, mask, msa_mask) -> Tensor:
+        """The layer on a block of MSA rows, from the layer norm to ``proj_o``."""
         m = self.norm_m(m)
         # Two matmuls, not one on concatenated weights: slicing a joint output costs
         # two full-size zero-filled gradients in backward.
         v = self.proj_m(m).unflatten(-1, (self.num_heads, self.c_h))
         if msa_mask is not None:
             v = v * msa_mask[..., None, None].to(v.dtype)
-        if weights is None:
-            o = pair_weighted_averaging(v, logits, mask, backend=self.backend).flatten(-2)
-        else:
-            weights = weights.to(v.dtype)
-            o = weighted_sum(weights, v).flatten(-2)  # the flatten copies; the view dies here
+        o = pair_weighted_averaging(v, logits, mask, backend=self.backend).flatten(-2)
         del v
         if torch.is_grad_enabled():
-            return self.proj_o(torch.sigmoid(self.proj_g(m)) * o), weights
+            return self.proj_o(torch.sigmoid(self.proj_g(m)) * o)
         # Inference: gate in place on buffers this layer owns, so fewer are alive at once.
-        return self.proj_o(o.mul_(self.proj_g(m).sigmoid_())), weights
+        return self.proj_o(o.mul_(self.proj_g(m).sigmoid_()))
 
     def forward(
         self,
@@ -163,31 +150,28 @@ class PairWeightedAveraging(nn.Module):
         check_tensor("m", m, (None, None, None, self.c_m))
         batch, rows, n, _ = m.shape
         check_tensor("z", z, (batch, n, n, self.c_z), device=m.device)
+        check_layer_input("m", m, self.norm_m.weight)
+        check_layer_input("z", z, self.norm_z.weight)
         mask = as_bool_mask("mask", mask, (batch, n, n), m.device)
         if msa_mask is not None:
             msa_mask = as_bool_mask("msa_mask", msa_mask, (batch, rows, n), m.device)
         logits = self.proj_z(self.norm_z(z)).permute(0, 3, 1, 2)  # [B, H, N, N] view
 
         if self.training or torch.is_grad_enabled():
-            return self._rows(m, logits, mask, msa_mask)[0]
+            return self._rows(m, logits, mask, msa_mask)
+        # Inference: MSA rows per step so that one step's activations (layer norm,
+        # projections, the op's output and the gated product) stay within
+        # foldops.budget's chunk budget; chunk_heads makes the steps H times smaller.
         width = self.num_heads * self.c_h
-        per_row = batch * n * (2 * self.c_m + 4 * width)
-        budget = _ROW_CHUNK_ELEMENTS if m.device.type == "cpu" else _ROW_CHUNK_ELEMENTS_ACCELERATOR
-        budget //= self.num_heads if chunk_heads else 1
-        step = max(1, budget // max(1, per_row))
+        per_row = batch * n * (2 * self.c_m + 4 * width) * m.element_size()
+        step = rows_per_chunk(m.device, per_row * (self.num_heads if chunk_heads else 1), rows)
         if step >= rows:
-            return self._rows(m, logits, mask, msa_mask)[0]
-        weights = None
-        if backends.select(_PWA_OP, self.backend, device=m.device, dtype=m.dtype).name == "torch":
-            # One softmax for every block of rows, as the op itself would share it.
-            with fp32_region(m):
-                softmax_dtype = torch.float64 if m.dtype == torch.float64 else torch.float32
-                weights = softmax_weights(logits, mask, softmax_dtype)
+            return self._rows(m, logits, mask, msa_mask)
         out = None
         for s0 in range(0, rows, step):
             s1 = min(rows, s0 + step)
             chunk_mask = None if msa_mask is None else msa_mask[:, s0:s1]
-            o, weights = self._rows(m[:, s0:s1], logits, mask, chunk_mask, weights)
+            o = self._rows(m[:, s0:s1], logits, mask, chunk_mask)
             if out is None:
                 out = o.new_empty((batch, rows, n, o.shape[-1]))
             out[:, s0:s1] = o

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from foldops._checks import check_positive_int, check_tensor
+from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_tensor
 from foldops.backends import AUTO
 from foldops.device import fp32_region
 from foldops.nn.attention_pair_bias import AttentionPairBias
@@ -90,10 +90,11 @@ class _PairStack(nn.Module):
         return z
 
 
-def _check_pair(z: Tensor, token_z: int) -> None:
+def _check_pair(z: Tensor, token_z: int, parameter: Tensor) -> None:
     check_tensor("z", z, (None, None, None, token_z))
     if z.shape[1] != z.shape[2]:
         raise ValueError(f"z: expected shape (B, N, N, {token_z}), got {tuple(z.shape)}")
+    check_layer_input("z", z, parameter)
 
 
 class PairformerLayer(_PairStack):
@@ -134,6 +135,7 @@ class PairformerLayer(_PairStack):
         check_positive_int("token_s", token_s, allow_none=False)
         check_positive_int("token_z", token_z, allow_none=False)
         factory = {"device": device, "dtype": dtype}
+        self.token_s = token_s
         self.token_z = token_z
         self.dropout = check_dropout_rate("dropout", dropout)
         self.num_heads = num_heads
@@ -162,8 +164,13 @@ class PairformerLayer(_PairStack):
         ``chunk_size_tri_attn``: triangle-attention rows per step at inference (None: a
         memory-bounded default).
         """
-        _check_pair(z, self.token_z)
-        check_tensor("s", s, (z.shape[0], z.shape[1], None), device=z.device)
+        _check_pair(z, self.token_z, self.tri_mul_out.norm_in.weight)
+        batch, n = z.shape[:2]
+        check_tensor("s", s, (batch, n, self.token_s), device=z.device)
+        check_layer_input("s", s, self.pre_norm_s.weight)
+        mask = as_bool_mask("mask", mask, (batch, n), z.device)
+        pair_mask = as_bool_mask("pair_mask", pair_mask, (batch, n, n), z.device)
+        check_positive_int("chunk_size_tri_attn", chunk_size_tri_attn)
         z = self._pair_stack(z, pair_mask, chunk_size_tri_attn)
 
         # The sequence stack runs in fp32 (fp64 for fp64 inputs) on every device, autocast or not.
@@ -211,7 +218,10 @@ class PairformerNoSeqLayer(_PairStack):
         use_cuequiv_attn: bool = False,
     ) -> Tensor:
         """``z`` ``[B, N, N, token_z]``, ``pair_mask`` ``[B, N, N]`` -> ``z``."""
-        _check_pair(z, self.token_z)
+        _check_pair(z, self.token_z, self.tri_mul_out.norm_in.weight)
+        batch, n = z.shape[:2]
+        pair_mask = as_bool_mask("pair_mask", pair_mask, (batch, n, n), z.device)
+        check_positive_int("chunk_size_tri_attn", chunk_size_tri_attn)
         return self._pair_stack(z, pair_mask, chunk_size_tri_attn)
 
 
@@ -304,6 +314,11 @@ class PairformerStack(_Stack):
     ) -> Tuple[Tensor, Tensor]:
         """``s`` ``[B, N, token_s]``, ``z`` ``[B, N, N, token_z]``, ``mask`` ``[B, N]``,
         ``pair_mask`` ``[B, N, N]`` -> ``(s, z)``."""
+        _check_pair(z, self.layers[0].token_z, self.layers[0].tri_mul_out.norm_in.weight)
+        batch, n = z.shape[:2]
+        # Masks become bool once here: the layers then check nothing (no host sync per layer).
+        mask = as_bool_mask("mask", mask, (batch, n), z.device)
+        pair_mask = as_bool_mask("pair_mask", pair_mask, (batch, n, n), z.device)
         chunk_size = self.inference_chunk_size(z.shape[1])
         for layer in self.layers:
             s, z = self._run(layer, s, z, mask, pair_mask, chunk_size, use_kernels)
@@ -359,6 +374,9 @@ class PairformerNoSeqModule(_Stack):
 
     def forward(self, z: Tensor, pair_mask: Tensor, use_kernels: bool = False) -> Tensor:
         """``z`` ``[B, N, N, token_z]``, ``pair_mask`` ``[B, N, N]`` -> ``z``."""
+        _check_pair(z, self.layers[0].token_z, self.layers[0].tri_mul_out.norm_in.weight)
+        batch, n = z.shape[:2]
+        pair_mask = as_bool_mask("pair_mask", pair_mask, (batch, n, n), z.device)  # once, not per layer
         chunk_size = self.inference_chunk_size(z.shape[1])
         for layer in self.layers:
             z = self._run(layer, z, pair_mask, chunk_size, use_kernels)

@@ -13,7 +13,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from foldops._checks import check_positive_int, check_tensor
+from foldops._checks import check_layer_input, check_positive_int, check_tensor
 from foldops.backends import AUTO
 from foldops.nn import _init
 from foldops.ops.transition import swiglu_transition
@@ -88,6 +88,7 @@ class Transition(nn.Module):
         check_tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected shape (..., {self.dim}), got {tuple(x.shape)}")
+        check_layer_input("x", x, self.norm.weight)
         return swiglu_transition(
             x,
             norm_weight=self.norm.weight,

@@ -14,22 +14,18 @@ time, so no ``[B, N, N, 4 * H * D]`` tensor is ever held whole.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from foldops._checks import as_bool_mask, check_positive_int, check_tensor
+from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_tensor
 from foldops.backends import AUTO
+from foldops.budget import rows_per_chunk
 from foldops.nn import _init
 from foldops.ops.triangle_attention import triangle_attention
-
-# At inference, rows per step are chosen so one step's q/k/v/gate projections stay
-# under this many elements unless chunk_size says otherwise: on CPU 2M (fp32: 8 MiB,
-# cache-sized steps, lean peak memory); on accelerators 32M (fewer, larger launches).
-_ROW_CHUNK_ELEMENTS_CPU = 2 * 1024 * 1024
-_ROW_CHUNK_ELEMENTS = 32 * 1024 * 1024
 
 
 class _Attention(nn.Module):
@@ -120,9 +116,10 @@ class TriangleAttention(nn.Module):
         check_tensor("x", x)
         if x.dim() < 3 or x.shape[-1] != self.c_in or x.shape[-2] != x.shape[-3]:
             raise ValueError(f"x: expected shape (*, N, N, {self.c_in}), got {tuple(x.shape)}")
+        check_layer_input("x", x, self.layer_norm.weight)
         check_positive_int("chunk_size", chunk_size)
         lead, n = x.shape[:-3], x.shape[-2]
-        x = x.reshape(-1, n, n, self.c_in)
+        x = x.reshape(math.prod(lead), n, n, self.c_in)
         batch = x.shape[0]
         if mask is not None:
             if not isinstance(mask, Tensor):
@@ -134,16 +131,20 @@ class TriangleAttention(nn.Module):
             # pass and no device sync, drop it so the op skips its mask work (unpadded inference).
             if x.device.type == "cpu" and bool(mask.all()):
                 mask = None
+        if x.numel() == 0:  # no tokens (or no batch): empty in, empty out
+            return x.clone().reshape(*lead, n, n, self.c_in)
 
         heads, width = self.no_heads, self.no_heads * self.c_hidden
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if needs_grad:
             step = n
         else:
-            # Boltz's chunk_size (e.g. its stack's 512 below 384 tokens) caps the rows per
-            # step; the memory bound may take fewer.
-            bound = _ROW_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else _ROW_CHUNK_ELEMENTS
-            step = max(1, bound // max(1, batch * n * 4 * width))
+            # One step's activations (q/k/v/gate projections, attention output, gated
+            # product, layer norm and output projection) stay within foldops.budget's
+            # chunk budget; Boltz's chunk_size (e.g. its stack's 512 below 384 tokens)
+            # caps the rows per step.
+            per_row = batch * n * (6 * width + 2 * self.c_in) * x.element_size()
+            step = rows_per_chunk(x.device, per_row, n)
             if chunk_size is not None:
                 step = min(step, chunk_size)
         one_shot = step >= n

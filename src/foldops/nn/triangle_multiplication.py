@@ -13,11 +13,12 @@ output at a masked pair is not zeroed (only its contribution to the products is)
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from torch import Tensor, nn
 
-from foldops._checks import check_positive_int, check_tensor
+from foldops._checks import check_layer_input, check_positive_int, check_tensor
 from foldops.backends import AUTO
 from foldops.nn import _init
 from foldops.ops.triangle_multiplication import triangle_multiplication
@@ -76,14 +77,16 @@ class _TriangleMultiplication(nn.Module):
         check_tensor("x", x)
         if x.dim() < 3 or x.shape[-1] != self.dim or x.shape[-2] != x.shape[-3]:
             raise ValueError(f"x: expected shape (*, N, N, {self.dim}), got {tuple(x.shape)}")
+        check_layer_input("x", x, self.norm_in.weight)
         lead, n = x.shape[:-3], x.shape[-2]
+        batch = math.prod(lead)
         if mask is not None:
             check_tensor("mask", mask, dtypes=None)
             if tuple(mask.shape) != tuple(lead) + (n, n):
                 raise ValueError(f"mask: expected shape {tuple(lead) + (n, n)}, got {tuple(mask.shape)}")
-            mask = mask.reshape(-1, n, n)
+            mask = mask.reshape(batch, n, n)
         out = triangle_multiplication(
-            x.reshape(-1, n, n, self.dim),
+            x.reshape(batch, n, n, self.dim),
             mask,
             direction=self.direction,
             norm_in_weight=self.norm_in.weight,

@@ -42,15 +42,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from foldops import backends
-from foldops._checks import as_bool_mask, check_positive_int, check_same_dtype, check_tensor
+from foldops._checks import as_bool_mask, check_aux_dtype, check_positive_int, check_same_dtype, check_tensor
+from foldops.budget import rows_per_chunk
 from foldops.device import fp32_region
+from foldops.ops._common import zeros_output
 from foldops.reference import outer_product_mean as _reference
 
 OP = "outer_product_mean"
-# Temporaries of one torch-backend chunk stay under this many elements: small on CPU,
-# large on accelerators, where many small steps cost more in launches than they save.
-_TORCH_CHUNK_ELEMENTS = 4 * 1024 * 1024
-_TORCH_CHUNK_ELEMENTS_ACCELERATOR = 256 * 1024 * 1024
 ORDERS = ("outer", "fold")
 
 
@@ -70,16 +68,14 @@ def choose_order(rows: int, n: int, c: int, d: int, o: int) -> str:
     return "fold" if fold < outer else "outer"
 
 
-def _chunk_budget(device: torch.device) -> int:
-    return _TORCH_CHUNK_ELEMENTS if device.type == "cpu" else _TORCH_CHUNK_ELEMENTS_ACCELERATOR
-
-
-def _chunk_for(order: str, batch: int, rows: int, n: int, c: int, d: int, o: int, budget: int) -> int:
+def _chunk_for(order: str, batch: int, rows: int, n: int, c: int, d: int, o: int, device: torch.device) -> int:
+    """Token rows (outer) or columns (fold) per step: one step's temporaries, counted
+    in fp32, stay within ``foldops.budget``'s chunk budget."""
     if order == "outer":
         per_row = batch * n * (2 * c * d + o)
     else:
         per_row = batch * rows * (2 * o * c + d) + batch * n * o
-    return max(1, min(n, budget // max(1, per_row)))
+    return rows_per_chunk(device, per_row * 4, n)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -299,7 +295,7 @@ def _torch_backend(a, b, mask, out_weight, out_bias, chunk_size, order=None, hal
     if order is None:
         order = choose_order(rows, n, c, d, o)
     if chunk_size is None:
-        chunk_size = _chunk_for(order, batch, rows, n, c, d, o, _chunk_budget(a.device))
+        chunk_size = _chunk_for(order, batch, rows, n, c, d, o, a.device)
     with fp32_region(a):
         if mask is None:
             keep, inv = None, 1.0 / max(1, rows)
@@ -328,8 +324,7 @@ def validate(a, b, mask, out_weight, out_bias):
     check_same_dtype("a", a, b=b)
     d = b.shape[-1]
     check_tensor("out_weight", out_weight, (None, c * d), device=a.device)
-    if out_weight.dtype not in (a.dtype, torch.float32):
-        raise TypeError(f"out_weight: expected dtype {a.dtype} or torch.float32, got {out_weight.dtype}")
+    check_aux_dtype("out_weight", out_weight, a)
     if out_bias is not None:
         check_tensor("out_bias", out_bias, (out_weight.shape[0],), device=a.device)
         check_same_dtype("out_weight", out_weight, out_bias=out_bias)
@@ -355,8 +350,8 @@ def outer_product_mean(
         out_weight: ``[O, C * D]`` (an ``nn.Linear(C * D, O)`` weight), a's dtype or fp32.
         out_bias: ``[O]`` or None, out_weight's dtype.
         chunk_size: token rows (or, in the fold order, columns) per step of the
-            ``torch`` backend (default: temporaries bounded at 4M elements per step on
-            CPU, 256M on accelerators).
+            ``torch`` backend (default: temporaries within ``foldops.budget``'s chunk
+            budget).
         backend: ``"auto"``, ``"torch"`` or ``"reference"``.
 
     Returns:
@@ -364,6 +359,9 @@ def outer_product_mean(
     """
     mask = validate(a, b, mask, out_weight, out_bias)
     check_positive_int("chunk_size", chunk_size)
+    batch, rows, n, _ = a.shape
+    if batch * n * out_weight.shape[0] == 0:
+        return zeros_output((batch, n, n, out_weight.shape[0]), a, (a, b, out_weight, out_bias))
     impl = backends.select(OP, backend, device=a.device, dtype=a.dtype)
     return impl.fn(a, b, mask, out_weight, out_bias, chunk_size)
 

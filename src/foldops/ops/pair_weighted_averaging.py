@@ -7,7 +7,8 @@
 
 One softmax over j, in fp32 whatever the input dtype, is shared by every MSA row s;
 the weighted sum runs in v's dtype and the output is in v's dtype. Rows i whose keys
-are all masked give zeros, with zero gradients. ``logits`` may have any strides:
+are all masked, or whose logits are all -inf, give zeros, with zero gradients; a key
+masked for every row contributes nothing whatever v holds there. Empty in, empty out. ``logits`` may have any strides:
 layers pass a permuted view of their ``[B, N, N, H]`` pair projection.
 
 Backends:
@@ -15,7 +16,7 @@ Backends:
 - ``torch``: PyTorch matmuls batched over (b, h). At inference it works on groups of
   heads and chunks of MSA rows, so besides the output it holds O(B h N^2) softmax
   weights and O(B s N h D) of v and output copies per step (h heads, s rows per step,
-  default budget 4M elements on CPU, 256M on accelerators); with autograd it runs in one shot (O(B H N^2 + B S N H D)
+  each within ``foldops.budget``'s chunk budget); with autograd it runs in one shot (O(B H N^2 + B S N H D)
   saved for backward), since chunking bounds nothing while autograd keeps every chunk.
 - ``reference``: one shot, O(B H N^2 + B S N H D); never picked by ``auto``.
 """
@@ -27,31 +28,37 @@ from typing import Optional
 import torch
 
 from foldops import backends
-from foldops._checks import as_bool_mask, check_positive_int, check_tensor
+from foldops._checks import as_bool_mask, check_aux_dtype, check_positive_int, check_tensor
+from foldops.budget import rows_per_chunk
 from foldops.device import fp32_region
+from foldops.ops._common import zeros_output
 from foldops.reference import pair_weighted_averaging as _reference
 
 OP = "pair_weighted_averaging"
-# Temporaries of one torch-backend step stay under about this many elements: small on
-# CPU, large on accelerators, where many small steps cost more in launches.
-_TORCH_CHUNK_ELEMENTS = 4 * 1024 * 1024
-_TORCH_CHUNK_ELEMENTS_ACCELERATOR = 256 * 1024 * 1024
 
 
 def softmax_weights(logits: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``[B, h, N, N]`` softmax over the last dim in ``dtype``; fully masked rows are zero.
 
     ``mask`` is a bool ``[B, N, N]`` keep-mask or None. Masked keys get exactly zero
-    weight; fully masked rows are softmaxed unmasked, then zeroed, so that no -inf row
-    (and no NaN, forward or backward) ever appears.
+    weight whatever their logit; rows with no kept key, or whose logits are all
+    ``-inf``, are softmaxed as zeros, then zeroed, so that no -inf row (and no NaN,
+    forward or backward) ever appears.
     """
     logits = logits.to(dtype)
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None], float("-inf"))
+    dead = logits.amax(dim=-1, keepdim=True) == float("-inf")
+    return torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
+def _zero_dead_keys(v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """v with the keys j that every query row i masks zeroed: such a key contributes
+    nothing, even NaN/inf (a key masked for some rows only meets weight 0 in a matmul,
+    which cannot stop a NaN there)."""
     if mask is None:
-        return torch.softmax(logits, dim=-1)
-    keep = mask[:, None]
-    any_kept = keep.any(dim=-1, keepdim=True)
-    logits = logits.masked_fill(~(keep | ~any_kept), float("-inf"))
-    return torch.softmax(logits, dim=-1).masked_fill(~any_kept, 0.0)
+        return v
+    return v.masked_fill(~mask.any(dim=1)[:, None, :, None, None], 0)
 
 
 def weighted_sum(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -73,19 +80,18 @@ def _torch_backend(v, logits, mask, chunk_size):
     with fp32_region(v):
         if torch.is_grad_enabled() and (v.requires_grad or logits.requires_grad):
             weights = softmax_weights(logits, mask, softmax_dtype).to(v.dtype)
-            return weighted_sum(weights, v).contiguous()
-        # Heads per group: the fp32 weights of a group stay under the budget.
-        budget = _TORCH_CHUNK_ELEMENTS if v.device.type == "cpu" else _TORCH_CHUNK_ELEMENTS_ACCELERATOR
-        group = max(1, min(heads, budget // max(1, batch * n * n)))
-        if chunk_size is None:
-            chunk_size = max(1, budget // max(1, batch * n * group * dim))
+            return weighted_sum(weights, _zero_dead_keys(v, mask)).contiguous()
+        # Heads per group: a group's fp32 weights [B, h, N, N] stay within the budget;
+        # MSA rows per step: that step's v and output copies [B, s, N, h, D] too.
+        group = rows_per_chunk(v.device, batch * n * n * 4, heads)
+        chunk_size = rows_per_chunk(v.device, batch * n * group * dim * 4, rows, chunk_size)
         out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         for h0 in range(0, heads, group):
             h1 = min(heads, h0 + group)
             weights = softmax_weights(logits[:, h0:h1], mask, softmax_dtype).to(v.dtype)
             for s0 in range(0, rows, chunk_size):
                 s1 = min(rows, s0 + chunk_size)
-                out[:, s0:s1, :, h0:h1] = weighted_sum(weights, v[:, s0:s1, :, h0:h1])
+                out[:, s0:s1, :, h0:h1] = weighted_sum(weights, _zero_dead_keys(v[:, s0:s1, :, h0:h1], mask))
         return out
 
 
@@ -102,8 +108,7 @@ def validate(v, logits, mask):
     check_tensor("v", v, (None, None, None, None, None))
     batch, _, n, heads, _ = v.shape
     check_tensor("logits", logits, (batch, heads, n, n), device=v.device)
-    if logits.dtype not in (v.dtype, torch.float32):
-        raise TypeError(f"logits: expected dtype {v.dtype} or torch.float32, got {logits.dtype}")
+    check_aux_dtype("logits", logits, v)
     return as_bool_mask("mask", mask, (batch, n, n), v.device)
 
 
@@ -123,8 +128,7 @@ def pair_weighted_averaging(
             fp32, any strides.
         mask: ``[B, N, N]`` keep-mask over (i, j) (bool or 0/1 float), or None.
         chunk_size: MSA rows per step of the ``torch`` backend at inference
-            (default: v and output copies bounded at 4M elements per step on CPU, 256M
-            on accelerators).
+            (default: v and output copies within ``foldops.budget``'s chunk budget).
         backend: ``"auto"``, ``"torch"`` or ``"reference"``.
 
     Returns:
@@ -132,6 +136,8 @@ def pair_weighted_averaging(
     """
     mask = validate(v, logits, mask)
     check_positive_int("chunk_size", chunk_size)
+    if v.numel() == 0:
+        return zeros_output(v.shape, v, (v, logits))
     impl = backends.select(OP, backend, device=v.device, dtype=v.dtype)
     return impl.fn(v, logits, mask, chunk_size)
 

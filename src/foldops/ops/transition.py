@@ -28,15 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from foldops import backends
-from foldops._checks import FLOAT_DTYPES, check_positive_int, check_tensor
+from foldops._checks import FLOAT_DTYPES, check_positive_float, check_positive_int, check_tensor
+from foldops.budget import rows_per_chunk
 from foldops.device import autocast_dtype_in_effect, fp32_region
 from foldops.reference import transition as _reference
 
 OP = "swiglu_transition"
-# Default positions per chunk: the fused [chunk, 2H] hidden block stays under this many
-# elements (fp32: 32 MiB). Large chunks mean few ops (each one a thread-pool barrier on
-# CPU, a launch on GPU); the block is a workspace reused by every chunk.
-_BLOCK_ELEMENTS = 8 * 1024 * 1024
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -61,6 +58,15 @@ def _autograd_path(x, norm_weight, norm_bias, fc1_weight, fc2_weight, fc3_weight
     )
 
 
+def _positions_per_chunk(positions, dim, hidden, dtype, device, chunk_size=None) -> int:
+    """Positions per step: the fused ``[chunk, 2H]`` hidden block (a workspace reused by
+    every chunk) and the LayerNorm's ``[chunk, D]`` temporaries stay within
+    ``foldops.budget``'s chunk budget. Large chunks mean few ops (each one a thread-pool
+    barrier on CPU, a launch on GPU)."""
+    per_position = 2 * hidden * (torch.finfo(dtype).bits // 8) + 3 * dim * 4
+    return rows_per_chunk(device, per_position, positions, chunk_size)
+
+
 @torch.no_grad()
 def _inference_path(x, norm_weight, norm_bias, fc1_weight, fc2_weight, fc3_weight, eps, chunk_size):
     dim = x.shape[-1]
@@ -69,7 +75,7 @@ def _inference_path(x, norm_weight, norm_bias, fc1_weight, fc2_weight, fc3_weigh
     positions = math.prod(lead)
     cdt, amp = _compute_dtype(x)
     ln_dtype = torch.float32 if amp else cdt
-    chunk = min(max(1, positions), chunk_size or max(1, _BLOCK_ELEMENTS // (2 * hidden)))
+    chunk = _positions_per_chunk(positions, dim, hidden, cdt, x.device, chunk_size)
     with fp32_region(x):  # dtypes are explicit below
         xf = x.reshape(positions, dim)
         w12 = torch.cat([fc1_weight, fc2_weight]).to(cdt)
@@ -130,8 +136,7 @@ def validate(x, norm_weight, norm_bias, fc1_weight, fc2_weight, fc3_weight, eps)
         for name, t in tensors.items():
             if t.dtype != x.dtype:
                 raise TypeError(f"{name}: expected dtype {x.dtype} (as x), got {t.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    check_positive_float("eps", eps)
 
 
 def swiglu_transition(
@@ -156,7 +161,8 @@ def swiglu_transition(
             dtype under autocast).
         eps: LayerNorm epsilon.
         chunk_size: positions per step for the ``torch`` backend at inference
-            (default: the ``[chunk, 2H]`` hidden block bounded at 8M elements).
+            (default: the ``[chunk, 2H]`` hidden block within ``foldops.budget``'s
+            chunk budget).
         backend: ``"auto"``, ``"torch"`` or ``"reference"``.
 
     Returns:

@@ -8,7 +8,9 @@
 
 Starting node: I is the first pair index. Ending node: pass transposed views
 (``q.transpose(1, 2)``, ...), no copies; backends accept any strides. Rows whose keys
-are all masked give zeros, with zero gradients.
+are all masked, or whose logits are all -inf, give zeros, with zero gradients; a
+masked key contributes nothing whatever k, v and the bias hold there (``torch`` and
+``reference``). Empty inputs give empty (or zero) outputs on every backend.
 
 Backends: ``triton`` (CUDA cc >= 8.0, fp16/bf16/fp32, head dim up to 128; other than
 16/32/64/128 zero-padded to the next),
@@ -18,31 +20,34 @@ O(chunk * H * N^2) extra memory at inference), ``reference`` (one shot, O(B I H 
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Optional
 
 import torch
 
 from foldops import backends
-from foldops._checks import as_bool_mask, check_positive_int, check_same_dtype, check_tensor
+from foldops._checks import (
+    as_bool_mask,
+    check_aux_dtype,
+    check_finite_float,
+    check_positive_int,
+    check_same_dtype,
+    check_tensor,
+)
+from foldops.budget import rows_per_chunk
 from foldops.device import kernel_support
+from foldops.ops._common import zeros_output
 from foldops.reference import triangle_attention as _reference
 
 OP = "triangle_attention"
 KERNEL_MAX_HEAD_DIM = 128  # 16/32/64/128 run as is, other head dims zero-padded to those
-# Logits of one torch-backend chunk stay under this many elements. CPU: 4M (16 MiB fp32);
-# on a 2-core CPU at N=256 chunks of <= 16 rows ran 2x faster than one shot (cache-
-# resident). Accelerators: 64M (256 MiB fp32); small chunks there cost launches, and at
-# N=768 on an H100 the 4M budget made inference 3x slower than forward+backward.
-_TORCH_CHUNK_ELEMENTS = {"cpu": 4 * 1024 * 1024}
-_TORCH_CHUNK_ELEMENTS_ACCELERATOR = 64 * 1024 * 1024
 
 
 def _torch_backend(q, k, v, bias, mask, scale, chunk_size):
     batch, rows, n, heads, _ = q.shape
-    if chunk_size is None:
-        budget = _TORCH_CHUNK_ELEMENTS.get(q.device.type, _TORCH_CHUNK_ELEMENTS_ACCELERATOR)
-        chunk_size = max(1, budget // max(1, batch * heads * n * n))
+    # A chunk holds [B, c, H, N, N] logits and additive mask (counted in fp32).
+    chunk_size = rows_per_chunk(q.device, batch * heads * n * n * 4, rows, chunk_size)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
         chunk_size = rows  # one graph: chunking bounds nothing while autograd keeps every chunk
     head_dim = q.shape[-1]
@@ -61,11 +66,14 @@ def _torch_backend(q, k, v, bias, mask, scale, chunk_size):
             attn_bias = bias[:, 0] if batch == 1 else bias.expand(batch, count, heads, n, n).flatten(0, 1)
         else:
             keep = mask[:, start:stop]  # [B, c, N]
-            # Finite (half the dtype's range, so fp16 cannot overflow to -inf when the bias
-            # is added): SDPA never sees an all -inf row; such rows are zeroed below.
+            # A masked key contributes nothing whatever k, v and the bias hold there: its
+            # k and v are zeroed and its bias replaced (not added to), so NaN/inf cannot
+            # leak. Finite (half the dtype's range): SDPA never sees an all -inf row;
+            # such rows are zeroed below.
+            dead = ~keep.reshape(batch * count, 1, n, 1)
+            kc, vc = kc.masked_fill(dead, 0), vc.masked_fill(dead, 0)
             masked = torch.finfo(q.dtype).min / 2
-            mask_bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, masked)
-            attn_bias = (bias + mask_bias[:, :, None, None, :]).flatten(0, 1)  # [B*c, H, N, N]
+            attn_bias = torch.where(keep[:, :, None, None, :], bias, masked).flatten(0, 1)  # [B*c, H, N, N]
         out = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=attn_bias, scale=scale)
         out = out.view(batch, count, heads, n, head_dim).transpose(2, 3)  # [B, c, N, H, D]
         if keep is not None:
@@ -95,7 +103,7 @@ def _triton_supports(device, dtype, head_dim, explicit, scale=1.0, masked=False,
     if head_dim > KERNEL_MAX_HEAD_DIM:
         return f"head dim {head_dim} (kernel supports up to {KERNEL_MAX_HEAD_DIM})"
     try:
-        import foldops.kernels.triangle_attention  # noqa: F401
+        importlib.import_module("foldops.kernels.triangle_attention")
     except ImportError as exc:
         return f"kernel module unavailable: {exc}"
     return None
@@ -114,8 +122,7 @@ def validate(q, k, v, bias, mask):
     check_tensor("v", v, q.shape, device=q.device)
     check_tensor("bias", bias, (batch, heads, n, n), device=q.device)
     check_same_dtype("q", q, k=k, v=v)
-    if bias.dtype not in (q.dtype, torch.float32):
-        raise TypeError(f"bias: expected dtype {q.dtype} or torch.float32, got {bias.dtype}")
+    check_aux_dtype("bias", bias, q)
     return as_bool_mask("mask", mask, (batch, rows, n), q.device)
 
 
@@ -136,10 +143,9 @@ def triangle_attention(
         q, k, v: ``[B, I, N, H, D]``, any strides.
         bias: ``[B, H, N, N]``, q's dtype or fp32, any strides.
         mask: ``[B, I, N]`` keep-mask over keys (bool or 0/1 float), or None.
-        scale: logit scale, default ``1/sqrt(D)``.
+        scale: finite logit scale, default ``1/sqrt(D)``.
         chunk_size: rows of I per step for the ``torch`` backend at inference
-            (default: logits bounded at 4M elements per chunk on CPU, 64M on
-            accelerators).
+            (default: the chunk's logits within ``foldops.budget``'s budget).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
 
     Returns:
@@ -147,8 +153,9 @@ def triangle_attention(
     """
     mask = validate(q, k, v, bias, mask)
     check_positive_int("chunk_size", chunk_size)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(max(1, q.shape[-1])) if scale is None else check_finite_float("scale", scale)
+    if q.numel() == 0:
+        return zeros_output(q.shape, q, (q, k, v, bias))
     impl = backends.select(OP, backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
                            scale=float(scale), masked=mask is not None)
     return impl.fn(q, k, v, bias, mask, float(scale), chunk_size)

@@ -41,7 +41,15 @@ import torch
 import torch.nn.functional as F
 
 from foldops import backends
-from foldops._checks import FLOAT_DTYPES, as_bool_mask, check_positive_int, check_tensor
+from foldops._checks import (
+    FLOAT_DTYPES,
+    as_bool_mask,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    check_tensor,
+)
+from foldops.budget import rows_per_chunk
 from foldops.device import autocast_dtype_in_effect, fp32_region
 from foldops.reference import triangle_multiplication as _reference
 from foldops.reference.triangle_multiplication import DIRECTIONS, product_dtype
@@ -58,14 +66,9 @@ WEIGHT_NAMES = (
     "p_out_weight",
     "g_out_weight",
 )
-# One chunk of a, b ([2 * chunk, N, N] in the product dtype, and as much again for the
-# gate) is kept under this many elements by default (fp32: 8 MiB each), but a chunk
-# never has fewer than _MIN_CHUNK channels: thinner chunks would re-read h too often.
-_CHUNK_ELEMENTS = 2 * 1024 * 1024
+# A chunk never has fewer than _MIN_CHUNK channels: thinner chunks would re-read h
+# too often.
 _MIN_CHUNK = 8
-# Position blocks of the LayerNorms and the output step: [block, D] temporaries stay
-# under this many elements (fp32: 2 MiB each).
-_BLOCK_ELEMENTS = 512 * 1024
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -76,8 +79,19 @@ def _compute_dtype(x: torch.Tensor):
     return x.dtype, False
 
 
-def _default_chunk(n: int, dim: int) -> int:
-    return max(min(_MIN_CHUNK, dim), min(dim, _CHUNK_ELEMENTS // max(1, 2 * n * n)))
+def _default_chunk(n: int, dim: int, device: torch.device = torch.device("cpu"), dtype=torch.float32) -> int:
+    """Channels of the product per step: a chunk's a, b ([2c, N, N] in the product dtype),
+    their gate and projection ([2c, N, N] each in ``dtype``, the projection only when
+    it differs from the product dtype) stay within ``foldops.budget``'s chunk budget."""
+    size, wide = torch.finfo(dtype).bits // 8, product_dtype(dtype)
+    per_channel = 2 * n * n * (torch.finfo(wide).bits // 8 + size * (1 if wide == dtype else 2))
+    return max(min(_MIN_CHUNK, dim), rows_per_chunk(device, per_channel, dim))
+
+
+def _positions_per_block(dim: int, positions: int, device: torch.device) -> int:
+    """Positions per LayerNorm / output step: its four or so ``[block, D]`` temporaries
+    (counted in fp32) stay within ``foldops.budget``'s chunk budget."""
+    return rows_per_chunk(device, 16 * dim, positions)
 
 
 def _autograd_path(x, mask, direction, w, eps):
@@ -93,8 +107,8 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
     cdt, amp = _compute_dtype(x)
     ln_dtype = torch.float32 if amp else cdt
     wide = product_dtype(cdt)
-    chunk = min(dim, chunk_size or _default_chunk(n, dim))
-    block = max(1, _BLOCK_ELEMENTS // dim)  # positions per LayerNorm / output step
+    chunk = min(dim, chunk_size or _default_chunk(n, dim, x.device, cdt))
+    block = _positions_per_block(dim, nn_, x.device)
     dev = x.device
     with fp32_region(x):  # dtypes are explicit below
         p_in, g_in = w["p_in_weight"].to(cdt), w["g_in_weight"].to(cdt)
@@ -206,8 +220,7 @@ def validate(x, mask, direction, weights: Dict[str, torch.Tensor], eps) -> Optio
     if x.dim() != 4 or x.shape[1] != x.shape[2]:
         raise ValueError(f"x: expected shape (B, N, N, D), got {tuple(x.shape)}")
     batch, n, _, dim = x.shape
-    if not isinstance(direction, str) or direction not in DIRECTIONS:
-        raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
+    check_choice("direction", direction, DIRECTIONS)
     shapes = {
         "norm_in_weight": (dim,),
         "norm_in_bias": (dim,),
@@ -224,8 +237,7 @@ def validate(x, mask, direction, weights: Dict[str, torch.Tensor], eps) -> Optio
         t = check_tensor(name, weights[name], shapes[name], dtypes=FLOAT_DTYPES, device=x.device)
         if not amp and t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (as x), got {t.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    check_positive_float("eps", eps)
     return as_bool_mask("mask", mask, (batch, n, n), x.device)
 
 
@@ -260,8 +272,8 @@ def triangle_multiplication(
             Weights have x's dtype (any float dtype under autocast).
         eps: LayerNorm epsilon of both norms.
         chunk_size: channels of the product per step for the ``torch`` backend at
-            inference (default: one chunk of ``a, b`` bounded at 2M elements, at least
-            8 channels).
+            inference (default: one chunk of ``a, b`` within ``foldops.budget``'s chunk
+            budget, at least 8 channels).
         backend: ``"auto"``, ``"torch"``, ``"reference"`` or ``"cuequivariance"``.
 
     Returns:

@@ -10,12 +10,15 @@ import torch
 def masked_softmax(logits: torch.Tensor, keep: Optional[torch.Tensor], dim: int = -1) -> torch.Tensor:
     """Softmax of ``logits`` over ``dim`` restricted to ``keep`` (bool, broadcastable).
 
-    Rows with no kept entry are all zeros. Computed in ``logits``' dtype: callers pass
-    fp32 (or fp64) logits.
+    Rows with no kept entry, or whose logits are all ``-inf``, are all zeros (with
+    zero gradients), never NaN; an empty ``dim`` gives an empty result. Masked
+    entries get exactly zero weight whatever their logit (NaN and inf included).
+    Computed in ``logits``' dtype: callers pass fp32 (or fp64) logits.
     """
-    if keep is None:
-        return torch.softmax(logits, dim=dim)
-    logits = logits.masked_fill(~keep, float("-inf"))
+    if logits.shape[dim] == 0:
+        return logits.clone()
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
     row_max = logits.amax(dim=dim, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(logits - row_max)

@@ -33,4 +33,6 @@ def pair_weighted_averaging(
     softmax_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     keep = None if mask is None else mask.bool()[:, None]
     weights = masked_softmax(logits.to(softmax_dtype), keep, dim=-1)
+    if mask is not None:  # keys masked for every row contribute nothing, even NaN
+        v = v.masked_fill(~mask.bool().any(dim=1)[:, None, :, None, None], 0)
     return torch.einsum("bhij,bsjhd->bsihd", weights.to(v.dtype), v)

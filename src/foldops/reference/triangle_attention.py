@@ -8,6 +8,9 @@ Shapes (I = the row batched over, J = queries, K = keys, J == K == N):
     out[b,i,j,h] = sum_k softmax_k(scale * q[b,i,j,h].k[b,i,k,h] + bias[b,h,j,k]
                                    | mask[b,i,k]) * v[b,i,k,h]
 
+Masked keys contribute nothing whatever their values (NaN/inf in k, v or the bias);
+rows whose keys are all masked, or whose logits are all -inf, give zeros.
+
 Starting-node triangle attention is this with I = the first pair index; ending node
 is this on transposed views; attention with pair bias is I = 1 (or I = samples
 sharing one bias).
@@ -43,4 +46,6 @@ def triangle_attention(
     logits = logits + bias.to(softmax_dtype)[:, None]
     keep = None if mask is None else mask.bool()[:, :, None, None, :]
     weights = masked_softmax(logits, keep, dim=-1)
+    if mask is not None:  # a masked key contributes nothing, whatever v holds there
+        v = v.masked_fill(~mask.bool()[..., None, None], 0)
     return torch.einsum("bihjk,bikhd->bijhd", weights.to(v.dtype), v)
