@@ -117,19 +117,21 @@ class PairWeightedAveraging(nn.Module):
         _init.zeros_(self.proj_o.weight)
 
     def _rows(self, m: Tensor, logits: Tensor, mask, msa_mask) -> Tensor:
-        """The layer on a block of MSA rows, from the layer norm to ``proj_o``."""
+        """The layer on a block of MSA rows, from the layer norm to ``proj_o``.
+
+        The op takes the gate before its sigmoid and the MSA mask, so the only
+        S * N-sized activations are the two projections and the op's output (the
+        triton backend applies both inside its kernel).
+        """
         m = self.norm_m(m)
         # Two matmuls, not one on concatenated weights: slicing a joint output costs
         # two full-size zero-filled gradients in backward.
         v = self.proj_m(m).unflatten(-1, (self.num_heads, self.c_h))
-        if msa_mask is not None:
-            v = v * msa_mask[..., None, None].to(v.dtype)
-        o = pair_weighted_averaging(v, logits, mask, backend=self.backend).flatten(-2)
-        del v
-        if torch.is_grad_enabled():
-            return self.proj_o(torch.sigmoid(self.proj_g(m)) * o)
-        # Inference: gate in place on buffers this layer owns, so fewer are alive at once.
-        return self.proj_o(o.mul_(self.proj_g(m).sigmoid_()))
+        g = self.proj_g(m).unflatten(-1, (self.num_heads, self.c_h))
+        del m
+        o = pair_weighted_averaging(v, logits, mask, gate=g, msa_mask=msa_mask, backend=self.backend)
+        del v, g
+        return self.proj_o(o.flatten(-2))
 
     def forward(
         self,
