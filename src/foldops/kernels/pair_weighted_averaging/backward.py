@@ -28,6 +28,7 @@ def _dw_kernel(
     N,  # tokens
     H,  # heads
     HAS_KEEP: tl.constexpr,  # KEEP is given
+    KEEP_PER_ROW: tl.constexpr,  # KEEP varies with the MSA row s (else [B, 1, N], loaded once)
     C: tl.constexpr,  # head dim
     BLOCK_I: tl.constexpr,  # rows i per program (M)
     BLOCK_J: tl.constexpr,  # keys j per program (N)
@@ -47,6 +48,10 @@ def _dw_kernel(
     x_base = X + b * stride_x_b + h * stride_x_h + offs_j.to(tl.int64)[None, :] * stride_x_n
     keep_base = KEEP + b * stride_keep_b + offs_j[None, :] * stride_keep_n
 
+    keep_j = j_ok
+    if HAS_KEEP and not KEEP_PER_ROW:
+        keep_j = j_ok & (tl.load(KEEP + b * stride_keep_b + offs_j * stride_keep_n, mask=j_ok, other=0) != 0)
+
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for k0 in range(0, S * C, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -55,8 +60,8 @@ def _dw_kernel(
         col_ok = s < S
         a = tl.load(dop_base + (s * stride_dop_s + c * stride_dop_c)[None, :],
                     mask=i_ok[:, None] & col_ok[None, :], other=0.0)
-        x_mask = col_ok[:, None] & j_ok[None, :]
-        if HAS_KEEP:
+        x_mask = col_ok[:, None] & keep_j[None, :]
+        if HAS_KEEP and KEEP_PER_ROW:
             keep = tl.load(keep_base + s[:, None] * stride_keep_s, mask=x_mask, other=0)
             x_mask = x_mask & (keep != 0)
         x = tl.load(x_base + (s * stride_x_s + c * stride_x_c)[:, None], mask=x_mask, other=0.0)

@@ -43,6 +43,7 @@ def _wx_kernel(
     MODE: tl.constexpr,  # 0 forward, 1 gate gradient + dO', 2 dv (see the module doc)
     HAS_GATE: tl.constexpr,  # modes 0, 1: a gate G is applied
     HAS_KEEP: tl.constexpr,  # KEEP is given: masks X's loads (modes 0, 1) or dv (mode 2)
+    KEEP_PER_ROW: tl.constexpr,  # KEEP varies with the MSA row s (else [B, 1, N]: one vector per key block)
     C: tl.constexpr,  # head dim
     BLOCK_I: tl.constexpr,  # rows i per program (the product's M)
     BLOCK_J: tl.constexpr,  # keys j per step (K)
@@ -76,9 +77,13 @@ def _wx_kernel(
                     mask=i_ok[:, None] & j_ok[None, :], other=0.0)
         x_mask = j_ok[:, None] & col_ok[None, :]
         if HAS_KEEP and MODE != 2:
-            keep = tl.load(keep_base + s[None, :] * stride_keep_s + offs_j[:, None] * stride_keep_n,
-                           mask=x_mask, other=0)
-            x_mask = x_mask & (keep != 0)
+            if KEEP_PER_ROW:
+                keep = tl.load(keep_base + s[None, :] * stride_keep_s + offs_j[:, None] * stride_keep_n,
+                               mask=x_mask, other=0)
+                x_mask = x_mask & (keep != 0)
+            else:
+                keep_j = tl.load(keep_base + offs_j * stride_keep_n, mask=j_ok, other=0)
+                x_mask = x_mask & (keep_j != 0)[:, None]
         x = tl.load(x_base + offs_j[:, None].to(tl.int64) * stride_x_n + x_cols[None, :], mask=x_mask, other=0.0)
         acc = tl.dot(w, x.to(w.dtype), acc, input_precision=PRECISION)
 

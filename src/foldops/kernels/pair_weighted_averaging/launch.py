@@ -73,10 +73,12 @@ def value_keep(mask: Optional[torch.Tensor], msa_mask: Optional[torch.Tensor], v
 
 
 def _keep_args(keep: Optional[torch.Tensor], v: torch.Tensor):
+    """(tensor, strides, HAS_KEEP, KEEP_PER_ROW) kernel arguments of a value keep-mask."""
     if keep is None:
-        return v, (0, 0, 0), False
+        return v, (0, 0, 0), False, False
     strides = keep.stride()
-    return keep, (strides[0], strides[1] if keep.shape[1] > 1 else 0, strides[2]), True
+    per_row = keep.shape[1] > 1
+    return keep, (strides[0], strides[1] if per_row else 0, strides[2]), True, per_row
 
 
 def _check(v, logits, g, mask, msa_mask) -> None:
@@ -98,7 +100,7 @@ def _launch_wx(mode, w, x, g, do, keep, out, out2, allow_tf32, w_transposed=Fals
     batch, rows, n, heads, dim = x.shape
     bi, bj, bsc, warps, stages = _config("wx", x.dtype)
     bsc = min(bsc, max(16, triton.next_power_of_2(rows * dim)))
-    keep_t, keep_strides, has_keep = _keep_args(keep, x)
+    keep_t, keep_strides, has_keep, per_row = _keep_args(keep, x)
     sw = w.stride()
     w_strides = (sw[0], sw[1], sw[3], sw[2]) if w_transposed else sw
     g_t = g if g is not None else x
@@ -109,7 +111,7 @@ def _launch_wx(mode, w, x, g, do, keep, out, out2, allow_tf32, w_transposed=Fals
         w, x, g_t, do_t, keep_t, out, out2_t,
         *w_strides, *x.stride(), *g_t.stride(), *do_t.stride(), *keep_strides, *out.stride(), *out2_t.stride(),
         rows, n, heads,
-        MODE=mode, HAS_GATE=g is not None, HAS_KEEP=has_keep, C=dim,
+        MODE=mode, HAS_GATE=g is not None, HAS_KEEP=has_keep, KEEP_PER_ROW=per_row, C=dim,
         BLOCK_I=bi, BLOCK_J=bj, BLOCK_SC=bsc, PRECISION=_precision(x.dtype, allow_tf32),
         num_warps=warps, num_stages=stages,
     )
@@ -170,12 +172,12 @@ def pair_weighted_averaging_backward(
             dop = grad_out
         _launch_wx(2, w, dop, None, None, keep, dv, None, allow_tf32, w_transposed=True)
         bi, bk, bj, warps, stages = _config("dw", v.dtype)
-        keep_t, keep_strides, has_keep = _keep_args(keep, v)
+        keep_t, keep_strides, has_keep, per_row = _keep_args(keep, v)
         wrap_triton(_dw_kernel)[(triton.cdiv(n, bi), triton.cdiv(n, bj), batch * heads)](
             dop, v, keep_t, dw,
             *dop.stride(), *v.stride(), *keep_strides, *dw.stride(),
             rows, n, heads,
-            HAS_KEEP=has_keep, C=dim, BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk,
+            HAS_KEEP=has_keep, KEEP_PER_ROW=per_row, C=dim, BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk,
             PRECISION=_precision(v.dtype, allow_tf32), num_warps=warps, num_stages=stages,
         )
     p = softmax_weights(logits, mask)  # fp32, recomputed: N^2 H next to the S N^2 H C products
