@@ -182,7 +182,7 @@ def test_factory_kwargs():
         (torch.randn(5, D), None, ValueError, r"x: expected shape \(\*, N, N, 16\)"),
         ("x", None, TypeError, "x: expected a torch.Tensor, got str"),
         (torch.randn(1, 5, 5, D, dtype=torch.float64), None, TypeError,
-         r"norm_in_weight: expected dtype torch.float64 \(as x\), got torch.float32"),
+         r"x: expected dtype torch.float32 \(the layer's parameters\), got torch.float64"),
         (torch.randn(1, 5, 5, D), torch.ones(1, 5), ValueError, r"mask: expected shape \(1, 5, 5\), got \(1, 5\)"),
         (torch.randn(1, 5, 5, D), [[1.0]], TypeError, "mask: expected a torch.Tensor, got list"),
     ],
