@@ -91,6 +91,22 @@ def test_deterministic():
                          names=("v", "logits", "gate"))
 
 
+def test_dw_column_splits_agree(monkeypatch):
+    """dW summed over column splits (what small N on a GPU takes) equals one split."""
+    from foldops.kernels.pair_weighted_averaging import launch
+
+    (v, logits, gate), mask, msa_mask = make_case(1, 5, 9, 1, 8)
+    inputs = [t.float() for t in (v, logits, gate)]
+    out, w = launch.pair_weighted_averaging_forward(*inputs, mask, msa_mask)
+    grad = torch.randn_like(out)
+    results = {}
+    for splits in (1, 3):
+        monkeypatch.setattr(launch, "dw_splits", lambda *a, splits=splits: splits)
+        results[splits] = launch.pair_weighted_averaging_backward(grad, *inputs, mask, msa_mask, w)
+    for a, b in zip(results[1], results[3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_head_dim_limit():
     v = torch.randn(1, 1, 3, 1, configs.MAX_HEAD_DIM + 1, device=DEVICE)
     logits = torch.randn(1, 1, 3, 3, device=DEVICE)

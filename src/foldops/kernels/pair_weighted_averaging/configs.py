@@ -23,3 +23,4 @@ CONFIGS_FP32 = {
     "dw": (64, 32, 64, 4, 2),  # same loop, half the tile
 }
 INTERPRETER = (16, 16, 16, 1, 1)  # small tiles: multi-block loops at small sizes, fast interpretation
+MIN_SPLIT_STEPS = 16  # dW column splits each run at least this many K steps (amortise the fp32 partial sum)

@@ -10,7 +10,8 @@ products) and the bias gradient ``W * (dW - rowsum(W * dW))`` are PyTorch ops on
 [B, H, N, N] tensors; everything of size S * N runs in the kernels. Memory, beyond
 inputs and outputs: forward w (B H N^2 in v's dtype) and the value keep-mask (B S N
 bytes, only with masks); backward dO' (one S * N * H * C buffer in v's dtype, only
-with a gate) and fp32 dW (B H N^2).
+with a gate) and fp32 dW (B H N^2; times the column splits while they are summed,
+splits only where few (i, j) tiles leave SMs idle, i.e. small N).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
-from foldops.device import triton_interpret
+from foldops.device import multiprocessor_count, triton_interpret
 from foldops.kernels.pair_weighted_averaging import configs
 from foldops.kernels.pair_weighted_averaging.backward import _dw_kernel
 from foldops.kernels.pair_weighted_averaging.forward import _wx_kernel
@@ -43,6 +44,20 @@ def _config(kind: str, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
         return configs.INTERPRETER
     table = configs.CONFIGS_FP32 if dtype == torch.float32 else configs.CONFIGS
     return table[kind]
+
+
+def _num_sms(device: torch.device) -> int:
+    """SMs of ``device``; 4 under the interpreter, so that tests run the split dW path."""
+    return 4 if _interpreting() else multiprocessor_count(device)
+
+
+def dw_splits(tiles: int, columns: int, block_k: int, device: torch.device) -> int:
+    """Column splits of the dW product: enough programs for two waves of the SMs, each
+    split at least ``configs.MIN_SPLIT_STEPS`` steps of ``block_k`` columns (one under
+    the interpreter, so that small tests split)."""
+    want = triton.cdiv(2 * _num_sms(device), max(1, tiles))
+    min_steps = 1 if _interpreting() else configs.MIN_SPLIT_STEPS
+    return max(1, min(want, columns // (min_steps * block_k)))
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -173,13 +188,21 @@ def pair_weighted_averaging_backward(
         _launch_wx(2, w, dop, None, None, keep, dv, None, allow_tf32, w_transposed=True)
         bi, bk, bj, warps, stages = _config("dw", v.dtype)
         keep_t, keep_strides, has_keep, per_row = _keep_args(keep, v)
-        wrap_triton(_dw_kernel)[(triton.cdiv(n, bi), triton.cdiv(n, bj), batch * heads)](
-            dop, v, keep_t, dw,
-            *dop.stride(), *v.stride(), *keep_strides, *dw.stride(),
-            rows, n, heads,
+        tiles = triton.cdiv(n, bi) * triton.cdiv(n, bj) * batch * heads
+        splits = dw_splits(tiles, rows * dim, bk, v.device)
+        cols_per_split = triton.cdiv(triton.cdiv(rows * dim, splits), bk) * bk
+        splits = triton.cdiv(rows * dim, cols_per_split)
+        partial = dw[None] if splits == 1 else torch.empty((splits, batch, heads, n, n), dtype=torch.float32,
+                                                            device=v.device)
+        wrap_triton(_dw_kernel)[(triton.cdiv(n, bi), triton.cdiv(n, bj), splits * batch * heads)](
+            dop, v, keep_t, partial,
+            *dop.stride(), *v.stride(), *keep_strides, *partial.stride(),
+            rows, n, heads, batch * heads, cols_per_split,
             HAS_KEEP=has_keep, KEEP_PER_ROW=per_row, C=dim, BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk,
             PRECISION=_precision(v.dtype, allow_tf32), num_warps=warps, num_stages=stages,
         )
+        if splits > 1:
+            torch.sum(partial, dim=0, out=dw)  # a fixed-order reduction: deterministic
     p = softmax_weights(logits, mask)  # fp32, recomputed: N^2 H next to the S N^2 H C products
     dlogits = p * (dw - (p * dw).sum(dim=-1, keepdim=True))
     return dv, dlogits.to(logits.dtype), dg
