@@ -192,8 +192,7 @@ def pair_weighted_averaging_backward(
         splits = dw_splits(tiles, rows * dim, bk, v.device)
         cols_per_split = triton.cdiv(triton.cdiv(rows * dim, splits), bk) * bk
         splits = triton.cdiv(rows * dim, cols_per_split)
-        partial = dw[None] if splits == 1 else torch.empty((splits, batch, heads, n, n), dtype=torch.float32,
-                                                            device=v.device)
+        partial = dw[None] if splits == 1 else dw.new_empty((splits, batch, heads, n, n))
         wrap_triton(_dw_kernel)[(triton.cdiv(n, bi), triton.cdiv(n, bj), splits * batch * heads)](
             dop, v, keep_t, partial,
             *dop.stride(), *v.stride(), *keep_strides, *partial.stride(),
@@ -202,7 +201,7 @@ def pair_weighted_averaging_backward(
             PRECISION=_precision(v.dtype, allow_tf32), num_warps=warps, num_stages=stages,
         )
         if splits > 1:
-            torch.sum(partial, dim=0, out=dw)  # a fixed-order reduction: deterministic
+            dw = partial.sum(dim=0)  # a fixed-order reduction: deterministic
     p = softmax_weights(logits, mask)  # fp32, recomputed: N^2 H next to the S N^2 H C products
     dlogits = p * (dw - (p * dw).sum(dim=-1, keepdim=True))
     return dv, dlogits.to(logits.dtype), dg
