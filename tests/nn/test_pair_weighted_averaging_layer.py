@@ -210,3 +210,78 @@ def test_ligo_conversion_with_prefix_keeps_other_keys():
         convert_ligo_state_dict(sd, prefix="x.")
     with pytest.raises(TypeError, match="prefix"):
         convert_ligo_state_dict(sd, prefix=None)
+
+
+# ---- the triton backend (interpreter here; GPU-marked sizes in tests/kernels) ----
+
+
+def _triton_or_skip():
+    from foldops.device import kernel_support
+
+    reason = kernel_support("cpu", explicit=True)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("rows, lengths", [(5, (7, 11)), (1, (13,))], ids=("padded", "s1-n13"))
+def test_triton_backend_parity_with_boltz(nnh, rows, lengths):
+    _triton_or_skip()
+    boltz = nnh.randomize_(boltz_class(nnh)(C_M, C_Z, C_H, HEADS))
+    m, z, token_mask, pair_mask = inputs(nnh, lengths, rows)
+    nnh.check_parity(
+        boltz,
+        lambda **kw: ours(**{"backend": "triton", **kw}),
+        lambda layer, m, z, mask: layer(m, z, mask),
+        [m, z, pair_mask],
+        out_valid=[token_mask[:, None, :, None]],
+        in_valid=[torch.ones(()), torch.ones(()), None],
+        train=True,
+    )
+
+
+def test_triton_backend_msa_mask_matches_torch(nnh):
+    _triton_or_skip()
+    layer = nnh.randomize_(ours())
+    m, z, token_mask, pair_mask = inputs(nnh)
+    msa_mask = token_mask[:, None, :].expand(2, 5, 11).clone()
+    msa_mask[0, 3:] = 0
+    results = []
+    for backend in ("torch", "triton"):
+        layer.backend = backend
+        leaves_ = [t.clone().requires_grad_() for t in (m, z)]
+        out = layer(*leaves_, pair_mask, msa_mask=msa_mask)
+        out.square().sum().backward()
+        results.append((out, *(t.grad for t in leaves_)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_msa_layer_compiles_fullgraph_with_the_kernel():
+    """A whole MSALayer (pair-weighted averaging on the kernel) compiles with
+    fullgraph=True and trains (forward + backward) like eager."""
+    from foldops.nn import MSALayer
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = MSALayer(64, 32, 0.0, 0.0, device=device)
+    torch.nn.init.normal_(layer.pair_weighted_averaging.proj_o.weight, std=0.02)
+    b, s, n = 1, 17, 45
+    z = torch.randn(b, n, n, 32, device=device, requires_grad=True)
+    m = torch.randn(b, s, n, 64, device=device, requires_grad=True)
+    token = torch.ones(b, n, device=device)
+    token[:, 40:] = 0
+    pair = token[:, :, None] * token[:, None, :]
+    msa_mask = token[:, None, :].expand(b, s, n).contiguous()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        z_e, m_e = layer(z, m, pair, msa_mask)
+        z_c, m_c = compiled(z, m, pair, msa_mask)
+    loss_e = z_e.float().square().mean() + m_e.float().square().mean()
+    loss_c = z_c.float().square().mean() + m_c.float().square().mean()
+    g_e = torch.autograd.grad(loss_e, [z, m])
+    g_c = torch.autograd.grad(loss_c, [z, m])
+    torch.testing.assert_close(m_c, m_e, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(z_c, z_e, rtol=3e-2, atol=3e-2)
+    for a, b_ in zip(g_c, g_e):
+        torch.testing.assert_close(a, b_, rtol=3e-2, atol=3e-2)

@@ -1,7 +1,9 @@
-"""foldops.ops.pair_weighted_averaging: the ``torch`` and ``reference`` backends against float64.
+"""foldops.ops.pair_weighted_averaging: every backend against float64.
 
 The torch backend runs in one shot with autograd and in head groups / MSA-row chunks
-at inference; both paths are checked.
+at inference; both paths are checked. The triton backend runs under the interpreter
+here (small sizes); tests/kernels/test_pair_weighted_averaging_kernel.py has the
+GPU-sized ones.
 """
 
 import pytest
@@ -11,12 +13,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from foldops import budget as chunk_budget
 from foldops.backends import BackendUnavailableError
 from foldops.device import autocast
-from foldops.ops import pair_weighted_averaging
+from foldops.device import kernel_support
+from foldops.ops import pair_weighted_averaging, pair_weighted_averaging_core
 from foldops.reference.pair_weighted_averaging import pair_weighted_averaging as reference
 from foldops.testing import assert_within_baseline, check_against_float64, forward_backward, leaves
 
 
 LOW = (torch.float32, torch.bfloat16, torch.float16)
+TRITON = kernel_support("cpu") is None and kernel_support("cpu", explicit=True) is None
+needs_triton = pytest.mark.skipif(not TRITON, reason="Triton interpreter unavailable")
 
 # (B, S, N, H, D): N in 1, 2, 7, 13; S in 1, 3, 5; H 1/3; B = 2.
 SHAPES = [
@@ -200,5 +205,120 @@ def test_bad_inputs_name_the_argument():
         pair_weighted_averaging(v, logits, [[True]])
     with pytest.raises(ValueError, match=r"chunk_size: expected a positive int"):
         pair_weighted_averaging(v, logits, mask, chunk_size=-1)
-    with pytest.raises(BackendUnavailableError, match=r"has no backend 'triton'"):
+    with pytest.raises(BackendUnavailableError, match=r"'triton' cannot run .*dtype torch.float64"):
         pair_weighted_averaging(v, logits, mask, backend="triton")
+    with pytest.raises(ValueError, match=r"gate: expected shape"):
+        pair_weighted_averaging(v, logits, mask, gate=v[:, :1])
+    with pytest.raises(TypeError, match=r"gate: expected dtype torch.float64"):
+        pair_weighted_averaging(v, logits, mask, gate=v.float())
+    with pytest.raises(ValueError, match=r"msa_mask: expected shape \(1, 3, 5\)"):
+        pair_weighted_averaging(v, logits, mask, msa_mask=mask)
+    with pytest.raises(ValueError, match=r"b: expected shape \(1, 5, 5, 2\)"):
+        pair_weighted_averaging_core(v, logits, v, mask)
+
+
+# ---- gate and padded MSA rows (all backends; triton under the interpreter) ----
+
+# (B, S, N, H, D): awkward S, N (primes, 1), H 1/3, D 4/8/12.
+# N = 1 with enough outputs (96) that the max error is not one lucky rounding.
+GATED_SHAPES = [
+    (1, 3, 1, 2, 16),
+    (2, 3, 13, 3, 8),
+    (1, 5, 18, 1, 12),
+    (2, 7, 5, 2, 8),
+]
+
+
+def make_gated(batch, rows, n, heads, dim):
+    """fp64 v, logits [B, H, N, N] view, gate; pair mask as make_inputs; msa_mask pads
+    the last MSA row (S > 1) and ~20% of the other entries."""
+    v, logits, mask = make_inputs(batch, rows, n, heads, dim)
+    gate = 2 * torch.randn(batch, rows, n, heads, dim, dtype=torch.float64)
+    msa_mask = torch.rand(batch, rows, n) > 0.2
+    if rows > 1:
+        msa_mask[:, -1] = False
+    return v, logits, gate, mask, msa_mask
+
+
+def check_gated(backend, dtype, inputs):
+    v, logits, gate, mask, msa_mask = inputs
+    return check_against_float64(
+        lambda v, l, g: pair_weighted_averaging(v, l, mask, gate=g, msa_mask=msa_mask, backend=backend),
+        lambda v, l, g: reference(v, l, mask, g, msa_mask),
+        (v, logits, gate), dtype, names=("v", "logits", "gate"), compare_dtype=dtype,
+    )
+
+
+@pytest.mark.parametrize("shape", GATED_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", LOW + (torch.float64,), ids=str)
+@pytest.mark.parametrize("backend", ("torch", "reference", pytest.param("triton", marks=needs_triton)))
+def test_gated_forward_and_grads_vs_float64(backend, dtype, shape):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the kernel takes fp16/bf16/fp32")
+    result = check_gated(backend, dtype, make_gated(*shape))
+    for t in (*result.outputs, *result.grads):
+        assert torch.isfinite(t).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_triton_without_gate_or_masks(dtype):
+    inputs = make_inputs(2, 3, 13, 3, 8)
+    mask = inputs[2]
+    check_against_fp64(lambda v, l: pair_weighted_averaging(v, l, mask, backend="triton"), inputs, dtype)
+    inputs = make_inputs(1, 4, 7, 2, 8, masked=False)
+    check_against_fp64(lambda v, l: pair_weighted_averaging(v, l, None, backend="triton"), inputs, dtype,
+                       logits_dtype=torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_padding_gives_zeros_never_nan(backend):
+    """Padded residues (rows and keys) and padded MSA rows: finite outputs and
+    gradients, zeros where a row has no kept key, no gradient reaching padding, even
+    with NaN in the padded values."""
+    batch, rows, n, heads, dim = 2, 4, 11, 2, 8
+    v, logits, gate, _, _ = make_gated(batch, rows, n, heads, dim)
+    residues = torch.ones(batch, n, dtype=torch.bool)
+    residues[0, 7:] = False  # element 0 has 7 residues
+    residues[1] = False  # element 1 is all padding
+    pair = residues[:, :, None] & residues[:, None, :]
+    msa_mask = residues[:, None, :].expand(batch, rows, n).clone()
+    msa_mask[0, 2:] = False  # element 0 has 2 MSA rows
+    v = v.masked_fill(~residues[:, None, :, None, None], float("nan"))  # padding holds garbage
+    low = leaves((v, logits, gate), torch.bfloat16)
+    out = pair_weighted_averaging(*low[:2], pair, gate=low[2], msa_mask=msa_mask, backend=backend)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    for t in (out, *(x.grad for x in low)):
+        assert torch.isfinite(t).all()
+    assert (out.transpose(1, 2)[~residues] == 0).all()
+    assert (low[0].grad.transpose(1, 2)[~residues] == 0).all()
+    assert (low[0].grad[0, 2:] == 0).all()  # padded MSA rows' values get no gradient
+    assert (low[1].grad.permute(0, 2, 3, 1)[~pair] == 0).all()
+
+
+@needs_triton
+def test_core_api_matches_the_functional():
+    v, logits, gate, _, msa_mask = make_gated(2, 3, 9, 2, 8)
+    bias = logits.permute(0, 2, 3, 1)  # [B, N, N, H]
+    residues = torch.rand(2, 9) > 0.3
+    pair = residues[:, :, None] & residues[:, None, :]
+    expected = reference(v, logits, pair, gate, msa_mask)
+    for backend in ("reference", "torch", "triton"):
+        dtype = torch.float32 if backend == "triton" else torch.float64
+        out = pair_weighted_averaging_core(v.to(dtype), bias.to(dtype), gate.to(dtype), residues.float(),
+                                           msa_mask=msa_mask, backend=backend)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    out = pair_weighted_averaging_core(v, bias, gate, pair, msa_mask=msa_mask, backend="torch")
+    torch.testing.assert_close(out, expected)
+
+
+def test_core_api_docstring_example():
+    import doctest
+
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner()
+    for test in finder.find(pair_weighted_averaging_core, "pair_weighted_averaging_core"):
+        runner.run(test)
+    assert runner.failures == 0

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_tensor
 from foldops.backends import AUTO
 from foldops.budget import rows_per_chunk
+from foldops.device import autocast_dtype_in_effect
 from foldops.nn import _init
 from foldops.ops.pair_weighted_averaging import pair_weighted_averaging
 
@@ -68,6 +69,14 @@ def convert_ligo_state_dict(state_dict: Mapping[str, Tensor], prefix: str = "") 
             f"(expected e.g. {prefix + 'msa_proj.0.weight'!r})"
         )
     return converted
+
+
+def _to_autocast_dtype(x: Tensor) -> Tensor:
+    """A layer norm's fp32 output cast once to the autocast dtype in effect (what
+    autocast would hand each projection): both projections then share, and save for
+    backward, one low-precision copy instead of the fp32 output plus one cast each."""
+    low = autocast_dtype_in_effect(x)
+    return x.to(low) if low is not None and x.dtype == torch.float32 else x
 
 
 class PairWeightedAveraging(nn.Module):
@@ -117,19 +126,21 @@ class PairWeightedAveraging(nn.Module):
         _init.zeros_(self.proj_o.weight)
 
     def _rows(self, m: Tensor, logits: Tensor, mask, msa_mask) -> Tensor:
-        """The layer on a block of MSA rows, from the layer norm to ``proj_o``."""
-        m = self.norm_m(m)
+        """The layer on a block of MSA rows, from the layer norm to ``proj_o``.
+
+        The op takes the gate before its sigmoid and the MSA mask, so the only
+        S * N-sized activations are the two projections and the op's output (the
+        triton backend applies both inside its kernel).
+        """
+        m = _to_autocast_dtype(self.norm_m(m))
         # Two matmuls, not one on concatenated weights: slicing a joint output costs
         # two full-size zero-filled gradients in backward.
         v = self.proj_m(m).unflatten(-1, (self.num_heads, self.c_h))
-        if msa_mask is not None:
-            v = v * msa_mask[..., None, None].to(v.dtype)
-        o = pair_weighted_averaging(v, logits, mask, backend=self.backend).flatten(-2)
-        del v
-        if torch.is_grad_enabled():
-            return self.proj_o(torch.sigmoid(self.proj_g(m)) * o)
-        # Inference: gate in place on buffers this layer owns, so fewer are alive at once.
-        return self.proj_o(o.mul_(self.proj_g(m).sigmoid_()))
+        g = self.proj_g(m).unflatten(-1, (self.num_heads, self.c_h))
+        del m
+        o = pair_weighted_averaging(v, logits, mask, gate=g, msa_mask=msa_mask, backend=self.backend)
+        del v, g
+        return self.proj_o(o.flatten(-2))
 
     def forward(
         self,
@@ -155,7 +166,7 @@ class PairWeightedAveraging(nn.Module):
         mask = as_bool_mask("mask", mask, (batch, n, n), m.device)
         if msa_mask is not None:
             msa_mask = as_bool_mask("msa_mask", msa_mask, (batch, rows, n), m.device)
-        logits = self.proj_z(self.norm_z(z)).permute(0, 3, 1, 2)  # [B, H, N, N] view
+        logits = self.proj_z(_to_autocast_dtype(self.norm_z(z))).permute(0, 3, 1, 2)  # [B, H, N, N] view
 
         if self.training or torch.is_grad_enabled():
             return self._rows(m, logits, mask, msa_mask)

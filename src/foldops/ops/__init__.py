@@ -4,7 +4,7 @@
 from foldops.ops.attention_pair_bias import attention_pair_bias
 from foldops.ops.invariant_point_attention import invariant_point_attention
 from foldops.ops.outer_product_mean import outer_product_mean
-from foldops.ops.pair_weighted_averaging import pair_weighted_averaging
+from foldops.ops.pair_weighted_averaging import pair_weighted_averaging, pair_weighted_averaging_core
 from foldops.ops.transition import swiglu_transition
 from foldops.ops.triangle_attention import triangle_attention
 from foldops.ops.triangle_multiplication import triangle_multiplication
@@ -16,6 +16,7 @@ __all__ = [
     "outer_product_mean",
     "padded_attention",
     "pair_weighted_averaging",
+    "pair_weighted_averaging_core",
     "swiglu_transition",
     "triangle_attention",
     "triangle_multiplication",

@@ -2,10 +2,13 @@
 
 Shapes:
 
-    v: [B, S, N, H, D]   logits: [B, H, N, N]   mask: [B, N, N] (True = keep) or None
-    out: [B, S, N, H, D]
+    v, gate: [B, S, N, H, D]   logits: [B, H, N, N]   mask: [B, N, N] (True = keep) or None
+    msa_mask: [B, S, N] (True = keep) or None   out: [B, S, N, H, D]
 
-    out[b,s,i,h] = sum_j softmax_j(logits[b,h,i,j] | mask[b,i,j]) * v[b,s,j,h]
+    out[b,s,i,h] = sigmoid(gate[b,s,i,h]) * sum_j softmax_j(logits[b,h,i,j] | mask[b,i,j])
+                   * msa_mask[b,s,j] * v[b,s,j,h]
+
+(no sigmoid factor when ``gate`` is None; msa_mask 1 when None).
 
 The weights do not depend on the MSA row s: one softmax is shared by all rows. Rows
 i whose keys j are all masked give zeros.
@@ -24,6 +27,8 @@ def pair_weighted_averaging(
     v: torch.Tensor,
     logits: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+    msa_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Softmax in fp32 (fp64 for fp64 inputs), the weighted sum in v's dtype.
 
@@ -35,4 +40,7 @@ def pair_weighted_averaging(
     weights = masked_softmax(logits.to(softmax_dtype), keep, dim=-1)
     if mask is not None:  # keys masked for every row contribute nothing, even NaN
         v = v.masked_fill(~mask.bool().any(dim=1)[:, None, :, None, None], 0)
-    return torch.einsum("bhij,bsjhd->bsihd", weights.to(v.dtype), v)
+    if msa_mask is not None:  # padded MSA rows' values count as zero
+        v = v.masked_fill(~msa_mask.bool()[..., None, None], 0)
+    out = torch.einsum("bhij,bsjhd->bsihd", weights.to(v.dtype), v)
+    return out if gate is None else torch.sigmoid(gate) * out

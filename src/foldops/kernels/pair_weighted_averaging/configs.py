@@ -1,0 +1,26 @@
+"""Tile tables of the pair-weighted averaging kernels, as plain data.
+
+Read by ``launch.py`` at every launch (through this module, so a benchmark may replace
+an entry). Not yet tuned on a GPU: the entries are the usual Hopper GEMM shapes for a
+memory-bound product with a short K (head dims 8-64, bf16).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # input dtypes the kernels take
+MAX_HEAD_DIM = 64  # head dims 1..64 run as they are (C is a compile-time constant)
+
+# kind -> (BLOCK_I, BLOCK_J or BLOCK_K, BLOCK_SC or BLOCK_J, num_warps, num_stages), 16-bit inputs.
+CONFIGS = {
+    "wx": (128, 64, 128, 8, 3),  # W@X: M = rows i, K = keys j, N = (s, c) columns; one W tile per K step
+    "dw": (128, 64, 128, 8, 3),  # dW: M = rows i, K = (s, c) columns, N = keys j
+}
+# fp32 inputs (twice the bytes per tile): smaller tiles keep the pipelined stages in shared memory.
+CONFIGS_FP32 = {
+    "wx": (64, 32, 128, 8, 2),  # same loop, half the K step
+    "dw": (64, 32, 64, 4, 2),  # same loop, half the tile
+}
+INTERPRETER = (16, 16, 16, 1, 1)  # small tiles: multi-block loops at small sizes, fast interpretation
+MIN_SPLIT_STEPS = 16  # dW column splits each run at least this many K steps (amortise the fp32 partial sum)

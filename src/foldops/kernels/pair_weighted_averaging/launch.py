@@ -1,0 +1,207 @@
+"""Launchers of the pair-weighted averaging kernels: ``pair_weighted_averaging_forward``
+and ``pair_weighted_averaging_backward`` check, allocate, choose tiles and launch.
+
+    v, g, out: [B, S, N, H, C] (any strides)   logits: [B, H, N, N] (any strides)
+    mask: [B, N, N] bool pair keep-mask or None   msa_mask: [B, S, N] bool or None
+    w: [B, H, N, N] softmax weights in v's dtype (saved for backward)
+
+The softmax over j (fp32, once per (b, h), N^2 H work next to the S N^2 H C of the
+products) and the bias gradient ``W * (dW - rowsum(W * dW))`` are PyTorch ops on
+[B, H, N, N] tensors; everything of size S * N runs in the kernels. Memory, beyond
+inputs and outputs: forward w (B H N^2 in v's dtype) and the value keep-mask (B S N
+bytes, only with masks); backward dO' (one S * N * H * C buffer in v's dtype, only
+with a gate) and fp32 dW (B H N^2; times the column splits while they are summed,
+splits only where few (i, j) tiles leave SMs idle, i.e. small N).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
+
+from foldops.device import multiprocessor_count, triton_interpret
+from foldops.kernels.pair_weighted_averaging import configs
+from foldops.kernels.pair_weighted_averaging.backward import _dw_kernel
+from foldops.kernels.pair_weighted_averaging.forward import _wx_kernel
+
+
+def _interpreting() -> bool:
+    return triton_interpret()
+
+
+def _tracing_under_interpreter(t: torch.Tensor) -> bool:
+    """Fake/meta tensors under the interpreter: allocate, skip the launch (the
+    interpreter would run the kernel on fake tensors)."""
+    return _interpreting() and (t.device.type == "meta" or is_fake(t))
+
+
+def _config(kind: str, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+    if _interpreting():
+        return configs.INTERPRETER
+    table = configs.CONFIGS_FP32 if dtype == torch.float32 else configs.CONFIGS
+    return table[kind]
+
+
+def _num_sms(device: torch.device) -> int:
+    """SMs of ``device``; 4 under the interpreter, so that tests run the split dW path."""
+    return 4 if _interpreting() else multiprocessor_count(device)
+
+
+def dw_splits(tiles: int, columns: int, block_k: int, device: torch.device) -> int:
+    """Column splits of the dW product: enough programs for two waves of the SMs, each
+    split at least ``configs.MIN_SPLIT_STEPS`` steps of ``block_k`` columns (one under
+    the interpreter, so that small tests split)."""
+    want = triton.cdiv(2 * _num_sms(device), max(1, tiles))
+    min_steps = 1 if _interpreting() else configs.MIN_SPLIT_STEPS
+    return max(1, min(want, columns // (min_steps * block_k)))
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    # fp32 products as three TF32 passes when TF32 is allowed, exact otherwise;
+    # 16-bit inputs take the tensor cores either way ("ieee" is ignored for them).
+    return "tf32x3" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def softmax_weights(logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """fp32 ``[B, H, N, N]`` softmax over j; masked keys get 0, rows with no kept key
+    (or all logits -inf) are all 0."""
+    logits = logits.float()
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None], float("-inf"))
+    dead = logits.amax(dim=-1, keepdim=True) == float("-inf")
+    return torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
+def value_keep(mask: Optional[torch.Tensor], msa_mask: Optional[torch.Tensor], v: torch.Tensor):
+    """uint8 ``[B, S or 1, N]``: 0 where a value counts as zero (a padded MSA row's
+    entry, or a key j that every row i masks, which must not pass even a NaN), or None."""
+    keep = None
+    if mask is not None:
+        keep = mask.any(dim=1)[:, None, :]  # [B, 1, N_j]
+    if msa_mask is not None:
+        keep = msa_mask if keep is None else msa_mask & keep
+    return None if keep is None else keep.to(torch.uint8)
+
+
+def _keep_args(keep: Optional[torch.Tensor], v: torch.Tensor):
+    """(tensor, strides, HAS_KEEP, KEEP_PER_ROW) kernel arguments of a value keep-mask."""
+    if keep is None:
+        return v, (0, 0, 0), False, False
+    strides = keep.stride()
+    per_row = keep.shape[1] > 1
+    return keep, (strides[0], strides[1] if per_row else 0, strides[2]), True, per_row
+
+
+def _check(v, logits, g, mask, msa_mask) -> None:
+    batch, rows, n, heads, dim = v.shape
+    if v.dtype not in configs.DTYPES:
+        raise TypeError(f"v: expected dtype in {configs.DTYPES}, got {v.dtype}")
+    if dim > configs.MAX_HEAD_DIM:
+        raise ValueError(f"v: head dim (last axis) must be at most {configs.MAX_HEAD_DIM}, got {dim}")
+    if tuple(logits.shape) != (batch, heads, n, n):
+        raise ValueError(f"logits: expected shape {(batch, heads, n, n)}, got {tuple(logits.shape)}")
+    if g is not None and (g.shape != v.shape or g.dtype != v.dtype):
+        raise ValueError(f"g: expected shape {tuple(v.shape)} and dtype {v.dtype}, got {tuple(g.shape)} {g.dtype}")
+    for name, m, shape in (("mask", mask, (batch, n, n)), ("msa_mask", msa_mask, (batch, rows, n))):
+        if m is not None and (m.dtype != torch.bool or tuple(m.shape) != shape):
+            raise ValueError(f"{name}: expected a bool tensor of shape {shape}, got {m.dtype} {tuple(m.shape)}")
+
+
+def _launch_wx(mode, w, x, g, do, keep, out, out2, allow_tf32, w_transposed=False):
+    batch, rows, n, heads, dim = x.shape
+    bi, bj, bsc, warps, stages = _config("wx", x.dtype)
+    bsc = min(bsc, max(16, triton.next_power_of_2(rows * dim)))
+    keep_t, keep_strides, has_keep, per_row = _keep_args(keep, x)
+    sw = w.stride()
+    w_strides = (sw[0], sw[1], sw[3], sw[2]) if w_transposed else sw
+    g_t = g if g is not None else x
+    do_t = do if do is not None else x
+    out2_t = out2 if out2 is not None else out
+    grid = (triton.cdiv(n, bi), triton.cdiv(rows * dim, bsc), batch * heads)
+    wrap_triton(_wx_kernel)[grid](
+        w, x, g_t, do_t, keep_t, out, out2_t,
+        *w_strides, *x.stride(), *g_t.stride(), *do_t.stride(), *keep_strides, *out.stride(), *out2_t.stride(),
+        rows, n, heads,
+        MODE=mode, HAS_GATE=g is not None, HAS_KEEP=has_keep, KEEP_PER_ROW=per_row, C=dim,
+        BLOCK_I=bi, BLOCK_J=bj, BLOCK_SC=bsc, PRECISION=_precision(x.dtype, allow_tf32),
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def pair_weighted_averaging_forward(
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    g: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    msa_mask: Optional[torch.Tensor],
+    allow_tf32: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, w)``: ``out = sigmoid(g) * sum_j w v`` ([B, S, N, H, C], contiguous, v's
+    dtype; no gate when ``g`` is None) and the weights ``w`` [B, H, N, N] in v's dtype."""
+    _check(v, logits, g, mask, msa_mask)
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    w = softmax_weights(logits, mask).to(v.dtype)
+    if v.numel() == 0 or _tracing_under_interpreter(v):
+        return out, w
+    keep = value_keep(mask, msa_mask, v)
+    _launch_wx(0, w, v, g, None, keep, out, None, allow_tf32)
+    return out, w
+
+
+def pair_weighted_averaging_backward(
+    grad_out: torch.Tensor,
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    g: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    msa_mask: Optional[torch.Tensor],
+    w: torch.Tensor,
+    allow_tf32: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(dv, dlogits, dg)``; dv and dg contiguous in v's dtype, dlogits [B, H, N, N]
+    contiguous in logits' dtype, dg None without a gate. Deterministic (no atomics).
+
+    Passes: with a gate, dg and dO' = dO * sigmoid(g) (one kernel, recomputing the
+    weighted sum); dv = W^T dO'; dW = dO' v^T over the (s, c) columns; then the softmax
+    backward on [B, H, N, N] in fp32.
+    """
+    _check(v, logits, g, mask, msa_mask)
+    batch, rows, n, heads, dim = v.shape
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dg = None if g is None else torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dw = torch.empty((batch, heads, n, n), dtype=torch.float32, device=v.device)
+    if v.numel() == 0:
+        return dv.zero_(), torch.zeros_like(logits), None if dg is None else dg.zero_()
+    if not _tracing_under_interpreter(v):
+        keep = value_keep(mask, msa_mask, v)
+        grad_out = grad_out if grad_out.dtype == v.dtype else grad_out.to(v.dtype)
+        if g is not None:
+            # dO' laid out [B, H, N, S, C]: the dW pass reads its rows i along (s, c).
+            dop = torch.empty((batch, heads, n, rows, dim), dtype=v.dtype, device=v.device).permute(0, 3, 2, 1, 4)
+            _launch_wx(1, w, v, g, grad_out, keep, dg, dop, allow_tf32)
+        else:
+            dop = grad_out
+        _launch_wx(2, w, dop, None, None, keep, dv, None, allow_tf32, w_transposed=True)
+        bi, bk, bj, warps, stages = _config("dw", v.dtype)
+        keep_t, keep_strides, has_keep, per_row = _keep_args(keep, v)
+        tiles = triton.cdiv(n, bi) * triton.cdiv(n, bj) * batch * heads
+        splits = dw_splits(tiles, rows * dim, bk, v.device)
+        cols_per_split = triton.cdiv(triton.cdiv(rows * dim, splits), bk) * bk
+        splits = triton.cdiv(rows * dim, cols_per_split)
+        partial = dw[None] if splits == 1 else dw.new_empty((splits, batch, heads, n, n))
+        wrap_triton(_dw_kernel)[(triton.cdiv(n, bi), triton.cdiv(n, bj), splits * batch * heads)](
+            dop, v, keep_t, partial,
+            *dop.stride(), *v.stride(), *keep_strides, *partial.stride(),
+            rows, n, heads, batch * heads, cols_per_split,
+            HAS_KEEP=has_keep, KEEP_PER_ROW=per_row, C=dim, BLOCK_I=bi, BLOCK_J=bj, BLOCK_K=bk,
+            PRECISION=_precision(v.dtype, allow_tf32), num_warps=warps, num_stages=stages,
+        )
+        if splits > 1:
+            dw = partial.sum(dim=0)  # a fixed-order reduction: deterministic
+    p = softmax_weights(logits, mask)  # fp32, recomputed: N^2 H next to the S N^2 H C products
+    dlogits = p * (dw - (p * dw).sum(dim=-1, keepdim=True))
+    return dv, dlogits.to(logits.dtype), dg

@@ -1,0 +1,111 @@
+"""Registered ops and autograd of the pair-weighted averaging kernels, and the
+differentiable entry ``pair_weighted_averaging(v, logits, g, mask, msa_mask)``.
+
+- custom ops ``foldops::pair_weighted_averaging_fwd`` / ``_bwd``
+  (``torch.library.triton_op``: the body is also the fake implementation; autograd
+  registered on the forward), which torch.compile traces and opcheck checks;
+- under the Triton interpreter, opaque ``custom_op`` s with the same bodies as fake
+  implementations (tracing cannot capture interpreted launches).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch.library import triton_op
+
+from foldops.kernels.pair_weighted_averaging.launch import (
+    _interpreting,
+    pair_weighted_averaging_backward,
+    pair_weighted_averaging_forward,
+)
+
+
+def _op(name: str):
+    def register(fn):
+        if _interpreting():
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fn)
+            return op
+        return triton_op(name, mutates_args=())(fn)
+
+    return register
+
+
+@_op("foldops::pair_weighted_averaging_fwd")
+def _fwd_op(
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    g: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    msa_mask: Optional[torch.Tensor],
+    allow_tf32: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return pair_weighted_averaging_forward(v, logits, g, mask, msa_mask, allow_tf32)
+
+
+@_op("foldops::pair_weighted_averaging_bwd")
+def _bwd_op(
+    grad_out: torch.Tensor,
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    g: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    msa_mask: Optional[torch.Tensor],
+    w: torch.Tensor,
+    allow_tf32: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dv, dlogits, dg = pair_weighted_averaging_backward(grad_out, v, logits, g, mask, msa_mask, w, allow_tf32)
+    return dv, dlogits, dg if dg is not None else v.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    v, logits, g, mask, msa_mask, allow_tf32 = inputs
+    _, w = output
+    ctx.save_for_backward(v, logits, g, mask, msa_mask, w)
+    ctx.allow_tf32 = allow_tf32
+    ctx.mark_non_differentiable(w)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, _grad_w):
+    v, logits, g, mask, msa_mask, w = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None
+    dv, dlogits, dg = torch.ops.foldops.pair_weighted_averaging_bwd(
+        grad_out, v, logits, g, mask, msa_mask, w, ctx.allow_tf32
+    )
+    return dv, dlogits, (dg if g is not None else None), None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _allow_tf32() -> bool:
+    # torch's own switch: torch.set_float32_matmul_precision("high") allows TF32.
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def pair_weighted_averaging(
+    v: torch.Tensor,
+    logits: torch.Tensor,
+    g: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    msa_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Differentiable ``sigmoid(g) * sum_j softmax_j(logits | mask) v`` on the kernels.
+
+    Args:
+        v: ``[B, S, N, H, C]`` fp16 / bf16 / fp32, any strides, C <= 64.
+        logits: ``[B, H, N, N]`` in v's dtype or fp32, any strides.
+        g: ``[B, S, N, H, C]`` gate before the sigmoid, v's dtype, or None (no gate).
+        mask: ``[B, N, N]`` bool keep-mask over (i, j), or None.
+        msa_mask: ``[B, S, N]`` bool; values of False entries count as zero. Or None.
+
+    Returns:
+        ``[B, S, N, H, C]`` contiguous, in v's dtype.
+    """
+    out, _ = torch.ops.foldops.pair_weighted_averaging_fwd(v, logits, g, mask, msa_mask, _allow_tf32())
+    return out
