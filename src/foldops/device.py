@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -241,6 +241,15 @@ def triton_import_error() -> Optional[str]:
 
 
 MIN_KERNEL_CAPABILITY = (8, 0)
+
+
+def nvidia_capability(device: Union[torch.Tensor, DeviceLike]) -> Optional[Tuple[int, int]]:
+    """Compute capability of an NVIDIA CUDA device (not ROCm), or ``None`` for any other
+    device. For ops that use PyTorch's own CUDA-only kernels (flash attention)."""
+    dev = device.device if isinstance(device, torch.Tensor) else torch.device(device)
+    if dev.type != "cuda" or torch.version.hip is not None or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(dev)
 
 
 def kernel_support(device: Union[torch.Tensor, DeviceLike], explicit: bool = True) -> Optional[str]:

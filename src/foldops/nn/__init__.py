@@ -28,6 +28,7 @@ _EXPORTS = {
     "TriangleAttentionStartingNode": "triangle_attention",
     "TriangleMultiplicationIncoming": "triangle_multiplication",
     "TriangleMultiplicationOutgoing": "triangle_multiplication",
+    "VarlenSelfAttention": "varlen_attention",
 }
 
 

@@ -7,12 +7,15 @@ from foldops.ops.pair_weighted_averaging import pair_weighted_averaging
 from foldops.ops.transition import swiglu_transition
 from foldops.ops.triangle_attention import triangle_attention
 from foldops.ops.triangle_multiplication import triangle_multiplication
+from foldops.ops.varlen_attention import padded_attention, varlen_attention
 
 __all__ = [
     "attention_pair_bias",
     "outer_product_mean",
+    "padded_attention",
     "pair_weighted_averaging",
     "swiglu_transition",
     "triangle_attention",
     "triangle_multiplication",
+    "varlen_attention",
 ]

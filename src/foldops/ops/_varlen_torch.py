@@ -1,0 +1,269 @@
+"""The ``torch`` backend of foldops.ops.varlen_attention (any device), and the dense form.
+
+- ``torch_varlen``: ``torch.nn.attention.varlen`` (PyTorch's flash kernel on the packed
+  tensors) where it runs: NVIDIA cc >= 8.0, fp16/bf16, head dim <= 256 and a multiple of
+  8, no dropout.
+- ``torch_buckets``: everywhere else. Sequences sorted by length are grouped greedily into
+  buckets whose padded tokens stay within ``PADDING_WASTE`` (1.25) x their real tokens
+  and whose Lq*Lk-sized intermediates stay within ``foldops.budget``; each bucket is one
+  ``scaled_dot_product_attention`` call on [n, H, Lq_max, D] with a key mask (the
+  memory-efficient kernel on V100-class GPUs, the flash kernel on CPU). Device work is
+  per bucket, never per sequence; the plan is host arithmetic over the B lengths.
+  Memory: padded copies of q, k, v, out within 1.25x the packed tensors, plus per
+  bucket the causal mask O(n Lq Lk) or, for the explicit softmax (``return_lse``,
+  dropout with a generator, fp64), the scores O(n H Lq Lk).
+- ``dense``: the padded form [B, L, H, D] with a [B, Lk] keep-mask through SDPA (or the
+  explicit softmax for the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+
+from foldops import budget
+from foldops.device import nvidia_capability
+
+PADDING_WASTE = 1.25
+"""Padded tokens of a bucket at most this many times its real tokens."""
+
+
+# Rows without keys ----------------------------------------------------------------------
+
+
+def rows_with_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, causal: bool) -> torch.Tensor:
+    """[total_q] bool: whether each query sees at least one key (device ops only, no sync)."""
+    pos = torch.arange(total_q, device=cu_q.device, dtype=cu_q.dtype)
+    seq = torch.searchsorted(cu_q[1:].contiguous(), pos, right=True)
+    lq = (cu_q[seq + 1] - cu_q[seq]).long()
+    lk = (cu_k[seq + 1] - cu_k[seq]).long()
+    if not causal:
+        return lk > 0
+    return (pos.long() - cu_q[seq].long()) + lk - lq >= 0
+
+
+# torch backend: torch.nn.attention.varlen --------------------------------------------------
+
+
+def torch_varlen_reason(q: torch.Tensor, dropout_p: float, generator) -> Optional[str]:
+    """None if ``torch.nn.attention.varlen`` runs these inputs, else why not."""
+    capability = nvidia_capability(q)
+    if capability is None or capability < (8, 0):
+        return "torch.nn.attention.varlen needs an NVIDIA GPU of cc >= 8.0"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"torch.nn.attention.varlen needs fp16/bf16, got {q.dtype}"
+    if q.shape[-1] > 256 or q.shape[-1] % 8:
+        return f"torch.nn.attention.varlen needs a head dim <= 256, a multiple of 8, got {q.shape[-1]}"
+    if dropout_p > 0:
+        return "torch.nn.attention.varlen has no dropout"
+    try:
+        from torch.nn.attention import varlen  # noqa: F401
+    except ImportError:
+        return "torch.nn.attention.varlen is not in this torch"
+    return None
+
+
+def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse):
+    from torch.nn.attention.varlen import AuxRequest, varlen_attn
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    result = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
+                         window_size=(-1, 0) if causal else (-1, -1),
+                         enable_gqa=q.shape[1] != k.shape[1],
+                         return_aux=AuxRequest(lse=True) if return_lse else None)
+    if not return_lse:
+        return result, None
+    out, lse = result
+    # The flash kernel marks rows without keys with lse = +inf; here they are -inf.
+    keep = rows_with_keys(cu_q, cu_k, q.shape[0], causal)
+    return out, torch.where(keep[None, :], lse.detach().float(), -math.inf)
+
+
+# torch backend: padded buckets for scaled_dot_product_attention -----------------------------
+
+
+def plan_buckets(len_q: List[int], len_k: List[int], cell_bytes: int, budget_bytes: int) -> List[List[int]]:
+    """Group sequences (with queries and keys) into buckets, longest first.
+
+    A bucket's padded tokens n * (Lq_max + Lk_max) stay within PADDING_WASTE x its real
+    tokens, and its score-sized intermediates n * Lq_max * Lk_max * cell_bytes within the
+    budget (a single sequence may exceed it). Host arithmetic over B integers.
+    """
+    if cell_bytes == 0:
+        cell_bytes, budget_bytes = 1, math.inf
+    order = sorted((b for b in range(len(len_q)) if len_q[b] and len_k[b]),
+                   key=lambda b: -(len_q[b] + len_k[b]))
+    buckets: List[List[int]] = []
+    current: List[int] = []
+    mq = mk = tokens = 0
+    for b in order:
+        nq, nk = max(mq, len_q[b]), max(mk, len_k[b])
+        n = len(current) + 1
+        fits = (n * (nq + nk) <= PADDING_WASTE * (tokens + len_q[b] + len_k[b])
+                and n * nq * nk * cell_bytes <= budget_bytes)
+        if current and not fits:
+            buckets.append(current)
+            current, mq, mk, tokens = [], 0, 0, 0
+            nq, nk = len_q[b], len_k[b]
+        current.append(b)
+        mq, mk, tokens = nq, nk, tokens + len_q[b] + len_k[b]
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def _bucket_attention(q, k, v, starts_q, starts_k, lq, lk, causal, scale, dropout_p, generator, return_lse):
+    """Attention of the sequences of one bucket, padded to its longest; returns
+    ``(out, lse)``: all n * Mq query rows [n * Mq, H, D] (padding rows included) and
+    their lse [H, n * Mq] (or None)."""
+    device, heads, head_dim = q.device, q.shape[1], q.shape[2]
+    group = heads // k.shape[1]
+    mq, mk = int(lq.max()), int(lk.max())
+    aq, ak = torch.arange(mq), torch.arange(mk)
+    valid_q = aq[None, :] < lq[:, None]  # [n, Mq] host
+    valid_k = ak[None, :] < lk[:, None]
+    pos_q = torch.where(valid_q, starts_q[:, None] + aq[None, :], 0)
+    pos_k = torch.where(valid_k, starts_k[:, None] + ak[None, :], 0)
+    n = lq.shape[0]
+    uniform = bool((lq == mq).all() and (lk == mk).all())
+    pos_q_dev, pos_k_dev = pos_q.to(device).flatten(), pos_k.to(device).flatten()
+    # Advanced indexing: on CPU several times faster than index_select over [total, H, D].
+    qb = q[pos_q_dev].view(n, mq, heads, head_dim).transpose(1, 2)
+    kb, vb = (t[pos_k_dev].view(n, mk, -1, head_dim).transpose(1, 2) for t in (k, v))
+    if group > 1:  # [n, H_kv, Mk, D] -> [n, H, Mk, D], kv head h // group for query head h
+        kb, vb = (t.repeat_interleave(group, dim=1) for t in (kb, vb))
+    keep = row_keep = None  # keep: [n, 1 or Mq, Mk] keys each query row may see
+    if causal and not (uniform and mq == mk):
+        keep = valid_k[:, None, :] & (ak[None, None, :] <= aq[None, :, None] + (lk - lq)[:, None, None])
+        row_keep = keep.any(-1).to(device)  # [n, Mq]: causal rows i < Lq - Lk see no key
+        keep = keep.to(device)
+    elif not causal and not uniform:
+        keep = valid_k[:, None, :].to(device)  # key padding only; every row sees a key (Lk > 0)
+    explicit = _explicit_softmax(q, dropout_p, generator, return_lse)
+    if explicit or keep is not None:
+        masked_value = torch.finfo(q.dtype).min / 2  # finite: SDPA never sees an all -inf row
+    if not explicit:
+        mask = None
+        if keep is not None:
+            mask = torch.zeros(keep.shape, dtype=q.dtype, device=device).masked_fill(~keep, masked_value)
+            mask = mask[:, None]  # [n, 1, 1 or Mq, Mk]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+            is_causal=causal and keep is None)
+        lse = None
+    else:
+        softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        logits = torch.matmul(qb * scale, kb.transpose(-1, -2)).to(softmax_dtype)  # [n, H, Mq, Mk]
+        if keep is not None:
+            logits = logits.masked_fill(~keep[:, None], masked_value)
+        elif causal:
+            logits = logits.masked_fill(torch.ones(mq, mk, dtype=torch.bool, device=device).triu(1),
+                                        masked_value)
+        lse = torch.logsumexp(logits.detach(), -1).float() if return_lse else None
+        weights = torch.softmax(logits, -1)
+        if dropout_p > 0:
+            drop = torch.rand(weights.shape, generator=generator, device=device) < dropout_p
+            weights = weights.masked_fill(drop, 0.0) / (1.0 - dropout_p)
+        out = torch.matmul(weights.to(vb.dtype), vb)
+    out = out.transpose(1, 2)  # [n, Mq, H, D]
+    if row_keep is not None:
+        out = out * row_keep[:, :, None, None].to(out.dtype)
+        if lse is not None:
+            lse = lse.masked_fill(~row_keep[:, None, :], -math.inf)
+    out = out.reshape(n * mq, heads, head_dim)
+    if lse is not None:
+        lse = lse.transpose(0, 1).reshape(heads, n * mq)
+    return out, lse
+
+
+def _explicit_softmax(q, dropout_p, generator, return_lse) -> bool:
+    """Whether a bucket computes its softmax explicitly (materialised scores) instead of SDPA."""
+    return return_lse or (dropout_p > 0 and generator is not None) or q.dtype == torch.float64
+
+
+def _cell_bytes(q, causal, dropout_p, generator, return_lse) -> int:
+    """Bytes a bucket holds per (sequence, query, key) cell beyond its padded q/k/v/out
+    copies (those stay within PADDING_WASTE x the packed tensors): the scores and weights
+    of the explicit softmax, or SDPA's causal mask. SDPA's fused kernels (CUDA, CPU) hold
+    no scores; elsewhere its math fallback does."""
+    heads = q.shape[1]
+    if _explicit_softmax(q, dropout_p, generator, return_lse):
+        return heads * 2 * (8 if q.dtype == torch.float64 else 4) + 1
+    fused = q.device.type in ("cuda", "cpu")
+    return (0 if fused else heads * 2 * 4) + (q.element_size() if causal else 0)
+
+
+def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, return_lse):
+    heads = q.shape[1]
+    starts_q = torch.cumsum(len_q, 0) - len_q
+    starts_k = torch.cumsum(len_k, 0) - len_k
+    buckets = plan_buckets(len_q.tolist(), len_k.tolist(), _cell_bytes(q, causal, dropout_p, generator, return_lse),
+                            budget.chunk_budget_bytes(q.device))
+    # slot[t]: the row of packed query t among the concatenated padded bucket outputs; a
+    # final zero row (lse -inf) serves queries of sequences without keys.
+    slot = torch.empty(q.shape[0], dtype=torch.int64)
+    outs, lses, base = [], [], 0
+    for members in buckets:
+        idx = torch.tensor(members)
+        lq = len_q[idx]
+        mq = int(lq.max())
+        aq = torch.arange(mq)
+        valid = aq[None, :] < lq[:, None]
+        slot[(starts_q[idx][:, None] + aq[None, :])[valid]] = base + torch.nonzero(valid.flatten()).flatten()
+        out, lse = _bucket_attention(q, k, v, starts_q[idx], starts_k[idx], lq, len_k[idx],
+                                     causal, scale, dropout_p, generator, return_lse)
+        outs.append(out)
+        lses.append(lse)
+        base += out.shape[0]
+    no_keys = (len_k == 0) | (len_q == 0)
+    if bool(no_keys.any()):
+        rows = torch.repeat_interleave(no_keys, len_q)
+        slot[rows] = base
+    outs.append(q.new_zeros(1, heads, q.shape[2]))
+    slot = slot.to(q.device)
+    out = torch.cat(outs)[slot]
+    lse = None
+    if return_lse:
+        lses.append(torch.full((heads, 1), -math.inf, dtype=torch.float32, device=q.device))
+        lse = torch.cat(lses, 1)[:, slot]
+    return out, lse
+
+
+def dense(q, k, v, keep, causal, scale, dropout_p, exact):
+    """[B, L, H, D] attention with a [B, Lk] keep-mask (or None) by SDPA (or explicit
+    softmax for ``exact``: the reference); rows without keys give zeros."""
+    batch, lq, heads, head_dim = q.shape
+    lk = k.shape[1]
+    group = heads // k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    if group > 1:
+        kt, vt = (t.repeat_interleave(group, dim=1) for t in (kt, vt))
+    allowed = None
+    if keep is not None:
+        allowed = keep[:, None, None, :]  # [B, 1, 1, Lk]
+    if causal:
+        tri = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        allowed = tri if allowed is None else allowed & tri
+    if exact:
+        softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        logits = torch.matmul(qt * scale, kt.transpose(-1, -2)).to(softmax_dtype)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, -math.inf)
+        weights = torch.softmax(logits.masked_fill(torch.isneginf(logits).all(-1, keepdim=True), 0.0), -1)
+        if allowed is not None:
+            weights = weights * allowed.any(-1, keepdim=True)
+        if dropout_p > 0:
+            weights = torch.nn.functional.dropout(weights, dropout_p)
+        out = torch.matmul(weights.to(v.dtype), vt)
+    else:
+        mask = None
+        if allowed is not None:
+            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(q.dtype).min / 2)
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask,
+                                                               dropout_p=dropout_p, scale=scale)
+        if allowed is not None:
+            out = out * allowed.any(-1, keepdim=True).to(out.dtype)
+    return out.transpose(1, 2)

@@ -1,0 +1,298 @@
+"""Variable-length (packed) attention, flash_attn's varlen layout, without flash_attn.
+
+    q: [total_q, H, D]   k, v: [total_k, H_kv, D]   H % H_kv == 0 (MQA / GQA: query
+                                                     head h reads kv head h // (H // H_kv))
+    cu_seqlens_q, cu_seqlens_k: int32 [B+1], 0 = cu[0] <= ... <= cu[B] = total
+    out: [total_q, H, D] in q's dtype     lse (return_lse=True): fp32 [H, total_q]
+
+Sequence b is queries cu_seqlens_q[b]:cu_seqlens_q[b+1] (Lq) against keys
+cu_seqlens_k[b]:cu_seqlens_k[b+1] (Lk); ``causal`` lets query i see keys
+j <= i + Lk - Lq (bottom-right, as flash_attn >= 2.1). A query that sees no key (Lk = 0,
+or causal rows with i < Lq - Lk) gives zeros and lse = -inf, never NaN, with zero
+gradients. ``padded_attention`` is the dense form ``[B, L, H, D]`` with a key-padding mask.
+
+Backends:
+
+- ``triton`` (CUDA cc >= 8.0; fp16/bf16/fp32; head dim <= 128): kernels on the packed
+  tensors, a program per (query block, head, sequence); see
+  docs/kernels/varlen_attention.md. Dropout in the kernels (a Philox mask from one seed
+  drawn on the device, redrawn by the backward).
+- ``torch`` (any device, any float dtype): on NVIDIA GPUs of cc >= 8.0 with fp16/bf16,
+  no dropout and head dim <= 256 (multiple of 8), ``torch.nn.attention.varlen`` (PyTorch's
+  flash kernel on the packed tensors). Everywhere else sequences of similar length are
+  grouped into padded buckets for ``scaled_dot_product_attention`` with a key mask:
+  padded tokens per bucket at most ``PADDING_WASTE`` (1.25) x its real tokens, and a
+  bucket's Lq*Lk-sized intermediates (causal mask; scores where the softmax is explicit:
+  ``return_lse``, dropout with a ``generator``, fp64) within ``foldops.budget``: never a
+  [B, Lmax, Lmax] or [total, total] tensor. The buckets are planned on the host from the
+  sequence lengths (the one read of cu_seqlens below). See ``foldops/ops/_varlen_torch.py``.
+- ``reference``: float64-capable, loops over the sequences; never picked by ``auto``.
+
+Input checks: shapes, dtypes and devices always (no device work). The values of
+cu_seqlens (int32, starts at 0, non-decreasing, ends at total, longest <= max_seqlen) are
+read once per cu_seqlens tensor: free on CPU; on an accelerator one small device-to-host
+copy (a sync) the first time a given cu_seqlens tensor is seen, remembered by the
+tensor's identity and version so the layers of one model share one check. Skipped while
+torch.compile traces.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from foldops import backends
+from foldops._checks import as_bool_mask, check_tensor
+from foldops.device import kernel_support, nvidia_capability
+from foldops.ops import _varlen_torch as _vt
+from foldops.ops._varlen_torch import PADDING_WASTE  # noqa: F401  (documented here)
+from foldops.reference import varlen_attention as _reference
+
+OP = "varlen_attention"
+KERNEL_MAX_HEAD_DIM = 128
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# Input checks --------------------------------------------------------------------------
+
+_checked: Dict[int, Tuple[weakref.ref, int, int, int, torch.Tensor]] = {}
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t)
+
+
+def _host_lengths(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> torch.Tensor:
+    """Check the values of ``cu`` (see the module doc) and return its lengths [B] (int64, CPU)."""
+    key = id(cu)
+    hit = _checked.get(key)
+    if hit is not None and hit[0]() is cu and hit[1:4] == (cu._version, total, max_seqlen):
+        return hit[4]
+    host = cu.detach().to("cpu", torch.int64)
+    if host[0].item() != 0:
+        raise ValueError(f"{name}: expected cu_seqlens[0] == 0, got {host[0].item()}")
+    lengths = host[1:] - host[:-1]
+    if bool((lengths < 0).any()):
+        bad = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(f"{name}: expected non-decreasing values, got {host[bad].item()} then "
+                         f"{host[bad + 1].item()} at index {bad}")
+    if host[-1].item() != total:
+        raise ValueError(f"{name}: expected the last value to equal the packed length {total}, "
+                         f"got {host[-1].item()}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if longest > max_seqlen:
+        raise ValueError(f"{max_name}: expected at least the longest sequence ({longest}), got {max_seqlen}")
+    if len(_checked) > 256:
+        _checked.clear()
+    _checked[key] = (weakref.ref(cu), cu._version, total, max_seqlen, lengths)
+    return lengths
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a Python int (it sizes the launch grid; no device "
+                            f"read), got a tensor")
+        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+    return value
+
+
+def validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale):
+    """Check every argument; return the host lengths ``(len_q, len_k)`` or ``None`` when tracing."""
+    check_tensor("q", q, (None, None, None))
+    total_q, heads, head_dim = q.shape
+    check_tensor("k", k, (None, None, head_dim), device=q.device)
+    check_tensor("v", v, tuple(k.shape), device=q.device)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (as q), got {t.dtype}")
+    kv_heads = k.shape[1]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"k: expected a number of heads dividing q's {heads} (MQA/GQA), got {kv_heads}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, (None,), dtypes=None, device=q.device)
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
+        if cu.shape[0] < 1:
+            raise ValueError(f"{name}: expected shape [B+1] with B >= 0, got {tuple(cu.shape)}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cu_seqlens_k: expected shape {tuple(cu_seqlens_q.shape)} (as cu_seqlens_q), "
+                         f"got {tuple(cu_seqlens_k.shape)}")
+    max_seqlen_q = _check_int("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_int("max_seqlen_k", max_seqlen_k)
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if softmax_scale is not None and (not isinstance(softmax_scale, (int, float))
+                                      or not math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale!r}")
+    if _tracing(q) or _tracing(cu_seqlens_q) or _tracing(cu_seqlens_k):
+        return None
+    len_q = _host_lengths("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
+    len_k = _host_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    return len_q, len_k
+
+
+def _torch_backend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, return_lse, generator, lengths):
+    if _vt.torch_varlen_reason(q, dropout_p, generator) is None:
+        return _vt.torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse)
+    if lengths is None:
+        raise RuntimeError("varlen_attention: the bucketed torch path needs the sequence lengths on the "
+                           "host, which cannot be read while tracing; use backend='triton' or 'reference'")
+    return _vt.torch_buckets(q, k, v, lengths[0], lengths[1], causal, scale, dropout_p, generator, return_lse)
+
+
+def _reference_backend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, return_lse, generator,
+                       lengths):
+    out, lse = _reference.varlen_attention(q, k, v, cu_q, cu_k, causal, scale, dropout_p, generator)
+    return out, (lse.detach().float() if return_lse else None)
+
+
+def _triton_backend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, return_lse, generator,
+                    lengths):
+    from foldops.kernels.varlen_attention import varlen_attention as kernel
+
+    return kernel(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse, dropout_p, generator)
+
+
+def _triton_supports(device, dtype, head_dim, explicit, **_):
+    reason = kernel_support(device, explicit)
+    if reason is not None:
+        return reason
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype {dtype} (kernel supports fp16, bf16, fp32)"
+    if head_dim > KERNEL_MAX_HEAD_DIM:
+        return f"head dim {head_dim} (kernel supports up to {KERNEL_MAX_HEAD_DIM})"
+    try:
+        import foldops.kernels.varlen_attention  # noqa: F401
+    except ImportError as exc:
+        return f"kernel module unavailable: {exc}"
+    return None
+
+
+def _torch_supports(device, dtype, tracing=False, **_):
+    if tracing and nvidia_capability(device) is None:
+        return "the bucketed path reads sequence lengths on the host (not while tracing)"
+    return None
+
+
+backends.register(OP, "triton", _triton_backend, priority=100, supports=_triton_supports)
+backends.register(OP, "torch", _torch_backend, priority=50, supports=_torch_supports)
+backends.register(OP, "reference", _reference_backend, priority=0, auto=False)
+
+
+def _select(q, backend, dropout_p, tracing=False):
+    if backend == "triton" and q.shape[-1] > KERNEL_MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim (last axis) at most {KERNEL_MAX_HEAD_DIM} for backend='triton', "
+                         f"got {q.shape[-1]}")
+    return backends.select(OP, backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
+                           dropout=dropout_p > 0, tracing=tracing)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
+):
+    """Attention within each packed sequence; see the module doc.
+
+    Args:
+        q: ``[total_q, H, D]``. k, v: ``[total_k, H_kv, D]`` (H % H_kv == 0), q's dtype
+            and device; any strides.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B+1]``, starting at 0, non-decreasing,
+            ending at total_q / total_k.
+        max_seqlen_q, max_seqlen_k: ints at least the longest sequence (they size the
+            kernels' grids; larger is allowed).
+        causal: query i of a sequence sees keys j <= i + Lk - Lq.
+        softmax_scale: logit scale, default ``1/sqrt(D)``.
+        dropout_p: attention dropout probability; pass 0 in evaluation (applied whenever
+            it is > 0).
+        return_lse: also return the log-sum-exp, fp32 ``[H, total_q]`` (not differentiable).
+        generator: random generator for dropout (torch/reference backends).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+
+    Returns:
+        ``out`` ``[total_q, H, D]`` in q's dtype, or ``(out, lse)`` with ``return_lse``.
+    """
+    lengths = validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                       softmax_scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    impl = _select(q, backend, dropout_p, tracing=lengths is None)
+    out, lse = impl.fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale,
+                       float(dropout_p), bool(return_lse), generator, lengths)
+    return (out, lse) if return_lse else out
+
+
+def padded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dense-form attention: ``q [B, L, H, D]``, ``k, v [B, Lk, H_kv, D]``.
+
+    ``key_padding_mask``: ``[B, Lk]`` keep-mask (bool or 0/1), True = a real key; a batch
+    row without keys gives zeros. ``causal``: query i sees keys j <= i + Lk - L (and kept).
+
+    The ``triton`` backend runs the packed kernels without a host sync: the keys of each
+    row are stably reordered kept-first, and each row becomes two packed sequences (its
+    queries against its kept keys; no queries against its padding). Causal attention
+    with a key mask (positions matter there) and the ``torch`` backend run SDPA on the
+    dense batch with the mask; ``reference`` runs the explicit softmax.
+
+    Returns ``[B, L, H, D]`` in q's dtype.
+    """
+    check_tensor("q", q, (None, None, None, None))
+    batch, lq, heads, head_dim = q.shape
+    check_tensor("k", k, (batch, None, None, head_dim), device=q.device)
+    check_tensor("v", v, tuple(k.shape), device=q.device)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (as q), got {t.dtype}")
+    lk, kv_heads = k.shape[1], k.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"k: expected a number of heads dividing q's {heads} (MQA/GQA), got {kv_heads}")
+    keep = as_bool_mask("key_padding_mask", key_padding_mask, (batch, lk), q.device)
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    impl = _select(q, backend, dropout_p)
+    if impl.name in ("reference", "torch") or (causal and keep is not None) or q.numel() == 0 or lk == 0:
+        return _vt.dense(q, k, v, keep, causal, scale, dropout_p, exact=impl.name == "reference")
+    int32 = torch.int32
+    if keep is None:
+        cu_q = torch.arange(batch + 1, device=q.device, dtype=int32) * lq
+        cu_k = torch.arange(batch + 1, device=q.device, dtype=int32) * lk
+        kk, vv = k.reshape(batch * lk, kv_heads, head_dim), v.reshape(batch * lk, kv_heads, head_dim)
+    else:
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept keys first
+        kk, vv = (t.gather(1, order[:, :, None, None].expand_as(t)).reshape(batch * lk, kv_heads, head_dim)
+                  for t in (k, v))
+        kept = keep.sum(1, dtype=int32)
+        base = torch.arange(batch, device=q.device, dtype=int32)
+        # 2B sequences: row b's queries against its kept keys, then no queries against its padding.
+        cu_q = torch.cat([torch.stack([base * lq, (base + 1) * lq], 1).flatten(), base.new_full((1,), batch * lq)])
+        cu_k = torch.cat([torch.stack([base * lk, base * lk + kept], 1).flatten(), base.new_full((1,), batch * lk)])
+    out, _ = impl.fn(q.reshape(batch * lq, heads, head_dim), kk, vv, cu_q, cu_k, lq, lk, bool(causal), scale,
+                     float(dropout_p), False, None, None)
+    return out.view(batch, lq, heads, head_dim)

@@ -1,0 +1,308 @@
+"""foldops.ops.varlen_attention / padded_attention: the ``reference`` and ``torch`` backends
+against float64, selection and bad input.
+
+The ``triton`` backend has its own tests next to the kernel (tests/kernels); here it only
+appears in the selection and error tests.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from foldops import backends
+from foldops.backends import BackendUnavailableError
+from foldops.ops import padded_attention, varlen_attention
+from foldops.ops._varlen_torch import plan_buckets
+from foldops.reference.varlen_attention import varlen_attention as reference
+from foldops.testing import assert_within_baseline
+
+OP = "varlen_attention"
+LOW = (torch.float32, torch.bfloat16, torch.float16)
+HAS_GPU = torch.cuda.is_available()
+
+# (query lengths, key lengths): one token, empty sequences, Lq != Lk (causal rows
+# without keys when Lq > Lk), lengths around 16/32/64.
+LENGTHS = {
+    "one": ([1], [1]),
+    "mixed": ([5, 0, 1, 17, 3], [5, 0, 1, 17, 3]),
+    "empty-keys": ([4, 3, 6], [4, 0, 9]),
+    "cross": ([7, 1, 12], [3, 5, 12]),
+    "blocks": ([15, 16, 17, 31, 33, 64, 65], [15, 16, 17, 31, 33, 64, 65]),
+}
+
+
+def cu(lengths, device="cpu"):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def make_inputs(lens_q, lens_k, heads, kv_heads, dim, device="cpu"):
+    q = torch.randn(sum(lens_q), heads, dim, dtype=torch.float64, device=device)
+    k, v = (torch.randn(sum(lens_k), kv_heads, dim, dtype=torch.float64, device=device) for _ in range(2))
+    return q, k, v, cu(lens_q, device), cu(lens_k, device)
+
+
+def run(fn, q, k, v, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    return out.detach(), lse, grads
+
+
+def check_against_fp64(backend, lens_q, lens_k, heads, kv_heads, dim, dtype, causal, device="cpu", slack=0):
+    q, k, v, cu_q, cu_k = make_inputs(lens_q, lens_k, heads, kv_heads, dim, device)
+    max_q, max_k = max(lens_q) + slack, max(lens_k) + slack
+    grad_out = torch.randn(q.shape, dtype=torch.float64, device=device)
+
+    def ref(*t):
+        return reference(*t, cu_q, cu_k, causal)
+
+    def fast(*t):
+        return varlen_attention(*t, cu_q, cu_k, max_q, max_k, causal=causal, return_lse=True, backend=backend)
+
+    exact, exact_lse, exact_g = run(ref, q, k, v, grad_out)
+    base, base_lse, base_g = run(ref, *(t.to(dtype) for t in (q, k, v)), grad_out)
+    out, lse, g = run(fast, *(t.to(dtype) for t in (q, k, v)), grad_out)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (heads, q.shape[0])
+    assert_within_baseline("out", out, exact, base, dtype=dtype)
+    # lse: same -inf rows, finite rows within the baseline.
+    empty = torch.isneginf(exact_lse)
+    assert torch.equal(torch.isneginf(lse), empty)
+    lse_dtype = torch.float32 if dtype == torch.float64 else dtype  # lse is fp32 whatever the inputs
+    assert_within_baseline("lse", lse[~empty], exact_lse[~empty], base_lse[~empty].float(), dtype=lse_dtype)
+    for name, fg, eg, bg in zip(("dq", "dk", "dv"), g, exact_g, base_g):
+        assert torch.isfinite(fg).all(), name
+        assert_within_baseline(name, fg, eg, bg, dtype=dtype)
+    return out, lse, g, empty
+
+
+@pytest.mark.parametrize("case", list(LENGTHS))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 1), (6, 3)], ids=lambda h: f"H{h[0]}kv{h[1]}")
+def test_torch_backend_fp32(case, causal, heads):
+    check_against_fp64("torch", *LENGTHS[case], heads[0], heads[1], 16, torch.float32, causal)
+
+
+@pytest.mark.parametrize("dtype", LOW + (torch.float64,), ids=str)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backends_every_dtype(backend, dtype, causal):
+    check_against_fp64(backend, [5, 0, 1, 17, 3], [6, 2, 0, 17, 3], 4, 2, 8, dtype, causal, slack=7)
+
+
+def test_rows_without_keys_give_zeros_and_zero_grads():
+    out, lse, (dq, dk, dv), empty = check_against_fp64("torch", [4, 3, 6], [4, 0, 2], 2, 1, 8, torch.float32,
+                                                        causal=True)
+    rows = empty.all(0)  # [total_q]: rows of the empty-key sequence and causal rows i < Lq - Lk
+    assert rows.sum() == 3 + 4
+    assert torch.equal(out[rows], torch.zeros_like(out[rows]))
+    assert torch.equal(dq[rows], torch.zeros_like(dq[rows]))
+
+
+def test_non_contiguous_inputs():
+    lens = [3, 9, 1]
+    qkv = torch.randn(sum(lens), 3, 4, 8, dtype=torch.float64)
+    q, k, v = qkv.unbind(1)  # strided views, as from one packed projection
+    c = cu(lens)
+    out = varlen_attention(q.float(), k.float(), v.float(), c, c, 9, 9, backend="torch")
+    exact, _ = reference(q, k, v, c, c)
+    assert (out.double() - exact).abs().max() < 1e-5
+
+
+def test_softmax_scale_and_all_empty_batch():
+    q, k, v, cu_q, cu_k = make_inputs([3, 4], [5, 2], 2, 2, 8)
+    for backend in ("torch", "reference"):
+        out = varlen_attention(q, k, v, cu_q, cu_k, 4, 5, softmax_scale=0.3, backend=backend)
+        exact, _ = reference(q, k, v, cu_q, cu_k, softmax_scale=0.3)
+        assert (out - exact).abs().max() < 1e-12
+    z = torch.zeros(0, 2, 8)
+    c = torch.zeros(3, dtype=torch.int32)
+    out, lse = varlen_attention(z, z, z, c, c, 0, 0, return_lse=True)
+    assert out.shape == (0, 2, 8) and lse.shape == (2, 0)
+
+
+def test_dropout_reproducible_with_generator():
+    q, k, v, cu_q, cu_k = make_inputs([30, 20], [30, 20], 1, 1, 8)
+    plain = varlen_attention(q, k, v, cu_q, cu_k, 30, 30, backend="torch")
+    outs = []
+    for seed in (1, 1, 2):
+        g = torch.Generator().manual_seed(seed)
+        outs.append(varlen_attention(q, k, v, cu_q, cu_k, 30, 30, dropout_p=0.3, generator=g, backend="torch"))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+    assert not torch.allclose(outs[0], plain)
+    # Unbiased: the mean over many draws approaches the output without dropout.
+    g = torch.Generator().manual_seed(3)
+    mean = sum(varlen_attention(q, k, v, cu_q, cu_k, 30, 30, dropout_p=0.3, generator=g, backend="torch")
+               for _ in range(40)) / 40
+    # (the error of a mean of 40 draws shrinks as 1/sqrt(40) = 0.16 of one draw's)
+    assert (mean - plain).abs().mean() < 0.35 * (outs[0] - plain).abs().mean()
+
+
+# Buckets ---------------------------------------------------------------------------------
+
+
+def test_buckets_bound_padding_and_memory():
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(20, 201, (64,), generator=g).tolist()
+    lens[3] = 0
+    buckets = plan_buckets(lens, lens, cell_bytes=100, budget_bytes=10**9)
+    members = sorted(b for bucket in buckets for b in bucket)
+    assert members == [b for b in range(64) if lens[b]]
+    for bucket in buckets:
+        longest = max(lens[b] for b in bucket)
+        assert len(bucket) * longest <= 1.25 * sum(lens[b] for b in bucket)
+    assert len(buckets) <= 12
+    small = plan_buckets(lens, lens, cell_bytes=100, budget_bytes=100 * 200 * 200 * 2)
+    for bucket in small:
+        longest = max(lens[b] for b in bucket)
+        assert len(bucket) == 1 or len(bucket) * longest * longest * 100 <= 100 * 200 * 200 * 2
+
+
+def test_bucketed_path_matches_reference_at_benchmark_lengths():
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(20, 120, (24,), generator=g).tolist()
+    q, k, v, c, _ = make_inputs(lens, lens, 2, 2, 16)
+    out = varlen_attention(q.float(), k.float(), v.float(), c, c, max(lens), max(lens), backend="torch")
+    exact, _ = reference(q, k, v, c, c)
+    assert (out.double() - exact).abs().max() < 1e-5
+
+
+# Dense form ------------------------------------------------------------------------------
+
+
+def dense_reference(q, k, v, keep, causal):
+    """Each batch row through the varlen reference, keys kept by ``keep`` (in order)."""
+    outs = []
+    for b in range(q.shape[0]):
+        kb, vb = k[b], v[b]
+        if causal:
+            raise AssertionError("use the masked form below")
+        if keep is not None:
+            kb, vb = kb[keep[b]], vb[keep[b]]
+        c_q = cu([q.shape[1]])
+        c_k = cu([kb.shape[0]])
+        outs.append(reference(q[b], kb, vb, c_q, c_k)[0])
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_padded_attention_key_mask(backend, dtype):
+    q = torch.randn(3, 7, 4, 8, dtype=torch.float64)
+    k, v = (torch.randn(3, 9, 2, 8, dtype=torch.float64) for _ in range(2))
+    keep = torch.rand(3, 9) > 0.4
+    keep[0, 0] = True
+    keep[1] = False  # fully padded keys: zeros
+    leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out = padded_attention(*leaves, keep.float(), backend=backend)
+    exact = dense_reference(q, k, v, keep, False)
+    assert (out.double() - exact).abs().max() < (1e-12 if dtype == torch.float64 else 1e-5)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    assert torch.equal(leaves[0].grad[1], torch.zeros_like(leaves[0].grad[1]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_padded_attention_causal_equals_packed(backend):
+    q = torch.randn(2, 6, 2, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, 4, 2, 8, dtype=torch.float64) for _ in range(2))
+    out = padded_attention(q, k, v, causal=True, backend=backend)
+    packed, _ = reference(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu([6, 6]), cu([4, 4]), causal=True)
+    assert (out.flatten(0, 1) - packed).abs().max() < 1e-12
+    assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2]))  # rows i < Lq - Lk see no key
+
+
+# Selection and bad input -----------------------------------------------------------------
+
+
+def test_auto_and_explicit_selection():
+    q, k, v, cu_q, cu_k = make_inputs([3], [3], 2, 2, 8)
+    assert backends.select(OP, "auto", device=q.device, dtype=torch.float32, head_dim=8).name == "torch"
+    with pytest.raises(BackendUnavailableError, match="dtype"):
+        backends.select(OP, "triton", device=q.device, dtype=torch.float64, head_dim=8)
+
+
+def bad_input_cases():
+    q, k, v, cu_q, cu_k = make_inputs([3, 5], [3, 5], 4, 2, 8)
+    q, k, v = q.float(), k.float(), v.float()
+    good = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=5)
+    return good, [
+        ("int64 cu_seqlens", dict(cu_seqlens_q=cu_q.long()), TypeError, "cu_seqlens_q.*int32"),
+        ("not starting at 0", dict(cu_seqlens_k=torch.tensor([1, 3, 8], dtype=torch.int32)), ValueError,
+         r"cu_seqlens_k.*\[0\] == 0"),
+        ("decreasing", dict(cu_seqlens_q=torch.tensor([0, 5, 3, 8], dtype=torch.int32),
+                            cu_seqlens_k=torch.tensor([0, 3, 3, 8], dtype=torch.int32)), ValueError,
+         "cu_seqlens_q.*non-decreasing"),
+        ("not ending at total", dict(cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int32)), ValueError,
+         "cu_seqlens_q.*packed length 8"),
+        ("max_seqlen too small", dict(max_seqlen_k=4), ValueError, "max_seqlen_k.*longest"),
+        ("max_seqlen tensor", dict(max_seqlen_q=torch.tensor(5)), TypeError, "max_seqlen_q"),
+        ("batch mismatch", dict(cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32)), ValueError,
+         "cu_seqlens_k.*shape"),
+        ("dtype mismatch", dict(k=k.double()), TypeError, "k: expected dtype torch.float32"),
+        ("v dtype mismatch", dict(v=v.half()), TypeError, "v: expected dtype"),
+        ("device mismatch", dict(v=v.to("meta")), ValueError, "v: expected a tensor on cpu"),
+        ("cu device mismatch", dict(cu_seqlens_q=cu_q.to("meta")), ValueError, "cu_seqlens_q.*on cpu"),
+        ("heads not divisible", dict(k=k[:, :1].expand(8, 3, 8).contiguous(), v=v[:, :1].expand(8, 3, 8)),
+         ValueError, "k: expected a number of heads dividing"),
+        ("head dim mismatch", dict(k=k[..., :4], v=v[..., :4]), ValueError, "k: expected shape"),
+        ("q not 3-D", dict(q=q[None]), ValueError, "q: expected shape"),
+        ("dropout", dict(dropout_p=1.0), ValueError, "dropout_p"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(15))
+def test_bad_input(index):
+    good, cases = bad_input_cases()
+    _, change, error, match = cases[index]
+    kwargs = dict(good, **change)
+    args = [kwargs.pop(name) for name in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                                          "max_seqlen_k")]
+    with pytest.raises(error, match=match):
+        varlen_attention(*args, **kwargs, backend="torch")
+
+
+def test_head_dim_above_kernel_limit_with_triton():
+    q, k, v, cu_q, cu_k = make_inputs([3], [3], 2, 2, 160)
+    with pytest.raises(ValueError, match="q: head dim.*128.*triton"):
+        varlen_attention(q.float(), k.float(), v.float(), cu_q, cu_k, 3, 3, backend="triton")
+    out = varlen_attention(q, k, v, cu_q, cu_k, 3, 3)  # auto: the torch backend runs it
+    assert out.shape == q.shape
+
+
+def test_padded_bad_input():
+    q = torch.randn(2, 5, 4, 8)
+    k = torch.randn(2, 6, 4, 8)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        padded_attention(q, k, k, torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="k: expected shape"):
+        padded_attention(q, k[:1], k[:1])
+
+
+def test_cu_seqlens_checked_once_per_tensor():
+    module = sys.modules["foldops.ops.varlen_attention"]
+
+    q, k, v, cu_q, cu_k = make_inputs([3, 5], [3, 5], 2, 2, 8)
+    varlen_attention(q, k, v, cu_q, cu_k, 5, 5)
+    assert module._checked[id(cu_q)][0]() is cu_q  # remembered: later calls read nothing
+    cu_q[1] = 9  # an in-place write bumps the version: checked again
+    with pytest.raises(ValueError, match="cu_seqlens_q.*non-decreasing"):
+        varlen_attention(q, k, v, cu_q, cu_k, 5, 5)
+
+
+# GPU: the torch backend at real sizes (torch.nn.attention.varlen for bf16/fp16, buckets
+# for fp32) --------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_torch_backend_gpu(dtype, causal):
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(50, 1023, (12,), generator=g).tolist()
+    lens[2] = 1
+    check_against_fp64("torch", lens, lens, 8, 2, 64, dtype, causal, device="cuda", slack=5)
