@@ -227,7 +227,10 @@ class _Pack:
                              f"plus BOS/EOS); truncate it (BatchConverter(truncation_seq_length=...)) or "
                              f"raise ESM2Config.max_positions")
         self.lengths = lengths
-        self.cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+        # A normal (not inference-mode) tensor: varlen_attention remembers its validated
+        # cu_seqlens by version counter, which inference tensors do not have.
+        with torch.inference_mode(False):
+            self.cu_seqlens = F.pad(torch.cumsum(lengths.clone(), 0, dtype=torch.int32), (1, 0))
         self.flat_index = torch.nonzero(self.keep.reshape(-1), as_tuple=True)[0]  # [N] into B*T
         self.row = self.flat_index // t
         positions = (self.flat_index % t).float()
