@@ -5,7 +5,8 @@ Native keys are fair-esm ``ESM2``'s: ``embed_tokens``, ``layers.{i}.self_attn.{q
 ``emb_layer_norm_after``, ``contact_head.regression``, ``lm_head.{dense,layer_norm,weight,bias}``
 (``lm_head.weight`` is the tied embedding). HF names map onto them as below; HF's
 ``EsmForMaskedLM`` prefixes the encoder with ``esm.``; fair-esm's released ``.pt`` files
-prefix it with ``encoder.sentence_encoder.`` / ``encoder.``.
+prefix it with ``encoder.sentence_encoder.`` / ``encoder.``. HF LayerNorm parameters may be
+named ``gamma``/``beta`` (the legacy names transformers' save_pretrained writes).
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def to_native(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
             out[k] = value
             continue
         k = key[4:] if key.startswith("esm.") else key
+        # Legacy TF-style LayerNorm names, which transformers still writes and reads.
+        k = re.sub(r"((?:LayerNorm|layer_norm|emb_layer_norm_after))\.gamma$", r"\1.weight", k)
+        k = re.sub(r"((?:LayerNorm|layer_norm|emb_layer_norm_after))\.beta$", r"\1.bias", k)
         if k in _HF_TOP:
             out[_HF_TOP[k]] = value
         elif k == "rotary_embeddings.inv_freq" or k.endswith("attention.self.rotary_embeddings.inv_freq"):

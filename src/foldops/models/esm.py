@@ -279,7 +279,14 @@ class ESM2(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
-            self.inv_freq.data = inv_freq.to(device=self.inv_freq.device)
+
+    def _apply(self, fn, recurse=True):
+        # The rotary frequencies stay fp32 whatever dtype the weights move to (bf16 angles
+        # at position 1000 would be off by several radians).
+        freq = self.inv_freq
+        out = super()._apply(fn, recurse)
+        self.inv_freq = freq.to(device=self.inv_freq.device)
+        return out
 
     # Forward ----------------------------------------------------------------------------
 
@@ -288,12 +295,13 @@ class ESM2(nn.Module):
             raise TypeError(f"tokens: expected an int64 tensor [B, T], got {type(tokens).__name__}")
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens: expected an integer tensor [B, T], got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
-            raise ValueError(f"tokens: expected ids in [0, {self.config.vocab_size}), got "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
         if tokens.device != self.embed_tokens.weight.device:
             raise ValueError(f"tokens: expected device {self.embed_tokens.weight.device} (the model's), "
                              f"got {tokens.device}")
+        if tokens.numel():
+            lo, hi = torch.stack([tokens.min(), tokens.max()]).tolist()  # one host read
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"tokens: expected ids in [0, {self.config.vocab_size}), got [{lo}, {hi}]")
 
     def _layer_set(self, name, layers, allow_zero) -> List[int]:
         lo = 0 if allow_zero else 1
