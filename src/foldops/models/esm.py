@@ -10,7 +10,7 @@ then ``<pad>``). Outputs (fair-esm's keys and shapes):
     logits            [B, T, V]          (models with the LM head; zeros at padding)
     representations   {layer: [B, T, E]} layer 0 = embeddings, layer L = after the final
                                          LayerNorm (as fair-esm); zeros at padding
-    attentions        [B, n, H, T, T]    need_head_weights (n = L) or attn_layers (n =
+    attentions        [B, n, H, T, T]    (compute dtype) need_head_weights (n = L) or attn_layers (n =
                                          len(attn_layers)); zero rows/columns at padding
     contacts          [B, T-2, T-2]      return_contacts (BOS/EOS removed)
 
@@ -18,8 +18,8 @@ How it runs: the non-padding tokens are gathered once into a packed [N, E] tenso
 (N = real tokens; one host read of the lengths per call), every dense layer works on
 N rows, and attention runs through ``foldops.ops.varlen_attention`` on the packed
 tensors, so nothing is computed for padding. Layers whose attention probabilities are
-asked for run an explicit-softmax path per sequence batch (dense [B, H, T, T], fp32
-softmax) that returns them; the other layers stay on the fast op. Autocast (bf16/fp16)
+asked for run an explicit-softmax path on the padded batch (one dense [B, H, T, T]
+buffer, fp32 softmax in place) that returns them; the other layers stay on the fast op. Autocast (bf16/fp16)
 works on every device; softmax, LayerNorm statistics and rotary tables stay fp32.
 
 Architecture facts (fair-esm esm/model/esm2.py, esm/modules.py; HF modeling_esm.py):
@@ -146,12 +146,16 @@ class _SelfAttention(nn.Module):
             buf[pack.flat_index] = x
             dense.append(buf.view(b, t, self.heads, self.head_dim).transpose(1, 2))
         qd, kd, vd = dense
-        scores = torch.matmul(qd.float() * self.scaling, kd.float().transpose(-1, -2))
-        scores = scores.masked_fill(~pack.keep[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        # Padding query rows softmax over the real keys (finite); zeroed as fair-esm does.
-        probs = probs * pack.keep[:, None, :, None]
-        out = torch.matmul(probs.to(vd.dtype), vd)  # [B, H, T, D]
+        # fp32 softmax done in place on the one [B, H, T, T] buffer (peak: one map, plus
+        # its copy in the compute dtype when that is not fp32). Every row has a real key
+        # (BOS), so no row is fully masked; padding query rows are zeroed as fair-esm does.
+        probs = torch.matmul(qd.float() * self.scaling, kd.float().transpose(-1, -2))
+        probs.masked_fill_(~pack.keep[:, None, None, :], float("-inf"))
+        probs.sub_(probs.amax(-1, keepdim=True)).exp_()
+        probs.div_(probs.sum(-1, keepdim=True))
+        probs.mul_(pack.keep[:, None, :, None])
+        probs = probs.to(vd.dtype)  # maps in the compute dtype, as fair-esm and HF return them
+        out = torch.matmul(probs, vd)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(b * t, self.heads, self.head_dim)[pack.flat_index]
         return out, probs
 
@@ -197,7 +201,7 @@ class _ContactHead(nn.Module):
         attentions = attentions * (keep[:, None, None, :, None] * keep[:, None, None, None, :])
         attentions = attentions[..., 1:-1, 1:-1]
         b, layers, heads, t, _ = attentions.shape
-        a = attentions.reshape(b, layers * heads, t, t)
+        a = attentions.reshape(b, layers * heads, t, t).float()
         a = a + a.transpose(-1, -2)
         a1, a2 = a.sum(-1, keepdim=True), a.sum(-2, keepdim=True)
         a = a - a1 * a2 / a.sum((-1, -2), keepdim=True)  # average product correction
@@ -372,7 +376,7 @@ class ESM2(nn.Module):
             result["logits"] = pack.pad(self.lm_head(x))
         result["representations"] = reps
         if maps:
-            attentions = torch.stack(maps, 1)  # [B, n, H, T, T] fp32
+            attentions = maps[0].unsqueeze(1) if len(maps) == 1 else torch.stack(maps, 1)  # [B, n, H, T, T]
             result["attentions"] = attentions
             if return_contacts:
                 result["contacts"] = self.contact_head(tokens, attentions, self.eos_idx)
@@ -398,7 +402,7 @@ class ESM2(nn.Module):
 
         Returns:
             ``node`` ``[B, R, n_layers, E]`` and ``pair`` ``[B, R, R, n_pair_layers * H]``
-            (fp32 probabilities, layer-major then head) or ``None``.
+            (probabilities in the compute dtype, layer-major then head) or ``None``.
         """
         layers = list(range(self.num_layers + 1)) if layers is None else self._layer_set("layers", layers, True)
         attn = None
