@@ -104,10 +104,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, H, D]; cos, sin fp32 [N, 1, D]: the non-interleaved (rotate-half) rotation, in fp32."""
-    xf = x.float()
-    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+def _rotary(x: torch.Tensor, pack: "_Pack") -> torch.Tensor:
+    """x [N, H, D]: the non-interleaved (rotate-half) rotation by the pack's angles.
+
+    Angles and their cos/sin are fp32; the product runs in x's dtype (as fair-esm and HF).
+    """
+    cos, sin = pack.trig(x.dtype)
+    return x * cos + _rotate_half(x) * sin
 
 
 class _SelfAttention(nn.Module):
@@ -127,8 +130,8 @@ class _SelfAttention(nn.Module):
         q = self.q_proj(x).view(n, self.heads, self.head_dim)
         k = self.k_proj(x).view(n, self.heads, self.head_dim)
         v = self.v_proj(x).view(n, self.heads, self.head_dim)
-        q = _rotary(q, pack.cos, pack.sin)
-        k = _rotary(k, pack.cos, pack.sin)
+        q = _rotary(q, pack)
+        k = _rotary(k, pack)
         probs = None
         if want_probs:
             out, probs = self._explicit(q, k, v, pack)
@@ -240,7 +243,14 @@ class _Pack:
         positions = (self.flat_index % t).float()
         freqs = positions[:, None] * inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [N, 1, D]
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self._trig = {torch.float32: (emb.cos(), emb.sin())}
+
+    def trig(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, 1, D] in ``dtype`` (computed in fp32, cast once per call)."""
+        if dtype not in self._trig:
+            cos, sin = self._trig[torch.float32]
+            self._trig[dtype] = (cos.to(dtype), sin.to(dtype))
+        return self._trig[dtype]
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Packed [N, ...] -> padded [B, T, ...] with zeros at padding."""
