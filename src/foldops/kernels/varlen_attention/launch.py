@@ -38,11 +38,14 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(kind: str, head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+def _config(kind: str, head_dim: int, dtype: torch.dtype, dropout: bool = False) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) from the tile table."""
     if triton_interpret():
         return configs.INTERPRETER
-    return configs.CONFIGS[(kind, _block_d(head_dim), dtype == torch.float32)]
+    bm, bn, warps, stages = configs.CONFIGS[(kind, _block_d(head_dim), dtype == torch.float32)]
+    if dropout and kind != "delta":
+        warps = max(warps, configs.DROPOUT_MIN_WARPS)
+    return bm, bn, warps, stages
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -101,7 +104,7 @@ def varlen_attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal
         return out, lse
     if k.shape[0] == 0 or max_k == 0:  # no keys anywhere
         return out.zero_(), lse.fill_(-math.inf)
-    bm, bn, warps, stages = _config("fwd", head_dim, q.dtype)
+    bm, bn, warps, stages = _config("fwd", head_dim, q.dtype, dropout_p > 0)
     bd = _block_d(head_dim)
     grid = (triton.cdiv(max_q, bm), heads, batch)
     wrap_triton(_fwd_kernel)[grid](
@@ -143,7 +146,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
     )
     lse = lse.contiguous()
     seed_arg = _seed(seed, dropout_p, cu_q)
-    bm, bn, warps, stages = _config("dkdv", head_dim, q.dtype)
+    bm, bn, warps, stages = _config("dkdv", head_dim, q.dtype, dropout_p > 0)
     wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(max_k, bn), kv_heads, batch)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -152,7 +155,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
         GROUP=group, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=even_d, PRECISION=precision,
         DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages,
     )
-    bm, bn, warps, stages = _config("dq", head_dim, q.dtype)
+    bm, bn, warps, stages = _config("dq", head_dim, q.dtype, dropout_p > 0)
     wrap_triton(_bwd_dq_kernel)[(triton.cdiv(max_q, bm), heads, batch)](
         q, k, v, do, lse, delta, dq, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
