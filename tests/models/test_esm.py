@@ -213,3 +213,25 @@ def test_tokenizer_round_trip_and_errors():
         bc([("p", "MK"), ("q", "")])
     with pytest.raises(ValueError, match="empty batch"):
         bc([])
+
+
+def test_gradients_flow_with_and_without_maps():
+    model = _small(layers=2, dim=32, heads=2)
+    tokens = _tokens(SEQS[1:])
+    for kwargs in ({}, {"attn_layers": [2]}):
+        model.zero_grad()
+        out = model(tokens, backend="torch", **kwargs)
+        loss = out["logits"][tokens.ne(1)].square().mean() + sum(a.sum() for k, a in out.items() if k == "attentions")
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if not n.startswith("contact_head")}
+        assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), \
+            [n for n, g in grads.items() if g is None]
+    # Same gradient through the fast op and the map path.
+    model.zero_grad()
+    model(tokens, backend="torch")["logits"].sum().backward()
+    trained = [p for n, p in model.named_parameters() if not n.startswith("contact_head")]
+    fast = [p.grad.clone() for p in trained]
+    model.zero_grad()
+    model(tokens, backend="torch", need_head_weights=True)["logits"].sum().backward()
+    for a, b in zip(fast, (p.grad for p in trained)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -154,9 +154,12 @@ class _SelfAttention(nn.Module):
         # (BOS), so no row is fully masked; padding query rows are zeroed as fair-esm does.
         probs = torch.matmul(qd.float() * self.scaling, kd.float().transpose(-1, -2))
         probs.masked_fill_(~pack.keep[:, None, None, :], float("-inf"))
-        probs.sub_(probs.amax(-1, keepdim=True)).exp_()
-        probs.div_(probs.sum(-1, keepdim=True))
-        probs.mul_(pack.keep[:, None, :, None])
+        if torch.is_grad_enabled() and probs.requires_grad:  # training: autograd needs the softmax's output
+            probs = torch.softmax(probs, dim=-1) * pack.keep[:, None, :, None]
+        else:
+            probs.sub_(probs.amax(-1, keepdim=True)).exp_()
+            probs.div_(probs.sum(-1, keepdim=True))
+            probs.mul_(pack.keep[:, None, :, None])
         probs = probs.to(vd.dtype)  # maps in the compute dtype, as fair-esm and HF return them
         out = torch.matmul(probs, vd)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(b * t, self.heads, self.head_dim)[pack.flat_index]
