@@ -99,18 +99,18 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)  # erf form, as fair-esm's gelu
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _rotary(x: torch.Tensor, pack: "_Pack") -> torch.Tensor:
-    """x [N, H, D]: the non-interleaved (rotate-half) rotation by the pack's angles.
+    """x [N, ..., D]: the non-interleaved (rotate-half) rotation by the pack's angles.
 
-    Angles and their cos/sin are fp32; the product runs in x's dtype (as fair-esm and HF).
+    out = x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1); cos and sin repeat
+    over the two halves, so each half needs the half-width tables only. Angles and their
+    cos/sin are fp32; the product runs in x's dtype (as fair-esm and HF).
     """
-    cos, sin = pack.trig(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    cos, sin = pack.trig(x.dtype)  # [N, D/2]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class _SelfAttention(nn.Module):
@@ -127,11 +127,12 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x, pack, backend: str, want_probs: bool):
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.heads, self.head_dim)
-        q = _rotary(q, pack)
-        k = _rotary(k, pack)
+        # One GEMM for q, k and v (the weights stay three fair-esm-named Linears).
+        weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        bias = torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
+        qkv = F.linear(x, weight, bias).view(n, 3, self.heads, self.head_dim)
+        qk = _rotary(qkv[:, :2], pack)  # [N, 2, H, D]
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
         probs = None
         if want_probs:
             out, probs = self._explicit(q, k, v, pack)
@@ -244,12 +245,11 @@ class _Pack:
         self.flat_index = torch.nonzero(self.keep.reshape(-1), as_tuple=True)[0]  # [N] into B*T
         self.row = self.flat_index // t
         positions = (self.flat_index % t).float()
-        freqs = positions[:, None] * inv_freq.float()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [N, 1, D]
-        self._trig = {torch.float32: (emb.cos(), emb.sin())}
+        freqs = positions[:, None] * inv_freq.float()[None, :]  # [N, D/2]
+        self._trig = {torch.float32: (freqs.cos(), freqs.sin())}
 
     def trig(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, 1, D] in ``dtype`` (computed in fp32, cast once per call)."""
+        """cos, sin [N, D/2] in ``dtype`` (computed in fp32, cast once per call)."""
         if dtype not in self._trig:
             cos, sin = self._trig[torch.float32]
             self._trig[dtype] = (cos.to(dtype), sin.to(dtype))
