@@ -76,6 +76,8 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse):
     if not return_lse:
         return result, None
     out, lse = result
+    if lse.shape != (q.shape[1], q.shape[0]):  # [total_q, H] in some versions' docs; [H, total_q] wanted
+        lse = lse.transpose(0, 1)
     # The flash kernel marks rows without keys with lse = +inf; here they are -inf.
     keep = rows_with_keys(cu_q, cu_k, q.shape[0], causal)
     return out, torch.where(keep[None, :], lse.detach().float(), -math.inf)
