@@ -133,13 +133,14 @@ def test_backends_agree_with_reference(backend):
     torch.testing.assert_close(got["logits"][keep], want["logits"][keep], atol=2e-5, rtol=1e-5)
 
 
-def test_bf16_autocast_close_to_fp32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_close_to_fp32(dtype):
     model = _small()
     tokens = _tokens()
     keep = tokens.ne(1)
     with torch.no_grad():
         want = model(tokens, attn_layers=[3])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             got = model(tokens, attn_layers=[3])
     assert torch.isfinite(got["logits"]).all() and torch.isfinite(got["attentions"]).all()
     scale = want["logits"][keep].abs().max()
