@@ -8,13 +8,14 @@
 - ``foldops.reference``: pure-PyTorch reference of every op (fp64-capable)
 - ``foldops.nn``: Boltz-2-compatible layers
 - ``foldops.train`` / ``foldops.compat``: trainer, checkpoints, drop-ins
+- ``foldops.patch``: patch a loaded Boltz model in place to foldops modules
 """
 
 import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("backends", "bench", "compat", "device", "kernels", "nn", "ops", "reference", "train")
+_SUBMODULES = ("backends", "bench", "compat", "device", "kernels", "nn", "ops", "patch", "reference", "train")
 
 
 def __getattr__(name):

@@ -15,6 +15,7 @@ _EXPORTS = {
     "DropoutRowwise": "dropout",
     "get_dropout_mask": "dropout",
     "MSALayer": "msa",
+    "MSAModule": "msa",
     "OuterProductMean": "outer_product_mean",
     "PairWeightedAveraging": "pair_weighted_averaging",
     "PairformerLayer": "pairformer",
