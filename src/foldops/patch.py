@@ -294,8 +294,9 @@ def _graft(new: nn.Module, old: nn.Module) -> None:
             owner._parameters[leaf] = tensor
         else:
             owner._buffers[leaf] = tensor
+    grafted = {id(t) for t in old_sd.values()}
     for name, t in list(new.named_parameters()) + list(new.named_buffers()):
-        if t.is_meta:
+        if id(t) not in grafted:
             raise _CannotMap(f"foldops module has {name}, which Boltz's has not")
     for path, sub in new.named_modules():
         if path in olds:
