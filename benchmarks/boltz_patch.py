@@ -223,7 +223,7 @@ def bench_layer(args, rows, device):
                 rows.add("layer", impl, mode, n, "time", ms, "ms")
                 rows.add("layer", impl, mode, n, "peak_memory", peak / 1024, "GiB")
                 rows.add("layer", impl, mode, n, "floor", fl / BF16_PEAK * 1e3, "ms")
-            del layer
+            layer = None  # noqa: F841 (frees the copy before the next implementation)
             gc.collect()
             torch.cuda.empty_cache()
 
@@ -246,7 +246,7 @@ def bench_trunk(args, rows, device):
             rows.add("trunk", impl, "inference", n, "time", ms, "ms")
             rows.add("trunk", impl, "inference", n, "time_per_block", ms / (4 + 48), "ms")
             rows.add("trunk", impl, "inference", n, "peak_memory", peak / 1024, "GiB")
-        del trunk
+        trunk = None  # noqa: F841
         gc.collect()
         torch.cuda.empty_cache()
 

@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import importlib
 import warnings
-from collections import Counter
 from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
