@@ -11,8 +11,12 @@ Boltz's own error in the same precision (fp32; bf16 autocast) plus the floor.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+import sys
+import types
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -313,8 +317,10 @@ def test_v1_layers_keep_their_container_and_get_their_parts_patched():
     updates, attentions and transitions replaced; strict=True raises instead."""
     make = boltz_module("boltz.model.layers.pairformer", "PairformerModule")
     model = make(TS, TZ, 1, num_heads=HEADS, pairwise_head_width=PW, pairwise_num_heads=PH, v2=False)
-    with pytest.warns(UserWarning, match="v2=False"):
+    with pytest.warns(UserWarning) as caught:
         report = fpatch.boltz(model)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "v2=False" in messages and "(v1) has no foldops equivalent" in messages
     assert type(model).__module__.startswith("boltz")
     assert type(model.layers[0].tri_mul_out).__module__ == "foldops.nn.triangle_multiplication"
     assert any("v1" in why for why in report.skipped.values())
@@ -387,3 +393,76 @@ def test_bad_arguments():
         fpatch.boltz(torch.nn.Linear(2, 2), backend=3)
     with pytest.raises(ValueError, match="msa"):
         foldops.nn.MSAModule(MSA_S, TZ, TS, 1, 0.0, 0.0, PW, PH)(torch.randn(1, 3, 3, TZ), torch.randn(1, 3, TS), {})
+
+
+def _fairscale_checkpointed_forward(original_forward, weak_self, offload_to_cpu, *args, **kwargs):
+    return original_forward(weak_self(), *args, **kwargs)
+
+
+_fairscale_checkpointed_forward.__name__ = "_checkpointed_forward"
+
+
+def fake_fairscale_wrapper(module, offload_to_cpu=False):
+    """What fairscale's checkpoint_wrapper leaves on a module (its forward, as a partial)."""
+    module.forward = functools.partial(
+        _fairscale_checkpointed_forward, type(module).forward, weakref.ref(module), offload_to_cpu
+    )
+    return module
+
+
+@pytest.fixture
+def boltz1_trunk(monkeypatch):
+    """boltz.model.modules.trunk (Boltz-1) imports fairscale, which is not installed here:
+    a stand-in module provides its checkpoint_wrapper."""
+    names = ["fairscale", "fairscale.nn", "fairscale.nn.checkpoint", "fairscale.nn.checkpoint.checkpoint_activations"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
+    sys.modules[names[-1]].checkpoint_wrapper = fake_fairscale_wrapper
+    previous = sys.modules.pop("boltz.model.modules.trunk", None)
+    yield boltz_module("boltz.model.modules.trunk", "PairformerModule")
+    sys.modules.pop("boltz.model.modules.trunk", None)  # it holds the stand-in
+    if previous is not None:
+        sys.modules["boltz.model.modules.trunk"] = previous
+
+
+def test_boltz1_pairformer_gets_its_parts_patched(boltz1_trunk):
+    """Boltz-1's trunk (v1 layers under fairscale's checkpoint_wrapper with offload): the
+    layers stay Boltz's, their triangle updates, attentions and transitions are foldops's,
+    outputs agree at unmasked positions."""
+    model = boltz1_trunk(TS, TZ, 2, HEADS, 0.25, PW, PH, activation_checkpointing=True, offload_to_cpu=True)
+    randomize_(model).eval()
+    mask, pair_mask = masks()
+    gen = torch.Generator().manual_seed(6)
+    s, z = torch.randn(B, N, TS, generator=gen), torch.randn(B, N, N, TZ, generator=gen)
+    with torch.no_grad():
+        before = model(s, z, mask, pair_mask)
+    sd = model.state_dict(keep_vars=True)
+    with pytest.warns(UserWarning, match=r"\(v1\) has no foldops equivalent"):
+        report = fpatch.boltz(model, backend="torch")
+    assert type(model.layers[0]).__module__ == "boltz.model.modules.trunk"
+    assert type(model.layers[0].tri_att_end).__name__ == "TriangleAttentionEndingNode"
+    assert type(model.layers[0].tri_att_end).__module__ == "foldops.nn.triangle_attention"
+    assert report.total == 2 * 6  # per layer: 2 triangle updates, 2 attentions, 2 transitions
+    assert all(model.state_dict(keep_vars=True)[k] is v for k, v in sd.items())
+    with torch.no_grad():
+        after = model(s, z, mask, pair_mask)
+    for b, a, v in zip(before, after, (mask[..., None], pair_mask[..., None])):
+        v = v.bool().expand_as(a)
+        torch.testing.assert_close(a[v], b[v], rtol=1e-4, atol=1e-4 * b[v].abs().max().item())
+    fpatch.unpatch(model)
+    assert type(model.layers[0].tri_att_end).__module__.startswith("boltz")
+
+
+def test_fairscale_wrapper_carries_over_with_its_offload():
+    from foldops.compat import is_checkpoint_wrapped
+
+    layer = fake_fairscale_wrapper(
+        boltz_module("boltz.model.layers.pairformer", "PairformerNoSeqLayer")(TZ, 0.0, PW, PH), offload_to_cpu=True
+    )
+    fpatch.boltz(layer)
+    assert is_checkpoint_wrapped(layer) and layer.__dict__["_foldops_checkpoint_offload"] is True
+    z = torch.randn(1, 5, 5, TZ, requires_grad=True)
+    layer.train()(z, torch.ones(1, 5, 5)).sum().backward()
+    assert z.grad is not None
+    fpatch.unpatch(layer)
+    assert isinstance(layer.__dict__["forward"], functools.partial)
