@@ -64,7 +64,7 @@ def case_pairformer():
     gen = torch.Generator().manual_seed(1)
     mask, pair_mask = masks()
     inputs = {"s": torch.randn(B, N, TS, generator=gen), "z": torch.randn(B, N, N, TZ, generator=gen)}
-    call = lambda m, t: m(t["s"], t["z"], mask, pair_mask, use_kernels=False)  # noqa: E731
+    call = lambda m, t: m(t["s"], t["z"], on(mask, t), on(pair_mask, t), use_kernels=False)  # noqa: E731
     return module, inputs, call, [mask[..., None], pair_mask[..., None]], {"s": mask[..., None], "z": pair_mask[..., None]}
 
 
@@ -75,7 +75,7 @@ def case_template():
     gen = torch.Generator().manual_seed(2)
     _, pair_mask = masks()
     inputs = {"z": torch.randn(B, N, N, TZ, generator=gen)}
-    call = lambda m, t: m(t["z"], pair_mask, use_kernels=False)  # noqa: E731
+    call = lambda m, t: m(t["z"], on(pair_mask, t), use_kernels=False)  # noqa: E731
     return module, inputs, call, [pair_mask[..., None]], {"z": pair_mask[..., None]}
 
 
@@ -96,7 +96,7 @@ def case_msa():
 
     def call(m, t):
         dtype = t["z"].dtype
-        f = {k: (v.to(dtype) if v.is_floating_point() and k != "token_pad_mask" else v) for k, v in feats.items()}
+        f = {k: on(v.to(dtype) if v.is_floating_point() and k != "token_pad_mask" else v, t) for k, v in feats.items()}
         return m(t["z"], t["emb"], f, use_kernels=False)
 
     return module, inputs, call, [pair_mask[..., None]], {"z": pair_mask[..., None], "emb": mask[..., None]}
@@ -111,7 +111,7 @@ def case_diffusion_transformer():
         "s": torch.randn(B, N, TS, generator=gen),
         "bias": torch.randn(B, N, N, 2 * HEADS, generator=gen),
     }
-    call = lambda m, t: m(t["a"], t["s"], t["bias"], mask.bool())  # noqa: E731
+    call = lambda m, t: m(t["a"], t["s"], t["bias"], on(mask.bool(), t))  # noqa: E731
     return module, inputs, call, [mask[..., None]], {"a": mask[..., None], "s": mask[..., None], "bias": None}
 
 
@@ -123,21 +123,29 @@ CASES = {
 }
 
 
+def on(tensor, inputs):
+    """``tensor`` on the device of the inputs."""
+    return tensor.to(next(iter(inputs.values())).device)
+
+
 def run(module, call, inputs, out_valid, dtype, autocast=False, seed=5):
-    """Outputs and gradients (inputs and parameters by name), padded outputs weighted by zero."""
-    leaves = {k: v.to(dtype).requires_grad_(True) for k, v in inputs.items()}
+    """Outputs and gradients (inputs and parameters by name), padded outputs weighted by zero;
+    on the module's device, results on the CPU."""
+    device = next(module.parameters()).device
+    leaves = {k: v.to(device, dtype).requires_grad_(True) for k, v in inputs.items()}
     torch.manual_seed(seed)  # same dropout masks before and after patching
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         out = call(module, leaves)
     outs = out if isinstance(out, tuple) else (out,)
     gen = torch.Generator().manual_seed(9)
-    loss = sum((o * (torch.randn(o.shape, generator=gen, dtype=torch.float64) * v).to(o.dtype)).sum()
+    loss = sum((o * (torch.randn(o.shape, generator=gen, dtype=torch.float64) * v).to(o)).sum()
                for o, v in zip(outs, out_valid))
     params = dict(module.named_parameters())
     grads = torch.autograd.grad(loss, list(leaves.values()) + list(params.values()), allow_unused=True)
-    in_grads = dict(zip(leaves, grads[: len(leaves)]))
-    par_grads = dict(zip(params, grads[len(leaves):]))
-    return [o.detach() for o in outs], in_grads, par_grads
+    cpu = lambda g: None if g is None else g.detach().cpu()  # noqa: E731
+    in_grads = {k: cpu(g) for k, g in zip(leaves, grads[: len(leaves)])}
+    par_grads = {k: cpu(g) for k, g in zip(params, grads[len(leaves):])}
+    return [o.detach().cpu() for o in outs], in_grads, par_grads
 
 
 def compare(name, fast, exact, base, valid, dtype, both_ways):
@@ -156,7 +164,21 @@ def flat(grads, keys):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_patched_matches_boltz(case):
+    check_patched_matches_boltz(case, "cpu", "torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_patched_matches_boltz_gpu(case):
+    """The same on a GPU with backend "auto" (foldops's Triton kernels where they run)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    check_patched_matches_boltz(case, "cuda", "auto")
+
+
+def check_patched_matches_boltz(case, device, backend):
     module, inputs, call, out_valid, in_valid = CASES[case]()
+    module.to(device)
     # Eval mode: no dropout (fp64 and fp32 runs would draw different masks; training-mode
     # dropout parity is tests/nn's), gradients still on.
     randomize_(module).float().eval()
@@ -167,7 +189,7 @@ def test_patched_matches_boltz(case):
     exact = run(exact_module.double(), call, inputs, out_valid, torch.float64)
     before = {p: run(module, call, inputs, out_valid, torch.float32, p == "bf16") for p in ("fp32", "bf16")}
 
-    report = fpatch.boltz(module, backend="torch", strict=True)
+    report = fpatch.boltz(module, backend=backend, strict=True)
     assert report.total > 0 and not report.skipped
     assert any(type(m).__module__.startswith("foldops.nn") for m in module.modules())
 
@@ -466,3 +488,15 @@ def test_fairscale_wrapper_carries_over_with_its_offload():
     assert z.grad is not None
     fpatch.unpatch(layer)
     assert isinstance(layer.__dict__["forward"], functools.partial)
+
+
+def test_patch_on_the_meta_device():
+    """Any device: here parameters without storage, built on "meta"."""
+    with torch.device("meta"):
+        module = boltz_module("boltz.model.layers.pairformer", "PairformerModule")(
+            TS, TZ, 1, num_heads=HEADS, pairwise_head_width=PW, pairwise_num_heads=PH, v2=True
+        )
+    sd = module.state_dict(keep_vars=True)
+    assert fpatch.boltz(module, strict=True).total == 9  # stack, layer, attention, 2+2+2 pair ops
+    assert isinstance(module, foldops.nn.PairformerStack)
+    assert all(module.state_dict(keep_vars=True)[k] is v and v.is_meta for k, v in sd.items())
