@@ -17,8 +17,10 @@ triangle attention 4 x 32, MSA 64 channels), random weights, no padding.
    ``--fit-step``), each trial in a fresh subprocess (an out-of-memory error or a crashing
    kernel cannot spoil the next trial). Inference memory does not grow with depth (each
    block's temporaries are freed before the next), so trials run all weights but only
-   ``--fit-blocks`` blocks of each module; a trial slower than ``--fit-cap`` seconds
-   ends the search upward.
+   ``--fit-blocks`` blocks of each module; up from ``--fit-start`` by ``--fit-grow`` (down
+   by halves if the start fails), then bisection to ``--fit-step``; a trial slower than
+   ``--fit-cap`` seconds ends the search upward. The row's status says why the next size
+   failed (oom, crash, timeout).
 
     PYTHONPATH=src:/tmp/peers python benchmarks/boltz_patch.py --out benchmarks/results/h100
     PYTHONPATH=src:/tmp/peers python benchmarks/boltz_patch.py --quick      # about 2 minutes
@@ -297,28 +299,43 @@ def bench_fit(args, rows):
         if impl == "boltz+cueq" and cueq_available():
             rows.add("fit", impl, "inference", 0, "longest_n", float("nan"), "tokens", "unavailable")
             continue
-        lo, hi, note = None, None, "ok"
+        lo, hi, note, failure = None, None, "ok", ""
+
+        def attempt(n):
+            result = run_trial(args, impl, n)
+            print(f"  fit {impl} N={n}: {result}", flush=True)
+            return result
+
         n = args.fit_start
-        while n <= args.fit_max:  # grow until a trial fails
-            r = run_trial(args, impl, n)
-            print(f"  fit {impl} N={n}: {r}", flush=True)
+        while n <= args.fit_max:  # upward until a trial fails or is too slow
+            r = attempt(n)
             if r["status"] != "ok":
-                hi = n
+                hi, failure = n, r["status"]
                 break
             lo = n
             if r["seconds"] > args.fit_cap:
                 note = "time cap"
                 break
             n += args.fit_grow
+        n = args.fit_start // 2
+        while lo is None and n >= args.fit_step:  # the start failed: downward by halves
+            r = attempt(n)
+            if r["status"] == "ok":
+                lo = n
+            else:
+                hi, failure = n, r["status"]
+            n //= 2
         while note == "ok" and lo is not None and hi is not None and hi - lo > args.fit_step:
             mid = (lo + hi) // 2 // args.fit_step * args.fit_step
             if mid <= lo:
                 break
-            r = run_trial(args, impl, mid)
-            print(f"  fit {impl} N={mid}: {r}", flush=True)
-            lo, hi = (mid, hi) if r["status"] == "ok" else (lo, mid)
+            r = attempt(mid)
+            if r["status"] == "ok":
+                lo = mid
+            else:
+                hi, failure = mid, r["status"]
         value = float("nan") if lo is None else float(lo)
-        status = note if hi is not None or note != "ok" else "fit_max"
+        status = note if note != "ok" else (f"next fails: {failure}" if hi is not None else "fit_max reached")
         rows.add("fit", impl, "inference", int(hi or 0), "longest_n", value, "tokens", status)
 
 
@@ -334,9 +351,9 @@ def main(argv=None):
     p.add_argument("--trunk-repeats", type=int, default=3)
     p.add_argument("--msa-rows", type=int, default=1024)
     p.add_argument("--fit-impls", nargs="+", default=["foldops", "boltz+cueq"], choices=IMPLS)
-    p.add_argument("--fit-start", type=int, default=2048)
-    p.add_argument("--fit-grow", type=int, default=1024, help="step of the upward search before bisection")
-    p.add_argument("--fit-step", type=int, default=128, help="resolution of the bisection")
+    p.add_argument("--fit-start", type=int, default=4096)
+    p.add_argument("--fit-grow", type=int, default=2048, help="step of the upward search before bisection")
+    p.add_argument("--fit-step", type=int, default=256, help="resolution of the bisection")
     p.add_argument("--fit-max", type=int, default=12288)
     p.add_argument("--fit-blocks", type=int, default=1, help="blocks of each module run per trial")
     p.add_argument("--fit-cap", type=float, default=60.0, help="seconds; a slower trial ends the search")
@@ -352,7 +369,7 @@ def main(argv=None):
     if args.quick:
         args.layer_n_train, args.layer_n_infer = [512], [512, 1024]
         args.repeats, args.warmup, args.trunk_repeats = 5, 2, 1
-        args.fit_grow, args.fit_step, args.fit_cap = 2048, 512, 30.0
+        args.fit_grow, args.fit_step, args.fit_cap = 4096, 1024, 30.0
     import boltz  # noqa: F401
 
     from importlib.metadata import version
