@@ -9,13 +9,14 @@
 - ``foldops.nn``: Boltz-2-compatible layers
 - ``foldops.models``: whole models (SEDD)
 - ``foldops.train`` / ``foldops.compat``: trainer, checkpoints, drop-ins
+- ``foldops.patch``: patch a loaded Boltz model in place to foldops modules
 """
 
 import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("backends", "bench", "compat", "device", "kernels", "models", "nn", "ops", "reference", "train")
+_SUBMODULES = ("backends", "bench", "compat", "device", "kernels", "models", "nn", "ops", "patch", "reference", "train")
 
 
 def __getattr__(name):

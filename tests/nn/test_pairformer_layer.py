@@ -228,11 +228,12 @@ def test_factory_kwargs():
 
 
 def test_unknown_kwargs_warn_like_boltz_ignores_them():
-    with pytest.warns(UserWarning, match=r"ignoring arguments \['offload_to_cpu'\]"):
-        PairformerStack(S, Z, 1, HEADS, offload_to_cpu=False)
+    with pytest.warns(UserWarning, match=r"ignoring arguments \['no_update_s'\]"):
+        PairformerStack(S, Z, 1, HEADS, no_update_s=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PairformerStack(S, Z, 1, HEADS)
+        PairformerStack(S, Z, 1, HEADS, offload_to_cpu=True)  # honoured, see tests/test_patch_boltz.py
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ _EXPORTS = {
     "BlockType": "trunk",
     "Trunk": "trunk",
     "MSALayer": "msa",
+    "MSAModule": "msa",
     "OuterProductMean": "outer_product_mean",
     "PairWeightedAveraging": "pair_weighted_averaging",
     "PairformerLayer": "pairformer",

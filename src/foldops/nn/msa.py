@@ -1,8 +1,9 @@
-"""One block of Boltz-2's MSA module (``boltz.model.modules.trunkv2.MSALayer``).
+"""Boltz-2's MSA module (``boltz.model.modules.trunkv2.MSAModule``) and its block (``MSALayer``).
 
-Same constructor arguments, forward signature and state-dict keys
-(``msa_transition``, ``pair_weighted_averaging``, ``pairformer_layer``,
-``outer_product_mean``), so Boltz checkpoints load with ``strict=True``.
+Same constructor arguments, forward signatures and state-dict keys (module:
+``s_proj``, ``msa_proj``, ``layers.<i>.*``; block: ``msa_transition``,
+``pair_weighted_averaging``, ``pairformer_layer``, ``outer_product_mean``), so Boltz
+checkpoints load with ``strict=True``.
 
 Shapes: ``z`` ``[B, N, N, token_z]``, ``m`` ``[B, S, N, msa_s]``, ``token_mask`` the
 *pair* mask ``[B, N, N]`` (Boltz's name, Boltz's usage), ``msa_mask`` ``[B, S, N]``.
@@ -10,16 +11,17 @@ Shapes: ``z`` ``[B, N, N, token_z]``, ``m`` ``[B, S, N, msa_s]``, ``token_mask``
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 
-from foldops._checks import as_bool_mask, check_layer_input, check_tensor
+from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_tensor
 from foldops.backends import AUTO
 from foldops.nn.dropout import check_dropout_rate, dropout_residual
 from foldops.nn.outer_product_mean import OuterProductMean
 from foldops.nn.pair_weighted_averaging import PairWeightedAveraging
-from foldops.nn.pairformer import PairformerNoSeqLayer
+from foldops.nn.pairformer import CHUNK_SIZE_LARGE, CHUNK_SIZE_SMALL, CHUNK_SIZE_THRESHOLD, PairformerNoSeqLayer, _Stack
 from foldops.nn.transition import Transition
 
 
@@ -103,3 +105,153 @@ class MSALayer(nn.Module):
         z = z + self.outer_product_mean(m, msa_mask, chunk_size_outer_product)
         z = self.pairformer_layer(z, token_mask, chunk_size_tri_attn, use_kernels=use_kernels)
         return z, m
+
+
+# Boltz-2's vocabulary (boltz.data.const.num_tokens): the one-hot width of ``feats["msa"]``.
+NUM_TOKENS = 33
+
+
+class MSAModule(_Stack):
+    """Boltz-2's MSA module: embeds the MSA features and runs ``msa_blocks`` ``MSALayer``.
+
+    Args:
+        msa_s, token_z, token_s: MSA, pair and single channels.
+        msa_blocks: number of ``MSALayer`` blocks.
+        msa_dropout, z_dropout, pairwise_head_width, pairwise_num_heads: as ``MSALayer``.
+        activation_checkpointing: recompute each block in backward (training only).
+        use_paired_feature: the ``msa_paired`` feature is an input channel.
+        subsample_msa, num_subsampled_msa: keep a random ``num_subsampled_msa`` rows.
+        offload_to_cpu: with ``activation_checkpointing``, keep saved block inputs in host memory.
+        num_tokens: one-hot width of ``feats["msa"]`` (Boltz-2: 33).
+        chunk_size_threshold: above this many tokens, inference uses the "large" chunking
+            below (Boltz-2: 384).
+        chunk_size_small, chunk_size_large: triangle-attention rows per step at inference
+            at or below / above the threshold (Boltz-2: 512 / 128).
+        chunk_size_transition_msa, chunk_size_outer_product, chunk_heads_pwa: inference
+            chunking of the MSA transition, outer product mean and pair-weighted averaging
+            above the threshold (Boltz-2: 32 / 4 / True); below it none.
+        backend, device, dtype: as ``MSALayer``.
+        **kwargs: accepted and ignored (with a warning), as Boltz does.
+
+    State-dict keys: ``s_proj.weight``, ``msa_proj.weight``, ``layers.<i>.*``.
+    """
+
+    def __init__(
+        self,
+        msa_s: int,
+        token_z: int,
+        token_s: int,
+        msa_blocks: int,
+        msa_dropout: float,
+        z_dropout: float,
+        pairwise_head_width: int = 32,
+        pairwise_num_heads: int = 4,
+        activation_checkpointing: bool = False,
+        use_paired_feature: bool = True,
+        subsample_msa: bool = False,
+        num_subsampled_msa: int = 1024,
+        *,
+        offload_to_cpu: bool = False,
+        num_tokens: int = NUM_TOKENS,
+        chunk_size_threshold: int = CHUNK_SIZE_THRESHOLD,
+        chunk_size_small: Optional[int] = CHUNK_SIZE_SMALL,
+        chunk_size_large: Optional[int] = CHUNK_SIZE_LARGE,
+        chunk_size_transition_msa: Optional[int] = 32,
+        chunk_size_outer_product: Optional[int] = 4,
+        chunk_heads_pwa: bool = True,
+        backend: str = AUTO,
+        device=None,
+        dtype=None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        from foldops.nn.pairformer import _warn_ignored
+
+        _warn_ignored(type(self).__name__, kwargs)
+        for name, value in (("msa_s", msa_s), ("token_z", token_z), ("token_s", token_s), ("msa_blocks", msa_blocks)):
+            check_positive_int(name, value, allow_none=False)
+        check_positive_int("num_subsampled_msa", num_subsampled_msa, allow_none=False)
+        self.msa_blocks = msa_blocks
+        self.msa_dropout = msa_dropout
+        self.z_dropout = z_dropout
+        self.use_paired_feature = use_paired_feature
+        self.subsample_msa = subsample_msa
+        self.num_subsampled_msa = num_subsampled_msa
+        self.num_tokens = check_positive_int("num_tokens", num_tokens, allow_none=False)
+        self.chunk_size_transition_msa = check_positive_int("chunk_size_transition_msa", chunk_size_transition_msa)
+        self.chunk_size_outer_product = check_positive_int("chunk_size_outer_product", chunk_size_outer_product)
+        self.chunk_heads_pwa = bool(chunk_heads_pwa)
+        self._init_stack(
+            activation_checkpointing, chunk_size_threshold, chunk_size_small, chunk_size_large, offload_to_cpu
+        )
+        factory = {"device": device, "dtype": dtype}
+        self.s_proj = nn.Linear(token_s, msa_s, bias=False, **factory)
+        self.msa_proj = nn.Linear(num_tokens + 2 + int(use_paired_feature), msa_s, bias=False, **factory)
+        self.layers = nn.ModuleList(
+            MSALayer(
+                msa_s,
+                token_z,
+                msa_dropout,
+                z_dropout,
+                pairwise_head_width,
+                pairwise_num_heads,
+                backend=backend,
+                **factory,
+            )
+            for _ in range(msa_blocks)
+        )
+
+    def inference_chunks(self, n: int) -> Tuple:
+        """The chunking arguments of every block for N tokens, in ``MSALayer.forward``'s
+        order (``chunk_heads_pwa`` .. ``chunk_size_tri_attn``): Boltz-2's rule in eval,
+        none in training."""
+        if self.training:
+            return (False, None, None, None, None)
+        if n > self.chunk_size_threshold:
+            return (self.chunk_heads_pwa, None, self.chunk_size_transition_msa, self.chunk_size_outer_product,
+                    self.chunk_size_large)
+        return (False, None, None, None, self.chunk_size_small)
+
+    def forward(self, z: Tensor, emb: Tensor, feats: Dict[str, Tensor], use_kernels: bool = False) -> Tensor:
+        """Args:
+            z: pair ``[B, N, N, token_z]``; emb: single input ``[B, N, token_s]``.
+            feats: ``msa`` int ``[B, S, N]`` (token ids), ``has_deletion``,
+                ``deletion_value``, ``msa_paired`` (if ``use_paired_feature``) and
+                ``msa_mask`` ``[B, S, N]``, ``token_pad_mask`` ``[B, N]``.
+            use_kernels: accepted for Boltz compatibility; kernels follow ``backend``.
+
+        Returns:
+            ``z`` ``[B, N, N, token_z]``.
+        """
+        check_tensor("z", z, (None, None, None, self.layers[0].token_z))
+        for key in ("msa", "has_deletion", "deletion_value", "msa_mask", "token_pad_mask"):
+            if key not in feats:
+                raise ValueError(f"feats: expected a {key!r} entry")
+        msa = feats["msa"]
+        if msa.is_floating_point():
+            raise TypeError(f"feats['msa']: expected integer token ids [B, S, N], got dtype {msa.dtype}")
+        token_mask = feats["token_pad_mask"].float()
+        pair_mask = token_mask[:, :, None] * token_mask[:, None, :]
+        msa_mask = feats["msa_mask"]
+        columns = [
+            nn.functional.one_hot(msa, num_classes=self.num_tokens),
+            feats["has_deletion"].unsqueeze(-1),
+            feats["deletion_value"].unsqueeze(-1),
+        ]
+        if self.use_paired_feature:
+            columns.append(feats["msa_paired"].unsqueeze(-1))
+        m = torch.cat(columns, dim=-1)
+        if self.subsample_msa:
+            keep = torch.randperm(msa.shape[1])[: self.num_subsampled_msa]
+            m, msa_mask = m[:, keep], msa_mask[:, keep]
+        m = self.msa_proj(m.to(self.msa_proj.weight.dtype))
+        m = m + self.s_proj(emb).unsqueeze(1)
+
+        batch, rows, n = m.shape[:3]
+        # Masks become bool once here, not per block.
+        pair_mask = as_bool_mask("token_pad_mask", pair_mask, (batch, n, n), z.device)
+        msa_mask = as_bool_mask("msa_mask", msa_mask, (batch, rows, n), z.device)
+        chunks = self.inference_chunks(z.shape[1])
+        for layer in self.layers:
+            z, m = self._run(layer, z, m, pair_mask, msa_mask, *chunks, use_kernels)
+        return z

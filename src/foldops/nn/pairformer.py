@@ -225,9 +225,26 @@ class PairformerNoSeqLayer(_PairStack):
         return self._pair_stack(z, pair_mask, chunk_size_tri_attn)
 
 
+class _CallLayer(nn.Module):
+    """A parameterless stand-in that calls ``layer`` (held unregistered), so that
+    ``foldops.compat.checkpoint_wrapper`` can checkpoint one call without changing ``layer``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["layer"] = layer
+
+    def forward(self, *args):
+        return self.layer(*args)
+
+
 class _Stack(nn.Module):
-    def _init_stack(self, activation_checkpointing, chunk_size_threshold, chunk_size_small, chunk_size_large):
+    def _init_stack(
+        self, activation_checkpointing, chunk_size_threshold, chunk_size_small, chunk_size_large, offload_to_cpu=False
+    ):
+        if not isinstance(offload_to_cpu, bool):
+            raise TypeError(f"offload_to_cpu: expected a bool, got {type(offload_to_cpu).__name__}")
         self.activation_checkpointing = activation_checkpointing
+        self.offload_to_cpu = offload_to_cpu
         self.chunk_size_threshold = chunk_size_threshold
         self.chunk_size_small = check_positive_int("chunk_size_small", chunk_size_small)
         self.chunk_size_large = check_positive_int("chunk_size_large", chunk_size_large)
@@ -242,6 +259,11 @@ class _Stack(nn.Module):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
             # Non-reentrant: works with inputs that need no grad, kwargs, and restores the
             # RNG state, so recomputed dropout masks equal the first ones.
+            if self.offload_to_cpu:
+                # The saved block inputs wait in host memory until backward.
+                from foldops.compat.activation_checkpoint import checkpoint_wrapper
+
+                return checkpoint_wrapper(_CallLayer(layer), offload_to_cpu=True)(*args)
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
@@ -254,6 +276,9 @@ class PairformerStack(_Stack):
         pairwise_num_heads, post_layer_norm, v2: as ``PairformerLayer`` / Boltz.
         activation_checkpointing: recompute each block in backward (training only),
             with non-reentrant ``torch.utils.checkpoint``.
+        offload_to_cpu: with ``activation_checkpointing``, keep each block's saved inputs
+            in host memory until backward (``foldops.compat.checkpoint_wrapper``'s
+            offload; Boltz's configs pass it).
         chunk_size_threshold, chunk_size_small, chunk_size_large: at inference, triangle
             attention runs ``chunk_size_large`` rows per step above ``chunk_size_threshold``
             tokens, else ``chunk_size_small`` (Boltz-2's 384 / 512 / 128); None lets the
@@ -278,6 +303,7 @@ class PairformerStack(_Stack):
         chunk_size_threshold: int = CHUNK_SIZE_THRESHOLD,
         chunk_size_small: Optional[int] = CHUNK_SIZE_SMALL,
         chunk_size_large: Optional[int] = CHUNK_SIZE_LARGE,
+        offload_to_cpu: bool = False,
         backend: str = AUTO,
         device=None,
         dtype=None,
@@ -291,7 +317,9 @@ class PairformerStack(_Stack):
         self.dropout = dropout
         self.num_heads = num_heads
         self.post_layer_norm = post_layer_norm
-        self._init_stack(activation_checkpointing, chunk_size_threshold, chunk_size_small, chunk_size_large)
+        self._init_stack(
+            activation_checkpointing, chunk_size_threshold, chunk_size_small, chunk_size_large, offload_to_cpu
+        )
         self.layers = nn.ModuleList(
             PairformerLayer(
                 token_s,
@@ -345,6 +373,7 @@ class PairformerNoSeqModule(_Stack):
         chunk_size_threshold: int = CHUNK_SIZE_THRESHOLD,
         chunk_size_small: Optional[int] = CHUNK_SIZE_SMALL,
         chunk_size_large: Optional[int] = CHUNK_SIZE_LARGE,
+        offload_to_cpu: bool = False,
         backend: str = AUTO,
         device=None,
         dtype=None,
@@ -357,7 +386,9 @@ class PairformerNoSeqModule(_Stack):
         self.num_blocks = num_blocks
         self.dropout = dropout
         self.post_layer_norm = post_layer_norm
-        self._init_stack(activation_checkpointing, chunk_size_threshold, chunk_size_small, chunk_size_large)
+        self._init_stack(
+            activation_checkpointing, chunk_size_threshold, chunk_size_small, chunk_size_large, offload_to_cpu
+        )
         self.layers = nn.ModuleList(
             PairformerNoSeqLayer(
                 token_z,
