@@ -64,8 +64,9 @@ def as_bool_mask(
     and are converted once. Cost of that check: one elementwise pass and one reduction
     over the mask on its device, and one host sync to read the verdict, once per call
     with a non-bool mask; layers convert their masks at the door, so the ops they call
-    get bool masks and pay nothing. Skipped while ``torch.compile`` traces and on the
-    meta device (no values to read). The shape must match exactly: no broadcasting.
+    get bool masks and pay nothing. Skipped while ``torch.compile`` traces, during CUDA
+    graph capture (a host read is illegal there) and on the meta device (no values to
+    read). The shape must match exactly: no broadcasting.
     """
     if mask is None:
         return None
@@ -83,9 +84,15 @@ def as_bool_mask(
     raise TypeError(f"{name}: expected a bool or 0/1 numeric mask, got dtype {mask.dtype}")
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph (reading a
+    value back to the host is illegal then). False without CUDA."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def check_zero_one(name: str, mask: torch.Tensor) -> None:
     """A numeric mask holds only 0 and 1 (see ``as_bool_mask`` for the cost)."""
-    if mask.device.type == "meta" or mask.numel() == 0 or torch.compiler.is_compiling():
+    if mask.device.type == "meta" or mask.numel() == 0 or torch.compiler.is_compiling() or _capturing():
         return
     bad = (mask != 0) & (mask != 1)  # NaN included
     if bool(bad.any()):
