@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from foldops.device import cuda_graph_capturing
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 Dim = Union[int, None]  # None = any size
@@ -84,15 +86,9 @@ def as_bool_mask(
     raise TypeError(f"{name}: expected a bool or 0/1 numeric mask, got dtype {mask.dtype}")
 
 
-def _capturing() -> bool:
-    """Whether the current CUDA stream is being captured into a CUDA graph (reading a
-    value back to the host is illegal then). False without CUDA."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def check_zero_one(name: str, mask: torch.Tensor) -> None:
     """A numeric mask holds only 0 and 1 (see ``as_bool_mask`` for the cost)."""
-    if mask.device.type == "meta" or mask.numel() == 0 or torch.compiler.is_compiling() or _capturing():
+    if mask.device.type == "meta" or mask.numel() == 0 or torch.compiler.is_compiling() or cuda_graph_capturing():
         return
     bad = (mask != 0) & (mask != 1)  # NaN included
     if bool(bad.any()):

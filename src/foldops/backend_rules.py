@@ -30,6 +30,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from foldops.device import device_class as _device_class
+
 MEASURE = "python benchmarks/small_structures.py --rules"
 """The command that measures the thresholds (on the device class it runs on)."""
 
@@ -79,15 +81,9 @@ DEFAULT = Rule(0, MEASURE, "device class not measured: priority order (kernels f
 
 
 def device_class(device: torch.device) -> str:
-    """``"cuda-sm90"``, ``"rocm"``, ``"cpu"``, ...: the key of ``RULES`` for ``device``."""
-    if device.type != "cuda":
-        return device.type
-    from foldops.device import compute_capability, is_rocm
-
-    if is_rocm():
-        return "rocm"
-    major, minor = compute_capability(device)
-    return f"cuda-sm{major}{minor}"
+    """``"cuda-sm90"``, ``"rocm"``, ``"cpu"``, ...: the key of ``RULES`` for ``device``
+    (``foldops.device.device_class``)."""
+    return _device_class(device)
 
 
 def rule_for(op: str, device_cls: str, mode: str) -> Rule:
