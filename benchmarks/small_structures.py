@@ -217,6 +217,9 @@ def run_layers(sizes):
         inputs = _pair_inputs(n)
         ours = PairformerLayer(384, 128, num_heads=16, dropout=0.25, pairwise_head_width=32,
                                pairwise_num_heads=4).cuda()
+        # foldops gets bool masks, as its stacks pass them to their layers (a float mask
+        # is checked for 0/1 values: one host sync per layer call); Boltz gets floats.
+        bool_inputs = (inputs[0], inputs[1], inputs[2].bool(), inputs[3].bool())
         impls = [("foldops", ours, {})]
         if boltz_cls is not None:
             try:
@@ -232,7 +235,8 @@ def run_layers(sizes):
             for mode in ("inference", "training"):
                 layer.train(mode == "training")
                 try:
-                    step = _layer_steps(layer, inputs, mode == "training", kwargs)
+                    step = _layer_steps(layer, bool_inputs if name == "foldops" else inputs,
+                                        mode == "training", kwargs)
                     record("layer", "PairformerLayer", name, n, mode, "latency", latency_ms(step))
                     record("layer", "PairformerLayer", name, n, mode, "throughput", throughput_ms(step))
                     if mode == "inference":
