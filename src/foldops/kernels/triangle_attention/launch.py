@@ -15,9 +15,8 @@ the partial bias gradients live in dq's, dv's and dk's storage until those are w
 Tests and benchmarks replace ``wrap_triton`` and ``_config`` here and
 ``dbias_splits.bias_splits`` / ``num_sms``: the launchers look them up at each call.
 Choices that depend only on shapes, dtypes and the device (tiles, dBias splits) are
-cached per such key (``_CACHE``); after changing entries of ``configs`` call
-``clear_caches()``. Host arithmetic (grids, tile caps) is plain Python: ``triton.cdiv``
-and ``triton.next_power_of_2`` are JIT functions whose host calls cost microseconds each.
+cached per such key (``host.py``); after changing entries of ``configs`` call
+``clear_caches()``.
 """
 
 from __future__ import annotations
@@ -30,30 +29,13 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from foldops.device import compute_capability, is_rocm, triton_interpret
-from foldops.kernels.triangle_attention import configs, dbias_splits
+from foldops.kernels.triangle_attention import configs
 from foldops.kernels.triangle_attention.backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
 from foldops.kernels.triangle_attention.backward_dbias import _bwd_dbias_kernel, _sum_splits_kernel
 from foldops.kernels.triangle_attention.configs import DTYPES, HEAD_DIMS
+from foldops.kernels.triangle_attention.host import _CACHE, _cdiv, _pow2, _smem_bytes, _split_plan
+from foldops.kernels.triangle_attention.host import clear_caches  # noqa: F401  (re-exported)
 from foldops.kernels.triangle_attention.forward import _fwd_kernel
-
-
-_CACHE: dict = {}
-"""Per-key results of ``_config`` and of the dBias split plan (shape, dtype, device)."""
-
-
-def clear_caches() -> None:
-    """Forget cached tile and split choices (after editing ``configs``)."""
-    _CACHE.clear()
-
-
-def _cdiv(a, b):
-    """ceil(a / b) for ints (also symbolic ones under torch.compile)."""
-    return (a + b - 1) // b
-
-
-def _pow2(x: int) -> int:
-    """The smallest power of two >= x (1 for x <= 1)."""
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
 def _interpreting() -> bool:
@@ -76,17 +58,6 @@ def _mma_wait(kind: str, t: torch.Tensor, has_mask: bool, d: int) -> bool:
     if not configs.MMA_WAIT[kind] or (kind, has_mask, d) in configs.MMA_WAIT_SKIP:
         return False
     return compute_capability(t.device)[0] == 9
-
-
-def _smem_bytes(kind: str, bj: int, bk: int, stages: int, d: int, e: int, be: int) -> int:
-    """Rough shared memory of one program: pipelined tiles (x2 for dQ's two loop copies)."""
-    if kind == "fwd":  # k, v, bias and the [16, BLOCK_K] key-mask rows
-        return stages * (2 * bk * d * e + bj * bk * be + 16 * bk * e) + bj * d * e
-    if kind == "dq":
-        return 2 * stages * (2 * bk * d * e + bj * bk * be) + 2 * bj * d * e
-    if kind == "dkdv":
-        return 2 * stages * (2 * bj * d * e + bj * bk * be) + 2 * bk * d * e
-    return stages * (2 * bj * d + 2 * bk * d + 16 * bk) * e  # q, dO, k, v, key-mask rows
 
 
 def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype] = None,
@@ -318,23 +289,6 @@ def _scratch(flat: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype = to
     if raw.numel() < byte_offset + count * size:
         return None
     return raw[byte_offset: byte_offset + count * size].view(dtype).view(shape)
-
-
-def _split_plan(batch, rows, n, heads, d, q, dbias_cfg, room) -> Tuple[int, int]:
-    """(row splits, rows per split) of the bias gradient, cached per shape, dtype,
-    device and split rule (the rule functions are part of the key: tests replace them)."""
-    rule, sms = dbias_splits.bias_splits, dbias_splits.num_sms
-    key = ("splits", batch, rows, n, heads, d, q.dtype, q.device, dbias_cfg, room, rule, sms)
-    plan = _CACHE.get(key) if isinstance(n, int) and isinstance(rows, int) else None
-    if plan is None:
-        tiles = _cdiv(n, dbias_cfg[0]) * _cdiv(n, dbias_cfg[1])
-        row_bytes = 4 * n * d * q.element_size()  # q, k, v, dO of one row i and head
-        splits = min(rule(tiles * batch * heads, rows, dbias_cfg[2], q.device, row_bytes), max(1, room))
-        rows_per_split = _cdiv(rows, splits)
-        plan = (_cdiv(rows, rows_per_split), rows_per_split)
-        if isinstance(n, int) and isinstance(rows, int):
-            _CACHE[key] = plan
-    return plan
 
 
 def triangle_attention_backward(
