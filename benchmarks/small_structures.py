@@ -193,13 +193,13 @@ def _layer_steps(layer, inputs, training: bool, kwargs):
     s, z, mask, pair_mask = inputs
 
     def infer():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             return layer(s, z, mask, pair_mask, **kwargs)
 
     s_leaf = s.clone().requires_grad_(True)
 
     def train():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             out_s, out_z = layer(s_leaf, z, mask, pair_mask, **kwargs)
             loss = out_s.float().square().mean() + out_z.float().square().mean()
         loss.backward()
