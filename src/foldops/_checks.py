@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from foldops.device import cuda_graph_capturing
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 Dim = Union[int, None]  # None = any size
@@ -64,8 +66,9 @@ def as_bool_mask(
     and are converted once. Cost of that check: one elementwise pass and one reduction
     over the mask on its device, and one host sync to read the verdict, once per call
     with a non-bool mask; layers convert their masks at the door, so the ops they call
-    get bool masks and pay nothing. Skipped while ``torch.compile`` traces and on the
-    meta device (no values to read). The shape must match exactly: no broadcasting.
+    get bool masks and pay nothing. Skipped while ``torch.compile`` traces, during CUDA
+    graph capture (a host read is illegal there) and on the meta device (no values to
+    read). The shape must match exactly: no broadcasting.
     """
     if mask is None:
         return None
@@ -85,7 +88,7 @@ def as_bool_mask(
 
 def check_zero_one(name: str, mask: torch.Tensor) -> None:
     """A numeric mask holds only 0 and 1 (see ``as_bool_mask`` for the cost)."""
-    if mask.device.type == "meta" or mask.numel() == 0 or torch.compiler.is_compiling():
+    if mask.device.type == "meta" or mask.numel() == 0 or torch.compiler.is_compiling() or cuda_graph_capturing():
         return
     bad = (mask != 0) & (mask != 1)  # NaN included
     if bool(bad.any()):

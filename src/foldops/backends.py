@@ -13,7 +13,11 @@ Selection, for ``backend="auto"``:
    raises if it cannot run); ops without such a backend skip it. A name that no op
    has (``bogus``, ``trition``, ``TORCH``: names are case-sensitive) is an error
    naming the valid ones, for every op alike;
-3. otherwise the first backend in priority order whose check passes. The fallback is
+3. otherwise the backend that ``foldops.backend_rules`` prefers for this op, device
+   class, mode (inference / training) and size, if its check passes (e.g. ``torch``
+   below the size where the kernels stop being host-bound); logged once per choice at
+   debug level with the rule's reason;
+4. otherwise the first backend in priority order whose check passes. The fallback is
    silent, logged once per (op, backend, reason) at debug level.
 
 A ``backend=`` argument other than ``"auto"`` wins over the environment and raises
@@ -27,6 +31,8 @@ import importlib
 import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from foldops import backend_rules
 
 logger = logging.getLogger("foldops.backends")
 
@@ -149,12 +155,25 @@ def select(op: str, requested: Optional[str] = AUTO, **ctx: Any) -> Backend:
             raise BackendUnavailableError(
                 f"{ENV_GLOBAL}: unknown backend {global_choice!r}; valid: {known} or 'auto'"
             )
+    ruled = backend_rules.preferred(op, **ctx)
+    if ruled is not None:
+        backend = _REGISTRY.get(op, {}).get(ruled[0])
+        if backend is not None and backend.auto and _check(backend, ctx, explicit=False) is None:
+            key = (op, backend.name, ruled[1])
+            if key not in _logged:
+                _logged.add(key)
+                logger.debug("%s: auto picks backend %r by rule: %s", op, backend.name, ruled[1])
+            return backend
     skipped = []
     for backend in backends_of(op):
         if not backend.auto:
             continue
         reason = _check(backend, ctx, explicit=False)
         if reason is None:
+            key = (op, backend.name, "priority")
+            if key not in _logged:
+                _logged.add(key)
+                logger.debug("%s: auto picks backend %r by priority order (no size rule applies)", op, backend.name)
             return backend
         skipped.append(f"{backend.name}: {reason}")
         key = (op, backend.name, reason)

@@ -33,7 +33,20 @@ ACCELERATOR_FALLBACK_BYTES = 1024 * 2**20
 """Budget on an accelerator whose free memory cannot be queried (MPS, old XPU)."""
 
 
+_last_free: dict = {}
+"""Free bytes last queried per device: what ``torch.compile`` tracing reads (a query
+there would break the graph; the budget is a host-side choice baked into the graph)."""
+
+
 def _free_bytes(device: torch.device) -> Optional[int]:
+    if torch.compiler.is_compiling():
+        return _last_free.get(str(device))
+    free = _query_free_bytes(device)
+    _last_free[str(device)] = free
+    return free
+
+
+def _query_free_bytes(device: torch.device) -> Optional[int]:
     try:
         if device.type == "cuda":
             return torch.cuda.mem_get_info(device)[0]

@@ -335,3 +335,21 @@ def device_guard(device: torch.device) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def device_class(device: torch.device) -> str:
+    """The class of ``device`` that measured rules are keyed by (``foldops.backend_rules``):
+    ``"cuda-sm<major><minor>"`` for NVIDIA GPUs (``"cuda-sm90"``: H100), ``"rocm"`` for AMD
+    GPUs, else the device type (``"cpu"``, ``"xpu"``, ``"mps"``)."""
+    if device.type != "cuda":
+        return device.type
+    if is_rocm():
+        return "rocm"
+    major, minor = compute_capability(device)
+    return f"cuda-sm{major}{minor}"
+
+
+def cuda_graph_capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph (a host read
+    of a device value is illegal then). False without CUDA; never initialises CUDA."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

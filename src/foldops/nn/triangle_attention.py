@@ -127,9 +127,12 @@ class TriangleAttention(nn.Module):
             if tuple(mask.shape) != tuple(lead) + (n, n):
                 raise ValueError(f"mask: expected shape {tuple(lead) + (n, n)}, got {tuple(mask.shape)}")
             mask = as_bool_mask("mask", mask.reshape(batch, n, n), (batch, n, n), x.device)
-            # A mask that keeps everything changes nothing; on CPU, where checking is one cheap
-            # pass and no device sync, drop it so the op skips its mask work (unpadded inference).
-            if x.device.type == "cpu" and bool(mask.all()):
+            # A mask that keeps everything changes nothing; on CPU in eager mode, where checking
+            # is one cheap pass and no device sync, drop it so the op skips its mask work
+            # (unpadded inference). Never on accelerators (a host sync) nor while torch.compile
+            # traces (a branch on tensor values breaks the graph): the masked path gives the
+            # same result.
+            if x.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
                 mask = None
         if x.numel() == 0:  # no tokens (or no batch): empty in, empty out
             return x.clone().reshape(*lead, n, n, self.c_in)

@@ -17,3 +17,9 @@ def zeros_output(shape: Sequence[int], like: torch.Tensor, inputs: Sequence[Opti
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 out = out + t.sum().mul(0).to(out.dtype)
     return out
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd will record a call on ``tensors`` (the training mode of
+    ``foldops.backend_rules``)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)

@@ -33,7 +33,7 @@ from foldops._checks import (
     check_same_dtype,
     check_tensor,
 )
-from foldops.ops._common import zeros_output
+from foldops.ops._common import needs_grad, zeros_output
 from foldops.ops.triangle_attention import _torch_backend as _square_torch
 from foldops.ops.triangle_attention import _triton_backend as _square_triton
 from foldops.ops.triangle_attention import _triton_supports as _square_triton_supports
@@ -123,6 +123,7 @@ def attention_pair_bias(
         return zeros_output(q.shape, q, (q, k, v, bias))
     impl = backends.select(
         OP, backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], scale=float(scale),
-        masked=mask is not None, queries=q.shape[2], keys=k.shape[2],
+        masked=mask is not None, queries=q.shape[2], keys=k.shape[2], n=k.shape[2],
+        training=needs_grad(q, k, v, bias),
     )
     return impl.fn(q, k, v, bias, mask, float(scale), chunk_size)

@@ -37,7 +37,7 @@ from foldops._checks import (
 )
 from foldops.budget import rows_per_chunk
 from foldops.device import kernel_support
-from foldops.ops._common import zeros_output
+from foldops.ops._common import needs_grad, zeros_output
 from foldops.reference import triangle_attention as _reference
 
 OP = "triangle_attention"
@@ -157,5 +157,6 @@ def triangle_attention(
     if q.numel() == 0:
         return zeros_output(q.shape, q, (q, k, v, bias))
     impl = backends.select(OP, backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
-                           scale=float(scale), masked=mask is not None)
+                           scale=float(scale), masked=mask is not None, n=q.shape[2],
+                           training=needs_grad(q, k, v, bias))
     return impl.fn(q, k, v, bias, mask, float(scale), chunk_size)

@@ -14,6 +14,7 @@ Files (design, floors and timings: docs/kernels/triangle_attention.md):
 - ``backward_dbias.py``: ``_bwd_dbias_kernel``, ``_sum_splits_kernel``;
 - ``configs.py``: tile tables, wgmma-wait table, dBias split-model constants (data);
 - ``dbias_splits.py``: the dBias row-split count;
+- ``host.py``: the launchers' host arithmetic and per-shape caches (tiles, dBias splits);
 - ``launch.py``: launchers ``triangle_attention_forward`` / ``triangle_attention_backward``;
 - ``op.py``: custom ops ``foldops::triangle_attention_fwd`` / ``_bwd`` with autograd,
   and ``triangle_attention(q, k, v, bias, mask, scale)``, the differentiable entry.

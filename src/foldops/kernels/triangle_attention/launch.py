@@ -12,8 +12,11 @@ gradients: delta = rowsum(dO*O), a transposed copy of the bias, the key-mask bia
 the partial bias gradients live in dq's, dv's and dk's storage until those are written
 (a separate buffer only when I << N and dq is too small).
 
-Tests and benchmarks replace ``wrap_triton`` and ``_config`` here, entries of ``configs``
-and ``dbias_splits.bias_splits``: the launchers look them up at each call.
+Tests and benchmarks replace ``wrap_triton`` and ``_config`` here and
+``dbias_splits.bias_splits`` / ``num_sms``: the launchers look them up at each call.
+Choices that depend only on shapes, dtypes and the device (tiles, dBias splits) are
+cached per such key (``host.py``); after changing entries of ``configs`` call
+``clear_caches()``.
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ import math
 from typing import Optional, Tuple
 
 import torch
-import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from foldops.device import compute_capability, is_rocm, triton_interpret
-from foldops.kernels.triangle_attention import configs, dbias_splits
+from foldops.kernels.triangle_attention import configs
 from foldops.kernels.triangle_attention.backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
 from foldops.kernels.triangle_attention.backward_dbias import _bwd_dbias_kernel, _sum_splits_kernel
 from foldops.kernels.triangle_attention.configs import DTYPES, HEAD_DIMS
+from foldops.kernels.triangle_attention.host import _CACHE, _cdiv, _pow2, _smem_bytes, _split_plan
+from foldops.kernels.triangle_attention.host import clear_caches  # noqa: F401  (re-exported)
 from foldops.kernels.triangle_attention.forward import _fwd_kernel
 
 
@@ -56,22 +60,22 @@ def _mma_wait(kind: str, t: torch.Tensor, has_mask: bool, d: int) -> bool:
     return compute_capability(t.device)[0] == 9
 
 
-def _smem_bytes(kind: str, bj: int, bk: int, stages: int, d: int, e: int, be: int) -> int:
-    """Rough shared memory of one program: pipelined tiles (x2 for dQ's two loop copies)."""
-    if kind == "fwd":  # k, v, bias and the [16, BLOCK_K] key-mask rows
-        return stages * (2 * bk * d * e + bj * bk * be + 16 * bk * e) + bj * d * e
-    if kind == "dq":
-        return 2 * stages * (2 * bk * d * e + bj * bk * be) + 2 * bj * d * e
-    if kind == "dkdv":
-        return 2 * stages * (2 * bj * d * e + bj * bk * be) + 2 * bk * d * e
-    return stages * (2 * bj * d + 2 * bk * d + 16 * bk) * e  # q, dO, k, v, key-mask rows
-
-
 def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype] = None,
             allow_tf32: bool = False) -> Tuple[int, int, int, int]:
     """(BLOCK_J, BLOCK_K, num_warps, num_stages), plain ints even for symbolic N.
     ``allow_tf32``: fp32 products may run on the tensor cores (the fp32 tiles, tuned for
-    the FMA units, are then not used)."""
+    the FMA units, are then not used). Cached per key for integer N."""
+    if not isinstance(n, int):
+        return _choose_config(kind, n, d, dtype, bias_dtype, allow_tf32)
+    key = ("config", kind, n, d, dtype, bias_dtype, allow_tf32, _interpreting())
+    config = _CACHE.get(key)
+    if config is None:
+        config = _CACHE[key] = _choose_config(kind, n, d, dtype, bias_dtype, allow_tf32)
+    return config
+
+
+def _choose_config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype],
+                   allow_tf32: bool) -> Tuple[int, int, int, int]:
     if _interpreting():
         return 16, 16, 1, 1  # small tiles: multi-block loops at small N, fast interpretation
     fp32_tiles = dtype == torch.float32 and not allow_tf32 and (kind, d, True) in configs.CONFIGS
@@ -84,7 +88,7 @@ def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch
     if dtype == torch.float32 and not fp32_tiles:  # fp32 operands take twice the registers and shared memory
         bj, bk, stages = min(bj, 64), min(bk, 64 if d <= 32 else 32), min(stages, 2)
     if n < 256:  # small N: smaller tiles for more programs and less padding
-        cap = max(16, triton.next_power_of_2(int(n)))
+        cap = max(16, _pow2(int(n)))
         bj, bk = min(bj, cap), min(bk, cap)
     e = dtype.itemsize
     be = (bias_dtype or dtype).itemsize
@@ -252,7 +256,7 @@ def triangle_attention_forward(
     bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype, allow_tf32)
     assert configs.MASK_ROW_ALIGN % bk == 0, "the key-mask rows must cover every key block"
     mask_t, mask_strides, has_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype, scale), q)
-    grid = (triton.cdiv(n, bj), rows, batch * heads)
+    grid = (_cdiv(n, bj), rows, batch * heads)
     wrap_triton(_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse if need_lse else out,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
@@ -345,13 +349,8 @@ def triangle_attention_backward(
         assert configs.MASK_ROW_ALIGN % dbias_cfg[1] == 0, "the key-mask rows must cover every key block"
         # The mask as a bias, in dv's not yet written storage.
         dbias_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype, scale, dv_flat), q)
-        tiles = triton.cdiv(n, dbias_cfg[0]) * triton.cdiv(n, dbias_cfg[1])
         room = dk_flat.numel() * dk_flat.element_size() // (4 * batch * heads * n * n)
-        row_bytes = 4 * n * d * q.element_size()  # q, k, v, dO of one row i and head
-        splits = min(dbias_splits.bias_splits(tiles * batch * heads, rows, dbias_cfg[2], q.device, row_bytes),
-                     max(1, room))
-        rows_per_split = triton.cdiv(rows, splits)
-        splits = triton.cdiv(rows, rows_per_split)
+        splits, rows_per_split = _split_plan(batch, rows, n, heads, d, q, dbias_cfg, room)
         if splits == 1:
             target, target_strides = dbias, (0, *dbias.stride())
         else:
@@ -360,16 +359,16 @@ def triangle_attention_backward(
 
     # fp32 without TF32: delta rounds as the dP products (_rowdot_fma).
     fma_chain = q.dtype == torch.float32 and precision == "ieee"
-    bh = min(triton.next_power_of_2(int(heads)), max(1, 256 // d))  # rows of up to 256 elements
-    bj = min(max(16, 8192 // (bh * d)), max(16, triton.next_power_of_2(int(n))))  # 8K-element tiles
-    wrap_triton(_bwd_delta_kernel)[(triton.cdiv(n, bj), rows, batch * triton.cdiv(heads, bh))](
+    bh = min(_pow2(int(heads)), max(1, 256 // d))  # rows of up to 256 elements
+    bj = min(max(16, 8192 // (bh * d)), max(16, _pow2(int(n))))  # 8K-element tiles
+    wrap_triton(_bwd_delta_kernel)[(_cdiv(n, bj), rows, batch * _cdiv(heads, bh))](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), rows, n, heads,
         D=d, BLOCK_J=bj, BLOCK_H=bh, FMA_CHAIN=fma_chain, num_warps=4,
     )
 
     if need_dbias:
         bj, bk, warps, stages = dbias_cfg
-        wrap_triton(_bwd_dbias_kernel)[(triton.cdiv(n, bj), triton.cdiv(n, bk), splits * batch * heads)](
+        wrap_triton(_bwd_dbias_kernel)[(_cdiv(n, bj), _cdiv(n, bk), splits * batch * heads)](
             q, k, v, bias_rows, dbias_mask[0], grad_out, lse, delta, target,
             *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *dbias_mask[1],
             *grad_out.stride(), *target_strides,
@@ -380,7 +379,7 @@ def triangle_attention_backward(
         )
         if splits > 1:
             numel = batch * heads * n * n
-            wrap_triton(_sum_splits_kernel)[(triton.cdiv(numel, 1024),)](
+            wrap_triton(_sum_splits_kernel)[(_cdiv(numel, 1024),)](
                 target, dbias, splits, numel, BLOCK=1024, num_warps=4,
             )
 
@@ -390,7 +389,7 @@ def triangle_attention_backward(
     bias_kj.copy_(bias.transpose(2, 3))
     bias_t = bias_kj.transpose(2, 3)
     bj, bk, warps, stages = _config("dkdv", n, d, q.dtype, bias.dtype, allow_tf32)
-    wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(n, bk), rows, batch * heads)](
+    wrap_triton(_bwd_dkdv_kernel)[(_cdiv(n, bk), rows, batch * heads)](
         q, k, v, bias_t, mask_t, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_t.stride(), *mask_strides,
         *grad_out.stride(), *dk.stride(), *dv.stride(),
@@ -401,7 +400,7 @@ def triangle_attention_backward(
     )
 
     bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype, allow_tf32)
-    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(n, bj), rows, batch * heads)](
+    wrap_triton(_bwd_dq_kernel)[(_cdiv(n, bj), rows, batch * heads)](
         q, k, v, bias_rows, mask_t, out, grad_out, lse, dq,
         *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides, *out.stride(),
         *grad_out.stride(), *dq.stride(),

@@ -1,0 +1,332 @@
+"""Small structures on a GPU: host time per call, PairformerLayer latency/throughput
+(eager, CUDA graphs, kernel-time sum) beside Boltz, and the size rules of ``auto``.
+
+Default run (about 3 minutes on an H100):
+
+    python benchmarks/small_structures.py            # -> benchmarks/results/<gpu>/small_structures.csv
+
+1. Host time per call at N = 128 (bf16) of every op with a Triton backend, for
+   ``triton`` and ``auto``: 50 calls without a sync (``time.perf_counter`` around the
+   loop), forward and forward+backward. Target: 0.06 / 0.2 ms.
+2. PairformerLayer (Boltz-2 sizes: token_s 384, token_z 128, 16 heads, pairwise 4 x 32;
+   bf16 autocast, B = 1, no padding) at N = 256 and 384: inference (eval, no_grad)
+   and a training step (train, forward + backward of a scalar loss). ``latency``: median
+   of 20 calls each timed by CUDA events; ``throughput``: 50 calls then one sync, per
+   call. Inference also replayed from a CUDA graph (``graph``), and ``kernel_sum``:
+   the sum of the GPU time of one call's kernels (torch.profiler) -- the 1.2x target
+   compares ``graph`` with it. Boltz's PairformerLayer beside it, plain and with
+   ``use_kernels=True`` when cuequivariance_torch imports, same weights.
+
+``--rules`` instead times each op's auto-eligible backends at N = 64 ... 1024, forward
+(inference, no_grad) and forward+backward (training), bf16 and fp32 (throughput, 20
+calls per sync), and prints the thresholds for ``foldops.backend_rules`` (largest N up
+to which ``torch`` is no slower than the kernels at every smaller measured N, in both
+dtypes). Writes ``small_structures_rules.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from foldops import backends  # noqa: E402
+from foldops.bench.cases import get_cases  # noqa: E402
+
+ROWS: List[Dict[str, object]] = []
+
+
+def record(section: str, name: str, impl: str, n: int, mode: str, metric: str, ms: Optional[float], note: str = ""):
+    row = dict(section=section, name=name, impl=impl, N=n, mode=mode, metric=metric,
+               ms=None if ms is None else round(ms, 4), device=torch.cuda.get_device_name(), note=note)
+    ROWS.append(row)
+    value = "-" if ms is None else f"{ms:9.3f}"
+    print(f"{section:8s} {name:22s} {impl:18s} N={n:<5d} {mode:10s} {metric:11s} {value} ms {note}", flush=True)
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def throughput_ms(fn: Callable[[], object], calls: int = 50) -> float:
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def latency_ms(fn: Callable[[], object], reps: int = 20) -> float:
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def host_ms(fn: Callable[[], object], calls: int = 50) -> float:
+    """Host time per call of ``calls`` unsynced calls (the GPU may lag behind)."""
+    for _ in range(3):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e3
+    sync()
+    return host
+
+
+def kernel_sum_ms(fn: Callable[[], object], calls: int = 5) -> float:
+    """Sum of the GPU time of the kernels (and copies) of one call, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    from torch.autograd import DeviceType
+
+    total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return total_us / 1e3 / calls
+
+
+def graph_ms(fn: Callable[[], object], calls: int = 50) -> float:
+    """Throughput of ``fn`` captured into one CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return throughput_ms(graph.replay, calls)
+
+
+# --------------------------------------------------------------------------- host time
+
+
+def triton_cases():
+    out = []
+    for case in get_cases():
+        try:
+            fn = case.load()
+        except Exception as exc:  # CaseUnavailable or a broken import
+            print(f"skip {case.op}: {exc}")
+            continue
+        names = [b.name for b in backends.backends_of(case.registry_op)]
+        if "triton" in names:
+            out.append((case, fn))
+    return out
+
+
+def op_closure(case, fn, n: int, dtype, backend: str, grad: bool):
+    inputs = case.make(case.dims_for("gpu", n), dtype, torch.device("cuda"))
+    if not grad:
+        def fwd():
+            with torch.no_grad():
+                return case.call(fn, inputs, backend)
+        return fwd
+    inputs.requires_grad_(True)
+    leaves = inputs.grad_inputs()
+    go = torch.randn_like(case.call(fn, inputs, backend))
+
+    def step():
+        out = case.call(fn, inputs, backend)
+        return torch.autograd.grad(out, leaves, go)
+    return step
+
+
+def run_host(n: int = 128):
+    for case, fn in triton_cases():
+        for backend in ("triton", "auto"):
+            for mode, grad in (("fwd", False), ("fwd+bwd", True)):
+                try:
+                    step = op_closure(case, fn, n, torch.bfloat16, backend, grad)
+                    record("host", case.op, backend, n, mode, "host", host_ms(step))
+                    record("host", case.op, backend, n, mode, "throughput", throughput_ms(step))
+                except Exception as exc:
+                    record("host", case.op, backend, n, mode, "host", None, f"{type(exc).__name__}: {exc}"[:120])
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _pair_inputs(n: int, token_s=384, token_z=128, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(1, n, token_s, generator=gen).cuda()
+    z = torch.randn(1, n, n, token_z, generator=gen).cuda()
+    mask = torch.ones(1, n, device="cuda")
+    return s, z, mask, mask[:, :, None] * mask[:, None, :]
+
+
+def _boltz_layers():
+    try:
+        module = importlib.import_module("boltz.model.layers.pairformer")
+    except Exception as exc:
+        print(f"Boltz not importable ({type(exc).__name__}: {exc}): no Boltz rows")
+        return None
+    return module.PairformerLayer
+
+
+def _layer_steps(layer, inputs, training: bool, kwargs):
+    s, z, mask, pair_mask = inputs
+
+    def infer():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            return layer(s, z, mask, pair_mask, **kwargs)
+
+    s_leaf = s.clone().requires_grad_(True)
+
+    def train():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            out_s, out_z = layer(s_leaf, z, mask, pair_mask, **kwargs)
+            loss = out_s.float().square().mean() + out_z.float().square().mean()
+        loss.backward()
+        return loss
+
+    return train if training else infer
+
+
+def run_layers(sizes):
+    from foldops.nn import PairformerLayer
+
+    boltz_cls = _boltz_layers()
+    cueq = importlib.util.find_spec("cuequivariance_torch") is not None
+    for n in sizes:
+        inputs = _pair_inputs(n)
+        ours = PairformerLayer(384, 128, num_heads=16, dropout=0.25, pairwise_head_width=32,
+                               pairwise_num_heads=4).cuda()
+        # foldops gets bool masks, as its stacks pass them to their layers (a float mask
+        # is checked for 0/1 values: one host sync per layer call); Boltz gets floats.
+        bool_inputs = (inputs[0], inputs[1], inputs[2].bool(), inputs[3].bool())
+        impls = [("foldops", ours, {})]
+        if boltz_cls is not None:
+            try:
+                theirs = boltz_cls(384, 128, 16, dropout=0.25, pairwise_head_width=32, pairwise_num_heads=4,
+                                   v2=True).cuda()
+            except TypeError:
+                theirs = boltz_cls(384, 128, 16, dropout=0.25).cuda()
+            theirs.load_state_dict(ours.state_dict(), strict=False)
+            impls.append(("boltz", theirs, {}))
+            if cueq:
+                impls.append(("boltz+cueq", theirs, {"use_kernels": True}))
+        for name, layer, kwargs in impls:
+            for mode in ("inference", "training"):
+                layer.train(mode == "training")
+                try:
+                    step = _layer_steps(layer, bool_inputs if name == "foldops" else inputs,
+                                        mode == "training", kwargs)
+                    record("layer", "PairformerLayer", name, n, mode, "latency", latency_ms(step))
+                    record("layer", "PairformerLayer", name, n, mode, "throughput", throughput_ms(step))
+                    if mode == "inference":
+                        record("layer", "PairformerLayer", name, n, mode, "kernel_sum", kernel_sum_ms(step))
+                        record("layer", "PairformerLayer", name, n, mode, "host", host_ms(step))
+                        try:
+                            record("layer", "PairformerLayer", name, n, mode, "graph", graph_ms(step))
+                        except Exception as exc:
+                            record("layer", "PairformerLayer", name, n, mode, "graph", None,
+                                   f"{type(exc).__name__}: {exc}"[:120])
+                except torch.cuda.OutOfMemoryError:
+                    record("layer", "PairformerLayer", name, n, mode, "latency", None, "OOM")
+                except Exception as exc:
+                    record("layer", "PairformerLayer", name, n, mode, "latency", None,
+                           f"{type(exc).__name__}: {exc}"[:120])
+                torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def run_rules(sizes, out_lines: List[str]):
+    for case, fn in triton_cases():
+        op = case.registry_op
+        runnable = [b.name for b in backends.backends_of(op) if b.auto]
+        for mode, grad in (("inference", False), ("training", True)):
+            wins: Dict[str, List[int]] = {}
+            for dtype in (torch.bfloat16, torch.float32):
+                times: Dict[int, Dict[str, float]] = {}
+                for n in sizes:
+                    times[n] = {}
+                    for backend in runnable:
+                        try:
+                            step = op_closure(case, fn, n, dtype, backend, grad)
+                            ms = throughput_ms(step, calls=20)
+                        except torch.cuda.OutOfMemoryError:
+                            ms = None
+                        except Exception as exc:  # cannot run here
+                            print(f"  {op} {backend} N={n}: {type(exc).__name__}: {exc}"[:160])
+                            ms = None
+                        torch.cuda.empty_cache()
+                        times[n][backend] = ms
+                        record("rules", case.op, backend, n, mode, f"tput_{str(dtype)[6:]}", ms)
+                # Largest N with torch no slower than every other backend at all N up to it.
+                best = 0
+                for n in sizes:
+                    t = times[n].get("torch")
+                    others = [v for k, v in times[n].items() if k != "torch" and v is not None]
+                    if t is None or any(t > v for v in others):
+                        break
+                    best = n
+                wins[str(dtype)] = best
+            at_most = min(wins.values())
+            out_lines.append(f'"{case.op}" / "{mode}": Rule({at_most}, MEASURE, "<device>: torch no slower '
+                             f'at N <= {at_most} (bf16 {wins["torch.bfloat16"]}, fp32 {wins["torch.float32"]})")')
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rules", action="store_true", help="time backends per N and print rule thresholds")
+    parser.add_argument("--sizes", type=int, nargs="*", help="layer sizes (default 256 384) or rule sizes")
+    parser.add_argument("--host-n", type=int, default=128)
+    parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<gpu>/...)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 1
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gpu = torch.cuda.get_device_name().split()[1].lower() if " " in torch.cuda.get_device_name() else "gpu"
+    default_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", gpu)
+    start = time.perf_counter()
+    if args.rules:
+        lines: List[str] = []
+        run_rules(args.sizes or [64, 128, 256, 384, 512, 768, 1024], lines)
+        print("\nThresholds for foldops/backend_rules.py (device class "
+              f"{__import__('foldops.backend_rules', fromlist=['x']).device_class(torch.device('cuda'))}):")
+        print("\n".join(lines))
+        path = args.out or os.path.join(default_dir, "small_structures_rules.csv")
+    else:
+        run_host(args.host_n)
+        run_layers(args.sizes or [256, 384])
+        path = args.out or os.path.join(default_dir, "small_structures.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(ROWS[0]) if ROWS else ["section"])
+        writer.writeheader()
+        writer.writerows(ROWS)
+    print(f"\nwrote {path} ({len(ROWS)} rows) in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
