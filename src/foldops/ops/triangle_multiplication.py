@@ -154,7 +154,8 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
         t = torch.empty((batch, dim, n, n), dtype=wide, device=dev)
         ab = torch.empty((2 * chunk, nn_), dtype=wide, device=dev)
         gate = torch.empty((2 * chunk, nn_), dtype=cdt, device=dev)
-        proj = ab if cdt == wide else torch.empty((2 * chunk, nn_), dtype=cdt, device=dev)
+        narrow_proj = cdt != wide  # the projection gets its own buffer, copied to fp32 after gating
+        proj = torch.empty((2 * chunk, nn_), dtype=cdt, device=dev) if narrow_proj else ab
         for c0 in range(0, dim, chunk):
             c = min(chunk, dim - c0)
             sel = torch.arange(c0, c0 + c, device=dev)
@@ -168,7 +169,7 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
                 pc.mul_(gc.sigmoid_())
                 if keep is not None:
                     pc.mul_(keep[bi])
-                if pc.data_ptr() != abc.data_ptr():
+                if narrow_proj:
                     abc.copy_(pc)  # to fp32 after the gating, as the reference rounds
                 a, b = ab[:c].view(c, n, n), ab[c : 2 * c].view(c, n, n)
                 if direction == "outgoing":
