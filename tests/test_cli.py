@@ -253,3 +253,17 @@ def test_busy_restart_happens_only_from_the_command_line(tmp_path, monkeypatch):
         main()
     (executable, argv, env), = calls
     assert argv == [sys.executable, "-m", "foldops", *args] and env["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_layer_table_has_one_line_per_layer_impl_shape_mode():
+    from foldops.cli import _format_layer_table
+
+    rows = [
+        dict(op="PairformerLayer", backend="foldops", shape="B=1,N=8", mode="inference", metric=m, value=v, status="ok")
+        for m, v in (("time_ms", "1.5"), ("throughput_ms", "1.2"))
+    ] + [dict(op="MSALayer", backend="boltz", shape="B=1,N=8,S=4", mode="training", metric="time_ms",
+              value="", status="oom")]
+    lines = _format_layer_table(rows).splitlines()
+    assert lines[0].split() == ["layer", "impl", "shape", "mode", "latency", "ms", "throughput", "ms"]
+    assert lines[2].split() == ["PairformerLayer", "foldops", "B=1,N=8", "inference", "1.5", "1.2"]
+    assert lines[3].split() == ["MSALayer", "boltz", "B=1,N=8,S=4", "training", "oom", "-"]

@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest fp64 reference to run for the error columns "
                             f"(default {_defaults_help('ref_budget_gib', lambda v: f'{v:g}')})")
     bench.add_argument("--seed", type=_int_at_least(0), default=0, help="input seed (default 0)")
+    bench.add_argument("--layers", action="store_true",
+                       help="also time whole layers (PairformerLayer, MSALayer; Boltz's beside them when "
+                            "boltz imports), inference and training, latency and throughput: layers.csv")
+    bench.add_argument("--layer-sizes", type=_positive_int_list, default=None, dest="layer_sizes",
+                       help="N of the layer group (default: 256,384 on accelerators, 16,32 on CPU)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNGs")
     bench.add_argument("--quiet", action="store_true", help="no progress line")
 
@@ -505,9 +510,13 @@ def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
     rows = run_bench(config, csv_path=csv_path, progress=None if args.quiet else progress,
                      on_skip=progress.message)
     progress.finish()
+    layer_rows = _bench_layers(args, device, config, out) if args.layers else []
     elapsed = time.perf_counter() - started
 
     print(format_table(rows))
+    if layer_rows:
+        print()
+        print(_format_layer_table(layer_rows))
     from foldops.bench.report import auto_notes
 
     slower = auto_notes(rows)
@@ -540,6 +549,8 @@ def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
             context["warning"] = busy
     write_summary(os.path.join(out, "summary.md"), rows, context)
     written = [csv_path, os.path.join(out, "summary.md")]
+    if layer_rows:
+        written.append(os.path.join(out, "layers.csv"))
     if not args.no_plot:
         try:
             from foldops.bench.plot import NotABenchCsv, plot_csv
@@ -558,6 +569,35 @@ def _bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace, ar
         + "".join(f"  {p}\n" for p in written)
     )
     return 0
+
+
+def _bench_layers(args: argparse.Namespace, device: torch.device, config, out: str) -> List[Dict[str, str]]:
+    """The layer group (``foldops.bench.layers``) into ``layers.csv``, in the first dtype asked for."""
+    import csv
+
+    from foldops.bench.harness import CSV_COLUMNS
+    from foldops.bench.layers import run_layers
+
+    sizes = args.layer_sizes or ((16, 32) if device.type == "cpu" else (256, 384))
+    rows = run_layers(device, sizes=sizes, dtype=config.dtypes[0])
+    with open(os.path.join(out, "layers.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def _format_layer_table(rows: List[Dict[str, str]]) -> str:
+    """One line per (layer, implementation, shape, mode): latency and throughput in ms."""
+    table: Dict[tuple, Dict[str, str]] = {}
+    for r in rows:
+        cell = r["value"] if r["status"] == "ok" else r["status"]
+        table.setdefault((r["op"], r["backend"], r["shape"], r["mode"]), {})[r["metric"]] = cell
+    header = ("layer", "impl", "shape", "mode", "latency ms", "throughput ms")
+    lines = [(*key, m.get("time_ms", "-"), m.get("throughput_ms", "-")) for key, m in table.items()]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines])
 
 
 def _plot_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
