@@ -266,10 +266,13 @@ def kernel_support(device: Union[torch.Tensor, DeviceLike], explicit: bool = Tru
     on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1) when asked for
     explicitly (``explicit=True``): ``auto`` never picks the interpreter, it is for tests.
     """
+    dev = device.device if isinstance(device, torch.Tensor) else resolve_device(device)
+    if dev.type != "cuda" and not triton_interpret():
+        # Decided without importing Triton (half a second, on every CPU-only first call).
+        return f"Triton kernels need a CUDA device, got {dev.type}"
     reason = triton_import_error()
     if reason is not None:
         return reason
-    dev = device.device if isinstance(device, torch.Tensor) else resolve_device(device)
     if triton_interpret():
         if dev.type == "cpu":
             return None if explicit else "TRITON_INTERPRET=1: the interpreter runs only when named"

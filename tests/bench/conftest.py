@@ -9,14 +9,7 @@ from foldops import backends
 from foldops.bench import cases as bench_cases
 from foldops.bench.cases import BenchCase
 
-FAKE_OP = "_bench_fake"
-
-
-def fake_op(x, mask=None, *, backend="auto"):
-    """out = 2 x (zeros where mask is False); backends differ in how well they do it."""
-    impl = backends.select(FAKE_OP, backend, device=x.device, dtype=x.dtype)
-    return impl.fn(x, mask)
-
+from bench_fake_op import FAKE_OP, fake_op
 
 def _double(x, mask):
     out = x * 2

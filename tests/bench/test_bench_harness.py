@@ -25,7 +25,7 @@ from foldops.bench import (
 from foldops.bench.harness import WARMUP_EXTRA_RUNS, compare, drifts_down, runs_agree, settle_cpu_threads
 from foldops.device import device_name
 
-from conftest import FAKE_OP, fake_op
+from bench_fake_op import FAKE_OP, fake_op
 
 CPU = torch.device("cpu")
 

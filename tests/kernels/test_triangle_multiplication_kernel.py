@@ -21,6 +21,7 @@ from foldops.testing import assert_within_baseline
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
 from test_triangle_multiplication import WEIGHTS, make_mask, make_weights, run  # noqa: E402
 
+pytest.importorskip("triton")
 tm = importlib.import_module("foldops.ops.triangle_multiplication")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -155,7 +155,12 @@ def padding_masks(batch_lengths: Sequence[int], n: int):
     return mask, mask[:, :, None] * mask[:, None, :]
 
 
+_HELPERS = sys.modules[__name__]
+"""This module, taken while it runs: later, ``sys.modules["conftest"]`` may be another
+directory's conftest.py (pytest imports each one without an ``__init__.py`` as ``conftest``)."""
+
+
 @pytest.fixture
 def nnh():
     """These helpers, for the test modules of tests/nn."""
-    return sys.modules[__name__]
+    return _HELPERS
