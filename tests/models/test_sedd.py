@@ -177,6 +177,7 @@ def test_bad_input_is_named():
                     "tests/models/test_sedd_gpu.py covers the GPU")
 def test_triton_attention_backend_matches_reference():
     """The model on the Triton kernels (under the interpreter on CPU) against the reference backend."""
+    pytest.importorskip("triton")
     cfg = {**CONFIG, "model": {**CONFIG["model"], "dropout": 0.0, "n_blocks": 1}}
     model = _randomise(SEDD(cfg, attention_backend="reference"))
     idx = torch.randint(0, 21, (3, 9))

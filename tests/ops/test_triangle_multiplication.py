@@ -133,6 +133,7 @@ TRITON_CASES = [
 
 @pytest.mark.parametrize("direction, dtype, shape", TRITON_CASES, ids=str)
 def test_triton_forward_and_grads_vs_float64(direction, dtype, shape):
+    pytest.importorskip("triton")
     batch, n, dim = shape
     x = torch.randn(batch, n, n, dim, dtype=torch.float64)
     check_against_fp64("triton", x, make_mask(batch, n), make_weights(dim), dtype, direction)
@@ -149,6 +150,7 @@ SLOW = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("FOLDOPS_SLOW_TE
 @SLOW[0]
 @SLOW[1]
 def test_triton_full_matrix_vs_float64(direction, dtype, shape):
+    pytest.importorskip("triton")
     batch, n, dim = shape
     x = torch.randn(batch, n, n, dim, dtype=torch.float64)
     check_against_fp64("triton", x, make_mask(batch, n), make_weights(dim), dtype, direction)
@@ -156,6 +158,7 @@ def test_triton_full_matrix_vs_float64(direction, dtype, shape):
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_triton_non_contiguous_and_unmasked(direction):
+    pytest.importorskip("triton")
     weights = make_weights(6)
     wide = torch.randn(1, 7, 7, 12, dtype=torch.float64)
     view = lambda t: t[..., :6].transpose(1, 2)  # noqa: E731
@@ -164,11 +167,13 @@ def test_triton_non_contiguous_and_unmasked(direction):
 
 
 def test_triton_everything_masked_and_masked_pairs():
+    pytest.importorskip("triton")
     test_everything_masked_is_finite_and_input_projections_get_no_grad("incoming", "triton")
     test_masked_pairs_do_not_leak("outgoing", "triton", True)
 
 
 def test_triton_bf16_autocast_vs_float64():
+    pytest.importorskip("triton")
     test_bf16_autocast_vs_float64("triton", True)
 
 
