@@ -306,3 +306,21 @@ def test_torch_backend_gpu(dtype, causal):
     lens = torch.randint(50, 1023, (12,), generator=g).tolist()
     lens[2] = 1
     check_against_fp64("torch", lens, lens, 8, 2, 64, dtype, causal, device="cuda", slack=5)
+
+
+@pytest.mark.parametrize("capability, dtype, head_dim, dropout, runs", [
+    ((9, 0), torch.bfloat16, 64, False, True),
+    ((7, 0), torch.bfloat16, 64, False, False),   # V100: no torch.nn.attention.varlen
+    ((9, 0), torch.float32, 64, False, False),
+    ((9, 0), torch.bfloat16, 60, False, False),
+    ((9, 0), torch.bfloat16, 64, True, False),
+    (None, torch.bfloat16, 64, False, False),      # not an NVIDIA GPU
+])
+def test_torch_backend_while_tracing_only_where_torch_varlen_runs(monkeypatch, capability, dtype, head_dim,
+                                                                  dropout, runs):
+    import foldops.ops.varlen_attention as va
+
+    monkeypatch.setattr(va, "nvidia_capability", lambda device: capability)
+    reason = va._torch_supports(torch.device("cpu"), dtype, head_dim=head_dim, dropout=dropout, tracing=True)
+    assert (reason is None) == runs
+    assert va._torch_supports(torch.device("cpu"), dtype, head_dim=head_dim, dropout=dropout) is None

@@ -174,9 +174,16 @@ def _triton_supports(device, dtype, head_dim, explicit, **_):
     return None
 
 
-def _torch_supports(device, dtype, tracing=False, **_):
-    if tracing and nvidia_capability(device) is None:
-        return "the bucketed path reads sequence lengths on the host (not while tracing)"
+def _torch_supports(device, dtype, head_dim=0, dropout=False, tracing=False, **_):
+    if not tracing:
+        return None
+    # While tracing only torch.nn.attention.varlen can run: the bucketed path reads the
+    # sequence lengths on the host. Its conditions, as in _varlen_torch.torch_varlen_reason.
+    capability = nvidia_capability(device)
+    if capability is None or capability < (8, 0) or dtype not in (torch.float16, torch.bfloat16) \
+            or head_dim > 256 or head_dim % 8 or dropout:
+        return ("while tracing only torch.nn.attention.varlen runs (NVIDIA cc >= 8.0, fp16/bf16, head dim "
+                "a multiple of 8 up to 256, no dropout); the bucketed path reads sequence lengths on the host")
     return None
 
 
