@@ -5,6 +5,7 @@ The ``triton`` backend has its own tests next to the kernel (tests/kernels); her
 appears in the selection and error tests.
 """
 
+import importlib
 import sys
 
 import pytest
@@ -318,7 +319,7 @@ def test_torch_backend_gpu(dtype, causal):
 ])
 def test_torch_backend_while_tracing_only_where_torch_varlen_runs(monkeypatch, capability, dtype, head_dim,
                                                                   dropout, runs):
-    import foldops.ops.varlen_attention as va
+    va = importlib.import_module("foldops.ops.varlen_attention")
 
     monkeypatch.setattr(va, "nvidia_capability", lambda device: capability)
     reason = va._torch_supports(torch.device("cpu"), dtype, head_dim=head_dim, dropout=dropout, tracing=True)
