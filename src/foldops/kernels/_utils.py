@@ -60,3 +60,39 @@ def patch_interpreter_bf16() -> bool:
     builder.create_dot = patched_dot
     builder.cast_impl = patched_cast
     return True
+
+
+def register_op(name: str):
+    """Decorator: register ``fn`` as the custom op ``name`` with ``fn`` as its body.
+
+    ``torch.library.triton_op`` where kernels compile (torch.compile sees and schedules
+    the Triton launches inside); under the Triton interpreter an opaque
+    ``torch.library.custom_op`` instead, since tracing cannot capture interpreted
+    launches. The body is also the fake implementation either way.
+    """
+    import torch
+    from torch.library import triton_op
+
+    from foldops.device import triton_interpret
+
+    def register(fn):
+        if triton_interpret():
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fn)
+            return op
+        return triton_op(name, mutates_args=())(fn)
+
+    return register
+
+
+def use_registered_ops(t) -> bool:
+    """Whether a call on ``t`` must go through the registered custom ops rather than the
+    eager autograd.Function with direct launches: under torch.compile, on fake or meta
+    tensors, inside a dispatch mode (FakeTensorMode, FlopCounterMode, ...) or a
+    torch.func transform."""
+    import torch
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return (torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t)
+            or is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active())

@@ -18,23 +18,11 @@ from typing import Optional, Tuple
 
 import torch
 from torch._library.triton import set_wrap_triton_enabled
-from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
-from torch.library import triton_op
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from foldops.kernels.invariant_point_attention.launch import _interpreting, ipa_backward, ipa_forward
-
-
-def _op(name: str):
-    def register(fn):
-        if _interpreting():
-            op = torch.library.custom_op(name, mutates_args=())(fn)
-            op.register_fake(fn)
-            return op
-        return triton_op(name, mutates_args=())(fn)
-
-    return register
+from foldops.kernels._utils import register_op as _op
+from foldops.kernels._utils import use_registered_ops as _use_registered_ops
+from foldops.kernels.invariant_point_attention.launch import ipa_backward, ipa_forward
 
 
 @_op("foldops::ipa_fwd")
@@ -94,11 +82,6 @@ class _EagerIPA(torch.autograd.Function):
         with set_wrap_triton_enabled(False):
             grads = _grads(ctx, do, dop, doz, ipa_backward)
         return (*grads, None, None)
-
-
-def _use_registered_ops(q: torch.Tensor) -> bool:
-    return (torch.compiler.is_compiling() or q.device.type == "meta" or is_fake(q)
-            or is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active())
 
 
 def invariant_point_attention(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, scale):

@@ -13,24 +13,12 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch.library import triton_op
 
+from foldops.kernels._utils import register_op as _op
 from foldops.kernels.pair_weighted_averaging.launch import (
-    _interpreting,
     pair_weighted_averaging_backward,
     pair_weighted_averaging_forward,
 )
-
-
-def _op(name: str):
-    def register(fn):
-        if _interpreting():
-            op = torch.library.custom_op(name, mutates_args=())(fn)
-            op.register_fake(fn)
-            return op
-        return triton_op(name, mutates_args=())(fn)
-
-    return register
 
 
 @_op("foldops::pair_weighted_averaging_fwd")

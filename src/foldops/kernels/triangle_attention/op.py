@@ -15,32 +15,15 @@ from typing import Optional, Tuple
 
 import torch
 from torch._library.triton import set_wrap_triton_enabled
-from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
-from torch.library import triton_op
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from foldops.kernels._utils import register_op as _op
+from foldops.kernels._utils import use_registered_ops as _use_registered_ops
 from foldops.kernels.triangle_attention.configs import HEAD_DIMS
 from foldops.kernels.triangle_attention.launch import (
-    _interpreting,
     triangle_attention_backward,
     triangle_attention_forward,
 )
-
-
-def _op(name: str):
-    """``triton_op`` (torch.compile sees and schedules the kernels); under the Triton
-    interpreter an opaque ``custom_op`` instead, since tracing cannot capture
-    interpreted launches. The function body is the fake implementation either way."""
-
-    def register(fn):
-        if _interpreting():
-            op = torch.library.custom_op(name, mutates_args=())(fn)
-            op.register_fake(fn)
-            return op
-        return triton_op(name, mutates_args=())(fn)
-
-    return register
 
 
 @_op("foldops::triangle_attention_fwd")
@@ -129,14 +112,6 @@ class _EagerTriangleAttention(torch.autograd.Function):
         with _direct_launches():
             grads = _backward_with(ctx, grad_out, triangle_attention_backward)
         return *grads, None, None, None
-
-
-def _use_registered_ops(q: torch.Tensor) -> bool:
-    """Whether this call must go through the custom ops: under torch.compile, on fake or
-    meta tensors, inside a dispatch mode (FakeTensorMode, FlopCounterMode, ...) or a
-    torch.func transform."""
-    return (torch.compiler.is_compiling() or q.device.type == "meta" or is_fake(q)
-            or is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active())
 
 
 @torch.compiler.assume_constant_result

@@ -14,27 +14,14 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch._library.triton import set_wrap_triton_enabled
-from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
-from torch.library import triton_op
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from foldops.device import triton_interpret
+from foldops.kernels._utils import register_op as _op
+from foldops.kernels._utils import use_registered_ops as _use_registered_ops
 from foldops.kernels.triangle_multiplication.launch import (
     triangle_multiplication_backward,
     triangle_multiplication_forward,
 )
-
-
-def _op(name: str):
-    def register(fn):
-        if triton_interpret():
-            op = torch.library.custom_op(name, mutates_args=())(fn)
-            op.register_fake(fn)
-            return op
-        return triton_op(name, mutates_args=())(fn)
-
-    return register
 
 
 @_op("foldops::triangle_multiplication_fwd")
@@ -124,11 +111,6 @@ class _Eager(torch.autograd.Function):
         with set_wrap_triton_enabled(False):
             grads = _grads(ctx, grad_out, triangle_multiplication_backward)
         return *grads, None, None, None
-
-
-def _use_registered_ops(x: torch.Tensor) -> bool:
-    return (torch.compiler.is_compiling() or x.device.type == "meta" or is_fake(x)
-            or is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active())
 
 
 @torch.compiler.assume_constant_result

@@ -19,24 +19,11 @@ from typing import Optional, Tuple
 
 import torch
 from torch._library.triton import set_wrap_triton_enabled
-from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
-from torch.library import triton_op
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from foldops.device import triton_interpret
+from foldops.kernels._utils import register_op as _op
+from foldops.kernels._utils import use_registered_ops as _use_registered_ops
 from foldops.kernels.varlen_attention.launch import varlen_attention_backward, varlen_attention_forward
-
-
-def _op(name: str):
-    def register(fn):
-        if triton_interpret():
-            op = torch.library.custom_op(name, mutates_args=())(fn)
-            op.register_fake(fn)
-            return op
-        return triton_op(name, mutates_args=())(fn)
-
-    return register
 
 
 @_op("foldops::varlen_attention_fwd")
@@ -96,11 +83,6 @@ class _EagerVarlenAttention(torch.autograd.Function):
         with set_wrap_triton_enabled(False):
             grads = _backward_with(ctx, grad_out, varlen_attention_backward)
         return *grads, None, None, None, None, None, None, None, None
-
-
-def _use_registered_ops(q: torch.Tensor) -> bool:
-    return (torch.compiler.is_compiling() or q.device.type == "meta" or is_fake(q)
-            or is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active())
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
