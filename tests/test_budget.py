@@ -29,3 +29,9 @@ def test_rows_per_chunk(monkeypatch):
     assert budget.rows_per_chunk(cpu, bytes_per_row=2**10, rows=0) == 1
     assert budget.rows_per_chunk(cpu, bytes_per_row=2**10, rows=100, chunk_size=7) == 7
     assert budget.rows_per_chunk(cpu, bytes_per_row=2**10, rows=5, chunk_size=7) == 5
+
+
+def test_free_memory_is_unknown_on_cpu():
+    from foldops.device import free_memory_bytes
+
+    assert free_memory_bytes(torch.device("cpu")) is None

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from foldops.device import free_memory_bytes
+
 ENV_BUDGET_MB = "FOLDOPS_CHUNK_BUDGET_MB"
 
 CPU_BUDGET_BYTES = 16 * 2**20
@@ -47,14 +49,7 @@ def _free_bytes(device: torch.device) -> Optional[int]:
 
 
 def _query_free_bytes(device: torch.device) -> Optional[int]:
-    try:
-        if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
-        if device.type == "xpu" and hasattr(torch.xpu, "mem_get_info"):
-            return torch.xpu.mem_get_info(device)[0]
-    except RuntimeError:
-        return None
-    return None
+    return free_memory_bytes(device)
 
 
 def chunk_budget_bytes(device: torch.device) -> int:

@@ -197,6 +197,20 @@ def memory_allocated_bytes(device: DeviceLike = "auto") -> Optional[int]:
     return None
 
 
+def free_memory_bytes(device: DeviceLike = "auto") -> Optional[int]:
+    """Free memory of an accelerator in bytes, or None where it cannot be queried
+    (CPU, MPS, an XPU runtime without ``mem_get_info``)."""
+    dev = resolve_device(device) if not isinstance(device, torch.device) else device
+    try:
+        if dev.type == "cuda":
+            return torch.cuda.mem_get_info(dev)[0]
+        if dev.type == "xpu" and hasattr(torch.xpu, "mem_get_info"):
+            return torch.xpu.mem_get_info(dev)[0]
+    except RuntimeError:
+        return None
+    return None
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for a device out-of-memory error on any backend."""
     if isinstance(exc, torch.OutOfMemoryError):
