@@ -225,6 +225,21 @@ def test_non_finite_values_at_masked_keys_do_not_leak(op, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_opm_non_finite_values_at_masked_positions_do_not_leak(backend):
+    a, b, w, bias = g(B, 3, N, 4), g(B, 3, N, 3), g(6, 12), g(6)
+    mask = torch.ones(B, 3, N, dtype=torch.bool)
+    mask[:, 1, 2] = False  # MSA row 1 at residue 2
+    mask[0, :, 4] = False  # residue 4 in every row of batch 0
+    clean = ops.outer_product_mean(a, b, mask, w, bias, backend=backend)
+    dirty_a, dirty_b = a.clone(), b.clone()
+    dirty_a[:, 1, 2], dirty_b[:, 1, 2] = math.nan, math.inf
+    dirty_a[0, :, 4], dirty_b[0, :, 4] = math.inf, math.nan
+    dirty = ops.outer_product_mean(dirty_a, dirty_b, mask, w, bias, backend=backend)
+    assert torch.isfinite(dirty).all()
+    torch.testing.assert_close(dirty, clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_pwa_non_finite_values_at_masked_keys_do_not_leak(backend):
     v, logits = g(B, 3, N, H, D), g(B, H, N, N)
     mask = torch.ones(B, N, N, dtype=torch.bool)

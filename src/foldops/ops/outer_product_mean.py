@@ -100,7 +100,8 @@ def matmul_dtype(x: torch.Tensor, half_matmuls: Optional[bool] = None) -> torch.
 
 def _masked(x: torch.Tensor, keep: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     x = x.to(dtype)
-    return x.contiguous() if keep is None else x * keep.to(dtype)
+    # where, not a product: a masked position contributes nothing, NaN/inf included
+    return x.contiguous() if keep is None else x.masked_fill(keep == 0, 0)
 
 
 def _scale_bias_store(y, inv, bias, out_view, acc):

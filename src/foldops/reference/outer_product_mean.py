@@ -41,8 +41,9 @@ def outer_product_mean(
         count = torch.full((batch, n, n), float(max(1, rows)), dtype=acc, device=a.device)
     else:
         keep = mask.to(acc)
-        a_acc = a_acc * keep[..., None]
-        b_acc = b_acc * keep[..., None]
+        # where, not a product: a masked position contributes nothing, NaN/inf included
+        a_acc = a_acc.masked_fill(keep[..., None] == 0, 0)
+        b_acc = b_acc.masked_fill(keep[..., None] == 0, 0)
         count = torch.einsum("bsi,bsj->bij", keep, keep).clamp(min=1)
     z = torch.einsum("bsic,bsjd->bijcd", a_acc, b_acc).reshape(batch, n, n, c * d)
     z = z / count[..., None]
