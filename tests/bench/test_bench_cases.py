@@ -7,7 +7,7 @@ from foldops.bench.cases import CASES, CaseUnavailable, get_cases, pair_mask, re
 
 EXPECTED_OPS = [
     "triangle_attention", "attention_pair_bias", "triangle_multiplication",
-    "outer_product_mean", "pair_weighted_averaging", "swiglu_transition",
+    "outer_product_mean", "pair_weighted_averaging", "varlen_attention", "swiglu_transition",
 ]
 
 
@@ -17,6 +17,18 @@ def test_every_issue_op_has_a_case():
     assert [c.op for c in get_cases(["outer_product_mean"])] == ["outer_product_mean"]
     with pytest.raises(ValueError, match=r"ops: unknown op\(s\) \['nope'\]"):
         get_cases(["nope"])
+
+
+def test_varlen_case_packs_sequences_up_to_n():
+    case = CASES["varlen_attention"]
+    inputs = case.make(case.dims_for("cpu", 20), torch.float32, torch.device("cpu"))
+    cu = inputs.tensors["cu_seqlens_q"]
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    assert cu.dtype == torch.int32 and cu[0] == 0 and max(lengths) == 20 and min(lengths) >= 5
+    assert inputs.tensors["q"].shape == (int(cu[-1]), 4, 32)
+    assert inputs.extras == {"max_seqlen_q": 20, "max_seqlen_k": 20}
+    out = case.call(case.load(), inputs, "torch")
+    assert out.shape == inputs.tensors["q"].shape
 
 
 def test_masks_have_fully_masked_rows():
@@ -40,7 +52,7 @@ def test_inputs_match_the_op_signature(op, profile):
         dims["S"] = 4  # keep the test small
     inputs = case.make(dims, torch.bfloat16, torch.device("cpu"), seed=3)
     tensors = inputs.tensors
-    assert set(case.positional) <= set(tensors) and set(case.grad_names) <= set(tensors)
+    assert set(case.positional) <= set(tensors) | set(inputs.extras) and set(case.grad_names) <= set(tensors)
     for name, t in tensors.items():
         if name == "mask":
             assert t.dtype == torch.bool
@@ -49,6 +61,8 @@ def test_inputs_match_the_op_signature(op, profile):
             if t.dim() > 2 or dims["B"] >= 2:
                 # A [B, N] key mask (attention_pair_bias, B=1 on GPUs) can only pad.
                 assert (~flat).all(-1).any(), f"{op}: the mask should have a fully masked row"
+        elif name.startswith("cu_seqlens"):
+            assert t.dtype == torch.int32  # index tensors keep their dtype
         else:
             assert t.dtype == torch.bfloat16
     again = case.make(dims, torch.bfloat16, torch.device("cpu"), seed=3)

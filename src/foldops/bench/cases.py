@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 Dims = Dict[str, int]
-Builder = Callable[[Dims, torch.Generator], Dict[str, torch.Tensor]]
+Builder = Callable[[Dims, torch.Generator], Dict[str, Any]]
 
 PROFILES = ("cpu", "gpu")
 
@@ -36,6 +36,8 @@ class BenchInputs:
     """Every tensor argument by name (masks stay bool)."""
     grad_names: Tuple[str, ...]
     """The floating tensors whose gradients fwd+bwd measures."""
+    extras: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Non-tensor arguments that depend on the size (e.g. ``max_seqlen_q``)."""
 
     def requires_grad_(self, flag: bool) -> "BenchInputs":
         for name in self.grad_names:
@@ -50,7 +52,8 @@ class BenchInputs:
 class BenchCase:
     """How to benchmark one op.
 
-    ``build(dims, generator)`` returns fp32 CPU tensors by argument name (masks bool);
+    ``build(dims, generator)`` returns fp32 CPU tensors by argument name (masks bool;
+    integer tensors and plain Python values, such as a maximum length, pass unchanged);
     :meth:`make` casts the floating ones that are not masks to the bench dtype and moves
     everything to the device. ``positional`` lists the arguments passed positionally, in
     order; the other tensors and ``static`` go by keyword.
@@ -138,16 +141,20 @@ class BenchCase:
         seed: int = 0,
     ) -> BenchInputs:
         generator = torch.Generator().manual_seed(seed)
-        tensors = {}
+        tensors, extras = {}, {}
         for name, t in self.build(dims, generator).items():
+            if not isinstance(t, torch.Tensor):
+                extras[name] = t
+                continue
             if t.dtype.is_floating_point:
                 t = t.to(dtype)
             tensors[name] = t.to(device)
-        return BenchInputs(tensors=tensors, grad_names=self.grad_names)
+        return BenchInputs(tensors=tensors, grad_names=self.grad_names, extras=extras)
 
     def call(self, fn: Callable[..., Any], inputs: BenchInputs, backend: str) -> torch.Tensor:
-        args = [inputs.tensors[name] for name in self.positional]
-        kwargs = {k: v for k, v in inputs.tensors.items() if k not in self.positional}
+        values = {**inputs.tensors, **inputs.extras}
+        args = [values[name] for name in self.positional]
+        kwargs = {k: v for k, v in values.items() if k not in self.positional}
         kwargs.update(self.static)
         return fn(*args, **kwargs, backend=backend)
 
@@ -268,6 +275,20 @@ def _build_swiglu_transition(d: Dims, g: torch.Generator) -> Dict[str, torch.Ten
     }
 
 
+def _build_varlen_attention(d: Dims, g: torch.Generator) -> Dict[str, Any]:
+    """B sequences of lengths between N/4 and N packed together (self-attention)."""
+    b, n, h, c = d["B"], d["N"], d["H"], d["D"]
+    lengths = torch.randint(max(1, n // 4), n + 1, (b,), generator=g)
+    lengths[0] = n  # the longest is N, so max_seqlen = N is tight
+    cu = torch.zeros(b + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    total = int(cu[-1])
+    return {
+        "q": _randn(g, total, h, c), "k": _randn(g, total, h, c), "v": _randn(g, total, h, c),
+        "cu_seqlens_q": cu, "cu_seqlens_k": cu.clone(), "max_seqlen_q": n, "max_seqlen_k": n,
+    }
+
+
 CPU_SIZES = (32, 64, 96)
 GPU_SIZES = (128, 256, 512, 768, 1024)
 _SIZES = {"cpu": CPU_SIZES, "gpu": GPU_SIZES}
@@ -340,6 +361,17 @@ register_case(BenchCase(
     dims={"cpu": {"B": 1, "S": 16, "N": 0, "H": 4, "D": 8}, "gpu": {"B": 1, "S": 1024, "N": 0, "H": 8, "D": 32}},
     sizes=_SIZES,
     ref_elements=lambda d: 2 * d["B"] * d["S"] * d["N"] * d["H"] * d["D"] + d["B"] * d["H"] * d["N"] * d["N"],
+))
+
+register_case(BenchCase(
+    op="varlen_attention",
+    description="variable-length self-attention on packed sequences (flash_attn layout; N = longest)",
+    build=_build_varlen_attention,
+    positional=("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"),
+    grad_names=("q", "k", "v"),
+    dims={"cpu": {"B": 4, "N": 0, "H": 4, "D": 32}, "gpu": {"B": 16, "N": 0, "H": 16, "D": 64}},
+    sizes=_SIZES,
+    ref_elements=lambda d: d["B"] * d["H"] * d["N"] * d["N"],
 ))
 
 register_case(BenchCase(

@@ -513,7 +513,7 @@ class _SizeRun:
             else:
                 t = t.to(ref_device)
             tensors[name] = t.requires_grad_(need_grad and name in self.inputs.grad_names)
-        inputs64 = BenchInputs(tensors=tensors, grad_names=self.inputs.grad_names)
+        inputs64 = BenchInputs(tensors=tensors, grad_names=self.inputs.grad_names, extras=self.inputs.extras)
         try:
             with torch.set_grad_enabled(need_grad):
                 out = self.case.call(self.fn, inputs64, "reference")
