@@ -303,6 +303,12 @@ def kernel_support(device: Union[torch.Tensor, DeviceLike], explicit: bool = Tru
 
 
 @functools.lru_cache(maxsize=None)
+def sdpa_has_fused_kernels(device: torch.device) -> bool:
+    """Whether ``scaled_dot_product_attention`` has fused kernels on ``device`` that never
+    hold the score matrix (CUDA/ROCm and CPU); elsewhere its math fallback does."""
+    return device.type in ("cuda", "cpu")
+
+
 def is_rocm() -> bool:
     """True on a ROCm (HIP) build of PyTorch, whose "cuda" devices are AMD GPUs."""
     return torch.version.hip is not None

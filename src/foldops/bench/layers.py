@@ -1,7 +1,7 @@
 """The layer group of ``foldops bench``: whole layers per N, inference and training,
 latency and throughput, with Boltz's layers beside foldops's when ``boltz`` imports.
 
-    rows = run_layers(torch.device("cuda"), sizes=(256, 384), dtype=torch.bfloat16)
+    rows = run_layers(foldops.device.resolve_device("auto"), sizes=(256, 384), dtype=torch.bfloat16)
 
 Layers: ``PairformerLayer`` and ``MSALayer`` at Boltz-2 widths (profile ``gpu``: token_s
 384, token_z 128, MSA 64 channels and 1024 rows; profile ``cpu``: tiny widths). Modes:
@@ -135,7 +135,7 @@ def run_layers(
         impls = [("foldops", {})]
         if with_boltz and _boltz_class(layer) is not None:
             impls.append(("boltz", {}))
-            if cueq and device.type == "cuda":
+            if cueq and fdevice.nvidia_capability(device) is not None:  # cuEquivariance: NVIDIA only
                 impls.append(("boltz+cueq", {"use_kernels": True}))
         for n in sizes:
             ours = _build(layer, "foldops", w, device)

@@ -14,7 +14,7 @@ LayerNorm, matmuls and attention in the autocast dtype):
   PyTorch on any other device), so the model runs on CPU, MPS, XPU, V100 and H100;
 - mixed precision on every device: ``amp_dtype="auto"`` (default) autocasts to bf16 on
   CUDA and leaves every other device in full precision, as the original behaves (its
-  ``torch.cuda.amp.autocast`` does nothing elsewhere); ``amp_dtype=torch.bfloat16`` or
+  CUDA-only autocast does nothing elsewhere); ``amp_dtype=torch.bfloat16`` or
   ``torch.float16`` autocasts on any device, ``torch.float32`` turns autocast off inside
   the model, ``None`` leaves the caller's autocast state alone;
 - variable-length batches: ``forward(indices, sigma, seqlens=None)`` with ``seqlens [B]``

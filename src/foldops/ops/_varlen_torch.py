@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 
 from foldops import budget
-from foldops.device import nvidia_capability
+from foldops.device import nvidia_capability, sdpa_has_fused_kernels
 
 PADDING_WASTE = 1.25
 """Padded tokens of a bucket at most this many times its real tokens."""
@@ -193,8 +193,7 @@ def _cell_bytes(q, causal, dropout_p, generator, return_lse) -> int:
     heads = q.shape[1]
     if _explicit_softmax(q, dropout_p, generator, return_lse):
         return heads * 2 * (8 if q.dtype == torch.float64 else 4) + 1
-    fused = q.device.type in ("cuda", "cpu")
-    return (0 if fused else heads * 2 * 4) + (q.element_size() if causal else 0)
+    return (0 if sdpa_has_fused_kernels(q.device) else heads * 2 * 4) + (q.element_size() if causal else 0)
 
 
 def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, return_lse):
