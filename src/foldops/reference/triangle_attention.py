@@ -18,12 +18,11 @@ sharing one bias).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from foldops.reference._softmax import masked_softmax
+from foldops.reference.attention_pair_bias import attention_pair_bias
 
 
 def triangle_attention(
@@ -34,18 +33,7 @@ def triangle_attention(
     mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """Products in the input dtype, softmax in fp32 (fp64 for fp64 inputs).
-
-    This is also "plain PyTorch in low precision": the baseline a fast backend's error
-    is compared with.
-    """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    logits = torch.einsum("bijhd,bikhd->bihjk", q * scale, k).to(softmax_dtype)
-    logits = logits + bias.to(softmax_dtype)[:, None]
-    keep = None if mask is None else mask.bool()[:, :, None, None, :]
-    weights = masked_softmax(logits, keep, dim=-1)
-    if mask is not None:  # a masked key contributes nothing, whatever v holds there
-        v = v.masked_fill(~mask.bool()[..., None, None], 0)
-    return torch.einsum("bihjk,bikhd->bijhd", weights.to(v.dtype), v)
+    """Attention with a pair bias over M = I rows (``attention_pair_bias`` with Nq = Nk =
+    N): products in the input dtype, softmax in fp32 (fp64 for fp64 inputs). Also the
+    "plain PyTorch in low precision" baseline of the accuracy tests."""
+    return attention_pair_bias(q, k, v, bias, mask, scale)
