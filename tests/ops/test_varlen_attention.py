@@ -325,3 +325,14 @@ def test_torch_backend_while_tracing_only_where_torch_varlen_runs(monkeypatch, c
     reason = va._torch_supports(torch.device("cpu"), dtype, head_dim=head_dim, dropout=dropout, tracing=True)
     assert (reason is None) == runs
     assert va._torch_supports(torch.device("cpu"), dtype, head_dim=head_dim, dropout=dropout) is None
+
+
+def test_inference_mode_cu_seqlens_are_checked_every_call():
+    x = torch.randn(7, 2, 8)
+    with torch.inference_mode():
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+        out = varlen_attention(x, x, x, cu, cu, 4, 4, backend="torch")
+        assert out.shape == x.shape
+        cu[1] = 5  # a changed inference tensor is seen
+        with pytest.raises(ValueError, match="max_seqlen"):
+            varlen_attention(x, x, x, cu, cu, 4, 4, backend="torch")

@@ -69,9 +69,11 @@ def _tracing(t: torch.Tensor) -> bool:
 
 def _host_lengths(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> torch.Tensor:
     """Check the values of ``cu`` (see the module doc) and return its lengths [B] (int64, CPU)."""
-    key = id(cu)
+    # Remembered by identity and version counter; inference tensors have no version
+    # counter, so they are checked on every call.
+    key, version = id(cu), None if cu.is_inference() else cu._version
     hit = _checked.get(key)
-    if hit is not None and hit[0]() is cu and hit[1:4] == (cu._version, total, max_seqlen):
+    if version is not None and hit is not None and hit[0]() is cu and hit[1:4] == (version, total, max_seqlen):
         return hit[4]
     host = cu.detach().to("cpu", torch.int64)
     if host[0].item() != 0:
@@ -87,9 +89,10 @@ def _host_lengths(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_
     longest = int(lengths.max()) if lengths.numel() else 0
     if longest > max_seqlen:
         raise ValueError(f"{max_name}: expected at least the longest sequence ({longest}), got {max_seqlen}")
-    if len(_checked) > 256:
-        _checked.clear()
-    _checked[key] = (weakref.ref(cu), cu._version, total, max_seqlen, lengths)
+    if version is not None:
+        if len(_checked) > 256:
+            _checked.clear()
+        _checked[key] = (weakref.ref(cu), version, total, max_seqlen, lengths)
     return lengths
 
 
