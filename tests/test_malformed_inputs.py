@@ -255,6 +255,30 @@ def test_pwa_non_finite_values_at_masked_keys_do_not_leak(backend):
     torch.testing.assert_close(dirty, clean)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ("triton",))
+@pytest.mark.parametrize("direction", ("outgoing", "incoming"))
+def test_trimul_non_finite_values_at_masked_pairs_do_not_leak(backend, direction):
+    """A masked pair's a and b are zero whatever x holds there (a where, not a product:
+    0 * nan = nan). Its own output is still computed from its own x (no output mask),
+    so only the kept pairs are compared."""
+    if backend == "triton" and _kernel_device() is None:
+        pytest.skip("Triton kernels cannot run here")
+    device = _kernel_device() if backend == "triton" else "cpu"
+    x = g(B, N, N, 4).to(device)
+    weights = {name: w.to(device) for name, w in trimul_weights().items()}
+    mask = torch.ones(B, N, N, dtype=torch.bool, device=device)
+    mask[:, 2, :] = False  # every pair of row 2
+    mask[0, 1, 3] = False  # one pair
+    dirty = x.clone()
+    dirty[:, 2] = math.nan
+    dirty[0, 1, 3] = math.inf
+    with torch.no_grad():
+        clean_out, dirty_out = (ops.triangle_multiplication(t, mask, direction=direction, backend=backend, **weights)
+                                for t in (x, dirty))
+    assert torch.isfinite(dirty_out[mask]).all()
+    torch.testing.assert_close(dirty_out[mask], clean_out[mask])
+
+
 # Item 4: a row whose logits are -inf for every key gives zeros on every backend.
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("keys", (N, 3), ids=("square", "windowed"))

@@ -139,7 +139,7 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
         p_out, g_out = w["p_out_weight"].to(cdt), w["g_out_weight"].to(cdt)
         ln_in = (w["norm_in_weight"].to(ln_dtype), w["norm_in_bias"].to(ln_dtype))
         ln_out = (w["norm_out_weight"].to(wide), w["norm_out_bias"].to(wide))
-        keep = None if mask is None else mask.reshape(batch, nn_).to(cdt)
+        drop = None if mask is None else mask.reshape(batch, nn_) == 0
 
         # h: LayerNorm_in(x), kept once; it becomes the output at the end.
         h = torch.empty((batch, n, n, dim), dtype=cdt, device=dev)
@@ -167,8 +167,8 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
                 torch.matmul(w_p, ht, out=pc)
                 torch.matmul(w_g, ht, out=gc)
                 pc.mul_(gc.sigmoid_())
-                if keep is not None:
-                    pc.mul_(keep[bi])
+                if drop is not None:
+                    pc.masked_fill_(drop[bi], 0.0)  # not a product: 0 * nan would leak
                 if narrow_proj:
                     abc.copy_(pc)  # to fp32 after the gating, as the reference rounds
                 a, b = ab[:c].view(c, n, n), ab[c : 2 * c].view(c, n, n)

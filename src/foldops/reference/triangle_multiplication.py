@@ -59,7 +59,8 @@ def triangle_multiplication(
     h = F.layer_norm(x, (dim,), norm_in_weight, norm_in_bias, eps)
     ab = F.linear(h, p_in_weight) * torch.sigmoid(F.linear(h, g_in_weight))
     if mask is not None:
-        ab = ab * mask[..., None].to(ab.dtype)
+        # where, not a product: a non-finite value at a masked pair must not leak (0 * nan = nan)
+        ab = torch.where(mask[..., None] != 0, ab, ab.new_zeros(()))
     wide = product_dtype(x.dtype)
     with fp32_region(x):
         a, b = ab.to(wide).chunk(2, dim=-1)
