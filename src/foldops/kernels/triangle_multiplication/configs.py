@@ -29,6 +29,10 @@ ROW_BWD = {
 # fp32 weights: at most this many elements per [CP, BLOCK_N] weight tile (two such tiles,
 # p and g, sit in shared memory at once: 2 x 64 KiB at fp32).
 FP32_MAX_WEIGHT_TILE = 16384
+# The backward row kernels stage more per step (p, g and g_out tiles and their transposed
+# copies): at CP = 512 the 16384-element tile needed 298 KiB of shared memory in the
+# input-side kernel (sm_90 compile), over the 227 KiB a block may have; 8192 needs 164 KiB.
+FP32_MAX_WEIGHT_TILE_BWD = 8192
 
 # Per-channel product (batched GEMM, fp32 accumulation):
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).

@@ -43,8 +43,9 @@ def _row_config(cp: int, backward: bool, dtype: torch.dtype):
     if triton_interpret():
         return configs.INTERPRET_ROW
     bp, bn, warps = (configs.ROW_BWD if backward else configs.ROW_FWD)[cp]
-    if dtype == torch.float32 and cp * bn > configs.FP32_MAX_WEIGHT_TILE:
-        bn = max(16, configs.FP32_MAX_WEIGHT_TILE // cp)  # fp32 weight tiles: twice the bytes
+    most = configs.FP32_MAX_WEIGHT_TILE_BWD if backward else configs.FP32_MAX_WEIGHT_TILE
+    if dtype == torch.float32 and cp * bn > most:
+        bn = max(16, most // cp)  # fp32 weight tiles: twice the bytes
     return bp, bn, warps
 
 
