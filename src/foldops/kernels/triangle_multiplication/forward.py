@@ -32,12 +32,17 @@ def _prologue_kernel(
     BLOCK_P: tl.constexpr,  # positions per program
     BLOCK_N: tl.constexpr,  # output channels per program
 ):
-    """Program (n, p, b): output channels [n*BLOCK_N, ...) of the 3C-wide concatenation
-    [a, b | g_out] for BLOCK_P positions. h = LayerNorm_in(x) is recomputed per program
-    (the x tile is re-read from L2: programs of one position block run back to back)."""
-    pid_n = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    """Program (p * n_slabs + n, b): output channels [n*BLOCK_N, ...) of the 3C-wide
+    concatenation [a, b | g_out] for BLOCK_P positions. h = LayerNorm_in(x) is recomputed
+    per program (the x tile is re-read from L2: programs of one position block run back to
+    back). Position blocks share grid axis 0 with the channel slabs: they outnumber the
+    65535 programs a second axis may have once P / BLOCK_P does (N >= 2048 at C = 128)."""
+    n_ab = tl.cdiv(2 * C, BLOCK_N)
+    n_slabs = n_ab + tl.cdiv(C, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_slabs
+    pid_p = pid // n_slabs
+    b = tl.program_id(1).to(tl.int64)
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.arange(0, CP)
     valid_p = offs_p < P
@@ -49,7 +54,6 @@ def _prologue_kernel(
     lb = tl.load(LN_B + offs_c, mask=valid_c, other=0.0).to(tl.float32)
     h = ((x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(W_P.dtype.element_ty)
 
-    n_ab = tl.cdiv(2 * C, BLOCK_N)
     if pid_n < n_ab:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         valid_n = offs_n < 2 * C
@@ -146,11 +150,14 @@ def _epilogue_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Program (n, p, b): out = (LayerNorm_out(t) p_out^T) * gate for output channels
-    [n*BLOCK_N, ...) of BLOCK_P positions."""
-    pid_n = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    """Program (p * n_slabs + n, b): out = (LayerNorm_out(t) p_out^T) * gate for output
+    channels [n*BLOCK_N, ...) of BLOCK_P positions (one grid axis for both, as in
+    ``_prologue_kernel``)."""
+    n_slabs = tl.cdiv(C, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_slabs
+    pid_p = pid // n_slabs
+    b = tl.program_id(1).to(tl.int64)
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.arange(0, CP)
     valid_p = offs_p < P

@@ -117,7 +117,9 @@ def triangle_multiplication_forward(
     xr = _positions(x)
     keep = _mask_rows(mask, x)
     bp, bn, warps = _row_config(cp, backward=False, dtype=x.dtype)
-    grid = (triton.cdiv(2 * c, bn) + triton.cdiv(c, bn), triton.cdiv(p, bp), batch)
+    # (channel slab, position block) pairs on axis 0: position blocks alone pass the
+    # 65535 programs of axes 1 and 2 at large N.
+    grid = ((triton.cdiv(2 * c, bn) + triton.cdiv(c, bn)) * triton.cdiv(p, bp), batch)
     wrap_triton(_prologue_kernel)[grid](
         xr, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keep, ab, go,
         p, c, eps, *xr.stride(), keep.stride(0), ab.stride(0), ab.stride(1), go.stride(0), go.stride(1),
@@ -141,7 +143,7 @@ def triangle_multiplication_forward(
         _launch_product(a_rows, a_str, b_view, b_str, t, (c * tp, tp, n, 1), c, r, n, n, False, precision)
         o_r = out_r[:, i0 * n:(i0 + r) * n]
         go_r = go[:, i0 * n:(i0 + r) * n]
-        wrap_triton(_epilogue_kernel)[(triton.cdiv(c, bn), triton.cdiv(r * n, bp), batch)](
+        wrap_triton(_epilogue_kernel)[(triton.cdiv(c, bn) * triton.cdiv(r * n, bp), batch)](
             t, norm_out_weight, norm_out_bias, p_out_weight, go_r, o_r,
             r * n, c, eps, t.stride(0), t.stride(1), go_r.stride(0), go_r.stride(1), *o_r.stride(),
             PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
