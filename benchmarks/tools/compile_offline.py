@@ -275,10 +275,12 @@ def invariant_point_attention_cases(quick: bool, capability: int) -> Iterator[Tu
     # (C, heads, Pq, Pv, Cz): OpenFold / AF2 structure module; FrameFlow / Multiflow; small.
     shapes = ((16, 12, 4, 8, 128),) if quick else ((16, 12, 4, 8, 128), (256, 8, 8, 12, 128), (32, 4, 4, 8, 32))
     for dname, shape, mask in itertools.product(DTYPES, shapes, (False, True)):
+        if shape[0] > 128 and (dname != "bf16" or not mask):
+            continue  # wide rows spill tens of KB: ptxas takes minutes per kernel; one variant
         dtype = DTYPES[dname]
         precisions = ("highest", "high") if dtype == torch.float32 else ("highest",)
         for prec, f32_pair in itertools.product(precisions, (False, True) if dtype != torch.float32 else (False,)):
-            if quick and f32_pair:
+            if (quick or shape[0] > 128) and f32_pair:
                 continue
 
             def run(dtype=dtype, shape=shape, mask=mask, prec=prec, f32_pair=f32_pair):
