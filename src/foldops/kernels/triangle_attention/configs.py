@@ -65,6 +65,19 @@ MMA_WAIT = {
 # slower with it.
 MMA_WAIT_SKIP = {("dq", False, 16), ("dq", False, 32)}
 
+# (kind, head dim, warps) -> maxnreg of 16-bit launches with a key mask
+# (``launch._register_cap``): the registers of the kernel without its exact-mask rerun,
+# which ptxas otherwise lets grow past a residency step (sm_90, Triton 3.6, measured
+# offline with benchmarks/tools/triangle_attention_sass.py; no spills at the cap).
+# Entries not listed stay uncapped: there the rerun left the programs per SM unchanged.
+MASKED_MAXNREG = {
+    ("fwd", 16, 4): 168,  # as D = 32
+    ("fwd", 32, 4): 168,  # ragged N: 164 -> 198 uncapped (3 -> 2 programs per SM); even N: 112 -> 126, 4 per SM
+    ("dq", 64, 4): 168,  # 165 -> 222 uncapped (3 -> 2 programs per SM); D = 16/32 stay at their step uncapped
+    ("dbias", 16, 4): 168,  # as D = 32
+    ("dbias", 32, 4): 168,  # N > 512 tiles: 168 -> 226 uncapped (3 -> 2); the split model assumes 3
+}
+
 SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (_smem_bytes); tiles shrink to fit
 
 MASK_ROW_ALIGN = 128  # key-mask bias rows padded to this (>= every BLOCK_K): unmasked tile loads stay inside
