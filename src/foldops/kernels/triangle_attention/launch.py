@@ -61,7 +61,7 @@ def _mma_wait(kind: str, t: torch.Tensor, has_mask: bool, d: int) -> bool:
     return compute_capability(t.device)[0] == 9
 
 
-def _register_cap(kind: str, t: torch.Tensor, has_mask: bool, d: int, warps: int) -> dict:
+def _register_cap(kind: str, t: torch.Tensor, has_mask: bool, d: int, warps: int, even: bool) -> dict:
     """``maxnreg`` of a masked 16-bit launch on an NVIDIA GPU (``configs.MASKED_MAXNREG``):
     the kernels' exact-mask reruns (``_fwd_exact``, ...) otherwise let ptxas give some
     kernels a register count one residency step up. Not while torch.compile traces
@@ -70,7 +70,7 @@ def _register_cap(kind: str, t: torch.Tensor, has_mask: bool, d: int, warps: int
         return {}
     if torch.compiler.is_compiling() or is_fake(t):
         return {}
-    cap = configs.MASKED_MAXNREG.get((kind, d, warps))
+    cap = configs.MASKED_MAXNREG.get((kind, d, warps, even))
     return {} if cap is None else {"maxnreg": cap}
 
 
@@ -279,7 +279,7 @@ def triangle_attention_forward(
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
         MMA_WAIT=_mma_wait("fwd", q, has_mask, d), MASK_PRECISION=_mask_precision(q), STORE_LSE=need_lse,
         num_warps=warps, num_stages=stages,
-        **_register_cap("fwd", q, has_mask, d, warps),
+        **_register_cap("fwd", q, has_mask, d, warps, bool(n % bj == 0 and n % bk == 0)),
     )
     return out, lse
 
@@ -391,7 +391,7 @@ def triangle_attention_backward(
             HAS_MASK=has_mask, EVEN_N=even(bj, bk), D=d,
             BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=precise,
             MASK_PRECISION=_mask_precision(q), num_warps=warps, num_stages=stages,
-            **_register_cap("dbias", q, has_mask, d, warps),
+            **_register_cap("dbias", q, has_mask, d, warps, even(bj, bk)),
         )
         if splits > 1:
             numel = batch * heads * n * n
@@ -424,6 +424,6 @@ def triangle_attention_backward(
         HAS_MASK=has_mask, EVEN_N=even(bj, bk), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=precise,
         MMA_WAIT=_mma_wait("dq", q, has_mask, d), FMA_CHAIN=fma_chain, num_warps=warps, num_stages=stages,
-        **_register_cap("dq", q, has_mask, d, warps),
+        **_register_cap("dq", q, has_mask, d, warps, even(bj, bk)),
     )
     return dq, dk, dv, dbias
