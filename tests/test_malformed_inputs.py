@@ -373,24 +373,52 @@ def _kernel_device():
     return device if kernel_support(device) is None else None
 
 
+def _tri_fwd_bwd(q, k, v, bias, mask, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+    out = ops.triangle_attention(*leaves, mask, backend="triton")
+    return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+
 @pytest.mark.skipif(_kernel_device() is None, reason="Triton kernels cannot run here")
-@pytest.mark.xfail(strict=True, reason="needs a kernel change (kernels/triangle_attention): load k and v as 0 at "
-                   "masked keys and set, not add, -inf logits there")
-@pytest.mark.parametrize("what", ("nan-k", "nan-v", "inf-bias"))
-def test_triton_non_finite_values_at_masked_keys_do_not_leak(what):
-    """Item 3 on the triton backend (interpreter on CPU, compiled on a GPU)."""
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+@pytest.mark.parametrize("n", (5, 19), ids=("n5", "n19"))
+@pytest.mark.parametrize("what", ("nan-k", "inf-v", "nan-bias", "inf-bias-one-row"))
+def test_triton_non_finite_values_at_masked_keys_do_not_leak(what, n, dtype):
+    """Item 3 on the triton backend (interpreter on CPU, compiled on a GPU), forward and
+    backward: NaN/inf in k, v or the bias at masked keys changes no output or gradient
+    (the kernels' fast loops meet NaN there and rerun exactly). N = 19 spans two 16-key
+    blocks of the interpreter's tiles and a partial one; the head dim is 16."""
     device = _kernel_device()
-    q, k, v = (torch.randn(1, 2, 5, 1, 16, device=device) for _ in range(3))
-    bias = torch.randn(1, 1, 5, 5, device=device)
-    mask = torch.ones(1, 2, 5, dtype=torch.bool, device=device)
-    mask[:, :, 1] = False
-    mask[0, 0, 3] = False
-    clean = ops.triangle_attention(q, k, v, bias, mask, backend="triton")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 3, n, 2, 16, generator=gen).to(device, dtype) for _ in range(3))
+    bias = torch.randn(1, 2, n, n, generator=gen).to(device, dtype)
+    grad_out = torch.randn(1, 3, n, 2, 16, generator=gen).to(device, dtype)
+    mask = torch.ones(1, 3, n, dtype=torch.bool, device=device)
+    mask[:, :, 1] = False  # key 1 masked in every row
+    mask[0, 0, 3] = False  # key 3 masked in row (0, 0) only
+    mask[0, 2, n - 1] = False  # the last key (in the partial block at N = 19) in row (0, 2)
+    clean = _tri_fwd_bwd(q, k, v, bias, mask, grad_out)
+    k, v, bias = k.clone(), v.clone(), bias.clone()
     if what == "nan-k":
         k[:, :, 1] = math.nan
-    elif what == "nan-v":
-        v[:, :, 1] = math.nan
-    else:
-        bias[0, :, :, 3] = math.inf
-    dirty = ops.triangle_attention(q, k, v, bias, mask, backend="triton")
-    torch.testing.assert_close(dirty[0, 0], clean[0, 0])
+        k[0, 2, n - 1] = math.nan
+    elif what == "inf-v":
+        v[:, :, 1] = math.inf
+        v[0, 2, n - 1] = -math.inf
+    elif what == "nan-bias":
+        bias[:, :, :, 1] = math.nan
+    else:  # +inf at key 3, masked in row (0, 0) only: the other rows keep it and rightly see NaN
+        bias[:, :, :, 3] = math.inf
+    dirty = _tri_fwd_bwd(q, k, v, bias, mask, grad_out)
+    names = ("out", "dq", "dk", "dv")
+    rows = (0, 0) if what == "inf-bias-one-row" else (slice(None),)
+    for name, a, b in zip(names, dirty, clean):
+        assert torch.isfinite(a[rows]).all(), name
+        torch.testing.assert_close(a[rows], b[rows], rtol=0, atol=0, msg=name)
+    # Masked keys get no key or value gradient, NaN/inf there or not.
+    keep = mask[..., None, None].expand_as(k)
+    for name, g in (("dk", dirty[2]), ("dv", dirty[3])):
+        assert (g[rows][~keep[rows]] == 0).all(), name
+    if what != "inf-bias-one-row":  # the bias gradient sums every row (NaN rows above)
+        assert torch.isfinite(dirty[4]).all()
+        torch.testing.assert_close(dirty[4], clean[4], rtol=0, atol=0)

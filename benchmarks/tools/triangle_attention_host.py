@@ -198,7 +198,8 @@ def main() -> None:
 # Launcher helpers timed by --breakdown (module globals, so the launchers call the wrapper).
 _HELPERS = ("triangle_attention_forward", "triangle_attention_backward", "_check", "_empty_in_order",
             "_empty_buffer", "_scratch", "_aligned_bias", "_config", "_key_mask_bias", "_mask_args",
-            "_mask_precision", "_mma_wait", "_precision", "_precise", "_bias_splits", "_tracing_under_interpreter")
+            "_mask_precision", "_mma_wait", "_register_cap", "_precision", "_precise", "_bias_splits",
+            "_tracing_under_interpreter")
 
 
 def breakdown(K, public, calls: int) -> None:

@@ -190,6 +190,9 @@ def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass
     dbias_splits.num_sms = lambda device: 132
     launch._mma_wait = lambda kind, t, has_mask, d: (  # the launcher's rule, for CPU tensors
         configs.MMA_WAIT[kind] and (kind, has_mask, d) not in configs.MMA_WAIT_SKIP and capability // 10 == 9)
+    launch._register_cap = lambda kind, t, has_mask, d, warps, even: (  # the launcher's rule, for CPU tensors
+        {"maxnreg": configs.MASKED_MAXNREG[(kind, d, warps, even)]}
+        if has_mask and t.dtype != torch.float32 and (kind, d, warps, even) in configs.MASKED_MAXNREG else {})
     _Recorder.launches.clear()
 
     q, k, v, bias = _inputs(n, d, dtype, layout)

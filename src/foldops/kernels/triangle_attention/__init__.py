@@ -10,7 +10,8 @@ Files (design, floors and timings: docs/kernels/triangle_attention.md):
 - ``common.py``: shared @triton.jit helpers (exp2/log2, lse parts, key-mask biases,
   the wgmma wait, the fp32 FMA-chain dot);
 - ``forward.py``: ``_fwd_kernel``, output and base-2 lse;
-- ``backward.py``: ``_bwd_delta_kernel``, ``_bwd_dq_kernel``, ``_bwd_dkdv_kernel``;
+- ``backward.py``: ``_bwd_delta_kernel``, ``_bwd_dkdv_kernel``;
+- ``backward_dq.py``: ``_bwd_dq_kernel`` and its exact-mask rerun;
 - ``backward_dbias.py``: ``_bwd_dbias_kernel``, ``_sum_splits_kernel``;
 - ``configs.py``: tile tables, wgmma-wait table, dBias split-model constants (data);
 - ``dbias_splits.py``: the dBias row-split count;

@@ -1,12 +1,12 @@
-"""Backward kernels of triangle attention, except the bias gradient
-(``backward_dbias.py``): ``_bwd_delta_kernel`` (delta = rowsum(dO * O)),
-``_bwd_dq_kernel`` (dQ) and ``_bwd_dkdv_kernel`` (dK, dV), with their loop steps.
+"""Backward kernels of triangle attention, except dQ (``backward_dq.py``) and the bias
+gradient (``backward_dbias.py``): ``_bwd_delta_kernel`` (delta = rowsum(dO * O)) and
+``_bwd_dkdv_kernel`` (dK, dV), with its loop step.
 
 Probabilities are recomputed from the saved base-2 lse: p = exp2(s * log2(e) - lse),
-0 for rows whose keys are all masked (lse = +inf). dQ runs a second loop copy with a
-per-logit mask add (constexpr USE_MASK) for rows that do not keep every key; dK/dV,
-whose key rows are fixed per program, adds the mask per key block only where a key is
-masked.
+0 for rows whose keys are all masked (lse = +inf). dK/dV, whose key rows are fixed per
+program, adds the mask per key block only where a key is masked; it loads the k and v
+of masked keys as 0, and their bias rows as 0 in such blocks, so that NaN/inf there
+cannot reach dK, dV (0 there).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import triton.language as tl
 
 from foldops.kernels.triangle_attention.common import (
     LOG2E_C,
-    _all_kept,
     _exp2,
     _key_bias,
     _lse_parts,
@@ -74,141 +73,6 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
-def _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale,
-             USE_KEY_BIAS: tl.constexpr, LSE_LO: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
-    """dQ contribution of one key block."""
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    s = qk * scale + bias.to(tl.float32)
-    if USE_KEY_BIAS:
-        s += key_bias[None, :]
-    x = s * LOG2E_C - lse_hi[:, None]
-    if LSE_LO:
-        x -= lse_lo[:, None]
-    p = _exp2(x, PRECISE)
-    dp = tl.dot(do, vt, input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-
-
-@triton.jit
-def _dq_loop(
-    q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, stride_k_n, stride_v_n, stride_bias_k, stride_mask_k, N, scale,
-    USE_MASK: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-    D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr, MMA_WAIT: tl.constexpr,
-):
-    """dQ over all key blocks: full blocks unmasked, a partial last one masked (as _fwd_loop)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    lse_hi, lse_lo = _lse_parts(lse)
-    LSE_LO: tl.constexpr = lse.dtype == tl.float64
-    dq = tl.zeros([BLOCK_J, D], dtype=tl.float32)
-    n_full = N - N % BLOCK_K
-    for start_k in range(0, n_full, BLOCK_K):
-        key_bias = _key_bias(m_ptrs, start_k + offs_k, N, USE_MASK, True)
-        dq = _dq_step(q, do, lse_hi, lse_lo, delta, tl.load(k_ptrs), tl.load(vt_ptrs), tl.load(b_ptrs), key_bias,
-                      dq, scale, USE_MASK, LSE_LO, PRECISION, PRECISE)
-        k_ptrs += BLOCK_K * stride_k_n
-        vt_ptrs += BLOCK_K * stride_v_n
-        b_ptrs += BLOCK_K * stride_bias_k
-        if USE_MASK:
-            m_ptrs += BLOCK_K * stride_mask_k
-        _retire_mma(start_k, MMA_WAIT)
-    if not EVEN_N:
-        if n_full < N:
-            valid_k = n_full + offs_k < N
-            key_bias = _key_bias(m_ptrs, n_full + offs_k, N, USE_MASK, False)
-            k = tl.load(k_ptrs, mask=valid_k[:, None], other=0.0)
-            vt = tl.load(vt_ptrs, mask=valid_k[None, :], other=0.0)
-            bias = tl.load(b_ptrs, mask=valid_k[None, :], other=0.0)
-            dq = _dq_step(q, do, lse_hi, lse_lo, delta, k, vt, bias, key_bias, dq, scale, True, LSE_LO,
-                          PRECISION, PRECISE)
-    return dq
-
-
-@triton.jit
-def _bwd_dq_kernel(
-    Q,  # [B, I, N, H, D] queries, fp16 / bf16 / fp32
-    K,  # [B, I, N, H, D] keys, q's dtype
-    V,  # [B, I, N, H, D] values, q's dtype
-    BIAS,  # [B, H, N, N] pair bias (query j, key k), q's dtype or fp32; unit stride over k
-    MASK,  # [B, I, N] bool keep-mask over keys, or any pointer without a mask
-    OUT,  # [B, I, N, H, D] forward output (for delta)
-    DO,  # [B, I, N, H, D] output gradient
-    LSE,  # [B, I, H, N] contiguous base-2 lse of the forward, fp32 (fp64 for fp32 inputs)
-    DQ,  # [B, I, N, H, D] query gradient, written here
-    stride_q_b, stride_q_i, stride_q_n, stride_q_h, stride_q_d,  # Q's strides, in elements
-    stride_k_b, stride_k_i, stride_k_n, stride_k_h, stride_k_d,  # K's strides
-    stride_v_b, stride_v_i, stride_v_n, stride_v_h, stride_v_d,  # V's strides
-    stride_bias_b, stride_bias_h, stride_bias_j, stride_bias_k,  # BIAS's strides
-    stride_mask_b, stride_mask_i, stride_mask_k,  # MASK's strides (0, 0, 0 without a mask)
-    stride_out_b, stride_out_i, stride_out_n, stride_out_h, stride_out_d,  # OUT's strides
-    stride_do_b, stride_do_i, stride_do_n, stride_do_h, stride_do_d,  # DO's strides
-    stride_dq_b, stride_dq_i, stride_dq_n, stride_dq_h, stride_dq_d,  # DQ's strides
-    I,  # rows i (the second axis of q)
-    N,  # sequence length: queries j and keys k per row
-    H,  # heads
-    scale,  # logit scale (a float)
-    HAS_MASK: tl.constexpr,  # whether MASK holds a key mask
-    EVEN_N: tl.constexpr,  # N % BLOCK_J == 0 and N % BLOCK_K == 0: no partial block
-    D: tl.constexpr,  # head dim, one of 16, 32, 64, 128
-    BLOCK_J: tl.constexpr,  # queries per program
-    BLOCK_K: tl.constexpr,  # keys per loop step
-    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" or "tf32x3"
-    PRECISE: tl.constexpr,  # libdevice exp2 (fp32 inputs) instead of the approximate one
-    MMA_WAIT: tl.constexpr,  # end each loop step with a wgmma wait (_retire_mma; sm_90 only)
-    FMA_CHAIN: tl.constexpr,  # delta as one FMA chain over d (fp32 "ieee", _rowdot_fma)
-):
-    """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in registers."""
-    scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
-    pid_j = tl.program_id(0)
-    i = tl.program_id(1).to(tl.int64)
-    bh = tl.program_id(2)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
-    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, D)
-    valid_j = offs_j < N
-    j64 = offs_j.to(tl.int64)
-    jc64 = tl.minimum(offs_j, N - 1).to(tl.int64)  # rows past N read row N-1 (never stored)
-    k64 = offs_k.to(tl.int64)
-
-    q = tl.load(Q + b * stride_q_b + i * stride_q_i + h * stride_q_h + jc64[:, None] * stride_q_n
-                + offs_d[None, :] * stride_q_d)
-    do = tl.load(DO + b * stride_do_b + i * stride_do_i + h * stride_do_h + jc64[:, None] * stride_do_n
-                 + offs_d[None, :] * stride_do_d)
-    if FMA_CHAIN:  # fp32 "ieee": round as the dP products (_rowdot_fma)
-        delta = _rowdot_fma(DO + b * stride_do_b + i * stride_do_i + h * stride_do_h + jc64 * stride_do_n,
-                            OUT + b * stride_out_b + i * stride_out_i + h * stride_out_h + jc64 * stride_out_n,
-                            stride_do_d, stride_out_d, valid_j, D)
-    else:
-        o = tl.load(OUT + b * stride_out_b + i * stride_out_i + h * stride_out_h + jc64[:, None] * stride_out_n
-                    + offs_d[None, :] * stride_out_d)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse = tl.load(LSE + ((b * I + i) * H + h) * N + jc64)
-
-    k_ptrs = (K + b * stride_k_b + i * stride_k_i + h * stride_k_h + k64[:, None] * stride_k_n
-              + offs_d[None, :] * stride_k_d)
-    vt_ptrs = (V + b * stride_v_b + i * stride_v_i + h * stride_v_h + k64[None, :] * stride_v_n
-               + offs_d[:, None] * stride_v_d)
-    b_ptrs = BIAS + b * stride_bias_b + h * stride_bias_h + jc64[:, None] * stride_bias_j + k64[None, :] * stride_bias_k
-    m_ptrs = MASK + b * stride_mask_b + i * stride_mask_i + k64 * stride_mask_k
-    if HAS_MASK:
-        full = _all_kept(MASK + b * stride_mask_b + i * stride_mask_i, stride_mask_k, N, 256)
-    else:
-        full = True
-    if full:
-        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, stride_k_n, stride_v_n, stride_bias_k,
-                      stride_mask_k, N, scale, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
-    else:
-        dq = _dq_loop(q, do, lse, delta, k_ptrs, vt_ptrs, b_ptrs, m_ptrs, stride_k_n, stride_v_n, stride_bias_k,
-                      stride_mask_k, N, scale, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
-    dq_ptrs = (DQ + b * stride_dq_b + i * stride_dq_i + h * stride_dq_h + j64[:, None] * stride_dq_n
-               + offs_d[None, :] * stride_dq_d)
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=valid_j[:, None])
-
-
-@triton.jit
 def _dkdv_step(k, v, key_bias, q, do, lse, delta, bias_t, dk, dv, scale,
                USE_KEY_BIAS: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr):
     """dK, dV contributions of one query block (transposed [K, J] tiles)."""
@@ -229,21 +93,36 @@ def _dkdv_step(k, v, key_bias, q, do, lse, delta, bias_t, dk, dv, scale,
 
 
 @triton.jit
+def _bias_rows(bt_ptrs, keep, MASKED: tl.constexpr):
+    """The [BLOCK_K, BLOCK_J] bias tile, with the rows of masked keys as 0 (MASKED)."""
+    if MASKED:
+        return tl.load(bt_ptrs, mask=keep, other=0.0)
+    else:
+        return tl.load(bt_ptrs)
+
+
+@triton.jit
 def _dkdv_loop(
     k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, stride_q_n, stride_do_n, stride_bias_j, N, scale,
     USE_KEY_BIAS: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
-    D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr, MMA_WAIT: tl.constexpr,
+    D: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr, MMA_WAIT: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     """dK, dV over all query blocks: full blocks unmasked (key rows past N read clamped,
-    never stored), a partial last one masked with lse = +inf past N (as _fwd_loop)."""
+    never stored), a partial last one masked with lse = +inf past N (as _fwd_loop).
+
+    With a key mask and masked keys in the block (HAS_MASK, USE_KEY_BIAS), their bias
+    rows load as 0 (a loop-invariant predicate on the copy, not a select per logit): k
+    is 0 there too, so their logits are exactly the -inf of ``key_bias`` whatever the
+    bias holds (+inf or NaN would make +inf - inf)."""
+    bias_keep = (key_bias == 0.0)[:, None]
     offs_j = tl.arange(0, BLOCK_J)
     dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, D], dtype=tl.float32)
     n_full = N - N % BLOCK_J
     for start_j in range(0, n_full, BLOCK_J):
         dk, dv = _dkdv_step(k, v, key_bias, tl.load(q_ptrs), tl.load(do_ptrs), tl.load(LSE + row_ptrs),
-                            tl.load(DELTA + row_ptrs), tl.load(bt_ptrs), dk, dv, scale,
-                            USE_KEY_BIAS, PRECISION, PRECISE)
+                            tl.load(DELTA + row_ptrs), _bias_rows(bt_ptrs, bias_keep, USE_KEY_BIAS and HAS_MASK), dk,
+                            dv, scale, USE_KEY_BIAS, PRECISION, PRECISE)
         q_ptrs += BLOCK_J * stride_q_n
         do_ptrs += BLOCK_J * stride_do_n
         bt_ptrs += BLOCK_J * stride_bias_j
@@ -256,7 +135,10 @@ def _dkdv_loop(
             do = tl.load(do_ptrs, mask=valid_j[:, None], other=0.0)
             lse = tl.load(LSE + row_ptrs, mask=valid_j, other=float("inf"))
             delta = tl.load(DELTA + row_ptrs, mask=valid_j, other=0.0)
-            bias_t = tl.load(bt_ptrs, mask=valid_j[None, :], other=0.0)
+            if HAS_MASK:
+                bias_t = tl.load(bt_ptrs, mask=valid_j[None, :] & bias_keep, other=0.0)
+            else:
+                bias_t = tl.load(bt_ptrs, mask=valid_j[None, :], other=0.0)
             dk, dv = _dkdv_step(k, v, key_bias, q, do, lse, delta, bias_t, dk, dv, scale,
                                 USE_KEY_BIAS, PRECISION, PRECISE)
     return dk, dv
@@ -311,12 +193,21 @@ def _bwd_dkdv_kernel(
     k64 = offs_k.to(tl.int64)
     kc64 = tl.minimum(offs_k, N - 1).to(tl.int64)  # keys past N read key N-1 (never stored)
 
-    k = tl.load(K + b * stride_k_b + i * stride_k_i + h * stride_k_h + kc64[:, None] * stride_k_n
-                + offs_d[None, :] * stride_k_d)
-    v = tl.load(V + b * stride_v_b + i * stride_v_i + h * stride_v_h + kc64[:, None] * stride_v_n
-                + offs_d[None, :] * stride_v_d)
-    key_bias = _key_bias(MASK + b * stride_mask_b + i * stride_mask_i + k64 * stride_mask_k, offs_k, N, HAS_MASK,
-                         EVEN_N)
+    if HAS_MASK:  # masked keys: k and v as 0 whatever they hold (dK, dV there are 0; no NaN from 0 * NaN)
+        key_bias = _key_bias(MASK + b * stride_mask_b + i * stride_mask_i + k64 * stride_mask_k, offs_k, N, HAS_MASK,
+                             EVEN_N)
+        kept = (key_bias == 0.0)[:, None]
+        k = tl.load(K + b * stride_k_b + i * stride_k_i + h * stride_k_h + kc64[:, None] * stride_k_n
+                    + offs_d[None, :] * stride_k_d, mask=kept, other=0.0)
+        v = tl.load(V + b * stride_v_b + i * stride_v_i + h * stride_v_h + kc64[:, None] * stride_v_n
+                    + offs_d[None, :] * stride_v_d, mask=kept, other=0.0)
+    else:
+        k = tl.load(K + b * stride_k_b + i * stride_k_i + h * stride_k_h + kc64[:, None] * stride_k_n
+                    + offs_d[None, :] * stride_k_d)
+        v = tl.load(V + b * stride_v_b + i * stride_v_i + h * stride_v_h + kc64[:, None] * stride_v_n
+                    + offs_d[None, :] * stride_v_d)
+        key_bias = _key_bias(MASK + b * stride_mask_b + i * stride_mask_i + k64 * stride_mask_k, offs_k, N, HAS_MASK,
+                             EVEN_N)
 
     q_ptrs = (Q + b * stride_q_b + i * stride_q_i + h * stride_q_h + j64[:, None] * stride_q_n
               + offs_d[None, :] * stride_q_d)
@@ -332,10 +223,12 @@ def _bwd_dkdv_kernel(
         full = True
     if full:
         dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, stride_q_n, stride_do_n,
-                            stride_bias_j, N, scale, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+                            stride_bias_j, N, scale, False, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT,
+                            HAS_MASK)
     else:
         dk, dv = _dkdv_loop(k, v, key_bias, q_ptrs, do_ptrs, bt_ptrs, row_ptrs, LSE, DELTA, stride_q_n, stride_do_n,
-                            stride_bias_j, N, scale, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT)
+                            stride_bias_j, N, scale, True, EVEN_N, BLOCK_J, BLOCK_K, D, PRECISION, PRECISE, MMA_WAIT,
+                            HAS_MASK)
 
     dk_ptrs = (DK + b * stride_dk_b + i * stride_dk_i + h * stride_dk_h + k64[:, None] * stride_dk_n
                + offs_d[None, :] * stride_dk_d)

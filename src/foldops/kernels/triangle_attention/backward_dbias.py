@@ -5,7 +5,9 @@ row-split partial tiles).
 The bias gradient is deterministic: a program owns a (j, k) tile of one (b, h) and sums
 dS over its rows i; when the rows are split over several programs (the split count is
 chosen by the launcher), their partial tiles are summed afterwards in a fixed order. No
-atomics.
+atomics. The key mask rides on the tensor cores as in the forward, exact for finite
+values; a tile that comes out with a NaN (NaN/inf in the k, v or bias of a masked key)
+is summed again by ``_dbias_exact`` with masked keys selected out.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from foldops.kernels.triangle_attention.common import (
     LOG2E_C,
     _add_key_mask,
     _exp2,
+    _fresh_range,
+    _has_nan,
     _lse_parts,
     _mask_rows_ptrs,
 )
@@ -36,6 +40,49 @@ def _dbias_row_vectors(LSE, DELTA, row_offs, offs_j, N, EVEN_N: tl.constexpr):
         lse = tl.load(LSE + row_offs, mask=offs_j < N, other=float("inf"))
         delta = tl.load(DELTA + row_offs, mask=offs_j < N, other=0.0)
     return lse, delta
+
+
+@triton.jit
+def _dbias_exact(bias, q_row, do_row, k_row, v_row, mask_row, stride_q_i, stride_q_n, stride_q_d, stride_k_i,
+                 stride_k_n, stride_k_d, stride_v_i, stride_v_n, stride_v_d, stride_do_i, stride_do_n, stride_do_d,
+                 stride_mask_i, LSE, DELTA, row_offs, offs_j, pid_j, pid_k, n_rows, N, H, scale,
+                 EVEN_N: tl.constexpr, D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr, PRECISE: tl.constexpr):
+    """The dBias tile (fp32 [BLOCK_J, BLOCK_K]) summed over the split's ``n_rows`` rows i
+    with masked keys selected out: logits set to -inf, k and v loaded as 0, so dS = 0
+    there whatever they hold. ``*_row``: q, dO, k, v at (b, first row i, position 0, h)
+    and the first row's key-mask bias (0 = kept; padded past N); ``row_offs`` [BLOCK_J]:
+    the first row's lse/delta offsets.
+
+    The rare path (a program whose tile came out with a NaN), built as
+    ``forward._fwd_exact`` to leave the fast loop's registers alone (own index ranges,
+    a scalar base per row, two stages).
+    """
+    rd = _fresh_range(D)
+    rk = pid_k * BLOCK_K + _fresh_range(BLOCK_K)
+    jc = tl.minimum(pid_j * BLOCK_J + _fresh_range(BLOCK_J), N - 1)
+    kc = tl.minimum(rk, N - 1)
+    q_offs = jc[:, None] * stride_q_n + rd[None, :] * stride_q_d
+    do_offs = jc[:, None] * stride_do_n + rd[None, :] * stride_do_d
+    kt_offs = rd[:, None] * stride_k_d + kc[None, :] * stride_k_n
+    vt_offs = rd[:, None] * stride_v_d + kc[None, :] * stride_v_n
+    acc = tl.zeros([BLOCK_J, BLOCK_K], dtype=tl.float32)
+    for it in tl.range(0, n_rows, num_stages=2):
+        row = tl.cast(it, tl.int64)
+        keep = tl.load(mask_row + row * stride_mask_i + rk) == 0
+        lse, delta = _dbias_row_vectors(LSE, DELTA, row_offs + row * (H * N), offs_j, N, EVEN_N)
+        kt = tl.load(k_row + row * stride_k_i + kt_offs, mask=keep[None, :], other=0.0)
+        vt = tl.load(v_row + row * stride_v_i + vt_offs, mask=keep[None, :], other=0.0)
+        qk = tl.dot(tl.load(q_row + row * stride_q_i + q_offs), kt, input_precision=PRECISION)
+        s = tl.where(keep[None, :], qk * scale + bias, float("-inf"))
+        lse_hi, lse_lo = _lse_parts(lse)
+        x = s * LOG2E_C - lse_hi[:, None]
+        if lse.dtype == tl.float64:
+            x -= lse_lo[:, None]
+        p = _exp2(x, PRECISE)
+        dp = tl.dot(tl.load(do_row + row * stride_do_i + do_offs), vt, input_precision=PRECISION)
+        acc += p * (dp - delta[:, None])
+    return acc
 
 
 @triton.jit
@@ -148,6 +195,19 @@ def _bwd_dbias_kernel(
     db_ptrs = (DB + split.to(tl.int64) * stride_db_split + b * stride_db_b + h * stride_db_h
                + j64[:, None] * stride_db_j + k64[None, :] * stride_db_k)
     tl.store(db_ptrs, acc.to(DB.dtype.element_ty), mask=valid_j[:, None] & valid_k[None, :])
+    if HAS_MASK:
+        # NaN/inf at a masked key (or in the data itself): the split's rows again with
+        # masked keys selected out, stored over the tile.
+        if _has_nan(acc):
+            exact = _dbias_exact(bias, Q + b * stride_q_b + i0 * stride_q_i + h * stride_q_h,
+                                 DO + b * stride_do_b + i0 * stride_do_i + h * stride_do_h,
+                                 K + b * stride_k_b + i0 * stride_k_i + h * stride_k_h,
+                                 V + b * stride_v_b + i0 * stride_v_i + h * stride_v_h,
+                                 MASK + b * stride_mask_b + i0 * stride_mask_i, stride_q_i, stride_q_n, stride_q_d,
+                                 stride_k_i, stride_k_n, stride_k_d, stride_v_i, stride_v_n, stride_v_d,
+                                 stride_do_i, stride_do_n, stride_do_d, stride_mask_i, LSE, DELTA, row_offs, offs_j,
+                                 pid_j, pid_k, n_rows, N, H, scale, EVEN_N, D, BLOCK_J, BLOCK_K, PRECISION, PRECISE)
+            tl.store(db_ptrs, exact.to(DB.dtype.element_ty), mask=valid_j[:, None] & valid_k[None, :])
 
 
 @triton.jit

@@ -75,6 +75,32 @@ def _all_kept(mask_ptr, stride_mask_k, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _has_nan(x):
+    """Whether the fp32 tile ``x`` [M, C] holds a NaN: one reduction (NaN is sticky
+    through a sum; an inf - inf there also reads as NaN, which only costs a needless
+    exact pass).
+
+    The kernels' fast loops mask keys arithmetically (a -inf added to the logit, p = 0
+    multiplied into v, k, dO.v), exact for finite values. A non-finite k, v or bias at a
+    masked key turns that arithmetic into NaN (NaN + -inf, +inf - inf, 0 * NaN), and the
+    NaN reaches the program's accumulator (a NaN p or dS multiplies into every column
+    of its row). Checked once per program after its loop; only then does the program
+    run again with masked keys selected out (a -inf logit set, not added, and their k,
+    v loaded as 0)."""
+    total = tl.sum(tl.sum(x, 1), 0)
+    return total != total
+
+
+@triton.jit
+def _fresh_range(SIZE: tl.constexpr):
+    """0 .. SIZE-1 as int64, built so that the compiler does not merge it (nor what is
+    computed from it) with the kernel's own ``tl.arange(0, SIZE)`` index tensors: the
+    exact-mask paths use it so that they keep no tensor of the fast loop's setup alive
+    through that loop (registers)."""
+    return tl.arange(SIZE, 2 * SIZE).to(tl.int64) - SIZE
+
+
+@triton.jit
 def _retire_mma(token, MMA_WAIT: tl.constexpr):
     """Wait for this warpgroup's tensor-core products (Hopper wgmma) before the loop's
     back edge.

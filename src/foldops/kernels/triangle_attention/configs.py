@@ -65,6 +65,25 @@ MMA_WAIT = {
 # slower with it.
 MMA_WAIT_SKIP = {("dq", False, 16), ("dq", False, 32)}
 
+# (kind, head dim, warps, even N) -> maxnreg of 16-bit launches with a key mask
+# (``launch._register_cap``): the residency step of the kernel without its exact-mask
+# rerun, which ptxas otherwise lets the kernel pass (sm_90, measured offline with
+# benchmarks/tools/triangle_attention_sass.py under Triton 3.6 and 3.9; no spills at the
+# caps). Entries not listed stay uncapped: there the rerun left the programs per SM as
+# they were (Triton 3.6).
+MASKED_MAXNREG = {
+    ("fwd", 16, 4, True): 128,  # as D = 32
+    ("fwd", 32, 4, True): 128,  # 112 -> 126 uncapped (3.6; 3.9: 118 -> 150): 4 programs per SM
+    ("fwd", 16, 4, False): 168,  # as D = 32
+    ("fwd", 32, 4, False): 168,  # ragged N: 164 -> 198 uncapped (3 -> 2 programs per SM)
+    ("dq", 64, 4, True): 168,  # 165 -> 222 uncapped (3 -> 2); D = 16/32 stay at their step uncapped
+    ("dq", 64, 4, False): 168,  # as even N, not measured
+    ("dbias", 16, 4, True): 168,  # as D = 32
+    ("dbias", 16, 4, False): 168,
+    ("dbias", 32, 4, True): 168,  # N > 512 tiles: 168 -> 226 uncapped (3 -> 2); the split model assumes 3
+    ("dbias", 32, 4, False): 168,
+}
+
 SMEM_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (_smem_bytes); tiles shrink to fit
 
 MASK_ROW_ALIGN = 128  # key-mask bias rows padded to this (>= every BLOCK_K): unmasked tile loads stay inside

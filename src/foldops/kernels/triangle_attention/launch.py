@@ -30,7 +30,8 @@ from torch.library import wrap_triton
 
 from foldops.device import compute_capability, is_rocm, triton_interpret
 from foldops.kernels.triangle_attention import configs
-from foldops.kernels.triangle_attention.backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
+from foldops.kernels.triangle_attention.backward import _bwd_delta_kernel, _bwd_dkdv_kernel
+from foldops.kernels.triangle_attention.backward_dq import _bwd_dq_kernel
 from foldops.kernels.triangle_attention.backward_dbias import _bwd_dbias_kernel, _sum_splits_kernel
 from foldops.kernels.triangle_attention.configs import DTYPES, HEAD_DIMS
 from foldops.kernels.triangle_attention.host import _CACHE, _cdiv, _pow2, _smem_bytes, _split_plan
@@ -58,6 +59,19 @@ def _mma_wait(kind: str, t: torch.Tensor, has_mask: bool, d: int) -> bool:
     if not configs.MMA_WAIT[kind] or (kind, has_mask, d) in configs.MMA_WAIT_SKIP:
         return False
     return compute_capability(t.device)[0] == 9
+
+
+def _register_cap(kind: str, t: torch.Tensor, has_mask: bool, d: int, warps: int, even: bool) -> dict:
+    """``maxnreg`` of a masked 16-bit launch on an NVIDIA GPU (``configs.MASKED_MAXNREG``):
+    the kernels' exact-mask reruns (``_fwd_exact``, ...) otherwise let ptxas give some
+    kernels a register count one residency step up. Not while torch.compile traces
+    (launch options beyond warps and stages are not passed through there)."""
+    if not has_mask or t.dtype == torch.float32 or _interpreting() or t.device.type != "cuda" or is_rocm():
+        return {}
+    if torch.compiler.is_compiling() or is_fake(t):
+        return {}
+    cap = configs.MASKED_MAXNREG.get((kind, d, warps, even))
+    return {} if cap is None else {"maxnreg": cap}
 
 
 def _config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optional[torch.dtype] = None,
@@ -265,6 +279,7 @@ def triangle_attention_forward(
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=_precision(q.dtype, allow_tf32), PRECISE=_precise(q.dtype),
         MMA_WAIT=_mma_wait("fwd", q, has_mask, d), MASK_PRECISION=_mask_precision(q), STORE_LSE=need_lse,
         num_warps=warps, num_stages=stages,
+        **_register_cap("fwd", q, has_mask, d, warps, bool(n % bj == 0 and n % bk == 0)),
     )
     return out, lse
 
@@ -376,6 +391,7 @@ def triangle_attention_backward(
             HAS_MASK=has_mask, EVEN_N=even(bj, bk), D=d,
             BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=precise,
             MASK_PRECISION=_mask_precision(q), num_warps=warps, num_stages=stages,
+            **_register_cap("dbias", q, has_mask, d, warps, even(bj, bk)),
         )
         if splits > 1:
             numel = batch * heads * n * n
@@ -408,5 +424,6 @@ def triangle_attention_backward(
         HAS_MASK=has_mask, EVEN_N=even(bj, bk), D=d,
         BLOCK_J=bj, BLOCK_K=bk, PRECISION=precision, PRECISE=precise,
         MMA_WAIT=_mma_wait("dq", q, has_mask, d), FMA_CHAIN=fma_chain, num_warps=warps, num_stages=stages,
+        **_register_cap("dq", q, has_mask, d, warps, even(bj, bk)),
     )
     return dq, dk, dv, dbias
