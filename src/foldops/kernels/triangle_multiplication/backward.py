@@ -60,6 +60,9 @@ def _out_bwd_kernel(
     pc_off = b * stride_pc_b + offs_p[:, None] * stride_pc_p
     tl.store(U + pc_off + offs_c[None, :], u, mask=ok_pc)
 
+    # C >= 1: no path skipping the loop, whose zeroed du made ptxas serialise the wgmma
+    # of 16-bit tiles at CP <= 128 (C7515; as in ``_product_kernel``).
+    tl.assume(C > 0)
     du = tl.zeros((BLOCK_P, CP), dtype=tl.float32)
     for n0 in range(0, C, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
