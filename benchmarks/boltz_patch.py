@@ -59,7 +59,7 @@ def randomize_(module, seed=0):
     """Generic random weights (Boltz zero-initialises some projections)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=gen).to(p.device)
+        noise = torch.randn(p.shape, generator=gen, device="cpu").to(p.device)  # also under a default device
         if p.dim() >= 2:
             p.copy_(noise / p.shape[-1] ** 0.5)
         else:

@@ -69,7 +69,10 @@ def make_fn(backend: str, direction: str, w: Dict[str, torch.Tensor], c: int):
     if backend == "boltz":
         from boltz.model.layers import triangular_mult as bt
         cls = bt.TriangleMultiplicationOutgoing if direction == "outgoing" else bt.TriangleMultiplicationIncoming
-        mod = cls(c).to(device=w["p_in_weight"].device, dtype=w["p_in_weight"].dtype)
+        # Boltz runs its module with fp32 weights under autocast: with 16-bit weights its
+        # fp32 product meets a 16-bit LayerNorm_out and fails.
+        dtype = w["p_in_weight"].dtype
+        mod = cls(c).to(device=w["p_in_weight"].device)
         names = {"norm_in": "norm_in", "p_in": "p_in", "g_in": "g_in", "norm_out": "norm_out",
                  "p_out": "p_out", "g_out": "g_out"}
         with torch.no_grad():
@@ -80,7 +83,8 @@ def make_fn(backend: str, direction: str, w: Dict[str, torch.Tensor], c: int):
         params = list(mod.parameters())
 
         def f(x, mask):
-            return mod(x, mask.to(x.dtype), use_kernels=False)
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return mod(x, mask.float(), use_kernels=False)
         f.params = params
         return f
     raise ValueError(backend)

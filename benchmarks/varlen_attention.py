@@ -34,6 +34,7 @@ measurement) into --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -99,10 +100,11 @@ def build(name: str, lens, heads, dim, dtype, device):
     if name.startswith("foldops_torch_buckets"):
         from foldops.ops._varlen_torch import torch_buckets
         lens_t = torch.tensor(lens)
-        kernels = [SDPBackend.EFFICIENT_ATTENTION] if name.endswith("efficient") else list(SDPBackend)
+        # SDPBackend is not iterable on every torch: without a forced kernel, no context.
+        forced = name.endswith("efficient")
 
         def buckets(q, k, v):
-            with sdpa_kernel(kernels):
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]) if forced else contextlib.nullcontext():
                 return torch_buckets(q, k, v, lens_t, lens_t, False, dim ** -0.5, 0.0, None, False)[0]
 
         return (q, k, v), buckets

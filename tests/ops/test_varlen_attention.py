@@ -336,3 +336,30 @@ def test_inference_mode_cu_seqlens_are_checked_every_call():
         cu[1] = 5  # a changed inference tensor is seen
         with pytest.raises(ValueError, match="max_seqlen"):
             varlen_attention(x, x, x, cu, cu, 4, 4, backend="torch")
+
+
+@pytest.mark.parametrize("causal", (False, True))
+def test_torch_varlen_adapts_to_an_older_varlen_attn_signature(monkeypatch, causal):
+    """torch 2.11's varlen_attn has no ``enable_gqa``: GQA inputs get their kv heads
+    repeated, and only the keywords the installed function takes are passed (a fake with
+    that signature computes with the reference here; the real kernel needs a GPU)."""
+    pytest.importorskip("torch.nn.attention.varlen")
+    import torch.nn.attention.varlen as tv
+
+    from foldops.ops import _varlen_torch
+
+    def old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1)):
+        assert key.shape[1] == query.shape[1], "kv heads must be repeated for this signature"
+        return reference(query, key, value, cu_seq_q, cu_seq_k, causal=window_size == (-1, 0), softmax_scale=scale)[0]
+
+    monkeypatch.setattr(tv, "varlen_attn", old_varlen_attn)
+    monkeypatch.setattr(_varlen_torch, "VARLEN_ATTN_PARAMETERS",
+                        frozenset(("query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "return_aux",
+                                   "scale", "window_size")))
+    lens_q, lens_k = [3, 7, 1], [5, 7, 2]
+    q, k, v, cu_q, cu_k = make_inputs(lens_q, lens_k, 4, 2, 16)
+    out, lse = _varlen_torch.torch_varlen(q, k, v, cu_q, cu_k, 7, 7, causal, 0.25, False)
+    assert lse is None
+    expected = reference(q, k, v, cu_q, cu_k, causal=causal, softmax_scale=0.25)[0]
+    torch.testing.assert_close(out, expected)

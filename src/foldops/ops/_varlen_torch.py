@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import List, Optional
 
@@ -47,7 +48,21 @@ def rows_with_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, causal:
 # torch backend: torch.nn.attention.varlen --------------------------------------------------
 
 
-def torch_varlen_reason(q: torch.Tensor, dropout_p: float, generator) -> Optional[str]:
+def _varlen_attn_parameters() -> frozenset:
+    """Keyword names of the installed ``varlen_attn`` (its signature changed across torch
+    releases: ``enable_gqa`` arrived after 2.11); empty without it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+# Read once at import (no CUDA touched), not per call: no signature inspection in a traced region.
+VARLEN_ATTN_PARAMETERS = _varlen_attn_parameters()
+
+
+def torch_varlen_reason(q: torch.Tensor, dropout_p: float, generator, return_lse: bool = False) -> Optional[str]:
     """None if ``torch.nn.attention.varlen`` runs these inputs, else why not."""
     capability = nvidia_capability(q)
     if capability is None or capability < (8, 0):
@@ -58,10 +73,10 @@ def torch_varlen_reason(q: torch.Tensor, dropout_p: float, generator) -> Optiona
         return f"torch.nn.attention.varlen needs a head dim <= 256, a multiple of 8, got {q.shape[-1]}"
     if dropout_p > 0:
         return "torch.nn.attention.varlen has no dropout"
-    try:
-        from torch.nn.attention import varlen  # noqa: F401
-    except ImportError:
+    if not VARLEN_ATTN_PARAMETERS:
         return "torch.nn.attention.varlen is not in this torch"
+    if return_lse and "return_aux" not in VARLEN_ATTN_PARAMETERS:
+        return "this torch's varlen_attn cannot return the log-sum-exp"
     return None
 
 
@@ -69,10 +84,21 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse):
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    result = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
-                         window_size=(-1, 0) if causal else (-1, -1),
-                         enable_gqa=q.shape[1] != k.shape[1],
-                         return_aux=AuxRequest(lse=True) if return_lse else None)
+    params = VARLEN_ATTN_PARAMETERS
+    kwargs = {"scale": scale}
+    if return_lse:
+        kwargs["return_aux"] = AuxRequest(lse=True)
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:  # older signature: a causal flag
+        kwargs["is_causal"] = causal
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # torch <= 2.11 has no GQA here: kv head h // group for query head h
+            group = q.shape[1] // k.shape[1]
+            k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    result = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
     if not return_lse:
         return result, None
     out, lse = result

@@ -141,7 +141,7 @@ def validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dr
 
 
 def _torch_backend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, return_lse, generator, lengths):
-    if _vt.torch_varlen_reason(q, dropout_p, generator) is None:
+    if _vt.torch_varlen_reason(q, dropout_p, generator, return_lse) is None:
         return _vt.torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse)
     if lengths is None:
         raise RuntimeError("varlen_attention: the bucketed torch path needs the sequence lengths on the "
