@@ -1,12 +1,18 @@
-"""Host time of the Triton triangle attention's launchers, on CPU, without the kernels.
+"""Host time of the Triton triangle attention and triangle multiplication, on CPU,
+without the kernels.
 
-The launches are replaced by no-ops, so what is timed is everything the launchers do
-per call around them: checks, config choice, dBias splits, mask-bias construction,
-allocations. Sizes are tiny (the allocations are then negligible too). Prints the
-median microseconds per call of the forward and backward launchers and the top
-entries of a cProfile of the forward.
+The launches are replaced by no-ops, so what is timed is everything the host does per
+call around them: checks, config choice, dBias splits, mask conversion, weight casts,
+allocations, autograd. Triangle attention runs on tiny CPU tensors (the allocations are
+then negligible too). Triangle multiplication (``--op trimul``, public op with
+``backend='triton'``, default N = C = 128, bf16) runs on meta tensors: allocations and
+the torch ops between launches (weight-gradient GEMMs, reductions) are dispatched as on
+a GPU but do no work, as the CUDA caching allocator and asynchronous launches would.
+Prints the median microseconds per call and, with ``--profile``, the top entries of a
+cProfile of the forward (or of fwd+bwd with ``--profile-bwd``).
 
     PYTHONPATH=src python benchmarks/host_path_cpu.py [--calls 2000] [--mask]
+    PYTHONPATH=src python benchmarks/host_path_cpu.py --op trimul [--n 128] [--c 128]
 """
 
 from __future__ import annotations
@@ -32,7 +38,13 @@ def main() -> None:
     parser.add_argument("--public", action="store_true",
                         help="time the public op (foldops.ops.triangle_attention, backend='triton') "
                              "forward and forward+backward instead of the launchers")
+    parser.add_argument("--op", choices=("triattn", "trimul"), default="triattn")
+    parser.add_argument("--c", type=int, default=128, help="channels (trimul)")
+    parser.add_argument("--profile-bwd", action="store_true", help="profile fwd+bwd instead (trimul)")
+    parser.add_argument("--sort", default="tottime", help="cProfile sort key (trimul)")
     args = parser.parse_args()
+    if args.op == "trimul":
+        return _trimul(args)
 
     from foldops.kernels.triangle_attention import launch
 
@@ -78,6 +90,60 @@ def main() -> None:
             fwd()
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+
+
+def _timed(name: str, fn, calls: int) -> None:
+    fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    print(f"{name:8s} host time: {statistics.median(times) * 1e6:7.1f} us/call (median of {calls})")
+
+
+def _trimul(args) -> None:
+    import sys
+
+    from foldops.kernels.triangle_multiplication import launch, op
+    from foldops.ops import triangle_multiplication
+
+    public = sys.modules["foldops.ops.triangle_multiplication"]  # the module, not the function
+
+    launch.wrap_triton = lambda fn: _NoLaunch()
+    launch.triton_interpret = lambda: False  # GPU-style configs; meta tensors are launched
+    op._use_registered_ops = lambda t: False  # meta tensors take the eager (CUDA) path
+    public.kernel_support = lambda device, explicit=True: None  # meta passes as a GPU
+    n, c, dev, dt = args.n if args.n != 32 else 128, args.c, "meta", torch.bfloat16
+    x = torch.empty(1, n, n, c, device=dev, dtype=dt)
+    go = torch.empty(1, n, n, c, device=dev, dtype=dt)
+    mask = torch.ones(1, n, n, dtype=torch.bool, device=dev) if args.mask else None
+    shapes = dict(norm_in_weight=(c,), norm_in_bias=(c,), p_in_weight=(2 * c, c), g_in_weight=(2 * c, c),
+                  norm_out_weight=(c,), norm_out_bias=(c,), p_out_weight=(c, c), g_out_weight=(c, c))
+    w = {k: torch.empty(s, device=dev, dtype=dt) for k, s in shapes.items()}
+    wg = {k: v.clone().requires_grad_() for k, v in w.items()}
+    xg = x.clone().requires_grad_()
+    leaves = [xg, *wg.values()]
+
+    def fwd():
+        with torch.no_grad():
+            triangle_multiplication(x, mask, direction="outgoing", backend="triton", **w)
+
+    def fwd_bwd():
+        o = triangle_multiplication(xg, mask, direction="outgoing", backend="triton", **wg)
+        torch.autograd.grad(o, leaves, go)
+
+    print(f"triangle multiplication, public op, backend='triton', launches stubbed, meta tensors, "
+          f"N = {n}, C = {c}, bf16, mask = {args.mask}")
+    _timed("forward", fwd, args.calls)
+    _timed("fwd+bwd", fwd_bwd, args.calls)
+    if args.profile or args.profile_bwd:
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(args.calls):
+            (fwd_bwd if args.profile_bwd else fwd)()
+        profile.disable()
+        pstats.Stats(profile).sort_stats(args.sort).print_stats(25)
 
 
 class _NoLaunch:

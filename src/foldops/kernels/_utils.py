@@ -62,6 +62,17 @@ def patch_interpreter_bf16() -> bool:
     return True
 
 
+def cdiv(a, b):
+    """ceil(a / b) for ints, also symbolic ones under torch.compile. Same numbers as
+    ``triton.cdiv``, whose host call (a JIT function) costs microseconds."""
+    return (a + b - 1) // b
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1), as ``triton.next_power_of_2``."""
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
 def register_op(name: str):
     """Decorator: register ``fn`` as the custom op ``name`` with ``fn`` as its body.
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from foldops import budget
 from foldops.device import triton_interpret
-from foldops.kernels._utils import patch_interpreter_bf16
+from foldops.kernels._utils import cdiv, next_pow2, patch_interpreter_bf16
 from foldops.kernels.triangle_multiplication import configs
 from foldops.kernels.triangle_multiplication.backward import _in_bwd_kernel, _out_bwd_kernel
 from foldops.kernels.triangle_multiplication.forward import _epilogue_kernel, _product_kernel, _prologue_kernel
@@ -36,7 +35,7 @@ MAX_CHANNELS = 512
 
 
 def _padded(c: int) -> int:
-    return max(16, triton.next_power_of_2(c))
+    return max(16, next_pow2(c))
 
 
 def _row_config(cp: int, backward: bool, dtype: torch.dtype):
@@ -70,7 +69,9 @@ def _mask_rows(mask: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     if mask is None:
         return x.new_empty((1, 1), dtype=torch.uint8)
     b, n, _ = mask.shape
-    return mask.reshape(b, n * n).to(torch.uint8)
+    keep = mask.reshape(b, n * n)
+    # bool bytes are 0/1: read as uint8 without a conversion kernel.
+    return keep.view(torch.uint8) if keep.dtype == torch.bool else keep.to(torch.uint8)
 
 
 def _launch_product(a, a_strides, bm, b_strides, out, o_strides, nch, m, n, k, split_a, precision):
@@ -84,7 +85,7 @@ def _launch_product(a, a_strides, bm, b_strides, out, o_strides, nch, m, n, k, s
     else:
         bm_, bn_, bk_, group, warps, stages = configs.PRODUCT_16BIT
     batch = out.shape[0]
-    grid = (triton.cdiv(m, bm_) * triton.cdiv(n, bn_), batch * nch)
+    grid = (cdiv(m, bm_) * cdiv(n, bn_), batch * nch)
     wrap_triton(_product_kernel)[grid](
         a, bm, out, nch, m, n, k, *a_strides, *b_strides, *o_strides,
         SPLIT_A=split_a, PRECISION=precision, BLOCK_M=bm_, BLOCK_N=bn_, BLOCK_K=bk_, GROUP_M=group,
@@ -119,7 +120,7 @@ def triangle_multiplication_forward(
     bp, bn, warps = _row_config(cp, backward=False, dtype=x.dtype)
     # (channel slab, position block) pairs on axis 0: position blocks alone pass the
     # 65535 programs of axes 1 and 2 at large N.
-    grid = ((triton.cdiv(2 * c, bn) + triton.cdiv(c, bn)) * triton.cdiv(p, bp), batch)
+    grid = ((cdiv(2 * c, bn) + cdiv(c, bn)) * cdiv(p, bp), batch)
     wrap_triton(_prologue_kernel)[grid](
         xr, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keep, ab, go,
         p, c, eps, *xr.stride(), keep.stride(0), ab.stride(0), ab.stride(1), go.stride(0), go.stride(1),
@@ -143,7 +144,7 @@ def triangle_multiplication_forward(
         _launch_product(a_rows, a_str, b_view, b_str, t, (c * tp, tp, n, 1), c, r, n, n, False, precision)
         o_r = out_r[:, i0 * n:(i0 + r) * n]
         go_r = go[:, i0 * n:(i0 + r) * n]
-        wrap_triton(_epilogue_kernel)[(triton.cdiv(c, bn) * triton.cdiv(r * n, bp), batch)](
+        wrap_triton(_epilogue_kernel)[(cdiv(c, bn) * cdiv(r * n, bp), batch)](
             t, norm_out_weight, norm_out_bias, p_out_weight, go_r, o_r,
             r * n, c, eps, t.stride(0), t.stride(1), go_r.stride(0), go_r.stride(1), *o_r.stride(),
             PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
@@ -157,7 +158,9 @@ def _chunk_positions(x: torch.Tensor, p: int, bytes_per_position: int, block: in
 
 
 def _sum_f32(acc: Optional[torch.Tensor], part: torch.Tensor) -> torch.Tensor:
-    return part.float() if acc is None else acc + part.float()
+    """Sum of chunk parts in fp32; a single part stays as computed (casting it to fp32
+    and back to its dtype would give the same values at the cost of two kernels)."""
+    return part if acc is None else acc.float() + part.float()
 
 
 def triangle_multiplication_backward(
@@ -183,13 +186,13 @@ def triangle_multiplication_backward(
     xr, dor = _positions(x), _positions(grad_out)
     keep = _mask_rows(mask, x)
     bp, bn, warps = _row_config(cp, backward=True, dtype=wdt)
-    esize = torch.empty((), dtype=wdt).element_size()
+    esize = wdt.itemsize
     chunk = _chunk_positions(x, p, 5 * c * esize, bp)  # u, dy | h, dp, dg
 
     # Output side: dt (fp32, channel-major), dgate; u and dy per chunk for dW_out.
     dt = torch.empty((batch, c, p), dtype=torch.float32, device=dev)
     dgo = torch.empty((batch, p, c), dtype=wdt, device=dev)
-    nblocks = triton.cdiv(chunk, bp)
+    nblocks = cdiv(chunk, bp)
     part = torch.empty((batch, nblocks, 2, cp), dtype=torch.float32, device=dev)
     u = torch.empty((batch, chunk, c), dtype=wdt, device=dev)
     dy = torch.empty((batch, chunk, c), dtype=wdt, device=dev)
@@ -198,7 +201,7 @@ def triangle_multiplication_backward(
         e = min(p, s + chunk)
         pc = e - s
         tc, dtc, goc, doc, dgoc = t[:, :, s:e], dt[:, :, s:e], go[:, s:e], dor[:, s:e], dgo[:, s:e]
-        grid = (triton.cdiv(pc, bp), batch)
+        grid = (cdiv(pc, bp), batch)
         wrap_triton(_out_bwd_kernel)[grid](
             tc, norm_out_weight, norm_out_bias, p_out_weight, goc, doc, dtc, dy, u, dgoc, part,
             pc, c, eps, tc.stride(0), tc.stride(1), goc.stride(0), goc.stride(1), *doc.stride(),
@@ -237,7 +240,7 @@ def triangle_multiplication_backward(
         pc = e - s
         xc, keepc, dabc, dgoc, dxc = xr[:, s:e], keep[:, s:e] if mask is not None else keep, dab[:, :, s:e], \
             dgo[:, s:e], dxr[:, s:e]
-        grid = (triton.cdiv(pc, bp), batch)
+        grid = (cdiv(pc, bp), batch)
         wrap_triton(_in_bwd_kernel)[grid](
             xc, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keepc, dabc, dgoc,
             dxc, h, dpg, part,
@@ -251,4 +254,6 @@ def triangle_multiplication_backward(
         d_go = _sum_f32(d_go, dgoc.reshape(-1, c).T @ hc)
         d_lni = _sum_f32(d_lni, part[:, :nb].sum(dim=(0, 1)))
     grads = (d_lni[0, :c], d_lni[1, :c], d_pg[: 2 * c], d_pg[2 * c:], d_lnw[0, :c], d_lnw[1, :c], d_po, d_go)
-    return (dx, *(g.to(w.dtype, copy=True) for g, w in zip(grads, params)))  # no aliased outputs
+    # No aliased outputs: slices of one result (d_pg, the LayerNorm rows) are copied;
+    # d_po and d_go (whole GEMM results, the last two) only if their dtype differs.
+    return (dx, *(g.to(w.dtype, copy=i < 6) for i, (g, w) in enumerate(zip(grads, params))))
