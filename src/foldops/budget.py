@@ -85,9 +85,5 @@ def rows_per_chunk(
     """
     if chunk_size is not None:
         return max(1, min(rows, chunk_size))
-    if rows * bytes_per_row <= CPU_BUDGET_BYTES and not os.environ.get(ENV_BUDGET_MB, "").strip():
-        # Every device's budget is at least this: no free-memory query (a driver call
-        # per op call on small inputs).
-        return max(1, rows)
     per_chunk = chunk_budget_bytes(device) // max(1, bytes_per_row)
     return max(1, min(max(rows, 1), per_chunk))
