@@ -36,9 +36,10 @@ def check_tensor(
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if shape is not None:
-        expected = tuple("*" if d is None else d for d in shape)
-        if x.dim() != len(shape) or any(d is not None and d != s for d, s in zip(shape, x.shape)):
-            raise ValueError(f"{name}: expected shape {expected}, got {tuple(x.shape)}")
+        got = x.shape
+        if len(got) != len(shape) or any(d is not None and d != s for d, s in zip(shape, got)):
+            expected = tuple("*" if d is None else d for d in shape)
+            raise ValueError(f"{name}: expected shape {expected}, got {tuple(got)}")
     if dtypes is not None and x.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
     if device is not None and x.device != device:

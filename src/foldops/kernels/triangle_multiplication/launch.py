@@ -65,6 +65,14 @@ def _positions(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, n * n, c)
 
 
+def _span(t: torch.Tensor, dim: int, start, end) -> torch.Tensor:
+    """``t`` restricted to ``start:end`` along ``dim``; ``t`` itself when that is the whole
+    axis (the usual single-chunk case: no view op per call)."""
+    size = t.shape[dim]
+    end = min(end, size)
+    return t if start == 0 and end == size else t.narrow(dim, start, end - start)
+
+
 def _mask_rows(mask: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     if mask is None:
         return x.new_empty((1, 1), dtype=torch.uint8)
@@ -137,13 +145,13 @@ def triangle_multiplication_forward(
     for i0 in range(0, n, rows):
         r = min(rows, n - i0)
         if outgoing:  # t[i, j] = sum_k a[i, k] b[j, k]
-            a_rows, a_str, b_str = a_view[:, :, i0 * n:], (sb, p, n, 1), (sb, p, 1, n)
+            a_rows, a_str, b_str = _span(a_view, 2, i0 * n, p), (sb, p, n, 1), (sb, p, 1, n)
         else:  # t[i, j] = sum_k a[k, i] b[k, j]
-            a_rows, a_str, b_str = a_view[:, :, i0:], (sb, p, 1, n), (sb, p, n, 1)
+            a_rows, a_str, b_str = _span(a_view, 2, i0, p), (sb, p, 1, n), (sb, p, n, 1)
         tp = t.stride(1)
         _launch_product(a_rows, a_str, b_view, b_str, t, (c * tp, tp, n, 1), c, r, n, n, False, precision)
-        o_r = out_r[:, i0 * n:(i0 + r) * n]
-        go_r = go[:, i0 * n:(i0 + r) * n]
+        o_r = _span(out_r, 1, i0 * n, (i0 + r) * n)
+        go_r = _span(go, 1, i0 * n, (i0 + r) * n)
         wrap_triton(_epilogue_kernel)[(cdiv(c, bn) * cdiv(r * n, bp), batch)](
             t, norm_out_weight, norm_out_bias, p_out_weight, go_r, o_r,
             r * n, c, eps, t.stride(0), t.stride(1), go_r.stride(0), go_r.stride(1), *o_r.stride(),
@@ -200,7 +208,8 @@ def triangle_multiplication_backward(
     for s in range(0, p, chunk):
         e = min(p, s + chunk)
         pc = e - s
-        tc, dtc, goc, doc, dgoc = t[:, :, s:e], dt[:, :, s:e], go[:, s:e], dor[:, s:e], dgo[:, s:e]
+        tc, dtc = _span(t, 2, s, e), _span(dt, 2, s, e)
+        goc, doc, dgoc = _span(go, 1, s, e), _span(dor, 1, s, e), _span(dgo, 1, s, e)
         grid = (cdiv(pc, bp), batch)
         wrap_triton(_out_bwd_kernel)[grid](
             tc, norm_out_weight, norm_out_bias, p_out_weight, goc, doc, dtc, dy, u, dgoc, part,
@@ -209,8 +218,8 @@ def triangle_multiplication_backward(
             PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
         )
         nb = grid[0]
-        d_po = _sum_f32(d_po, dy[:, :pc].reshape(-1, c).T @ u[:, :pc].reshape(-1, c))
-        d_lnw = _sum_f32(d_lnw, part[:, :nb].sum(dim=(0, 1)))
+        d_po = _sum_f32(d_po, _span(dy, 1, 0, pc).reshape(-1, c).T @ _span(u, 1, 0, pc).reshape(-1, c))
+        d_lnw = _sum_f32(d_lnw, _span(part, 1, 0, nb).sum(dim=(0, 1)))
     del u, dy
 
     # d[a, b] = per-channel products of dt with b and a (dt is always the A operand).
@@ -238,8 +247,8 @@ def triangle_multiplication_backward(
     for s in range(0, p, chunk):
         e = min(p, s + chunk)
         pc = e - s
-        xc, keepc, dabc, dgoc, dxc = xr[:, s:e], keep[:, s:e] if mask is not None else keep, dab[:, :, s:e], \
-            dgo[:, s:e], dxr[:, s:e]
+        xc, dabc, dgoc, dxc = _span(xr, 1, s, e), _span(dab, 2, s, e), _span(dgo, 1, s, e), _span(dxr, 1, s, e)
+        keepc = _span(keep, 1, s, e) if mask is not None else keep
         grid = (cdiv(pc, bp), batch)
         wrap_triton(_in_bwd_kernel)[grid](
             xc, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keepc, dabc, dgoc,
@@ -249,10 +258,10 @@ def triangle_multiplication_backward(
             HAS_MASK=mask is not None, PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
         )
         nb = grid[0]
-        hc = h[:, :pc].reshape(-1, c)
-        d_pg = _sum_f32(d_pg, dpg[:, :pc].reshape(-1, 4 * c).T @ hc)
+        hc = _span(h, 1, 0, pc).reshape(-1, c)
+        d_pg = _sum_f32(d_pg, _span(dpg, 1, 0, pc).reshape(-1, 4 * c).T @ hc)
         d_go = _sum_f32(d_go, dgoc.reshape(-1, c).T @ hc)
-        d_lni = _sum_f32(d_lni, part[:, :nb].sum(dim=(0, 1)))
+        d_lni = _sum_f32(d_lni, _span(part, 1, 0, nb).sum(dim=(0, 1)))
     grads = (d_lni[0, :c], d_lni[1, :c], d_pg[: 2 * c], d_pg[2 * c:], d_lnw[0, :c], d_lnw[1, :c], d_po, d_go)
     # No aliased outputs: slices of one result (d_pg, the LayerNorm rows) are copied;
     # d_po and d_go (whole GEMM results, the last two) only if their dtype differs.
