@@ -354,7 +354,7 @@ def test_torch_varlen_adapts_to_an_older_varlen_attn_signature(monkeypatch, caus
         return reference(query, key, value, cu_seq_q, cu_seq_k, causal=window_size == (-1, 0), softmax_scale=scale)[0]
 
     monkeypatch.setattr(tv, "varlen_attn", old_varlen_attn)
-    monkeypatch.setattr(_varlen_torch, "VARLEN_ATTN_PARAMETERS",
+    monkeypatch.setattr(_varlen_torch, "_VARLEN_ATTN_PARAMETERS",
                         frozenset(("query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "return_aux",
                                    "scale", "window_size")))
     lens_q, lens_k = [3, 7, 1], [5, 7, 2]

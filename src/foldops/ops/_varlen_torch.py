@@ -48,18 +48,22 @@ def rows_with_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, causal:
 # torch backend: torch.nn.attention.varlen --------------------------------------------------
 
 
-def _varlen_attn_parameters() -> frozenset:
+_VARLEN_ATTN_PARAMETERS: Optional[frozenset] = None
+
+
+def varlen_attn_parameters() -> frozenset:
     """Keyword names of the installed ``varlen_attn`` (its signature changed across torch
-    releases: ``enable_gqa`` arrived after 2.11); empty without it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return frozenset()
-    return frozenset(inspect.signature(varlen_attn).parameters)
-
-
-# Read once at import (no CUDA touched), not per call: no signature inspection in a traced region.
-VARLEN_ATTN_PARAMETERS = _varlen_attn_parameters()
+    releases: ``enable_gqa`` arrived after 2.11); empty without it. Read on first use, not
+    at import: importing ``torch.nn.attention.varlen`` imports Triton."""
+    global _VARLEN_ATTN_PARAMETERS
+    if _VARLEN_ATTN_PARAMETERS is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _VARLEN_ATTN_PARAMETERS = frozenset()
+        else:
+            _VARLEN_ATTN_PARAMETERS = frozenset(inspect.signature(varlen_attn).parameters)
+    return _VARLEN_ATTN_PARAMETERS
 
 
 def torch_varlen_reason(q: torch.Tensor, dropout_p: float, generator, return_lse: bool = False) -> Optional[str]:
@@ -73,9 +77,10 @@ def torch_varlen_reason(q: torch.Tensor, dropout_p: float, generator, return_lse
         return f"torch.nn.attention.varlen needs a head dim <= 256, a multiple of 8, got {q.shape[-1]}"
     if dropout_p > 0:
         return "torch.nn.attention.varlen has no dropout"
-    if not VARLEN_ATTN_PARAMETERS:
+    params = varlen_attn_parameters()
+    if not params:
         return "torch.nn.attention.varlen is not in this torch"
-    if return_lse and "return_aux" not in VARLEN_ATTN_PARAMETERS:
+    if return_lse and "return_aux" not in params:
         return "this torch's varlen_attn cannot return the log-sum-exp"
     return None
 
@@ -84,7 +89,7 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse):
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    params = VARLEN_ATTN_PARAMETERS
+    params = varlen_attn_parameters()
     kwargs = {"scale": scale}
     if return_lse:
         kwargs["return_aux"] = AuxRequest(lse=True)
