@@ -6,7 +6,7 @@ and ``pair_weighted_averaging_backward`` check, allocate, choose tiles and launc
     p: [B, H, N, N] fp32 softmax weights (saved for backward); w = p in v's dtype
 
 The softmax over j (fp32, once per (b, h), N^2 H work next to the S N^2 H C of the
-products) and the bias gradient ``W * (dW - rowsum(W * dW))`` are PyTorch ops on
+products) and the bias gradient ``p * (dW - rowsum(p * dW))`` are PyTorch ops on
 [B, H, N, N] tensors; everything of size S * N runs in the kernels. Memory, beyond
 inputs and outputs: forward p (B H N^2 fp32, saved for the backward, which then needs
 no second softmax), w while the kernel runs and the value keep-mask (at most B S N
@@ -122,24 +122,47 @@ def _check(v, logits, g, mask, msa_mask) -> None:
             raise ValueError(f"{name}: expected a bool tensor of shape {shape}, got {m.dtype} {tuple(m.shape)}")
 
 
+_PLANS: dict = {}
+"""(grid, tile arguments) of ``_wx_kernel`` per (shape, dtype, TF32 switch, interpreter)."""
+
+
+def clear_caches() -> None:
+    """Forget cached tile choices (after editing ``configs``)."""
+    _PLANS.clear()
+
+
+def _wx_plan(shape, dtype: torch.dtype, allow_tf32: bool):
+    """``(grid, tile keyword arguments)`` of a ``_wx_kernel`` launch on X of ``shape``;
+    cached for int shapes (symbolic ones, under torch.compile, are recomputed)."""
+    key = (tuple(shape), dtype, allow_tf32, _interpreting())
+    plan = _PLANS.get(key)
+    if plan is None:
+        batch, rows, n, heads, dim = shape
+        bi, bj, bsc, warps, stages = _config("wx", dtype)
+        bsc = min(bsc, max(16, _pow2(rows * dim)))
+        grid = (_cdiv(n, bi), _cdiv(rows * dim, bsc), batch * heads)
+        meta = dict(C=dim, BLOCK_I=bi, BLOCK_J=bj, BLOCK_SC=bsc, PRECISION=_precision(dtype, allow_tf32),
+                    num_warps=warps, num_stages=stages)
+        plan = (grid, meta)
+        if all(type(d) is int for d in shape):
+            _PLANS[key] = plan
+    return plan
+
+
 def _launch_wx(mode, w, x, g, do, keep, out, out2, allow_tf32, w_transposed=False):
-    batch, rows, n, heads, dim = x.shape
-    bi, bj, bsc, warps, stages = _config("wx", x.dtype)
-    bsc = min(bsc, max(16, _pow2(rows * dim)))
+    rows, n, heads = x.shape[1:4]
+    grid, meta = _wx_plan(x.shape, x.dtype, allow_tf32)
     keep_t, keep_strides, has_keep, per_row = _keep_args(keep, x)
     sw = w.stride()
     w_strides = (sw[0], sw[1], sw[3], sw[2]) if w_transposed else sw
     g_t = g if g is not None else x
     do_t = do if do is not None else x
     out2_t = out2 if out2 is not None else out
-    grid = (_cdiv(n, bi), _cdiv(rows * dim, bsc), batch * heads)
     wrap_triton(_wx_kernel)[grid](
         w, x, g_t, do_t, keep_t, out, out2_t,
         *w_strides, *x.stride(), *g_t.stride(), *do_t.stride(), *keep_strides, *out.stride(), *out2_t.stride(),
         rows, n, heads,
-        MODE=mode, HAS_GATE=g is not None, HAS_KEEP=has_keep, KEEP_PER_ROW=per_row, C=dim,
-        BLOCK_I=bi, BLOCK_J=bj, BLOCK_SC=bsc, PRECISION=_precision(x.dtype, allow_tf32),
-        num_warps=warps, num_stages=stages,
+        MODE=mode, HAS_GATE=g is not None, HAS_KEEP=has_keep, KEEP_PER_ROW=per_row, **meta,
     )
 
 
@@ -245,5 +268,6 @@ def backward_with_keep(
         )
         if splits > 1:
             dw = partial.sum(dim=0)  # a fixed-order reduction: deterministic
-    dlogits = p * (dw - (p * dw).sum(dim=-1, keepdim=True))
+    # p * (dW - rowsum(p * dW)) in fp32, as one op: torch.softmax's own backward.
+    dlogits = torch._softmax_backward_data(dw, p, -1, torch.float32)
     return dv, dlogits.to(logits_dtype), dg
