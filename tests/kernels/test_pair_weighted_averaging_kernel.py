@@ -107,6 +107,28 @@ def test_dw_column_splits_agree(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("masks", [True, False], ids=("masks", "no-masks"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_eager_path_equals_registered_ops(monkeypatch, masks, dtype):
+    """Eager calls (autograd.Function over the launchers, or the forward launcher alone
+    without autograd) give bit-identical outputs and gradients to the custom ops."""
+    from foldops.kernels.pair_weighted_averaging import op
+
+    (v, logits, gate), mask, msa_mask = make_case(1, 3, 7, 2, 8, masks=masks)
+    inputs = [t.to(dtype) for t in (v, logits, gate)]
+    grad = torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    results = {}
+    for registered in (False, True):
+        monkeypatch.setattr(op, "_use_registered_ops", lambda _t, registered=registered: registered)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = kernel.pair_weighted_averaging(leaves[0], leaves[1], leaves[2], mask, msa_mask)
+        with torch.no_grad():
+            inference = kernel.pair_weighted_averaging(*inputs, mask, msa_mask)
+        results[registered] = (out.detach(), inference, *torch.autograd.grad(out, leaves, grad))
+    for a, b in zip(results[False], results[True]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_head_dim_limit():
     v = torch.randn(1, 1, 3, 1, configs.MAX_HEAD_DIM + 1, device=DEVICE)
     logits = torch.randn(1, 1, 3, 3, device=DEVICE)

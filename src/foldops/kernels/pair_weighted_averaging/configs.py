@@ -1,7 +1,7 @@
 """Tile tables of the pair-weighted averaging kernels, as plain data.
 
-Read by ``launch.py`` at every launch (through this module, so a benchmark may replace
-an entry). Not yet tuned on a GPU: the entries are the usual Hopper GEMM shapes for a
+Read by ``launch.py`` through this module, so a benchmark may replace an entry (then
+call ``launch.clear_caches()``: the weighted-sum tiles are cached per shape and dtype). Not yet tuned on a GPU: the entries are the usual Hopper GEMM shapes for a
 memory-bound product with a short K (head dims 8-64, bf16).
 """
 
