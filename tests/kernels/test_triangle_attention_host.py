@@ -6,14 +6,16 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from foldops.kernels._utils import cdiv, next_pow2
 from foldops.kernels.triangle_attention import dbias_splits, launch
 
 
 def test_host_arithmetic_matches_triton():
+    """The shared plain-Python grid arithmetic every launcher uses."""
     for x in range(1, 3000):
-        assert launch._pow2(x) == triton.next_power_of_2(x)
+        assert next_pow2(x) == triton.next_power_of_2(x)
         for b in (1, 16, 64, 1024):
-            assert launch._cdiv(x, b) == triton.cdiv(x, b)
+            assert cdiv(x, b) == triton.cdiv(x, b)
 
 
 def test_config_cache_equals_fresh_choice(monkeypatch):

@@ -67,8 +67,8 @@ class RunConfig:
     not seed (the data order then uses 0)."""
 
     device: str = "auto"
-    """``"auto"`` or a device string (``"cpu"``, ``"cuda"``, ``"xpu"``, ``"mps"``); under
-    torchrun the local rank picks the index."""
+    """``"auto"`` or any torch device string (``"cpu"``, ``"xpu"``, ``"mps"``, an NVIDIA
+    GPU's); under torchrun the local rank picks the index."""
 
     deterministic: bool = False
     """``torch.use_deterministic_algorithms(True)`` during ``fit``."""

@@ -22,12 +22,11 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import triton
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from foldops.device import triton_interpret
-from foldops.kernels._utils import patch_interpreter_bf16
+from foldops.kernels._utils import cdiv, next_pow2, patch_interpreter_bf16
 from foldops.kernels.invariant_point_attention import configs
 from foldops.kernels.invariant_point_attention.backward import ipa_bwd_column_kernel, ipa_bwd_row_kernel
 from foldops.kernels.invariant_point_attention.forward import ipa_fwd_kernel
@@ -40,7 +39,7 @@ MAX_HEADS = 64
 
 
 def _p2(x: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(int(x)))
+    return max(least, next_pow2(int(x)))
 
 
 def unsupported(c: int, pq: int, pv: int, cz: int, heads: int) -> Optional[str]:
@@ -159,7 +158,7 @@ def ipa_backward(do, dop, doz, q, k, v, qp, kp, vp, w, bias, z, mask, o, op, oz,
     if _interpreting():
         bj = bi = configs.INTERPRETER_BLOCK
         warps = 1
-    wrap_triton(ipa_bwd_column_kernel)[(triton.cdiv(n, bj), heads, batch)](
+    wrap_triton(ipa_bwd_column_kernel)[(cdiv(n, bj), heads, batch)](
         q, k, v, qp, kp, vp, w, bias, mask_t, do, dop, lse, ds, dk, dv, dkp, dvp,
         *q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *vp.stride(),
         *bias.stride(), *mask_strides, *do.stride(), *dop.stride(), *lse.stride()[:3], *ds.stride(),

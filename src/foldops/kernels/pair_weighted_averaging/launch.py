@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from foldops.device import multiprocessor_count, triton_interpret
+from foldops.kernels._utils import cdiv, next_pow2
 from foldops.kernels.pair_weighted_averaging import configs
 from foldops.kernels.pair_weighted_averaging.backward import _dw_kernel
 from foldops.kernels.pair_weighted_averaging.forward import _wx_kernel
@@ -46,17 +47,6 @@ def _config(kind: str, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
     return table[kind]
 
 
-def _cdiv(a, b):
-    """ceil(a / b) for ints, in plain Python: ``_cdiv`` is a JIT function whose
-    host calls cost microseconds each."""
-    return (a + b - 1) // b
-
-
-def _pow2(x: int) -> int:
-    """The smallest power of two >= x (1 for x <= 1), as ``_pow2``."""
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
 def _num_sms(device: torch.device) -> int:
     """SMs of ``device``; 4 under the interpreter, so that tests run the split dW path."""
     return 4 if _interpreting() else multiprocessor_count(device)
@@ -66,7 +56,7 @@ def dw_splits(tiles: int, columns: int, block_k: int, device: torch.device) -> i
     """Column splits of the dW product: enough programs for two waves of the SMs, each
     split at least ``configs.MIN_SPLIT_STEPS`` steps of ``block_k`` columns (one under
     the interpreter, so that small tests split)."""
-    want = _cdiv(2 * _num_sms(device), max(1, tiles))
+    want = cdiv(2 * _num_sms(device), max(1, tiles))
     min_steps = 1 if _interpreting() else configs.MIN_SPLIT_STEPS
     return max(1, min(want, columns // (min_steps * block_k)))
 
@@ -139,8 +129,8 @@ def _wx_plan(shape, dtype: torch.dtype, allow_tf32: bool):
     if plan is None:
         batch, rows, n, heads, dim = shape
         bi, bj, bsc, warps, stages = _config("wx", dtype)
-        bsc = min(bsc, max(16, _pow2(rows * dim)))
-        grid = (_cdiv(n, bi), _cdiv(rows * dim, bsc), batch * heads)
+        bsc = min(bsc, max(16, next_pow2(rows * dim)))
+        grid = (cdiv(n, bi), cdiv(rows * dim, bsc), batch * heads)
         meta = dict(C=dim, BLOCK_I=bi, BLOCK_J=bj, BLOCK_SC=bsc, PRECISION=_precision(dtype, allow_tf32),
                     num_warps=warps, num_stages=stages)
         plan = (grid, meta)
@@ -254,12 +244,12 @@ def backward_with_keep(
         _launch_wx(2, w, dop, None, None, keep, dv, None, allow_tf32, w_transposed=True)
         bi, bk, bj, warps, stages = _config("dw", v.dtype)
         keep_t, keep_strides, has_keep, per_row = _keep_args(keep, v)
-        tiles = _cdiv(n, bi) * _cdiv(n, bj) * batch * heads
+        tiles = cdiv(n, bi) * cdiv(n, bj) * batch * heads
         splits = dw_splits(tiles, rows * dim, bk, v.device)
-        cols_per_split = _cdiv(_cdiv(rows * dim, splits), bk) * bk
-        splits = _cdiv(rows * dim, cols_per_split)
+        cols_per_split = cdiv(cdiv(rows * dim, splits), bk) * bk
+        splits = cdiv(rows * dim, cols_per_split)
         partial = dw[None] if splits == 1 else dw.new_empty((splits, batch, heads, n, n))
-        wrap_triton(_dw_kernel)[(_cdiv(n, bi), _cdiv(n, bj), splits * batch * heads)](
+        wrap_triton(_dw_kernel)[(cdiv(n, bi), cdiv(n, bj), splits * batch * heads)](
             dop, v, keep_t, partial,
             *dop.stride(), *v.stride(), *keep_strides, *partial.stride(),
             rows, n, heads, batch * heads, cols_per_split,

@@ -1,9 +1,8 @@
 """Host side of the triangle attention launchers: grid arithmetic in plain Python and
 the per-key caches of choices that depend only on shapes, dtypes and the device.
 
-``triton.cdiv`` and ``triton.next_power_of_2`` are JIT functions whose host calls cost
-microseconds each (16 of them per backward): ``_cdiv`` / ``_pow2`` give the same
-numbers. ``_CACHE`` holds ``launch._config`` results and the dBias split plans; call
+Grid arithmetic uses ``kernels._utils.cdiv`` / ``next_pow2`` (``triton.cdiv`` costs
+microseconds per host call, 16 of them per backward). ``_CACHE`` holds ``launch._config`` results and the dBias split plans; call
 ``clear_caches()`` after editing ``configs``.
 """
 
@@ -11,6 +10,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
+from foldops.kernels._utils import cdiv
 from foldops.kernels.triangle_attention import dbias_splits
 
 _CACHE: dict = {}
@@ -20,16 +20,6 @@ _CACHE: dict = {}
 def clear_caches() -> None:
     """Forget cached tile and split choices (after editing ``configs``)."""
     _CACHE.clear()
-
-
-def _cdiv(a, b):
-    """ceil(a / b) for ints (also symbolic ones under torch.compile)."""
-    return (a + b - 1) // b
-
-
-def _pow2(x: int) -> int:
-    """The smallest power of two >= x (1 for x <= 1)."""
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
 def _smem_bytes(kind: str, bj: int, bk: int, stages: int, d: int, e: int, be: int) -> int:
@@ -50,11 +40,11 @@ def _split_plan(batch, rows, n, heads, d, q, dbias_cfg, room) -> Tuple[int, int]
     key = ("splits", batch, rows, n, heads, d, q.dtype, q.device, dbias_cfg, room, rule, sms)
     plan = _CACHE.get(key) if isinstance(n, int) and isinstance(rows, int) else None
     if plan is None:
-        tiles = _cdiv(n, dbias_cfg[0]) * _cdiv(n, dbias_cfg[1])
+        tiles = cdiv(n, dbias_cfg[0]) * cdiv(n, dbias_cfg[1])
         row_bytes = 4 * n * d * q.element_size()  # q, k, v, dO of one row i and head
         splits = min(rule(tiles * batch * heads, rows, dbias_cfg[2], q.device, row_bytes), max(1, room))
-        rows_per_split = _cdiv(rows, splits)
-        plan = (_cdiv(rows, rows_per_split), rows_per_split)
+        rows_per_split = cdiv(rows, splits)
+        plan = (cdiv(rows, rows_per_split), rows_per_split)
         if isinstance(n, int) and isinstance(rows, int):
             _CACHE[key] = plan
     return plan

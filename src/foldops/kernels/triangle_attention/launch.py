@@ -34,7 +34,8 @@ from foldops.kernels.triangle_attention.backward import _bwd_delta_kernel, _bwd_
 from foldops.kernels.triangle_attention.backward_dq import _bwd_dq_kernel
 from foldops.kernels.triangle_attention.backward_dbias import _bwd_dbias_kernel, _sum_splits_kernel
 from foldops.kernels.triangle_attention.configs import DTYPES, HEAD_DIMS
-from foldops.kernels.triangle_attention.host import _CACHE, _cdiv, _pow2, _smem_bytes, _split_plan
+from foldops.kernels._utils import cdiv, next_pow2
+from foldops.kernels.triangle_attention.host import _CACHE, _smem_bytes, _split_plan
 from foldops.kernels.triangle_attention.host import clear_caches  # noqa: F401  (re-exported)
 from foldops.kernels.triangle_attention.forward import _fwd_kernel
 
@@ -102,7 +103,7 @@ def _choose_config(kind: str, n, d: int, dtype: torch.dtype, bias_dtype: Optiona
     if dtype == torch.float32 and not fp32_tiles:  # fp32 operands take twice the registers and shared memory
         bj, bk, stages = min(bj, 64), min(bk, 64 if d <= 32 else 32), min(stages, 2)
     if n < 256:  # small N: smaller tiles for more programs and less padding
-        cap = max(16, _pow2(int(n)))
+        cap = max(16, next_pow2(int(n)))
         bj, bk = min(bj, cap), min(bk, cap)
     e = dtype.itemsize
     be = (bias_dtype or dtype).itemsize
@@ -270,7 +271,7 @@ def triangle_attention_forward(
     bj, bk, warps, stages = _config("fwd", n, d, q.dtype, bias.dtype, allow_tf32)
     assert configs.MASK_ROW_ALIGN % bk == 0, "the key-mask rows must cover every key block"
     mask_t, mask_strides, has_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype, scale), q)
-    grid = (_cdiv(n, bj), rows, batch * heads)
+    grid = (cdiv(n, bj), rows, batch * heads)
     wrap_triton(_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse if need_lse else out,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
@@ -374,16 +375,16 @@ def triangle_attention_backward(
 
     # fp32 without TF32: delta rounds as the dP products (_rowdot_fma).
     fma_chain = q.dtype == torch.float32 and precision == "ieee"
-    bh = min(_pow2(int(heads)), max(1, 256 // d))  # rows of up to 256 elements
-    bj = min(max(16, 8192 // (bh * d)), max(16, _pow2(int(n))))  # 8K-element tiles
-    wrap_triton(_bwd_delta_kernel)[(_cdiv(n, bj), rows, batch * _cdiv(heads, bh))](
+    bh = min(next_pow2(int(heads)), max(1, 256 // d))  # rows of up to 256 elements
+    bj = min(max(16, 8192 // (bh * d)), max(16, next_pow2(int(n))))  # 8K-element tiles
+    wrap_triton(_bwd_delta_kernel)[(cdiv(n, bj), rows, batch * cdiv(heads, bh))](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), rows, n, heads,
         D=d, BLOCK_J=bj, BLOCK_H=bh, FMA_CHAIN=fma_chain, num_warps=4,
     )
 
     if need_dbias:
         bj, bk, warps, stages = dbias_cfg
-        wrap_triton(_bwd_dbias_kernel)[(_cdiv(n, bj), _cdiv(n, bk), splits * batch * heads)](
+        wrap_triton(_bwd_dbias_kernel)[(cdiv(n, bj), cdiv(n, bk), splits * batch * heads)](
             q, k, v, bias_rows, dbias_mask[0], grad_out, lse, delta, target,
             *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *dbias_mask[1],
             *grad_out.stride(), *target_strides,
@@ -395,7 +396,7 @@ def triangle_attention_backward(
         )
         if splits > 1:
             numel = batch * heads * n * n
-            wrap_triton(_sum_splits_kernel)[(_cdiv(numel, 1024),)](
+            wrap_triton(_sum_splits_kernel)[(cdiv(numel, 1024),)](
                 target, dbias, splits, numel, BLOCK=1024, num_warps=4,
             )
 
@@ -405,7 +406,7 @@ def triangle_attention_backward(
     bias_kj.copy_(bias.transpose(2, 3))
     bias_t = bias_kj.transpose(2, 3)
     bj, bk, warps, stages = _config("dkdv", n, d, q.dtype, bias.dtype, allow_tf32)
-    wrap_triton(_bwd_dkdv_kernel)[(_cdiv(n, bk), rows, batch * heads)](
+    wrap_triton(_bwd_dkdv_kernel)[(cdiv(n, bk), rows, batch * heads)](
         q, k, v, bias_t, mask_t, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_t.stride(), *mask_strides,
         *grad_out.stride(), *dk.stride(), *dv.stride(),
@@ -416,7 +417,7 @@ def triangle_attention_backward(
     )
 
     bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype, allow_tf32)
-    wrap_triton(_bwd_dq_kernel)[(_cdiv(n, bj), rows, batch * heads)](
+    wrap_triton(_bwd_dq_kernel)[(cdiv(n, bj), rows, batch * heads)](
         q, k, v, bias_rows, mask_t, out, grad_out, lse, dq,
         *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides, *out.stride(),
         *grad_out.stride(), *dq.stride(),
