@@ -35,35 +35,15 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even from a test s
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compile_offline import OfflineDriver  # noqa: E402  (this folder)
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 _INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")
-
-
-class _OfflineDriver:
-    """Just enough of a Triton driver to compile for ``target`` without a GPU."""
-
-    def __init__(self, capability: int):
-        self.target = GPUTarget("cuda", capability, 32)
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def is_active(self):
-        return True
 
 
 class _Recorder:
@@ -185,7 +165,7 @@ def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass
     from foldops.kernels import triangle_attention as K
     from foldops.kernels.triangle_attention import configs, dbias_splits, launch
 
-    driver.set_active(_OfflineDriver(capability))
+    driver.set_active(OfflineDriver(capability))
     launch.wrap_triton = _Recorder
     dbias_splits.num_sms = lambda device: 132
     launch._mma_wait = lambda kind, t, has_mask, d: (  # the launcher's rule, for CPU tensors
