@@ -171,6 +171,34 @@ def test_bucketed_path_matches_reference_at_benchmark_lengths():
     assert (out.double() - exact).abs().max() < 1e-5
 
 
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bucket_padding_reads_only_its_own_sequence(causal):
+    """Bucket padding repeats a sequence's own rows: a NaN in one sequence's k and v
+    reaches no other sequence's output or gradients, and each padded row is gathered
+    at most twice here (the GPU gather backward is serial over duplicates)."""
+    from foldops.ops._varlen_torch import _padded_rows
+
+    rows = _padded_rows(torch.tensor([0, 10, 17]), torch.tensor([10, 7, 6]), 10)
+    assert rows[1].tolist() == [10, 11, 12, 13, 14, 15, 16, 10, 11, 12]
+    assert torch.bincount(rows.flatten()).max() <= 2
+    lens = [10, 7, 6, 9]
+    q, k, v, c, _ = make_inputs(lens, lens, 2, 1, 8)
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    bad = slice(10, 17)  # the second sequence
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[bad], v2[bad] = float("nan"), float("nan")
+    k2.requires_grad_(), v2.requires_grad_()
+    out = varlen_attention(q, k2, v2, c, c, max(lens), max(lens), causal=causal, backend="torch")
+    exact, _ = reference(q.detach().double(), k.detach().double(), v.detach().double(), c, c, causal)
+    others = torch.ones(q.shape[0], dtype=torch.bool)
+    others[bad] = False
+    assert torch.isnan(out[bad]).all()
+    assert (out[others].double() - exact[others]).abs().max() < 1e-5
+    out[others].sum().backward()
+    for g in (q.grad, k2.grad, v2.grad):
+        assert torch.isfinite(g[others]).all()
+
 # Dense form ------------------------------------------------------------------------------
 
 

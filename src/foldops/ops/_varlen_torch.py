@@ -147,24 +147,27 @@ def plan_buckets(len_q: List[int], len_k: List[int], cell_bytes: int, budget_byt
     return buckets
 
 
-def _bucket_attention(q, k, v, starts_q, starts_k, lq, lk, causal, scale, dropout_p, generator, return_lse):
-    """Attention of the sequences of one bucket, padded to its longest; returns
-    ``(out, lse)``: all n * Mq query rows [n * Mq, H, D] (padding rows included) and
-    their lse [H, n * Mq] (or None)."""
-    device, heads, head_dim = q.device, q.shape[1], q.shape[2]
-    group = heads // k.shape[1]
-    mq, mk = int(lq.max()), int(lk.max())
+def _padded_rows(starts: torch.Tensor, lens: torch.Tensor, m: int) -> torch.Tensor:
+    """[n, m] packed rows of a bucket's sequences padded to m (host). A sequence's padding
+    repeats its own rows (start + a mod len): padding never reads another sequence, and
+    no row is gathered more than ceil(m / len) times. (The CUDA backward of a gather
+    accumulates the duplicates of one row one after another: padding that pointed at a
+    single row made the bucketed backward as slow as a loop over sequences.)"""
+    a = torch.arange(m)
+    return starts[:, None] + a[None, :] % lens[:, None]
+
+
+def _bucket_attention(qb, kb, vb, lq, lk, causal, scale, dropout_p, generator, return_lse):
+    """Attention of the sequences of one bucket, given padded to its longest (qb
+    [n, Mq, H, D], kb and vb [n, Mk, H_kv, D]); returns ``(out, lse)``: all n * Mq query
+    rows [n * Mq, H, D] (padding rows included) and their lse [H, n * Mq] (or None)."""
+    device, heads, head_dim = qb.device, qb.shape[2], qb.shape[3]
+    group = heads // kb.shape[2]
+    n, mq, mk = qb.shape[0], qb.shape[1], kb.shape[1]
     aq, ak = torch.arange(mq), torch.arange(mk)
-    valid_q = aq[None, :] < lq[:, None]  # [n, Mq] host
     valid_k = ak[None, :] < lk[:, None]
-    pos_q = torch.where(valid_q, starts_q[:, None] + aq[None, :], 0)
-    pos_k = torch.where(valid_k, starts_k[:, None] + ak[None, :], 0)
-    n = lq.shape[0]
     uniform = bool((lq == mq).all() and (lk == mk).all())
-    pos_q_dev, pos_k_dev = pos_q.to(device).flatten(), pos_k.to(device).flatten()
-    # Advanced indexing: on CPU several times faster than index_select over [total, H, D].
-    qb = q[pos_q_dev].view(n, mq, heads, head_dim).transpose(1, 2)
-    kb, vb = (t[pos_k_dev].view(n, mk, -1, head_dim).transpose(1, 2) for t in (k, v))
+    qb, kb, vb = (t.transpose(1, 2) for t in (qb, kb, vb))
     if group > 1:  # [n, H_kv, Mk, D] -> [n, H, Mk, D], kv head h // group for query head h
         kb, vb = (t.repeat_interleave(group, dim=1) for t in (kb, vb))
     keep = row_keep = None  # keep: [n, 1 or Mq, Mk] keys each query row may see
@@ -174,20 +177,20 @@ def _bucket_attention(q, k, v, starts_q, starts_k, lq, lk, causal, scale, dropou
         keep = keep.to(device)
     elif not causal and not uniform:
         keep = valid_k[:, None, :].to(device)  # key padding only; every row sees a key (Lk > 0)
-    explicit = _explicit_softmax(q, dropout_p, generator, return_lse)
+    explicit = _explicit_softmax(qb, dropout_p, generator, return_lse)
     if explicit or keep is not None:
-        masked_value = torch.finfo(q.dtype).min / 2  # finite: SDPA never sees an all -inf row
+        masked_value = torch.finfo(qb.dtype).min / 2  # finite: SDPA never sees an all -inf row
     if not explicit:
         mask = None
         if keep is not None:
-            mask = torch.zeros(keep.shape, dtype=q.dtype, device=device).masked_fill(~keep, masked_value)
+            mask = torch.zeros(keep.shape, dtype=qb.dtype, device=device).masked_fill(~keep, masked_value)
             mask = mask[:, None]  # [n, 1, 1 or Mq, Mk]
         out = torch.nn.functional.scaled_dot_product_attention(
             qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale,
             is_causal=causal and keep is None)
         lse = None
     else:
-        softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        softmax_dtype = torch.float64 if qb.dtype == torch.float64 else torch.float32
         logits = torch.matmul(qb * scale, kb.transpose(-1, -2)).to(softmax_dtype)  # [n, H, Mq, Mk]
         if keep is not None:
             logits = logits.masked_fill(~keep[:, None], masked_value)
@@ -236,19 +239,34 @@ def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, re
     # slot[t]: the row of packed query t among the concatenated padded bucket outputs; a
     # final zero row (lse -inf) serves queries of sequences without keys.
     slot = torch.empty(q.shape[0], dtype=torch.int64)
-    outs, lses, base = [], [], 0
+    rows_q, rows_k, shapes = [], [], []
+    base = 0
     for members in buckets:
         idx = torch.tensor(members)
-        lq = len_q[idx]
-        mq = int(lq.max())
+        lq, lk = len_q[idx], len_k[idx]
+        mq, mk = int(lq.max()), int(lk.max())
         aq = torch.arange(mq)
         valid = aq[None, :] < lq[:, None]
         slot[(starts_q[idx][:, None] + aq[None, :])[valid]] = base + torch.nonzero(valid.flatten()).flatten()
-        out, lse = _bucket_attention(q, k, v, starts_q[idx], starts_k[idx], lq, len_k[idx],
-                                     causal, scale, dropout_p, generator, return_lse)
+        rows_q.append(_padded_rows(starts_q[idx], lq, mq).flatten())
+        rows_k.append(_padded_rows(starts_k[idx], lk, mk).flatten())
+        shapes.append((lq, lk, mq, mk))
+        base += len(members) * mq
+    # One gather per tensor for every bucket, split into views: the backward is one
+    # scatter and one concatenation per tensor, not one full-size scatter per bucket.
+    sizes_q, sizes_k = [r.numel() for r in rows_q], [r.numel() for r in rows_k]
+    qs = q[torch.cat(rows_q).to(q.device)].split(sizes_q) if buckets else ()
+    rows_k = torch.cat(rows_k).to(q.device) if buckets else None
+    ks = k[rows_k].split(sizes_k) if buckets else ()
+    vs = v[rows_k].split(sizes_k) if buckets else ()
+    outs, lses = [], []
+    for (lq, lk, mq, mk), qb, kb, vb in zip(shapes, qs, ks, vs):
+        n = lq.shape[0]
+        out, lse = _bucket_attention(qb.view(n, mq, heads, -1), kb.view(n, mk, k.shape[1], -1),
+                                     vb.view(n, mk, v.shape[1], -1), lq, lk, causal, scale, dropout_p,
+                                     generator, return_lse)
         outs.append(out)
         lses.append(lse)
-        base += out.shape[0]
     no_keys = (len_k == 0) | (len_q == 0)
     if bool(no_keys.any()):
         rows = torch.repeat_interleave(no_keys, len_q)
