@@ -60,6 +60,8 @@ def weights(c: int, dtype, device, seed=0) -> Dict[str, torch.Tensor]:
 def make_fn(backend: str, direction: str, w: Dict[str, torch.Tensor], c: int):
     if backend in ("triton", "torch"):
         return lambda x, mask: tm_fn(x, mask, direction=direction, backend=backend, **w)
+    if backend == "torch-unchunked":  # all channels in one chunk: fewer launches, more memory
+        return lambda x, mask: tm_fn(x, mask, direction=direction, backend="torch", chunk_size=c, **w)
     if backend == "cuequivariance":
         try:
             from cuequivariance_torch import triangle_multiplicative_update as cueq_update
@@ -248,7 +250,7 @@ def run(args) -> None:
         for direction in args.directions:
             for n in args.n:
                 for backend in args.backends:
-                    if backend in ("boltz", "torch") and n > args.max_torch_n:
+                    if backend in ("boltz", "torch", "torch-unchunked") and n > args.max_torch_n:
                         continue
                     cnt = counts(1, n, args.c)
                     for r in measure(backend, direction, 1, n, args.c, torch.bfloat16, args.modes, device):
