@@ -207,6 +207,7 @@ def profile(n: int, c: int, direction: str, out_dir: str) -> None:
 
 
 TUNE = {
+    "PROLOGUE": [(64, 64, 4, False), (128, 64, 8, True), (64, 64, 4, True), (128, 64, 8, False)],
     "ROW_FWD": [(64, 64, 4), (64, 128, 8), (128, 64, 8), (32, 64, 4), (128, 128, 8)],
     "ROW_BWD": [(64, 32, 8), (32, 32, 4), (64, 64, 8), (128, 32, 8), (32, 64, 8)],
     "PRODUCT_16BIT": [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3),
@@ -222,9 +223,11 @@ def tune(args) -> None:
 
     device = torch.device("cuda")
     for table, cands in TUNE.items():
+        if args.tune_tables and table not in args.tune_tables:
+            continue
         default = getattr(configs, table)
         for cand in cands:
-            if table.startswith("ROW"):
+            if isinstance(default, dict):
                 setattr(configs, table, {**default, args.c: cand})
             else:
                 setattr(configs, table, cand)
@@ -328,6 +331,7 @@ def main() -> None:
     ap.add_argument("--mm-tflops", type=float, default=780.0)
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--tune", action="store_true", help="sweep the tile tables (TUNE) at --n")
+    ap.add_argument("--tune-tables", nargs="*", default=None, help=f"with --tune: only these of {list(TUNE)}")
     ap.add_argument("--profile", type=int, default=0, help="N of a per-kernel profile of foldops fwd+bwd")
     args = ap.parse_args()
     if args.plot_only:

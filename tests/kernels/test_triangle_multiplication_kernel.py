@@ -88,6 +88,24 @@ def test_inference_in_row_blocks(monkeypatch, outgoing):
     torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dim", (8, 40))
+def test_prologue_one_program_per_slab_or_all_slabs(monkeypatch, dim):
+    """The prologue's two schedules (ALL_SLABS: one program loops over the output slabs)
+    write the same a, b, gate and output, with a partial last slab at 40 channels."""
+    from foldops.kernels.triangle_multiplication import configs
+
+    x, mask, w = _inputs(1, 6, dim, torch.float32)
+    results = []
+    for all_slabs in (False, True):
+        monkeypatch.setattr(configs, "INTERPRET_PROLOGUE", (32, 16, 1, all_slabs))
+        results.append(torch.ops.foldops.triangle_multiplication_fwd(*_op_args(x, mask, w)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    exact = tm.triangle_multiplication(x.double(), mask, direction="outgoing", backend="reference",
+                                       **{k: v.double() for k, v in w.items()})
+    torch.testing.assert_close(results[1][0].double(), exact, rtol=1e-4, atol=1e-4)
+
+
 def test_backward_is_deterministic():
     x, mask, w = _inputs(1, 11, 8, torch.bfloat16)
     g = torch.randn(1, 11, 11, 8, dtype=torch.float64)

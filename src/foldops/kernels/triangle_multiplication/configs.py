@@ -5,7 +5,7 @@ all ``CP`` padded channels in registers: ``BLOCK_P * CP`` is kept near 8K fp32 v
 per program so that a tile costs about 64 registers a thread at 4 warps (128 at 8).
 """
 
-# CP (channels padded) -> (BLOCK_P, BLOCK_N, num_warps) of the forward row kernels.
+# CP (channels padded) -> (BLOCK_P, BLOCK_N, num_warps) of the epilogue.
 ROW_FWD = {
     16: (128, 16, 4),   # tiny widths (tests): many positions per program
     32: (128, 32, 4),
@@ -13,6 +13,18 @@ ROW_FWD = {
     128: (64, 64, 4),   # Boltz's C = 128: 64 x 128 fp32 input tile, 64-wide output slab
     256: (32, 64, 4),   # halve the positions as the row doubles
     512: (16, 64, 4),
+}
+
+# CP -> (BLOCK_P, BLOCK_N, num_warps, ALL_SLABS) of the prologue. ALL_SLABS: one program
+# normalises its positions once and writes every output slab (weights read once per
+# BLOCK_P positions); else one program per slab (more, shorter programs; h recomputed).
+PROLOGUE = {
+    16: (128, 16, 4, False),
+    32: (128, 32, 4, False),
+    64: (128, 64, 4, False),
+    128: (64, 64, 4, False),
+    256: (32, 64, 4, False),
+    512: (16, 64, 4, False),
 }
 
 # CP -> (BLOCK_P, BLOCK_N, num_warps) of the backward row kernels, which also keep an
@@ -42,4 +54,5 @@ PRODUCT_FP32 = (64, 64, 32, 8, 4, 3)      # fp32 (IEEE or TF32x3) operands
 
 # Under the Triton interpreter (CPU tests): few, large programs run fastest.
 INTERPRET_ROW = (32, 16, 1)
+INTERPRET_PROLOGUE = (32, 16, 1, True)
 INTERPRET_PRODUCT = (32, 32, 32, 4, 1, 1)

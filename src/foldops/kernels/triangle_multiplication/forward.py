@@ -13,6 +13,37 @@ from foldops.kernels.triangle_multiplication.common import _row_stats, _sigmoid
 
 
 @triton.jit
+def _prologue_slab(
+    h, pid_n, n_ab, b, offs_p, valid_p, offs_c, valid_c, keep, C,
+    W_P, W_G, W_GO, AB, GO, stride_ab_b, stride_ab_c, stride_go_b, stride_go_p,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Slab ``pid_n`` of the 3C-wide [a, b | g_out] output for the positions of ``h``."""
+    if pid_n < n_ab:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < 2 * C
+        w_off = offs_n[None, :].to(tl.int64) * C + offs_c[:, None]  # [CP, BLOCK_N]: W^T
+        w_ok = valid_n[None, :] & valid_c[:, None]
+        wp = tl.load(W_P + w_off, mask=w_ok, other=0.0)
+        wg = tl.load(W_G + w_off, mask=w_ok, other=0.0)
+        p = tl.dot(h, wp, input_precision=PRECISION)
+        g = tl.dot(h, wg, input_precision=PRECISION)
+        ab = p * _sigmoid(g)
+        if HAS_MASK:
+            ab = tl.where(keep[:, None] != 0, ab, 0.0)
+        ptrs = AB + b * stride_ab_b + offs_n[None, :].to(tl.int64) * stride_ab_c + offs_p[:, None]
+        tl.store(ptrs, ab.to(AB.dtype.element_ty), mask=valid_p[:, None] & valid_n[None, :])
+    else:
+        offs_n = (pid_n - n_ab) * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid_n = offs_n < C
+        w_off = offs_n[None, :].to(tl.int64) * C + offs_c[:, None]
+        w = tl.load(W_GO + w_off, mask=valid_n[None, :] & valid_c[:, None], other=0.0)
+        go = _sigmoid(tl.dot(h, w, input_precision=PRECISION))
+        ptrs = GO + b * stride_go_b + offs_p[:, None] * stride_go_p + offs_n[None, :]
+        tl.store(ptrs, go.to(GO.dtype.element_ty), mask=valid_p[:, None] & valid_n[None, :])
+
+
+@triton.jit
 def _prologue_kernel(
     X,  # [B, P, C] input pairs (P = N*N positions), any strides
     LN_W, LN_B,  # [C] LayerNorm_in weight and bias (any float dtype)
@@ -30,18 +61,22 @@ def _prologue_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" / "tf32x3"; fp32 only)
     CP: tl.constexpr,  # channels padded to a power of two >= 16
     BLOCK_P: tl.constexpr,  # positions per program
-    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_N: tl.constexpr,  # output channels per slab
+    ALL_SLABS: tl.constexpr,  # one program writes every slab of its positions
 ):
-    """Program (p * n_slabs + n, b): output channels [n*BLOCK_N, ...) of the 3C-wide
-    concatenation [a, b | g_out] for BLOCK_P positions. h = LayerNorm_in(x) is recomputed
-    per program (the x tile is re-read from L2: programs of one position block run back to
+    """Output slabs (BLOCK_N channels) of the 3C-wide concatenation [a, b | g_out] for
+    BLOCK_P positions. With ALL_SLABS, program (p, b) computes h = LayerNorm_in(x) once
+    and loops over the slabs; otherwise program (p * n_slabs + n, b) writes slab n and
+    recomputes h (its x tile re-read from L2: programs of one position block run back to
     back). Position blocks share grid axis 0 with the channel slabs: they outnumber the
     65535 programs a second axis may have once P / BLOCK_P does (N >= 2048 at C = 128)."""
     n_ab = tl.cdiv(2 * C, BLOCK_N)
     n_slabs = n_ab + tl.cdiv(C, BLOCK_N)
     pid = tl.program_id(0)
-    pid_n = pid % n_slabs
-    pid_p = pid // n_slabs
+    if ALL_SLABS:
+        pid_p = pid
+    else:
+        pid_p = pid // n_slabs
     b = tl.program_id(1).to(tl.int64)
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.arange(0, CP)
@@ -53,30 +88,16 @@ def _prologue_kernel(
     lw = tl.load(LN_W + offs_c, mask=valid_c, other=0.0).to(tl.float32)
     lb = tl.load(LN_B + offs_c, mask=valid_c, other=0.0).to(tl.float32)
     h = ((x - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(W_P.dtype.element_ty)
-
-    if pid_n < n_ab:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid_n = offs_n < 2 * C
-        w_off = offs_n[None, :].to(tl.int64) * C + offs_c[:, None]  # [CP, BLOCK_N]: W^T
-        w_ok = valid_n[None, :] & valid_c[:, None]
-        wp = tl.load(W_P + w_off, mask=w_ok, other=0.0)
-        wg = tl.load(W_G + w_off, mask=w_ok, other=0.0)
-        p = tl.dot(h, wp, input_precision=PRECISION)
-        g = tl.dot(h, wg, input_precision=PRECISION)
-        ab = p * _sigmoid(g)
-        if HAS_MASK:
-            keep = tl.load(MASK + b * stride_m_b + offs_p, mask=valid_p, other=0)
-            ab = tl.where(keep[:, None] != 0, ab, 0.0)
-        ptrs = AB + b * stride_ab_b + offs_n[None, :].to(tl.int64) * stride_ab_c + offs_p[:, None]
-        tl.store(ptrs, ab.to(AB.dtype.element_ty), mask=valid_p[:, None] & valid_n[None, :])
+    keep = tl.zeros((BLOCK_P,), dtype=tl.uint8)
+    if HAS_MASK:
+        keep = tl.load(MASK + b * stride_m_b + offs_p, mask=valid_p, other=0)
+    if ALL_SLABS:
+        for pid_n in range(0, n_slabs):
+            _prologue_slab(h, pid_n, n_ab, b, offs_p, valid_p, offs_c, valid_c, keep, C, W_P, W_G, W_GO, AB, GO,
+                           stride_ab_b, stride_ab_c, stride_go_b, stride_go_p, HAS_MASK, PRECISION, BLOCK_N)
     else:
-        offs_n = (pid_n - n_ab) * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid_n = offs_n < C
-        w_off = offs_n[None, :].to(tl.int64) * C + offs_c[:, None]
-        w = tl.load(W_GO + w_off, mask=valid_n[None, :] & valid_c[:, None], other=0.0)
-        go = _sigmoid(tl.dot(h, w, input_precision=PRECISION))
-        ptrs = GO + b * stride_go_b + offs_p[:, None] * stride_go_p + offs_n[None, :]
-        tl.store(ptrs, go.to(GO.dtype.element_ty), mask=valid_p[:, None] & valid_n[None, :])
+        _prologue_slab(h, pid % n_slabs, n_ab, b, offs_p, valid_p, offs_c, valid_c, keep, C, W_P, W_G, W_GO,
+                       AB, GO, stride_ab_b, stride_ab_c, stride_go_b, stride_go_p, HAS_MASK, PRECISION, BLOCK_N)
 
 
 @triton.jit

@@ -60,6 +60,15 @@ def product_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
+def _prologue_config(cp: int, dtype: torch.dtype):
+    if triton_interpret():
+        return configs.INTERPRET_PROLOGUE
+    bp, bn, warps, all_slabs = configs.PROLOGUE[cp]
+    if dtype == torch.float32 and cp * bn > configs.FP32_MAX_WEIGHT_TILE:
+        bn = max(16, configs.FP32_MAX_WEIGHT_TILE // cp)
+    return bp, bn, warps, all_slabs
+
+
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32x3" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
@@ -137,15 +146,17 @@ def triangle_multiplication_forward(
     precision = _precision(x.dtype, allow_tf32)
     xr = _positions(x)
     keep = _mask_rows(mask, x)
-    bp, bn, warps = _row_config(cp, backward=False, dtype=x.dtype)
-    # (channel slab, position block) pairs on axis 0: position blocks alone pass the
-    # 65535 programs of axes 1 and 2 at large N.
-    grid = ((cdiv(2 * c, bn) + cdiv(c, bn)) * cdiv(p, bp), batch)
-    wrap_triton(_prologue_kernel)[grid](
+    bp, bn, warps, all_slabs = _prologue_config(cp, x.dtype)
+    # Position blocks (times channel slabs) on axis 0: they pass the 65535 programs of
+    # axes 1 and 2 at large N.
+    slabs = 1 if all_slabs else cdiv(2 * c, bn) + cdiv(c, bn)
+    wrap_triton(_prologue_kernel)[(slabs * cdiv(p, bp), batch)](
         xr, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keep, ab, go,
         p, c, eps, *xr.stride(), keep.stride(0), ab.stride(0), ab.stride(1), go.stride(0), go.stride(1),
-        HAS_MASK=mask is not None, PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
+        HAS_MASK=mask is not None, PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, ALL_SLABS=all_slabs,
+        num_warps=warps,
     )
+    bp, bn, warps = _row_config(cp, backward=False, dtype=x.dtype)
     a_view, b_view = ab[:, :c], ab[:, c:]
     sb = ab.stride(0)
     out_r = _positions(out)
