@@ -32,9 +32,10 @@ TOOL = os.path.join(ROOT, "benchmarks", "tools", "compile_offline.py")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 CASES = {
-    # the forward product (16-bit), the backward's split products (fp32 dt in two 16-bit
-    # halves; two stride specialisations) and the output-side backward at C = 128
-    "triangle_multiplication": (["--variant", "bf16 C=128 mask=0 out", "--kernel", "_product_kernel",
+    # the forward product (16-bit), the backward's split products (fp16 inputs keep an
+    # fp32 dt, split in two 16-bit halves; two stride specialisations) and the output-side
+    # backward at C = 128
+    "triangle_multiplication": (["--variant", "fp16 C=128 mask=0 out", "--kernel", "_product_kernel",
                                  "--kernel", "_out_bwd_kernel"],
                                 {("_product_kernel", "BLOCK_K=64,BLOCK_M=128,BLOCK_N=128,GROUP_M=8"),
                                  ("_product_kernel", "BLOCK_K=32,BLOCK_M=128,BLOCK_N=128,GROUP_M=8"),
