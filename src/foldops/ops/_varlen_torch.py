@@ -4,7 +4,7 @@
   tensors) where it runs: NVIDIA cc >= 8.0, fp16/bf16, head dim <= 256 and a multiple of
   8, no dropout.
 - ``torch_buckets``: everywhere else. Sequences sorted by length are grouped greedily into
-  buckets whose padded tokens stay within ``PADDING_WASTE`` (1.25) x their real tokens
+  buckets whose padded tokens stay within ``PADDING_WASTE`` (1.25; 1.1 on CPU) x their real tokens
   and whose Lq*Lk-sized intermediates stay within ``foldops.budget``; each bucket is one
   ``scaled_dot_product_attention`` call on [n, H, Lq_max, D] with a key mask (the
   memory-efficient kernel on V100-class GPUs, the flash kernel on CPU). Device work is
@@ -28,7 +28,12 @@ from foldops import budget
 from foldops.device import nvidia_capability, sdpa_has_fused_kernels
 
 PADDING_WASTE = 1.25
-"""Padded tokens of a bucket at most this many times its real tokens."""
+"""Padded tokens of a bucket at most this many times its real tokens (accelerators: each
+bucket is a few launches, so fewer, looser buckets)."""
+PADDING_WASTE_CPU = 1.1
+"""The same on CPU, where a bucket costs no launch but every padded token costs FLOPs
+and freshly faulted memory (64 proteins of 20-200 tokens, 2 cores: fwd+bwd 335 -> 245 ms
+against 1.25)."""
 
 
 # Rows without keys ----------------------------------------------------------------------
@@ -117,10 +122,11 @@ def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse):
 # torch backend: padded buckets for scaled_dot_product_attention -----------------------------
 
 
-def plan_buckets(len_q: List[int], len_k: List[int], cell_bytes: int, budget_bytes: int) -> List[List[int]]:
+def plan_buckets(len_q: List[int], len_k: List[int], cell_bytes: int, budget_bytes: int,
+                 waste: float = PADDING_WASTE) -> List[List[int]]:
     """Group sequences (with queries and keys) into buckets, longest first.
 
-    A bucket's padded tokens n * (Lq_max + Lk_max) stay within PADDING_WASTE x its real
+    A bucket's padded tokens n * (Lq_max + Lk_max) stay within ``waste`` x its real
     tokens, and its score-sized intermediates n * Lq_max * Lk_max * cell_bytes within the
     budget (a single sequence may exceed it). Host arithmetic over B integers.
     """
@@ -134,7 +140,7 @@ def plan_buckets(len_q: List[int], len_k: List[int], cell_bytes: int, budget_byt
     for b in order:
         nq, nk = max(mq, len_q[b]), max(mk, len_k[b])
         n = len(current) + 1
-        fits = (n * (nq + nk) <= PADDING_WASTE * (tokens + len_q[b] + len_k[b])
+        fits = (n * (nq + nk) <= waste * (tokens + len_q[b] + len_k[b])
                 and n * nq * nk * cell_bytes <= budget_bytes)
         if current and not fits:
             buckets.append(current)
@@ -234,8 +240,9 @@ def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, re
     heads = q.shape[1]
     starts_q = torch.cumsum(len_q, 0) - len_q
     starts_k = torch.cumsum(len_k, 0) - len_k
+    waste = PADDING_WASTE_CPU if q.device.type == "cpu" else PADDING_WASTE
     buckets = plan_buckets(len_q.tolist(), len_k.tolist(), _cell_bytes(q, causal, dropout_p, generator, return_lse),
-                            budget.chunk_budget_bytes(q.device))
+                            budget.chunk_budget_bytes(q.device), waste)
     # slot[t]: the row of packed query t among the concatenated padded bucket outputs; a
     # final zero row (lse -inf) serves queries of sequences without keys.
     slot = torch.empty(q.shape[0], dtype=torch.int64)

@@ -21,7 +21,7 @@ Backends:
   no dropout and head dim <= 256 (multiple of 8), ``torch.nn.attention.varlen`` (PyTorch's
   flash kernel on the packed tensors). Everywhere else sequences of similar length are
   grouped into padded buckets for ``scaled_dot_product_attention`` with a key mask:
-  padded tokens per bucket at most ``PADDING_WASTE`` (1.25) x its real tokens, and a
+  padded tokens per bucket at most ``PADDING_WASTE`` (1.25; 1.1 on CPU) x its real tokens, and a
   bucket's Lq*Lk-sized intermediates (causal mask; scores where the softmax is explicit:
   ``return_lse``, dropout with a ``generator``, fp64) within ``foldops.budget``: never a
   [B, Lmax, Lmax] or [total, total] tensor. The buckets are planned on the host from the
