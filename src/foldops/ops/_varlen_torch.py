@@ -236,6 +236,51 @@ def _cell_bytes(q, causal, dropout_p, generator, return_lse) -> int:
     return (0 if sdpa_has_fused_kernels(q.device) else heads * 2 * 4) + (q.element_size() if causal else 0)
 
 
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, index)`` whose backward is a gather too: ``grad_x[r] =
+    grad[inverse[r]]``, zero for the rows in ``missing``. Exact when ``inverse[r]`` is
+    the only occurrence of row r in ``index`` whose gradient can be nonzero: the other
+    occurrences are padding (masked keys, discarded query rows), whose gradients are
+    exactly zero. A gather's own backward would scatter with accumulation, which is
+    serial over duplicate rows on CUDA and single-threaded per row on CPU."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, missing):
+        ctx.save_for_backward(inverse, missing)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, missing = ctx.saved_tensors
+        grad_x = grad.index_select(0, inverse)
+        if missing.numel():
+            grad_x.index_fill_(0, missing, 0)
+        return grad_x, None, None, None
+
+
+class _PickRows(torch.autograd.Function):
+    """``x.index_select(0, slot)`` with the rows in ``missing`` set to zero, where
+    ``slot`` is injective outside ``missing``: its backward copies each gradient row to
+    its one source row (``index_copy_``, no accumulation); other rows of x get zero."""
+
+    @staticmethod
+    def forward(ctx, x, slot, missing, kept):
+        out = x.index_select(0, slot)
+        if missing.numel():
+            out.index_fill_(0, missing, 0)
+        ctx.save_for_backward(slot, kept)
+        ctx.rows = x.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        slot, kept = ctx.saved_tensors
+        grad_x = grad.new_zeros((ctx.rows, *grad.shape[1:]))
+        if kept.numel() == slot.numel():
+            return grad_x.index_copy_(0, slot, grad), None, None, None
+        return grad_x.index_copy_(0, slot.index_select(0, kept), grad.index_select(0, kept)), None, None, None
+
+
 def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, return_lse):
     heads = q.shape[1]
     starts_q = torch.cumsum(len_q, 0) - len_q
@@ -243,29 +288,42 @@ def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, re
     waste = PADDING_WASTE_CPU if q.device.type == "cpu" else PADDING_WASTE
     buckets = plan_buckets(len_q.tolist(), len_k.tolist(), _cell_bytes(q, causal, dropout_p, generator, return_lse),
                             budget.chunk_budget_bytes(q.device), waste)
-    # slot[t]: the row of packed query t among the concatenated padded bucket outputs; a
-    # final zero row (lse -inf) serves queries of sequences without keys.
-    slot = torch.empty(q.shape[0], dtype=torch.int64)
+    if not buckets:  # no sequence has both queries and keys
+        lse = torch.full((heads, q.shape[0]), -math.inf, device=q.device) if return_lse else None
+        return q.new_zeros(q.shape), lse
+    # Host plan. The buckets' padded rows are concatenated: q rows (rows_q) and k/v rows
+    # (rows_k), each sequence padded with repeats of its own rows. slot[t] / slot_k[t]:
+    # the padded row holding packed query / key t (-1: in no bucket, no keys or queries).
+    slot = torch.full((q.shape[0],), -1, dtype=torch.int64)
+    slot_k = torch.full((k.shape[0],), -1, dtype=torch.int64)
     rows_q, rows_k, shapes = [], [], []
-    base = 0
+    base_q = base_k = 0
     for members in buckets:
         idx = torch.tensor(members)
         lq, lk = len_q[idx], len_k[idx]
         mq, mk = int(lq.max()), int(lk.max())
-        aq = torch.arange(mq)
-        valid = aq[None, :] < lq[:, None]
-        slot[(starts_q[idx][:, None] + aq[None, :])[valid]] = base + torch.nonzero(valid.flatten()).flatten()
+        for sl, starts, lens, m, base in ((slot, starts_q, lq, mq, base_q), (slot_k, starts_k, lk, mk, base_k)):
+            a = torch.arange(m)
+            valid = a[None, :] < lens[:, None]
+            sl[(starts[idx][:, None] + a[None, :])[valid]] = base + torch.nonzero(valid.flatten()).flatten()
         rows_q.append(_padded_rows(starts_q[idx], lq, mq).flatten())
         rows_k.append(_padded_rows(starts_k[idx], lk, mk).flatten())
         shapes.append((lq, lk, mq, mk))
-        base += len(members) * mq
-    # One gather per tensor for every bucket, split into views: the backward is one
-    # scatter and one concatenation per tensor, not one full-size scatter per bucket.
+        base_q += len(members) * mq
+        base_k += len(members) * mk
+    missing_q = torch.nonzero(slot < 0).flatten()
+    missing_k = torch.nonzero(slot_k < 0).flatten()
+    kept_q = torch.nonzero(slot >= 0).flatten()
+    parts = [torch.cat(rows_q), torch.cat(rows_k), slot.clamp(min=0), slot_k.clamp(min=0), missing_q, missing_k, kept_q]
+    # One host-to-device copy for the whole plan.
+    dev = torch.cat(parts).to(q.device).split([t.numel() for t in parts])
+    rows_q_d, rows_k_d, slot_d, slot_k_d, missing_q_d, missing_k_d, kept_q_d = dev
+
+    # One gather per tensor for every bucket, split into per-bucket views.
     sizes_q, sizes_k = [r.numel() for r in rows_q], [r.numel() for r in rows_k]
-    qs = q[torch.cat(rows_q).to(q.device)].split(sizes_q) if buckets else ()
-    rows_k = torch.cat(rows_k).to(q.device) if buckets else None
-    ks = k[rows_k].split(sizes_k) if buckets else ()
-    vs = v[rows_k].split(sizes_k) if buckets else ()
+    qs = _GatherRows.apply(q, rows_q_d, slot_d, missing_q_d).split(sizes_q)
+    ks = _GatherRows.apply(k, rows_k_d, slot_k_d, missing_k_d).split(sizes_k)
+    vs = _GatherRows.apply(v, rows_k_d, slot_k_d, missing_k_d).split(sizes_k)
     outs, lses = [], []
     for (lq, lk, mq, mk), qb, kb, vb in zip(shapes, qs, ks, vs):
         n = lq.shape[0]
@@ -274,17 +332,12 @@ def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, re
                                      generator, return_lse)
         outs.append(out)
         lses.append(lse)
-    no_keys = (len_k == 0) | (len_q == 0)
-    if bool(no_keys.any()):
-        rows = torch.repeat_interleave(no_keys, len_q)
-        slot[rows] = base
-    outs.append(q.new_zeros(1, heads, q.shape[2]))
-    slot = slot.to(q.device)
-    out = torch.cat(outs)[slot]
+    out = _PickRows.apply(torch.cat(outs), slot_d, missing_q_d, kept_q_d)
     lse = None
     if return_lse:
-        lses.append(torch.full((heads, 1), -math.inf, dtype=torch.float32, device=q.device))
-        lse = torch.cat(lses, 1)[:, slot]
+        lse = torch.cat(lses, 1).index_select(1, slot_d)
+        if missing_q.numel():
+            lse.index_fill_(1, missing_q_d, -math.inf)
     return out, lse
 
 
