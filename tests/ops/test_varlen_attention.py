@@ -199,6 +199,29 @@ def test_bucket_padding_reads_only_its_own_sequence(causal):
     for g in (q.grad, k2.grad, v2.grad):
         assert torch.isfinite(g[others]).all()
 
+
+def test_bucket_path_second_order_and_torch_func():
+    """The bucket gathers have their own backward: gradcheck, gradgradcheck,
+    torch.func.grad and forward-mode jvp still hold (fp64, causal, Lq != Lk, GQA, a
+    sequence without keys)."""
+    lq, lk = [3, 1, 2, 2], [2, 3, 0, 1]
+    q, k, v, c_q, c_k = make_inputs(lq, lk, 2, 1, 4)
+
+    def f(q, k, v):
+        return varlen_attention(q, k, v, c_q, c_k, max(lq), max(lk), causal=True, backend="torch")
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradgradcheck(f, leaves)
+    grad_q = torch.func.grad(lambda q: f(q, k, v).sum())(q)
+    ref_q = torch.autograd.grad(f(leaves[0], k, v).sum(), leaves[0])[0]
+    torch.testing.assert_close(grad_q, ref_q)
+    tangent = torch.randn_like(q)
+    _, jvp_out = torch.func.jvp(lambda q: f(q, k, v), (q,), (tangent,))
+    eps = 1e-6
+    torch.testing.assert_close(jvp_out, (f(q + eps * tangent, k, v) - f(q - eps * tangent, k, v)) / (2 * eps),
+                               rtol=1e-5, atol=1e-7)
+
 # Dense form ------------------------------------------------------------------------------
 
 

@@ -242,43 +242,70 @@ class _GatherRows(torch.autograd.Function):
     the only occurrence of row r in ``index`` whose gradient can be nonzero: the other
     occurrences are padding (masked keys, discarded query rows), whose gradients are
     exactly zero. A gather's own backward would scatter with accumulation, which is
-    serial over duplicate rows on CUDA and single-threaded per row on CPU."""
+    serial over duplicate rows on CUDA and single-threaded per row on CPU.
+    (setup_context style, a jvp and a generated vmap rule: torch.func keeps working.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, index, inverse, missing):
-        ctx.save_for_backward(inverse, missing)
+    def forward(x, index, inverse, missing):
         return x.index_select(0, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, index, inverse, missing = inputs
+        ctx.save_for_backward(inverse, missing)
+        ctx.index = index  # for jvp (forward mode has no saved tensors); not differentiable
 
     @staticmethod
     def backward(ctx, grad):
         inverse, missing = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
         grad_x = grad.index_select(0, inverse)
         if missing.numel():
-            grad_x.index_fill_(0, missing, 0)
+            grad_x = grad_x.index_fill(0, missing, 0)
         return grad_x, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        return x_t.index_select(0, ctx.index)
 
 
 class _PickRows(torch.autograd.Function):
     """``x.index_select(0, slot)`` with the rows in ``missing`` set to zero, where
-    ``slot`` is injective outside ``missing``: its backward copies each gradient row to
-    its one source row (``index_copy_``, no accumulation); other rows of x get zero."""
+    ``slot`` is injective outside ``missing`` (``kept``): its backward copies each
+    gradient row to its one source row (``index_copy``, no accumulation); other rows of
+    x get zero."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, slot, missing, kept):
+    def forward(x, slot, missing, kept):
         out = x.index_select(0, slot)
-        if missing.numel():
-            out.index_fill_(0, missing, 0)
+        return out.index_fill(0, missing, 0) if missing.numel() else out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, slot, missing, kept = inputs
         ctx.save_for_backward(slot, kept)
         ctx.rows = x.shape[0]
-        return out
+        ctx.slot, ctx.missing = slot, missing  # for jvp (forward mode has no saved tensors)
 
     @staticmethod
     def backward(ctx, grad):
         slot, kept = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        if kept.numel() != slot.numel():
+            slot, grad = slot.index_select(0, kept), grad.index_select(0, kept)
         grad_x = grad.new_zeros((ctx.rows, *grad.shape[1:]))
-        if kept.numel() == slot.numel():
-            return grad_x.index_copy_(0, slot, grad), None, None, None
-        return grad_x.index_copy_(0, slot.index_select(0, kept), grad.index_select(0, kept)), None, None, None
+        return grad_x.index_copy(0, slot, grad), None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        out = x_t.index_select(0, ctx.slot)
+        return out.index_fill(0, ctx.missing, 0) if ctx.missing.numel() else out
 
 
 def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, return_lse):
@@ -289,7 +316,7 @@ def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, re
     buckets = plan_buckets(len_q.tolist(), len_k.tolist(), _cell_bytes(q, causal, dropout_p, generator, return_lse),
                             budget.chunk_budget_bytes(q.device), waste)
     if not buckets:  # no sequence has both queries and keys
-        lse = torch.full((heads, q.shape[0]), -math.inf, device=q.device) if return_lse else None
+        lse = torch.full((heads, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device) if return_lse else None
         return q.new_zeros(q.shape), lse
     # Host plan. The buckets' padded rows are concatenated: q rows (rows_q) and k/v rows
     # (rows_k), each sequence padded with repeats of its own rows. slot[t] / slot_k[t]:

@@ -13,8 +13,7 @@
 The argument list mirrors cuEquivariance's ``triangle_multiplicative_update`` (what
 Boltz-2 calls with ``use_kernels=True``). The triangular product and LayerNorm_out run
 in fp32 (fp64 for fp64 inputs) whatever the input dtype, as Boltz casts ``a, b`` to
-float (the ``triton`` backend accumulates t in fp32 and stores it in bf16 for bf16
-inputs); the projections run in the input dtype, or autocast's. The output at a masked
+float; the projections run in the input dtype, or autocast's. The output at a masked
 pair is not zeroed (as in Boltz and cuEquivariance): only ``a`` and ``b`` are.
 
 Backends:
@@ -26,7 +25,7 @@ Backends:
   for fp32 when matmul precision allows); LayerNorm_out, p_out and the gate in one
   epilogue pass. Backward in two row kernels plus per-channel products; weight
   gradients are GEMMs over positions (deterministic). Memory: training saves a, b,
-  the gate and t (bf16 for bf16 x), about 4x x for bf16 x; inference builds t a block of rows
+  the gate and t (fp32), about 5x x for 16-bit x; inference builds t a block of rows
   at a time (``foldops.budget``), about 3x x plus the block. Under autocast the
   inputs and matrices are cast to the autocast dtype first.
 - ``torch``: at inference (no gradient needed) memory-bounded: ``h`` is kept once in the

@@ -20,7 +20,7 @@ from foldops.kernels.triangle_multiplication.common import _row_stats, _sigmoid
 
 @triton.jit
 def _out_bwd_kernel(
-    T,  # [B, C, P] triangular product (bf16 or fp32), channel-major (position stride 1)
+    T,  # [B, C, P] fp32 triangular product, channel-major (position stride 1)
     LN_W, LN_B,  # [C] LayerNorm_out weight and bias
     W_PO,  # [C, C] p_out weight, in the dot dtype
     GO,  # [B, P, C] output gate sigmoid(h g_out^T) (channel stride 1)

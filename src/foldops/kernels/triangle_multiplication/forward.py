@@ -162,7 +162,7 @@ def _product_kernel(
 
 @triton.jit
 def _epilogue_kernel(
-    T,  # [B, C, P] triangular product (bf16 or fp32), channel-major
+    T,  # [B, C, P] fp32 triangular product, channel-major
     LN_W, LN_B,  # [C] LayerNorm_out weight and bias
     W_PO,  # [C, C] p_out weight, in the dot dtype
     GO,  # [B, P, C] output gate (position-major, channel stride 1)

@@ -3,18 +3,17 @@
     x: [B, N, N, C]   mask: [B, N, N] bool or None   (P = N*N positions)
     forward saves  ab: [B, 2C, P] (a | b, channel-major, x's dtype)
                    go: [B, P, C] output gate (x's dtype)
-                   t:  [B, C, P] triangular product, channel-major (bf16 for bf16 x,
-                       else fp32; accumulated in fp32 either way)
+                   t:  [B, C, P] fp32 triangular product, channel-major
 
-t is the largest tensor the forward writes and reads back; in bf16 it costs half the
-bytes of fp32, and its rounding before LayerNorm_out moves the output's error against
-float64 by a few percent of PyTorch's own bf16 error (the accuracy tests bound it).
-fp16 x keeps t in fp32: bf16 is coarser than fp16's baseline, and fp16's range is too
-small for a sum of N products.
+t stays fp32: LayerNorm_out subtracts its mean over channels, and where the channels
+share a large common part (a sum of N correlated products) a 16-bit t loses the
+centred remainder (2-3x PyTorch's bf16 error at N = 48-128 with such weights). Its
+gradient dt carries no such cancellation: for bf16 x it is stored in bf16, which makes
+da and db single 16-bit products (fp32 dt needs two, its hi and lo halves).
 
-Memory: the forward holds ab, go and t beside x and out, O(B N^2 C) (about 4x x's bytes
-for bf16 x; at inference t only for a block of rows i, so about 3x plus that block);
-the backward adds dt (t's dtype, [B, C, P]), dgate, d[a, b] and dx, plus
+Memory: the forward holds ab, go and t beside x and out, O(B N^2 C) (about 5x x's bytes
+for 16-bit x; at inference t only for a block of rows i, so about 3x plus that block);
+the backward adds dt ([B, C, P], bf16 for bf16 x, else fp32), dgate, d[a, b] and dx, plus
 per-chunk buffers (u, dy, h, [dp | dg]) whose positions per chunk come from
 ``foldops.budget.rows_per_chunk``.
 """
@@ -55,8 +54,9 @@ def _row_config(cp: int, backward: bool, dtype: torch.dtype):
     return bp, bn, warps
 
 
-def product_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored triangular product t for inputs of ``dtype``."""
+def grad_product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the stored gradient of t for inputs of ``dtype``: bf16 for bf16; fp16
+    keeps fp32 (bf16 would be coarser than its baseline, fp16 too narrow in range)."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
@@ -127,7 +127,7 @@ def triangle_multiplication_forward(
     norm_out_weight, norm_out_bias, p_out_weight, g_out_weight,
     outgoing: bool, eps: float, allow_tf32: bool, save: bool = True,
 ):
-    """Returns (out [B, N, N, C], ab [B, 2C, P], go [B, P, C], t [B, C, P]).
+    """Returns (out [B, N, N, C], ab [B, 2C, P], go [B, P, C], t [B, C, P] fp32).
 
     ``save=False`` (inference): t is built and consumed a block of rows i at a time
     (rows from ``foldops.budget``), and the returned t is that last block."""
@@ -139,8 +139,8 @@ def triangle_multiplication_forward(
     out = torch.empty((batch, n, n, c), dtype=x.dtype, device=x.device)
     ab = torch.empty((batch, 2 * c, p), dtype=x.dtype, device=x.device)
     go = torch.empty((batch, p, c), dtype=x.dtype, device=x.device)
-    t_dtype = product_dtype(x.dtype)
-    t = torch.empty((batch, c, p) if save or _skip_launch(x) else (batch, c, 0), dtype=t_dtype, device=x.device)
+    t = torch.empty((batch, c, p) if save or _skip_launch(x) else (batch, c, 0), dtype=torch.float32,
+                    device=x.device)
     if _skip_launch(x) or x.numel() == 0:
         return out, ab, go, t
     precision = _precision(x.dtype, allow_tf32)
@@ -161,10 +161,10 @@ def triangle_multiplication_forward(
     sb = ab.stride(0)
     out_r = _positions(out)
     # Rows i of t per step: all of them when t is saved for the backward; at inference
-    # as many as the budget allows (t is the largest temporary: [B, C, rows, N]).
-    rows = n if save else budget.rows_per_chunk(x.device, batch * c * n * t_dtype.itemsize, n)
+    # as many as the budget allows (t is the largest temporary: fp32 [B, C, rows, N]).
+    rows = n if save else budget.rows_per_chunk(x.device, batch * c * n * 4, n)
     if not save:
-        t = torch.empty((batch, c, rows * n), dtype=t_dtype, device=x.device)
+        t = torch.empty((batch, c, rows * n), dtype=torch.float32, device=x.device)
     for i0 in range(0, n, rows):
         r = min(rows, n - i0)
         if outgoing:  # t[i, j] = sum_k a[i, k] b[j, k]
@@ -220,8 +220,8 @@ def triangle_multiplication_backward(
     esize = wdt.itemsize
     chunk = _chunk_positions(x, p, 5 * c * esize, bp)  # u, dy | h, dp, dg
 
-    # Output side: dt (channel-major, t's dtype: bf16 dt makes da, db single 16-bit products), dgate; u and dy per chunk for dW_out.
-    dt = torch.empty((batch, c, p), dtype=product_dtype(wdt), device=dev)
+    # Output side: dt (channel-major), dgate; u and dy per chunk for dW_out.
+    dt = torch.empty((batch, c, p), dtype=grad_product_dtype(wdt), device=dev)
     dgo = torch.empty((batch, p, c), dtype=wdt, device=dev)
     nblocks = cdiv(chunk, bp)
     part = torch.empty((batch, nblocks, 2, cp), dtype=torch.float32, device=dev)
