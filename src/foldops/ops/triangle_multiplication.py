@@ -152,31 +152,37 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
         # at a time. Workspaces are allocated once and reused: few, large ops (each one a
         # thread-pool barrier on CPU) and no page faults from fresh buffers per chunk.
         t = torch.empty((batch, dim, n, n), dtype=wide, device=dev)
-        ab = torch.empty((2 * chunk, nn_), dtype=wide, device=dev)
-        gate = torch.empty((2 * chunk, nn_), dtype=cdt, device=dev)
-        narrow_proj = cdt != wide  # the projection gets its own buffer, copied to fp32 after gating
-        proj = torch.empty((2 * chunk, nn_), dtype=cdt, device=dev) if narrow_proj else ab
-        for c0 in range(0, dim, chunk):
+        # Per chunk, one matmul gives [a, b projections | a, b gates]: the weights are
+        # reordered once per call into [chunks, 4 * chunk, D] (chunk-major rows of
+        # p_in's a and b halves, then g_in's), so a chunk costs six launches, not nine.
+        chunks = -(-dim // chunk)
+        pad = chunks * chunk - dim
+        w_all = torch.stack([p_in[:dim], p_in[dim:], g_in[:dim], g_in[dim:]])  # [4, D, D]
+        if pad:
+            w_all = F.pad(w_all, (0, 0, 0, pad))
+        w_all = w_all.view(4, chunks, chunk, dim).transpose(0, 1).reshape(chunks, 4 * chunk, dim)
+        pg = torch.empty((4 * chunk, nn_), dtype=cdt, device=dev)
+        ab = torch.empty((2 * chunk, nn_), dtype=wide, device=dev) if cdt != wide else None
+        for ci, c0 in enumerate(range(0, dim, chunk)):
             c = min(chunk, dim - c0)
-            sel = torch.arange(c0, c0 + c, device=dev)
-            sel = torch.cat([sel, sel + dim])  # channels of a, then of b
-            w_p, w_g = p_in.index_select(0, sel), g_in.index_select(0, sel)  # [2c, D]
-            pc, gc, abc = proj[: 2 * c], gate[: 2 * c], ab[: 2 * c]
+            w_c = w_all[ci] if c == chunk else w_all[ci].view(4, chunk, dim)[:, :c].reshape(4 * c, dim)
+            pgc = pg[: 4 * c]
+            pc, gc = pgc[: 2 * c], pgc[2 * c :]
             for bi in range(batch):
-                ht = hf[bi].T  # [D, N*N]: the projections come out channel-major
-                torch.matmul(w_p, ht, out=pc)
-                torch.matmul(w_g, ht, out=gc)
+                torch.matmul(w_c, hf[bi].T, out=pgc)  # channel-major: [4c, N*N]
                 pc.mul_(gc.sigmoid_())
                 if drop is not None:
                     pc.masked_fill_(drop[bi], 0.0)  # not a product: 0 * nan would leak
-                if narrow_proj:
+                abc = pc
+                if ab is not None:
+                    abc = ab[: 2 * c]
                     abc.copy_(pc)  # to fp32 after the gating, as the reference rounds
-                a, b = ab[:c].view(c, n, n), ab[c : 2 * c].view(c, n, n)
+                a, b = abc[:c].view(c, n, n), abc[c:].view(c, n, n)
                 if direction == "outgoing":
                     torch.bmm(a, b.transpose(1, 2), out=t[bi, c0 : c0 + c])
                 else:
                     torch.bmm(a.transpose(1, 2), b, out=t[bi, c0 : c0 + c])
-        del ab, gate, proj
+        del ab, pg
 
         # out = LayerNorm_out(t) p_out^T * sigmoid(h g_out^T), written over h block by block
         # (the gate first: it reads the block of h that the projection then overwrites).
