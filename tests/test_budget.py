@@ -35,3 +35,14 @@ def test_free_memory_is_unknown_on_cpu():
     from foldops.device import free_memory_bytes
 
     assert free_memory_bytes(torch.device("cpu")) is None
+
+
+def test_cuda_free_memory_counts_the_allocators_unused_cache(monkeypatch):
+    """Driver-free memory plus what PyTorch's caching allocator reserves but does not use
+    (queried through the allocator's counters, so no GPU is needed here)."""
+    from foldops.device import free_memory_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (3 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 60 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 20 * 2**30)
+    assert free_memory_bytes(torch.device("cuda", 0)) == 43 * 2**30

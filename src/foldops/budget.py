@@ -7,8 +7,9 @@ memory. How large a chunk may be depends on the device:
   run faster than one large pass (measured on a 2-core CPU: triangle attention at
   N = 256 ran 2x faster in chunks of <= 16 rows than in one shot).
 - Accelerators (CUDA, XPU, MPS): unchunked while the intermediates fit a fraction of
-  the device's free memory; every extra chunk there costs kernel launches and buys
-  nothing until memory is short.
+  the device's free memory (on CUDA the driver's free memory plus the blocks PyTorch's
+  caching allocator holds unused: ``foldops.device.free_memory_bytes``); every extra
+  chunk there costs kernel launches and buys nothing until memory is short.
 
 ``FOLDOPS_CHUNK_BUDGET_MB`` overrides the budget on every device (an integer number
 of MiB of intermediates per chunk).

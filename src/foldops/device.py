@@ -198,12 +198,16 @@ def memory_allocated_bytes(device: DeviceLike = "auto") -> Optional[int]:
 
 
 def free_memory_bytes(device: DeviceLike = "auto") -> Optional[int]:
-    """Free memory of an accelerator in bytes, or None where it cannot be queried
-    (CPU, MPS, an XPU runtime without ``mem_get_info``)."""
+    """Memory a new allocation on an accelerator can get, in bytes, or None where it
+    cannot be queried (CPU, MPS, an XPU runtime without ``mem_get_info``). On CUDA that
+    is the driver's free memory plus the blocks PyTorch's caching allocator holds but
+    does not use (it releases them to the driver before it fails an allocation): in a
+    warm process the driver's figure alone can be a small part of what is available."""
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     try:
         if dev.type == "cuda":
-            return torch.cuda.mem_get_info(dev)[0]
+            cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+            return torch.cuda.mem_get_info(dev)[0] + cached
         if dev.type == "xpu" and hasattr(torch.xpu, "mem_get_info"):
             return torch.xpu.mem_get_info(dev)[0]
     except RuntimeError:
