@@ -1,18 +1,29 @@
-"""Host time of the Triton triangle attention and triangle multiplication, on CPU,
-without the kernels.
+"""Host time of the Triton ops, on CPU, without the kernels.
 
-The launches are replaced by no-ops, so what is timed is everything the host does per
-call around them: checks, config choice, dBias splits, mask conversion, weight casts,
-allocations, autograd. Triangle attention runs on tiny CPU tensors (the allocations are
-then negligible too). Triangle multiplication (``--op trimul``, public op with
-``backend='triton'``, default N = C = 128, bf16) runs on meta tensors: allocations and
-the torch ops between launches (weight-gradient GEMMs, reductions) are dispatched as on
-a GPU but do no work, as the CUDA caching allocator and asynchronous launches would.
-Prints the median microseconds per call and, with ``--profile``, the top entries of a
-cProfile of the forward (or of fwd+bwd with ``--profile-bwd``).
+The Triton launches are replaced by a recorder that launches nothing, and the launchers
+choose tiles as on a GPU, so what is timed is everything the host does per call around
+the launches: checks, config choice, splits, mask conversion, weight casts, allocations,
+autograd. Per op (``--op``):
 
-    PYTHONPATH=src python benchmarks/host_path_cpu.py [--calls 2000] [--mask]
+- ``triattn``: the triangle attention launchers (or with ``--public`` the public op,
+  fwd and fwd+bwd) on tiny CPU tensors, where the allocations are negligible too;
+- ``trimul``: the public triangle multiplication (default N = C = 128, bf16) on meta
+  tensors: allocations and the torch ops between launches (weight-gradient GEMMs,
+  reductions) are dispatched as on a GPU but do no work, as the CUDA caching allocator
+  and asynchronous launches would;
+- ``pwa``: the public pair-weighted averaging at Boltz-2's MSA sizes (N = 128, S = 64,
+  8 heads x 32, bf16, a gate; with ``--mask`` a pair mask and an MSA mask as the layer
+  passes them) on
+  CPU tensors: its small PyTorch ops on [B, H, N, N] (softmax) run for real, tens of
+  microseconds here, a few on a GPU.
+
+Prints the median microseconds per call, the launches per call and, with ``--profile``,
+the top entries of a cProfile of each timed call. Compare before / after on the same
+machine only.
+
+    PYTHONPATH=src python benchmarks/host_path_cpu.py [--calls 2000] [--mask] [--public]
     PYTHONPATH=src python benchmarks/host_path_cpu.py --op trimul [--n 128] [--c 128]
+    PYTHONPATH=src python benchmarks/host_path_cpu.py --op pwa --mask [--n 128] [--rows 64]
 """
 
 from __future__ import annotations
@@ -22,99 +33,102 @@ import cProfile
 import os
 import pstats
 import statistics
+import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # importable without a GPU
 
 import torch  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--n", type=int, default=32)
-    parser.add_argument("--mask", action="store_true", help="with a key mask (mask-bias construction)")
-    parser.add_argument("--profile", action="store_true", help="print a cProfile of the forward")
-    parser.add_argument("--public", action="store_true",
-                        help="time the public op (foldops.ops.triangle_attention, backend='triton') "
-                             "forward and forward+backward instead of the launchers")
-    parser.add_argument("--op", choices=("triattn", "trimul"), default="triattn")
-    parser.add_argument("--c", type=int, default=128, help="channels (trimul)")
-    parser.add_argument("--profile-bwd", action="store_true", help="profile fwd+bwd instead (trimul)")
-    parser.add_argument("--sort", default="tottime", help="cProfile sort key (trimul)")
-    args = parser.parse_args()
-    if args.op == "trimul":
-        return _trimul(args)
+class _Recorder:
+    """Stands in for ``wrap_triton``: ``recorder(kernel)[grid](*args, **meta)`` records
+    the kernel's name and launches nothing."""
 
-    from foldops.kernels.triangle_attention import launch
+    def __init__(self):
+        self.launches = []
+        self._kernel = None
 
-    launch.wrap_triton = lambda fn: _NoLaunch()
-    launch._interpreting = lambda: False  # GPU-style config choice and switches
-    n, heads, d = args.n, 4, 32
-    q, k, v, go = (torch.randn(1, n, n, heads, d) for _ in range(4))
-    bias = torch.randn(1, heads, n, n)
-    mask = torch.ones(1, n, n, dtype=torch.bool) if args.mask else None
-    out, _ = launch.triangle_attention_forward(q, k, v, bias, mask, 0.2)
-    lse = torch.zeros(1, n, heads, n, dtype=torch.float64)
+    def __call__(self, kernel):
+        self._kernel = kernel
+        return self
 
-    def fwd():
-        launch.triangle_attention_forward(q, k, v, bias, mask, 0.2)
+    def __getitem__(self, grid):
+        return self._launch
 
-    def bwd():
-        launch.triangle_attention_backward(go, q, k, v, bias, mask, out, lse, 0.2)
+    def _launch(self, *args, **kwargs):
+        self.launches.append(getattr(self._kernel, "__name__", repr(self._kernel)))
 
-    if args.public:
-        from foldops.ops import triangle_attention
 
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-
-        def fwd():  # noqa: F811
-            with torch.no_grad():
-                triangle_attention(q, k, v, bias, mask, scale=0.2, backend="triton")
-
-        def bwd():  # noqa: F811  (forward + backward)
-            o = triangle_attention(*leaves, mask, scale=0.2, backend="triton")
-            torch.autograd.grad(o, leaves, go)
-
-    for name, fn in (("forward", fwd), ("fwd+bwd" if args.public else "backward", bwd)):
+def _report(calls_fns, args, recorder: _Recorder) -> None:
+    """Median host time per call (after a warm-up) and launches per call of each
+    ``(name, fn)``; cProfiles with ``--profile``."""
+    for name, fn in calls_fns:
+        for _ in range(10):
+            fn()
+        recorder.launches.clear()
+        fn()
+        launches = len(recorder.launches)
         times = []
         for _ in range(args.calls):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        print(f"{name:8s} {'public op' if args.public else 'launcher'} host time: {statistics.median(times) * 1e6:7.1f} us/call (median of {args.calls})")
+        print(f"{name:8s} host time: {statistics.median(times) * 1e6:7.1f} us/call "
+              f"(median of {args.calls}); {launches} launches")
     if args.profile:
-        profile = cProfile.Profile()
-        profile.enable()
-        for _ in range(args.calls):
-            fwd()
-        profile.disable()
-        pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+        for name, fn in calls_fns:
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(args.calls):
+                fn()
+            profile.disable()
+            print(f"--- cProfile, {name}, {args.calls} calls")
+            pstats.Stats(profile).sort_stats(args.sort).print_stats(25)
 
 
-def _timed(name: str, fn, calls: int) -> None:
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    print(f"{name:8s} host time: {statistics.median(times) * 1e6:7.1f} us/call (median of {calls})")
+def _triattn(args, recorder):
+    from foldops.kernels.triangle_attention import launch
+
+    launch.wrap_triton = recorder
+    launch._interpreting = lambda: False  # GPU-style config choice and switches
+    n, heads, d = args.n or 32, 4, 32
+    q, k, v, go = (torch.randn(1, n, n, heads, d) for _ in range(4))
+    bias = torch.randn(1, heads, n, n)
+    mask = torch.ones(1, n, n, dtype=torch.bool) if args.mask else None
+    print(f"triangle attention, {'public op' if args.public else 'launchers'}, N = {n}, H = {heads}, D = {d}, "
+          f"fp32, mask = {mask is not None}")
+    if not args.public:
+        out, _ = launch.triangle_attention_forward(q, k, v, bias, mask, 0.2)
+        lse = torch.zeros(1, n, heads, n, dtype=torch.float64)
+        return [("forward", lambda: launch.triangle_attention_forward(q, k, v, bias, mask, 0.2)),
+                ("backward", lambda: launch.triangle_attention_backward(go, q, k, v, bias, mask, out, lse, 0.2))]
+
+    from foldops.ops import triangle_attention
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+
+    def fwd():
+        with torch.no_grad():
+            triangle_attention(q, k, v, bias, mask, scale=0.2, backend="triton")
+
+    def fwd_bwd():
+        o = triangle_attention(*leaves, mask, scale=0.2, backend="triton")
+        torch.autograd.grad(o, leaves, go)
+
+    return [("forward", fwd), ("fwd+bwd", fwd_bwd)]
 
 
-def _trimul(args) -> None:
-    import sys
-
+def _trimul(args, recorder):
     from foldops.kernels.triangle_multiplication import launch, op
     from foldops.ops import triangle_multiplication
 
     public = sys.modules["foldops.ops.triangle_multiplication"]  # the module, not the function
-
-    launch.wrap_triton = lambda fn: _NoLaunch()
+    launch.wrap_triton = recorder
     launch.triton_interpret = lambda: False  # GPU-style configs; meta tensors are launched
     op._use_registered_ops = lambda t: False  # meta tensors take the eager (CUDA) path
     public.kernel_support = lambda device, explicit=True: None  # meta passes as a GPU
-    n, c, dev, dt = args.n if args.n != 32 else 128, args.c, "meta", torch.bfloat16
+    n, c, dev, dt = args.n or 128, args.c, "meta", torch.bfloat16
     x = torch.empty(1, n, n, c, device=dev, dtype=dt)
     go = torch.empty(1, n, n, c, device=dev, dtype=dt)
     mask = torch.ones(1, n, n, dtype=torch.bool, device=dev) if args.mask else None
@@ -133,22 +147,57 @@ def _trimul(args) -> None:
         o = triangle_multiplication(xg, mask, direction="outgoing", backend="triton", **wg)
         torch.autograd.grad(o, leaves, go)
 
-    print(f"triangle multiplication, public op, backend='triton', launches stubbed, meta tensors, "
-          f"N = {n}, C = {c}, bf16, mask = {args.mask}")
-    _timed("forward", fwd, args.calls)
-    _timed("fwd+bwd", fwd_bwd, args.calls)
-    if args.profile or args.profile_bwd:
-        profile = cProfile.Profile()
-        profile.enable()
-        for _ in range(args.calls):
-            (fwd_bwd if args.profile_bwd else fwd)()
-        profile.disable()
-        pstats.Stats(profile).sort_stats(args.sort).print_stats(25)
+    print(f"triangle multiplication, public op, meta tensors, N = {n}, C = {c}, bf16, mask = {mask is not None}")
+    return [("forward", fwd), ("fwd+bwd", fwd_bwd)]
 
 
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+def _pwa(args, recorder):
+    from foldops.kernels.pair_weighted_averaging import launch
+    from foldops.ops import pair_weighted_averaging
+
+    launch.wrap_triton = recorder
+    launch._interpreting = lambda: False
+    launch._num_sms = lambda device: 132  # an H100's SMs: the dW split count as there
+    torch.set_num_threads(1)
+    b, s, n, h, c = 1, args.rows, args.n or 128, 8, 32
+    dtype = torch.bfloat16
+    v, g, go = (torch.randn(b, s, n, h, c, dtype=dtype) for _ in range(3))
+    logits = torch.randn(b, n, n, h, dtype=dtype).permute(0, 3, 1, 2)  # the layer's view
+    mask = torch.ones(b, n, n, dtype=torch.bool) if args.mask else None
+    msa_mask = torch.ones(b, s, n, dtype=torch.bool) if args.mask else None
+    leaves = [t.clone().requires_grad_() for t in (v, logits, g)]
+
+    def fwd():
+        with torch.no_grad():
+            pair_weighted_averaging(v, logits, mask, gate=g, msa_mask=msa_mask, backend="triton")
+
+    def fwd_bwd():
+        out = pair_weighted_averaging(leaves[0], leaves[1], mask, gate=leaves[2], msa_mask=msa_mask,
+                                      backend="triton")
+        torch.autograd.grad(out, leaves, go)
+
+    print(f"pair-weighted averaging, public op, B={b} S={s} N={n} H={h} C={c} bf16, masks = {mask is not None}, "
+          f"1 thread")
+    return [("forward", fwd), ("fwd+bwd", fwd_bwd)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", choices=("triattn", "trimul", "pwa"), default="triattn")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--n", type=int, default=None, help="N (default: 32 triattn, 128 trimul and pwa)")
+    parser.add_argument("--c", type=int, default=128, help="channels (trimul)")
+    parser.add_argument("--rows", type=int, default=64, help="MSA rows S (pwa)")
+    parser.add_argument("--mask", action="store_true",
+                        help="with masks (pwa: a pair mask and an MSA mask, as the layer passes them)")
+    parser.add_argument("--public", action="store_true",
+                        help="triattn: time the public op (fwd, fwd+bwd) instead of the launchers")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of each timed call")
+    parser.add_argument("--sort", default="tottime", help="cProfile sort key")
+    args = parser.parse_args()
+    recorder = _Recorder()
+    calls_fns = {"triattn": _triattn, "trimul": _trimul, "pwa": _pwa}[args.op](args, recorder)
+    _report(calls_fns, args, recorder)
 
 
 if __name__ == "__main__":

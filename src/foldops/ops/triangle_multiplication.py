@@ -152,32 +152,26 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
         # at a time. Workspaces are allocated once and reused: few, large ops (each one a
         # thread-pool barrier on CPU) and no page faults from fresh buffers per chunk.
         t = torch.empty((batch, dim, n, n), dtype=wide, device=dev)
-        # Per chunk, one matmul gives [a, b projections | a, b gates]: the weights are
-        # reordered once per call into [chunks, 4 * chunk, D] (chunk-major rows of
-        # p_in's a and b halves, then g_in's), so a chunk costs six launches, not nine.
-        chunks = -(-dim // chunk)
-        pad = chunks * chunk - dim
-        w_all = torch.stack([p_in[:dim], p_in[dim:], g_in[:dim], g_in[dim:]])  # [4, D, D]
-        if pad:
-            w_all = F.pad(w_all, (0, 0, 0, pad))
-        w_all = w_all.view(4, chunks, chunk, dim).transpose(0, 1).reshape(chunks, 4 * chunk, dim)
-        pg = torch.empty((4 * chunk, nn_), dtype=cdt, device=dev)
-        ab = torch.empty((2 * chunk, nn_), dtype=wide, device=dev) if cdt != wide else None
-        for ci, c0 in enumerate(range(0, dim, chunk)):
+        # Per chunk, one matmul gives each channel's rows [a, b, gate a, gate b]: the
+        # weights are stacked once per call channel-major ([D, 4, D]), so a chunk's
+        # weights are a view and a chunk costs six launches.
+        w_pg = torch.stack([p_in[:dim], p_in[dim:], g_in[:dim], g_in[dim:]], dim=1)
+        pg = torch.empty((chunk, 4, nn_), dtype=cdt, device=dev)
+        ab = torch.empty((chunk, 2, nn_), dtype=wide, device=dev) if cdt != wide else None
+        for c0 in range(0, dim, chunk):
             c = min(chunk, dim - c0)
-            w_c = w_all[ci] if c == chunk else w_all[ci].view(4, chunk, dim)[:, :c].reshape(4 * c, dim)
-            pgc = pg[: 4 * c]
-            pc, gc = pgc[: 2 * c], pgc[2 * c :]
+            pgc = pg[:c]
+            pc, gc = pgc[:, :2], pgc[:, 2:]  # [c, 2, N*N]: (a, b) and their gates
             for bi in range(batch):
-                torch.matmul(w_c, hf[bi].T, out=pgc)  # channel-major: [4c, N*N]
+                torch.matmul(w_pg[c0 : c0 + c].view(4 * c, dim), hf[bi].T, out=pgc.view(4 * c, nn_))
                 pc.mul_(gc.sigmoid_())
                 if drop is not None:
                     pc.masked_fill_(drop[bi], 0.0)  # not a product: 0 * nan would leak
                 abc = pc
                 if ab is not None:
-                    abc = ab[: 2 * c]
+                    abc = ab[:c]
                     abc.copy_(pc)  # to fp32 after the gating, as the reference rounds
-                a, b = abc[:c].view(c, n, n), abc[c:].view(c, n, n)
+                a, b = abc[:, 0].view(c, n, n), abc[:, 1].view(c, n, n)
                 if direction == "outgoing":
                     torch.bmm(a, b.transpose(1, 2), out=t[bi, c0 : c0 + c])
                 else:

@@ -90,7 +90,7 @@ class _EagerPairWeightedAveraging(torch.autograd.Function):
 
     Eager calls with autograd take this path: torch.library's dispatch of the two
     custom ops costs host time, and at small N the GPU waits for the host
-    (``benchmarks/tools/host_path_pwa.py``). It also keeps the value keep-mask for the
+    (``benchmarks/host_path_cpu.py --op pwa``). It also keeps the value keep-mask for the
     backward instead of rebuilding it. The forward takes ``ctx`` (no
     ``setup_context``): ``apply`` then skips binding the arguments by signature."""
 

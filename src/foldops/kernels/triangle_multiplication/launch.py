@@ -44,14 +44,17 @@ def _padded(c: int) -> int:
     return max(16, next_pow2(c))
 
 
+def _slab(cp: int, bn: int, dtype: torch.dtype, most: int) -> int:
+    """Output channels per weight tile: fp32 tiles (twice the bytes) at most ``most``."""
+    return max(16, most // cp) if dtype == torch.float32 and cp * bn > most else bn
+
+
 def _row_config(cp: int, backward: bool, dtype: torch.dtype):
     if triton_interpret():
         return configs.INTERPRET_ROW
     bp, bn, warps = (configs.ROW_BWD if backward else configs.ROW_FWD)[cp]
     most = configs.FP32_MAX_WEIGHT_TILE_BWD if backward else configs.FP32_MAX_WEIGHT_TILE
-    if dtype == torch.float32 and cp * bn > most:
-        bn = max(16, most // cp)  # fp32 weight tiles: twice the bytes
-    return bp, bn, warps
+    return bp, _slab(cp, bn, dtype, most), warps
 
 
 def grad_product_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,9 +67,7 @@ def _prologue_config(cp: int, dtype: torch.dtype):
     if triton_interpret():
         return configs.INTERPRET_PROLOGUE
     bp, bn, warps, all_slabs = configs.PROLOGUE[cp]
-    if dtype == torch.float32 and cp * bn > configs.FP32_MAX_WEIGHT_TILE:
-        bn = max(16, configs.FP32_MAX_WEIGHT_TILE // cp)
-    return bp, bn, warps, all_slabs
+    return bp, _slab(cp, bn, dtype, configs.FP32_MAX_WEIGHT_TILE), warps, all_slabs
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
