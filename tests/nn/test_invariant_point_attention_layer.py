@@ -125,8 +125,11 @@ if kernel_support("cpu") is None:
     LITERAL_CASES.append(("multiflow", "triton"))  # the Triton interpreter on CPU: one case (slow)
 
 
-@pytest.mark.parametrize("variant,backend", LITERAL_CASES)
-def test_matches_literal_forward_and_gradients(variant, backend):
+def literal_comparison(variant, backend):
+    """The layer and the literal forward on the same random case: outputs and the
+    gradients of s, z and every parameter, each as (fp32 layer, fp64 literal, fp32
+    literal), keyed ``out``, ``ds``, ``dz``, ``d <parameter>``; with ``fp64`` the
+    layer's own float64 results too (not for the Triton backend)."""
     state = random_state(OPENFOLD_KEYS if variant == "openfold" else MULTIFLOW_KEYS)
     s, z, rots, trans, mask = make_inputs()
     attention_mask = None
@@ -135,33 +138,61 @@ def test_matches_literal_forward_and_gradients(variant, backend):
         attention_mask[:, torch.arange(11), torch.arange(11)] = 1
     keep = mask.bool()[..., None].double()
     grad = torch.randn(2, 11, C_S, dtype=torch.float64) * keep
+    names = sorted(state)
 
-    def run(fn, dtype):
-        ins = [t.to(dtype).requires_grad_() for t in (s, z)]
-        out = fn(*ins, rots.to(dtype), trans.to(dtype), mask.to(dtype))
-        return (out * keep).detach(), torch.autograd.grad((out * grad.to(dtype)).sum(), ins)
+    def run(make, dtype):
+        fn, params = make(dtype)
+        ins = [t.to(dtype).requires_grad_() for t in (s, z)] + [params[k] for k in names]
+        out = fn(*ins[:2], rots.to(dtype), trans.to(dtype), mask.to(dtype))
+        return [(out * keep).detach(), *torch.autograd.grad((out * grad.to(dtype)).sum(), ins)]
 
     def literal(dtype):
-        p = {k: v.to(dtype) for k, v in state.items()}
+        p = {k: v.to(dtype).requires_grad_() for k, v in state.items()}
         am = None if attention_mask is None else attention_mask.to(dtype)
-        return lambda s_, z_, r_, t_, m_: literal_ipa(p, s_, z_, r_, t_, m_, variant == "multiflow", am)
+        return (lambda s_, z_, r_, t_, m_: literal_ipa(p, s_, z_, r_, t_, m_, variant == "multiflow", am)), p
 
     def ours(dtype):
         layer = build(variant, state, dtype, backend)
         am = None if attention_mask is None else attention_mask.to(dtype)
+        params = dict(layer.named_parameters())
         if variant == "multiflow":
-            return lambda s_, z_, r_, t_, m_: layer(s_, z_, (r_, t_), m_, attention_mask=am)
-        return lambda s_, z_, r_, t_, m_: layer(s_, z_, (r_, t_), m_)
+            return (lambda s_, z_, r_, t_, m_: layer(s_, z_, (r_, t_), m_, attention_mask=am)), params
+        return (lambda s_, z_, r_, t_, m_: layer(s_, z_, (r_, t_), m_)), params
 
-    exact, exact_g = run(literal(torch.float64), torch.float64)
-    base, base_g = run(literal(torch.float32), torch.float32)
-    got, got_g = run(ours(torch.float32), torch.float32)
-    assert_within_baseline("out", got, exact, base, dtype=torch.float32)
-    for name, g, e, b in zip(("ds", "dz"), got_g, exact_g, base_g):
-        assert_within_baseline(name, g, e, b, dtype=torch.float32)
-    if backend != "triton":  # the kernels take fp16 / bf16 / fp32
-        got64, _ = run(ours(torch.float64), torch.float64)
+    keys = ["out", "ds", "dz"] + [f"d {k}" for k in names]
+    exact, base, got = run(literal, torch.float64), run(literal, torch.float32), run(ours, torch.float32)
+    ours64 = run(ours, torch.float64) if backend != "triton" else [None] * len(keys)  # kernels: 16/32-bit
+    return {k: (g, e, b, g64) for k, g, e, b, g64 in zip(keys, got, exact, base, ours64)}
+
+
+@pytest.mark.parametrize("variant,backend", LITERAL_CASES)
+def test_matches_literal_forward_and_gradients(variant, backend):
+    """Output and the gradients of s, z and every parameter but ``head_weights`` (see
+    the next test) within 2x the fp32 literal forward's error; float64 to 1e-9."""
+    for name, (got, exact, base, got64) in literal_comparison(variant, backend).items():
+        if name == "d head_weights":
+            continue
+        assert_within_baseline(name, got, exact, base, dtype=torch.float32)
+        if got64 is not None:
+            torch.testing.assert_close(got64, exact, rtol=1e-9, atol=1e-9, msg=name)
+
+
+HEAD_WEIGHT_CASES = [
+    pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason=(
+        "known gap, cause not found: in this Multiflow case (with or without the attention mask) the torch "
+        "and reference backends' fp32 head-weight gradient is 2-10x the fp32 literal forward's error; "
+        "the Triton kernel's is within 2x")))
+    if case[0] == "multiflow" and case[1] in ("torch", "reference") else case
+    for case in LITERAL_CASES
+]
+
+
+@pytest.mark.parametrize("variant,backend", HEAD_WEIGHT_CASES)
+def test_head_weight_gradient_matches_literal(variant, backend):
+    got, exact, base, got64 = literal_comparison(variant, backend)["d head_weights"]
+    if got64 is not None:
         torch.testing.assert_close(got64, exact, rtol=1e-9, atol=1e-9)
+    assert_within_baseline("d head_weights", got, exact, base, dtype=torch.float32)
 
 
 def test_invariant_to_global_rigid_motion():
@@ -281,4 +312,56 @@ def test_triton_layer_under_autocast_gpu(variant):
     got, got_g = run(lambda s_, z_, r_, t_, m_: layer(s_, z_, (r_, t_), m_), torch.float32, True)
     assert_within_baseline("out", got, exact, base, dtype=torch.bfloat16)
     for name, g, e, b in zip(("ds", "dz"), got_g, exact_g, base_g):
+        assert_within_baseline(name, g, e, b, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["z-itself", "down_z"])
+def test_pair_projections_first_and_second_order(projected):
+    """The layer's joint z projections (one z-sized gradient: the bias term added in
+    place into the pair values' gradient) against numerical derivatives; the pass-through
+    values are consumed by an op, as in the layer, so their gradient is the engine's own."""
+    from foldops.nn.invariant_point_attention import _PairProjections
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_()
+
+    z, w_b, b_b = rand(2, 3, 3, 4), rand(2, 4), rand(2)
+    weights = (rand(3, 4), rand(3)) if projected else ()
+    c_bias, c_values = rand(2, 3, 3, 2), rand(2, 3, 3, 3 if projected else 4)
+
+    def f(z, w_b, b_b, *wv):
+        bias, values = _PairProjections.apply(z, w_b, b_b, *(wv or (None, None)), 0.7, torch.float64)
+        return bias * c_bias, values * c_values
+
+    inputs = (z, w_b, b_b, *weights)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("variant", ["openfold", "multiflow"])
+def test_torch_layer_under_cpu_autocast(variant):
+    """bf16 autocast on CPU: output and the gradients of s and z against the fp64
+    literal forward, within 2x the literal forward's own error under the same autocast."""
+    state = random_state(OPENFOLD_KEYS if variant == "openfold" else MULTIFLOW_KEYS)
+    s, z, rots, trans, mask = make_inputs()
+    keep = mask.bool()[..., None].double()
+    grad = torch.randn(2, 11, C_S, dtype=torch.float64) * keep
+    multiflow = variant == "multiflow"
+
+    def run(fn, dtype, autocast):
+        ins = [t.to(dtype).requires_grad_() for t in (s, z)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(*ins, rots.to(dtype), trans.to(dtype), mask.to(dtype))
+        out = out.double() * keep
+        return [out.detach(), *torch.autograd.grad((out * grad).sum(), ins)]
+
+    p64 = {k: v.double() for k, v in state.items()}
+    p32 = {k: v.float() for k, v in state.items()}
+    exact = run(lambda *a: literal_ipa(p64, *a, multiflow=multiflow), torch.float64, False)
+    base = run(lambda *a: literal_ipa(p32, *a, multiflow=multiflow), torch.float32, True)
+    layer = build(variant, state, torch.float32, "torch")
+    got = run(lambda s_, z_, r_, t_, m_: layer(s_, z_, (r_, t_), m_), torch.float32, True)
+    for name, g, e, b in zip(("out", "ds", "dz"), got, exact, base):
         assert_within_baseline(name, g, e, b, dtype=torch.bfloat16)

@@ -29,11 +29,72 @@ from torch import Tensor, nn
 
 from foldops._checks import check_positive_int, check_tensor
 from foldops.backends import AUTO
+from foldops.device import autocast_dtype_in_effect
 from foldops.nn import _init
 from foldops.nn.rigid import as_rigid
 from foldops.ops.invariant_point_attention import invariant_point_attention
 
 SOFTPLUS_INVERSE_1 = 0.541324854612918  # softplus^-1(1): the head weights' initial value
+
+
+class _PairProjections(torch.autograd.Function):
+    """z's two uses in the layer, with one z-sized gradient.
+
+    Returns the pair bias ``(z W_b^T + b_b) * factor`` ``[B, N, N, H]`` and the pair
+    values: z itself (OpenFold; a view) or ``z W_v^T + b_v`` (Multiflow's ``down_z``),
+    both computed in ``dtype`` (the autocast dtype in effect, else z's), as autocast
+    would. Left to autograd, each use of z returns its own z-sized gradient (under
+    autocast first a 16-bit one, then its fp32 cast) and the engine sums them: three
+    z-sized tensors at once, the backward's peak. Here dz is formed once, in z's dtype
+    with fp32 (fp64) products: OpenFold's bias term is added in place into the op's
+    gradient of the pass-through z, Multiflow's two projections' terms into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, z, w_b, b_b, w_v, b_v, factor: float, dtype: torch.dtype):
+        ctx.factor = factor
+        ctx.save_for_backward(z, w_b, w_v)
+        zc = z.to(dtype)
+        bias = nn.functional.linear(zc, w_b.to(dtype), b_b.to(dtype)) * factor
+        if w_v is None:
+            return bias, z.view_as(z)
+        return bias, nn.functional.linear(zc, w_v.to(dtype), b_v.to(dtype))
+
+    @staticmethod
+    def backward(ctx, d_bias, d_values):
+        z, w_b, w_v = ctx.saved_tensors
+        cz = z.shape[-1]
+        acc = torch.promote_types(z.dtype, torch.float32)
+        zf = z.reshape(-1, cz)
+        g_b = None if d_bias is None else d_bias.reshape(-1, d_bias.shape[-1]).to(acc) * ctx.factor
+        g_v = None
+        if w_v is not None and d_values is not None:
+            g_v = d_values.reshape(-1, d_values.shape[-1]).to(acc)
+        dz = None
+        if ctx.needs_input_grad[0]:
+            if w_v is None and d_values is not None:
+                # The op's dz is the engine's own buffer: add into it unless a graph is being
+                # built (double backward) or traced, or its layout or dtype differ.
+                inplace = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                           and d_values.dtype == acc and d_values.is_contiguous())
+                dz = d_values if inplace else d_values.to(acc, memory_format=torch.contiguous_format, copy=True)
+            terms = [(g_b, w_b)] + ([(g_v, w_v)] if g_v is not None else [])
+            for g, w in terms:
+                if g is None:
+                    continue
+                if dz is None:
+                    dz = (g @ w.to(acc)).view(z.shape)
+                else:
+                    dz.view(-1, cz).addmm_(g, w.to(acc))
+            if dz is not None:
+                dz = dz.to(z.dtype)
+        grads = [dz, None, None, None, None]
+        for slot, g, w in ((1, g_b, w_b), (3, g_v, w_v)):
+            if g is not None and ctx.needs_input_grad[slot]:
+                grads[slot] = (g.T @ zf.to(acc)).to(w.dtype)
+            if g is not None and ctx.needs_input_grad[slot + 1]:
+                grads[slot + 1] = g.sum(0).to(w.dtype)
+        return (*grads, None, None)
 
 
 def _linear(c_in: int, c_out: int, init: str = "default", **factory) -> nn.Linear:
@@ -100,8 +161,9 @@ class InvariantPointAttention(nn.Module):
     def _build_pair(self, c_z: int, factory) -> None:
         """OpenFold reads z itself in the pair output."""
 
-    def _pair_values(self, z: Tensor) -> Tensor:
-        return z
+    def _pair_values_projection(self):
+        """(weight, bias) of the pair values' projection, or (None, None): z itself."""
+        return None, None
 
     def _points(self, s: Tensor, linear: nn.Linear, frames: Any, count: int) -> Tensor:
         """``linear(s)`` as ``[B, N, H, count, 3]`` points in the global frame."""
@@ -132,12 +194,15 @@ class InvariantPointAttention(nn.Module):
         kv_pts = self._points(s, self.linear_kv_points, frames, self.no_qk_points + self.no_v_points)
         k_pts, v_pts = kv_pts.split([self.no_qk_points, self.no_v_points], dim=-2)
 
-        bias = self.linear_b(z).permute(0, 3, 1, 2) * math.sqrt(1.0 / 3)  # [B, H, N, N]
+        w_v, b_v = self._pair_values_projection()
+        dtype = autocast_dtype_in_effect(z) or torch.promote_types(z.dtype, self.linear_b.weight.dtype)
+        bias, pair = _PairProjections.apply(z, self.linear_b.weight, self.linear_b.bias, w_v, b_v,
+                                            math.sqrt(1.0 / 3), dtype)
+        bias = bias.permute(0, 3, 1, 2)  # [B, H, N, N]
         if extra_bias is not None:
             bias = bias + extra_bias
         if bias.dtype not in (q.dtype, torch.float32):
             bias = bias.float()
-        pair = self._pair_values(z)
         if pair.dtype not in (q.dtype, torch.float32):
             pair = pair.to(q.dtype)
         v_pts = v_pts.to(q_pts.dtype)
@@ -206,8 +271,8 @@ class MultiflowInvariantPointAttention(InvariantPointAttention):
     def _build_pair(self, c_z: int, factory) -> None:
         self.down_z = _linear(c_z, c_z // 4, **factory)
 
-    def _pair_values(self, z: Tensor) -> Tensor:
-        return self.down_z(z)
+    def _pair_values_projection(self):
+        return self.down_z.weight, self.down_z.bias
 
     def forward(self, s: Tensor, z: Tensor, r: Any, mask: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None) -> Tensor:
