@@ -50,6 +50,33 @@ def rows_with_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, causal:
     return (pos.long() - cu_q[seq].long()) + lk - lq >= 0
 
 
+def connected_zeros(shape, *inputs: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``shape`` in the first input's dtype and device that depend on every input
+    in the autograd graph, with zero gradients: an output computed from no input element
+    (every sequence without queries or keys) still lets ``backward`` reach q, k and v.
+    The dependence is a sum over an empty slice: no value is read (non-finite inputs give
+    no NaN), no host sync, traceable."""
+    anchor = sum(t.flatten()[:0].sum() for t in inputs)
+    return inputs[0].new_zeros(shape) + anchor
+
+
+def visible_or_all(keep: torch.Tensor) -> torch.Tensor:
+    """``keep`` (bool [..., Lk]) with rows that keep no key opened to every key.
+
+    The masks here are -inf, never a finite "very negative" value: a finite value is
+    confused with real logits below it (fp16: finfo.min / 2 = -32752 sits inside the
+    logit range, and adding it to a masked key's large logit can leave that key on top).
+    A row with only -inf logits would make the softmax NaN, so such rows attend to every
+    key instead; callers zero their outputs (multiplying by ``keep.any(-1)``), and their
+    gradients are then exactly zero (a zero incoming gradient through a finite softmax)."""
+    return keep | ~keep.any(-1, keepdim=True)
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``keep``, -inf elsewhere, in ``dtype`` (SDPA's float mask)."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, -math.inf)
+
+
 # torch backend: torch.nn.attention.varlen --------------------------------------------------
 
 
@@ -180,17 +207,14 @@ def _bucket_attention(qb, kb, vb, lq, lk, causal, scale, dropout_p, generator, r
     if causal and not (uniform and mq == mk):
         keep = valid_k[:, None, :] & (ak[None, None, :] <= aq[None, :, None] + (lk - lq)[:, None, None])
         row_keep = keep.any(-1).to(device)  # [n, Mq]: causal rows i < Lq - Lk see no key
-        keep = keep.to(device)
+        keep = visible_or_all(keep).to(device)  # -inf masks: such rows see every key, zeroed below
     elif not causal and not uniform:
         keep = valid_k[:, None, :].to(device)  # key padding only; every row sees a key (Lk > 0)
     explicit = _explicit_softmax(qb, dropout_p, generator, return_lse)
-    if explicit or keep is not None:
-        masked_value = torch.finfo(qb.dtype).min / 2  # finite: SDPA never sees an all -inf row
     if not explicit:
         mask = None
         if keep is not None:
-            mask = torch.zeros(keep.shape, dtype=qb.dtype, device=device).masked_fill(~keep, masked_value)
-            mask = mask[:, None]  # [n, 1, 1 or Mq, Mk]
+            mask = additive_mask(keep, qb.dtype)[:, None]  # [n, 1, 1 or Mq, Mk]
         out = torch.nn.functional.scaled_dot_product_attention(
             qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale,
             is_causal=causal and keep is None)
@@ -199,10 +223,10 @@ def _bucket_attention(qb, kb, vb, lq, lk, causal, scale, dropout_p, generator, r
         softmax_dtype = torch.float64 if qb.dtype == torch.float64 else torch.float32
         logits = torch.matmul(qb * scale, kb.transpose(-1, -2)).to(softmax_dtype)  # [n, H, Mq, Mk]
         if keep is not None:
-            logits = logits.masked_fill(~keep[:, None], masked_value)
-        elif causal:
+            logits = logits.masked_fill(~keep[:, None], -math.inf)
+        elif causal:  # Mq == Mk: every row sees its diagonal
             logits = logits.masked_fill(torch.ones(mq, mk, dtype=torch.bool, device=device).triu(1),
-                                        masked_value)
+                                        -math.inf)
         lse = torch.logsumexp(logits.detach(), -1).float() if return_lse else None
         weights = torch.softmax(logits, -1)
         if dropout_p > 0:
@@ -317,7 +341,7 @@ def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, re
                             budget.chunk_budget_bytes(q.device), waste)
     if not buckets:  # no sequence has both queries and keys
         lse = torch.full((heads, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device) if return_lse else None
-        return q.new_zeros(q.shape), lse
+        return connected_zeros(q.shape, q, k, v), lse
     # Host plan. The buckets' padded rows are concatenated: q rows (rows_q) and k/v rows
     # (rows_k), each sequence padded with repeats of its own rows. slot[t] / slot_k[t]:
     # the padded row holding packed query / key t (-1: in no bucket, no keys or queries).
@@ -396,9 +420,8 @@ def dense(q, k, v, keep, causal, scale, dropout_p, exact):
         out = torch.matmul(weights.to(v.dtype), vt)
     else:
         mask = None
-        if allowed is not None:
-            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-            mask = mask.masked_fill(~allowed, torch.finfo(q.dtype).min / 2)
+        if allowed is not None:  # -inf masks; rows without keys see every key, zeroed below
+            mask = additive_mask(visible_or_all(allowed), q.dtype)
         out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask,
                                                                dropout_p=dropout_p, scale=scale)
         if allowed is not None:

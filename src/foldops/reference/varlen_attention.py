@@ -80,6 +80,7 @@ def varlen_attention(
             weights = weights.masked_fill(drop, 0.0) / (1.0 - dropout_p)
         outs.append(torch.einsum("hij,jhd->ihd", weights.to(v.dtype), vs))
         lses.append(lse)
-    out = torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
-    lse = torch.cat(lses, 1) if lses else torch.zeros(heads, 0, dtype=softmax_dtype, device=q.device)
-    return out, lse
+    if not outs:  # B = 0: empty results that still depend on q, k, v (sums of empty slices)
+        anchor = q[:0].sum() + k[:0].sum() + v[:0].sum()
+        return q.new_zeros(q.shape) + anchor, q.new_zeros(heads, 0, dtype=softmax_dtype) + anchor
+    return torch.cat(outs, 0), torch.cat(lses, 1)
