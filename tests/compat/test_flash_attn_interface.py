@@ -70,6 +70,25 @@ def test_causal_is_bottom_right_and_masked_rows_are_zero():
     torch.testing.assert_close(fa.flash_attn_func(q, k, v, window_size=(-1, 0)), out)  # (-1, 0) is causal
 
 
+def test_batches_without_attention_stay_in_the_graph():
+    """Zero-length sequences (dense) and all-empty / key-less packed batches: zeros that
+    backpropagate zero gradients to every input (lse of rows without keys: -inf)."""
+    for sq, sk in ((0, 3), (3, 0)):
+        q = torch.randn(2, sq, 4, 8, requires_grad=True)
+        k, v = (torch.randn(2, sk, 2, 8, requires_grad=True) for _ in range(2))
+        out, lse, _ = fa.flash_attn_func(q, k, v, return_attn_probs=True)
+        assert out.grad_fn is not None and lse.shape == (2, 4, sq) and torch.isneginf(lse).all()
+        for t, g in zip((q, k, v), torch.autograd.grad(out.sum(), (q, k, v))):
+            assert g.shape == t.shape and torch.equal(g, torch.zeros_like(t))
+    for lens_q, lens_k in (([0, 0], [0, 0]), ([2, 3], [0, 0])):
+        q = torch.randn(sum(lens_q), 4, 8, requires_grad=True)
+        kv = torch.randn(0, 2, 2, 8, requires_grad=True)
+        out = fa.flash_attn_varlen_kvpacked_func(q, kv, _cu(lens_q), _cu(lens_k), max(lens_q), 0, causal=True)
+        assert out.grad_fn is not None and torch.equal(out, torch.zeros_like(out))
+        for t, g in zip((q, kv), torch.autograd.grad(out.sum(), (q, kv))):
+            assert g.shape == t.shape and torch.equal(g, torch.zeros_like(t))
+
+
 def test_dense_and_packed_variants_agree():
     B, S, H, D = 2, 5, 4, 8
     qkv = torch.randn(B, S, 3, H, D, requires_grad=True)

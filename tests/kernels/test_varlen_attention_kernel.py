@@ -175,6 +175,55 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.foldops.varlen_attention_fwd.default, (q, k, v, c, c, 17, 17, False, 0.25, 0.2, seed))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("lens", [([], []), ([0, 0, 0], [0, 0, 0]), ([3, 5, 1], [0, 0, 0]), ([0, 0], [2, 4])],
+                         ids=["no-sequence", "all-empty", "no-keys", "no-queries"])
+def test_empty_batches_stay_in_the_graph(dtype, lens):
+    """out == 0 with a grad_fn, lse == -inf; zero gradients shaped and typed as q, k, v."""
+    lens_q, lens_k = lens
+    for return_lse in (False, True):
+        q = torch.randn(sum(lens_q), 4, 8, dtype=dtype, device=DEVICE, requires_grad=True)
+        k, v = (torch.randn(sum(lens_k), 2, 8, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
+        result = varlen_attention(q, k, v, cu(lens_q), cu(lens_k), max(lens_q, default=0), max(lens_k, default=0),
+                                  causal=bool(lens_q) and lens_q[0] == 3, return_lse=return_lse, backend="triton")
+        out, lse = result if return_lse else (result, None)
+        assert out.grad_fn is not None and out.dtype == dtype and torch.equal(out, torch.zeros_like(out))
+        if return_lse:
+            assert lse.dtype == torch.float32 and lse.shape == (4, q.shape[0]) and torch.isneginf(lse).all()
+        out.sum().backward()
+        for t in (q, k, v):
+            assert t.grad.shape == t.shape and t.grad.dtype == dtype and torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_empty_batch_under_compile_fullgraph():
+    """Traced calls (no host read of cu_seqlens) on an all-empty and a no-key batch."""
+    def fn(q, k, v, cq, ck):
+        out, lse = varlen_attention(q, k, v, cq, ck, 3, 0, causal=True, return_lse=True, backend="triton")
+        return out, lse
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    for lens_q in ([0, 0], [3, 2]):
+        q = torch.randn(sum(lens_q), 2, 8, device=DEVICE, requires_grad=True)
+        k, v = (torch.randn(0, 1, 8, device=DEVICE, requires_grad=True) for _ in range(2))
+        out, lse = compiled(q, k, v, cu(lens_q), cu([0, 0]))
+        assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+        out.sum().backward()
+        for t in (q, k, v):
+            assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_masked_keys_get_zero_weight_at_extreme_logits():
+    """As tests/ops: q = e0, k[j] = logit_j e0, v one-hot; row 0 sees keys 0 and 1 only."""
+    for logits in ((-5000.0, -5000.0, 30000.0), (-40000.0, -40000.0, -40000.0)):
+        q = torch.zeros(2, 1, 8, dtype=torch.float16, device=DEVICE)
+        q[:, 0, 0] = 1
+        k = torch.zeros(3, 1, 8, dtype=torch.float16, device=DEVICE)
+        k[:, 0, 0] = torch.tensor(logits)
+        v = torch.eye(3, 8, dtype=torch.float16, device=DEVICE)[:, None]
+        out = varlen_attention(q, k, v, cu([2]), cu([3]), 2, 3, causal=True, softmax_scale=1.0, backend="triton")
+        assert out[0, 0, :4].float().tolist() == [0.5, 0.5, 0.0, 0.0]
+
+
 # GPU at real sizes ------------------------------------------------------------------------
 
 

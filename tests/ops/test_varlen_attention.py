@@ -6,6 +6,7 @@ appears in the selection and error tests.
 """
 
 import importlib
+import math
 import sys
 
 import pytest
@@ -414,3 +415,120 @@ def test_torch_varlen_adapts_to_an_older_varlen_attn_signature(monkeypatch, caus
     assert lse is None
     expected = reference(q, k, v, cu_q, cu_k, causal=causal, softmax_scale=0.25)[0]
     torch.testing.assert_close(out, expected)
+
+
+# Batches without attention: outputs stay in the autograd graph -------------------------------
+
+# (query lengths, key lengths): no sequence (B = 0), every sequence empty, queries but no
+# keys anywhere, keys but no queries.
+EMPTY_BATCHES = {"no-sequence": ([], []), "all-empty": ([0, 0, 0], [0, 0, 0]),
+                 "no-keys": ([3, 5, 1], [0, 0, 0]), "no-queries": ([0, 0], [2, 4])}
+
+
+def check_empty_batch(backend, lens_q, lens_k, dtype, causal, return_lse, device="cpu"):
+    """out == 0 with a grad_fn, lse == -inf (fp32 [H, total_q]); backward gives zero
+    gradients shaped and typed as q, k, v."""
+    heads, kv_heads, dim = 4, 2, 8
+    q = torch.randn(sum(lens_q), heads, dim, dtype=dtype, device=device, requires_grad=True)
+    k, v = (torch.randn(sum(lens_k), kv_heads, dim, dtype=dtype, device=device, requires_grad=True)
+            for _ in range(2))
+    result = varlen_attention(q, k, v, cu(lens_q, device), cu(lens_k, device), max(lens_q, default=0),
+                              max(lens_k, default=0), causal=causal, return_lse=return_lse, backend=backend)
+    out, lse = result if return_lse else (result, None)
+    assert out.grad_fn is not None and out.shape == q.shape and out.dtype == dtype
+    assert torch.equal(out, torch.zeros_like(out))
+    if return_lse:
+        assert lse.dtype == torch.float32 and lse.shape == (heads, q.shape[0]) and torch.isneginf(lse).all()
+    out.sum().backward()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        assert t.grad is not None, name
+        assert t.grad.shape == t.shape and t.grad.dtype == dtype, name
+        assert torch.equal(t.grad, torch.zeros_like(t)), name
+
+
+@pytest.mark.parametrize("case", list(EMPTY_BATCHES))
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "lse"])
+def test_empty_batch_stays_in_the_graph(case, backend, dtype, return_lse):
+    check_empty_batch(backend, *EMPTY_BATCHES[case], dtype, causal=case == "no-keys", return_lse=return_lse)
+
+
+def test_torch_varlen_without_queries_or_keys_skips_the_kernel():
+    """torch.nn.attention.varlen (GPU only) is not called on empty q or k: the shapes
+    alone give zeros in the graph and lse = -inf."""
+    from foldops.ops import _varlen_torch
+
+    for lens_q, lens_k in (([0, 0], [0, 0]), ([2, 3], [0, 0]), ([0, 0], [4, 1])):
+        q, k, v, cu_q, cu_k = (t.requires_grad_(t.is_floating_point()) for t in make_inputs(lens_q, lens_k, 4, 2, 8))
+        out, lse = _varlen_torch.torch_varlen(q, k, v, cu_q, cu_k, 3, 4, True, 0.25, True)
+        assert torch.equal(out, torch.zeros_like(q)) and lse.shape == (4, q.shape[0]) and torch.isneginf(lse).all()
+        for t, g in zip((q, k, v), torch.autograd.grad(out.sum(), (q, k, v))):
+            assert torch.equal(g, torch.zeros_like(t))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_empty_batch_stays_in_the_graph_gpu(dtype):
+    for case, (lens_q, lens_k) in EMPTY_BATCHES.items():
+        for return_lse in (False, True):
+            check_empty_batch("torch", lens_q, lens_k, dtype, case == "no-keys", return_lse, device="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("shape", [(0, 3, 3), (2, 0, 3), (2, 3, 0), (2, 3, 4)], ids=lambda s: "B{}L{}Lk{}".format(*s))
+def test_padded_attention_without_keys_stays_in_the_graph(backend, shape):
+    batch, lq, lk = shape
+    q = torch.randn(batch, lq, 4, 8, requires_grad=True)
+    k, v = (torch.randn(batch, lk, 2, 8, requires_grad=True) for _ in range(2))
+    keep = torch.zeros(batch, lk, dtype=torch.bool)  # no key kept (ignored where Lk = 0)
+    for causal in (False, True):
+        out = padded_attention(q, k, v, keep, causal=causal, backend=backend)
+        assert out.grad_fn is not None and torch.equal(out, torch.zeros_like(out))
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        for t, g in zip((q, k, v), grads):
+            assert g.shape == t.shape and torch.equal(g, torch.zeros_like(t))
+
+
+# Masks: masked keys get exactly zero weight at any logit --------------------------------------
+
+# One head, q = e0 and k[j] = logit_j * e0, so with softmax_scale=1 the logits are exact
+# (fp16 holds them), and v = one-hot rows: out[i] is row i's attention weights.
+def one_hot_logits(logits, dtype, rows):
+    q = torch.zeros(rows, 1, 8, dtype=dtype)
+    q[:, 0, 0] = 1
+    k = torch.zeros(len(logits), 1, 8, dtype=dtype)
+    k[:, 0, 0] = torch.tensor(logits, dtype=dtype)
+    v = torch.eye(len(logits), 8, dtype=dtype)[:, None]
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("return_lse", [False, True], ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("logits", [(-5000.0, -5000.0, 30000.0), (-40000.0, -40000.0, -40000.0)],
+                         ids=["masked-key-far-above", "visible-keys-far-below"])
+def test_masked_keys_get_zero_weight_at_extreme_logits(dtype, return_lse, logits):
+    """Lq = 2 against Lk = 3, causal: row 0 sees keys 0 and 1 (equal logits), not key 2.
+    A finite fp16 mask value (finfo.min / 2 = -32752) is beaten by a masked key's large
+    logit (added: -2752 > -5000) and sits above visible logits (filled: -32752 > -40000);
+    -inf is neither."""
+    q, k, v = one_hot_logits(logits, dtype, 2)
+    c_q, c_k = cu([2]), cu([3])
+    result = varlen_attention(q, k, v, c_q, c_k, 2, 3, causal=True, softmax_scale=1.0, return_lse=return_lse,
+                              backend="torch")
+    out = result[0] if return_lse else result
+    assert out[0, 0, :4].float().tolist() == [0.5, 0.5, 0.0, 0.0]
+    if return_lse:
+        expected = k[0, 0, 0].item() + math.log(2.0)  # the logit as rounded to dtype
+        assert abs(result[1][0, 0].item() - expected) <= 1e-6 * abs(expected)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_padded_attention_padding_gets_zero_weight_at_extreme_logits(dtype):
+    q, k, v = one_hot_logits([-5000.0, -5000.0, 30000.0], dtype, 1)
+    q, k, v = (t[None].requires_grad_(True) for t in (q, k, v))
+    keep = torch.tensor([[True, True, False]])
+    out = padded_attention(q, k, v, keep, softmax_scale=1.0, backend="torch")
+    assert out[0, 0, 0, :4].float().tolist() == [0.5, 0.5, 0.0, 0.0]
+    _, dk, dv = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert torch.equal(dk[0, 2], torch.zeros_like(dk[0, 2])) and torch.equal(dv[0, 2], torch.zeros_like(dv[0, 2]))

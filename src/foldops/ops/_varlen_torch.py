@@ -51,24 +51,20 @@ def rows_with_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, causal:
 
 
 def connected_zeros(shape, *inputs: torch.Tensor) -> torch.Tensor:
-    """Zeros of ``shape`` in the first input's dtype and device that depend on every input
-    in the autograd graph, with zero gradients: an output computed from no input element
-    (every sequence without queries or keys) still lets ``backward`` reach q, k and v.
-    The dependence is a sum over an empty slice: no value is read (non-finite inputs give
-    no NaN), no host sync, traceable."""
-    anchor = sum(t.flatten()[:0].sum() for t in inputs)
-    return inputs[0].new_zeros(shape) + anchor
+    """Zeros of ``shape`` (first input's dtype and device) that depend on every input in
+    the autograd graph with zero gradients, for outputs no input element reaches. Sums of
+    empty slices: no value read (inf inputs give no NaN), no sync, traceable."""
+    return inputs[0].new_zeros(shape) + sum(t.flatten()[:0].sum() for t in inputs)
 
 
 def visible_or_all(keep: torch.Tensor) -> torch.Tensor:
     """``keep`` (bool [..., Lk]) with rows that keep no key opened to every key.
 
-    The masks here are -inf, never a finite "very negative" value: a finite value is
-    confused with real logits below it (fp16: finfo.min / 2 = -32752 sits inside the
-    logit range, and adding it to a masked key's large logit can leave that key on top).
-    A row with only -inf logits would make the softmax NaN, so such rows attend to every
-    key instead; callers zero their outputs (multiplying by ``keep.any(-1)``), and their
-    gradients are then exactly zero (a zero incoming gradient through a finite softmax)."""
+    Masks here are -inf: a finite "very negative" value is confused with real logits
+    (fp16's finfo.min / 2 = -32752 lies inside the logit range, below some real logits and,
+    added, above a masked key's large one). An all -inf row would make the softmax NaN, so
+    rows without keys attend to every key; callers zero their outputs (times
+    ``keep.any(-1)``), which makes their gradients exactly zero too."""
     return keep | ~keep.any(-1, keepdim=True)
 
 
@@ -118,6 +114,9 @@ def torch_varlen_reason(q: torch.Tensor, dropout_p: float, generator, return_lse
 
 
 def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse):
+    if q.shape[0] == 0 or k.shape[0] == 0:  # no attention anywhere (shapes only: no sync, traceable)
+        lse = q.new_full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32) if return_lse else None
+        return connected_zeros(q.shape, q, k, v), lse
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

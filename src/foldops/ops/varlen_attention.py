@@ -9,7 +9,10 @@ Sequence b is queries cu_seqlens_q[b]:cu_seqlens_q[b+1] (Lq) against keys
 cu_seqlens_k[b]:cu_seqlens_k[b+1] (Lk); ``causal`` lets query i see keys
 j <= i + Lk - Lq (bottom-right, as flash_attn >= 2.1). A query that sees no key (Lk = 0,
 or causal rows with i < Lq - Lk) gives zeros and lse = -inf, never NaN, with zero
-gradients. ``padded_attention`` is the dense form ``[B, L, H, D]`` with a key-padding mask.
+gradients; a batch with no attention at all (every length 0, B = 0, or no keys) still
+returns outputs that depend on q, k, v (``backward`` gives zero gradients), on every
+backend. Masked keys get exactly zero weight at any logit (masks are -inf, never a
+finite "very negative" value). ``padded_attention`` is the dense form ``[B, L, H, D]`` with a key-padding mask.
 
 Backends:
 
