@@ -99,9 +99,9 @@ def varlen_attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal
     batch = cu_q.shape[0] - 1
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
-    if total_q == 0 or batch == 0 or max_q == 0 or _skip_launch(q):
+    if _skip_launch(q):
         return out, lse
-    if k.shape[0] == 0 or max_k == 0:  # no keys anywhere
+    if total_q == 0 or batch == 0 or max_q == 0 or k.shape[0] == 0 or max_k == 0:  # no attention anywhere
         return out.zero_(), lse.fill_(-math.inf)
     bm, bn, warps, stages = _config("fwd", head_dim, q.dtype, dropout_p > 0)
     bd = _block_d(head_dim)
