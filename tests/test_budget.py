@@ -43,6 +43,31 @@ def test_cuda_free_memory_counts_the_allocators_unused_cache(monkeypatch):
     from foldops.device import free_memory_bytes
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (3 * 2**30, 80 * 2**30))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 60 * 2**30)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 20 * 2**30)
+    stats = {"reserved_bytes": {"all": {"current": 60 * 2**30}}, "allocated_bytes": {"all": {"current": 20 * 2**30}}}
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda dev: stats)
     assert free_memory_bytes(torch.device("cuda", 0)) == 43 * 2**30
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda dev: {})  # allocator unused yet
+    assert free_memory_bytes(torch.device("cuda", 0)) == 3 * 2**30
+
+
+def test_small_work_on_an_accelerator_skips_the_memory_query(monkeypatch):
+    """Up to ACCELERATOR_SMALL_BYTES of intermediates run whole without a free-memory
+    query (host time); more asks the device; the override still wins."""
+    from foldops import budget
+
+    calls = []
+
+    def query(device):
+        calls.append(device)
+        return 4 * 2**30  # a 1 GiB budget
+
+    monkeypatch.setattr(budget, "_query_free_bytes", query)
+    monkeypatch.delenv(budget.ENV_BUDGET_MB, raising=False)
+    gpu = torch.device("cuda", 0)
+    small = budget.ACCELERATOR_SMALL_BYTES
+    assert budget.rows_per_chunk(gpu, bytes_per_row=small // 64, rows=64) == 64
+    assert calls == []
+    assert budget.rows_per_chunk(gpu, bytes_per_row=2**30 // 8, rows=64) == 8
+    assert len(calls) == 1
+    monkeypatch.setenv(budget.ENV_BUDGET_MB, "1")
+    assert budget.rows_per_chunk(gpu, bytes_per_row=2**19, rows=64) == 2

@@ -9,7 +9,8 @@ memory. How large a chunk may be depends on the device:
 - Accelerators (CUDA, XPU, MPS): unchunked while the intermediates fit a fraction of
   the device's free memory (on CUDA the driver's free memory plus the blocks PyTorch's
   caching allocator holds unused: ``foldops.device.free_memory_bytes``); every extra
-  chunk there costs kernel launches and buys nothing until memory is short.
+  chunk there costs kernel launches and buys nothing until memory is short. Work of
+  at most ``ACCELERATOR_SMALL_BYTES`` runs whole without asking.
 
 ``FOLDOPS_CHUNK_BUDGET_MB`` overrides the budget on every device (an integer number
 of MiB of intermediates per chunk).
@@ -34,6 +35,12 @@ ACCELERATOR_FREE_FRACTION = 0.25
 
 ACCELERATOR_FALLBACK_BYTES = 1024 * 2**20
 """Budget on an accelerator whose free memory cannot be queried (MPS, old XPU)."""
+
+ACCELERATOR_SMALL_BYTES = 128 * 2**20
+"""Work whose intermediates total at most this runs unchunked on an accelerator without
+a free-memory query: the query costs tens of microseconds of host time on every call,
+as much as a small op's kernels, and a device with so little memory left would fail
+the op's other allocations anyway."""
 
 
 _last_free: dict = {}
@@ -86,5 +93,8 @@ def rows_per_chunk(
     """
     if chunk_size is not None:
         return max(1, min(rows, chunk_size))
+    if (device.type != "cpu" and bytes_per_row * rows <= ACCELERATOR_SMALL_BYTES
+            and not os.environ.get(ENV_BUDGET_MB, "").strip()):
+        return max(1, rows)
     per_chunk = chunk_budget_bytes(device) // max(1, bytes_per_row)
     return max(1, min(max(rows, 1), per_chunk))
