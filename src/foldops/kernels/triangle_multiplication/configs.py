@@ -22,7 +22,7 @@ PROLOGUE = {
     16: (128, 16, 4, False),
     32: (128, 32, 4, False),
     64: (128, 64, 4, False),
-    128: (64, 64, 4, False),
+    128: (64, 64, 4, True),  # H200, bf16 fwd: 0.467 vs 0.520 ms (N = 512), 1.84 vs 2.21 (1024) one program per slab
     256: (32, 64, 4, False),
     512: (16, 64, 4, False),
 }
