@@ -223,3 +223,27 @@ def test_auto_never_picks_the_triton_interpreter(monkeypatch):
     assert backends.select("triangle_attention", **ctx).name == "torch"
     reasons = dict(backends.availability("triangle_attention", explicit=False, **ctx))
     assert reasons["triton"] is not None
+
+
+def test_triton_support_checks_trace_without_a_graph_break():
+    """The support checks run inside a traced forward (torch.compile with fullgraph=True
+    of a layer), so they must not call importlib (Dynamo cannot trace it) or sync. With
+    the interpreter allowed (an explicit backend) each check reaches its kernel import."""
+    import pathlib
+    import sys
+
+    import foldops.ops  # noqa: F401 (registers the backends)
+
+    ops_dir = pathlib.Path(foldops.ops.__file__).parent
+    assert not [p.name for p in ops_dir.glob("*.py") if "importlib" in p.read_text()]
+    checks = [sys.modules[f"foldops.ops.{name}"]._triton_supports
+              for name in ("triangle_attention", "pair_weighted_averaging")]
+
+    def body(x):
+        for check in checks:
+            x = x + (0.0 if check(x.device, x.dtype, head_dim=32, explicit=True) is None else 1.0)
+        return x
+
+    eager = body(torch.zeros(2))
+    traced = torch.compile(body, fullgraph=True, backend="eager")(torch.zeros(2))
+    torch.testing.assert_close(traced, eager)

@@ -34,7 +34,6 @@ Backends:
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -135,7 +134,7 @@ def _triton_supports(device, dtype, head_dim=1, explicit=True, **_):
     if head_dim > KERNEL_MAX_HEAD_DIM:
         return f"head dim {head_dim} (kernel supports up to {KERNEL_MAX_HEAD_DIM})"
     try:
-        importlib.import_module("foldops.kernels.pair_weighted_averaging")
+        import foldops.kernels.pair_weighted_averaging  # noqa: F401 (a statement, which Dynamo traces; import_module breaks the graph)
     except ImportError as exc:
         return f"kernel module unavailable: {exc}"
     return None

@@ -20,7 +20,6 @@ O(chunk * H * N^2) extra memory at inference), ``reference`` (one shot, O(B I H 
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional
 
@@ -103,7 +102,7 @@ def _triton_supports(device, dtype, head_dim, explicit, scale=1.0, masked=False,
     if head_dim > KERNEL_MAX_HEAD_DIM:
         return f"head dim {head_dim} (kernel supports up to {KERNEL_MAX_HEAD_DIM})"
     try:
-        importlib.import_module("foldops.kernels.triangle_attention")
+        import foldops.kernels.triangle_attention  # noqa: F401 (a statement, which Dynamo traces; import_module breaks the graph)
     except ImportError as exc:
         return f"kernel module unavailable: {exc}"
     return None
