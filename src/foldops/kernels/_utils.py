@@ -107,3 +107,14 @@ def use_registered_ops(t) -> bool:
 
     return (torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t)
             or is_in_torch_dispatch_mode() or torch._C._are_functorch_transforms_active())
+
+
+def mask_bytes(mask):
+    """A keep-mask as uint8 for a kernel argument: a free view of a real bool tensor's
+    0/1 bytes; a conversion while tracing (Inductor cannot lower a bool -> uint8 view)
+    and for other dtypes."""
+    import torch
+
+    if mask.dtype == torch.bool and not use_registered_ops(mask):
+        return mask.view(torch.uint8)
+    return mask.to(torch.uint8)

@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from foldops.device import multiprocessor_count, triton_interpret
-from foldops.kernels._utils import cdiv, next_pow2
+from foldops.kernels._utils import cdiv, mask_bytes, next_pow2
 from foldops.kernels.pair_weighted_averaging import configs
 from foldops.kernels.pair_weighted_averaging.backward import _dw_kernel
 from foldops.kernels.pair_weighted_averaging.forward import _wx_kernel
@@ -85,7 +85,7 @@ def value_keep(mask: Optional[torch.Tensor], msa_mask: Optional[torch.Tensor], v
         keep = mask.any(dim=1)[:, None, :]  # [B, 1, N_j]
     if msa_mask is not None:
         keep = msa_mask if keep is None else msa_mask & keep
-    return None if keep is None else keep.view(torch.uint8)  # bool is one byte of 0/1: no copy
+    return None if keep is None else mask_bytes(keep)
 
 
 def _keep_args(keep: Optional[torch.Tensor], v: torch.Tensor):

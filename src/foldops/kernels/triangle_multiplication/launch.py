@@ -28,7 +28,7 @@ from torch.library import wrap_triton
 
 from foldops import budget
 from foldops.device import triton_interpret
-from foldops.kernels._utils import cdiv, next_pow2, patch_interpreter_bf16
+from foldops.kernels._utils import cdiv, mask_bytes, next_pow2, patch_interpreter_bf16
 from foldops.kernels.triangle_multiplication import configs
 from foldops.kernels.triangle_multiplication.backward import _in_bwd_kernel, _out_bwd_kernel
 from foldops.kernels.triangle_multiplication.forward import _epilogue_kernel, _product_kernel, _prologue_kernel
@@ -99,9 +99,7 @@ def _mask_rows(mask: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     if mask is None:
         return x.new_empty((1, 1), dtype=torch.uint8)
     b, n, _ = mask.shape
-    keep = mask.reshape(b, n * n)
-    # bool bytes are 0/1: read as uint8 without a conversion kernel.
-    return keep.view(torch.uint8) if keep.dtype == torch.bool else keep.to(torch.uint8)
+    return mask_bytes(mask.reshape(b, n * n))
 
 
 def _launch_product(a, a_strides, bm, b_strides, out, o_strides, nch, m, n, k, split_a, precision):
