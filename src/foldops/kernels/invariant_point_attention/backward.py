@@ -59,6 +59,8 @@ def ipa_bwd_row_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    scale = tl.cast(scale, tl.float32)
     i = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     offs_h = tl.arange(0, HP)
@@ -170,6 +172,8 @@ def ipa_bwd_column_kernel(
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
     PRECISION: tl.constexpr,  # for the q-dtype products (fp32 inputs); point products are "ieee"
 ):
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    scale = tl.cast(scale, tl.float32)
     pid_j = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)

@@ -54,6 +54,8 @@ def ipa_fwd_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 inputs ("ieee" or "tf32x3")
     SPLIT_P: tl.constexpr,  # 16-bit q: the pair product takes the weights as two 16-bit parts
 ):
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    scale = tl.cast(scale, tl.float32)
     i = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     offs_h = tl.arange(0, HP)

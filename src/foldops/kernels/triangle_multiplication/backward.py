@@ -43,6 +43,8 @@ def _out_bwd_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    eps = tl.cast(eps, tl.float32)
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -123,6 +125,8 @@ def _in_bwd_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    eps = tl.cast(eps, tl.float32)
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)

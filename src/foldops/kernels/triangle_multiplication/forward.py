@@ -64,6 +64,8 @@ def _prologue_kernel(
     BLOCK_N: tl.constexpr,  # output channels per slab
     ALL_SLABS: tl.constexpr,  # one program writes every slab of its positions
 ):
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    eps = tl.cast(eps, tl.float32)
     """Output slabs (BLOCK_N channels) of the 3C-wide concatenation [a, b | g_out] for
     BLOCK_P positions. With ALL_SLABS, program (p, b) computes h = LayerNorm_in(x) once
     and loops over the slabs; otherwise program (p * n_slabs + n, b) writes slab n and
@@ -176,6 +178,8 @@ def _epilogue_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    eps = tl.cast(eps, tl.float32)
     """Program (p * n_slabs + n, b): out = (LayerNorm_out(t) p_out^T) * gate for output
     channels [n*BLOCK_N, ...) of BLOCK_P positions (one grid axis for both, as in
     ``_prologue_kernel``)."""

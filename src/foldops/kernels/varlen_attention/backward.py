@@ -118,6 +118,10 @@ def _bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    qk_scale2 = tl.cast(qk_scale2, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -230,6 +234,10 @@ def _bwd_dq_kernel(
     PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    qk_scale2 = tl.cast(qk_scale2, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)

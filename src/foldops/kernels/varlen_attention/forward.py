@@ -108,6 +108,9 @@ def _fwd_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     DROPOUT: tl.constexpr,  # apply dropout to the attention weights
 ):
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    qk_scale2 = tl.cast(qk_scale2, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
