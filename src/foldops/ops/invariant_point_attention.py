@@ -52,30 +52,42 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def augmented_points(q_pts, k_pts, point_weights, mask, dtype):
-    """The point term as one dot product: ``(qa, ka)`` ``[B, N, H, 3 Pq + 1]`` in ``dtype``.
+def _centre(pts, mask, dtype):
+    """Mean of the real residues' points per batch item and head, ``[B, 1, H, 1, 3]`` in
+    ``dtype``, without gradient (a common translation; the callers' results do not
+    depend on it in exact arithmetic)."""
+    with torch.no_grad():
+        pts = pts.to(dtype)
+        if mask is None:
+            return pts.mean(dim=(1, 3), keepdim=True)
+        keep = mask.to(dtype)[:, :, None, None, None]
+        count = keep.sum(dim=1, keepdim=True).clamp_min(1.0) * pts.shape[3]
+        return (pts * keep).sum(dim=(1, 3), keepdim=True) / count
 
-    ``qa . ka = w q.k - w/2 |k|^2`` equals ``-w/2 |q - k|^2`` up to ``-w/2 |q|^2``, a
-    constant of each query row that the softmax cancels (its gradient is zero too).
-    Points are first moved by the mean of the real residues' key points of each batch
-    item and head (a common translation, so no distance changes): the expansion then
-    cancels terms of the size of the protein, not of its distance from the origin.
+
+def augmented_points(q_pts, k_pts, point_weights, mask, dtype):
+    """The point term as one dot product: ``(qa, ka)`` ``[B, N, H, 3 Pq + 2]`` in ``dtype``.
+
+    ``qa = [w q | -w/2 | -w/2 |q|^2]``, ``ka = [k | |k|^2 | 1]``, so
+    ``qa . ka = -w/2 |q - k|^2``: the whole point term, the query's ``-w/2 |q|^2``
+    included. The softmax cancels that row constant, but its gradient does not vanish
+    in floating point: the computed logits' gradient has rows that sum to rounding
+    noise, not zero, and without the column the points' and weights' gradients would
+    miss that noise times ``|q|^2`` (the protein's squared radius, where the exact
+    terms are squared distances between attending points: 4-14x plain PyTorch's error
+    in the head weights' gradient of a layer). Points are first moved by the mean of
+    the real residues' key points of each batch item and head (a common translation,
+    so no distance changes): the expansion then cancels terms of the size of the
+    protein, not of its distance from the origin.
     """
     batch, n, heads, points, _ = q_pts.shape
-    qp = q_pts.to(dtype)
-    kp = k_pts.to(dtype)
-    with torch.no_grad():
-        if mask is None:
-            centre = kp.mean(dim=(1, 3), keepdim=True)
-        else:
-            keep = mask.to(dtype)[:, :, None, None, None]
-            count = keep.sum(dim=1, keepdim=True).clamp_min(1.0) * points
-            centre = (kp * keep).sum(dim=(1, 3), keepdim=True) / count
-    qp = (qp - centre).reshape(batch, n, heads, 3 * points)
-    kp = (kp - centre).reshape(batch, n, heads, 3 * points)
+    centre = _centre(k_pts, mask, dtype)
+    qp = (q_pts.to(dtype) - centre).reshape(batch, n, heads, 3 * points)
+    kp = (k_pts.to(dtype) - centre).reshape(batch, n, heads, 3 * points)
     w = point_weights.to(dtype)[:, None]  # [H, 1]
-    qa = torch.cat([qp * w, (-0.5 * w).expand(batch, n, heads, 1)], dim=-1)
-    ka = torch.cat([kp, (kp * kp).sum(-1, keepdim=True)], dim=-1)
+    half = -0.5 * w
+    qa = torch.cat([qp * w, half.expand(batch, n, heads, 1), half * (qp * qp).sum(-1, keepdim=True)], dim=-1)
+    ka = torch.cat([kp, (kp * kp).sum(-1, keepdim=True), torch.ones_like(kp[..., :1])], dim=-1)
     return qa, ka
 
 
@@ -83,12 +95,18 @@ def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, s
     batch, n, heads, channels = q.shape
     acc = _accumulator(q.dtype)
     qa, ka = augmented_points(q_pts, k_pts, point_weights, mask, acc)
-    # One matmul for both terms: [scale q | w q_pts | -w/2] . [k | k_pts | |k_pts|^2].
+    # One matmul for both terms: [scale q | w q_pts | -w/2 | -w/2 |q_pts|^2] . [k | k_pts | |k_pts|^2 | 1].
     q_all = torch.cat([q.to(acc) * scale, qa], dim=-1).transpose(1, 2)  # [B, H, N, C + 3Pq + 1]
     k_all = torch.cat([k.to(acc), ka], dim=-1).permute(0, 2, 3, 1)  # [B, H, C + 3Pq + 1, N]
     pv = v_pts.shape[3]
+    # Value points relative to their mean (the weighted sum carries a translation
+    # through exactly; it is added back below): the logits' gradient a * (dA - rowsum(a
+    # dA)) then cancels terms of the protein's size, not of its distance from the
+    # origin (with points 20 A off the origin, 2-3x plain PyTorch's error in the point
+    # weights' gradient otherwise).
+    v_centre = _centre(v_pts, mask, acc)  # [B, 1, H, 1, 3]
     # Values and value points in one matmul too: [B, H, N, C + 3 Pv].
-    v_all = torch.cat([v.to(acc), v_pts.to(acc).flatten(-2)], dim=-1).transpose(1, 2)
+    v_all = torch.cat([v.to(acc), (v_pts.to(acc) - v_centre).flatten(-2)], dim=-1).transpose(1, 2)
     keep = None if mask is None else mask
     need_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z))
@@ -109,7 +127,9 @@ def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, s
     o_all = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).transpose(1, 2)  # [B, N, H, C + 3 Pv]
     out_pair = outs_pair[0] if len(outs_pair) == 1 else torch.cat(outs_pair, dim=1)
     out = o_all[..., :channels].to(q.dtype)
-    out_pts = o_all[..., channels:].reshape(batch, n, heads, pv, 3).to(v_pts.dtype)
+    out_pts = o_all[..., channels:].reshape(batch, n, heads, pv, 3)
+    out_pts = out_pts + (v_centre if keep is None else v_centre * keep[:, :, None, None, None].to(acc))
+    out_pts = out_pts.to(v_pts.dtype)
     return out, out_pts, out_pair.to(z.dtype)
 
 

@@ -63,7 +63,16 @@ def invariant_point_attention(
         a = masked_softmax(logits, keep[:, None, None, :], dim=-1)
         a = a * keep[:, None, :, None].to(a.dtype)  # padded residues' rows are zero
     out = torch.einsum("bhij,bjhc->bihc", a.to(v.dtype), v)
-    out_pts = torch.einsum("bhij,bjhpx->bihpx", a.to(v_pts.dtype), v_pts)
+    # Value points relative to their mean over the real residues (the weights of a kept
+    # row sum to 1, so the translation is added back as is): the gradient of the logits,
+    # a * (dA - rowsum(a dA)), then cancels terms of the protein's size, not of its
+    # distance from the origin.
+    with torch.no_grad():
+        kept = torch.ones(v_pts.shape[:2], dtype=v_pts.dtype, device=v_pts.device) if mask is None \
+            else mask.to(v_pts.dtype)
+        kept = kept[:, :, None, None, None]
+        centre = (v_pts * kept).sum(dim=(1, 3), keepdim=True) / (kept.sum(dim=1, keepdim=True).clamp_min(1.0) * v_pts.shape[3])
+    out_pts = torch.einsum("bhij,bjhpx->bihpx", a.to(v_pts.dtype), v_pts - centre) + centre * kept
     # The pair product in q's dtype: an fp32 z beside 16-bit q (a layer under autocast)
     # is rounded as autocast's matmul rounds it.
     out_pair = torch.einsum("bhij,bijc->bihc", a.to(q.dtype), z.to(q.dtype)).to(z.dtype)
