@@ -25,9 +25,11 @@ keys. Padding never changes a real residue's outputs.
 Backends: ``triton`` (CUDA cc >= 8.0: one pass over key tiles per query row computes
 the logits, an online softmax and all three outputs, streaming z; the backward keeps
 only the log-sum-exp), ``torch`` (any device: the squared distance is expanded as
-|q|^2 + |k|^2 - 2 q.k, so the point term and the scalar term are one matmul; no
-[B, N, N, H, P, 3] tensor; at inference query rows are processed in chunks sized by
-``foldops.budget``, so extra memory is O(chunk * H * N)), ``reference`` (the algorithm
+|q|^2 + |k|^2 - 2 q.k, so the point term and the scalar term are one matmul, plus a
+small exact one on grid-rounded coordinates that keeps the expansion's rounding at the
+size of the distances (``point_operands``); no [B, N, N, H, P, 3] tensor; at inference
+query rows are processed in chunks sized by ``foldops.budget``, so extra memory is
+O(chunk * H * N)), ``reference`` (the algorithm
 as written, O(B N^2 H Pq) memory).
 """
 
@@ -65,39 +67,110 @@ def _centre(pts, mask, dtype):
         return (pts * keep).sum(dim=(1, 3), keepdim=True) / count
 
 
-def augmented_points(q_pts, k_pts, point_weights, mask, dtype):
-    """The point term as one dot product: ``(qa, ka)`` ``[B, N, H, 3 Pq + 2]`` in ``dtype``.
+def _grid_bits(coordinates: int) -> int:
+    """Bits b of the integer grid coordinates: a sum of ``coordinates`` squared
+    differences of integers below 2^b, expanded as ``|q|^2 + |k|^2 - 2 q.k``, keeps every
+    partial sum below 2^24 (exact in fp32 in any order)."""
+    return max(1, int((22 - math.log2(coordinates)) // 2))
 
-    ``qa = [w q | -w/2 | -w/2 |q|^2]``, ``ka = [k | |k|^2 | 1]``, so
-    ``qa . ka = -w/2 |q - k|^2``: the whole point term, the query's ``-w/2 |q|^2``
-    included. The softmax cancels that row constant, but its gradient does not vanish
-    in floating point: the computed logits' gradient has rows that sum to rounding
-    noise, not zero, and without the column the points' and weights' gradients would
-    miss that noise times ``|q|^2`` (the protein's squared radius, where the exact
-    terms are squared distances between attending points: 4-14x plain PyTorch's error
-    in the head weights' gradient of a layer). Points are first moved by the mean of
-    the real residues' key points of each batch item and head (a common translation,
-    so no distance changes): the expansion then cancels terms of the size of the
-    protein, not of its distance from the origin.
+
+def point_operands(q_pts, k_pts, point_weights, mask, dtype):
+    """The point term ``-w/2 |q - k|^2`` as two dot products plus a scaled exact one.
+
+    Returns ``(qa, ka, qe, ke, factor)``: ``qa, ka`` ``[B, N, H, 6 Pq + 2]``, ``qe, ke``
+    ``[B, N, H, 3 Pq + 2]`` and ``factor`` ``[B, H]``, all in ``dtype``, with
+
+        -w/2 |q_i - k_j|^2 = qa_i . ka_j + factor * (qe_i . ke_j)
+
+    Points are moved by the mean of the real residues' key points (per batch item and
+    head; no distance changes) and split as ``x = hi + lo``: ``hi`` on a grid of step
+    ``g`` (a power of two; ``|hi| / g < 2^b``, ``_grid_bits``), ``|lo| <= g / 2``.
+    ``qe . ke = |hi_q - hi_k|^2 / g^2`` is a sum of integers, exact in fp32;
+    ``factor = -w/2 g^2``. ``qa . ka`` holds the rest, ``-w/2 (2 (hi_q - hi_k).(lo_q -
+    lo_k) + |lo_q - lo_k|^2)``, whose terms are of size |x| g, not |x|^2: the plain
+    expansion ``w q.k - w/2 |q|^2 - w/2 |k|^2`` rounds terms of the protein's squared
+    radius, so the logits of nearby points (the ones that get weight) carried errors
+    of eps * w * radius^2: 2-37x plain PyTorch's error in the outputs and gradients on
+    a protein-like cloud (tests/ops). ``hi`` carries no gradient and ``lo = x - hi``
+    all of it, so autograd differentiates the exact function. (A matmul that rounds
+    its fp32 inputs, TF32, would round the integers' squares: not exact then.) The query's own ``-w/2 |q|^2`` is
+    part of the sums: the softmax cancels a row constant, but its gradient is zero only
+    where the logits' gradient has rows summing exactly to zero, which in floating
+    point they do not (without it, 4-14x plain PyTorch's error in the head weights'
+    gradient of a layer).
     """
     batch, n, heads, points, _ = q_pts.shape
+    coords = 3 * points
     centre = _centre(k_pts, mask, dtype)
-    qp = (q_pts.to(dtype) - centre).reshape(batch, n, heads, 3 * points)
-    kp = (k_pts.to(dtype) - centre).reshape(batch, n, heads, 3 * points)
+    qx = (q_pts.to(dtype) - centre).reshape(batch, n, heads, coords)
+    kx = (k_pts.to(dtype) - centre).reshape(batch, n, heads, coords)
+    with torch.no_grad():
+        reach = torch.maximum(_kept_max(qx, mask), _kept_max(kx, mask))  # [B, 1, H, 1]
+        reach = torch.where(reach > 0, reach, torch.ones_like(reach))  # no real residue, or all at the centre
+        step = torch.exp2(torch.ceil(torch.log2(reach)) - _grid_bits(coords))
+        qi, ki = torch.round(qx / step), torch.round(kx / step)  # integers, |.| <= 2^b on real residues
+        if mask is not None:  # padded residues: hi = 0, whatever their coordinates
+            pad = ~mask[:, :, None, None]
+            qi, ki = qi.masked_fill(pad, 0.0), ki.masked_fill(pad, 0.0)
+        qh, kh = qi * step, ki * step
+    ql, kl = qx - qh, kx - kh  # exact; all the gradient
     w = point_weights.to(dtype)[:, None]  # [H, 1]
     half = -0.5 * w
-    qa = torch.cat([qp * w, half.expand(batch, n, heads, 1), half * (qp * qp).sum(-1, keepdim=True)], dim=-1)
-    ka = torch.cat([kp, (kp * kp).sum(-1, keepdim=True), torch.ones_like(kp[..., :1])], dim=-1)
-    return qa, ka
+    row = half * (2 * qh + ql).mul(ql).sum(-1, keepdim=True)  # -w/2 (|q|^2 - |hi_q|^2)
+    qa = torch.cat([w * qh, w * ql, row, half.expand(batch, n, heads, 1)], dim=-1)
+    ka = torch.cat([kl, kx, torch.ones_like(kx[..., :1]), (2 * kh + kl).mul(kl).sum(-1, keepdim=True)], dim=-1)
+    qe = torch.cat([qi, qi.square().sum(-1, keepdim=True), torch.ones_like(qi[..., :1])], dim=-1)
+    ke = torch.cat([-2 * ki, torch.ones_like(ki[..., :1]), ki.square().sum(-1, keepdim=True)], dim=-1)
+    factor = half.T * step[:, 0, :, 0].square()  # [B, H]
+    return qa, ka, qe, ke, factor
+
+
+def _kept_max(x, mask):
+    """Largest |coordinate| of the real residues per batch item and head, ``[B, 1, H, 1]``."""
+    mag = x.abs().amax(dim=-1, keepdim=True)  # [B, N, H, 1]
+    if mask is not None:
+        mag = mag.masked_fill(~mask[:, :, None, None], 0.0)
+    return mag.amax(dim=1, keepdim=True)
+
+
+class _AddExactTerm(torch.autograd.Function):
+    """``logits += factor * (qe @ ke)`` in place; ``qe`` ``[B, H, c, K]`` and ``ke``
+    ``[B, H, K, N]`` are constants (the grid integers), ``factor`` ``[B, H, 1, 1]``.
+
+    The backward recomputes ``qe @ ke`` for ``factor``'s gradient, a block of rows at
+    a time, instead of keeping a ``[B, H, c, N]`` tensor from the forward.
+    """
+
+    ROWS = 64  # rows per recomputed block in the backward
+
+    @staticmethod
+    def forward(ctx, logits, qe, ke, factor):
+        ctx.save_for_backward(qe, ke)
+        ctx.mark_dirty(logits)
+        return logits.addcmul_(torch.matmul(qe, ke), factor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        d_factor = None
+        if ctx.needs_input_grad[3]:
+            qe, ke = ctx.saved_tensors
+            d_factor = torch.zeros(grad.shape[:2], dtype=grad.dtype, device=grad.device)
+            for start in range(0, grad.shape[2], _AddExactTerm.ROWS):
+                rows = slice(start, start + _AddExactTerm.ROWS)
+                d_factor += (grad[:, :, rows] * torch.matmul(qe[:, :, rows], ke)).sum(dim=(2, 3))
+            d_factor = d_factor[:, :, None, None]
+        return grad, None, None, d_factor
 
 
 def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, scale, chunk_size):
     batch, n, heads, channels = q.shape
     acc = _accumulator(q.dtype)
-    qa, ka = augmented_points(q_pts, k_pts, point_weights, mask, acc)
-    # One matmul for both terms: [scale q | w q_pts | -w/2 | -w/2 |q_pts|^2] . [k | k_pts | |k_pts|^2 | 1].
-    q_all = torch.cat([q.to(acc) * scale, qa], dim=-1).transpose(1, 2)  # [B, H, N, C + 3Pq + 1]
-    k_all = torch.cat([k.to(acc), ka], dim=-1).permute(0, 2, 3, 1)  # [B, H, C + 3Pq + 1, N]
+    qa, ka, qe, ke, factor = point_operands(q_pts, k_pts, point_weights, mask, acc)
+    # One matmul for the scalar term and the point term's small part, one exact one.
+    q_all = torch.cat([q.to(acc) * scale, qa], dim=-1).transpose(1, 2)  # [B, H, N, C + 6Pq + 2]
+    k_all = torch.cat([k.to(acc), ka], dim=-1).permute(0, 2, 3, 1)  # [B, H, C + 6Pq + 2, N]
+    qe, ke = qe.transpose(1, 2), ke.permute(0, 2, 3, 1)  # [B, H, N, 3Pq + 2], [B, H, 3Pq + 2, N]
+    factor = factor[:, :, None, None]
     pv = v_pts.shape[3]
     # Value points relative to their mean (the weighted sum carries a translation
     # through exactly; it is added back below): the logits' gradient a * (dA - rowsum(a
@@ -110,12 +183,13 @@ def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, s
     keep = None if mask is None else mask
     need_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z))
-    bytes_per_row = batch * heads * n * 4 * torch.finfo(acc).bits // 8
+    bytes_per_row = batch * heads * n * 5 * torch.finfo(acc).bits // 8
     step = n if need_grad else rows_per_chunk(q.device, bytes_per_row, n, chunk_size)
     outs, outs_pair = [], []
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         logits = torch.matmul(q_all[:, :, rows], k_all) + bias[:, :, rows].to(acc)  # [B, H, c, N]
+        logits = _AddExactTerm.apply(logits, qe[:, :, rows], ke, factor)
         if keep is None:
             a = torch.softmax(logits, dim=-1)
         else:

@@ -15,7 +15,10 @@ points, Cz pair channels):
     out_pair[b,i,h]  = sum_j a[b,h,i,j] z[b,i,j]
 
 The displacements ``q_pts - k_pts`` are built whole ([B, N, N, H, Pq, 3]): this is
-the algorithm as written, for tests and as the baseline "plain PyTorch".
+the algorithm as written, for tests and as the baseline "plain PyTorch". Value points
+are weighted relative to their mean (added back after; exact in real arithmetic), as
+the fast backends do: uncentred, the logits' gradient cancels terms of the points'
+distance from the origin.
 """
 
 from __future__ import annotations
@@ -70,8 +73,9 @@ def invariant_point_attention(
     with torch.no_grad():
         kept = torch.ones(v_pts.shape[:2], dtype=v_pts.dtype, device=v_pts.device) if mask is None \
             else mask.to(v_pts.dtype)
-        kept = kept[:, :, None, None, None]
-        centre = (v_pts * kept).sum(dim=(1, 3), keepdim=True) / (kept.sum(dim=1, keepdim=True).clamp_min(1.0) * v_pts.shape[3])
+        kept = kept[:, :, None, None, None]  # [B, N, 1, 1, 1]
+        count = kept.sum(dim=1, keepdim=True).clamp_min(1.0) * v_pts.shape[3]
+        centre = (v_pts * kept).sum(dim=(1, 3), keepdim=True) / count  # [B, 1, H, 1, 3]
     out_pts = torch.einsum("bhij,bjhpx->bihpx", a.to(v_pts.dtype), v_pts - centre) + centre * kept
     # The pair product in q's dtype: an fp32 z beside 16-bit q (a layer under autocast)
     # is rounded as autocast's matmul rounds it.
