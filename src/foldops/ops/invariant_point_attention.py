@@ -35,6 +35,7 @@ as written, O(B N^2 H Pq) memory).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -133,6 +134,21 @@ def _kept_max(x, mask):
     return mag.amax(dim=1, keepdim=True)
 
 
+def _no_autocast(device: torch.device):
+    """A context without autocast on ``device``: the logits' matmuls run in the
+    accumulator dtype (autocast would round the grid integers and the point terms,
+    which plain PyTorch forms in the points' dtype)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _exact_product(qe, ke):
+    """``qe @ ke`` of grid integers, exact (``point_operands``)."""
+    with _no_autocast(qe.device):
+        return torch.matmul(qe, ke)
+
+
 class _AddExactTerm(torch.autograd.Function):
     """``logits += factor * (qe @ ke)`` in place; ``qe`` ``[B, H, c, K]`` and ``ke``
     ``[B, H, K, N]`` are constants (the grid integers), ``factor`` ``[B, H, 1, 1]``.
@@ -147,7 +163,7 @@ class _AddExactTerm(torch.autograd.Function):
     def forward(ctx, logits, qe, ke, factor):
         ctx.save_for_backward(qe, ke)
         ctx.mark_dirty(logits)
-        return logits.addcmul_(torch.matmul(qe, ke), factor)
+        return logits.addcmul_(_exact_product(qe, ke), factor)
 
     @staticmethod
     def backward(ctx, grad):
@@ -157,7 +173,7 @@ class _AddExactTerm(torch.autograd.Function):
             d_factor = torch.zeros(grad.shape[:2], dtype=grad.dtype, device=grad.device)
             for start in range(0, grad.shape[2], _AddExactTerm.ROWS):
                 rows = slice(start, start + _AddExactTerm.ROWS)
-                d_factor += (grad[:, :, rows] * torch.matmul(qe[:, :, rows], ke)).sum(dim=(2, 3))
+                d_factor += (grad[:, :, rows] * _exact_product(qe[:, :, rows], ke)).sum(dim=(2, 3))
             d_factor = d_factor[:, :, None, None]
         return grad, None, None, d_factor
 
@@ -188,7 +204,8 @@ def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, s
     outs, outs_pair = [], []
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
-        logits = torch.matmul(q_all[:, :, rows], k_all) + bias[:, :, rows].to(acc)  # [B, H, c, N]
+        with _no_autocast(q.device):
+            logits = torch.matmul(q_all[:, :, rows], k_all) + bias[:, :, rows].to(acc)  # [B, H, c, N]
         logits = _AddExactTerm.apply(logits, qe[:, :, rows], ke, factor)
         if keep is None:
             a = torch.softmax(logits, dim=-1)
