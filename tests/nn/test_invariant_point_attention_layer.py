@@ -177,18 +177,12 @@ def test_matches_literal_forward_and_gradients(variant, backend):
             torch.testing.assert_close(got64, exact, rtol=1e-9, atol=1e-9, msg=name)
 
 
-HEAD_WEIGHT_CASES = [
-    pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason=(
-        "known gap, cause not found: in this Multiflow case (with or without the attention mask) the torch "
-        "and reference backends' fp32 head-weight gradient is 2-10x the fp32 literal forward's error; "
-        "the Triton kernel's is within 2x")))
-    if case[0] == "multiflow" and case[1] in ("torch", "reference") else case
-    for case in LITERAL_CASES
-]
-
-
-@pytest.mark.parametrize("variant,backend", HEAD_WEIGHT_CASES)
+@pytest.mark.parametrize("variant,backend", LITERAL_CASES)
 def test_head_weight_gradient_matches_literal(variant, backend):
+    """The head weights' gradient sums squared distances against the logits' gradient,
+    whose rows sum to zero only in exact arithmetic: the fp32 result is sensitive to how
+    the point term and the point output are formed (see the ``torch`` backend's
+    ``augmented_points`` and value-point centring)."""
     got, exact, base, got64 = literal_comparison(variant, backend)["d head_weights"]
     if got64 is not None:
         torch.testing.assert_close(got64, exact, rtol=1e-9, atol=1e-9)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from foldops import backends
+from foldops.device import kernel_support
 from foldops.ops import invariant_point_attention as ipa
 from foldops.reference.invariant_point_attention import invariant_point_attention as reference
 from foldops.testing import assert_within_baseline
@@ -80,6 +81,65 @@ def test_backend_against_float64(shape, backend, dtype, point_dtype):
         assert_within_baseline(name, f, e, b, dtype=dtype)
     for name, f, e, b in zip(NAMES, fast_g, exact_g, base_g):
         assert_within_baseline(f"d{name}", f, e, b, dtype=dtype)
+
+
+def protein_like_inputs(batch, n, heads, c, pq, pv, cz, *, offset, spread, seed=0):
+    """fp64 inputs shaped like a protein far from the origin: residues spread ``spread``
+    around a centre ``offset`` away, each residue's points within ~1.5 of it (so
+    attention goes to nearby points, whose squared distances are far smaller than
+    the cloud's squared radius), ~20% padding."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g)
+
+    q, k, v = (rand(batch, n, heads, c) for _ in range(3))
+    centre = offset * torch.nn.functional.normalize(rand(batch, 1, 1, 1, 3), dim=-1)
+    residues = spread * rand(batch, n, 1, 1, 3) + centre
+    q_pts, k_pts = (1.5 * rand(batch, n, heads, pq, 3) + residues for _ in range(2))
+    v_pts = 1.5 * rand(batch, n, heads, pv, 3) + residues
+    bias = rand(batch, heads, n, n)
+    weights = torch.rand(heads, dtype=torch.float64, generator=g) * 0.2 + 0.05
+    z = rand(batch, n, n, cz)
+    mask = torch.rand(batch, n, generator=g) > 0.2
+    mask[:, 0] = True
+    return [q, k, v, q_pts, k_pts, v_pts, bias, weights, z], mask
+
+
+GEOMETRIES = [(50.0, 4.0), (100.0, 4.0), (0.0, 8.0)]  # (offset, spread)
+TRITON_SPREAD_GAP = pytest.mark.xfail(strict=True, reason=(
+    "known gap of the Triton kernel (interpreter): on a wide cloud near the origin its fp32 outputs and "
+    "gradients are 2-15x the reference's error over seeds (its logits use coordinate differences; the "
+    "gap is elsewhere, not found)"))
+OFFSET_CASES = [("torch", geo) for geo in GEOMETRIES] + [("reference", geo) for geo in GEOMETRIES]
+if kernel_support("cpu") is None:  # the Triton interpreter on CPU
+    OFFSET_CASES += [pytest.param("triton", geo, marks=[TRITON_SPREAD_GAP] if geo[0] == 0.0 else [])
+                     for geo in GEOMETRIES]
+
+
+@pytest.mark.parametrize("backend,geometry", OFFSET_CASES, ids=lambda x: x if isinstance(x, str) else
+                         "offset%g-spread%g" % x)
+def test_protein_like_points_fp32(backend, geometry):
+    """Every backend's fp32 outputs and gradients of all inputs on protein-like point
+    clouds (points 50-100 from the origin, as real coordinates are; a wider cloud
+    near the origin), within 2x the fp32 reference's error. Attention goes to nearby
+    points, whose squared distances are far below the cloud's squared radius: the
+    torch backend's expanded point term cancels terms of that radius (without its
+    exact grid part, 6-37x the reference's error on the wide cloud)."""
+    offset, spread = geometry
+    inputs, mask = protein_like_inputs(2, 13, 3, 5, 4, 6, 7, offset=offset, spread=spread)
+    exact_in = _cast(inputs, torch.float64, torch.float64)
+    g = torch.Generator().manual_seed(1)
+    grads_out = [torch.randn(o.shape, dtype=torch.float64, generator=g) for o in reference(*exact_in, mask)]
+    exact, exact_g = _run(lambda *a, **k: reference(*a, scale=0.3), exact_in, mask, grads_out)
+    base, base_g = _run(lambda *a, **k: reference(*a, scale=0.3), _cast(inputs, torch.float32, torch.float32),
+                        mask, grads_out)
+    fast, fast_g = _run(lambda *a, **k: ipa(*a, scale=0.3, backend=backend),
+                        _cast(inputs, torch.float32, torch.float32), mask, grads_out)
+    for name, f, e, b in zip(("out", "out_pts", "out_pair"), fast, exact, base):
+        assert_within_baseline(name, f, e, b, dtype=torch.float32)
+    for name, f, e, b in zip(NAMES, fast_g, exact_g, base_g):
+        assert_within_baseline(f"d{name}", f, e, b, dtype=torch.float32)
 
 
 def test_padding_never_leaks():

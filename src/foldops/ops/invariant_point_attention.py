@@ -25,14 +25,17 @@ keys. Padding never changes a real residue's outputs.
 Backends: ``triton`` (CUDA cc >= 8.0: one pass over key tiles per query row computes
 the logits, an online softmax and all three outputs, streaming z; the backward keeps
 only the log-sum-exp), ``torch`` (any device: the squared distance is expanded as
-|q|^2 + |k|^2 - 2 q.k, so the point term and the scalar term are one matmul; no
-[B, N, N, H, P, 3] tensor; at inference query rows are processed in chunks sized by
-``foldops.budget``, so extra memory is O(chunk * H * N)), ``reference`` (the algorithm
+|q|^2 + |k|^2 - 2 q.k, so the point term and the scalar term are one matmul, plus a
+small exact one on grid-rounded coordinates that keeps the expansion's rounding at the
+size of the distances (``point_operands``); no [B, N, N, H, P, 3] tensor; at inference
+query rows are processed in chunks sized by ``foldops.budget``, so extra memory is
+O(chunk * H * N)), ``reference`` (the algorithm
 as written, O(B N^2 H Pq) memory).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -52,52 +55,158 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def augmented_points(q_pts, k_pts, point_weights, mask, dtype):
-    """The point term as one dot product: ``(qa, ka)`` ``[B, N, H, 3 Pq + 1]`` in ``dtype``.
+def _centre(pts, mask, dtype):
+    """Mean of the real residues' points per batch item and head, ``[B, 1, H, 1, 3]`` in
+    ``dtype``, without gradient (a common translation; the callers' results do not
+    depend on it in exact arithmetic)."""
+    with torch.no_grad():
+        pts = pts.to(dtype)
+        if mask is None:
+            return pts.mean(dim=(1, 3), keepdim=True)
+        keep = mask.to(dtype)[:, :, None, None, None]
+        count = keep.sum(dim=1, keepdim=True).clamp_min(1.0) * pts.shape[3]
+        return (pts * keep).sum(dim=(1, 3), keepdim=True) / count
 
-    ``qa . ka = w q.k - w/2 |k|^2`` equals ``-w/2 |q - k|^2`` up to ``-w/2 |q|^2``, a
-    constant of each query row that the softmax cancels (its gradient is zero too).
-    Points are first moved by the mean of the real residues' key points of each batch
-    item and head (a common translation, so no distance changes): the expansion then
-    cancels terms of the size of the protein, not of its distance from the origin.
+
+def _grid_bits(coordinates: int) -> int:
+    """Bits b of the integer grid coordinates: a sum of ``coordinates`` squared
+    differences of integers below 2^b, expanded as ``|q|^2 + |k|^2 - 2 q.k``, keeps every
+    partial sum below 2^24 (exact in fp32 in any order)."""
+    return max(1, int((22 - math.log2(coordinates)) // 2))
+
+
+def point_operands(q_pts, k_pts, point_weights, mask, dtype):
+    """The point term ``-w/2 |q - k|^2`` as two dot products plus a scaled exact one.
+
+    Returns ``(qa, ka, qe, ke, factor)``: ``qa, ka`` ``[B, N, H, 6 Pq + 2]``, ``qe, ke``
+    ``[B, N, H, 3 Pq + 2]`` and ``factor`` ``[B, H]``, all in ``dtype``, with
+
+        -w/2 |q_i - k_j|^2 = qa_i . ka_j + factor * (qe_i . ke_j)
+
+    Points are moved by the mean of the real residues' key points (per batch item and
+    head; no distance changes) and split as ``x = hi + lo``: ``hi`` on a grid of step
+    ``g`` (a power of two; ``|hi| / g < 2^b``, ``_grid_bits``), ``|lo| <= g / 2``.
+    ``qe . ke = |hi_q - hi_k|^2 / g^2`` is a sum of integers, exact in fp32;
+    ``factor = -w/2 g^2``. ``qa . ka`` holds the rest, ``-w/2 (2 (hi_q - hi_k).(lo_q -
+    lo_k) + |lo_q - lo_k|^2)``, whose terms are of size |x| g, not |x|^2: the plain
+    expansion ``w q.k - w/2 |q|^2 - w/2 |k|^2`` rounds terms of the protein's squared
+    radius, so the logits of nearby points (the ones that get weight) carried errors
+    of eps * w * radius^2: 2-37x plain PyTorch's error in the outputs and gradients on
+    a protein-like cloud (tests/ops). ``hi`` carries no gradient and ``lo = x - hi``
+    all of it, so autograd differentiates the exact function. (A matmul that rounds
+    its fp32 inputs, TF32, would round the integers' squares: not exact then.) The query's own ``-w/2 |q|^2`` is
+    part of the sums: the softmax cancels a row constant, but its gradient is zero only
+    where the logits' gradient has rows summing exactly to zero, which in floating
+    point they do not (without it, 4-14x plain PyTorch's error in the head weights'
+    gradient of a layer).
     """
     batch, n, heads, points, _ = q_pts.shape
-    qp = q_pts.to(dtype)
-    kp = k_pts.to(dtype)
+    coords = 3 * points
+    centre = _centre(k_pts, mask, dtype)
+    qx = (q_pts.to(dtype) - centre).reshape(batch, n, heads, coords)
+    kx = (k_pts.to(dtype) - centre).reshape(batch, n, heads, coords)
     with torch.no_grad():
-        if mask is None:
-            centre = kp.mean(dim=(1, 3), keepdim=True)
-        else:
-            keep = mask.to(dtype)[:, :, None, None, None]
-            count = keep.sum(dim=1, keepdim=True).clamp_min(1.0) * points
-            centre = (kp * keep).sum(dim=(1, 3), keepdim=True) / count
-    qp = (qp - centre).reshape(batch, n, heads, 3 * points)
-    kp = (kp - centre).reshape(batch, n, heads, 3 * points)
+        reach = torch.maximum(_kept_max(qx, mask), _kept_max(kx, mask))  # [B, 1, H, 1]
+        reach = torch.where(reach > 0, reach, torch.ones_like(reach))  # no real residue, or all at the centre
+        step = torch.exp2(torch.ceil(torch.log2(reach)) - _grid_bits(coords))
+        qi, ki = torch.round(qx / step), torch.round(kx / step)  # integers, |.| <= 2^b on real residues
+        if mask is not None:  # padded residues: hi = 0, whatever their coordinates
+            pad = ~mask[:, :, None, None]
+            qi, ki = qi.masked_fill(pad, 0.0), ki.masked_fill(pad, 0.0)
+        qh, kh = qi * step, ki * step
+    ql, kl = qx - qh, kx - kh  # exact; all the gradient
     w = point_weights.to(dtype)[:, None]  # [H, 1]
-    qa = torch.cat([qp * w, (-0.5 * w).expand(batch, n, heads, 1)], dim=-1)
-    ka = torch.cat([kp, (kp * kp).sum(-1, keepdim=True)], dim=-1)
-    return qa, ka
+    half = -0.5 * w
+    row = half * (2 * qh + ql).mul(ql).sum(-1, keepdim=True)  # -w/2 (|q|^2 - |hi_q|^2)
+    qa = torch.cat([w * qh, w * ql, row, half.expand(batch, n, heads, 1)], dim=-1)
+    ka = torch.cat([kl, kx, torch.ones_like(kx[..., :1]), (2 * kh + kl).mul(kl).sum(-1, keepdim=True)], dim=-1)
+    qe = torch.cat([qi, qi.square().sum(-1, keepdim=True), torch.ones_like(qi[..., :1])], dim=-1)
+    ke = torch.cat([-2 * ki, torch.ones_like(ki[..., :1]), ki.square().sum(-1, keepdim=True)], dim=-1)
+    factor = half.T * step[:, 0, :, 0].square()  # [B, H]
+    return qa, ka, qe, ke, factor
+
+
+def _kept_max(x, mask):
+    """Largest |coordinate| of the real residues per batch item and head, ``[B, 1, H, 1]``."""
+    mag = x.abs().amax(dim=-1, keepdim=True)  # [B, N, H, 1]
+    if mask is not None:
+        mag = mag.masked_fill(~mask[:, :, None, None], 0.0)
+    return mag.amax(dim=1, keepdim=True)
+
+
+def _no_autocast(device: torch.device):
+    """A context without autocast on ``device``: the logits' matmuls run in the
+    accumulator dtype (autocast would round the grid integers and the point terms,
+    which plain PyTorch forms in the points' dtype)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _exact_product(qe, ke):
+    """``qe @ ke`` of grid integers, exact (``point_operands``)."""
+    with _no_autocast(qe.device):
+        return torch.matmul(qe, ke)
+
+
+class _AddExactTerm(torch.autograd.Function):
+    """``logits += factor * (qe @ ke)`` in place; ``qe`` ``[B, H, c, K]`` and ``ke``
+    ``[B, H, K, N]`` are constants (the grid integers), ``factor`` ``[B, H, 1, 1]``.
+
+    The backward recomputes ``qe @ ke`` for ``factor``'s gradient, a block of rows at
+    a time, instead of keeping a ``[B, H, c, N]`` tensor from the forward.
+    """
+
+    ROWS = 64  # rows per recomputed block in the backward
+
+    @staticmethod
+    def forward(ctx, logits, qe, ke, factor):
+        ctx.save_for_backward(qe, ke)
+        ctx.mark_dirty(logits)
+        return logits.addcmul_(_exact_product(qe, ke), factor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        d_factor = None
+        if ctx.needs_input_grad[3]:
+            qe, ke = ctx.saved_tensors
+            d_factor = torch.zeros(grad.shape[:2], dtype=grad.dtype, device=grad.device)
+            for start in range(0, grad.shape[2], _AddExactTerm.ROWS):
+                rows = slice(start, start + _AddExactTerm.ROWS)
+                d_factor += (grad[:, :, rows] * _exact_product(qe[:, :, rows], ke)).sum(dim=(2, 3))
+            d_factor = d_factor[:, :, None, None]
+        return grad, None, None, d_factor
 
 
 def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, scale, chunk_size):
     batch, n, heads, channels = q.shape
     acc = _accumulator(q.dtype)
-    qa, ka = augmented_points(q_pts, k_pts, point_weights, mask, acc)
-    # One matmul for both terms: [scale q | w q_pts | -w/2] . [k | k_pts | |k_pts|^2].
-    q_all = torch.cat([q.to(acc) * scale, qa], dim=-1).transpose(1, 2)  # [B, H, N, C + 3Pq + 1]
-    k_all = torch.cat([k.to(acc), ka], dim=-1).permute(0, 2, 3, 1)  # [B, H, C + 3Pq + 1, N]
+    qa, ka, qe, ke, factor = point_operands(q_pts, k_pts, point_weights, mask, acc)
+    # One matmul for the scalar term and the point term's small part, one exact one.
+    q_all = torch.cat([q.to(acc) * scale, qa], dim=-1).transpose(1, 2)  # [B, H, N, C + 6Pq + 2]
+    k_all = torch.cat([k.to(acc), ka], dim=-1).permute(0, 2, 3, 1)  # [B, H, C + 6Pq + 2, N]
+    qe, ke = qe.transpose(1, 2), ke.permute(0, 2, 3, 1)  # [B, H, N, 3Pq + 2], [B, H, 3Pq + 2, N]
+    factor = factor[:, :, None, None]
     pv = v_pts.shape[3]
+    # Value points relative to their mean (the weighted sum carries a translation
+    # through exactly; it is added back below): the logits' gradient a * (dA - rowsum(a
+    # dA)) then cancels terms of the protein's size, not of its distance from the
+    # origin (with points 20 A off the origin, 2-3x plain PyTorch's error in the point
+    # weights' gradient otherwise).
+    v_centre = _centre(v_pts, mask, acc)  # [B, 1, H, 1, 3]
     # Values and value points in one matmul too: [B, H, N, C + 3 Pv].
-    v_all = torch.cat([v.to(acc), v_pts.to(acc).flatten(-2)], dim=-1).transpose(1, 2)
+    v_all = torch.cat([v.to(acc), (v_pts.to(acc) - v_centre).flatten(-2)], dim=-1).transpose(1, 2)
     keep = None if mask is None else mask
     need_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z))
-    bytes_per_row = batch * heads * n * 4 * torch.finfo(acc).bits // 8
+    bytes_per_row = batch * heads * n * 5 * torch.finfo(acc).bits // 8
     step = n if need_grad else rows_per_chunk(q.device, bytes_per_row, n, chunk_size)
     outs, outs_pair = [], []
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
-        logits = torch.matmul(q_all[:, :, rows], k_all) + bias[:, :, rows].to(acc)  # [B, H, c, N]
+        with _no_autocast(q.device):
+            logits = torch.matmul(q_all[:, :, rows], k_all) + bias[:, :, rows].to(acc)  # [B, H, c, N]
+        logits = _AddExactTerm.apply(logits, qe[:, :, rows], ke, factor)
         if keep is None:
             a = torch.softmax(logits, dim=-1)
         else:
@@ -109,7 +218,9 @@ def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, s
     o_all = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).transpose(1, 2)  # [B, N, H, C + 3 Pv]
     out_pair = outs_pair[0] if len(outs_pair) == 1 else torch.cat(outs_pair, dim=1)
     out = o_all[..., :channels].to(q.dtype)
-    out_pts = o_all[..., channels:].reshape(batch, n, heads, pv, 3).to(v_pts.dtype)
+    out_pts = o_all[..., channels:].reshape(batch, n, heads, pv, 3)
+    out_pts = out_pts + (v_centre if keep is None else v_centre * keep[:, :, None, None, None].to(acc))
+    out_pts = out_pts.to(v_pts.dtype)
     return out, out_pts, out_pair.to(z.dtype)
 
 

@@ -15,7 +15,10 @@ points, Cz pair channels):
     out_pair[b,i,h]  = sum_j a[b,h,i,j] z[b,i,j]
 
 The displacements ``q_pts - k_pts`` are built whole ([B, N, N, H, Pq, 3]): this is
-the algorithm as written, for tests and as the baseline "plain PyTorch".
+the algorithm as written, for tests and as the baseline "plain PyTorch". Value points
+are weighted relative to their mean (added back after; exact in real arithmetic), as
+the fast backends do: uncentred, the logits' gradient cancels terms of the points'
+distance from the origin.
 """
 
 from __future__ import annotations
@@ -63,7 +66,17 @@ def invariant_point_attention(
         a = masked_softmax(logits, keep[:, None, None, :], dim=-1)
         a = a * keep[:, None, :, None].to(a.dtype)  # padded residues' rows are zero
     out = torch.einsum("bhij,bjhc->bihc", a.to(v.dtype), v)
-    out_pts = torch.einsum("bhij,bjhpx->bihpx", a.to(v_pts.dtype), v_pts)
+    # Value points relative to their mean over the real residues (the weights of a kept
+    # row sum to 1, so the translation is added back as is): the gradient of the logits,
+    # a * (dA - rowsum(a dA)), then cancels terms of the protein's size, not of its
+    # distance from the origin.
+    with torch.no_grad():
+        kept = torch.ones(v_pts.shape[:2], dtype=v_pts.dtype, device=v_pts.device) if mask is None \
+            else mask.to(v_pts.dtype)
+        kept = kept[:, :, None, None, None]  # [B, N, 1, 1, 1]
+        count = kept.sum(dim=1, keepdim=True).clamp_min(1.0) * v_pts.shape[3]
+        centre = (v_pts * kept).sum(dim=(1, 3), keepdim=True) / count  # [B, 1, H, 1, 3]
+    out_pts = torch.einsum("bhij,bjhpx->bihpx", a.to(v_pts.dtype), v_pts - centre) + centre * kept
     # The pair product in q's dtype: an fp32 z beside 16-bit q (a layer under autocast)
     # is rounded as autocast's matmul rounds it.
     out_pair = torch.einsum("bhij,bijc->bihc", a.to(q.dtype), z.to(q.dtype)).to(z.dtype)
