@@ -22,13 +22,16 @@ def fake_devices(monkeypatch):
     def set_available(cuda=False, xpu=False, mps=False, capability=(9, 0)):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        fdevice._capability.cache_clear()  # kernel_support reads the cached capability
         if hasattr(torch, "xpu"):
             monkeypatch.setattr(torch.xpu, "is_available", lambda: xpu)
         else:  # pragma: no cover - torch without the xpu module
             monkeypatch.setattr(fdevice, "_xpu_available", lambda: xpu)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
 
-    return set_available
+    yield set_available
+    fdevice._capability.cache_clear()
 
 
 # Resolution -------------------------------------------------------------------------------

@@ -303,7 +303,7 @@ def kernel_support(device: Union[torch.Tensor, DeviceLike], explicit: bool = Tru
         return f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, got {dev.type}"
     if dev.type != "cuda":
         return f"Triton kernels need a CUDA device, got {dev.type}"
-    capability = torch.cuda.get_device_capability(dev)
+    capability = compute_capability(dev)  # cached: this check runs on every op call
     if capability < MIN_KERNEL_CAPABILITY:
         return (
             f"compute capability {capability[0]}.{capability[1]} < "
