@@ -10,7 +10,8 @@ size, so the GPU never holds the host back) issued three ways, many calls and on
 
 and checks that the three give the same result. Part 2 prints a cProfile of the public
 triangle multiplication (``backend="triton"``, N = 128, C = 128, bf16) forward and
-forward+backward, sorted by own time, so the host time can be attributed.
+forward+backward, sorted by own time, so the host time can be attributed. Part 3 (``--layer-n``,
+default 256) profiles a PairformerLayer inference call the same way.
 
     PYTHONPATH=src python benchmarks/tools/launch_overhead.py [--calls 2000]
 """
@@ -109,12 +110,42 @@ def op_profile(calls: int) -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
 
+def layer_profile(n: int, calls: int) -> None:
+    """cProfile of PairformerLayer inference (Boltz-2 sizes, bf16 autocast) at N = n,
+    by cumulative and own time: where a layer call's host time goes."""
+    from foldops.nn import PairformerLayer
+
+    layer = PairformerLayer(384, 128, num_heads=16, pairwise_head_width=32, pairwise_num_heads=4).cuda().eval()
+    s = torch.randn(1, n, 384, device="cuda")
+    z = torch.randn(1, n, n, 128, device="cuda")
+    mask = torch.ones(1, n, device="cuda", dtype=torch.bool)
+    pair_mask = mask[:, :, None] & mask[:, None, :]
+
+    def call():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            layer(s, z, mask, pair_mask)
+
+    print(f"\n== PairformerLayer inference N={n}: {_time(call, calls):.1f} us/call ({calls} calls, one sync)")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        call()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("cumulative").print_stats(30)
+    stats.sort_stats("tottime").print_stats(25)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--layer-n", type=int, default=256, help="PairformerLayer profile at this N (0: skip)")
     args = ap.parse_args()
     launch_paths(args.calls)
     op_profile(args.calls // 4)
+    if args.layer_n:
+        layer_profile(args.layer_n, max(10, args.calls // 40))
 
 
 if __name__ == "__main__":
