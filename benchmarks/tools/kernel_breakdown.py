@@ -9,10 +9,14 @@ of their issue's targets (bf16 autocast):
   module when ``boltz`` is importable;
 - ``ipa``: ``foldops.nn.InvariantPointAttention`` (c_s 256, c_z 128, 12 heads x 16,
   4 / 8 points) at ``--n`` (default 1024), beside the OpenFold-form implementation of
-  ``benchmarks/invariant_point_attention.py``.
+  ``benchmarks/invariant_point_attention.py``;
+- ``varlen``: the torch backend's bucketed path (what V100, XPU, MPS run) beside SDPA on
+  the padded batch, on ``benchmarks/varlen_attention.py``'s GPU case (64 proteins of
+  50-1022 tokens, 16 heads x 64, bf16).
 
     PYTHONPATH=src python benchmarks/tools/kernel_breakdown.py --target pwa [--n 512 --rows 1024]
     PYTHONPATH=src python benchmarks/tools/kernel_breakdown.py --target ipa [--n 1024]
+    PYTHONPATH=src python benchmarks/tools/kernel_breakdown.py --target varlen
 
 ``--device cpu`` runs the same code on CPU (a smoke test: CPU op times, tiny sizes).
 """
@@ -68,6 +72,21 @@ def _ipa_impls(n: int, device) -> List[Tuple[str, Callable[[bool], torch.Tensor]
     return [("ipa foldops", make(ours, ((rots, trans),))), ("ipa openfold", make(openfold, (rots, trans)))]
 
 
+def _varlen_impls(device) -> List[Tuple[str, Callable[[bool], torch.Tensor]]]:
+    import varlen_attention as bench
+
+    lens = bench.lengths(64, 50, 1022, 0)  # the benchmark's default --seed
+    impls = []
+    for name in ("foldops_torch_buckets", "sdpa_padded"):
+        leaves, fn = bench.build(name, lens, 16, 64, torch.bfloat16, device)
+
+        def run(grad: bool, leaves=leaves, fn=fn):
+            return fn(*(t.detach().requires_grad_(grad) for t in leaves))
+
+        impls.append((f"varlen {name}", run))
+    return impls
+
+
 def breakdown(name: str, run: Callable[[bool], torch.Tensor], mode: str, device, top: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -102,7 +121,7 @@ def breakdown(name: str, run: Callable[[bool], torch.Tensor], mode: str, device,
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", choices=("pwa", "ipa"), required=True)
+    parser.add_argument("--target", choices=("pwa", "ipa", "varlen"), required=True)
     parser.add_argument("--n", type=int, default=None, help="tokens (pwa 512, ipa 1024)")
     parser.add_argument("--rows", type=int, default=1024, help="MSA rows (pwa)")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
@@ -112,8 +131,10 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if args.target == "pwa":
         impls = _pwa_impls(args.n or 512, args.rows, device)
-    else:
+    elif args.target == "ipa":
         impls = _ipa_impls(args.n or 1024, device)
+    else:
+        impls = _varlen_impls(device)
     for name, run in impls:
         for mode in args.modes:
             breakdown(name, run, mode, device, args.top)
