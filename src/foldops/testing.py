@@ -14,6 +14,8 @@ the same low precision, plus a small floor relative to the reference's magnitude
 - ``forbid_host_sync``: a dispatch mode that raises on host reads of device values,
   tensors made from host data and copies between devices (what CUDA graph capture
   refuses), to check launchers on any device.
+- ``capture_cuda_graph``: ``torch.cuda.graph`` capture of a function that, when the
+  capture fails, leaves the process usable for the next test.
 """
 
 from __future__ import annotations
@@ -314,3 +316,37 @@ def _custom_op_body(func) -> Optional[Callable]:
 
     opdef = OPDEFS.get(f"{func.namespace}::{func._opname}")
     return None if opdef is None else opdef._init_fn
+
+
+def capture_cuda_graph(fn: Callable, pool=None):
+    """Capture ``fn()`` into a ``torch.cuda.CUDAGraph``; return ``(graph, fn's result)``.
+
+    On failure the error is raised after the CUDA state that a failed capture leaves
+    behind is reset, so that the tests that follow in the same process still run:
+    ``CUDAGraph.capture_end`` raises before it ends the capture of the default CUDA
+    generator, after which every random op of the process fails with "Offset increment
+    outside graph capture encountered unexpectedly"; and ``torch.cuda.graph`` leaves
+    its capture stream current. Here the default stream is made current again and an
+    empty-handed capture (an in-place add, no allocation) on a fresh stream ends the
+    generator's capture state.
+    """
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            result = fn()
+    except BaseException:
+        _reset_after_failed_capture()
+        raise
+    return graph, result
+
+
+def _reset_after_failed_capture() -> None:
+    torch.cuda.set_stream(torch.cuda.default_stream())
+    scratch = torch.zeros(1, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    rescue = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(rescue, stream=stream):  # capture_end ends the generator's capture
+        scratch.add_(1)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
