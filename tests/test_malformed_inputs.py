@@ -225,6 +225,33 @@ def test_non_finite_values_at_masked_keys_do_not_leak(op, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ("triangle_attention", "attention_pair_bias"))
+def test_non_finite_values_at_masked_keys_give_the_same_gradients(op, backend):
+    """Item 3 for the backward: NaN/inf in k, v and the bias at masked keys changes no
+    gradient (dq = dS.k multiplies a zero dS by the masked key's k)."""
+    rows = 3
+    q, k, v = g(B, rows, N, H, D), g(B, rows, N, H, D), g(B, rows, N, H, D)
+    bias, grad_out = g(B, H, N, N), g(B, rows, N, H, D)
+    mask = torch.ones(B, rows, N, dtype=torch.bool)
+    mask[:, :, 1] = False  # key 1 masked in every row
+    mask[0, 0, 3] = False  # key 3 masked in one row
+    fn = ops.triangle_attention if op == "triangle_attention" else ops.attention_pair_bias
+
+    def grads(k, v, bias):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        return torch.autograd.grad(fn(*leaves, mask, backend=backend), leaves, grad_out)
+
+    clean = grads(k, v, bias)
+    k, v, bias = k.clone(), v.clone(), bias.clone()
+    k[:, :, 1], v[:, :, 1], bias[:, :, :, 1] = math.nan, math.inf, math.nan
+    k[0, 0, 3], v[0, 0, 3] = math.inf, math.nan
+    dirty = grads(k, v, bias)
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), dirty, clean):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opm_non_finite_values_at_masked_positions_do_not_leak(backend):
     a, b, w, bias = g(B, 3, N, 4), g(B, 3, N, 3), g(6, 12), g(6)
     mask = torch.ones(B, 3, N, dtype=torch.bool)

@@ -11,6 +11,11 @@ the same low precision, plus a small floor relative to the reference's magnitude
 - ``check_against_float64``: a fast function against its reference, forward and the
   gradient of every input, with ``assert_within_baseline``.
 - ``assert_deterministic``: two runs give bitwise equal outputs and gradients.
+- ``forbid_host_sync``: a dispatch mode that raises on host reads of device values,
+  tensors made from host data and copies between devices (what CUDA graph capture
+  refuses), to check launchers on any device.
+- ``capture_cuda_graph``: ``torch.cuda.graph`` capture of a function that, when the
+  capture fails, leaves the process usable for the next test.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Floor relative to max|reference|, by the dtype the backend ran in.
 DEFAULT_REL_FLOOR: Dict[torch.dtype, float] = {
@@ -226,3 +232,121 @@ def assert_deterministic(
             if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
                 raise AssertionError(f"{label}: run {run + 1} differs from run 1 (not bitwise deterministic)")
     return first
+
+
+# Ops that read a device value on the host or build a tensor from host data: each is a
+# host<->device transfer or a sync on a GPU, which CUDA graph capture refuses.
+_HOST_SYNC_OPS = {
+    "aten._local_scalar_dense": "a host read of a tensor value (.item(), bool(t), int(t), float(t))",
+    # Seen instead of _local_scalar_dense inside a custom op's body (autograd keys
+    # excluded there, so these composite ops reach the mode undecomposed).
+    "aten.item": "a host read of a tensor value (.item(), int(t), float(t))",
+    "aten.is_nonzero": "a host read of a tensor value (bool(t), if t: ...)",
+    "aten.equal": "a host read of a comparison (torch.equal)",
+    "aten.lift_fresh": "a tensor built from host data (torch.tensor / torch.as_tensor)",
+    "aten.lift_fresh_copy": "a tensor built from host data (torch.tensor / torch.as_tensor)",
+    "aten.nonzero": "an output sized by the data (nonzero / boolean indexing)",
+    "aten.nonzero_static": None,  # sized by its argument: no sync
+    "aten.masked_select": "an output sized by the data (masked_select / boolean indexing)",
+    "aten._unique2": "an output sized by the data (unique)",
+    "aten.unique_dim": "an output sized by the data (unique)",
+    "aten.unique_consecutive": "an output sized by the data (unique_consecutive)",
+    "aten.repeat_interleave": "an output sized by the data (repeat_interleave of a tensor)",
+    "aten._pin_memory": "a pinned host buffer (host memory allocated per call)",
+}
+
+
+class forbid_host_sync(TorchDispatchMode):
+    """Raise ``AssertionError`` on any op that would read a device value on the host,
+    build a tensor from host data, or copy between devices.
+
+    Use as a context manager around a forward and backward: on a GPU each such op is a
+    host<->device transfer or a stream sync that ``torch.cuda.graph`` capture refuses
+    (``cudaErrorStreamCaptureUnsupported`` / ``...Implicit``); on the CPU the same code
+    paths run, so the check holds there too. Custom ops of ``namespaces`` (default
+    ``foldops``) are entered: their Python bodies run under the mode, so the launchers
+    inside are checked as well. Not seen: ``torch.cuda.synchronize`` and other CUDA
+    runtime calls that bypass the dispatcher, ``Tensor.tolist()`` of a CPU tensor (no
+    op is dispatched; on a GPU it is a copy to the host, which is seen), and work done
+    before the mode is entered.
+    """
+
+    def __init__(self, namespaces: Sequence[str] = ("foldops",)):
+        super().__init__()
+        self.namespaces = tuple(namespaces)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = str(func.overloadpacket)
+        reason = _HOST_SYNC_OPS.get(packet)
+        if reason is None and packet in ("aten._to_copy", "aten.copy_"):
+            reason = _cross_device(func, args, kwargs)
+        if reason is None and packet in ("aten.index", "aten._unsafe_index") and _bool_index(args):
+            reason = "an output sized by the data (indexing with a boolean mask)"
+        if reason is not None:
+            raise AssertionError(f"forbid_host_sync: {func} is {reason}")
+        if func.namespace in self.namespaces:
+            body = _custom_op_body(func)
+            if body is not None:
+                with self:  # the op's Python body, under this mode
+                    return body(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _cross_device(func, args, kwargs) -> Optional[str]:
+    """Why a ``_to_copy`` / ``copy_`` call moves data between devices, or None."""
+    if str(func.overloadpacket) == "aten._to_copy":
+        src, dst = args[0].device, kwargs.get("device") or args[0].device
+    else:
+        dst, src = args[0].device, args[1].device if isinstance(args[1], torch.Tensor) else args[0].device
+    if torch.device(src).type != torch.device(dst).type:
+        return f"a copy from {src} to {dst} (a host<->device transfer)"
+    return None
+
+
+def _bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices)
+
+
+def _custom_op_body(func) -> Optional[Callable]:
+    """The Python function registered as the custom op ``func`` (torch.library.custom_op
+    or triton_op), or None."""
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(f"{func.namespace}::{func._opname}")
+    return None if opdef is None else opdef._init_fn
+
+
+def capture_cuda_graph(fn: Callable, pool=None):
+    """Capture ``fn()`` into a ``torch.cuda.CUDAGraph``; return ``(graph, fn's result)``.
+
+    On failure the error is raised after the CUDA state that a failed capture leaves
+    behind is reset, so that the tests that follow in the same process still run:
+    ``CUDAGraph.capture_end`` raises before it ends the capture of the default CUDA
+    generator, after which every random op of the process fails with "Offset increment
+    outside graph capture encountered unexpectedly"; and ``torch.cuda.graph`` leaves
+    its capture stream current. Here the default stream is made current again and an
+    empty-handed capture (an in-place add, no allocation) on a fresh stream ends the
+    generator's capture state.
+    """
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            result = fn()
+    except BaseException:
+        _reset_after_failed_capture()
+        raise
+    return graph, result
+
+
+def _reset_after_failed_capture() -> None:
+    torch.cuda.set_stream(torch.cuda.default_stream())
+    scratch = torch.zeros(1, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    rescue = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(rescue, stream=stream):  # capture_end ends the generator's capture
+        scratch.add_(1)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()

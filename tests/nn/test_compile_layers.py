@@ -11,11 +11,17 @@ GPU tests (``gpu``): the same layers with the default backends, captured into a 
 graph and compiled with ``mode="reduce-overhead"``, against eager.
 """
 
+import subprocess
+import sys
+import textwrap
+import warnings
+
 import pytest
 import torch
 import torch._dynamo as dynamo
 
 from foldops.nn import MSALayer, PairformerLayer
+from foldops.testing import capture_cuda_graph
 
 # Graph breaks tolerated by the start of Dynamo's message (the eval tests then compile
 # without fullgraph and fail on any other break). None today: keep it empty.
@@ -152,9 +158,7 @@ def test_cuda_graph_capture_equals_eager(name):
             for _ in range(2):  # warm-up: Triton compiles, autotuning, allocator pools
                 module(*static)
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = module(*static)
+        graph, out = capture_cuda_graph(lambda: module(*static))
         for s, a in zip(static, args):
             s.copy_(a)
         graph.replay()
@@ -220,8 +224,12 @@ def test_triton_op_fwd_bwd_captured_equals_eager(op_name):
 
     def step():
         out = op(q, k, v, bias, mask, backend="triton")
-        return [out, *torch.autograd.grad(out, leaves, go)]
+        return [out.detach(), *torch.autograd.grad(out, leaves, go)]
 
+    # Results detached: a kept autograd graph keeps the leaves' AccumulateGrad nodes,
+    # made on the default stream, and the captured backward then makes the (legacy)
+    # default stream wait on the capture stream: cudaErrorStreamCaptureImplicit, with
+    # autograd's "AccumulateGrad node's stream does not match" warning.
     expected = [t.clone() for t in step()]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -229,10 +237,36 @@ def test_triton_op_fwd_bwd_captured_equals_eager(op_name):
         for _ in range(2):
             step()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*AccumulateGrad node's stream does not match")
+        graph, captured = capture_cuda_graph(step)
     graph.replay()
     torch.cuda.synchronize()
     for a, e in zip(captured, expected):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_leaves_the_process_usable():
+    """``capture_cuda_graph`` resets what a failed capture leaves behind (the default
+    generator's capture state, the current stream): random ops and eager work run after
+    it. In a subprocess, so that a failure here cannot spill into other tests."""
+    code = textwrap.dedent("""
+        import torch
+        from foldops.testing import capture_cuda_graph
+        x = torch.ones(4, device="cuda")
+        try:
+            capture_cuda_graph(lambda: x.sum().item())  # a host read: the capture fails
+        except Exception:
+            pass
+        else:
+            raise SystemExit("the capture did not fail")
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()
+        torch.nn.functional.dropout(torch.randn(8, device="cuda"), 0.5)  # RNG offsets
+        graph, y = capture_cuda_graph(lambda: torch.rand(3, device="cuda") + x[:3])
+        graph.replay()
+        torch.cuda.synchronize()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr

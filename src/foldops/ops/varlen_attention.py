@@ -36,7 +36,8 @@ cu_seqlens (int32, starts at 0, non-decreasing, ends at total, longest <= max_se
 read once per cu_seqlens tensor: free on CPU; on an accelerator one small device-to-host
 copy (a sync) the first time a given cu_seqlens tensor is seen, remembered by the
 tensor's identity and version so the layers of one model share one check. Skipped while
-torch.compile traces.
+torch.compile traces and during CUDA graph capture (a host read is illegal there; a
+warm-up call before the capture checks the same tensors).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import torch
 
 from foldops import backends
 from foldops._checks import as_bool_mask, check_tensor
-from foldops.device import kernel_support, nvidia_capability
+from foldops.device import cuda_graph_capturing, kernel_support, nvidia_capability
 from foldops.ops import _varlen_torch as _vt
 from foldops.ops._varlen_torch import PADDING_WASTE  # noqa: F401  (documented here)
 from foldops.reference import varlen_attention as _reference
@@ -109,7 +110,8 @@ def _check_int(name: str, value: object) -> int:
 
 
 def validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale):
-    """Check every argument; return the host lengths ``(len_q, len_k)`` or ``None`` when tracing."""
+    """Check every argument; return the host lengths ``(len_q, len_k)``, or ``None`` when
+    tracing or capturing a CUDA graph (values unchecked then)."""
     check_tensor("q", q, (None, None, None))
     total_q, heads, head_dim = q.shape
     check_tensor("k", k, (None, None, head_dim), device=q.device)
@@ -136,7 +138,7 @@ def validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dr
     if softmax_scale is not None and (not isinstance(softmax_scale, (int, float))
                                       or not math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale: expected a finite float or None, got {softmax_scale!r}")
-    if _tracing(q) or _tracing(cu_seqlens_q) or _tracing(cu_seqlens_k):
+    if _tracing(q) or _tracing(cu_seqlens_q) or _tracing(cu_seqlens_k) or cuda_graph_capturing():
         return None
     len_q = _host_lengths("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
     len_k = _host_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")

@@ -39,15 +39,17 @@ def attention_pair_bias(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    logits = torch.einsum("bmqhd,bmkhd->bmhqk", q * scale, k).to(softmax_dtype)
-    logits = logits + bias.to(softmax_dtype)[:, None]
     keep = None
     if mask is not None:
         keep = mask.bool()
         if keep.dim() == 2:  # [B, Nk]: shared by the samples
             keep = keep[:, None]
         keep = keep[:, :, None, None, :]
+        # A masked key contributes nothing, whatever k and v hold there: zeroed, also
+        # for the backward (dq = dS.k would meet 0 * NaN at a NaN k otherwise).
+        dead = ~keep[:, :, 0, 0, :, None, None]  # [B, M, Nk, 1, 1]
+        k, v = k.masked_fill(dead, 0), v.masked_fill(dead, 0)
+    logits = torch.einsum("bmqhd,bmkhd->bmhqk", q * scale, k).to(softmax_dtype)
+    logits = logits + bias.to(softmax_dtype)[:, None]
     weights = masked_softmax(logits, keep, dim=-1)
-    if keep is not None:  # a masked key contributes nothing, whatever v holds there
-        v = v.masked_fill(~keep[:, :, 0, 0, :, None, None], 0)
     return torch.einsum("bmhqk,bmkhd->bmqhd", weights.to(v.dtype), v)
