@@ -27,8 +27,18 @@ Meant for the GPU machine's Triton (3.6), in a separate environment that has it,
 Columns: op, kernel, variant (the launcher inputs), tile (constexpr block sizes), w/s
 (num_warps/num_stages), status (ok or the compile error's first line), regs, spill
 (ptxas spill store bytes), smem (bytes), mma ("wgmma", "wgmma-serial" when ptxas
-serialised it, "mma" for mma.sync, "-" without tensor-core products). Exit status 1 if
-any launch failed to compile. Runs in a few minutes on 2 CPU cores (one compile per
+serialised it, "wgmma-rs-race" when the SASS overwrites a register A operand of a
+wgmma still in flight, see below, "mma" for mma.sync, "-" without tensor-core
+products), rs_loops (loops whose last wgmma has its A operand in registers and is
+still in flight at the back-edge, from the TTGIR). Exit status 1 if any launch failed
+to compile or has a register race.
+
+Register races (triton-lang/triton#9433, Triton 3.6): a wgmma reads a register A
+operand asynchronously until a wgmma.wait_group covers it; Triton leaves the loop's last
+register-A wgmma in flight across the back-edge, and ptxas may then give its registers
+to the next step's loads. The SASS check (cuobjdump) flags a loop whose in-flight
+register-A HGMMA has one of its A registers written before the next WARPGROUP.DEPBAR.
+rs_loops counts the TTGIR pattern that makes this possible, raced or not. Runs in a few minutes on 2 CPU cores (one compile per
 distinct specialisation; Triton's disk cache makes reruns fast).
 """
 
@@ -127,8 +137,62 @@ def _first_error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_HGMMA_REG_A = re.compile(r"HGMMA\.\S+\s+R\d+,\s+R(\d+),")
+_DEST_REG = re.compile(r"^(?:@!?U?P\w+\s+)?[A-Z][\w.]*\s+R(\d+)\b")
+
+
+def sass_register_races(sass: str) -> List[str]:
+    """Instructions that write an A register of a register-A HGMMA still in flight at a
+    loop's back-edge (after the loop's last WARPGROUP.DEPBAR) before the next one."""
+    ins = [(int(a, 16), t.strip()) for a, t in _SASS.findall(sass)]
+    where = {a: i for i, (a, _) in enumerate(ins)}
+    races = []
+    for i, (addr, text) in enumerate(ins):
+        m = re.search(r"\bBRA\s+`?\(?0x([0-9a-f]+)", text)
+        if not m or int(m.group(1), 16) >= addr or int(m.group(1), 16) not in where:
+            continue
+        body = ins[where[int(m.group(1), 16)]:i + 1]
+        last_wait = max([k for k, (_, t) in enumerate(body) if "WARPGROUP.DEPBAR" in t] + [-1])
+        live, first = set(), None
+        for k, (_, t) in enumerate(body[last_wait + 1:], start=last_wait + 1):
+            h = _HGMMA_REG_A.search(t)
+            if h:
+                live |= set(range(int(h.group(1)), int(h.group(1)) + 4))
+                first = k if first is None else first
+        if not live:
+            continue
+        for _, t in body[first + 1:] + body:  # to the back-edge, then from the loop top
+            if "WARPGROUP.DEPBAR" in t:
+                break
+            d = _DEST_REG.match(t)
+            if d and not t.startswith(("ST", "HGMMA", "WARPGROUP")) and int(d.group(1)) in live:
+                races.append(t)
+                break
+    return races
+
+
+def ttgir_register_a_loops(ttgir: str) -> int:
+    """Loops whose last async warp_group_dot takes A from registers and is not waited for
+    before the loop's end (the pattern of triton-lang/triton#9433)."""
+    count, stack = 0, []
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if re.search(r"\bscf\.for\b", text):
+            stack.append([False, True])  # [last async dot has register A, waited since]
+        elif stack and "ttng.warp_group_dot_wait" in text:
+            stack[-1][1] = True
+        elif stack and "ttng.warp_group_dot " in text and "isAsync = true" in text:
+            stack[-1] = ["tensor<" in text.split(" : ", 1)[-1].split("*")[0], False]
+        elif stack and text.startswith("}") and "scf.for" not in text:
+            rs, waited = stack.pop()
+            count += rs and not waited
+    return count
+
+
 def ptxas_report(ptx: str, capability: int) -> Dict[str, object]:
-    """Registers, spill-store bytes and the wgmma verdict from the target's ptxas -v."""
+    """Registers, spill-store bytes and the wgmma verdict from the target's ptxas -v
+    (and, on sm_90, the SASS register-race check)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     try:
@@ -136,22 +200,27 @@ def ptxas_report(ptx: str, capability: int) -> Dict[str, object]:
     except TypeError:  # older signature
         ptxas = get_ptxas().path
     arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    races: List[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(src, "w") as f:
             f.write(ptx)
         log = subprocess.run([ptxas, f"-arch={arch}", "-v", src, "-o", out], capture_output=True, text=True)
+        cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+        if "wgmma.mma_async" in ptx and log.returncode == 0 and os.path.exists(cuobjdump):
+            dump = subprocess.run([cuobjdump, "-sass", out], capture_output=True, text=True)
+            races = sass_register_races(dump.stdout)
     text = log.stdout + log.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
     if "wgmma.mma_async" in ptx:
-        mma = "wgmma-serial" if "C7515" in text else "wgmma"
+        mma = "wgmma-rs-race" if races else "wgmma-serial" if "C7515" in text else "wgmma"
     elif re.search(r"\bmma\.sync", ptx):
         mma = "mma"
     else:
         mma = "-"
     return {"regs": int(regs.group(1)) if regs else None, "spill": int(spill.group(1)) if spill else None,
-            "mma": mma, "ptxas_ok": log.returncode == 0, "ptxas_log": text}
+            "mma": mma, "ptxas_ok": log.returncode == 0, "ptxas_log": text, "races": races}
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -364,7 +433,7 @@ def run_op(op: str, quick: bool, capability: int, verbose: bool, match: str = ""
         for launch in Recorder.launches:
             tile, flags, ws = _describe(launch["kwargs"])
             row = {"op": op, "kernel": launch["kernel"], "variant": variant, "tile": tile, "flags": flags, "w/s": ws,
-                   "status": "ok", "regs": "", "spill": "", "smem": "", "mma": ""}
+                   "status": "ok", "regs": "", "spill": "", "smem": "", "mma": "", "rs_loops": ""}
             compiled = launch["compiled"]
             if compiled is None:
                 row["status"] = launch["error"]
@@ -372,13 +441,16 @@ def run_op(op: str, quick: bool, capability: int, verbose: bool, match: str = ""
                     print(launch.get("traceback", ""), file=sys.stderr)
             elif id(compiled) in seen:  # the same specialisation as an earlier launch
                 prev = seen[id(compiled)]
-                row.update({k: prev[k] for k in ("status", "regs", "spill", "smem", "mma")})
+                row.update({k: prev[k] for k in ("status", "regs", "spill", "smem", "mma", "rs_loops")})
                 row["dup"] = True
             else:
                 info = ptxas_report(compiled.asm["ptx"], capability)
-                row.update(regs=info["regs"], spill=info["spill"], smem=compiled.metadata.shared, mma=info["mma"])
+                row.update(regs=info["regs"], spill=info["spill"], smem=compiled.metadata.shared, mma=info["mma"],
+                           rs_loops=ttgir_register_a_loops(compiled.asm.get("ttgir", "")))
                 if not info["ptxas_ok"]:
                     row["status"] = "ptxas: " + info["ptxas_log"].strip().splitlines()[-1][:200]
+                elif info["races"]:
+                    row["status"] = "register race: " + info["races"][0][:120]
                 elif compiled.metadata.shared > SMEM_LIMIT.get(capability, 232448):
                     row["status"] = f"shared memory {compiled.metadata.shared} B > the device's limit: fails at launch"
                 seen[id(compiled)] = row
@@ -388,12 +460,13 @@ def run_op(op: str, quick: bool, capability: int, verbose: bool, match: str = ""
     return rows
 
 
-_FORMAT = "{kernel:<24} {variant:<46} {tile:<44} {w/s:<5} {regs:>4} {spill:>5} {smem:>6} {mma:<12} {status}"
+_FORMAT = "{kernel:<24} {variant:<46} {tile:<44} {w/s:<5} {regs:>4} {spill:>5} {smem:>6} {mma:<13} {rs_loops:>2} {status}"
 
 
 def _print_row(row: dict) -> None:
     print(_FORMAT.format(**{k: ("" if row.get(k) is None else row.get(k)) for k in
-                            ("kernel", "variant", "tile", "w/s", "regs", "spill", "smem", "mma", "status")}),
+                            ("kernel", "variant", "tile", "w/s", "regs", "spill", "smem", "mma", "rs_loops",
+                             "status")}),
           flush=True)
 
 
@@ -413,7 +486,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"# target sm_{args.sm}, triton {triton.__version__}, torch {torch.__version__}; "
           "rows are distinct compiled specialisations (variant: the first launch that needed it)")
     print(_FORMAT.format(kernel="kernel", variant="variant", tile="tile", **{"w/s": "w/s"}, regs="regs",
-                         spill="spill", smem="smem", mma="mma", status="status"))
+                         spill="spill", smem="smem", mma="mma", rs_loops="rs", status="status"))
     rows: List[dict] = []
     for op in args.op or OPS:
         print(f"## {op}", flush=True)
@@ -424,7 +497,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{len(failed)} failed, {len(spilled)} spilling specialisations")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            fields = ["op", "kernel", "variant", "tile", "flags", "w/s", "status", "regs", "spill", "smem", "mma"]
+            fields = ["op", "kernel", "variant", "tile", "flags", "w/s", "status", "regs", "spill", "smem", "mma",
+                      "rs_loops"]
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)

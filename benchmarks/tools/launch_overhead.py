@@ -52,7 +52,7 @@ def launch_paths(calls: int) -> None:
     grid = (1, c)
 
     def args(out):
-        return (a, b, out, c, n, n, n, *strides, *strides, *strides)
+        return (a, b, out, c, n, n, n, *strides, 0, *strides, *strides)  # 0: stride_a_lo (no split)
 
     def via_wrap():
         wrap_triton(_product_kernel)[grid](*args(outs[0]), **consts, num_warps=4, num_stages=2)

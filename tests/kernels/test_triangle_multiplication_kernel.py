@@ -130,6 +130,74 @@ def test_position_chunks_in_backward(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def _product_launches(outgoing, dt, ab, dab, n, c, dt_lo):
+    """The backward's two products (da, db) with the launcher's strides."""
+    launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
+    p = n * n
+    sb, sdt, sd = ab.stride(0), dt.stride(0), dab.stride(0)
+    b_str = (sb, p, n, 1) if outgoing else (sb, p, 1, n)
+    o_str = (sd, p, n, 1) if outgoing else (sd, p, 1, n)
+    prod = dict(nch=c, m=n, n=n, k=n, split_a=True, precision="ieee", a_lo=dt_lo)
+    launch._launch_product(dt, (sdt, p, n, 1), ab[:, c:], b_str, dab[:, :c], o_str, **prod)
+    launch._launch_product(dt, (sdt, p, 1, n), ab[:, :c], b_str, dab[:, c:], o_str, **prod)
+
+
+@pytest.mark.parametrize("outgoing", (True, False), ids=("outgoing", "incoming"))
+def test_split_product_with_gpu_tiles(monkeypatch, outgoing):
+    """The fp16 backward's split products (dt = hi + lo, two fp16 planes) with the tile
+    config compiled kernels use (PRODUCT_SPLIT), at N = 130: two row and column tiles of
+    128, the second partial, and a partial last K step; vs fp64 to fp16 output rounding."""
+    from foldops.kernels.triangle_multiplication import configs
+
+    monkeypatch.setattr(configs, "INTERPRET_PRODUCT", configs.PRODUCT_SPLIT)
+    n, c = 130, 2
+    gen = torch.Generator().manual_seed(0)
+    dt32 = torch.randn(1, c, n * n, generator=gen) * 100  # the range of masked rows' dt
+    hi = dt32.half()
+    dt = torch.cat([hi, (dt32 - hi.float()).half()], dim=1)  # [1, 2C, P]: hi planes, then lo
+    ab = torch.randn(1, 2 * c, n * n, generator=gen).half()
+    dab = torch.empty_like(ab)
+    _product_launches(outgoing, dt, ab, dab, n, c, c * n * n)
+    t = dt32.double().view(c, n, n)
+    a, b = ab.double().view(2, c, n, n)
+    if outgoing:  # da = dt b, db = dt^T a
+        exact = torch.cat([t @ b, t.transpose(-1, -2) @ a])
+    else:  # da^T = dt b^T, db^T = dt^T a^T
+        exact = torch.cat([(t @ b.transpose(-1, -2)).transpose(-1, -2),
+                           (t.transpose(-1, -2) @ a.transpose(-1, -2)).transpose(-1, -2)])
+    got = dab.double().view(2 * c, n, n)
+    # fp32 accumulation of exact 16-bit products: only the fp16 rounding of the output.
+    assert (got - exact).abs().max() <= exact.abs().max() * 2.0**-10
+
+
+def test_fp16_backward_with_gpu_product_tiles(monkeypatch):
+    """The whole fp16 op (split dt, its two fp16 planes written by the output-side row
+    kernel) with the GPU's product tiles, N = 130, outgoing and incoming, vs fp64."""
+    from foldops.kernels.triangle_multiplication import configs
+
+    monkeypatch.setattr(configs, "INTERPRET_PRODUCT", configs.PRODUCT_SPLIT)
+    # Fewer, larger row programs: the interpreter's cost is per program.
+    monkeypatch.setattr(configs, "INTERPRET_ROW", (1024, 16, 1))
+    monkeypatch.setattr(configs, "INTERPRET_PROLOGUE", (1024, 16, 1, True))
+    from foldops.reference.triangle_multiplication import triangle_multiplication as reference
+
+    n, dim = 130, 4
+    x = torch.randn(1, n, n, dim, dtype=torch.float64)
+    mask = make_mask(1, n)
+    w = make_weights(dim)
+    low = {k: v.half() for k, v in w.items()}
+    g = torch.randn(x.shape, dtype=torch.float64)
+    for direction in ("outgoing", "incoming"):
+        ref = lambda t, **ww: reference(t, mask, direction=direction, **ww)  # noqa: E731
+        fast = lambda t, **ww: tm.triangle_multiplication(t, mask, direction=direction, backend="triton", **ww)  # noqa
+        exact, exact_g = run(ref, x, w, g)
+        base, base_g = run(ref, x.half(), low, g)
+        out, out_g = run(fast, x.half(), low, g)
+        assert_within_baseline(f"{direction} out", out, exact, base, dtype=torch.float16)
+        for name, a, e, b in zip(("x",) + WEIGHTS, out_g, exact_g, base_g):
+            assert_within_baseline(f"{direction} d{name}", a, e, b, dtype=torch.float16)
+
+
 def test_auto_never_picks_the_interpreter():
     if torch.cuda.is_available():
         pytest.skip("interpreter only")

@@ -25,7 +25,8 @@ def _out_bwd_kernel(
     W_PO,  # [C, C] p_out weight, in the dot dtype
     GO,  # [B, P, C] output gate sigmoid(h g_out^T) (channel stride 1)
     DOUT,  # [B, P, C] gradient of the output, any strides
-    DT,  # [B, C, P] out: gradient of t, channel-major (position stride 1)
+    DT,  # [B, C, P] out: gradient of t, channel-major (position stride 1); with SPLIT_DT
+    #      its 16-bit hi part, the lo part (dt - hi) stride_dt_lo elements further
     DY,  # [B, P, C] out: dout * gate (dot dtype, channel stride 1)
     U,  # [B, P, C] out: LayerNorm_out(t) (dot dtype, channel stride 1)
     DGO,  # [B, P, C] out: gradient of h g_out^T, before the sigmoid (dot dtype, channel stride 1)
@@ -34,10 +35,11 @@ def _out_bwd_kernel(
     stride_t_b, stride_t_c,
     stride_go_b, stride_go_p,
     stride_do_b, stride_do_p, stride_do_c,
-    stride_dt_b, stride_dt_c,
+    stride_dt_b, stride_dt_c, stride_dt_lo,
     stride_pc_b, stride_pc_p,  # shared by DY and U (chunk buffers)
     stride_dgo_b, stride_dgo_p,
     SPLIT_DY: tl.constexpr,  # 16-bit dot dtype: add the product of dy's rounding residue
+    SPLIT_DT: tl.constexpr,  # store dt as 16-bit hi + lo parts (the product's split A operand)
     PRECISION: tl.constexpr,
     CP: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -94,8 +96,11 @@ def _out_bwd_kernel(
     mg = tl.sum(g, axis=1) / C
     mgt = tl.sum(g * that, axis=1) / C
     dt = rstd[:, None] * (g - mg[:, None] - that * mgt[:, None])
-    tl.store(DT + b * stride_dt_b + offs_c[None, :].to(tl.int64) * stride_dt_c + offs_p[:, None],
-             dt.to(DT.dtype.element_ty), mask=ok_pc)
+    dt_ptrs = DT + b * stride_dt_b + offs_c[None, :].to(tl.int64) * stride_dt_c + offs_p[:, None]
+    hi = dt.to(DT.dtype.element_ty)
+    tl.store(dt_ptrs, hi, mask=ok_pc)
+    if SPLIT_DT:
+        tl.store(dt_ptrs + stride_dt_lo, (dt - hi.to(tl.float32)).to(DT.dtype.element_ty), mask=ok_pc)
 
 
 @triton.jit

@@ -49,7 +49,7 @@ FP32_MAX_WEIGHT_TILE_BWD = 8192
 # Per-channel product (batched GEMM, fp32 accumulation):
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
 PRODUCT_16BIT = (128, 128, 64, 8, 8, 3)   # tensor-core tile for bf16/fp16 operands
-PRODUCT_SPLIT = (128, 128, 32, 8, 8, 3)   # fp32 A split in two 16-bit halves: more registers, shorter K step
+PRODUCT_SPLIT = (128, 128, 32, 8, 8, 3)   # A as 16-bit hi + lo tiles: three operand tiles a stage, shorter K step
 PRODUCT_FP32 = (64, 64, 32, 8, 4, 3)      # fp32 (IEEE or TF32x3) operands
 
 # Under the Triton interpreter (CPU tests): few, large programs run fastest.

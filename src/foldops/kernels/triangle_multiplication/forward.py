@@ -104,21 +104,30 @@ def _prologue_kernel(
 
 @triton.jit
 def _product_kernel(
-    A,  # batch z = (b, c) of [M, K] operands, any strides
+    A,  # batch z = (b, c) of [M, K] operands, any strides (with SPLIT_A: the hi parts)
     Bm,  # batch z of [K, N] operands, any strides
     OUT,  # batch z of [M, N] results, any strides
     NCH,  # channels per batch item (z = b * NCH + c)
     M, N, K,
     stride_a_b, stride_a_c, stride_a_m, stride_a_k,
+    stride_a_lo,  # with SPLIT_A: elements from an A value's hi part to its lo part
     stride_b_b, stride_b_c, stride_b_k, stride_b_n,
     stride_o_b, stride_o_c, stride_o_m, stride_o_n,
-    SPLIT_A: tl.constexpr,  # A is fp32 and B 16-bit: A = hi + lo, two 16-bit products
+    SPLIT_A: tl.constexpr,  # A = hi + lo, both stored 16-bit like B: two 16-bit products
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # row tiles per group (L2 reuse of B's column tiles)
 ):
     """OUT[z] = A[z] @ B[z], fp32 accumulation: t = a b^T (outgoing) or a^T b
-    (incoming) per channel, and the backward's da, db; transposes are strides only."""
+    (incoming) per channel, and the backward's da, db; transposes are strides only.
+
+    Both operands of every tl.dot are loaded from memory as they are (no conversion in
+    registers), so on sm_90 each product is a wgmma with both operands in shared memory.
+    A split A therefore comes pre-split (hi and lo stored 16-bit by its producer):
+    split here, its parts were register operands, and Triton 3.6 leaves the loop's last
+    register-A wgmma in flight across the back-edge while ptxas reuses its registers for
+    the next step's loads (triton-lang/triton#9433; the fp16 backward's dx was wrong on
+    an H200 at N = 256, where the loads are pipelined)."""
     pid = tl.program_id(0)
     z = tl.program_id(1)
     bi = (z // NCH).to(tl.int64)
@@ -147,12 +156,12 @@ def _product_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=valid_m[:, None] & k_ok[None, :], other=0.0)
+        a_ok = valid_m[:, None] & k_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_ok, other=0.0)
         bt = tl.load(b_ptrs, mask=k_ok[:, None] & valid_n[None, :], other=0.0)
         if SPLIT_A:
-            hi = a.to(bt.dtype)
-            lo = (a - hi.to(tl.float32)).to(bt.dtype)
-            acc = tl.dot(hi, bt, acc)
+            lo = tl.load(a_ptrs + stride_a_lo, mask=a_ok, other=0.0)
+            acc = tl.dot(a, bt, acc)
             acc = tl.dot(lo, bt, acc)
         else:
             acc = tl.dot(a, bt, acc, input_precision=PRECISION)

@@ -9,11 +9,15 @@ t stays fp32: LayerNorm_out subtracts its mean over channels, and where the chan
 share a large common part (a sum of N correlated products) a 16-bit t loses the
 centred remainder (2-3x PyTorch's bf16 error at N = 48-128 with such weights). Its
 gradient dt carries no such cancellation: for bf16 x it is stored in bf16, which makes
-da and db single 16-bit products (fp32 dt needs two, its hi and lo halves).
+da and db single 16-bit products. For fp16 x it is stored as two fp16 planes, hi and
+lo = dt - hi (bf16 would be coarser than fp16's baseline, fp16 alone too narrow in
+range), so da and db are two 16-bit products whose operands the kernel loads as they
+are (see ``_product_kernel`` for why the split is not done in registers there).
 
 Memory: the forward holds ab, go and t beside x and out, O(B N^2 C) (about 5x x's bytes
 for 16-bit x; at inference t only for a block of rows i, so about 3x plus that block);
-the backward adds dt ([B, C, P], bf16 for bf16 x, else fp32), dgate, d[a, b] and dx, plus
+the backward adds dt ([B, C, P]: bf16 for bf16 x, fp32 for fp32 x, two fp16 planes
+[B, 2C, P] for fp16 x), dgate, d[a, b] and dx, plus
 per-chunk buffers (u, dy, h, [dp | dg]) whose positions per chunk come from
 ``foldops.budget.rows_per_chunk``.
 """
@@ -58,9 +62,14 @@ def _row_config(cp: int, backward: bool, dtype: torch.dtype):
 
 
 def grad_product_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored gradient of t for inputs of ``dtype``: bf16 for bf16; fp16
-    keeps fp32 (bf16 would be coarser than its baseline, fp16 too narrow in range)."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    """dtype of the stored gradient of t for inputs of ``dtype``: bf16 for bf16, fp32
+    for fp32; fp16 for fp16, stored split (``grad_product_split``)."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def grad_product_split(dtype: torch.dtype) -> bool:
+    """Whether the gradient of t is stored as hi + lo planes for inputs of ``dtype``."""
+    return dtype == torch.float16
 
 
 def _prologue_config(cp: int, dtype: torch.dtype):
@@ -102,8 +111,9 @@ def _mask_rows(mask: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return mask_bytes(mask.reshape(b, n * n))
 
 
-def _launch_product(a, a_strides, bm, b_strides, out, o_strides, nch, m, n, k, split_a, precision):
-    """OUT[z] = A[z] @ B[z] over z = (batch, channel); strides are (b, c, row, col)."""
+def _launch_product(a, a_strides, bm, b_strides, out, o_strides, nch, m, n, k, split_a, precision, a_lo=0):
+    """OUT[z] = A[z] @ B[z] over z = (batch, channel); strides are (b, c, row, col).
+    ``split_a``: A = hi + lo, 16-bit parts ``a_lo`` elements apart."""
     if triton_interpret():
         bm_, bn_, bk_, group, warps, stages = configs.INTERPRET_PRODUCT
     elif split_a:
@@ -115,7 +125,7 @@ def _launch_product(a, a_strides, bm, b_strides, out, o_strides, nch, m, n, k, s
     batch = out.shape[0]
     grid = (cdiv(m, bm_) * cdiv(n, bn_), batch * nch)
     wrap_triton(_product_kernel)[grid](
-        a, bm, out, nch, m, n, k, *a_strides, *b_strides, *o_strides,
+        a, bm, out, nch, m, n, k, *a_strides, a_lo, *b_strides, *o_strides,
         SPLIT_A=split_a, PRECISION=precision, BLOCK_M=bm_, BLOCK_N=bn_, BLOCK_K=bk_, GROUP_M=group,
         num_warps=warps, num_stages=stages,
     )
@@ -220,7 +230,10 @@ def triangle_multiplication_backward(
     chunk = _chunk_positions(x, p, 5 * c * esize, bp)  # u, dy | h, dp, dg
 
     # Output side: dt (channel-major), dgate; u and dy per chunk for dW_out.
-    dt = torch.empty((batch, c, p), dtype=grad_product_dtype(wdt), device=dev)
+    split = grad_product_split(wdt)
+    # Split: hi in channels [0, C), lo in [C, 2C); the lo part is dt_lo elements further.
+    dt = torch.empty((batch, 2 * c if split else c, p), dtype=grad_product_dtype(wdt), device=dev)
+    dt_lo = c * dt.stride(1)
     dgo = torch.empty((batch, p, c), dtype=wdt, device=dev)
     nblocks = cdiv(chunk, bp)
     part = torch.empty((batch, nblocks, 2, cp), dtype=torch.float32, device=dev)
@@ -236,7 +249,8 @@ def triangle_multiplication_backward(
         wrap_triton(_out_bwd_kernel)[grid](
             tc, norm_out_weight, norm_out_bias, p_out_weight, goc, doc, dtc, dy, u, dgoc, part,
             pc, c, eps, tc.stride(0), tc.stride(1), goc.stride(0), goc.stride(1), *doc.stride(),
-            dtc.stride(0), dtc.stride(1), u.stride(0), u.stride(1), dgoc.stride(0), dgoc.stride(1), SPLIT_DY=wdt != torch.float32,
+            dtc.stride(0), dtc.stride(1), dt_lo, u.stride(0), u.stride(1), dgoc.stride(0), dgoc.stride(1),
+            SPLIT_DY=wdt != torch.float32, SPLIT_DT=split,
             PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
         )
         nb = grid[0]
@@ -246,19 +260,19 @@ def triangle_multiplication_backward(
 
     # d[a, b] = per-channel products of dt with b and a (dt is always the A operand).
     dab = torch.empty((batch, 2 * c, p), dtype=wdt, device=dev)
-    split = dt.dtype != wdt
     sb, sdt = ab.stride(0), dt.stride(0)
     a_view, b_view = ab[:, :c], ab[:, c:]
     da, db = dab[:, :c], dab[:, c:]
     sdab = dab.stride(0)
+    prod = dict(nch=c, m=n, n=n, k=n, split_a=split, precision=precision, a_lo=dt_lo)
     if outgoing:
         # da[i, k] = sum_j dt[i, j] b[j, k];  db[j, k] = sum_i dt[i, j] a[i, k]
-        _launch_product(dt, (sdt, p, n, 1), b_view, (sb, p, n, 1), da, (sdab, p, n, 1), c, n, n, n, split, precision)
-        _launch_product(dt, (sdt, p, 1, n), a_view, (sb, p, n, 1), db, (sdab, p, n, 1), c, n, n, n, split, precision)
+        _launch_product(dt, (sdt, p, n, 1), b_view, (sb, p, n, 1), da, (sdab, p, n, 1), **prod)
+        _launch_product(dt, (sdt, p, 1, n), a_view, (sb, p, n, 1), db, (sdab, p, n, 1), **prod)
     else:
         # da[k, i] = sum_j dt[i, j] b[k, j];  db[k, j] = sum_i dt[i, j] a[k, i]  (stored transposed)
-        _launch_product(dt, (sdt, p, n, 1), b_view, (sb, p, 1, n), da, (sdab, p, 1, n), c, n, n, n, split, precision)
-        _launch_product(dt, (sdt, p, 1, n), a_view, (sb, p, 1, n), db, (sdab, p, 1, n), c, n, n, n, split, precision)
+        _launch_product(dt, (sdt, p, n, 1), b_view, (sb, p, 1, n), da, (sdab, p, 1, n), **prod)
+        _launch_product(dt, (sdt, p, 1, n), a_view, (sb, p, 1, n), db, (sdab, p, 1, n), **prod)
     del dt
 
     # Input side, chunk by chunk: dx, and h, [dp | dg] for dW_in.
