@@ -17,10 +17,14 @@ CONFIGS = {
     # Chosen spill-free by offline compiles for sm_90 (benchmarks/varlen_attention_sass.py,
     # causal): at D = 64, 32x128 with 4 warps spilled 504 bytes, with 8 warps none (242
     # registers); at D = 128, 32x64 with 4 warps spilled 576 bytes, 16x64 with 8 none.
-    ("dkdv", 16, False): (32, 128, 8, 3),
-    ("dkdv", 32, False): (32, 128, 8, 3),
-    ("dkdv", 64, False): (32, 128, 8, 3),
-    ("dkdv", 128, False): (16, 64, 8, 2),
+    # One stage: with pipelined loads Triton 3.6 lets the loop's last register-operand
+    # wgmma (dV += P^T dO, dK += dS Q) run into the next step, whose loads reuse its
+    # registers (triton-lang/triton#9433; benchmarks/tools/compile_offline.py flagged every
+    # 16-bit variant "wgmma-rs-race" at 2-3 stages, none at 1).
+    ("dkdv", 16, False): (32, 128, 8, 1),
+    ("dkdv", 32, False): (32, 128, 8, 1),
+    ("dkdv", 64, False): (32, 128, 8, 1),
+    ("dkdv", 128, False): (16, 64, 8, 1),
     # dQ: the mirror image, many query rows, narrow key steps.
     ("dq", 16, False): (128, 32, 4, 3),
     ("dq", 32, False): (128, 32, 4, 3),
