@@ -415,7 +415,8 @@ def test_gpu_non_finite_values_at_masked_keys(n, dtype, layout):
     element rounded the other way moves delta = rowsum(dO * O) by ~dO x ulp(O), hence
     dQ by far more than assert_close's bf16 tolerance at elements near zero. So the
     forward is compared at the output's tolerance; the backward is compared given the
-    same (out, lse), where only the dQ rerun differs; and the whole dirty run is held
+    same (out, lse), where only the dQ rerun differs (to one ulp of dQ's largest
+    element); and the whole dirty run is held
     to the accuracy rule against the float64 reference of the clean inputs.
     """
     batch, rows, heads, d = 1, 8, 2, 32
@@ -439,6 +440,14 @@ def test_gpu_non_finite_values_at_masked_keys(n, dtype, layout):
         same = "bitwise equal" if torch.equal(a, b) else "not bitwise equal"
         torch.testing.assert_close(a, b, msg=lambda m: f"{name} ({same}): {m}")
 
+    def close_sum(a, b, name):
+        # A rerun's sums round on their own: an element near zero of a long sum (dQ) can
+        # differ by a few ulps of the tensor's scale, far above assert_close's per-element
+        # relative tolerance, so it is held to one ulp of the largest element instead.
+        same = "bitwise equal" if torch.equal(a, b) else "not bitwise equal"
+        atol = torch.finfo(dtype).eps * b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=lambda m: f"{name} ({same}): {m}")
+
     clean = run(k, v, bias)
     dirty_k, dirty_v, dirty_bias = k.detach().clone(), v.detach().clone(), bias.detach().clone()
     dirty_k[:, :, pad:] = math.nan
@@ -457,7 +466,7 @@ def test_gpu_non_finite_values_at_masked_keys(n, dtype, layout):
     from_dirty = kernel.triangle_attention_backward(grad_out, q, dirty_k, dirty_v, dirty_bias, mask, out, lse, scale)
     for name, a, b in zip(names[1:], from_dirty, from_clean):
         assert torch.isfinite(a).all(), name
-        close(a, b, f"{name} given the same out and lse")
+        (close_sum if name == "dq" else close)(a, b, f"{name} given the same out and lse")
 
     # The whole dirty run against the float64 reference of the clean inputs.
     grad_outs = [grad_out.double()]
@@ -483,6 +492,7 @@ def test_gpu_tf32():
 
 
 @pytest.mark.gpu
+@pytest.mark.bigmem  # ~50 GB: q, k, v and their gradients at N = 4096
 def test_gpu_n4096_no_index_overflow():
     """N = 4096 in the ending node's transposed layout: offsets pass 2^31 elements.
 
