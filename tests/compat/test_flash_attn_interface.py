@@ -136,8 +136,41 @@ def test_unsupported_arguments_are_named():
     # cu_seqlens are checked by the op and named as flash_attn names them
     with pytest.raises((TypeError, ValueError), match="cu_seqlens_q"):
         fa.flash_attn_varlen_func(q[0], q[0], q[0], cu.long(), cu, 4, 4)
-    with pytest.raises((TypeError, ValueError), match="cu_seqlens"):
-        fa.flash_attn_varlen_qkvpacked_func(torch.randn(4, 3, 2, 8), torch.tensor([1, 4], dtype=torch.int32), 4)
+
+
+def test_errors_name_the_arguments_the_caller_passed():
+    """The op checks q, k, v, cu_seqlens_q/k, max_seqlen_q/k; the packed functions report the
+    names of their own arguments (qkv, kv, cu_seqlens, max_seqlen)."""
+    qkv = torch.randn(4, 3, 2, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    not_from_zero, short = torch.tensor([1, 4], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32)
+    cases = [
+        (ValueError, "cu_seqlens", lambda: fa.flash_attn_varlen_qkvpacked_func(qkv, not_from_zero, 4)),
+        (TypeError, "cu_seqlens", lambda: fa.flash_attn_varlen_qkvpacked_func(qkv, cu.long(), 4)),
+        (ValueError, "cu_seqlens", lambda: fa.flash_attn_varlen_qkvpacked_func(qkv, short, 4)),
+        (ValueError, "max_seqlen", lambda: fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 3)),
+        (ValueError, "max_seqlen", lambda: fa.flash_attn_varlen_qkvpacked_func(qkv, cu, None)),
+        (ValueError, "kv", lambda: fa.flash_attn_varlen_kvpacked_func(torch.randn(4, 3, 8), torch.randn(4, 2, 2, 8),
+                                                                      cu, cu, 4, 4)),
+        (TypeError, "kv", lambda: fa.flash_attn_varlen_kvpacked_func(torch.randn(4, 2, 8),
+                                                                     torch.randn(4, 2, 2, 8, dtype=torch.float64),
+                                                                     cu, cu, 4, 4)),
+        (TypeError, "kv", lambda: fa.flash_attn_kvpacked_func(torch.randn(1, 4, 2, 8),
+                                                              torch.randn(1, 4, 2, 2, 8, dtype=torch.float64))),
+        (ValueError, "max_seqlen_k", lambda: fa.flash_attn_varlen_kvpacked_func(torch.randn(4, 2, 8),
+                                                                                torch.randn(4, 2, 2, 8), cu, cu, 4, 3)),
+        (TypeError, "cu_seqlens_q", lambda: fa.flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu.long(), cu,
+                                                                      4, 4)),
+    ]
+    for exc_type, name, call in cases:
+        with pytest.raises(exc_type) as info:
+            call()
+        assert str(info.value).startswith(name + ":"), str(info.value)
+        if name in ("cu_seqlens", "max_seqlen"):
+            assert "_q" not in str(info.value) and "_k" not in str(info.value), str(info.value)
+    # max_seqlen as int() takes it (numpy ints, one-element tensors), as before
+    out = fa.flash_attn_varlen_qkvpacked_func(qkv, cu, torch.tensor(4))
+    torch.testing.assert_close(out, fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 4))
 
 
 def test_bert_padding_round_trip_and_varlen():

@@ -20,7 +20,9 @@ N rows, and attention runs through ``foldops.ops.varlen_attention`` on the packe
 tensors, so nothing is computed for padding. Layers whose attention probabilities are
 asked for run an explicit-softmax path on the padded batch (one dense [B, H, T, T]
 buffer, fp32 softmax in place) that returns them; the other layers stay on the fast op. Autocast (bf16/fp16)
-works on every device; softmax, LayerNorm statistics and rotary tables stay fp32.
+is taken on any device type; softmax, LayerNorm statistics and rotary tables stay fp32. Run so far on
+CPU and an NVIDIA H200; MPS, XPU and V100 go through the op's ``torch`` backend, implemented but
+untested on that hardware.
 
 Architecture facts (fair-esm esm/model/esm2.py, esm/modules.py; HF modeling_esm.py):
 token-dropout rescaling of the embeddings by (1 - 0.15*0.8) / (1 - observed mask ratio);

@@ -11,7 +11,8 @@ What differs from the original (numerics otherwise follow it: fp32 residual stre
 LayerNorm, matmuls and attention in the autocast dtype):
 
 - no flash_attn: attention is ``foldops.ops.varlen_attention`` (Triton on CUDA cc >= 8.0,
-  PyTorch on any other device), so the model runs on CPU, MPS, XPU, V100 and H100;
+  PyTorch on any other device). Run so far on CPU and an NVIDIA H200; MPS, XPU and V100
+  go through the op's ``torch`` backend, implemented but untested on that hardware;
 - mixed precision on every device: ``amp_dtype="auto"`` (default) autocasts to bf16 on
   CUDA and leaves every other device in full precision, as the original behaves (its
   CUDA-only autocast does nothing elsewhere); ``amp_dtype=torch.bfloat16`` or

@@ -15,13 +15,18 @@ would also return the dropout pattern, which foldops does not produce, so that r
 sliding window, ``softcap > 0``, ``alibi_slopes``, ``block_table`` (paged KV): each raises
 ``ValueError`` naming the argument. ``deterministic`` is accepted (the backward has no
 nondeterministic accumulation to switch off on the PyTorch path).
+
+Bad input raises ``TypeError``/``ValueError`` naming the caller's argument: the op checks
+``cu_seqlens_q``/``max_seqlen_q``..., and the packed functions report them under their own
+names (``cu_seqlens``, ``max_seqlen``, ``qkv``, ``kv``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence
+import re
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -71,13 +76,51 @@ def _dims(name: str, x, ndim: int, layout: str) -> torch.Tensor:
     return x
 
 
-def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, return_lse):
+# The user's names of varlen_attention's arguments, per calling convention: errors of the op
+# start with its own argument's name, which the function the user called may not have.
+_QKV_PACKED = {"q": "qkv", "k": "qkv", "v": "qkv"}
+_KV_PACKED = {"k": "kv", "v": "kv"}
+_ONE_CU = {"cu_seqlens_q": "cu_seqlens", "cu_seqlens_k": "cu_seqlens",
+           "max_seqlen_q": "max_seqlen", "max_seqlen_k": "max_seqlen"}
+_CU_NAMES = re.compile(r"\b(cu_seqlens_[qk]|max_seqlen_[qk])\b")
+
+
+def _rename(exc: Exception, names: Dict[str, str]) -> Exception:
+    """``exc`` with the argument names of varlen_attention replaced by the caller's: the leading
+    ``name:`` always; cu_seqlens / max_seqlen names anywhere in the message."""
+    if type(exc) not in (TypeError, ValueError):
+        return exc
+    head, sep, rest = str(exc).partition(":")
+    if not sep or head not in names:
+        return exc
+    rest = _CU_NAMES.sub(lambda m: names.get(m.group(1), m.group(1)), rest)
+    return type(exc)(f"{names[head]}:{rest}").with_traceback(exc.__traceback__)
+
+
+def _as_int(value):
+    """``max_seqlen`` as a Python int where ``int()`` takes it (numpy ints, one-element
+    tensors); anything else goes on to the op's check, which names the argument."""
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError, RuntimeError):
+        return value
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, return_lse, names=None):
     from foldops.ops import varlen_attention
 
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    return varlen_attention(q, k, v, cu_q, cu_k, int(max_q), int(max_k), causal=causal,
-                            softmax_scale=float(softmax_scale), dropout_p=float(dropout_p), return_lse=return_lse)
+    try:
+        return varlen_attention(q, k, v, cu_q, cu_k, _as_int(max_q), _as_int(max_k), causal=causal,
+                                softmax_scale=float(softmax_scale), dropout_p=float(dropout_p), return_lse=return_lse)
+    except (TypeError, ValueError) as exc:
+        renamed = _rename(exc, names) if names else exc
+        if renamed is exc:
+            raise
+        raise renamed from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -87,7 +130,7 @@ def _uniform_cu(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
     return torch.arange(batch + 1, device=device, dtype=torch.int32) * seqlen
 
 
-def _dense(q, k, v, dropout_p, softmax_scale, causal, return_attn_probs):
+def _dense(q, k, v, dropout_p, softmax_scale, causal, return_attn_probs, names=None):
     """Dense [B, S, H, D] attention as packed sequences of equal length (no copy if contiguous)."""
     batch, seqlen_q = q.shape[0], q.shape[1]
     seqlen_k = k.shape[1]
@@ -97,7 +140,7 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, return_attn_probs):
     out = _varlen(q.reshape(batch * seqlen_q, *q.shape[2:]), k.reshape(batch * seqlen_k, *k.shape[2:]),
                   v.reshape(batch * seqlen_k, *v.shape[2:]), _uniform_cu(batch, seqlen_q, q.device),
                   _uniform_cu(batch, seqlen_k, q.device),
-                  seqlen_q, seqlen_k, dropout_p, softmax_scale, causal, return_attn_probs)
+                  seqlen_q, seqlen_k, dropout_p, softmax_scale, causal, return_attn_probs, names)
     if not return_attn_probs:
         return out.reshape(q.shape[:3] + v.shape[-1:])
     out, lse = out
@@ -121,7 +164,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
         raise ValueError(f"qkv: expected shape [batch, seqlen, 3, nheads, headdim], got {tuple(qkv.shape)}")
     causal = _options(causal, window_size, softcap, alibi_slopes, dropout_p, return_attn_probs)
     q, k, v = qkv.unbind(2)
-    return _dense(q, k, v, dropout_p, softmax_scale, causal, return_attn_probs)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, return_attn_probs, _QKV_PACKED)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -134,7 +177,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
         raise ValueError(f"kv: expected shape [batch, seqlen_k, 2, nheads_k, headdim], got {tuple(kv.shape)}")
     causal = _options(causal, window_size, softcap, alibi_slopes, dropout_p, return_attn_probs)
     k, v = kv.unbind(2)
-    return _dense(q, k, v, dropout_p, softmax_scale, causal, return_attn_probs)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, return_attn_probs, _KV_PACKED)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -159,7 +202,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     causal = _options(causal, window_size, softcap, alibi_slopes, dropout_p, return_attn_probs)
     q, k, v = qkv.unbind(1)
     out = _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
-                  return_attn_probs)
+                  return_attn_probs, {**_QKV_PACKED, **_ONE_CU})
     return _packed(out, return_attn_probs)
 
 
@@ -175,7 +218,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     causal = _options(causal, window_size, softcap, alibi_slopes, dropout_p, return_attn_probs)
     k, v = kv.unbind(1)
     out = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                  causal, return_attn_probs)
+                  causal, return_attn_probs, _KV_PACKED)
     return _packed(out, return_attn_probs)
 
 

@@ -251,42 +251,69 @@ def apply_rotary_emb_kv_(
 class RotaryEmbedding(torch.nn.Module):
     """flash_attn's RotaryEmbedding: cached cos/sin tables, applied in place to qkv / (q, kv).
 
-    Args (as flash_attn): ``dim`` (rotary dim), ``base=10000.0``, ``interleaved=False``,
-    ``scale_base=None`` (XPos when set), ``device=None``. Buffers ``inv_freq`` and ``scale``
-    are not persistent (no state-dict keys), as in flash_attn.
+    Args, as flash_attn 2.8 (same names, defaults and order): ``dim`` (rotary dim),
+    ``base=10000.0``, ``interleaved=False``, ``scale_base=None`` (XPos when set),
+    ``device=None``. Buffers ``inv_freq`` and ``scale`` are not persistent (no state-dict
+    keys), as in flash_attn.
+
+    ``pos_idx_in_fp32`` (keyword only) is flash_attn 2.0-2.7's argument, which sat before
+    ``device`` and which 2.8 removed (2.8 always behaves as ``True``); it is accepted by
+    keyword so code written for those versions runs. ``True`` (the default): positions
+    and inverse frequencies are fp32 when the tables are built, whatever dtype the module
+    was cast to (also the XPos decay). ``False``: positions take the ``inv_freq`` buffer's
+    dtype and the buffers are used as they are, so a module cast to bf16 rounds positions
+    to bf16 (1995 becomes 1992) and reproduces the tables of models trained that way.
     """
 
     def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False,
-                 scale_base: Optional[float] = None, device=None) -> None:
+                 scale_base: Optional[float] = None, device=None, *, pos_idx_in_fp32: bool = True) -> None:
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
             raise ValueError(f"dim: expected a positive even int, got {dim!r}")
+        if isinstance(device, bool):
+            raise TypeError(f"device: expected a device or None, got {device!r}; flash_attn before 2.8 took "
+                            "pos_idx_in_fp32 in this position: pass it by keyword")
+        if not isinstance(pos_idx_in_fp32, bool):
+            raise TypeError(f"pos_idx_in_fp32: expected a bool, got {pos_idx_in_fp32!r}")
         self.dim = dim
         self.base = float(base)
+        self.pos_idx_in_fp32 = pos_idx_in_fp32
         self.register_buffer("inv_freq", self._compute_inv_freq(device), persistent=False)
         self.interleaved = interleaved
         self.scale_base = scale_base
-        scale = ((torch.arange(0, dim, 2, device=device, dtype=torch.float32) + 0.4 * dim) / (1.4 * dim)
-                 if scale_base is not None else None)
-        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("scale", self._compute_scale(device) if scale_base is not None else None,
+                             persistent=False)
         self._seq_len_cached = 0
         self._cos_cached = self._sin_cached = self._cos_k_cached = self._sin_k_cached = None
 
     def _compute_inv_freq(self, device=None) -> torch.Tensor:
         return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
 
+    def _compute_scale(self, device=None) -> torch.Tensor:
+        return (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) + 0.4 * self.dim) / (1.4 * self.dim)
+
     def _update_cos_sin_cache(self, seqlen: int, device=None, dtype=None) -> None:
         if (seqlen > self._seq_len_cached or self._cos_cached is None or self._cos_cached.device != device
                 or self._cos_cached.dtype != dtype or (self.training and self._cos_cached.is_inference())):
             self._seq_len_cached = seqlen
-            t = torch.arange(seqlen, device=device, dtype=torch.float32)
-            inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._compute_inv_freq(device)
+            if self.pos_idx_in_fp32:
+                # fp32 positions and frequencies, even in a module cast to bf16/fp16: in bf16 the
+                # positions themselves round (1995 -> 1992) and the angles lose their precision.
+                t = torch.arange(seqlen, device=device, dtype=torch.float32)
+                inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._compute_inv_freq(device)
+            else:  # the buffer's dtype and values as they are (flash_attn < 2.8 with False)
+                t = torch.arange(seqlen, device=device, dtype=self.inv_freq.dtype)
+                inv_freq = self.inv_freq
             freqs = torch.outer(t, inv_freq.to(device))
             if self.scale is None:
                 self._cos_cached, self._sin_cached = freqs.cos().to(dtype), freqs.sin().to(dtype)
             else:
-                power = (torch.arange(seqlen, dtype=torch.float32, device=device) - seqlen // 2) / self.scale_base
-                scale = self.scale.to(device) ** power[:, None]
+                if self.pos_idx_in_fp32:  # the XPos decay in fp32 as well
+                    xscale = self.scale if self.scale.dtype == torch.float32 else self._compute_scale(device)
+                else:
+                    xscale = self.scale
+                power = (torch.arange(seqlen, dtype=xscale.dtype, device=device) - seqlen // 2) / self.scale_base
+                scale = xscale.to(device) ** power[:, None]
                 self._cos_cached = (freqs.cos() * scale).to(dtype)
                 self._sin_cached = (freqs.sin() * scale).to(dtype)
                 self._cos_k_cached = (freqs.cos() / scale).to(dtype)
