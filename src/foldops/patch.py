@@ -16,8 +16,10 @@ copy, same state-dict keys, same devices and dtypes, optimizers keep their refer
 A container is replaced whole (its blocks with it) when it can be; otherwise its parts are
 replaced one by one.
 
-Left alone: modules of other classes (embedders, the diffusion conditioning, Boltz-1's v1
-attention, ...); a module whose configuration foldops does not reproduce (e.g. a
+Kept by design, and listed in the report as kept (no warning): the diffusion transformer's
+``ConditionedTransitionBlock`` and ``AdaLN``, which foldops has nothing faster for (see
+:data:`KEPT`). Left alone: modules of other classes (embedders, the rest of the diffusion
+conditioning, Boltz-1's v1 attention, ...); a module whose configuration foldops does not reproduce (e.g. a
 Pairformer layer built with ``v2=False``), whose parameters do not match the foldops
 module's names and shapes, or that carries a replaced ``forward`` foldops does not know;
 and every module when the installed ``boltz`` version is not one this mapping was written
@@ -42,7 +44,7 @@ from torch import nn
 
 from foldops.backends import AUTO
 
-__all__ = ["BoltzPatchError", "PatchReport", "boltz", "unpatch", "is_patched", "KNOWN_BOLTZ_VERSIONS"]
+__all__ = ["BoltzPatchError", "PatchReport", "boltz", "unpatch", "is_patched", "KNOWN_BOLTZ_VERSIONS", "KEPT"]
 
 # boltz package versions whose classes and attributes this mapping was written against
 # (2.x holds both Boltz-1 and Boltz-2 models).
@@ -73,12 +75,15 @@ class PatchReport:
             blocks and layers included.
         patched: paths (in ``model.named_modules()``) of the modules replaced at the top.
         skipped: path -> why that Boltz module was left alone (each also warned).
+        kept: ``"<Boltz class>"`` -> number of modules kept by design, as foldops has no
+            faster equivalent (the reason per class is in :data:`KEPT`; not warned).
         backend: the backend given to the foldops modules.
     """
 
     replaced: Dict[str, int] = dataclasses.field(default_factory=dict)
     patched: List[str] = dataclasses.field(default_factory=list)
     skipped: Dict[str, str] = dataclasses.field(default_factory=dict)
+    kept: Dict[str, int] = dataclasses.field(default_factory=dict)
     backend: str = AUTO
 
     @property
@@ -87,13 +92,18 @@ class PatchReport:
         return sum(self.replaced.values())
 
     def summary(self) -> str:
-        if not self.replaced and not self.skipped:
-            return "foldops.patch.boltz: nothing to replace (no Boltz trunk modules, or already patched)"
-        lines = [f"foldops.patch.boltz: replaced {self.total} modules in place (backend={self.backend!r})"]
+        if not self.replaced:
+            lines = ["foldops.patch.boltz: nothing to replace (no Boltz trunk modules, or already patched)"]
+        else:
+            lines = [f"foldops.patch.boltz: replaced {self.total} modules in place (backend={self.backend!r})"]
         for pair, count in sorted(self.replaced.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  {count:5d} x {pair}")
         if self.patched:
             lines.append("  at: " + ", ".join(p or "<root>" for p in self.patched))
+        if self.kept:
+            lines.append("  kept (no faster foldops equivalent):")
+            lines.extend(f"  {count:5d} x {name}: {KEPT.get(name, '')}".rstrip(": ")
+                         for name, count in sorted(self.kept.items()))
         if self.skipped:
             lines.append(f"  left alone ({len(self.skipped)}):")
             lines.extend(f"    {path or '<root>'}: {why}" for path, why in self.skipped.items())
@@ -235,6 +245,23 @@ _NOT_MAPPED = {
     _L + "attention.AttentionPairBias": "Boltz-1's attention with pair bias (v1) has no foldops equivalent",
 }
 
+_CONDITIONED_TRANSITION = (
+    "AdaLN, three Linear layers with a SwiGLU-style product, a Linear layer and a sigmoid gate on the single "
+    "track: cuBLAS GEMMs either way and O(N D) activations, nothing to chunk; foldops's swiglu_transition "
+    "computes another function (docs/boltz_patch.md)"
+)
+_ADALN = "two LayerNorms and two Linear layers on the single track: nothing foldops computes faster"
+_T1, _T2 = "boltz.model.modules.transformers.", "boltz.model.modules.transformersv2."
+KEPT: Dict[str, str] = {
+    _T2 + "ConditionedTransitionBlock": _CONDITIONED_TRANSITION,
+    _T2 + "AdaLN": _ADALN,
+    _T1 + "ConditionedTransitionBlock": _CONDITIONED_TRANSITION,
+    _T1 + "AdaLN": _ADALN,
+}
+"""Boltz classes kept by design, with the reason: foldops has no faster equivalent. They
+run as Boltz's code (the parts inside them included), are counted in
+``PatchReport.kept`` and draw no warning, also with ``strict=True``."""
+
 
 # --- the mechanics ------------------------------------------------------------------------
 
@@ -354,6 +381,9 @@ def _walk(module: nn.Module, path: str, backend: str, strict: bool, report: Patc
         _skip(report, path, why, strict)
         if not version_ok:
             return
+    elif name in KEPT:
+        report.kept[name] = report.kept.get(name, 0) + 1
+        return  # whole, the AdaLN inside a conditioned transition with it
     elif name in _NOT_MAPPED:
         _skip(report, path, _NOT_MAPPED[name], strict)
     for child_name, child in module.named_children():

@@ -14,6 +14,7 @@ from foldops.bench import (
     BenchConfig,
     ProgressLine,
     Timer,
+    auto_choice,
     backend_statuses,
     capture_context,
     format_table,
@@ -99,6 +100,77 @@ def test_failures_become_rows_not_crashes(fake_run):
         assert interp["status"] == "skipped" and "runs only when named" in interp["note"]
 
 
+def test_every_size_and_mode_has_an_auto_row_reusing_its_backend(fake_run):
+    rows, _, _ = fake_run
+    for shape in ("B=1,N=3,C=3", "B=1,N=5,C=3"):
+        for mode in ("fwd", "fwd+bwd", "bwd"):
+            auto = {r["metric"]: r for r in _rows(rows, backend="auto", shape=shape, mode=mode)}
+            good = {r["metric"]: r for r in _rows(rows, backend="good", shape=shape, mode=mode)}
+            assert set(auto) == set(good) == {"time_ms", "peak_mib", "max_abs_err", "rel_err"}
+            for metric, r in auto.items():
+                assert r["resolved"] == "good" and r["status"] == "ok"
+                assert r["value"] == good[metric]["value"]  # the same measurement, not a second one
+                assert r["note"].startswith("auto -> good (priority order); good's run: ")
+    assert all(r["resolved"] == "" for r in rows if r["backend"] != "auto")
+
+
+def test_auto_is_captured_per_mode(fake_case, monkeypatch):
+    """A size rule for training only: fwd+bwd's auto row follows it, fwd's does not."""
+    from foldops import backend_rules
+
+    rule = backend_rules.Rule(4, "the test", "off_by_half wins training at N <= 4", backend="off_by_half")
+    monkeypatch.setattr(backend_rules, "RULES", {FAKE_OP: {"cpu": {"training": rule}}})
+    rows = run_bench(BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[3, 5], modes=("fwd", "fwd+bwd"),
+                                 repeats=1, warmup=0))
+    resolved = {(r["shape"], r["mode"]): r["resolved"] for r in _rows(rows, backend="auto", metric="time_ms")}
+    assert resolved == {("B=1,N=3,C=3", "fwd"): "good", ("B=1,N=3,C=3", "fwd+bwd"): "off_by_half",
+                        ("B=1,N=5,C=3", "fwd"): "good", ("B=1,N=5,C=3", "fwd+bwd"): "good"}
+    ruled = _value(rows, backend="auto", shape="B=1,N=3,C=3", mode="fwd+bwd", metric="time_ms")
+    assert "size rule: cpu training N=3 <= 4: off_by_half wins training at N <= 4" in ruled["note"]
+    # The inference choice at the same size is the priority order's, with its own numbers.
+    fwd_err = _value(rows, backend="auto", shape="B=1,N=3,C=3", mode="fwd", metric="max_abs_err")
+    assert float(fwd_err["value"]) == 0.0
+
+
+def test_auto_is_measured_itself_when_its_backend_was_not(fake_case, monkeypatch):
+    # Named backends without auto's: no auto rows, unless "auto" is named too.
+    rows = run_bench(BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[4], modes=("fwd",), backends=["reference"],
+                                 repeats=1, warmup=0))
+    assert not _rows(rows, backend="auto")
+    rows = run_bench(BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[4], modes=("fwd",), backends=["reference", "auto"],
+                                 repeats=1, warmup=0))
+    auto = {r["metric"]: r for r in _rows(rows, backend="auto")}
+    assert set(auto) == {"time_ms", "peak_mib", "max_abs_err", "rel_err"}
+    assert all(r["resolved"] == "good" and r["status"] == "ok" for r in auto.values())
+    assert auto["time_ms"]["note"].startswith("auto -> good (priority order); median of 1")
+    # An override naming a backend that runs only when named: auto runs it, the plan skips it.
+    monkeypatch.setenv("FOLDOPS_BACKEND" + "_" + FAKE_OP.upper(), "interp")
+    rows = run_bench(BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[4], modes=("fwd",), repeats=1, warmup=0))
+    assert _value(rows, backend="interp", metric="time_ms")["status"] == "skipped"
+    auto = _value(rows, backend="auto", metric="time_ms")
+    assert auto["status"] == "ok" and auto["resolved"] == "interp" and "FOLDOPS_BACKEND__BENCH_FAKE=interp" in auto["note"]
+    # An override naming a backend that cannot run: the auto row says so.
+    monkeypatch.setenv("FOLDOPS_BACKEND" + "_" + FAKE_OP.upper(), "nope")
+    rows = run_bench(BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[4], modes=("fwd",), repeats=1, warmup=0))
+    auto = _value(rows, backend="auto", metric="time_ms")
+    assert auto["status"] == "unavailable" and auto["resolved"] == "" and "needs a unicorn" in auto["note"]
+
+
+def test_the_table_shows_the_backend_auto_ran_per_mode(fake_case, monkeypatch):
+    from foldops import backend_rules
+
+    rule = backend_rules.Rule(4, "the test", "off_by_half wins training", backend="off_by_half")
+    monkeypatch.setattr(backend_rules, "RULES", {FAKE_OP: {"cpu": {"training": rule}}})
+    rows = run_bench(BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[3, 5], modes=("fwd", "fwd+bwd"),
+                                 backends=["good", "off_by_half"], repeats=1, warmup=0))
+    lines = format_table(rows).splitlines()
+    assert lines[0].split()[:6] == ["op", "backend", "shape", "dtype", "auto", "runs"]
+    auto_lines = [line.split() for line in lines if line.split()[:1] == ["auto"]]
+    assert [line[1:6] for line in auto_lines][0] == ["B=1,N=3,C=3", "fp32", "fwd", "good,", "fwd+bwd"]
+    assert auto_lines[0][6] == "off_by_half" and float(auto_lines[0][7]) > 0
+    assert auto_lines[1][1:4] == ["B=1,N=5,C=3", "fp32", "good"] and float(auto_lines[1][4]) > 0
+
+
 def test_named_backends_only_and_named_only_backends_run(fake_case):
     config = BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[4], modes=("fwd",), backends=["interp", "reference"],
                          repeats=1, warmup=0)
@@ -121,8 +193,8 @@ def test_a_reference_too_large_for_gradients_still_checks_the_output(fake_case):
     config = BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[4], modes=("fwd+bwd", "fwd"), backends=["good"],
                          repeats=1, warmup=0, ref_budget_gib=300 / 2**30)
     rows = run_bench(config)
-    assert _value(rows, mode="fwd+bwd", metric="max_abs_err")["status"] == "skipped"
-    fwd = _value(rows, mode="fwd", metric="max_abs_err")
+    assert _value(rows, backend="good", mode="fwd+bwd", metric="max_abs_err")["status"] == "skipped"
+    fwd = _value(rows, backend="good", mode="fwd", metric="max_abs_err")
     assert fwd["status"] == "ok" and float(fwd["value"]) == 0.0
 
 
@@ -161,7 +233,7 @@ def test_progress_counts_every_step(fake_case):
     seen = []
     run_bench(BenchConfig(device=CPU, ops=[FAKE_OP], sizes=[3, 4], modes=("fwd", "fwd+bwd"), repeats=1, warmup=0),
               progress=lambda done, total, text: seen.append((done, total)))
-    total = 2 * 7 * 2  # sizes x backends x modes
+    total = 2 * (7 + 1) * 2  # sizes x (backends + auto) x modes
     assert seen == [(i, total) for i in range(1, total + 1)]
 
 
@@ -195,8 +267,12 @@ def test_every_loadable_case_runs_clean_on_cpu(tmp_path):
 def test_capture_context_and_statuses(fake_case):
     x = torch.randn(1, 4, 3)
     ctx = capture_context(FAKE_OP, lambda: fake_op(x))
-    assert ctx == {"device": x.device, "dtype": torch.float32}
+    assert ctx == {"device": x.device, "dtype": torch.float32, "n": 4, "training": False}
+    x.requires_grad_(True)
+    assert capture_context(FAKE_OP, lambda: fake_op(x), grad=True)["training"] is True
+    assert capture_context(FAKE_OP, lambda: fake_op(x))["training"] is False  # no_grad by default
     statuses = {s.name: s for s in backend_statuses(FAKE_OP, ctx)}
+    assert auto_choice(FAKE_OP, ctx) == ("good", "priority order")
     assert statuses["good"].selected and statuses["good"].available and not statuses["good"].named_only
     assert statuses["nope"].reason == "needs a unicorn" and not statuses["nope"].available
     assert statuses["interp"].named_only and not statuses["interp"].selected
@@ -386,19 +462,20 @@ def test_progress_line_on_a_log_and_on_a_terminal():
 
 
 def test_summary_explains_where_auto_measured_slower(tmp_path):
-    from foldops.bench.harness import AUTO_NOTE
     from foldops.bench.report import auto_notes
 
-    def row(backend, metric, value, note=""):
-        return {"op": "opm", "backend": backend, "shape": "N=64", "dtype": "fp32", "mode": "fwd", "metric": metric,
-                "value": str(value), "status": "ok", "note": note}
-    rows = [row("torch", "time_ms", 3.0, f"median of 5; {AUTO_NOTE}"), row("reference", "time_ms", 1.0),
-            row("torch", "peak_mib", 2.0), row("reference", "peak_mib", 8.0)]
+    def row(backend, metric, value, resolved=""):
+        return {"op": "opm", "backend": backend, "resolved": resolved, "shape": "N=64", "dtype": "fp32",
+                "mode": "fwd", "metric": metric, "value": str(value), "status": "ok", "note": ""}
+    rows = [row("torch", "time_ms", 3.0), row("reference", "time_ms", 1.0),
+            row("torch", "peak_mib", 2.0), row("reference", "peak_mib", 8.0),
+            row("auto", "time_ms", 3.0, "torch"), row("auto", "peak_mib", 2.0, "torch")]
     notes = auto_notes(rows)
     assert len(notes) == 1
     assert "opm fwd: auto's choice `torch` measured slower than `reference` (N=64 fp32: 3 vs 1 ms, peak 2 vs 8 MiB)" in notes[0]
     assert "auto never picks `reference`" in notes[0]
-    assert auto_notes(rows[:1] + [row("reference", "time_ms", 2.9)]) == []  # within noise
+    assert auto_notes(rows[:1] + [row("reference", "time_ms", 2.9), rows[4]]) == []  # within noise
+    assert auto_notes(rows[:4]) == []  # no auto rows: nothing to say
     write_summary(tmp_path / "summary.md", rows, {"command": "foldops bench"})
     assert "## Where auto's choice measured slower" in (tmp_path / "summary.md").read_text()
 

@@ -7,6 +7,7 @@ import pytest
 from foldops.bench import CSV_COLUMNS
 from foldops.bench.plot import (
     NotABenchCsv,
+    auto_resolved,
     figure_title,
     log_ticks,
     not_drawn,
@@ -22,10 +23,11 @@ pytest.importorskip("matplotlib")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _row(op, backend, n, mode, metric, value, status="ok", dtype="fp32", note=""):
+def _row(op, backend, n, mode, metric, value, status="ok", dtype="fp32", note="", resolved=""):
     row = dict.fromkeys(CSV_COLUMNS, "")
     row.update(op=op, backend=backend, shape=f"B=1,N={n},H=4,D=32", dtype=dtype, mode=mode, metric=metric,
-               value="" if value is None else str(value), status=status, device="cpu (test)", note=note)
+               value="" if value is None else str(value), status=status, device="cpu (test)", note=note,
+               resolved=resolved)
     return row
 
 
@@ -126,3 +128,31 @@ def test_a_file_that_is_not_a_bench_csv(tmp_path):
     junk.write_text("x,y\n1,2\n")
     with pytest.raises(NotABenchCsv, match="is not a foldops bench CSV"):
         plot_csv(junk)
+
+
+def test_auto_is_a_line_of_its_own_with_the_backend_it_ran(tmp_path):
+    rows = []
+    for n, torch_ms, triton_ms in ((128, 1.0, 2.0), (256, 3.0, 3.5), (512, 9.0, 6.0)):
+        for mode in ("fwd", "fwd+bwd"):
+            rows += [_row("op", "torch", n, mode, "time_ms", torch_ms), _row("op", "triton", n, mode, "time_ms", triton_ms)]
+            # fwd: the kernel always; fwd+bwd: torch up to N = 256 (a training size rule).
+            ran = "triton" if mode == "fwd" or n > 256 else "torch"
+            rows.append(_row("op", "auto", n, mode, "time_ms", triton_ms if ran == "triton" else torch_ms, resolved=ran))
+    path = tmp_path / "bench.csv"
+    _write(path, rows)
+    read = read_csv(path)
+    assert series(read, "op", "fwd+bwd", "time_ms")["auto"] == [(128, 1.0), (256, 3.0), (512, 6.0)]
+    assert auto_resolved(read, "op", "fwd+bwd") == {"auto": {128: "torch", 256: "torch", 512: "triton"}}
+    assert auto_resolved(read, "op", "fwd") == {"auto": {128: "triton", 256: "triton", 512: "triton"}}
+    written = plot_csv(path, tmp_path / "plots")
+    assert [p.name for p in written] == ["op.png"] and written[0].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_csv_from_before_the_resolved_column_still_plots(tmp_path):
+    old_columns = [c for c in CSV_COLUMNS if c != "resolved"]
+    path = tmp_path / "old.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows([_row("op", "torch", 32, "fwd", "time_ms", 1.0), _row("op", "torch", 64, "fwd", "time_ms", 2.0)])
+    assert [p.name for p in plot_csv(path, tmp_path / "plots")] == ["op.png"]

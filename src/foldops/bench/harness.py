@@ -37,11 +37,11 @@ import foldops
 from foldops import backends
 from foldops import device as fdevice
 from foldops.bench.cases import BenchCase, BenchInputs, CaseUnavailable, get_cases, reference_bytes
-from foldops.bench.probe import BackendStatus, backend_statuses, capture_context
+from foldops.bench.probe import BackendStatus, auto_choice, backend_statuses, capture_context
 from foldops.testing import max_abs_error
 
 CSV_COLUMNS = (
-    "op", "backend", "shape", "dtype", "mode", "metric", "value", "status", "note",
+    "op", "backend", "resolved", "shape", "dtype", "mode", "metric", "value", "status", "note",
     "device", "torch_version", "foldops_version",
 )
 MODES = ("fwd", "fwd+bwd", "bwd")
@@ -60,8 +60,9 @@ _DTYPE_ALIASES = {
     "float64": "fp64", "double": "fp64",
 }
 _NOTE_MAX = 300
-AUTO_NOTE = "auto's choice"
-"""Ends the ``time_ms`` note of the backend that ``backend="auto"`` picks for that input."""
+AUTO = "auto"
+"""The ``backend`` of the rows that say what ``backend="auto"`` gives (what a user gets);
+their ``resolved`` column names the backend it ran."""
 
 Row = Dict[str, str]
 
@@ -108,7 +109,9 @@ class BenchConfig:
     dtypes: Optional[Sequence[torch.dtype]] = None
     modes: Sequence[str] = DEFAULT_MODES
     backends: Optional[Sequence[str]] = None
-    """Only these backends (named: the interpreter then runs too); default every one."""
+    """Only these backends (named: the interpreter then runs too); default every one.
+    The ``auto`` rows come with every backend, or, when backends are named, where
+    ``auto`` resolves to one of them, or when ``"auto"`` is named."""
     warmup: Optional[int] = None
     repeats: Optional[int] = None
     max_time_s: Optional[float] = None
@@ -165,9 +168,9 @@ class RowSink:
             self._file.flush()
 
     def add(self, op: str, backend: str, shape: str, dtype: str, mode: str, metric: str,
-            value: Optional[float] = None, status: str = "ok", note: str = "") -> Row:
+            value: Optional[float] = None, status: str = "ok", note: str = "", resolved: str = "") -> Row:
         row = {
-            "op": op, "backend": backend, "shape": shape, "dtype": dtype, "mode": mode,
+            "op": op, "backend": backend, "resolved": resolved, "shape": shape, "dtype": dtype, "mode": mode,
             "metric": metric, "value": "" if value is None else format(float(value), ".6g"),
             "status": status, "note": _one_line(note), **self._common,
         }
@@ -455,11 +458,13 @@ class _SizeRun:
         self._reference: Optional[Tuple[torch.Tensor, List[torch.Tensor]]] = None
         self._reference_failure: Dict[bool, Tuple[str, str]] = {}  # by need_grad
         self._errors: Dict[Tuple[str, str], Tuple[float, float]] = {}
-        self.auto_choice: Optional[str] = None
-        """The backend ``auto`` picks for these inputs, where known."""
+        self.recorded: Dict[Tuple[str, str], List[Row]] = {}
+        """The rows written per (backend, mode), for the ``auto`` rows to reuse."""
 
-    def add(self, backend: str, mode: str, metric: str, value=None, status="ok", note="") -> None:
-        self.sink.add(self.case.op, backend, self.shape, self.dtype_name, mode, metric, value, status, note)
+    def add(self, backend: str, mode: str, metric: str, value=None, status="ok", note="", resolved="") -> None:
+        row = self.sink.add(self.case.op, backend, self.shape, self.dtype_name, mode, metric, value, status, note,
+                            resolved)
+        self.recorded.setdefault((backend, mode), []).append(row)
 
     # calls
     def forward(self, backend: str) -> torch.Tensor:
@@ -554,45 +559,63 @@ class _SizeRun:
         return self._errors[key]
 
     # one backend, one mode
-    def measure(self, backend: str, mode: str) -> None:
+    def measure(self, backend: str, mode: str, resolved: str = "", why: str = "") -> None:
+        """Time, memory and errors of ``backend`` in ``mode`` (``why``: a prefix of the notes)."""
         cfg = self.cfg
+
+        def add(metric, value=None, status="ok", note=""):
+            self.add(backend, mode, metric, value, status, why + note, resolved)
+
         try:
             setup, timed = self.mode_fns(backend, mode)
             times = self.timer.measure(timed, setup, cfg.warmup, cfg.repeats, cfg.max_time_s)
         except Exception as exc:
             status = _failure_status(exc)
-            self.add(backend, mode, "time_ms", status=status, note=_describe(exc))
+            add("time_ms", status=status, note=_describe(exc))
             _cleanup(self.device, collect=status == "oom")
             return
-        note = f"median of {len(times)} (min {min(times):.4g}, max {max(times):.4g})"
-        if backend == self.auto_choice:
-            note += f"; {AUTO_NOTE}"
-        self.add(backend, mode, "time_ms", statistics.median(times), note=note)
+        add("time_ms", statistics.median(times),
+            note=f"median of {len(times)} (min {min(times):.4g}, max {max(times):.4g})")
         try:
             setup, timed = self.mode_fns(backend, mode)
             memory = measure_memory(self.device, lambda: timed(setup()))
             if memory is not None:
-                self.add(backend, mode, "peak_mib", memory, note="peak allocated over one run, above what was allocated before it")
+                add("peak_mib", memory, note="peak allocated over one run, above what was allocated before it")
         except Exception as exc:
             status = _failure_status(exc)
-            self.add(backend, mode, "peak_mib", status=status, note=_describe(exc))
+            add("peak_mib", status=status, note=_describe(exc))
             _cleanup(self.device, collect=status == "oom")
         kind = "fwd" if mode == "fwd" else "grad"
         try:
             abs_err, rel_err = self.errors(backend, kind)
         except _ReferenceUnavailable as exc:
             for metric in ("max_abs_err", "rel_err"):
-                self.add(backend, mode, metric, status=exc.status, note=exc.note)
+                add(metric, status=exc.status, note=exc.note)
             return
         except Exception as exc:
             status = _failure_status(exc)
             for metric in ("max_abs_err", "rel_err"):
-                self.add(backend, mode, metric, status=status, note=_describe(exc))
+                add(metric, status=status, note=_describe(exc))
             _cleanup(self.device, collect=status == "oom")
             return
         what = "output" if kind == "fwd" else f"gradients of {', '.join(self.inputs.grad_names)}"
-        self.add(backend, mode, "max_abs_err", abs_err, note=f"{what} vs fp64 reference")
-        self.add(backend, mode, "rel_err", rel_err, note=f"{what}: abs error / max|reference|")
+        add("max_abs_err", abs_err, note=f"{what} vs fp64 reference")
+        add("rel_err", rel_err, note=f"{what}: abs error / max|reference|")
+
+    def add_auto(self, mode: str, resolved: Optional[str], why: str) -> None:
+        """The ``auto`` rows of ``mode``: the rows of the backend ``auto`` resolves to,
+        copied when it was measured in this run, else a measurement of ``backend="auto"``."""
+        own = self.recorded.get((resolved, mode)) if resolved else None
+        if own and own[0]["status"] not in ("skipped", "unavailable"):  # it ran (maybe failed)
+            for row in own:
+                self.add(AUTO, mode, row["metric"], None if row["value"] == "" else float(row["value"]),
+                         row["status"], f"auto -> {resolved} ({why}); {resolved}'s run: {row['note']}", resolved)
+            return
+        if resolved:
+            prefix = f"auto -> {resolved} ({why}); "
+        else:  # unknown: what a call with backend="auto" does (its failure says why)
+            prefix = f"auto ({why}); " if why else ""
+        self.measure(AUTO, mode, resolved=resolved or "", why=prefix)
 
 
 class _ReferenceUnavailable(Exception):
@@ -623,8 +646,13 @@ def _backend_plan(op: str, statuses: Optional[List[BackendStatus]], named: Optio
     return [(n, by_name.get(n)) for n in names]
 
 
+def _plan_steps(op: str, named: Optional[Sequence[str]]) -> int:
+    """Progress steps per mode of one size: the backends measured, and ``auto``."""
+    return max(1, len(_backend_plan(op, None, named))) + 1
+
+
 def count_steps(cfg: BenchConfig) -> int:
-    """Progress steps (case x dtype x size x backend x mode) of the loadable cases."""
+    """Progress steps (case x dtype x size x (backends + auto) x mode) of the loadable cases."""
     total = 0
     for case in get_cases(cfg.ops):
         try:
@@ -633,8 +661,7 @@ def count_steps(cfg: BenchConfig) -> int:
             total += 1
             continue
         sizes = cfg.sizes or case.sizes[cfg.profile]
-        names = [n for n, _ in _backend_plan(case.registry_op, None, cfg.backends)]
-        total += len(cfg.dtypes) * len(sizes) * max(1, len(names)) * len(cfg.modes)
+        total += len(cfg.dtypes) * len(sizes) * _plan_steps(case.registry_op, cfg.backends) * len(cfg.modes)
     return max(total, 1)
 
 
@@ -671,44 +698,61 @@ def run_bench(
                 step(f"{case.op}: skipped")
                 continue
             sizes = cfg.sizes or case.sizes[cfg.profile]
-            plan_len = len(_backend_plan(case.registry_op, None, cfg.backends))
+            plan_steps = _plan_steps(case.registry_op, cfg.backends)
             for dtype in cfg.dtypes:
                 for size in sizes:
-                    _run_size(cfg, case, fn, dtype, int(size), sink, timer, step, plan_len)
+                    _run_size(cfg, case, fn, dtype, int(size), sink, timer, step, plan_steps)
     finally:
         sink.close()
     return sink.rows
 
 
-def _run_size(cfg, case, fn, dtype, size, sink, timer, step, plan_len) -> None:
+def _run_size(cfg, case, fn, dtype, size, sink, timer, step, plan_steps) -> None:
     dims = case.dims_for(cfg.profile, size, cfg.dims)
     shape, dname = case.shape_string(dims), dtype_name(dtype)
-    steps = max(1, plan_len) * len(cfg.modes)
+    steps = plan_steps * len(cfg.modes)
 
     def fail_all(status: str, note: str) -> None:
         sink.add(case.op, "", shape, dname, "", "", status=status, note=note)
         for _ in range(steps):
             step(f"{case.op} {shape} {dname}: {status}")
 
+    registry_op = case.registry_op
     try:
         inputs = case.make(dims, dtype, cfg.device, cfg.seed)
-        ctx = capture_context(case.registry_op, functools.partial(case.call, fn, inputs, backends.AUTO))
+        # What auto picks, per mode: with gradients for fwd+bwd and bwd (a training call
+        # can resolve differently from an inference call, e.g. by a size rule).
+        contexts: Dict[str, Optional[Dict[str, Any]]] = {}
+        for mode in cfg.modes:
+            grad = mode != "fwd"
+            if grad not in contexts:
+                inputs.requires_grad_(grad)
+                contexts[grad] = capture_context(
+                    registry_op, functools.partial(case.call, fn, inputs, backends.AUTO), grad=grad)
     except Exception as exc:  # inputs do not fit, or the op rejects them
         fail_all(_failure_status(exc), f"inputs: {_describe(exc)}")
         _cleanup(cfg.device, collect=True)
         return
-    registry_op = case.registry_op
     if registry_op not in backends.ops():
         fail_all("error", f"no backends registered under {registry_op!r} (registered: {backends.ops()})")
         return
-    statuses = backend_statuses(registry_op, ctx) if ctx is not None else None
     run = _SizeRun(cfg, case, fn, inputs, dims, dtype, sink, timer)
-    run.auto_choice = next((st.name for st in statuses or () if st.selected), None)
-    plan = _backend_plan(registry_op, statuses, cfg.backends)
-    if not plan:
-        fail_all("skipped", f"no backend of {registry_op} among --backends {list(cfg.backends or [])}")
-    for name, status in plan:
+    statuses = {grad: backend_statuses(registry_op, ctx) if ctx is not None else None
+                for grad, ctx in contexts.items()}
+    choices = {grad: auto_choice(registry_op, ctx) if ctx is not None
+               else (None, "the op does not choose through foldops.backends.select")
+               for grad, ctx in contexts.items()}
+    for grad, (resolved, _) in choices.items():
+        if resolved is None and contexts[grad] is not None:
+            choices[grad] = (None, "")  # select fails: the measurement of "auto" records why
+    named = list(cfg.backends) if cfg.backends is not None else None
+    plan_names = [name for name, _ in _backend_plan(registry_op, None, named)]
+    if not plan_names and AUTO not in (named or ()):
+        sink.add(case.op, "", shape, dname, "", "", status="skipped",
+                 note=f"no backend of {registry_op} among --backends {list(cfg.backends or [])}")
+    for name in plan_names:
         for mode in cfg.modes:
+            status = next((st for st in statuses[mode != "fwd"] or () if st.name == name), None)
             label = f"{case.op} {name} {shape} {dname} {mode}"
             if status is not None and not status.available:
                 run.add(name, mode, "time_ms", status="unavailable", note=status.reason)
@@ -718,5 +762,10 @@ def _run_size(cfg, case, fn, dtype, size, sink, timer, step, plan_len) -> None:
             else:
                 run.measure(name, mode)
             step(label)
+    for mode in cfg.modes:
+        resolved, why = choices[mode != "fwd"]
+        if named is None or AUTO in named or (resolved is not None and resolved in named):
+            run.add_auto(mode, resolved, why)
+        step(f"{case.op} auto {shape} {dname} {mode}")
     del run, inputs
     _cleanup(cfg.device)

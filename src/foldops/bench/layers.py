@@ -127,9 +127,11 @@ def run_layers(
 
     def row(layer, impl, n, mode, metric, value, status="ok", note=""):
         shape = f"B=1,N={n}" + (f",S={w['msa_rows']}" if layer == "MSALayer" else "")
-        rows.append(dict(zip(CSV_COLUMNS, (
-            layer, impl, shape, dtype_name(dtype), mode, metric, "" if value is None else f"{value:.4f}",
-            status, note, fdevice.device_name(device), torch.__version__, foldops.__version__))))
+        values = dict(op=layer, backend=impl, shape=shape, dtype=dtype_name(dtype), mode=mode, metric=metric,
+                      value="" if value is None else f"{value:.4f}", status=status, note=note,
+                      device=fdevice.device_name(device), torch_version=torch.__version__,
+                      foldops_version=foldops.__version__)
+        rows.append({column: values.get(column, "") for column in CSV_COLUMNS})
 
     for layer in layers:
         impls = [("foldops", {})]

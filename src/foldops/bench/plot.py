@@ -1,7 +1,9 @@
 """Plots of a bench CSV, drawn from the CSV alone (``foldops plot bench.csv``).
 
 One PNG per op: time against N with one line per backend (and dtype), a panel per
-mode (fwd, fwd+bwd, bwd), and a second row for memory where the CSV has it. The title
+mode (fwd, fwd+bwd, bwd), and a second row for memory where the CSV has it. ``auto``
+(what ``backend="auto"`` gives) is a dashed black line over the backend it ran; where
+that backend changes along the line, each point is labelled with it. The title
 gives the dtype and the fixed dimensions; a footnote names each backend that is not
 drawn (or not at every size) and why; an ``x`` marks an out-of-memory size.
 Needs matplotlib (``pip install foldops[bench]``); nothing else of foldops runs.
@@ -78,6 +80,29 @@ def series(rows: Sequence[Dict[str, str]], op: str, mode: str, metric: str) -> D
             label += f" [{_fixed_dims(r['shape'])}]"
         lines[label].append((n, float(r["value"])))
     return {label: sorted(points) for label, points in sorted(lines.items())}
+
+
+AUTO = "auto"  # harness.AUTO; not imported, so that plotting needs only the CSV
+
+
+def auto_resolved(rows: Sequence[Dict[str, str]], op: str, mode: str) -> Dict[str, Dict[int, str]]:
+    """{auto line label: {N: backend auto ran}} of one op and mode (labels as :func:`series`)."""
+    labels = {}
+    for label, points in series(rows, op, mode, "time_ms").items():
+        if label.split()[0] == AUTO:
+            labels[label] = {n for n, _ in points}
+    dtypes = {r["dtype"] for r in rows if r["op"] == op and r["status"] == "ok"}
+    fixed = {_fixed_dims(r["shape"]) for r in rows if r["op"] == op and r["status"] == "ok"}
+    found: Dict[str, Dict[int, str]] = defaultdict(dict)
+    for r in rows:
+        if (r["op"], r["backend"], r["mode"], r["metric"], r["status"]) != (op, AUTO, mode, "time_ms", "ok"):
+            continue
+        label = AUTO + (f" {r['dtype']}" if len(dtypes) > 1 else "")
+        label += f" [{_fixed_dims(r['shape'])}]" if len(fixed) > 1 else ""
+        n = size_of(r["shape"])
+        if label in labels and n is not None:
+            found[label][n] = r.get("resolved", "")
+    return dict(found)
 
 
 def oom_sizes(rows: Sequence[Dict[str, str]], op: str, mode: str) -> Dict[str, List[int]]:
@@ -193,9 +218,20 @@ def plot_csv(csv_path: os.PathLike, out_dir: Optional[os.PathLike] = None) -> Li
             for row_index, (metric, ylabel) in enumerate(panels):
                 ax = axes[row_index][col]
                 colours = {}
+                resolved = auto_resolved(rows, op, mode)
                 for label, points in series(rows, op, mode, metric).items():
                     xs, ys = zip(*points)
-                    colours[label] = ax.plot(xs, ys, marker="o", label=label)[0].get_color()
+                    if label.split()[0] != AUTO:
+                        colours[label] = ax.plot(xs, ys, marker="o", label=label)[0].get_color()
+                        continue
+                    # Over the line of the backend it ran: dashed, and drawn last.
+                    colours[label] = ax.plot(xs, ys, linestyle=(0, (4, 3)), linewidth=2.2, color="black", alpha=0.7,
+                                             label=label, zorder=4)[0].get_color()
+                    names = resolved.get(label, {})
+                    if len(set(names.values())) > 1:
+                        for x, y in points:
+                            ax.annotate(names.get(x, ""), (x, y), textcoords="offset points", xytext=(0, 6),
+                                        ha="center", fontsize="x-small")
                 if metric == "time_ms":
                     _mark_oom(ax, rows, op, mode, colours)
                 ax.set_xlabel("N")

@@ -9,11 +9,12 @@ op once with ``select`` intercepted, so the bench and ``foldops doctor`` ask
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from foldops import backends
+from foldops import backend_rules, backends
 
 
 class _Captured(BaseException):
@@ -23,12 +24,14 @@ class _Captured(BaseException):
         self.ctx = ctx
 
 
-def capture_context(op: str, call: Callable[[], Any]) -> Optional[Dict[str, Any]]:
+def capture_context(op: str, call: Callable[[], Any], grad: bool = False) -> Optional[Dict[str, Any]]:
     """The ``ctx`` that ``call()`` (a call of op ``op``) passes to ``backends.select``.
 
-    ``None`` if the op returned without selecting through ``foldops.backends.select``
-    (e.g. it imported ``select`` by name); other ops it calls select as usual.
-    Exceptions from the op's validation propagate.
+    ``call`` runs under ``torch.no_grad()``, or with gradients enabled if ``grad`` (pass
+    inputs that require grad then: ops whose ``auto`` differs between inference and
+    training read the mode from there). ``None`` if the op returned without selecting
+    through ``foldops.backends.select`` (e.g. it imported ``select`` by name); other ops
+    it calls select as usual. Exceptions from the op's validation propagate.
     """
     real_select = backends.select
 
@@ -39,7 +42,7 @@ def capture_context(op: str, call: Callable[[], Any]) -> Optional[Dict[str, Any]
 
     backends.select = spy
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             call()
     except _Captured as captured:
         return captured.ctx
@@ -90,3 +93,22 @@ def backend_statuses(op: str, ctx: Dict[str, Any]) -> List[BackendStatus]:
         )
         for b in backends.backends_of(op)
     ]
+
+
+def auto_choice(op: str, ctx: Dict[str, Any]) -> Tuple[Optional[str], str]:
+    """``(backend, why)``: what ``backend="auto"`` runs for the support context ``ctx``
+    (``None`` and the error if nothing can), and why: a ``FOLDOPS_BACKEND*`` override,
+    a size rule of :mod:`foldops.backend_rules`, or the priority order."""
+    try:
+        chosen = backends.select(op, backends.AUTO, **ctx).name
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    per_op = f"{backends.ENV_GLOBAL}_{op.upper()}"
+    for var in (per_op, backends.ENV_GLOBAL):
+        value = os.environ.get(var, "").strip()
+        if value and value != backends.AUTO and value == chosen:
+            return chosen, f"{var}={value}"
+    ruled = backend_rules.preferred(op, **ctx)
+    if ruled is not None and ruled[0] == chosen:
+        return chosen, f"size rule: {ruled[1]}"
+    return chosen, "priority order"

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Dict, IO, List, Optional, Sequence, Tuple
 
-from foldops.bench.harness import AUTO_NOTE, MODES, Row
+from foldops.bench.harness import AUTO, MODES, Row
 
 SLOWER = 1.2
 """auto's choice is reported as slower where another backend took under 1/SLOWER of its time."""
@@ -71,11 +71,30 @@ def _status_cell(row: Row) -> str:
     return {"oom": "OOM", "error": "ERR", "unavailable": "n/a", "skipped": "skip"}.get(row["status"], "?")
 
 
+KEY_COLUMNS = ("op", "backend", "shape", "dtype", "auto runs")
+"""The left columns of the table; ``auto runs`` names the backend of each ``auto`` line."""
+
+
+def _resolved_cell(by_mode: Dict[str, str], modes: Sequence[str]) -> str:
+    """``torch``, or ``fwd triton, fwd+bwd torch`` where the modes resolve differently."""
+    names = [by_mode.get(m, "") for m in modes if m in by_mode]
+    if not names:
+        return ""
+    if len(set(names)) == 1:
+        return names[0] or "?"
+    return ", ".join(f"{m} {by_mode[m] or '?'}" for m in modes if m in by_mode)
+
+
 def pivot(rows: Sequence[Row]) -> Tuple[List[str], List[List[str]], List[str]]:
-    """(header, table rows, notes) with one line per op/backend/shape/dtype."""
+    """(header, table rows, notes) with one line per op/backend/shape/dtype.
+
+    ``auto`` lines (what ``backend="auto"`` gives) come after the backends of their size,
+    with the backend they ran in the ``auto runs`` column.
+    """
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     keys: List[Tuple[str, str, str, str]] = []
     cells: Dict[Tuple[str, str, str, str], Dict[Tuple[str, str], str]] = {}
+    resolved: Dict[Tuple[str, str, str, str], Dict[str, str]] = {}
     notes: List[str] = []
     seen_notes = set()
     for r in rows:
@@ -89,6 +108,8 @@ def pivot(rows: Sequence[Row]) -> Tuple[List[str], List[List[str]], List[str]]:
         if key not in cells:
             keys.append(key)
             cells[key] = {}
+        if r["backend"] == AUTO:
+            resolved.setdefault(key, {}).setdefault(r["mode"], r.get("resolved", ""))
         if r["status"] == "ok":
             text = _fmt(r["value"])
         else:
@@ -101,7 +122,7 @@ def pivot(rows: Sequence[Row]) -> Tuple[List[str], List[List[str]], List[str]]:
         metric = "peak" if r["metric"] == "peak_mib" else r["metric"]
         cells[key][(r["mode"], metric)] = text
     mem_label = "peak MiB"
-    header = ["op", "backend", "shape", "dtype"]
+    header = list(KEY_COLUMNS)
     columns: List[Tuple[str, str]] = []
     for mode in modes:
         columns.append((mode, "time_ms"))
@@ -118,7 +139,8 @@ def pivot(rows: Sequence[Row]) -> Tuple[List[str], List[List[str]], List[str]]:
         header.append("grad rel err")
     table = []
     for key in keys:
-        table.append(list(key) + [cells[key].get(c, "") for c in columns])
+        table.append(list(key) + [_resolved_cell(resolved.get(key, {}), modes)]
+                     + [cells[key].get(c, "") for c in columns])
     # Drop columns that are empty everywhere (e.g. memory where nothing is measurable).
     keep = [i for i in range(len(header)) if i < 4 or any(line[i] for line in table)]
     header = [header[i] for i in keep]
@@ -146,8 +168,8 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
                 if line[0] == previous_op:
                     shown[0] = ""
                 previous_op = line[0]
-                out.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
-                                     for i, (c, w) in enumerate(zip(shown, widths))).rstrip())
+                out.append("  ".join(c.ljust(w) if h in KEY_COLUMNS else c.rjust(w)
+                                     for h, c, w in zip(header, shown, widths)).rstrip())
     if notes:
         out.append("")
         out.append("Notes:")
@@ -156,9 +178,9 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
 
 
 def auto_notes(rows: Sequence[Row]) -> List[str]:
-    """Where ``auto``'s choice measured slower than another backend, and why it is kept.
+    """Where ``auto`` measured slower than another backend, and why it is kept.
 
-    One line per op, mode, auto's backend and faster backend, listing the sizes.
+    One line per op, mode, the backend auto ran and the faster backend, listing the sizes.
     """
     times: Dict[Tuple[str, str, str, str], Dict[str, float]] = {}
     peaks: Dict[Tuple[str, str, str, str, str], float] = {}
@@ -167,22 +189,27 @@ def auto_notes(rows: Sequence[Row]) -> List[str]:
         if r["status"] != "ok" or not r["backend"] or r["value"] == "":
             continue
         key = (r["op"], r["shape"], r["dtype"], r["mode"])
+        if r["backend"] == AUTO:
+            if r["metric"] == "time_ms":
+                chosen[key] = r.get("resolved", "") or "?"
+                times.setdefault(key, {})[AUTO] = float(r["value"])
+            elif r["metric"] == "peak_mib":
+                peaks[key + (AUTO,)] = float(r["value"])
+            continue
         if r["metric"] == "time_ms":
             times.setdefault(key, {})[r["backend"]] = float(r["value"])
-            if r["note"].endswith(AUTO_NOTE):
-                chosen[key] = r["backend"]
         elif r["metric"] == "peak_mib":
             peaks[key + (r["backend"],)] = float(r["value"])
     found: Dict[Tuple[str, str, str, str], List[str]] = {}
     for key, auto in chosen.items():
-        own = times[key][auto]
-        faster = [(t, b) for b, t in times[key].items() if b != auto and t * SLOWER < own]
+        own = times[key][AUTO]
+        faster = [(t, b) for b, t in times[key].items() if b not in (AUTO, auto) and t * SLOWER < own]
         if not faster:
             continue
         t, other = min(faster)
         op, shape, dtype, mode = key
         cell = f"{shape} {dtype}: {own:.3g} vs {t:.3g} ms"
-        pa, po = peaks.get(key + (auto,)), peaks.get(key + (other,))
+        pa, po = peaks.get(key + (AUTO,)), peaks.get(key + (other,))
         if pa is not None and po is not None:
             cell += f", peak {pa:.3g} vs {po:.3g} MiB"
         found.setdefault((op, mode, auto, other), []).append(cell)
@@ -211,7 +238,9 @@ def write_summary(path, rows: Sequence[Row], context: Dict[str, str]) -> None:
         "Times are medians in ms. `peak MiB` is the most memory allocated during one run above what "
         "was allocated before it (inputs excluded). Errors are max |x - fp64 reference| / max |fp64 reference|, for the output "
         "(fwd) and for the input gradients (fwd+bwd); the `reference` backend's own error in this "
-        "dtype is the plain-PyTorch baseline.",
+        "dtype is the plain-PyTorch baseline. The `auto` lines are what `backend=\"auto\"` gives "
+        "(what a user gets), per mode: `auto runs` names the backend it resolved to, whose "
+        "measurement they repeat.",
         "",
         format_table(rows, markdown=True),
         "",
