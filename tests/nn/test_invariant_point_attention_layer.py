@@ -52,15 +52,16 @@ def random_rotations(*shape, dtype=torch.float64):
 
 
 def literal_ipa(p, s, z, rots, trans, mask, multiflow=False, attention_mask=None, inf=1e5, eps=1e-8):
-    """OpenFold / Multiflow IPA forward, transcribed term by term."""
+    """OpenFold / Multiflow IPA forward, transcribed term by term. ``p`` holds the flat
+    point projections (``linear_q_points.weight``: OpenFold before ``PointProjection``,
+    Multiflow) or current OpenFold's ``linear_q_points.linear.weight``, each read its way."""
     batch, n, _ = s.shape
 
     def lin(name, x):
         return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
 
-    q = lin("linear_q", s).view(batch, n, HEADS, C_HIDDEN)
-    kv = lin("linear_kv", s).view(batch, n, HEADS, 2 * C_HIDDEN)
-    k, v = kv[..., :C_HIDDEN], kv[..., C_HIDDEN:]
+    if "linear_q_points.linear.weight" in p:
+        return literal_point_projection_ipa(p, s, z, rots, trans, mask, inf, eps)
 
     def points(name, count):
         raw = lin(name, s)
@@ -69,8 +70,19 @@ def literal_ipa(p, s, z, rots, trans, mask, multiflow=False, attention_mask=None
         glob = torch.einsum("bnij,bnpj->bnpi", rots, local) + trans[:, :, None]
         return glob.view(batch, n, HEADS, count, 3)
 
-    q_pts = points("linear_q_points", PQ)
-    kv_pts = points("linear_kv_points", PQ + PV)
+    return _literal_from_points(p, s, z, rots, trans, mask, points("linear_q_points", PQ),
+                                points("linear_kv_points", PQ + PV), multiflow, attention_mask, inf, eps)
+
+
+def _literal_from_points(p, s, z, rots, trans, mask, q_pts, kv_pts, multiflow, attention_mask, inf, eps):
+    batch, n, _ = s.shape
+
+    def lin(name, x):
+        return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+
+    q = lin("linear_q", s).view(batch, n, HEADS, C_HIDDEN)
+    kv = lin("linear_kv", s).view(batch, n, HEADS, 2 * C_HIDDEN)
+    k, v = kv[..., :C_HIDDEN], kv[..., C_HIDDEN:]
     k_pts, v_pts = kv_pts[..., :PQ, :], kv_pts[..., PQ:, :]
     b = lin("linear_b", z)
     a = torch.einsum("bihc,bjhc->bhij", q, k) * math.sqrt(1.0 / (3 * C_HIDDEN))
@@ -93,6 +105,27 @@ def literal_ipa(p, s, z, rots, trans, mask, multiflow=False, attention_mask=None
     o_pair = torch.einsum("bhij,bijc->bihc", a, pair).reshape(batch, n, -1)
     feats = torch.cat([o, local[..., 0], local[..., 1], local[..., 2], norm, o_pair], dim=-1)
     return lin("linear_out", feats)
+
+
+def literal_point_projection_ipa(p, s, z, rots, trans, mask, inf, eps):
+    """Current OpenFold's monomer forward (``PointProjection``, ``is_multimer=False``):
+    the Linear's output split in three along the last dim, stacked as the coordinate,
+    viewed as ``[H, P, 3]``, then ``r[..., None, None].apply``; the rest as the flat form."""
+    batch, n, _ = s.shape
+
+    def lin(name, x):
+        return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+
+    def point_projection(name, count):
+        local = lin(f"{name}.linear", s)  # [B, N, H * 3 * count]
+        local = torch.stack(torch.split(local, local.shape[-1] // 3, dim=-1), dim=-1)
+        local = local.view(batch, n, HEADS, count, 3)
+        return torch.einsum("bnij,bnhpj->bnhpi", rots, local) + trans[:, :, None, None]
+
+    flat = {k: v for k, v in p.items() if ".linear." not in k}
+    q_pts = point_projection("linear_q_points", PQ)
+    kv_pts = point_projection("linear_kv_points", PQ + PV)
+    return _literal_from_points(flat, s, z, rots, trans, mask, q_pts, kv_pts, False, None, inf, eps)
 
 
 def make_inputs(batch=2, n=11, dtype=torch.float64):
@@ -182,25 +215,57 @@ def test_head_weight_gradient_matches_literal(variant, backend):
     """The head weights' gradient sums squared distances against the logits' gradient,
     whose rows sum to zero only in exact arithmetic: the fp32 result is sensitive to how
     the point term and the point output are formed (see the ``torch`` backend's
-    ``augmented_points`` and value-point centring)."""
+    ``point_operands`` and value-point centring)."""
     got, exact, base, got64 = literal_comparison(variant, backend)["d head_weights"]
     if got64 is not None:
         torch.testing.assert_close(got64, exact, rtol=1e-9, atol=1e-9)
     assert_within_baseline("d head_weights", got, exact, base, dtype=torch.float32)
 
 
-def test_invariant_to_global_rigid_motion():
-    state = random_state(OPENFOLD_KEYS)
-    layer = build("openfold", state, torch.float64, "torch")
-    s, z, rots, trans, mask = make_inputs()
+INVARIANCE_CASES = [("openfold", "torch"), ("multiflow", "torch")]
+if kernel_support("cpu") is None:  # the Triton interpreter on CPU, small N
+    INVARIANCE_CASES += [("openfold", "triton"), ("multiflow", "triton")]
+
+
+@pytest.mark.parametrize("variant,backend", INVARIANCE_CASES)
+def test_invariant_to_global_rigid_motion(variant, backend):
+    """One rotation and translation applied to every frame leaves the output unchanged
+    to rounding: in fp64 (torch) to 1e-9; the fp32 Triton kernels' output on the moved
+    frames is within 2x the fp32 literal forward's distance (also on the moved frames)
+    from the fp64 output on the original ones."""
+    multiflow = variant == "multiflow"
+    state = random_state(MULTIFLOW_KEYS if multiflow else OPENFOLD_KEYS)
+    n = 7 if backend == "triton" else 11
+    s, z, rots, trans, mask = make_inputs(2, n)
+    attention_mask = None
+    if multiflow:
+        attention_mask = (torch.rand(2, n, n) > 0.2).double()
+        attention_mask[:, torch.arange(n), torch.arange(n)] = 1
     g_rot = random_rotations(dtype=torch.float64)
     g_trans = 30 * torch.randn(3, dtype=torch.float64)
     moved_rots = g_rot @ rots
     moved_trans = trans @ g_rot.T + g_trans
-    out = layer(s, z, (rots, trans), mask)
-    moved = layer(s, z, (moved_rots, moved_trans), mask)
     keep = mask.bool()  # padded rows are not attended to and carry no meaning
-    torch.testing.assert_close(moved[keep], out[keep], rtol=1e-9, atol=1e-9)
+    extra = {"attention_mask": attention_mask} if multiflow else {}
+
+    def run(layer, dtype, r, t):
+        cast = {k: v.to(dtype) for k, v in extra.items()}
+        return layer(s.to(dtype), z.to(dtype), (r.to(dtype), t.to(dtype)), mask.to(dtype), **cast)[keep]
+
+    if backend == "torch":
+        layer = build(variant, state, torch.float64, backend)
+        torch.testing.assert_close(run(layer, torch.float64, moved_rots, moved_trans),
+                                   run(layer, torch.float64, rots, trans), rtol=1e-9, atol=1e-9)
+        return
+    p64 = {k: v.double() for k, v in state.items()}
+    p32 = {k: v.float() for k, v in state.items()}
+    exact = literal_ipa(p64, s, z, rots, trans, mask, multiflow, attention_mask)[keep]
+    am32 = None if attention_mask is None else attention_mask.float()
+    base = literal_ipa(p32, s.float(), z.float(), moved_rots.float(), moved_trans.float(), mask.float(),
+                       multiflow, am32)[keep]
+    layer = build(variant, state, torch.float32, backend)
+    assert_within_baseline("out (moved frames)", run(layer, torch.float32, moved_rots, moved_trans), exact, base,
+                           dtype=torch.float32)
 
 
 def test_frame_forms_agree():
@@ -311,9 +376,8 @@ def test_triton_layer_under_autocast_gpu(variant):
 
 @pytest.mark.parametrize("projected", [False, True], ids=["z-itself", "down_z"])
 def test_pair_projections_first_and_second_order(projected):
-    """The layer's joint z projections (one z-sized gradient: the bias term added in
-    place into the pair values' gradient) against numerical derivatives; the pass-through
-    values are consumed by an op, as in the layer, so their gradient is the engine's own."""
+    """The layer's joint z projections (the bias term's gradient added to the pair
+    values' gradient in one buffer) against numerical derivatives, first and second order."""
     from foldops.nn.invariant_point_attention import _PairProjections
 
     g = torch.Generator().manual_seed(0)
@@ -359,3 +423,162 @@ def test_torch_layer_under_cpu_autocast(variant):
     got = run(lambda s_, z_, r_, t_, m_: layer(s_, z_, (r_, t_), m_), torch.float32, True)
     for name, g, e, b in zip(("out", "ds", "dz"), got, exact, base):
         assert_within_baseline(name, g, e, b, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", ["openfold", "multiflow"])
+def test_compile_fullgraph_matches_eager(variant):
+    """torch.compile(fullgraph=True) of the layer (torch backend) in train mode: output
+    and the gradients of s, z and every parameter as in eager."""
+    state = random_state(OPENFOLD_KEYS if variant == "openfold" else MULTIFLOW_KEYS)
+    layer = build(variant, state, torch.float32, "torch").train()
+    s, z, rots, trans, mask = make_inputs(2, 7, torch.float32)
+    grad = torch.randn(2, 7, C_S)
+
+    def run(fn):
+        ins = [s.clone().requires_grad_(), z.clone().requires_grad_()]
+        out = fn(ins[0], ins[1], (rots, trans), mask)
+        return [out, *torch.autograd.grad((out * grad).sum(), ins + list(layer.parameters()))]
+
+    eager = run(layer)
+    got = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    names = ["out", "ds", "dz"] + [f"d {k}" for k, _ in layer.named_parameters()]
+    for name, a, b in zip(names, got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["z-itself", "down_z"])
+def test_pair_projections_with_shared_incoming_gradient(projected):
+    """The pair values have a second consumer: ``values + other`` hands one gradient
+    tensor to both (AddBackward), and ``other``'s consumer runs after the projections'
+    backward. Every gradient as with plain ``linear`` calls."""
+    from foldops.nn.invariant_point_attention import _PairProjections
+
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_()
+
+    z, w_b, b_b, src = rand(2, 3, 3, 4), rand(2, 4), rand(2), rand(2, 3, 3, 3 if projected else 4)
+    weights = (rand(3, 4), rand(3)) if projected else ()
+    c_bias, c_values, c_other = rand(2, 3, 3, 2), rand(2, 3, 3, 3 if projected else 4), rand(1)
+    leaves = (z, w_b, b_b, src, *weights)
+
+    def grads(projections):
+        other = src * c_other  # recorded first: its backward runs after the projections'
+        bias, values = projections(z, w_b, b_b, *weights)
+        shared = values + other
+        loss = (bias * c_bias).sum() + (shared * c_values).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    def plain(z, w_b, b_b, *wv):
+        bias = torch.nn.functional.linear(z, w_b, b_b) * 0.7
+        return bias, (torch.nn.functional.linear(z, *wv) if wv else z)
+
+    got = grads(lambda *a: _PairProjections.apply(*a[:3], *(a[3:] or (None, None)), 0.7, torch.float64))
+    for name, a, b in zip(("z", "w_b", "b_b", "src", "w_v", "b_v"), got, grads(plain)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def point_projection_state(flat):
+    """Current OpenFold's key layout of a flat state dict: the point projections'
+    parameters under ``linear_q_points.linear`` / ``linear_kv_points.linear``."""
+    out = {}
+    for k, v in flat.items():
+        name, param = k.rsplit(".", 1) if "." in k else (k, None)
+        if name in ("linear_q_points", "linear_kv_points"):
+            k = f"{name}.linear.{param}"
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("variant", ["openfold", "multiflow"])
+def test_loads_point_projection_keys_strictly(variant):
+    """A checkpoint of current OpenFold (``linear_q_points.linear.weight``, from
+    ``PointProjection``) and one of the flat layout both load with ``strict=True``, also
+    under a parent module's prefix; the layer loaded from the PointProjection keys
+    matches a literal transcription of current OpenFold's forward (PointProjection's
+    split / stack / view of the points)."""
+    flat = random_state(OPENFOLD_KEYS if variant == "openfold" else MULTIFLOW_KEYS)
+    nested = point_projection_state(flat)
+    assert "linear_q_points.linear.weight" in nested and "linear_q_points.weight" not in nested
+    from_flat = build(variant, flat, torch.float64, "torch")
+    from_nested = build(variant, nested, torch.float64, "torch")
+    assert set(from_nested.state_dict()) == set(flat)  # it saves the flat keys
+    for k, v in from_flat.state_dict().items():
+        assert torch.equal(from_nested.state_dict()[k], v), k
+    parent = torch.nn.Module()
+    parent.ipa = build(variant, flat, torch.float64, "torch")
+    parent.load_state_dict({f"ipa.{k}": v.neg() for k, v in nested.items()}, strict=True)
+    assert torch.equal(parent.ipa.linear_kv_points.weight, -flat["linear_kv_points.weight"])
+    if variant == "openfold":
+        s, z, rots, trans, mask = make_inputs()
+        keep = mask.bool()
+        want = literal_ipa(nested, s, z, rots, trans, mask)
+        torch.testing.assert_close(from_nested(s, z, (rots, trans), mask)[keep], want[keep], rtol=1e-9, atol=1e-9)
+
+
+def test_both_point_key_layouts_at_once_fail_strict_load():
+    flat = random_state(OPENFOLD_KEYS)
+    both = {**flat, "linear_q_points.linear.weight": flat["linear_q_points.weight"]}
+    layer = InvariantPointAttention(C_S, C_Z, C_HIDDEN, HEADS, PQ, PV, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="linear_q_points.linear.weight"):
+        layer.load_state_dict(both, strict=True)
+
+
+def test_openfold_constructor_and_forward_keywords():
+    """OpenFold's StructureModule builds the layer with ``is_multimer=False`` and calls it
+    with ``inplace_safe``, ``_offload_inference`` and ``_z_reference_list`` (z None and
+    ``[z]`` in the list when offloading at inference)."""
+    state = random_state(OPENFOLD_KEYS)
+    layer = InvariantPointAttention(C_S, C_Z, C_HIDDEN, HEADS, PQ, PV, inf=1e5, eps=1e-8, is_multimer=False,
+                                    backend="torch", dtype=torch.float64)
+    layer.load_state_dict(state, strict=True)
+    s, z, rots, trans, mask = make_inputs()
+    r = (rots, trans)
+    want = layer(s, z, r, mask)
+    refs = [z]
+    for kwargs in ({"inplace_safe": True}, {"inplace_safe": False, "_offload_inference": False},
+                   {"inplace_safe": True, "_offload_inference": True, "_z_reference_list": refs}):
+        z_arg = None if kwargs.get("_offload_inference") else z
+        torch.testing.assert_close(layer(s, z_arg, r, mask, **kwargs), want, rtol=0, atol=0)
+    assert refs[0] is z  # the list is left as given
+    torch.testing.assert_close(layer(s, z, r, mask, True, True, [z]), want, rtol=0, atol=0)  # positional
+    # OpenFold reads the list only with both flags set.
+    other = [torch.zeros_like(z)]
+    torch.testing.assert_close(layer(s, z, r, mask, False, True, other), want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="z: expected a tensor"):
+        layer(s, None, r, mask, _offload_inference=True, _z_reference_list=[z])
+    with pytest.raises(ValueError, match="_z_reference_list"):
+        layer(s, None, r, mask, inplace_safe=True, _offload_inference=True)
+    with pytest.raises(ValueError, match="is_multimer"):
+        InvariantPointAttention(C_S, C_Z, C_HIDDEN, HEADS, PQ, PV, is_multimer=True)
+
+
+def test_multiflow_forward_keywords():
+    """Multiflow's forward: ``(s, z, r, mask, attention_mask, _offload_inference,
+    _z_reference_list)``; with ``_offload_inference``, z is ``_z_reference_list[0]``."""
+    layer = build("multiflow", random_state(MULTIFLOW_KEYS), torch.float64, "torch")
+    s, z, rots, trans, mask = make_inputs()
+    attention_mask = (torch.rand(2, 11, 11) > 0.2).double()
+    r = (rots, trans)
+    want = layer(s, z, r, mask, attention_mask)
+    torch.testing.assert_close(layer(s, None, r, mask, attention_mask, True, [z]), want, rtol=0, atol=0)
+    torch.testing.assert_close(layer(s, None, r, mask, attention_mask=attention_mask, _offload_inference=True,
+                                     _z_reference_list=[z]), want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="z: expected a tensor"):
+        layer(s, None, r, mask)
+
+
+@pytest.mark.parametrize("variant", ["openfold", "multiflow"])
+def test_empty_protein(variant):
+    """N = 0: an empty update, empty gradients of s and z, zero gradients of the weights."""
+    layer = build(variant, random_state(OPENFOLD_KEYS if variant == "openfold" else MULTIFLOW_KEYS),
+                  torch.float32, "torch")
+    s, z, mask = torch.randn(2, 0, C_S, requires_grad=True), torch.randn(2, 0, 0, C_Z, requires_grad=True), torch.ones(2, 0)
+    rots, trans = torch.empty(2, 0, 3, 3), torch.empty(2, 0, 3)
+    out = layer(s, z, (rots, trans), mask)
+    assert out.shape == (2, 0, C_S)
+    grads = torch.autograd.grad(out.sum(), [s, z] + list(layer.parameters()), allow_unused=True)
+    assert grads[0].shape == s.shape and grads[1].shape == z.shape
+    for g in grads[2:]:
+        assert g is None or (g == 0).all()

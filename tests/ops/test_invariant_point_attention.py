@@ -235,3 +235,131 @@ def test_auto_never_builds_displacements(monkeypatch):
     """auto on CPU is the torch backend: memory O(N^2 H), never O(N^2 H P 3)."""
     assert backends.select("invariant_point_attention", "auto", device=torch.device("cpu"),
                            dtype=torch.float32, sizes=(16, 4, 8, 128, 12)).name == "torch"
+
+
+def test_compile_fullgraph_torch_backend_matches_eager():
+    """torch.compile(fullgraph=True) of the op (torch backend) in training: outputs and
+    the gradients of all nine inputs as in eager."""
+    inputs, mask = make_inputs(2, 9, 2, 4, 3, 2, 5)
+    grads_out = [torch.randn_like(o) for o in reference(*inputs, mask)]
+    compiled = torch.compile(lambda *a: ipa(*a, backend="torch"), fullgraph=True, backend="aot_eager")
+    eager, eager_g = _run(lambda *a: ipa(*a, backend="torch"), _cast(inputs, torch.float32, torch.float32), mask,
+                          grads_out)
+    got, got_g = _run(compiled, _cast(inputs, torch.float32, torch.float32), mask, grads_out)
+    for name, a, b in zip(("out", "out_pts", "out_pair") + NAMES, (*got, *got_g), (*eager, *eager_g)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+BACKENDS_ON_CPU = ["torch", "reference"] + (["triton"] if kernel_support("cpu") is None else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+@pytest.mark.parametrize("batch,n", [(2, 0), (0, 3)], ids=["n0", "b0"])
+def test_empty_inputs_give_empty_outputs_and_gradients(backend, batch, n):
+    inputs, mask = make_inputs(max(batch, 1), max(n, 1), 2, 4, 2, 3, 5)
+    inputs = [t[:batch, :n] if i < 6 else t[:batch, :, :n, :n] if i == 6 else t if i == 7 else t[:batch, :n, :n]
+              for i, t in enumerate(inputs)]
+    inputs = [t.float().requires_grad_() for t in inputs]
+    outs = ipa(*inputs, mask[:batch, :n], backend=backend)
+    assert [tuple(o.shape) for o in outs] == [(batch, n, 2, 4), (batch, n, 2, 3, 3), (batch, n, 2, 5)]
+    assert [o.dtype for o in outs] == [torch.float32] * 3
+    grads = torch.autograd.grad(sum(o.sum() for o in outs), inputs)
+    for t, g in zip(inputs, grads):
+        assert g.shape == t.shape and (g == 0).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS_ON_CPU if b != "reference"])
+@pytest.mark.parametrize("shape", [(1, 5, 2, 0, 2, 2, 3), (1, 5, 2, 4, 0, 2, 3), (1, 5, 2, 4, 2, 0, 3),
+                                   (1, 5, 2, 4, 2, 2, 0)], ids=["c0", "pq0", "pv0", "cz0"])
+def test_zero_width_operands(backend, shape):
+    """No scalar channels, no query/key points, no value points or no pair channels:
+    the other outputs and the gradients as the fp64 reference's (within 2x fp32's error).
+    The point weights' gradient, H sums over all pairs whose rows cancel, is the noisy
+    quantity of docs/ipa.md (0.1-10x plain PyTorch's error over seeds at this size, for
+    either backend, zero widths or not); its accuracy is tested on protein-like clouds
+    above and in the layer tests, here it is finite, and zero without query points."""
+    inputs, mask = make_inputs(*shape)
+    exact_in = _cast(inputs, torch.float64, torch.float64)
+    grads_out = [torch.randn_like(o) for o in reference(*exact_in, mask, scale=0.3)]
+    exact, exact_g = _run(lambda *a, **k: reference(*a, scale=0.3), exact_in, mask, grads_out)
+    base, base_g = _run(lambda *a, **k: reference(*a, scale=0.3), _cast(inputs, torch.float32, torch.float32), mask,
+                        grads_out)
+    fast, fast_g = _run(lambda *a, **k: ipa(*a, scale=0.3, backend=backend), _cast(inputs, torch.float32, torch.float32),
+                        mask, grads_out)
+    for name, f, e, b in zip(("out", "out_pts", "out_pair") + NAMES, (*fast, *fast_g), (*exact, *exact_g),
+                             (*base, *base_g)):
+        if name == "point_weights":
+            assert torch.isfinite(f).all() and (shape[4] > 0 or (f == 0).all())
+            continue
+        assert_within_baseline(name, f, e, b, dtype=torch.float32)
+
+
+def _tf32(x):
+    """``x`` (fp32) rounded to TF32's 10 mantissa bits, nearest even: what a TF32 matmul reads."""
+    bits = x.contiguous().view(torch.int32)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return bits.view(torch.float32)
+
+
+def _tf32_matmul(a, b):
+    return torch.ops.aten.matmul(_tf32(a), _tf32(b)) if a.dtype == torch.float32 else torch.ops.aten.matmul(a, b)
+
+
+def test_exact_term_survives_tf32(monkeypatch):
+    """With TF32 matmuls (``allow_tf32`` / ``set_float32_matmul_precision("high")``, inputs
+    rounded to 10 mantissa bits; emulated here on the CPU), the point term's exact part
+    is still exact: only the integers ``qi`` and ``-2 ki`` (at most 11 significant bits)
+    enter a matmul, the squared norms (here well above 2^11) are added after."""
+    from foldops.ops.invariant_point_attention import _exact_product, point_operands
+
+    inputs, mask = protein_like_inputs(2, 13, 3, 5, 4, 6, 7, offset=0.0, spread=8.0)
+    q_pts, k_pts, weights = (inputs[i].float() for i in (3, 4, 7))
+    qa, ka, qe, ke, qn, kn, factor = point_operands(q_pts, k_pts, weights, mask, torch.float32)
+    assert torch.equal(_tf32(qe), qe) and torch.equal(_tf32(ke), ke)
+    assert qn.max() >= 2**18 and not torch.equal(_tf32(qn), qn)  # the norms would be rounded
+    qe, ke = qe.transpose(1, 2), ke.permute(0, 2, 3, 1)
+    qn, kn = qn.transpose(1, 2)[..., None], kn.transpose(1, 2)[:, :, None]
+    monkeypatch.setattr(torch, "matmul", _tf32_matmul)
+    got = _exact_product(qe, ke, qn, kn)
+    monkeypatch.undo()
+    qi, ki = qe.double(), -0.5 * ke.double().transpose(-1, -2)
+    want = (qi[:, :, :, None] - ki[:, :, None]).square().sum(-1)  # |qi - ki|^2 in fp64
+    assert torch.equal(got.double(), want)
+
+
+@pytest.mark.gpu
+def test_exact_term_exact_under_tf32_gpu():
+    """On the GPU with TF32 matmuls on (``set_float32_matmul_precision("high")``): the
+    point term's exact part equals its fp64 value."""
+    from foldops.ops.invariant_point_attention import _exact_product, point_operands
+
+    inputs, mask = protein_like_inputs(2, 130, 3, 5, 4, 6, 7, offset=50.0, spread=4.0)
+    q_pts, k_pts, weights = (inputs[i].float().to("cuda") for i in (3, 4, 7))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        _, _, qe, ke, qn, kn, _ = point_operands(q_pts, k_pts, weights, mask.to("cuda"), torch.float32)
+        qe, ke = qe.transpose(1, 2), ke.permute(0, 2, 3, 1)
+        got = _exact_product(qe, ke, qn.transpose(1, 2)[..., None], kn.transpose(1, 2)[:, :, None])
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    qi, ki = qe.double(), -0.5 * ke.double().transpose(-1, -2)
+    assert torch.equal(got.double(), (qi[:, :, :, None] - ki[:, :, None]).square().sum(-1))
+
+
+def test_selection_gets_size_and_mode(monkeypatch):
+    """The op hands ``backends.select`` the problem size and the mode, so that size rules
+    (``foldops.backend_rules``) can apply."""
+    seen = []
+    select = backends.select
+
+    def spy(op, requested=None, **ctx):
+        seen.append(ctx)
+        return select(op, requested, **ctx)
+
+    monkeypatch.setattr(backends, "select", spy)
+    inputs, mask = make_inputs(1, 6, 2, 4, 2, 2, 3)
+    with torch.no_grad():
+        ipa(*inputs, mask, backend="torch")
+    ipa(*[t.requires_grad_() for t in inputs], mask, backend="torch")
+    assert [(c["n"], c["training"]) for c in seen] == [(6, False), (6, True)]

@@ -1,12 +1,18 @@
 """Invariant point attention layers: OpenFold's and the Multiflow / FrameFlow variant.
 
 ``InvariantPointAttention(c_s, c_z, c_hidden, no_heads, no_qk_points, no_v_points,
-inf=1e5, eps=1e-8)`` has OpenFold's constructor, parameter names (``linear_q``,
-``linear_kv``, ``linear_q_points``, ``linear_kv_points``, ``linear_b``,
-``head_weights``, ``linear_out``) and forward ``(s, z, r, mask)``;
+inf=1e5, eps=1e-8, is_multimer=False)`` has OpenFold's constructor, parameter names
+(``linear_q``, ``linear_kv``, ``linear_q_points``, ``linear_kv_points``, ``linear_b``,
+``head_weights``, ``linear_out``) and forward ``(s, z, r, mask, inplace_safe=False,
+_offload_inference=False, _z_reference_list=None)``;
 ``MultiflowInvariantPointAttention(ipa_conf, inf=1e5, eps=1e-8)`` adds ``down_z``
-(the pair output from ``c_z // 4`` channels) and the optional ``attention_mask``. Both
-load their checkpoints with ``strict=True``.
+(the pair output from ``c_z // 4`` channels) and Multiflow's forward ``(s, z, r, mask,
+attention_mask=None, _offload_inference=False, _z_reference_list=None)``. Both load
+their checkpoints with ``strict=True``, with the point projections' keys of either
+OpenFold layout: ``linear_q_points.weight`` (OpenFold before its multimer refactor,
+Multiflow, FrameFlow) or ``linear_q_points.linear.weight`` (current OpenFold, whose
+``PointProjection`` wraps the Linear; same x|y|z layout). The state dict they save
+has the flat keys.
 
 Facts both follow: point projections are laid out x-block | y-block | z-block (the
 first ``H * P`` outputs are the x coordinates, ...); frames map the points to the
@@ -22,7 +28,7 @@ layer's output for real residues is the same either way.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,16 +44,18 @@ SOFTPLUS_INVERSE_1 = 0.541324854612918  # softplus^-1(1): the head weights' init
 
 
 class _PairProjections(torch.autograd.Function):
-    """z's two uses in the layer, with one z-sized gradient.
+    """z's two uses in the layer, with one z-sized gradient of its own.
 
     Returns the pair bias ``(z W_b^T + b_b) * factor`` ``[B, N, N, H]`` and the pair
     values: z itself (OpenFold; a view) or ``z W_v^T + b_v`` (Multiflow's ``down_z``),
     both computed in ``dtype`` (the autocast dtype in effect, else z's), as autocast
     would. Left to autograd, each use of z returns its own z-sized gradient (under
     autocast first a 16-bit one, then its fp32 cast) and the engine sums them: three
-    z-sized tensors at once, the backward's peak. Here dz is formed once, in z's dtype
-    with fp32 (fp64) products: OpenFold's bias term is added in place into the op's
-    gradient of the pass-through z, Multiflow's two projections' terms into one buffer.
+    z-sized tensors at once. Here dz is formed in one buffer, in z's dtype with fp32
+    (fp64) products: OpenFold's bias term as ``addmm`` onto the op's gradient of the
+    pass-through z (out of place: the engine may hand the same gradient tensor to other
+    consumers, so it is never written), Multiflow's two projections' terms into one
+    buffer.
     """
 
     @staticmethod
@@ -73,21 +81,23 @@ class _PairProjections(torch.autograd.Function):
         dz = None
         if ctx.needs_input_grad[0]:
             if w_v is None and d_values is not None:
-                # The op's dz is the engine's own buffer: add into it unless a graph is being
-                # built (double backward) or traced, or its layout or dtype differ.
-                inplace = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                           and d_values.dtype == acc and d_values.is_contiguous())
-                dz = d_values if inplace else d_values.to(acc, memory_format=torch.contiguous_format, copy=True)
-            terms = [(g_b, w_b)] + ([(g_v, w_v)] if g_v is not None else [])
-            for g, w in terms:
-                if g is None:
-                    continue
-                if dz is None:
-                    dz = (g @ w.to(acc)).view(z.shape)
+                # The op's gradient of the pass-through z, plus the bias term: a new tensor
+                # (d_values may be shared), unless d_values is first converted to acc, which
+                # makes a copy of our own to add into.
+                base = d_values.reshape(-1, cz)
+                if g_b is None:
+                    dz = base
+                elif base.dtype == acc:
+                    dz = torch.addmm(base, g_b, w_b.to(acc))
                 else:
-                    dz.view(-1, cz).addmm_(g, w.to(acc))
+                    dz = base.to(acc).addmm_(g_b, w_b.to(acc))
+            else:
+                for g, w in ((g_b, w_b), (g_v, w_v)):
+                    if g is None:
+                        continue
+                    dz = g @ w.to(acc) if dz is None else dz.addmm_(g, w.to(acc))  # dz is ours here
             if dz is not None:
-                dz = dz.to(z.dtype)
+                dz = dz.reshape(z.shape).to(z.dtype)
         grads = [dz, None, None, None, None]
         for slot, g, w in ((1, g_b, w_b), (3, g_v, w_v)):
             if g is not None and ctx.needs_input_grad[slot]:
@@ -95,6 +105,39 @@ class _PairProjections(torch.autograd.Function):
             if g is not None and ctx.needs_input_grad[slot + 1]:
                 grads[slot + 1] = g.sum(0).to(w.dtype)
         return (*grads, None, None)
+
+
+POINT_PROJECTIONS = ("linear_q_points", "linear_kv_points")
+
+
+def _rename_point_projection_keys(module, state_dict, prefix, *_) -> None:
+    """Load-state-dict pre-hook: current OpenFold's ``PointProjection`` keys
+    (``linear_q_points.linear.weight``) -> the flat keys (``linear_q_points.weight``).
+
+    OpenFold's monomer ``PointProjection`` splits the Linear's ``3 H P`` outputs into
+    x | y | z blocks of ``H P`` each and views them as ``[H, P, 3]``, exactly as the flat
+    layers did before it (its own converter, ``convert_deprecated_v1_keys``, only
+    renames these keys), so the weights load as they are. A key present in both forms
+    is left alone (strict loading then reports the extra one)."""
+    for name in POINT_PROJECTIONS:
+        for param in ("weight", "bias"):
+            nested, flat = f"{prefix}{name}.linear.{param}", f"{prefix}{name}.{param}"
+            if nested in state_dict and flat not in state_dict:
+                state_dict[flat] = state_dict.pop(nested)
+
+
+def _z_from(z: Optional[Tensor], from_list: bool, z_reference_list: Optional[Sequence[Tensor]]) -> Tensor:
+    """The pair representation: ``z``, or ``z_reference_list[0]`` where the caller passes
+    z by reference (OpenFold's and Multiflow's ``_offload_inference``)."""
+    if from_list:
+        if z_reference_list is None or len(z_reference_list) == 0:
+            raise ValueError("_z_reference_list: expected a sequence holding z when _offload_inference is set, "
+                             f"got {z_reference_list!r}")
+        z = z_reference_list[0]
+    if z is None:
+        raise TypeError("z: expected a tensor [B, N, N, c_z], got None (OpenFold passes z as _z_reference_list[0] "
+                        "with _offload_inference=True, inplace_safe=True)")
+    return z
 
 
 def _linear(c_in: int, c_out: int, init: str = "default", **factory) -> nn.Linear:
@@ -117,6 +160,7 @@ class InvariantPointAttention(nn.Module):
         no_qk_points, no_v_points: query/key and value points per head.
         inf: kept for OpenFold compatibility; masking here is exact.
         eps: added under the square root of the point output's norm.
+        is_multimer: OpenFold's flag; only ``False`` (the monomer layer) is implemented.
         backend: backend of the attention op (``"auto"``, ``"triton"``, ``"torch"``, ...).
         device, dtype: factory kwargs for the parameters.
     """
@@ -133,12 +177,18 @@ class InvariantPointAttention(nn.Module):
         no_v_points: int,
         inf: float = 1e5,
         eps: float = 1e-8,
+        is_multimer: bool = False,
         *,
         backend: str = AUTO,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        if is_multimer:
+            raise ValueError(
+                "is_multimer: OpenFold's multimer IPA (linear_k / linear_v without biases, per-head point "
+                "layout) is not implemented; only the monomer layer (is_multimer=False)"
+            )
         for name, value in (("c_s", c_s), ("c_z", c_z), ("c_hidden", c_hidden), ("no_heads", no_heads),
                             ("no_qk_points", no_qk_points), ("no_v_points", no_v_points)):
             check_positive_int(name, value, allow_none=False)
@@ -157,6 +207,7 @@ class InvariantPointAttention(nn.Module):
         self.head_weights = nn.Parameter(torch.full((no_heads,), SOFTPLUS_INVERSE_1, **factory))
         c_pair = self.pair_channels_out or c_z
         self.linear_out = _linear(no_heads * (c_pair + c_hidden + no_v_points * 4), c_s, init="final", **factory)
+        self.register_load_state_dict_pre_hook(_rename_point_projection_keys)
 
     def _build_pair(self, c_z: int, factory) -> None:
         """OpenFold reads z itself in the pair output."""
@@ -220,18 +271,37 @@ class InvariantPointAttention(nn.Module):
         out_dtype = torch.promote_types(o.dtype, o_pt.dtype) if not torch.is_autocast_enabled() else o.dtype
         return self.linear_out(torch.cat([f.to(out_dtype) for f in feats], dim=-1))
 
-    def forward(self, s: Tensor, z: Tensor, r: Any, mask: Optional[Tensor] = None) -> Tensor:
-        """Args:
+    def forward(
+        self,
+        s: Tensor,
+        z: Optional[Tensor],
+        r: Any,
+        mask: Optional[Tensor] = None,
+        inplace_safe: bool = False,
+        _offload_inference: bool = False,
+        _z_reference_list: Optional[Sequence[Tensor]] = None,
+    ) -> Tensor:
+        """OpenFold's ``InvariantPointAttention.forward``.
+
+        Args:
             s: single representation ``[B, N, c_s]``.
-            z: pair representation ``[B, N, N, c_z]``.
+            z: pair representation ``[B, N, N, c_z]`` (None when passed by reference).
             r: frames ``[B, N]``: ``(rotations [B, N, 3, 3], translations [B, N, 3])``, a
                 ``foldops.nn.Rigid`` or any object with OpenFold ``Rigid``'s ``apply``,
                 ``invert_apply`` and indexing (OpenFold's ``Rigid`` itself).
             mask: residue mask ``[B, N]`` (bool or 0/1 float), or None.
+            inplace_safe: accepted and ignored: OpenFold's in-place updates of its
+                ``[B, H, N, N]`` logits save memory the fused op never spends.
+            _offload_inference, _z_reference_list: as in OpenFold's StructureModule: with
+                both ``_offload_inference`` and ``inplace_safe`` set, z is
+                ``_z_reference_list[0]``. OpenFold then moves z to the CPU while it forms
+                the attention matrix; the fused op reads z in the same pass as the
+                attention, so z stays where it is and the list is left as given.
 
         Returns:
             The single representation update ``[B, N, c_s]``.
         """
+        z = _z_from(z, bool(_offload_inference and inplace_safe), _z_reference_list)
         return self._attend(s, z, r, mask, None)
 
     def extra_repr(self) -> str:
@@ -274,9 +344,21 @@ class MultiflowInvariantPointAttention(InvariantPointAttention):
     def _pair_values_projection(self):
         return self.down_z.weight, self.down_z.bias
 
-    def forward(self, s: Tensor, z: Tensor, r: Any, mask: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None) -> Tensor:
-        """As ``InvariantPointAttention.forward``, plus ``attention_mask`` ``[B, N, N]`` or None."""
+    def forward(
+        self,
+        s: Tensor,
+        z: Optional[Tensor],
+        r: Any,
+        mask: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        _offload_inference: bool = False,
+        _z_reference_list: Optional[Sequence[Tensor]] = None,
+    ) -> Tensor:
+        """Multiflow's ``InvariantPointAttention.forward``: as the OpenFold layer's, with
+        ``attention_mask`` ``[B, N, N]`` or None; with ``_offload_inference`` set, z is
+        ``_z_reference_list[0]`` (Multiflow does not ask for ``inplace_safe``; z is not
+        moved, the list is left as given)."""
+        z = _z_from(z, bool(_offload_inference), _z_reference_list)
         if self.training and self.dropout_prob > 0.0:
             raise NotImplementedError(
                 f"dropout={self.dropout_prob}: Multiflow drops attention logits, which the fused op never "

@@ -35,7 +35,6 @@ as written, O(B N^2 H Pq) memory).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -44,7 +43,8 @@ import torch
 from foldops import backends
 from foldops._checks import as_bool_mask, check_positive_int, check_same_dtype, check_tensor
 from foldops.budget import rows_per_chunk
-from foldops.device import kernel_support
+from foldops.device import fp32_region, kernel_support
+from foldops.ops._common import needs_grad, zeros_output
 from foldops.reference import invariant_point_attention as _reference
 
 OP = "invariant_point_attention"
@@ -72,33 +72,37 @@ def _grid_bits(coordinates: int) -> int:
     """Bits b of the integer grid coordinates: a sum of ``coordinates`` squared
     differences of integers below 2^b, expanded as ``|q|^2 + |k|^2 - 2 q.k``, keeps every
     partial sum below 2^24 (exact in fp32 in any order)."""
-    return max(1, int((22 - math.log2(coordinates)) // 2))
+    return max(1, int((22 - math.log2(max(1, coordinates))) // 2))
 
 
 def point_operands(q_pts, k_pts, point_weights, mask, dtype):
-    """The point term ``-w/2 |q - k|^2`` as two dot products plus a scaled exact one.
+    """The point term ``-w/2 |q - k|^2`` as a dot product plus a scaled exact integer term.
 
-    Returns ``(qa, ka, qe, ke, factor)``: ``qa, ka`` ``[B, N, H, 6 Pq + 2]``, ``qe, ke``
-    ``[B, N, H, 3 Pq + 2]`` and ``factor`` ``[B, H]``, all in ``dtype``, with
+    Returns ``(qa, ka, qe, ke, qn, kn, factor)``: ``qa, ka`` ``[B, N, H, 6 Pq + 2]``,
+    ``qe, ke`` ``[B, N, H, 3 Pq]``, ``qn, kn`` ``[B, N, H]`` and ``factor`` ``[B, H]``, all
+    in ``dtype``, with
 
-        -w/2 |q_i - k_j|^2 = qa_i . ka_j + factor * (qe_i . ke_j)
+        -w/2 |q_i - k_j|^2 = qa_i . ka_j + factor * (qe_i . ke_j + qn_i + kn_j)
 
     Points are moved by the mean of the real residues' key points (per batch item and
     head; no distance changes) and split as ``x = hi + lo``: ``hi`` on a grid of step
-    ``g`` (a power of two; ``|hi| / g < 2^b``, ``_grid_bits``), ``|lo| <= g / 2``.
-    ``qe . ke = |hi_q - hi_k|^2 / g^2`` is a sum of integers, exact in fp32;
-    ``factor = -w/2 g^2``. ``qa . ka`` holds the rest, ``-w/2 (2 (hi_q - hi_k).(lo_q -
-    lo_k) + |lo_q - lo_k|^2)``, whose terms are of size |x| g, not |x|^2: the plain
-    expansion ``w q.k - w/2 |q|^2 - w/2 |k|^2`` rounds terms of the protein's squared
-    radius, so the logits of nearby points (the ones that get weight) carried errors
-    of eps * w * radius^2: 2-37x plain PyTorch's error in the outputs and gradients on
-    a protein-like cloud (tests/ops). ``hi`` carries no gradient and ``lo = x - hi``
-    all of it, so autograd differentiates the exact function. (A matmul that rounds
-    its fp32 inputs, TF32, would round the integers' squares: not exact then.) The query's own ``-w/2 |q|^2`` is
-    part of the sums: the softmax cancels a row constant, but its gradient is zero only
-    where the logits' gradient has rows summing exactly to zero, which in floating
-    point they do not (without it, 4-14x plain PyTorch's error in the head weights'
-    gradient of a layer).
+    ``g`` (a power of two; ``|hi| / g <= 2^b``, ``_grid_bits``), ``|lo| <= g / 2``.
+    ``qe . ke + qn + kn = -2 qi . ki + |qi|^2 + |ki|^2 = |hi_q - hi_k|^2 / g^2`` (``qi``,
+    ``ki`` the integers ``hi / g``) is a sum of integers, exact in fp32 in any order;
+    ``factor = -w/2 g^2``. Only ``-2 qi . ki`` goes through a matmul: its operands,
+    integers of at most 11 significant bits, are exact in TF32 too (a matmul that rounds
+    fp32 inputs to 10 mantissa bits), where the squared norms (up to 2^22) would not
+    be; the norms are added as a row and a column in fp32. ``qa . ka`` holds the rest,
+    ``-w/2 (2 (hi_q - hi_k).(lo_q - lo_k) + |lo_q - lo_k|^2)``, whose terms are of size
+    |x| g, not |x|^2: the plain expansion ``w q.k - w/2 |q|^2 - w/2 |k|^2`` rounds terms
+    of the protein's squared radius, so the logits of nearby points (the ones that get
+    weight) carried errors of eps * w * radius^2: 2-37x plain PyTorch's error in the
+    outputs and gradients on a protein-like cloud (tests/ops). ``hi`` carries no
+    gradient and ``lo = x - hi`` all of it, so autograd differentiates the exact
+    function. The query's own ``-w/2 |q|^2`` is part of the sums: the softmax cancels a
+    row constant, but its gradient is zero only where the logits' gradient has rows
+    summing exactly to zero, which in floating point they do not (without it, 4-14x
+    plain PyTorch's error in the head weights' gradient of a layer).
     """
     batch, n, heads, points, _ = q_pts.shape
     coords = 3 * points
@@ -119,73 +123,73 @@ def point_operands(q_pts, k_pts, point_weights, mask, dtype):
     half = -0.5 * w
     row = half * (2 * qh + ql).mul(ql).sum(-1, keepdim=True)  # -w/2 (|q|^2 - |hi_q|^2)
     qa = torch.cat([w * qh, w * ql, row, half.expand(batch, n, heads, 1)], dim=-1)
-    ka = torch.cat([kl, kx, torch.ones_like(kx[..., :1]), (2 * kh + kl).mul(kl).sum(-1, keepdim=True)], dim=-1)
-    qe = torch.cat([qi, qi.square().sum(-1, keepdim=True), torch.ones_like(qi[..., :1])], dim=-1)
-    ke = torch.cat([-2 * ki, torch.ones_like(ki[..., :1]), ki.square().sum(-1, keepdim=True)], dim=-1)
+    ka = torch.cat([kl, kx, kx.new_ones(kx.shape[:-1] + (1,)), (2 * kh + kl).mul(kl).sum(-1, keepdim=True)], dim=-1)
     factor = half.T * step[:, 0, :, 0].square()  # [B, H]
-    return qa, ka, qe, ke, factor
+    return qa, ka, qi, -2 * ki, qi.square().sum(-1), ki.square().sum(-1), factor
 
 
 def _kept_max(x, mask):
     """Largest |coordinate| of the real residues per batch item and head, ``[B, 1, H, 1]``."""
+    if x.shape[-1] == 0:  # no query/key points
+        return x.new_zeros(x.shape[0], 1, x.shape[2], 1)
     mag = x.abs().amax(dim=-1, keepdim=True)  # [B, N, H, 1]
     if mask is not None:
         mag = mag.masked_fill(~mask[:, :, None, None], 0.0)
     return mag.amax(dim=1, keepdim=True)
 
 
-def _no_autocast(device: torch.device):
-    """A context without autocast on ``device``: the logits' matmuls run in the
-    accumulator dtype (autocast would round the grid integers and the point terms,
-    which plain PyTorch forms in the points' dtype)."""
-    if device.type in ("cpu", "cuda", "xpu", "mps"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+def _exact_product(qe, ke, qn, kn):
+    """``qe @ ke + qn + kn``: ``|qi - ki|^2`` of the grid integers, exact (``point_operands``).
+    ``qe`` ``[.., c, K]``, ``ke`` ``[.., K, N]``, ``qn`` ``[.., c, 1]``, ``kn`` ``[.., 1, N]``.
+    Outside autocast (it would round the integers); the norms are added after the
+    matmul, in fp32, so that a TF32 matmul rounds nothing."""
+    with fp32_region(qe):
+        return torch.matmul(qe, ke).add_(qn).add_(kn)
 
 
-def _exact_product(qe, ke):
-    """``qe @ ke`` of grid integers, exact (``point_operands``)."""
-    with _no_autocast(qe.device):
-        return torch.matmul(qe, ke)
+EXACT_ROWS = 64
+"""Rows per block when the backward of ``_AddExactTerm`` recomputes the exact term."""
 
 
 class _AddExactTerm(torch.autograd.Function):
-    """``logits += factor * (qe @ ke)`` in place; ``qe`` ``[B, H, c, K]`` and ``ke``
-    ``[B, H, K, N]`` are constants (the grid integers), ``factor`` ``[B, H, 1, 1]``.
+    """``logits + factor * (qe @ ke + qn + kn)``, a new tensor; ``qe`` ``[B, H, c, K]``,
+    ``ke`` ``[B, H, K, N]``, ``qn`` ``[B, H, c, 1]`` and ``kn`` ``[B, H, 1, N]`` are
+    constants (the grid integers and their squared norms), ``factor`` ``[B, H, 1, 1]``.
 
-    The backward recomputes ``qe @ ke`` for ``factor``'s gradient, a block of rows at
+    The backward recomputes the exact term for ``factor``'s gradient, a block of rows at
     a time, instead of keeping a ``[B, H, c, N]`` tensor from the forward.
     """
 
-    ROWS = 64  # rows per recomputed block in the backward
-
     @staticmethod
-    def forward(ctx, logits, qe, ke, factor):
-        ctx.save_for_backward(qe, ke)
-        ctx.mark_dirty(logits)
-        return logits.addcmul_(_exact_product(qe, ke), factor)
+    def forward(ctx, logits, qe, ke, qn, kn, factor):
+        ctx.save_for_backward(qe, ke, qn, kn)
+        # The product is this function's own temporary: scaled and summed in place, it
+        # becomes the result (no third [B, H, c, N] tensor beside logits).
+        return _exact_product(qe, ke, qn, kn).mul_(factor).add_(logits)
 
     @staticmethod
     def backward(ctx, grad):
         d_factor = None
-        if ctx.needs_input_grad[3]:
-            qe, ke = ctx.saved_tensors
+        if ctx.needs_input_grad[5]:
+            qe, ke, qn, kn = ctx.saved_tensors
             d_factor = torch.zeros(grad.shape[:2], dtype=grad.dtype, device=grad.device)
-            for start in range(0, grad.shape[2], _AddExactTerm.ROWS):
-                rows = slice(start, start + _AddExactTerm.ROWS)
-                d_factor += (grad[:, :, rows] * _exact_product(qe[:, :, rows], ke)).sum(dim=(2, 3))
+            for start in range(0, grad.shape[2], EXACT_ROWS):
+                rows = slice(start, start + EXACT_ROWS)
+                exact = _exact_product(qe[:, :, rows], ke, qn[:, :, rows], kn)
+                d_factor = d_factor + (grad[:, :, rows] * exact).sum(dim=(2, 3))
             d_factor = d_factor[:, :, None, None]
-        return grad, None, None, d_factor
+        return grad, None, None, None, None, d_factor
 
 
 def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, scale, chunk_size):
     batch, n, heads, channels = q.shape
     acc = _accumulator(q.dtype)
-    qa, ka, qe, ke, factor = point_operands(q_pts, k_pts, point_weights, mask, acc)
+    qa, ka, qe, ke, qn, kn, factor = point_operands(q_pts, k_pts, point_weights, mask, acc)
     # One matmul for the scalar term and the point term's small part, one exact one.
     q_all = torch.cat([q.to(acc) * scale, qa], dim=-1).transpose(1, 2)  # [B, H, N, C + 6Pq + 2]
     k_all = torch.cat([k.to(acc), ka], dim=-1).permute(0, 2, 3, 1)  # [B, H, C + 6Pq + 2, N]
-    qe, ke = qe.transpose(1, 2), ke.permute(0, 2, 3, 1)  # [B, H, N, 3Pq + 2], [B, H, 3Pq + 2, N]
+    qe, ke = qe.transpose(1, 2), ke.permute(0, 2, 3, 1)  # [B, H, N, 3Pq], [B, H, 3Pq, N]
+    qn, kn = qn.transpose(1, 2)[..., None], kn.transpose(1, 2)[:, :, None]  # [B, H, N, 1], [B, H, 1, N]
     factor = factor[:, :, None, None]
     pv = v_pts.shape[3]
     # Value points relative to their mean (the weighted sum carries a translation
@@ -204,9 +208,9 @@ def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, s
     outs, outs_pair = [], []
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
-        with _no_autocast(q.device):
+        with fp32_region(q):
             logits = torch.matmul(q_all[:, :, rows], k_all) + bias[:, :, rows].to(acc)  # [B, H, c, N]
-        logits = _AddExactTerm.apply(logits, qe[:, :, rows], ke, factor)
+        logits = _AddExactTerm.apply(logits, qe[:, :, rows], ke, qn[:, :, rows], kn, factor)
         if keep is None:
             a = torch.softmax(logits, dim=-1)
         else:
@@ -319,9 +323,15 @@ def invariant_point_attention(
     mask = validate(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask)
     check_positive_int("chunk_size", chunk_size)
     if scale is None:
-        scale = 1.0 / math.sqrt(3 * q.shape[-1])
+        scale = 1.0 / math.sqrt(3 * max(1, q.shape[-1]))
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale: expected a finite number, got {scale}")
     sizes = (q.shape[-1], q_pts.shape[3], v_pts.shape[3], z.shape[-1], q.shape[2])
-    impl = backends.select(OP, backend, device=q.device, dtype=q.dtype, sizes=sizes)
+    inputs = (q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z)
+    impl = backends.select(OP, backend, device=q.device, dtype=q.dtype, sizes=sizes, n=q.shape[1],
+                           training=needs_grad(*inputs))
+    if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0:  # no rows: empty outputs, zero gradients
+        batch, n, heads = q.shape[:3]
+        return (zeros_output(q.shape, q, inputs), zeros_output(v_pts.shape, v_pts, inputs),
+                zeros_output((batch, n, heads, z.shape[-1]), z, inputs))
     return impl.fn(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, float(scale), chunk_size)

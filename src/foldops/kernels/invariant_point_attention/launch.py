@@ -105,7 +105,7 @@ def ipa_forward(q, k, v, qp, kp, vp, w, bias, z, mask, scale: float):
     op = torch.empty(batch, n, heads, e, dtype=torch.float32, device=q.device)
     oz = torch.empty(batch, n, heads, cz, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, n, heads, 2, dtype=torch.float32, device=q.device)
-    if o.numel() == 0 or n == 0 or _skip_launch(q):
+    if batch == 0 or n == 0 or heads == 0 or _skip_launch(q):  # (C = 0 still has point and pair outputs)
         return o, op, oz, lse
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     block, warps = _row_tiles(pads["HP"], (pads["CP"], pads["DP"], pads["EP"]))
@@ -135,7 +135,7 @@ def ipa_backward(do, dop, doz, q, k, v, qp, kp, vp, w, bias, z, mask, o, op, oz,
     ds = torch.empty(batch, heads, n, n, **f32)
     dz = torch.empty(batch, n, n, cz, dtype=z.dtype, device=dev)
     grads_q = lambda: (dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype))  # noqa: E731
-    if q.numel() == 0 or n == 0 or _skip_launch(q):
+    if batch == 0 or n == 0 or heads == 0 or _skip_launch(q):
         return (*grads_q(), dqp, dkp, dvp, torch.zeros_like(w, dtype=torch.float32), ds.to(bias.dtype), dz)
     # The row kernel forms dP = dO.v + dOp.vp + dOz.z with dO and dOz in q's dtype; delta =
     # rowsum(dO * O) over all three outputs (fp32, O(B N H (C + E + CZ))) takes them
