@@ -87,13 +87,25 @@ def check_case(shape, dtype, point_dtype=torch.float32, masked=True, scale=0.3, 
     # apart from dP. Its floor: the largest gradient times the largest factor dS is
     # multiplied by (1, or the squared point distance for the point weights).
     largest = max(e.abs().max().item() for e in exact_g)
-    dist2 = (exact_in[3][:, :, None] - exact_in[4][:, None]).square().sum((-1, -2)).max().item()
+    dist2_pairs = (exact_in[3][:, :, None] - exact_in[4][:, None]).square().sum((-1, -2))  # [B, N, N, H]
+    dist2 = dist2_pairs.max().item()
+    # The point weights' gradient is one sum per head over every (i, j) pair,
+    # -1/2 sum dS dist2, of terms that cancel: its rounding error scales with the sum of
+    # the terms' magnitudes (dS is the bias gradient), not with the result, and the 2x
+    # rule against one fp32 baseline is luck there (the baseline's error varies 10x over
+    # seeds). Its floor: one ulp of that magnitude sum, the error of rounding each term once.
+    d_bias = exact_g[NAMES.index("bias")]  # [B, H, N, N]
+    term_sum = 0.5 * (d_bias.abs() * dist2_pairs.permute(0, 3, 1, 2)).sum((0, 2, 3)).max().item()
     for name, f, e, b, x in zip(NAMES, fast_g, exact_g, base_g, fast_in):
         assert f.dtype == x.dtype, name
         if e.abs().max().item() == 0:
             assert f.abs().max().item() <= DEFAULT_REL_FLOOR[dtype] * largest * max(1.0, dist2), name
             continue
-        assert_within_baseline(f"d{name}", f, e, b, dtype=dtype)
+        rel_floor = None
+        if name == "point_weights":
+            scale_e = e.abs().max().item()
+            rel_floor = max(DEFAULT_REL_FLOOR[dtype], torch.finfo(dtype).eps * term_sum / scale_e)
+        assert_within_baseline(f"d{name}", f, e, b, dtype=dtype, rel_floor=rel_floor)
     if mask is not None:  # padded rows: zero outputs
         for f in fast:
             assert (f[~mask] == 0).all()
