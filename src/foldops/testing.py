@@ -245,13 +245,19 @@ _HOST_SYNC_OPS = {
     "aten.equal": "a host read of a comparison (torch.equal)",
     "aten.lift_fresh": "a tensor built from host data (torch.tensor / torch.as_tensor)",
     "aten.lift_fresh_copy": "a tensor built from host data (torch.tensor / torch.as_tensor)",
+    "aten.allclose": "a host read of a comparison (torch.allclose)",
     "aten.nonzero": "an output sized by the data (nonzero / boolean indexing)",
     "aten.nonzero_static": None,  # sized by its argument: no sync
+    # Composite ops over nonzero, seen undecomposed inside a custom op's body.
+    "aten.nonzero_numpy": "an output sized by the data (nonzero(as_tuple=True))",
+    "aten.argwhere": "an output sized by the data (argwhere)",
     "aten.masked_select": "an output sized by the data (masked_select / boolean indexing)",
+    "aten._unique": "an output sized by the data (unique)",
     "aten._unique2": "an output sized by the data (unique)",
     "aten.unique_dim": "an output sized by the data (unique)",
     "aten.unique_consecutive": "an output sized by the data (unique_consecutive)",
-    "aten.repeat_interleave": "an output sized by the data (repeat_interleave of a tensor)",
+    "aten.unique_dim_consecutive": "an output sized by the data (unique_consecutive)",
+    "aten.bincount": "an output sized by the data (bincount: max(input) + 1 bins)",
     "aten._pin_memory": "a pinned host buffer (host memory allocated per call)",
 }
 
@@ -281,8 +287,8 @@ class forbid_host_sync(TorchDispatchMode):
         reason = _HOST_SYNC_OPS.get(packet)
         if reason is None and packet in ("aten._to_copy", "aten.copy_"):
             reason = _cross_device(func, args, kwargs)
-        if reason is None and packet in ("aten.index", "aten._unsafe_index") and _bool_index(args):
-            reason = "an output sized by the data (indexing with a boolean mask)"
+        if reason is None and packet in _DATA_DEPENDENT:
+            reason = _DATA_DEPENDENT[packet](func, args, kwargs)
         if reason is not None:
             raise AssertionError(f"forbid_host_sync: {func} is {reason}")
         if func.namespace in self.namespaces:
@@ -304,9 +310,92 @@ def _cross_device(func, args, kwargs) -> Optional[str]:
     return None
 
 
-def _bool_index(args) -> bool:
-    indices = args[1] if len(args) > 1 else ()
-    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in indices)
+def _arg(args, kwargs, index: int, name: str, default=None):
+    """Argument ``name`` (position ``index``) of an aten call."""
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _is_mask(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+
+
+def _host_scalar(value, self: torch.Tensor) -> bool:
+    """Whether ``value`` is a one-element host tensor beside a device ``self``: read on
+    the host without a sync (a Python number in ``x[mask] = 1.0``). On the CPU every
+    tensor is a host tensor, so there a one-element tensor value counts as a device
+    value: that is what it is where the same code runs on a GPU."""
+    return (isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type == "cpu"
+            and self.device.type != "cpu")
+
+
+def _index(func, args, kwargs) -> Optional[str]:
+    if any(_is_mask(t) for t in _arg(args, kwargs, 1, "indices", ())):
+        return "an output sized by the data (indexing with a boolean mask)"
+    return None
+
+
+def _index_put(func, args, kwargs) -> Optional[str]:
+    """A boolean index is turned into positions by nonzero, except for one mask and a
+    host scalar without accumulation (``x[mask] = 1.0``: a masked_fill)."""
+    indices = [t for t in _arg(args, kwargs, 1, "indices", ()) if t is not None]
+    if not any(_is_mask(t) for t in indices):
+        return None
+    value, accumulate = _arg(args, kwargs, 2, "values"), _arg(args, kwargs, 3, "accumulate", False)
+    if len(indices) == 1 and not accumulate and _host_scalar(value, args[0]):
+        return None
+    return "an output sized by the data (index_put_ / x[mask] = value with a boolean mask)"
+
+
+def _masked_fill(func, args, kwargs) -> Optional[str]:
+    if func._overloadname == "Tensor" and not _host_scalar(_arg(args, kwargs, 2, "value"), args[0]):
+        return "a host read of a tensor value (masked_fill with a tensor value: value.item())"
+    return None
+
+
+def _repeat_interleave(func, args, kwargs) -> Optional[str]:
+    """Repeats given as a tensor size the output by their sum unless ``output_size`` is."""
+    repeats = args[0] if func._overloadname == "Tensor" else _arg(args, kwargs, 1, "repeats")
+    if isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None:
+        return "an output sized by the data (repeat_interleave of tensor repeats without output_size)"
+    return None
+
+
+def _histc(func, args, kwargs) -> Optional[str]:
+    """histc's default range (min == max) is the data's min and max, read on the host."""
+    if _arg(args, kwargs, 2, "min", 0) == _arg(args, kwargs, 3, "max", 0):
+        return "a host read of the data's range (histc without min < max)"
+    return None
+
+
+def _narrow(func, args, kwargs) -> Optional[str]:
+    if func._overloadname == "Tensor":
+        return "a host read of a tensor value (narrow with a tensor start)"
+    return None
+
+
+def _where(func, args, kwargs) -> Optional[str]:
+    if func._overloadname == "default":  # where(condition), the one-argument form
+        return "an output sized by the data (where(condition): nonzero)"
+    return None
+
+
+# Ops that sync for some arguments only: packet -> (func, args, kwargs) -> reason or None.
+_DATA_DEPENDENT: Dict[str, Callable[..., Optional[str]]] = {
+    "aten.index": _index,
+    "aten._unsafe_index": _index,
+    "aten.index_put": _index_put,
+    "aten.index_put_": _index_put,
+    "aten._index_put_impl_": _index_put,
+    "aten._unsafe_index_put": _index_put,
+    "aten.masked_fill": _masked_fill,
+    "aten.masked_fill_": _masked_fill,
+    "aten.repeat_interleave": _repeat_interleave,
+    "aten.histc": _histc,
+    "aten.narrow": _narrow,
+    "aten.where": _where,
+}
 
 
 def _custom_op_body(func) -> Optional[Callable]:
@@ -326,27 +415,28 @@ def capture_cuda_graph(fn: Callable, pool=None):
     ``CUDAGraph.capture_end`` raises before it ends the capture of the default CUDA
     generator, after which every random op of the process fails with "Offset increment
     outside graph capture encountered unexpectedly"; and ``torch.cuda.graph`` leaves
-    its capture stream current. Here the default stream is made current again and an
-    empty-handed capture (an in-place add, no allocation) on a fresh stream ends the
-    generator's capture state.
+    its capture stream current. Here the stream that was current before the capture is
+    made current again and an empty-handed capture (an in-place add, no allocation) on a
+    fresh stream ends the generator's capture state.
     """
     graph = torch.cuda.CUDAGraph()
+    before = torch.cuda.current_stream()
     try:
         with torch.cuda.graph(graph, pool=pool):
             result = fn()
     except BaseException:
-        _reset_after_failed_capture()
+        _reset_after_failed_capture(before)
         raise
     return graph, result
 
 
-def _reset_after_failed_capture() -> None:
-    torch.cuda.set_stream(torch.cuda.default_stream())
-    scratch = torch.zeros(1, device="cuda")
-    stream = torch.cuda.Stream()
+def _reset_after_failed_capture(before: torch.cuda.Stream) -> None:
+    torch.cuda.set_stream(before)
+    scratch = torch.zeros(1, device=before.device)
+    stream = torch.cuda.Stream(before.device)
     stream.wait_stream(torch.cuda.current_stream())
     rescue = torch.cuda.CUDAGraph()
     with torch.cuda.graph(rescue, stream=stream):  # capture_end ends the generator's capture
         scratch.add_(1)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
+    torch.cuda.current_stream(before.device).wait_stream(stream)
+    torch.cuda.synchronize(before.device)

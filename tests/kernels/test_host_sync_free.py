@@ -10,6 +10,10 @@ runs). tests/nn/test_compile_layers.py captures triangle attention on a GPU.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -142,3 +146,107 @@ def test_the_guard_catches_the_usual_offenders():
     with forbid_host_sync():  # allowed: device-side work, copies on one device
         y = torch.where(x > 0, x, 0.0).to(torch.float64).clone()
         y.copy_(x)
+
+
+def _offenders(x):
+    """Host reads and outputs sized by the data beyond .item() and nonzero."""
+    m, i = x > 0, torch.tensor([0, 2]).clone()  # made before the mode: not a host-built tensor there
+    return {
+        "x[mask] = vec": lambda: x.clone().__setitem__(m, x.new_ones(()).expand(4)),
+        "x[mask] = 0-dim tensor": lambda: x.clone().__setitem__(m, x.sum()),
+        "index_put_ mask": lambda: x.clone().index_put_((m,), x.sum(), accumulate=True),
+        "index_put mask": lambda: x.index_put((m,), x[:1] * 2),
+        "masked_fill tensor": lambda: x.masked_fill(m, x.sum()),
+        "bincount": lambda: torch.bincount(i),
+        "histc": lambda: torch.histc(x),
+        "masked_select": lambda: x.masked_select(m),
+        "repeat_interleave": lambda: torch.repeat_interleave(i),
+        "repeat_interleave self": lambda: x.repeat_interleave(i.new_ones(4)),
+        "unique_consecutive": lambda: torch.unique_consecutive(x),
+        "unique": lambda: torch.unique(x),
+        "unique dim": lambda: torch.unique(x, dim=0),
+        "argwhere": lambda: torch.argwhere(x),
+        "where(cond)": lambda: torch.where(m),
+        "narrow tensor start": lambda: x.narrow(0, i[0], 2),
+        "allclose": lambda: torch.allclose(x, x),
+    }
+
+
+def _allowed(x):
+    m, i = x > 0, torch.tensor([0, 2]).clone()
+    return {
+        "index with positions": lambda: x[i],
+        "index_put positions": lambda: x.clone().index_put_((i,), x[:2]),
+        "masked_fill scalar": lambda: x.masked_fill(m, 0.0),
+        "repeat_interleave int": lambda: x.repeat_interleave(2),
+        "repeat_interleave output_size": lambda: x.repeat_interleave(i.new_ones(4), output_size=4),
+        "histc range": lambda: torch.histc(x, 4, -1.0, 1.0),
+        "nonzero_static": lambda: torch.nonzero_static(x, size=2),
+        "where(cond, a, b)": lambda: torch.where(m, x, x * 2),
+        "narrow int start": lambda: x.narrow(0, 1, 2),
+    }
+
+
+@pytest.mark.parametrize("name", list(_offenders(torch.zeros(4))))
+def test_the_guard_catches_data_dependent_shapes_and_host_reads(name):
+    x = torch.randn(4, generator=torch.Generator().manual_seed(0))
+    offender = _offenders(x)[name]
+    with pytest.raises(AssertionError, match="forbid_host_sync"), forbid_host_sync():
+        offender()
+
+
+@pytest.mark.parametrize("name", list(_allowed(torch.zeros(4))))
+def test_the_guard_lets_device_side_forms_pass(name):
+    x = torch.randn(4, generator=torch.Generator().manual_seed(0))
+    allowed = _allowed(x)[name]
+    with forbid_host_sync():
+        allowed()
+
+
+_PROBE = {}
+
+
+@torch.library.custom_op("foldops_sync_probe::run", mutates_args=())
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    _PROBE["fn"]()  # works on the tensors it closes over
+    return x.clone()
+
+
+@pytest.mark.parametrize("name", ["argwhere", "where(cond)", "narrow tensor start", "allclose",
+                                  "repeat_interleave self", "x[mask] = vec", "bincount", "histc"])
+def test_the_guard_catches_composite_forms_inside_custom_ops(name, monkeypatch):
+    """Inside a custom op's body (autograd keys excluded) composite ops reach the mode
+    undecomposed: argwhere, not the nonzero it calls."""
+    x = torch.randn(4, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setitem(_PROBE, "fn", _offenders(x)[name])
+    with pytest.raises(AssertionError, match="forbid_host_sync"), forbid_host_sync(("foldops_sync_probe",)):
+        _probe(x)
+    monkeypatch.setitem(_PROBE, "fn", _allowed(x)["repeat_interleave int"])
+    with forbid_host_sync(("foldops_sync_probe",)):
+        _probe(x)
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_restores_the_stream_current_before_it():
+    """``capture_cuda_graph`` run with a side stream current: after a failed capture
+    that stream is current again, not the default one (subprocess: a failure here
+    cannot spill into other tests)."""
+    code = textwrap.dedent("""
+        import torch
+        from foldops.testing import capture_cuda_graph
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            x = torch.ones(4, device=side.device)
+            try:
+                capture_cuda_graph(lambda: x.sum().item())  # a host read: the capture fails
+            except Exception:
+                pass
+            else:
+                raise SystemExit("the capture did not fail")
+            assert torch.cuda.current_stream() == side, torch.cuda.current_stream()
+            y = torch.rand(3, device=side.device) + x[:3]  # RNG offsets: no capture state left
+        torch.cuda.synchronize()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr

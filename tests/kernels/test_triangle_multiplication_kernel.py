@@ -291,3 +291,48 @@ def test_grids_fit_cuda_axis_limits_at_large_n(monkeypatch, dim):
     for name, grid in grids:
         assert all(0 < g <= 65535 for g in grid[1:]), (name, grid)
         assert grid[0] < 2**31, (name, grid)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("outgoing", (True, False), ids=("outgoing", "incoming"))
+def test_fp16_dt_past_fp16_range_gives_inf_not_nan(monkeypatch, outgoing):
+    """fp16 dt is stored as hi + lo planes: where |dt| passes 65504, hi = +-inf and lo
+    must be 0 (dt - hi = -+inf made the two products' sum NaN). A large upstream gradient
+    at one pair only: each of da, db then sums one inf term per element (fp64 check)."""
+    launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
+    seen = []
+    product = launch._launch_product
+
+    def record(a, a_strides, bm, b_strides, out, *args, **kwargs):
+        product(a, a_strides, bm, b_strides, out, *args, **kwargs)
+        seen.append((a, bm, out))
+
+    monkeypatch.setattr(launch, "_launch_product", record)
+    n, c = 5, 8
+    x, _, w = _inputs(1, n, c, torch.float16, masked=False)
+    w["norm_out_weight"] = torch.full_like(w["norm_out_weight"], 100.0)
+    g = torch.zeros_like(x)
+    g[0, 2, 3] = 6e4
+    args = _op_args(x, None, w, outgoing)
+    _, ab, go, t = torch.ops.foldops.triangle_multiplication_fwd(*args)
+    seen.clear()  # the backward's two products only
+    torch.ops.foldops.triangle_multiplication_bwd(g, *args[:10], ab, go, t, outgoing, 1e-5, False)
+    (dt, _, _), _ = seen
+    hi, lo = dt[0, :c].double(), dt[0, c:].double()
+    assert hi.isinf().any()
+    assert lo.isfinite().all() and (lo[hi.isinf()] == 0).all()
+    # da, db against the products of the stored planes in fp64 (elementwise IEEE sums).
+    d = (hi + lo).view(c, n, n)
+    a, b = ab[0].double().view(2, c, n, n)
+    if not outgoing:
+        a, b = a.transpose(-1, -2), b.transpose(-1, -2)
+    da = (d[:, :, :, None] * b[:, None, :, :]).sum(2)  # da[i, k] = sum_j dt[i, j] b[j, k]
+    db = (d.transpose(-1, -2)[:, :, :, None] * a[:, None, :, :]).sum(2)
+    if not outgoing:
+        da, db = da.transpose(-1, -2), db.transpose(-1, -2)
+    got = torch.stack([out[0].double().view(c, n, n) for _, _, out in seen]).view(2 * c, n, n)
+    exact = torch.cat([da, db])
+    assert exact.isinf().any() and not exact.isnan().any()
+    assert not got.isnan().any()
+    assert torch.equal(got.isinf(), exact.isinf())

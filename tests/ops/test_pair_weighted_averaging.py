@@ -322,3 +322,21 @@ def test_core_api_docstring_example():
     for test in finder.find(pair_weighted_averaging_core, "pair_weighted_averaging_core"):
         runner.run(test)
     assert runner.failures == 0
+
+
+def test_size_rules_get_tokens_and_mode(monkeypatch):
+    """auto hands the size rules n = N (tokens) and whether autograd records the call."""
+    from foldops import backend_rules
+
+    seen = []
+    original = backend_rules.preferred
+    monkeypatch.setattr(backend_rules, "preferred",
+                        lambda op, **ctx: seen.append((op, ctx["n"], ctx["training"])) or original(op, **ctx))
+    v, logits, mask = make_inputs(1, 3, 7, 2, 4)
+    gate = torch.randn_like(v, requires_grad=True)
+    pair_weighted_averaging(v, logits, mask, gate=gate)
+    pair_weighted_averaging(v, logits, mask)
+    with torch.no_grad():
+        pair_weighted_averaging(v, logits, mask, gate=gate)
+    op = "pair_weighted_averaging"
+    assert seen == [(op, 7, True), (op, 7, False), (op, 7, False)]

@@ -490,3 +490,21 @@ def test_bad_inputs(change, error, pattern):
 def test_bad_chunk_size(chunk_size):
     with pytest.raises(ValueError, match="chunk_size: expected a positive int"):
         call(good(), chunk_size=chunk_size)
+
+
+def test_size_rules_get_tokens_and_mode(monkeypatch):
+    """auto hands the size rules n = N (tokens) and whether autograd records the call
+    (x or any weight requiring grad)."""
+    from foldops import backend_rules
+
+    seen = []
+    original = backend_rules.preferred
+    monkeypatch.setattr(backend_rules, "preferred",
+                        lambda op, **ctx: seen.append((op, ctx["n"], ctx["training"])) or original(op, **ctx))
+    x, w = torch.randn(1, 6, 6, 4, dtype=torch.float64), make_weights(4)
+    triangle_multiplication(x, None, direction="outgoing", **w)
+    w["p_out_weight"].requires_grad_()
+    triangle_multiplication(x, None, direction="outgoing", **w)
+    with torch.no_grad():
+        triangle_multiplication(x, None, direction="outgoing", **w)
+    assert seen == [(OP, 6, False), (OP, 6, True), (OP, 6, False)]

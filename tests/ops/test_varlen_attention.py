@@ -532,3 +532,29 @@ def test_padded_attention_padding_gets_zero_weight_at_extreme_logits(dtype):
     assert out[0, 0, 0, :4].float().tolist() == [0.5, 0.5, 0.0, 0.0]
     _, dk, dv = torch.autograd.grad(out.float().sum(), (q, k, v))
     assert torch.equal(dk[0, 2], torch.zeros_like(dk[0, 2])) and torch.equal(dv[0, 2], torch.zeros_like(dv[0, 2]))
+
+
+def _rule_contexts(monkeypatch):
+    from foldops import backend_rules
+
+    seen = []
+    original = backend_rules.preferred
+    monkeypatch.setattr(backend_rules, "preferred",
+                        lambda op, **ctx: seen.append((op, ctx["n"], ctx["training"])) or original(op, **ctx))
+    return seen
+
+
+def test_size_rules_get_keys_and_mode(monkeypatch):
+    """auto hands the size rules n = max_seqlen_k (the int argument, not cu_seqlens) and
+    the mode; padded_attention hands them its key length."""
+    seen = _rule_contexts(monkeypatch)
+    q, k, v, cu_q, cu_k = make_inputs([3, 2], [4, 5], 2, 2, 8)
+    q.requires_grad_()
+    varlen_attention(q, k, v, cu_q, cu_k, 3, 6)
+    with torch.no_grad():
+        varlen_attention(q, k, v, cu_q, cu_k, 3, 6)
+    qd, kd = torch.randn(2, 3, 2, 8), torch.randn(2, 7, 2, 8, requires_grad=True)
+    padded_attention(qd, kd, kd)
+    with torch.no_grad():
+        padded_attention(qd, kd, kd)
+    assert seen == [(OP, 6, True), (OP, 6, False), (OP, 7, True), (OP, 7, False)]

@@ -53,8 +53,9 @@ def rows_with_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, causal:
 def connected_zeros(shape, *inputs: torch.Tensor) -> torch.Tensor:
     """Zeros of ``shape`` (first input's dtype and device) that depend on every input in
     the autograd graph with zero gradients, for outputs no input element reaches. Sums of
-    empty slices: no value read (inf inputs give no NaN), no sync, traceable."""
-    return inputs[0].new_zeros(shape) + sum(t.flatten()[:0].sum() for t in inputs)
+    empty slices: no value read (inf inputs give no NaN), no sync, traceable. The slices
+    are views (a flatten would copy a non-contiguous input); unsqueeze covers 0-d ones."""
+    return inputs[0].new_zeros(shape) + sum(t.unsqueeze(0)[:0].sum() for t in inputs)
 
 
 def visible_or_all(keep: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from foldops import backends
 from foldops._checks import as_bool_mask, check_aux_dtype, check_positive_int, check_same_dtype, check_tensor
 from foldops.budget import rows_per_chunk
 from foldops.device import fp32_region, kernel_support
-from foldops.ops._common import zeros_output
+from foldops.ops._common import needs_grad, zeros_output
 from foldops.reference import pair_weighted_averaging as _reference
 
 OP = "pair_weighted_averaging"
@@ -190,7 +190,8 @@ def pair_weighted_averaging(
     check_positive_int("chunk_size", chunk_size)
     if v.numel() == 0:
         return zeros_output(v.shape, v, (v, logits, gate))
-    impl = backends.select(OP, backend, device=v.device, dtype=v.dtype, head_dim=v.shape[-1])
+    impl = backends.select(OP, backend, device=v.device, dtype=v.dtype, head_dim=v.shape[-1], n=v.shape[2],
+                           training=needs_grad(v, logits, gate))
     return impl.fn(v, logits, mask, gate, msa_mask, chunk_size)
 
 

@@ -61,6 +61,7 @@ from foldops._checks import (
 )
 from foldops.budget import rows_per_chunk
 from foldops.device import autocast_dtype_in_effect, fp32_region, kernel_support
+from foldops.ops._common import needs_grad
 from foldops.reference import triangle_multiplication as _reference
 from foldops.reference.triangle_multiplication import DIRECTIONS, product_dtype
 
@@ -343,5 +344,6 @@ def triangle_multiplication(
     }
     mask = validate(x, mask, direction, weights, eps)
     check_positive_int("chunk_size", chunk_size)
-    impl = backends.select(OP, backend, device=x.device, dtype=x.dtype, dim=x.shape[-1])
+    impl = backends.select(OP, backend, device=x.device, dtype=x.dtype, dim=x.shape[-1], n=x.shape[1],
+                           training=needs_grad(x, *weights.values()))
     return impl.fn(x, mask, direction, weights, float(eps), chunk_size)

@@ -52,6 +52,7 @@ from foldops import backends
 from foldops._checks import as_bool_mask, check_tensor
 from foldops.device import cuda_graph_capturing, kernel_support, nvidia_capability
 from foldops.ops import _varlen_torch as _vt
+from foldops.ops._common import needs_grad
 from foldops.ops._varlen_torch import PADDING_WASTE  # noqa: F401  (documented here)
 from foldops.reference import varlen_attention as _reference
 
@@ -200,12 +201,14 @@ backends.register(OP, "torch", _torch_backend, priority=50, supports=_torch_supp
 backends.register(OP, "reference", _reference_backend, priority=0, auto=False)
 
 
-def _select(q, backend, dropout_p, tracing=False):
+def _select(q, backend, dropout_p, n, training, tracing=False):
+    """The backend for these inputs; ``n`` (keys: max_seqlen_k, a Python int, never read
+    from cu_seqlens) and ``training`` go to the size rules (``foldops.backend_rules``)."""
     if backend == "triton" and q.shape[-1] > KERNEL_MAX_HEAD_DIM:
         raise ValueError(f"q: head dim (last axis) at most {KERNEL_MAX_HEAD_DIM} for backend='triton', "
                          f"got {q.shape[-1]}")
     return backends.select(OP, backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
-                           dropout=dropout_p > 0, tracing=tracing)
+                           dropout=dropout_p > 0, tracing=tracing, n=n, training=training)
 
 
 def varlen_attention(
@@ -247,7 +250,7 @@ def varlen_attention(
     lengths = validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                        softmax_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    impl = _select(q, backend, dropout_p, tracing=lengths is None)
+    impl = _select(q, backend, dropout_p, max_seqlen_k, needs_grad(q, k, v), tracing=lengths is None)
     out, lse = impl.fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale,
                        float(dropout_p), bool(return_lse), generator, lengths)
     return (out, lse) if return_lse else out
@@ -291,7 +294,7 @@ def padded_attention(
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    impl = _select(q, backend, dropout_p)
+    impl = _select(q, backend, dropout_p, lk, needs_grad(q, k, v))
     if impl.name in ("reference", "torch") or (causal and keep is not None) or q.numel() == 0 or lk == 0:
         return _vt.dense(q, k, v, keep, causal, scale, dropout_p, exact=impl.name == "reference")
     int32 = torch.int32

@@ -177,8 +177,6 @@ def _bwd_dkdv_kernel(
     PRECISE: tl.constexpr,  # libdevice exp2 (fp32 inputs) instead of the approximate one
     MMA_WAIT: tl.constexpr,  # end each loop step with a wgmma wait (_retire_mma; sm_90 only)
 ):
-    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
-    scale = tl.cast(scale, tl.float32)
     """dK, dV for a [BLOCK_K] block of keys of one (b, i, h): transposed tiles [K, J]."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_k = tl.program_id(0)

@@ -118,8 +118,6 @@ def _bwd_dbias_kernel(
     PRECISE: tl.constexpr,  # libdevice exp2 (fp32 inputs) instead of the approximate one
     MASK_PRECISION: tl.constexpr,  # tl.dot precision of the key-mask product (_add_key_mask)
 ):
-    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
-    scale = tl.cast(scale, tl.float32)
     """dBias[b, h, j-tile, k-tile] = sum over rows i (of this split) of dS, in registers.
 
     MASK: the key mask as a 0/infinity bias in q's dtype, rows padded with the infinity

@@ -176,8 +176,6 @@ def _bwd_dq_kernel(
     MMA_WAIT: tl.constexpr,  # end each loop step with a wgmma wait (_retire_mma; sm_90 only)
     FMA_CHAIN: tl.constexpr,  # delta as one FMA chain over d (fp32 "ieee", _rowdot_fma)
 ):
-    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
-    scale = tl.cast(scale, tl.float32)
     """dQ for a [BLOCK_J] block of queries of one (b, i, h); delta = rowsum(dO*O) in registers."""
     scale = tl.cast(scale, tl.float32)  # torch.compile passes Python floats as fp64
     pid_j = tl.program_id(0)

@@ -185,8 +185,6 @@ def _fwd_kernel(
     MASK_PRECISION: tl.constexpr,  # tl.dot precision of the key-mask product (_add_key_mask)
     STORE_LSE: tl.constexpr,  # write LSE (a backward will follow)
 ):
-    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
-    scale = tl.cast(scale, tl.float32)
     """Output and (STORE_LSE) base-2 lse for a [BLOCK_J] block of queries of one (b, i, h).
 
     MASK: the key mask as a 0/infinity bias in q's dtype, rows padded with the infinity

@@ -100,7 +100,11 @@ def _out_bwd_kernel(
     hi = dt.to(DT.dtype.element_ty)
     tl.store(dt_ptrs, hi, mask=ok_pc)
     if SPLIT_DT:
-        tl.store(dt_ptrs + stride_dt_lo, (dt - hi.to(tl.float32)).to(DT.dtype.element_ty), mask=ok_pc)
+        # Past fp16's range hi is +-inf and dt - hi would be -+inf: the two products'
+        # sum inf - inf = NaN where hi alone gives the overflow's inf. lo = 0 there.
+        hi32 = hi.to(tl.float32)
+        lo = tl.where(tl.abs(hi32) < float("inf"), dt - hi32, 0.0)
+        tl.store(dt_ptrs + stride_dt_lo, lo.to(DT.dtype.element_ty), mask=ok_pc)
 
 
 @triton.jit

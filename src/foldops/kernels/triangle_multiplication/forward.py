@@ -64,14 +64,14 @@ def _prologue_kernel(
     BLOCK_N: tl.constexpr,  # output channels per slab
     ALL_SLABS: tl.constexpr,  # one program writes every slab of its positions
 ):
-    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
-    eps = tl.cast(eps, tl.float32)
     """Output slabs (BLOCK_N channels) of the 3C-wide concatenation [a, b | g_out] for
     BLOCK_P positions. With ALL_SLABS, program (p, b) computes h = LayerNorm_in(x) once
     and loops over the slabs; otherwise program (p * n_slabs + n, b) writes slab n and
     recomputes h (its x tile re-read from L2: programs of one position block run back to
     back). Position blocks share grid axis 0 with the channel slabs: they outnumber the
     65535 programs a second axis may have once P / BLOCK_P does (N >= 2048 at C = 128)."""
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    eps = tl.cast(eps, tl.float32)
     n_ab = tl.cdiv(2 * C, BLOCK_N)
     n_slabs = n_ab + tl.cdiv(C, BLOCK_N)
     pid = tl.program_id(0)
@@ -187,11 +187,11 @@ def _epilogue_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
-    eps = tl.cast(eps, tl.float32)
     """Program (p * n_slabs + n, b): out = (LayerNorm_out(t) p_out^T) * gate for output
     channels [n*BLOCK_N, ...) of BLOCK_P positions (one grid axis for both, as in
     ``_prologue_kernel``)."""
+    # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
+    eps = tl.cast(eps, tl.float32)
     n_slabs = tl.cdiv(C, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % n_slabs

@@ -10,9 +10,12 @@ share a large common part (a sum of N correlated products) a 16-bit t loses the
 centred remainder (2-3x PyTorch's bf16 error at N = 48-128 with such weights). Its
 gradient dt carries no such cancellation: for bf16 x it is stored in bf16, which makes
 da and db single 16-bit products. For fp16 x it is stored as two fp16 planes, hi and
-lo = dt - hi (bf16 would be coarser than fp16's baseline, fp16 alone too narrow in
-range), so da and db are two 16-bit products whose operands the kernel loads as they
-are (see ``_product_kernel`` for why the split is not done in registers there).
+lo = dt - hi: the fp16 baseline's product takes dt in fp32, and one fp16 plane (or a
+bf16 one) would be coarser. The pair adds precision (about 21 significant bits), not
+range: a |dt| past fp16's 65504 is stored as hi = +-inf, lo = 0 (not dt - hi = -+inf,
+whose product would turn the overflow's inf into NaN). So da and db are two 16-bit
+products whose operands the kernel loads as they are (see ``_product_kernel`` for why
+the split is not done in registers there).
 
 Memory: the forward holds ab, go and t beside x and out, O(B N^2 C) (about 5x x's bytes
 for 16-bit x; at inference t only for a block of rows i, so about 3x plus that block);
