@@ -227,7 +227,8 @@ def test_inference_chunks_and_blocks_sweep(direction, chunk_size, monkeypatch):
 
 def test_default_chunk_follows_the_budget(monkeypatch):
     """CPU: a 16 MiB budget over a, b, gate (and projection) per channel; at least 8
-    channels. Accelerators: the budget, capped at a workspace the size of h."""
+    channels. Accelerators: every channel while the budget holds them, else chunks
+    capped at a workspace the size of h."""
     monkeypatch.delenv("FOLDOPS_CHUNK_BUDGET_MB", raising=False)
     cpu = torch.device("cpu")
     assert tm_module._default_chunk(cpu, 1, 4, 4, 4) == 4
@@ -237,7 +238,8 @@ def test_default_chunk_follows_the_budget(monkeypatch):
     monkeypatch.setattr("foldops.budget._free_bytes", lambda device: 80 * 2**30)
     gpu = torch.device("meta")  # any non-CPU device: 25% of (patched) free memory
     # bf16 compute, fp32 product: 2 * N^2 * (4 + 2 + 2) B per channel; h is N^2 * 128 * 2 B.
-    assert tm_module._default_chunk(gpu, 1024, 128, 4, 2) == 16
+    assert tm_module._default_chunk(gpu, 1024, 128, 4, 2) == 128  # 2 GiB: within 20 GiB
+    assert tm_module._default_chunk(gpu, 4096, 128, 4, 2) == 16  # 32 GiB: chunks, capped at h
     assert tm_module._position_block(gpu, 1024 * 1024, 128, 16 * 2**20) == 16 * 2**20 // (128 * 12)
 
 

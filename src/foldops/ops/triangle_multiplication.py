@@ -101,9 +101,11 @@ def _default_chunk(device, n: int, dim: int, wide_bytes: int, cdt_bytes: int) ->
     and, if narrower, the projection (compute dtype), each [2 * chunk, N, N]."""
     per_channel = 2 * n * n * (wide_bytes + cdt_bytes + (cdt_bytes if cdt_bytes != wide_bytes else 0))
     chunk = rows_per_chunk(device, per_channel, dim)
-    if device.type != "cpu":
-        # Accelerators: a chunk's workspace no larger than h (n^2 dim values), so the
-        # peak stays near the path's fixed O(N^2 D) buffers whatever the free memory.
+    if device.type != "cpu" and chunk < dim:
+        # Accelerators: every channel at once while that fits the budget (few, large
+        # launches: at small N the chunk loop's launches cost more than the arithmetic);
+        # past it a chunk's workspace no larger than h (n^2 dim values), so the peak
+        # stays near the path's fixed O(N^2 D) buffers and the longest N does not shrink.
         chunk = min(chunk, (n * n * dim * cdt_bytes) // per_channel)
     return max(min(_MIN_CHUNK, dim), chunk)
 
