@@ -479,6 +479,33 @@ def test_pair_projections_with_shared_incoming_gradient(projected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def test_pair_projections_exclusive_gradient_is_written_in_place():
+    """The layer's promise (``exclusive_grad``: the pair values feed one op whose backward
+    allocates their gradient) lets the bias term be added into that gradient: the same
+    gradients as the out-of-place path, and the returned dz is the incoming buffer."""
+    from foldops.nn.invariant_point_attention import _PairProjections
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 3, 4, dtype=torch.float64, generator=g).requires_grad_()
+    w_b = torch.randn(2, 4, dtype=torch.float64, generator=g).requires_grad_()
+    b_b = torch.randn(2, dtype=torch.float64, generator=g).requires_grad_()
+    c_bias = torch.randn(2, 3, 3, 2, dtype=torch.float64, generator=g)
+    c_values = torch.randn(2, 3, 3, 4, dtype=torch.float64, generator=g)
+    seen = {}
+
+    def run(exclusive):
+        bias, values = _PairProjections.apply(z, w_b, b_b, None, None, 0.7, torch.float64, exclusive)
+        values.register_hook(lambda grad: seen.__setitem__(exclusive, grad.data_ptr()))
+        # the values' one consumer, whose backward (MulBackward) allocates their gradient
+        loss = (bias * c_bias).sum() + (values * c_values).sum()
+        return torch.autograd.grad(loss, (z, w_b, b_b))
+
+    out_of_place, in_place = run(False), run(True)
+    for a, b in zip(in_place, out_of_place):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert in_place[0].data_ptr() == seen[True] and out_of_place[0].data_ptr() != seen[False]
+
+
 def point_projection_state(flat):
     """Current OpenFold's key layout of a flat state dict: the point projections'
     parameters under ``linear_q_points.linear`` / ``linear_kv_points.linear``."""

@@ -53,14 +53,17 @@ class _PairProjections(torch.autograd.Function):
     autocast first a 16-bit one, then its fp32 cast) and the engine sums them: three
     z-sized tensors at once. Here dz is formed in one buffer, in z's dtype with fp32
     (fp64) products: OpenFold's bias term as ``addmm`` onto the op's gradient of the
-    pass-through z (out of place: the engine may hand the same gradient tensor to other
-    consumers, so it is never written), Multiflow's two projections' terms into one
-    buffer.
+    pass-through z, Multiflow's two projections' terms into one buffer. The engine may
+    hand one gradient tensor to several consumers, so the pass-through's gradient is
+    written in place only with ``exclusive_grad``: the caller's promise that the pair
+    values feed one op whose backward allocates their gradient (the layer: they go
+    only to ``invariant_point_attention``), which saves a z-sized buffer at the peak.
     """
 
     @staticmethod
-    def forward(ctx, z, w_b, b_b, w_v, b_v, factor: float, dtype: torch.dtype):
+    def forward(ctx, z, w_b, b_b, w_v, b_v, factor: float, dtype: torch.dtype, exclusive_grad: bool = False):
         ctx.factor = factor
+        ctx.exclusive_grad = exclusive_grad
         ctx.save_for_backward(z, w_b, w_v)
         zc = z.to(dtype)
         bias = nn.functional.linear(zc, w_b.to(dtype), b_b.to(dtype)) * factor
@@ -81,12 +84,16 @@ class _PairProjections(torch.autograd.Function):
         dz = None
         if ctx.needs_input_grad[0]:
             if w_v is None and d_values is not None:
-                # The op's gradient of the pass-through z, plus the bias term: a new tensor
-                # (d_values may be shared), unless d_values is first converted to acc, which
-                # makes a copy of our own to add into.
+                # The op's gradient of the pass-through z, plus the bias term: into d_values
+                # itself where it is ours alone (exclusive_grad, eager, no graph of the
+                # backward), else a new tensor, or a copy of our own when d_values is first
+                # converted to acc.
                 base = d_values.reshape(-1, cz)
+                in_place = ctx.exclusive_grad and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 if g_b is None:
                     dz = base
+                elif base.dtype == acc and in_place:
+                    dz = base.addmm_(g_b, w_b.to(acc))
                 elif base.dtype == acc:
                     dz = torch.addmm(base, g_b, w_b.to(acc))
                 else:
@@ -104,7 +111,7 @@ class _PairProjections(torch.autograd.Function):
                 grads[slot] = (g.T @ zf.to(acc)).to(w.dtype)
             if g is not None and ctx.needs_input_grad[slot + 1]:
                 grads[slot + 1] = g.sum(0).to(w.dtype)
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 POINT_PROJECTIONS = ("linear_q_points", "linear_kv_points")
@@ -248,7 +255,7 @@ class InvariantPointAttention(nn.Module):
         w_v, b_v = self._pair_values_projection()
         dtype = autocast_dtype_in_effect(z) or torch.promote_types(z.dtype, self.linear_b.weight.dtype)
         bias, pair = _PairProjections.apply(z, self.linear_b.weight, self.linear_b.bias, w_v, b_v,
-                                            math.sqrt(1.0 / 3), dtype)
+                                            math.sqrt(1.0 / 3), dtype, True)
         bias = bias.permute(0, 3, 1, 2)  # [B, H, N, N]
         if extra_bias is not None:
             bias = bias + extra_bias
