@@ -125,7 +125,7 @@ def test_failing_backend_becomes_error_rows(tmp_path, monkeypatch, capsys):
     (["bench", "--device", "hpu"], "argument --device: unsupported device type 'hpu'"),
     (["bench", "--device", "mps"], "argument --device: 'mps' was requested but is not available"),
     (["bench", "--backends", "tritonn"], "argument --backends: unknown backend(s) tritonn; expected some of: triton, torch, reference"),
-    (["bench", "--ops", "outer_product_mean", "--backends", "torch,triton"], "unknown backend(s) triton; expected some of: torch, reference"),
+    (["bench", "--ops", "outer_product_mean", "--backends", "torch,triton"], "unknown backend(s) triton; expected some of: torch, reference, auto"),
     (["bench", "--device", "gpu"], "argument --device:"),
     (["doctor", "--dtype", "fp32,bf16"], "argument --dtype: doctor takes one dtype, got 2"),
     (["plot", "/nonexistent/bench.csv"], "argument csv: no such file '/nonexistent/bench.csv'"),
@@ -236,6 +236,17 @@ def test_a_busy_cpu_bench_restarts_with_passive_omp_threads():
     assert passive_threads_env(cpu, {"OMP_WAIT_POLICY": "ACTIVE"}, load=9.5, cores=2) is None  # the user's
     assert passive_threads_env(cpu, env, load=9.5, cores=2) is None         # restarted already
     assert passive_threads_env(torch.device("meta"), {}, load=9.5, cores=2) is None
+
+
+def test_bench_backends_accepts_auto(tmp_path, capsys):
+    """``--backends auto`` times what a user gets: the auto row alone, resolved to a backend."""
+    args = ["bench", "--device", "cpu", "--ops", "triangle_attention", "--sizes", "3", "--backends", "auto",
+            "--modes", "fwd", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--no-plot", "--quiet"]
+    assert main(args) == 0
+    import csv
+    with open(tmp_path / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {r["backend"] for r in rows} == {"auto"} and all(r["resolved"] for r in rows)
 
 
 def test_busy_restart_happens_only_from_the_command_line(tmp_path, monkeypatch):

@@ -409,7 +409,7 @@ def _check_backends(parser: argparse.ArgumentParser, ops: Optional[List[str]], n
             continue
         if case.registry_op in backends.ops():
             known += [b.name for b in backends.backends_of(case.registry_op)]
-    known = list(dict.fromkeys(known))
+    known = list(dict.fromkeys(known + [backends.AUTO]))  # auto: what a user gets
     unknown = [name for name in names if name not in known]
     if unknown:
         parser.error(f"argument --backends: unknown backend(s) {', '.join(unknown)}; "
