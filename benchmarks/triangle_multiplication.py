@@ -175,7 +175,7 @@ def accuracy(direction, n, c, device, writer, meta) -> None:
 
 
 FIELDS = ["op", "backend", "direction", "B", "N", "C", "dtype", "mode", "metric", "value", "status", "note",
-          "device", "torch", "floor_ms"]
+          "device", "torch", "flop", "bytes", "floor_ms"]
 
 
 def profile(n: int, c: int, direction: str, out_dir: str) -> None:
@@ -261,6 +261,7 @@ def run(args) -> None:
                         floor = max(cnt[f"{key}_flop"] / mm, cnt[f"{key}_bytes"] / bw) * 1e3
                         base = {**meta, "backend": backend, "direction": direction, "N": n, "C": args.c,
                                 "mode": r.get("mode", ""), "status": r["status"], "note": r.get("note", ""),
+                                "flop": f"{cnt[f'{key}_flop']:.4g}", "bytes": f"{cnt[f'{key}_bytes']:.4g}",
                                 "floor_ms": f"{floor:.4f}"}
                         if r["status"] != "ok":
                             writer.writerow({**base, "metric": "ms", "value": ""})
