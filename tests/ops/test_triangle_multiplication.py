@@ -240,6 +240,10 @@ def test_default_chunk_follows_the_budget(monkeypatch):
     # bf16 compute, fp32 product: 2 * N^2 * (4 + 2 + 2) B per channel; h is N^2 * 128 * 2 B.
     assert tm_module._default_chunk(gpu, 1024, 128, 4, 2) == 128  # 2 GiB: within 20 GiB
     assert tm_module._default_chunk(gpu, 4096, 128, 4, 2) == 16  # 32 GiB: chunks, capped at h
+    # h and t of 32 items at N = 1024 (24 GiB) leave no room in 20 GiB for 2 GiB: capped
+    fixed = 32 * 1024 * 1024 * 128 * (2 + 4)
+    assert tm_module._default_chunk(gpu, 1024, 128, 4, 2, fixed) == 16
+    assert tm_module._default_chunk(gpu, 1024, 128, 4, 2, fixed // 32) == 128
     assert tm_module._position_block(gpu, 1024 * 1024, 128, 16 * 2**20) == 16 * 2**20 // (128 * 12)
 
 

@@ -96,16 +96,17 @@ def _compute_dtype(x: torch.Tensor):
     return x.dtype, False
 
 
-def _default_chunk(device, n: int, dim: int, wide_bytes: int, cdt_bytes: int) -> int:
+def _default_chunk(device, n: int, dim: int, wide_bytes: int, cdt_bytes: int, fixed_bytes: int = 0) -> int:
     """Channels of the product per step: a chunk holds a, b (product dtype), their gate
     and, if narrower, the projection (compute dtype), each [2 * chunk, N, N]."""
     per_channel = 2 * n * n * (wide_bytes + cdt_bytes + (cdt_bytes if cdt_bytes != wide_bytes else 0))
     chunk = rows_per_chunk(device, per_channel, dim)
-    if device.type != "cpu" and chunk < dim:
-        # Accelerators: every channel at once while that fits the budget (few, large
-        # launches: at small N the chunk loop's launches cost more than the arithmetic);
-        # past it a chunk's workspace no larger than h (n^2 dim values), so the peak
-        # stays near the path's fixed O(N^2 D) buffers and the longest N does not shrink.
+    # Accelerators: every channel at once while the whole workspace and the path's fixed
+    # buffers (h and t, ``fixed_bytes``, allocated after free memory was read) fit the
+    # budget: few, large launches (at small N the chunk loop's launches cost more than
+    # the arithmetic). Past it a chunk's workspace no larger than h (n^2 dim values), so
+    # the peak stays near the fixed O(N^2 D) buffers and the longest N does not shrink.
+    if device.type != "cpu" and rows_per_chunk(device, per_channel + -(-fixed_bytes // dim), dim) < dim:
         chunk = min(chunk, (n * n * dim * cdt_bytes) // per_channel)
     return max(min(_MIN_CHUNK, dim), chunk)
 
@@ -134,7 +135,8 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
     wide = product_dtype(cdt)
     dev = x.device
     size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
-    chunk = min(dim, chunk_size or _default_chunk(dev, n, dim, size(wide), size(cdt)))
+    fixed = batch * nn_ * dim * (size(cdt) + size(wide))  # h and t
+    chunk = min(dim, chunk_size or _default_chunk(dev, n, dim, size(wide), size(cdt), fixed))
     workspace = 2 * chunk * nn_ * (size(wide) + 2 * size(cdt))
     block = _position_block(dev, nn_, dim, workspace)
     with fp32_region(x):  # dtypes are explicit below
@@ -327,7 +329,8 @@ def triangle_multiplication(
         eps: LayerNorm epsilon of both norms.
         chunk_size: channels of the product per step for the ``torch`` backend at
             inference (default: from ``foldops.budget``, at least 8 channels; on
-            accelerators a chunk's workspace is at most the size of h).
+            accelerators every channel while the whole workspace fits the budget, else
+            a chunk's workspace at most the size of h).
         backend: ``"auto"``, ``"triton"``, ``"torch"``, ``"reference"`` or
             ``"cuequivariance"``.
 
