@@ -243,8 +243,6 @@ _HOST_SYNC_OPS = {
     "aten.item": "a host read of a tensor value (.item(), int(t), float(t))",
     "aten.is_nonzero": "a host read of a tensor value (bool(t), if t: ...)",
     "aten.equal": "a host read of a comparison (torch.equal)",
-    "aten.lift_fresh": "a tensor built from host data (torch.tensor / torch.as_tensor)",
-    "aten.lift_fresh_copy": "a tensor built from host data (torch.tensor / torch.as_tensor)",
     "aten.allclose": "a host read of a comparison (torch.allclose)",
     "aten.nonzero": "an output sized by the data (nonzero / boolean indexing)",
     "aten.nonzero_static": None,  # sized by its argument: no sync
@@ -348,6 +346,15 @@ def _index_put(func, args, kwargs) -> Optional[str]:
     return "an output sized by the data (index_put_ / x[mask] = value with a boolean mask)"
 
 
+def _lift_fresh(func, args, kwargs) -> Optional[str]:
+    """A tensor built from host data, except a Python number wrapped as a 0-d host tensor
+    (``x[mask] = 1.0``, ``x + 2``): it stays on the host, and using it beside a device
+    tensor costs no transfer (the ops that would read it are checked on their own)."""
+    if isinstance(args[0], torch.Tensor) and args[0].dim() == 0 and args[0].device.type == "cpu":
+        return None
+    return "a tensor built from host data (torch.tensor / torch.as_tensor)"
+
+
 def _masked_fill(func, args, kwargs) -> Optional[str]:
     if func._overloadname == "Tensor" and not _host_scalar(_arg(args, kwargs, 2, "value"), args[0]):
         return "a host read of a tensor value (masked_fill with a tensor value: value.item())"
@@ -385,6 +392,8 @@ def _where(func, args, kwargs) -> Optional[str]:
 _DATA_DEPENDENT: Dict[str, Callable[..., Optional[str]]] = {
     "aten.index": _index,
     "aten._unsafe_index": _index,
+    "aten.lift_fresh": _lift_fresh,
+    "aten.lift_fresh_copy": _lift_fresh,
     "aten.index_put": _index_put,
     "aten.index_put_": _index_put,
     "aten._index_put_impl_": _index_put,

@@ -137,7 +137,8 @@ def test_the_guard_sees_into_the_launchers(offence, path, monkeypatch):
 
 def test_the_guard_catches_the_usual_offenders():
     x = torch.randn(4)
-    offenders = [lambda: x.sum().item(), lambda: bool(x.any()), lambda: torch.tensor([1, 2]), lambda: x[x > 0],
+    offenders = [lambda: x.sum().item(), lambda: bool(x.any()), lambda: torch.tensor([1, 2]),
+                 lambda: torch.tensor([2.0]), lambda: x[x > 0],
                  lambda: x.nonzero(), lambda: torch.zeros(2).to("meta"),
                  lambda: torch.empty(2, device="meta").copy_(x[:2])]
     for offender in offenders:
@@ -184,6 +185,7 @@ def _allowed(x):
         "nonzero_static": lambda: torch.nonzero_static(x, size=2),
         "where(cond, a, b)": lambda: torch.where(m, x, x * 2),
         "narrow int start": lambda: x.narrow(0, 1, 2),
+        "a Python number as a 0-d host tensor": lambda: torch.tensor(2.0) * x,
     }
 
 
