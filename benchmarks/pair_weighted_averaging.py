@@ -24,6 +24,12 @@ device (measured copy bandwidth and bf16 matmul rate); plots are drawn from the 
 
 Out-of-memory is recorded as ``oom`` and ends that series; points past the time budget
 are not run (``skipped`` rows).
+
+``--fit`` instead finds, per module backend, the largest N whose forward+backward runs at
+each S (one untimed step per trial: N doubles from ``--fit-start`` until a step runs out
+of memory, then bisects to ``--step``), into ``pair_weighted_averaging_fit.csv``:
+
+    python benchmarks/pair_weighted_averaging.py --fit --rows 1024 --backends triton boltz --out OUT
 """
 
 from __future__ import annotations
@@ -214,6 +220,78 @@ def measure(target, backend, n, rows, mode, args, device) -> Dict[str, object]:
 BACKENDS = {"op": ["triton", "torch", "eager"], "module": ["triton", "torch", "boltz"]}
 
 
+def largest_fitting(fits, start: int, step: int, max_n: int):
+    """(largest N that ``fits``, smallest N seen to fail or None), N multiples of ``step``.
+
+    Doubles from ``start`` while trials pass (halves while they fail), then bisects the
+    gap to ``step``: O(log) trials, each assumed monotone in N."""
+    start = max(step, start // step * step)
+    lo, hi = 0, None
+    n = start
+    if fits(n):
+        lo = n
+        while hi is None and n < max_n:
+            n = min(2 * n, max_n // step * step)
+            if fits(n):
+                lo = n
+            else:
+                hi = n
+    else:
+        hi = n
+        while lo == 0 and n > step:
+            n = max(step, n // 2 // step * step)
+            if fits(n):
+                lo = n
+            else:
+                hi = n
+    while hi is not None and hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
+def fit(args) -> None:
+    """Largest N of a module forward+backward per backend and S (see the module doc)."""
+    import gc
+
+    device = torch.device("cuda")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "pair_weighted_averaging_fit.csv")
+    name = torch.cuda.get_device_name(device)
+    print("# " + " ".join(sys.argv))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["backend", "rows", "largest_n", "first_failing_n", "step",
+                                               "device", "torch"])
+        writer.writeheader()
+        for rows in args.rows:
+            for backend in [b for b in args.backends if b in BACKENDS["module"]]:
+                def fits(n):
+                    ok = True
+                    try:
+                        run, _ = make_module(backend, n, rows, device)
+                        out = run(True)
+                        out.backward(torch.ones_like(out))
+                        torch.cuda.synchronize()
+                    except torch.cuda.OutOfMemoryError:
+                        ok = False
+                    run = out = None  # noqa: F841 (free before the next trial)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    print(f"  fit {backend} S={rows} N={n}: {'ok' if ok else 'oom'}", flush=True)
+                    return ok
+
+                lo, hi = largest_fitting(fits, args.fit_start, args.step, args.max_n)
+                writer.writerow({"backend": backend, "rows": rows, "largest_n": lo, "first_failing_n": hi or "",
+                                 "step": args.step, "device": name, "torch": torch.__version__})
+                print(f"fit {backend} S={rows}: largest N {lo} (fails at {hi})", flush=True)
+    print(f"wrote {path}")
+
+
 def run(args) -> None:
     device = torch.device("cuda")
     os.makedirs(args.out, exist_ok=True)
@@ -368,6 +446,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--budget-ms", type=float, default=100.0, help="timed repetitions per point, ms")
     parser.add_argument("--time-budget-s", type=float, default=200.0, help="whole sweep; later points are skipped")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--fit", action="store_true", help="largest N of module fwd+bwd per backend (see above)")
+    parser.add_argument("--fit-start", type=int, default=1024, help="with --fit: the first N tried")
     args = parser.parse_args(argv)
     if args.plot_only:
         summary(os.path.join(args.out, "pair_weighted_averaging.csv"))
@@ -376,7 +456,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     print(f"# python {platform.python_version()}, torch {torch.__version__}")
-    run(args)
+    if args.fit:
+        fit(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":
