@@ -19,8 +19,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TREES = ("src", "tests", "benchmarks")
 PACKAGE = ROOT / "src" / "foldops"
-# Files still to be moved onto foldops.device's helpers.
-CUDA_LITERAL_TODO: set = set()  # files still spelling "cuda", each with a TODO naming why
 
 
 def test_pyflakes_finds_nothing():
@@ -51,28 +49,36 @@ def test_pyflakes_finds_nothing():
     assert not collect.findings, "pyflakes:\n" + "\n".join(collect.findings)
 
 
-def _cuda_literals(source: str):
-    """Line numbers of string constants that name the CUDA device type: ``"cuda"``,
-    ``"cuda:0"`` (also as the literal part of an f-string, ``f"cuda:{i}"``). Docstrings,
-    comments and device classes such as ``"cuda-sm90"`` are not device names."""
-    return sorted(node.lineno for node in ast.walk(ast.parse(source))
-            if isinstance(node, ast.Constant) and isinstance(node.value, str)
-            and (node.value == "cuda" or node.value.startswith("cuda:")))
+def _cuda_uses(source: str):
+    """Line numbers of code that names CUDA itself: string constants naming the device
+    type (``"cuda"``, ``"cuda:0"``, also as the literal part of an f-string,
+    ``f"cuda:{i}"``) and the ``torch.cuda`` module. Docstrings, comments and device
+    classes such as ``"cuda-sm90"`` are not device names."""
+    lines = set()
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and (node.value == "cuda" or node.value.startswith("cuda:"))):
+            lines.add(node.lineno)
+        elif (isinstance(node, ast.Attribute) and node.attr == "cuda"
+              and isinstance(node.value, ast.Name) and node.value.id == "torch"):
+            lines.add(node.lineno)
+    return sorted(lines)
 
 
-def test_cuda_literal_finder():
-    source = 'a = "cuda"\nb = f"cuda:{i}"\nc = "cuda-sm90"\n"""Runs on cuda."""\n# "cuda"\nd = "cuda:1"\n'
-    assert _cuda_literals(source) == [1, 2, 6]
+def test_cuda_use_finder():
+    source = ('a = "cuda"\nb = f"cuda:{i}"\nc = "cuda-sm90"\n"""Runs on cuda."""\n# "cuda"\nd = "cuda:1"\n'
+              "e = torch.cuda.current_stream()\nf = x.cuda\n")
+    assert _cuda_uses(source) == [1, 2, 6, 7]
 
 
-def test_no_cuda_literal_outside_the_device_module_and_kernels():
+def test_no_cuda_outside_the_device_module_and_kernels():
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE).as_posix()
-        if rel == "device.py" or rel.startswith("kernels/") or rel in CUDA_LITERAL_TODO:
+        if rel == "device.py" or rel.startswith("kernels/"):
             continue
-        found += [f"src/foldops/{rel}:{line}" for line in _cuda_literals(path.read_text())]
-    assert not found, ('"cuda" literals (ask foldops.device, or use a tensor\'s .device):\n'
+        found += [f"src/foldops/{rel}:{line}" for line in _cuda_uses(path.read_text())]
+    assert not found, ('"cuda" literals or torch.cuda (ask foldops.device, or use a tensor\'s .device):\n'
                        + "\n".join(found))
 
 

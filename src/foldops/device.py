@@ -386,3 +386,38 @@ def cuda_graph_capturing() -> bool:
     """Whether the current CUDA stream is being captured into a CUDA graph (a host read
     of a device value is illegal then). False without CUDA; never initialises CUDA."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def capture_cuda_graph(fn, pool=None):
+    """Capture ``fn()`` into a CUDA graph; return ``(graph, fn's result)``.
+
+    On failure the error is raised after the CUDA state that a failed capture leaves
+    behind is reset, so that later work in the process still runs: ``capture_end``
+    raises before it ends the capture of the default CUDA generator, after which every
+    random op of the process fails with "Offset increment outside graph capture
+    encountered unexpectedly"; and the capture stream stays current. Here the stream
+    that was current before the capture is made current again, and an empty-handed
+    capture (an in-place add, no allocation) on a fresh stream ends the generator's
+    capture state.
+    """
+    graph = torch.cuda.CUDAGraph()
+    before = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            result = fn()
+    except BaseException:
+        _reset_after_failed_capture(before)
+        raise
+    return graph, result
+
+
+def _reset_after_failed_capture(before) -> None:
+    torch.cuda.set_stream(before)
+    scratch = torch.zeros(1, device=before.device)
+    stream = torch.cuda.Stream(before.device)
+    stream.wait_stream(torch.cuda.current_stream())
+    rescue = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(rescue, stream=stream):  # capture_end ends the generator's capture
+        scratch.add_(1)
+    torch.cuda.current_stream(before.device).wait_stream(stream)
+    torch.cuda.synchronize(before.device)

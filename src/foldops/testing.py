@@ -14,8 +14,8 @@ the same low precision, plus a small floor relative to the reference's magnitude
 - ``forbid_host_sync``: a dispatch mode that raises on host reads of device values,
   tensors made from host data and copies between devices (what CUDA graph capture
   refuses), to check launchers on any device.
-- ``capture_cuda_graph``: ``torch.cuda.graph`` capture of a function that, when the
-  capture fails, leaves the process usable for the next test.
+- ``capture_cuda_graph`` (from ``foldops.device``): CUDA graph capture of a function
+  that, when the capture fails, leaves the process usable for the next test.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, 
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from foldops.device import capture_cuda_graph  # noqa: F401  (part of this harness)
 
 # Floor relative to max|reference|, by the dtype the backend ran in.
 DEFAULT_REL_FLOOR: Dict[torch.dtype, float] = {
@@ -265,11 +267,11 @@ class forbid_host_sync(TorchDispatchMode):
     build a tensor from host data, or copy between devices.
 
     Use as a context manager around a forward and backward: on a GPU each such op is a
-    host<->device transfer or a stream sync that ``torch.cuda.graph`` capture refuses
+    host<->device transfer or a stream sync that CUDA graph capture refuses
     (``cudaErrorStreamCaptureUnsupported`` / ``...Implicit``); on the CPU the same code
     paths run, so the check holds there too. Custom ops of ``namespaces`` (default
     ``foldops``) are entered: their Python bodies run under the mode, so the launchers
-    inside are checked as well. Not seen: ``torch.cuda.synchronize`` and other CUDA
+    inside are checked as well. Not seen: device synchronisation and other CUDA
     runtime calls that bypass the dispatcher, ``Tensor.tolist()`` of a CPU tensor (no
     op is dispatched; on a GPU it is a copy to the host, which is seen), and work done
     before the mode is entered.
@@ -414,38 +416,3 @@ def _custom_op_body(func) -> Optional[Callable]:
 
     opdef = OPDEFS.get(f"{func.namespace}::{func._opname}")
     return None if opdef is None else opdef._init_fn
-
-
-def capture_cuda_graph(fn: Callable, pool=None):
-    """Capture ``fn()`` into a ``torch.cuda.CUDAGraph``; return ``(graph, fn's result)``.
-
-    On failure the error is raised after the CUDA state that a failed capture leaves
-    behind is reset, so that the tests that follow in the same process still run:
-    ``CUDAGraph.capture_end`` raises before it ends the capture of the default CUDA
-    generator, after which every random op of the process fails with "Offset increment
-    outside graph capture encountered unexpectedly"; and ``torch.cuda.graph`` leaves
-    its capture stream current. Here the stream that was current before the capture is
-    made current again and an empty-handed capture (an in-place add, no allocation) on a
-    fresh stream ends the generator's capture state.
-    """
-    graph = torch.cuda.CUDAGraph()
-    before = torch.cuda.current_stream()
-    try:
-        with torch.cuda.graph(graph, pool=pool):
-            result = fn()
-    except BaseException:
-        _reset_after_failed_capture(before)
-        raise
-    return graph, result
-
-
-def _reset_after_failed_capture(before: torch.cuda.Stream) -> None:
-    torch.cuda.set_stream(before)
-    scratch = torch.zeros(1, device=before.device)
-    stream = torch.cuda.Stream(before.device)
-    stream.wait_stream(torch.cuda.current_stream())
-    rescue = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(rescue, stream=stream):  # capture_end ends the generator's capture
-        scratch.add_(1)
-    torch.cuda.current_stream(before.device).wait_stream(stream)
-    torch.cuda.synchronize(before.device)

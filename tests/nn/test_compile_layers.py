@@ -249,19 +249,28 @@ def test_triton_op_fwd_bwd_captured_equals_eager(op_name):
 @pytest.mark.gpu
 def test_a_failed_capture_leaves_the_process_usable():
     """``capture_cuda_graph`` resets what a failed capture leaves behind (the default
-    generator's capture state, the current stream): random ops and eager work run after
-    it. In a subprocess, so that a failure here cannot spill into other tests."""
+    generator's capture state, the current stream: the one current before it, default
+    or not): random ops and eager work run after it. In a subprocess, so that a failure
+    here cannot spill into other tests."""
     code = textwrap.dedent("""
         import torch
         from foldops.testing import capture_cuda_graph
         x = torch.ones(4, device="cuda")
-        try:
-            capture_cuda_graph(lambda: x.sum().item())  # a host read: the capture fails
-        except Exception:
-            pass
-        else:
-            raise SystemExit("the capture did not fail")
+
+        def fail_to_capture():
+            try:
+                capture_cuda_graph(lambda: x.sum().item())  # a host read: the capture fails
+            except Exception:
+                pass
+            else:
+                raise SystemExit("the capture did not fail")
+
+        fail_to_capture()
         assert torch.cuda.current_stream() == torch.cuda.default_stream()
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            fail_to_capture()
+            assert torch.cuda.current_stream() == side, torch.cuda.current_stream()
         torch.nn.functional.dropout(torch.randn(8, device="cuda"), 0.5)  # RNG offsets
         graph, y = capture_cuda_graph(lambda: torch.rand(3, device="cuda") + x[:3])
         graph.replay()
