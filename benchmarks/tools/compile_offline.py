@@ -9,7 +9,7 @@ launchers would launch, so such errors show up without a GPU round-trip.
 
 How: each op's real launchers (``foldops/kernels/<op>/launch.py``) are called on small
 CPU tensors whose shapes select the production tile tables (sequence lengths, channel
-and head widths, dtypes, masks, gates, causal/dropout, ...). ``wrap_triton`` in each
+and head widths, dtypes, masks, gates, causal/dropout, ...). ``launcher`` in each
 launch module is replaced by a recorder that calls ``JITFunction.warmup`` (Triton's own
 argument specialisation: dtypes, 16-byte alignment, ints equal to 1 or divisible by 16)
 under an offline driver for the target, instead of launching. Launcher switches that ask
@@ -96,7 +96,7 @@ class OfflineDriver:
 
 
 class Recorder:
-    """Stands in for ``torch.library.wrap_triton``: ``Recorder(kernel)[grid](*args, **kw)``
+    """Stands in for ``foldops.kernels._launch.launcher``: ``Recorder(kernel)[grid](*args, **kw)``
     compiles (``warmup``) instead of launching, and records the result or the error."""
 
     variant = ""
@@ -233,7 +233,7 @@ def _randn(*shape, dtype=torch.float32, gen=None):
 def triangle_attention_cases(quick: bool, capability: int) -> Iterator[Tuple[str, Callable]]:
     from foldops.kernels.triangle_attention import configs, dbias_splits, launch
 
-    launch.wrap_triton = Recorder
+    launch.launcher = Recorder
     dbias_splits.num_sms = lambda device: 132
     # The launcher's rules for a CUDA device of this capability, on CPU tensors.
     launch._mma_wait = lambda kind, t, has_mask, d: (
@@ -314,7 +314,7 @@ def triangle_multiplication_cases(quick: bool, capability: int) -> Iterator[Tupl
 def varlen_attention_cases(quick: bool, capability: int) -> Iterator[Tuple[str, Callable]]:
     from foldops.kernels.varlen_attention import launch
 
-    launch.wrap_triton = Recorder
+    launch.launcher = Recorder
     dims = (64,) if quick else (16, 32, 64, 80, 128)
     lens = [50, 300, 137]
     total = sum(lens)
@@ -339,7 +339,7 @@ def varlen_attention_cases(quick: bool, capability: int) -> Iterator[Tuple[str, 
 def invariant_point_attention_cases(quick: bool, capability: int) -> Iterator[Tuple[str, Callable]]:
     from foldops.kernels.invariant_point_attention import launch
 
-    launch.wrap_triton = Recorder
+    launch.launcher = Recorder
     n = 40
     # (C, heads, Pq, Pv, Cz): OpenFold / AF2 structure module; FrameFlow / Multiflow; small.
     shapes = ((16, 12, 4, 8, 128),) if quick else ((16, 12, 4, 8, 128), (256, 8, 8, 12, 128), (32, 4, 4, 8, 32))
@@ -378,7 +378,7 @@ def invariant_point_attention_cases(quick: bool, capability: int) -> Iterator[Tu
 def pair_weighted_averaging_cases(quick: bool, capability: int) -> Iterator[Tuple[str, Callable]]:
     from foldops.kernels.pair_weighted_averaging import launch
 
-    launch.wrap_triton = Recorder
+    launch.launcher = Recorder
     launch._num_sms = lambda device: 132
     n, s, heads = 96, 24, 8
     dims = (32,) if quick else (8, 16, 32, 64, 24)

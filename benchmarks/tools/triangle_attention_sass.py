@@ -47,7 +47,7 @@ _BRANCH = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")
 
 
 class _Recorder:
-    """Stands in for ``wrap_triton``: compiles (warmup) instead of launching."""
+    """Stands in for ``launcher``: compiles (warmup) instead of launching."""
 
     launches: List[Tuple[str, tuple, dict, object]] = []
 
@@ -166,7 +166,7 @@ def report(n: int, d: int, dtype: torch.dtype, mask: bool, capability: int, sass
     from foldops.kernels.triangle_attention import configs, dbias_splits, launch
 
     driver.set_active(OfflineDriver(capability))
-    launch.wrap_triton = _Recorder
+    launch.launcher = _Recorder
     dbias_splits.num_sms = lambda device: 132
     launch._mma_wait = lambda kind, t, has_mask, d: (  # the launcher's rule, for CPU tensors
         configs.MMA_WAIT[kind] and (kind, has_mask, d) not in configs.MMA_WAIT_SKIP and capability // 10 == 9)

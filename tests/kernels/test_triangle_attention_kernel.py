@@ -162,8 +162,8 @@ def test_bias_grad_split_and_deterministic(monkeypatch, splits):
     and repeat bit for bit."""
     monkeypatch.setattr(dbias_splits, "bias_splits", lambda *args: splits)
     launched = []
-    wrap = launch.wrap_triton
-    monkeypatch.setattr(launch, "wrap_triton", lambda fn: launched.append(fn.__name__) or wrap(fn))
+    wrap = launch.launcher
+    monkeypatch.setattr(launch, "launcher", lambda fn: launched.append(fn.__name__) or wrap(fn))
     batch, rows, n, heads, d = 1, 5, 9, 2, 16
     q, k, v = _make_qkv(batch, rows, n, heads, d, torch.float32, "contiguous")
     bias = _make_bias(batch, heads, n, torch.float32, "contiguous").requires_grad_()

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
+from foldops.kernels._launch import launcher
 
 from foldops.device import triton_interpret
 from foldops.kernels._utils import cdiv, next_pow2, patch_interpreter_bf16
@@ -59,7 +59,7 @@ def _interpreting() -> bool:
 
 def _skip_launch(t: torch.Tensor) -> bool:
     """Fake/meta tensors (torch.compile, opcheck): the allocations are the whole answer.
-    Compiled kernels go through ``wrap_triton``, which traces them; under the
+    Compiled kernels go through ``launcher`` (``wrap_triton`` when tracing); under the
     interpreter the launch itself would run on fake tensors, so it is skipped."""
     return t.device.type == "meta" or (_interpreting() and is_fake(t))
 
@@ -109,7 +109,7 @@ def ipa_forward(q, k, v, qp, kp, vp, w, bias, z, mask, scale: float):
         return o, op, oz, lse
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     block, warps = _row_tiles(pads["HP"], (pads["CP"], pads["DP"], pads["EP"]))
-    wrap_triton(ipa_fwd_kernel)[(n, batch)](
+    launcher(ipa_fwd_kernel)[(n, batch)](
         q, k, v, qp, kp, vp, w, bias, z, mask_t, o, op, oz, lse,
         *q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *vp.stride(),
         *bias.stride(), *z.stride(), *mask_strides, *o.stride(), *op.stride(), *oz.stride(), *lse.stride()[:3],
@@ -145,7 +145,7 @@ def ipa_backward(do, dop, doz, q, k, v, qp, kp, vp, w, bias, z, mask, o, op, oz,
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     precision = _precision(q.dtype)
     block, warps = _row_tiles(pads["HP"], (pads["CP"], pads["DP"], pads["EP"]))
-    wrap_triton(ipa_bwd_row_kernel)[(n, batch)](
+    launcher(ipa_bwd_row_kernel)[(n, batch)](
         q, k, v, qp, kp, vp, w, bias, z, mask_t, do, dop, doz, lse, delta, dq, dqp, dw_rows, ds, dz,
         *q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *vp.stride(),
         *bias.stride(), *z.stride(), *mask_strides, *do.stride(), *dop.stride(), *doz.stride(),
@@ -158,7 +158,7 @@ def ipa_backward(do, dop, doz, q, k, v, qp, kp, vp, w, bias, z, mask, o, op, oz,
     if _interpreting():
         bj = bi = configs.INTERPRETER_BLOCK
         warps = 1
-    wrap_triton(ipa_bwd_column_kernel)[(cdiv(n, bj), heads, batch)](
+    launcher(ipa_bwd_column_kernel)[(cdiv(n, bj), heads, batch)](
         q, k, v, qp, kp, vp, w, bias, mask_t, do, dop, lse, ds, dk, dv, dkp, dvp,
         *q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *vp.stride(),
         *bias.stride(), *mask_strides, *do.stride(), *dop.stride(), *lse.stride()[:3], *ds.stride(),

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
+from foldops.kernels._launch import launcher
 
 from foldops.device import multiprocessor_count, triton_interpret
 from foldops.kernels._utils import cdiv, mask_bytes, next_pow2
@@ -148,7 +148,7 @@ def _launch_wx(mode, w, x, g, do, keep, out, out2, allow_tf32, w_transposed=Fals
     g_t = g if g is not None else x
     do_t = do if do is not None else x
     out2_t = out2 if out2 is not None else out
-    wrap_triton(_wx_kernel)[grid](
+    launcher(_wx_kernel)[grid](
         w, x, g_t, do_t, keep_t, out, out2_t,
         *w_strides, *x.stride(), *g_t.stride(), *do_t.stride(), *keep_strides, *out.stride(), *out2_t.stride(),
         rows, n, heads,
@@ -249,7 +249,7 @@ def backward_with_keep(
         cols_per_split = cdiv(cdiv(rows * dim, splits), bk) * bk
         splits = cdiv(rows * dim, cols_per_split)
         partial = dw[None] if splits == 1 else dw.new_empty((splits, batch, heads, n, n))
-        wrap_triton(_dw_kernel)[(cdiv(n, bi), cdiv(n, bj), splits * batch * heads)](
+        launcher(_dw_kernel)[(cdiv(n, bi), cdiv(n, bj), splits * batch * heads)](
             dop, v, keep_t, partial,
             *dop.stride(), *v.stride(), *keep_strides, *partial.stride(),
             rows, n, heads, batch * heads, cols_per_split,

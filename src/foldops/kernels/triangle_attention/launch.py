@@ -12,7 +12,7 @@ gradients: delta = rowsum(dO*O), a transposed copy of the bias, the key-mask bia
 the partial bias gradients live in dq's, dv's and dk's storage until those are written
 (a separate buffer only when I << N and dq is too small).
 
-Tests and benchmarks replace ``wrap_triton`` and ``_config`` here and
+Tests and benchmarks replace ``launcher`` and ``_config`` here and
 ``dbias_splits.bias_splits`` / ``num_sms``: the launchers look them up at each call.
 Choices that depend only on shapes, dtypes and the device (tiles, dBias splits) are
 cached per such key (``host.py``); after changing entries of ``configs`` call
@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
+from foldops.kernels._launch import launcher
 
 from foldops.device import compute_capability, is_rocm, triton_interpret
 from foldops.kernels.triangle_attention import configs
@@ -272,7 +272,7 @@ def triangle_attention_forward(
     assert configs.MASK_ROW_ALIGN % bk == 0, "the key-mask rows must cover every key block"
     mask_t, mask_strides, has_mask = _mask_args(None if mask is None else _key_mask_bias(mask, q.dtype, scale), q)
     grid = (cdiv(n, bj), rows, batch * heads)
-    wrap_triton(_fwd_kernel)[grid](
+    launcher(_fwd_kernel)[grid](
         q, k, v, bias, mask_t, out, lse if need_lse else out,
         *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *mask_strides, *out.stride(),
         rows, n, heads, scale,
@@ -377,14 +377,14 @@ def triangle_attention_backward(
     fma_chain = q.dtype == torch.float32 and precision == "ieee"
     bh = min(next_pow2(int(heads)), max(1, 256 // d))  # rows of up to 256 elements
     bj = min(max(16, 8192 // (bh * d)), max(16, next_pow2(int(n))))  # 8K-element tiles
-    wrap_triton(_bwd_delta_kernel)[(cdiv(n, bj), rows, batch * cdiv(heads, bh))](
+    launcher(_bwd_delta_kernel)[(cdiv(n, bj), rows, batch * cdiv(heads, bh))](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), rows, n, heads,
         D=d, BLOCK_J=bj, BLOCK_H=bh, FMA_CHAIN=fma_chain, num_warps=4,
     )
 
     if need_dbias:
         bj, bk, warps, stages = dbias_cfg
-        wrap_triton(_bwd_dbias_kernel)[(cdiv(n, bj), cdiv(n, bk), splits * batch * heads)](
+        launcher(_bwd_dbias_kernel)[(cdiv(n, bj), cdiv(n, bk), splits * batch * heads)](
             q, k, v, bias_rows, dbias_mask[0], grad_out, lse, delta, target,
             *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *dbias_mask[1],
             *grad_out.stride(), *target_strides,
@@ -396,7 +396,7 @@ def triangle_attention_backward(
         )
         if splits > 1:
             numel = batch * heads * n * n
-            wrap_triton(_sum_splits_kernel)[(cdiv(numel, 1024),)](
+            launcher(_sum_splits_kernel)[(cdiv(numel, 1024),)](
                 target, dbias, splits, numel, BLOCK=1024, num_warps=4,
             )
 
@@ -406,7 +406,7 @@ def triangle_attention_backward(
     bias_kj.copy_(bias.transpose(2, 3))
     bias_t = bias_kj.transpose(2, 3)
     bj, bk, warps, stages = _config("dkdv", n, d, q.dtype, bias.dtype, allow_tf32)
-    wrap_triton(_bwd_dkdv_kernel)[(cdiv(n, bk), rows, batch * heads)](
+    launcher(_bwd_dkdv_kernel)[(cdiv(n, bk), rows, batch * heads)](
         q, k, v, bias_t, mask_t, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_t.stride(), *mask_strides,
         *grad_out.stride(), *dk.stride(), *dv.stride(),
@@ -417,7 +417,7 @@ def triangle_attention_backward(
     )
 
     bj, bk, warps, stages = _config("dq", n, d, q.dtype, bias.dtype, allow_tf32)
-    wrap_triton(_bwd_dq_kernel)[(cdiv(n, bj), rows, batch * heads)](
+    launcher(_bwd_dq_kernel)[(cdiv(n, bj), rows, batch * heads)](
         q, k, v, bias_rows, mask_t, out, grad_out, lse, dq,
         *q.stride(), *k.stride(), *v.stride(), *bias_rows.stride(), *mask_strides, *out.stride(),
         *grad_out.stride(), *dq.stride(),

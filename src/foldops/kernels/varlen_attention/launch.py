@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
+from foldops.kernels._launch import launcher
 
 from foldops.device import triton_interpret
 from foldops.kernels._utils import cdiv, next_pow2, patch_interpreter_bf16
@@ -106,7 +106,7 @@ def varlen_attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal
     bm, bn, warps, stages = _config("fwd", head_dim, q.dtype, dropout_p > 0)
     bd = _block_d(head_dim)
     grid = (cdiv(max_q, bm), heads, batch)
-    wrap_triton(_fwd_kernel)[grid](
+    launcher(_fwd_kernel)[grid](
         q, k, v, out, lse, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
@@ -139,14 +139,14 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
 
     bm, _, warps, stages = _config("delta", head_dim, q.dtype)
     delta = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
-    wrap_triton(_bwd_delta_kernel)[(cdiv(total_q, bm), heads)](
+    launcher(_bwd_delta_kernel)[(cdiv(total_q, bm), heads)](
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
         total_q, head_dim, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps, num_stages=stages,
     )
     lse = lse.contiguous()
     seed_arg = _seed(seed, dropout_p, cu_q)
     bm, bn, warps, stages = _config("dkdv", head_dim, q.dtype, dropout_p > 0)
-    wrap_triton(_bwd_dkdv_kernel)[(cdiv(max_k, bn), kv_heads, batch)](
+    launcher(_bwd_dkdv_kernel)[(cdiv(max_k, bn), kv_heads, batch)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
@@ -155,7 +155,7 @@ def varlen_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q: int, max
         DROPOUT=dropout_p > 0, num_warps=warps, num_stages=stages,
     )
     bm, bn, warps, stages = _config("dq", head_dim, q.dtype, dropout_p > 0)
-    wrap_triton(_bwd_dq_kernel)[(cdiv(max_q, bm), heads, batch)](
+    launcher(_bwd_dq_kernel)[(cdiv(max_q, bm), heads, batch)](
         q, k, v, do, lse, delta, dq, cu_q, cu_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
