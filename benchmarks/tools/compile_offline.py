@@ -366,9 +366,9 @@ def invariant_point_attention_cases(quick: bool, capability: int) -> Iterator[Tu
                 old = torch.get_float32_matmul_precision()
                 torch.set_float32_matmul_precision(prec)
                 try:
-                    o, op, oz, lse = launch.ipa_forward(q, k, v, qp, kp, vp, w, bias, z, keep, c ** -0.5)
+                    o, op, oz, lse, op_rel = launch.ipa_forward(q, k, v, qp, kp, vp, w, bias, z, keep, c ** -0.5)
                     launch.ipa_backward(torch.randn_like(o), torch.randn_like(op), torch.randn_like(oz), q, k, v,
-                                        qp, kp, vp, w, bias, z, keep, o, op, oz, lse, c ** -0.5)
+                                        qp, kp, vp, w, bias, z, keep, o, op_rel, oz, lse, c ** -0.5)
                 finally:
                     torch.set_float32_matmul_precision(old)
             label = f"{dname} C={shape[0]} H={shape[1]} Pq={shape[2]} Pv={shape[3]} Cz={shape[4]} mask={int(mask)}"

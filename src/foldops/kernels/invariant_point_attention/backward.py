@@ -1,7 +1,10 @@
 """The invariant point attention backward kernels.
 
-With P the attention weights, dP = dO.v + dOp.vp + dOz.z[i, j] and
-dS = P (dP - delta), delta = rowsum(dO*O + dOp*Op + dOz*Oz) (computed by the launcher):
+With P the attention weights, dP = dO.v + dOp.(vp_j - vp_i) + dOz.z[i, j] and
+dS = P (dP - delta), delta = rowsum(dO*O + dOp*Op_rel + dOz*Oz) (computed by the
+launcher; Op_rel = sum_j P (vp_j - vp_i), the forward's). The point terms are taken
+relative to the row's own value points, a row constant dS cancels, so that their
+roundings have the size of the row's neighbourhood, not the cloud's (forward.py):
 
 - ``ipa_bwd_row_kernel``: one query row, all heads (as the forward): recomputes P from
   the saved log-sum-exp, forms dS, writes it to the ``[B, H, N, N]`` dS buffer (which is
@@ -87,6 +90,10 @@ def ipa_bwd_row_kernel(
     delta = tl.load(DELTA + row_ptrs, mask=h_ok, other=0.0)
     if HAS_MASK:
         row_kept = tl.load(MASK + b * stride_mask_b + i * stride_mask_n).to(tl.int1)
+    # dP's point term from vp_j - vp_i, as the forward's relative point output (module doc)
+    vp_row = load_row(VP + b * stride_vp_b + i * stride_vp_n, offs_h, offs_e, stride_vp_h, stride_vp_e, h_ok, e_ok)
+    if HAS_MASK:
+        vp_row = tl.where(row_kept, vp_row, 0.0)
 
     dq = tl.zeros([HP, CP], tl.float32)
     dqp = tl.zeros([HP, DP], tl.float32)
@@ -116,7 +123,7 @@ def ipa_bwd_row_kernel(
         v = load_heads_tile(v_b, offs_h, offs_j, offs_c, stride_v_n, stride_v_h, stride_v_c, h_ok, j_ok, c_ok)
         dp = tl.sum(do_row[:, None, :] * v, axis=2)
         vp = load_heads_tile(vp_b, offs_h, offs_j, offs_e, stride_vp_n, stride_vp_h, stride_vp_e, h_ok, j_ok, e_ok)
-        dp += tl.sum(dop_row[:, None, :] * vp, axis=2)
+        dp += tl.sum(dop_row[:, None, :] * (vp - vp_row[:, None, :]), axis=2)
         z = tl.load(z_row + offs_j[:, None] * stride_z_j + offs_z[None, :] * stride_z_c,
                     mask=j_ok[:, None] & z_ok[None, :], other=0.0).to(Q.dtype.element_ty)  # [BLOCK_N, CZP]
         dp += tl.dot(doz, tl.trans(z), input_precision=PRECISION)

@@ -12,12 +12,20 @@ with fp32 weights; one rounded part made the point weights' gradient 4x less acc
 than plain PyTorch. z is read once for all heads. It stores
 the outputs and the per-head log-sum-exp (natural base, fp32, as row max and log-sum;
 +inf for a dropped row).
+
+Value points are weighted relative to the row's own: ``op_rel = sum_j P (vp_j - vp_i)``
+(stored, OP_REL, for the backward's delta) and the point output ``op_rel + vp_i``. Its
+terms then have the size of the neighbourhood the row attends to, not the cloud's, and
+so do the roundings of delta's point term dOp . op_rel and of the row kernel's dP (which
+takes dOp . (vp_j - vp_i)): computed apart, in global coordinates they did not cancel in
+dS = P (dP - delta) (2-15x plain PyTorch's error in fp32 gradients on a wide cloud).
+Cost per key tile: one subtraction per element of the value-point tile.
 """
 
 import triton
 import triton.language as tl
 
-from foldops.kernels.invariant_point_attention.common import load_heads_tile, logits_tile
+from foldops.kernels.invariant_point_attention.common import load_heads_tile, load_row, logits_tile
 
 
 @triton.jit
@@ -30,6 +38,7 @@ def ipa_fwd_kernel(
     Z,  # [B, N, N, CZ] pair values (q's dtype or fp32)
     MASK,  # [B, N] bool residue mask (unused unless HAS_MASK)
     O, OP, OZ,  # outputs, fp32: [B, N, H, C], [B, N, H, E], [B, N, H, CZ]
+    OP_REL,  # [B, N, H, E] fp32: the point output relative to the row's own value points (for the backward)
     LSE,  # [B, N, H, 2] fp32 log-sum-exp in two parts (row max, log of the sum); (+inf, 0) for dropped rows
     stride_q_b, stride_q_n, stride_q_h, stride_q_c,
     stride_k_b, stride_k_n, stride_k_h, stride_k_c,
@@ -41,7 +50,7 @@ def ipa_fwd_kernel(
     stride_z_b, stride_z_i, stride_z_j, stride_z_c,
     stride_mask_b, stride_mask_n,
     stride_o_b, stride_o_n, stride_o_h, stride_o_c,
-    stride_op_b, stride_op_n, stride_op_h, stride_op_e,
+    stride_op_b, stride_op_n, stride_op_h, stride_op_e,  # OP and OP_REL share a layout
     stride_oz_b, stride_oz_n, stride_oz_h, stride_oz_c,
     stride_lse_b, stride_lse_n, stride_lse_h,  # the two parts are adjacent
     N, H,  # residues, heads
@@ -70,6 +79,11 @@ def ipa_fwd_kernel(
     w = tl.load(W + offs_h, mask=h_ok, other=0.0).to(tl.float32)
     if HAS_MASK:
         row_kept = tl.load(MASK + b * stride_mask_b + i * stride_mask_n).to(tl.int1)
+    # The row's own value points: the weighted sum runs over vp_j - vp_i (see the module
+    # doc); a dropped row's are taken as 0, so its outputs stay 0 whatever they hold.
+    vp_row = load_row(VP + b * stride_vp_b + i * stride_vp_n, offs_h, offs_e, stride_vp_h, stride_vp_e, h_ok, e_ok)
+    if HAS_MASK:
+        vp_row = tl.where(row_kept, vp_row, 0.0)
 
     m_i = tl.full([HP], -1e30, tl.float32)  # finite: a tile of dropped keys gives p = 0, not NaN
     l_i = tl.zeros([HP], tl.float32)
@@ -102,7 +116,7 @@ def ipa_fwd_kernel(
         v = load_heads_tile(v_b, offs_h, offs_j, offs_c, stride_v_n, stride_v_h, stride_v_c, h_ok, j_ok, c_ok)
         acc_o = acc_o * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
         vp = load_heads_tile(vp_b, offs_h, offs_j, offs_e, stride_vp_n, stride_vp_h, stride_vp_e, h_ok, j_ok, e_ok)
-        acc_p = acc_p * alpha[:, None] + tl.sum(p[:, :, None] * vp, axis=1)
+        acc_p = acc_p * alpha[:, None] + tl.sum(p[:, :, None] * (vp - vp_row[:, None, :]), axis=1)
         z = tl.load(z_row + offs_j[:, None] * stride_z_j + offs_z[None, :] * stride_z_c,
                     mask=j_ok[:, None] & z_ok[None, :], other=0.0).to(Q.dtype.element_ty)  # [BLOCK_N, CZP]
         acc_z = acc_z * alpha[:, None]
@@ -125,9 +139,11 @@ def ipa_fwd_kernel(
     o_row = O + b * stride_o_b + i * stride_o_n
     tl.store(o_row + offs_h[:, None] * stride_o_h + offs_c[None, :] * stride_o_c,
              (acc_o * inv[:, None]).to(O.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
-    op_row = OP + b * stride_op_b + i * stride_op_n
-    tl.store(op_row + offs_h[:, None] * stride_op_h + offs_e[None, :] * stride_op_e,
-             (acc_p * inv[:, None]).to(OP.dtype.element_ty), mask=h_ok[:, None] & e_ok[None, :])
+    op_rel = acc_p * inv[:, None]
+    op_tile = b * stride_op_b + i * stride_op_n + offs_h[:, None] * stride_op_h + offs_e[None, :] * stride_op_e
+    he_ok = h_ok[:, None] & e_ok[None, :]
+    tl.store(OP + op_tile, tl.where(kept[:, None], op_rel + vp_row, 0.0).to(OP.dtype.element_ty), mask=he_ok)
+    tl.store(OP_REL + op_tile, op_rel.to(OP_REL.dtype.element_ty), mask=he_ok)
     oz_row = OZ + b * stride_oz_b + i * stride_oz_n
     tl.store(oz_row + offs_h[:, None] * stride_oz_h + offs_z[None, :] * stride_oz_c,
              (acc_z * inv[:, None]).to(OZ.dtype.element_ty), mask=h_ok[:, None] & z_ok[None, :])

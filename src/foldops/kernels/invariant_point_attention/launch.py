@@ -1,7 +1,7 @@
 """Plain launchers of the invariant point attention kernels: check, allocate, choose tiles, launch.
 
-    ipa_forward(q, k, v, qp, kp, vp, w, bias, z, mask, scale) -> (o, op, oz, lse)
-    ipa_backward(do, dop, doz, q, k, v, qp, kp, vp, w, bias, z, mask, o, op, oz, lse, scale)
+    ipa_forward(q, k, v, qp, kp, vp, w, bias, z, mask, scale) -> (o, op, oz, lse, op_rel)
+    ipa_backward(do, dop, doz, q, k, v, qp, kp, vp, w, bias, z, mask, o, op_rel, oz, lse, scale)
         -> (dq, dk, dv, dqp, dkp, dvp, dw, dbias, dz)
 
 Shapes: q, k, v [B, N, H, C] (one dtype: fp16/bf16/fp32); qp, kp [B, N, H, D] fp32
@@ -10,10 +10,12 @@ fp32 (value points, E = 3 Pv); w [H] fp32 point weights; bias [B, H, N, N] (q's 
 or fp32); z [B, N, N, CZ] (q's dtype or fp32; its products run in q's dtype); mask
 [B, N] bool or None. Outputs, all
 fp32: o [B, N, H, C], op [B, N, H, E], oz [B, N, H, CZ], lse [B, N, H, 2] (row max and
-log of the row sum).
+log of the row sum), op_rel [B, N, H, E]: the point output relative to the row's own
+value points, ``sum_j a_ij (vp_j - vp_i)`` (0 on dropped rows), which the backward
+takes in place of op.
 
-Memory beyond inputs and outputs: the forward saves lse, O(B N H). The backward
-allocates its gradients and the dS buffer [B, H, N, N] fp32, which is the bias's
+Memory beyond inputs and outputs: the forward saves lse and op_rel, O(B N H (2 + E)).
+The backward allocates its gradients and the dS buffer [B, H, N, N] fp32, which is the bias's
 gradient (cast to the bias's dtype when that is not fp32).
 """
 
@@ -105,22 +107,23 @@ def ipa_forward(q, k, v, qp, kp, vp, w, bias, z, mask, scale: float):
     op = torch.empty(batch, n, heads, e, dtype=torch.float32, device=q.device)
     oz = torch.empty(batch, n, heads, cz, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, n, heads, 2, dtype=torch.float32, device=q.device)
+    op_rel = torch.empty_like(op)  # op's layout: the kernel takes op's strides for both
     if batch == 0 or n == 0 or heads == 0 or _skip_launch(q):  # (C = 0 still has point and pair outputs)
-        return o, op, oz, lse
+        return o, op, oz, lse, op_rel
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     block, warps = _row_tiles(pads["HP"], (pads["CP"], pads["DP"], pads["EP"]))
     launcher(ipa_fwd_kernel)[(n, batch)](
-        q, k, v, qp, kp, vp, w, bias, z, mask_t, o, op, oz, lse,
+        q, k, v, qp, kp, vp, w, bias, z, mask_t, o, op, oz, op_rel, lse,
         *q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *vp.stride(),
         *bias.stride(), *z.stride(), *mask_strides, *o.stride(), *op.stride(), *oz.stride(), *lse.stride()[:3],
         n, heads, c, d, e, cz, float(scale),
         HAS_MASK=has_mask, BLOCK_N=block, PRECISION=_precision(q.dtype), SPLIT_P=q.dtype != torch.float32,
         num_warps=warps, **pads,
     )
-    return o, op, oz, lse
+    return o, op, oz, lse, op_rel
 
 
-def ipa_backward(do, dop, doz, q, k, v, qp, kp, vp, w, bias, z, mask, o, op, oz, lse, scale: float):
+def ipa_backward(do, dop, doz, q, k, v, qp, kp, vp, w, bias, z, mask, o, op_rel, oz, lse, scale: float):
     """Gradients ``(dq, dk, dv, dqp, dkp, dvp, dw, dbias, dz)``; see the module doc."""
     batch, n, heads, c, d, e, cz, pads = _sizes(q, qp, vp, z)
     dev = q.device
@@ -137,11 +140,13 @@ def ipa_backward(do, dop, doz, q, k, v, qp, kp, vp, w, bias, z, mask, o, op, oz,
     grads_q = lambda: (dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype))  # noqa: E731
     if batch == 0 or n == 0 or heads == 0 or _skip_launch(q):
         return (*grads_q(), dqp, dkp, dvp, torch.zeros_like(w, dtype=torch.float32), ds.to(bias.dtype), dz)
-    # The row kernel forms dP = dO.v + dOp.vp + dOz.z with dO and dOz in q's dtype; delta =
+    # The row kernel forms dP = dO.v + dOp.(vp_j - vp_i) + dOz.z with dO and dOz in q's dtype; delta =
     # rowsum(dO * O) over all three outputs (fp32, O(B N H (C + E + CZ))) takes them
-    # rounded alike, so that the rows of dS sum to zero as they should.
+    # rounded alike, so that the rows of dS sum to zero as they should. Its point term is
+    # dOp . op_rel, matching the row kernel's dP, whose point term is dOp . (vp_j - vp_i):
+    # a row constant that dS = P (dP - delta) cancels, taken out of both.
     do, dop, doz = do.to(q.dtype), dop.to(torch.float32), doz.to(q.dtype)
-    delta = ((do.float() * o).sum(-1) + (dop * op).sum(-1) + (doz.float() * oz).sum(-1)).contiguous()
+    delta = ((do.float() * o).sum(-1) + (dop * op_rel).sum(-1) + (doz.float() * oz).sum(-1)).contiguous()
     mask_t, mask_strides, has_mask = _mask_args(mask, q)
     precision = _precision(q.dtype)
     block, warps = _row_tiles(pads["HP"], (pads["CP"], pads["DP"], pads["EP"]))
