@@ -50,6 +50,11 @@ def test_tail_follows_the_signature():
         _launch._tail(kernel, 4, {"num_warps": 4})
 
 
+def test_no_hooks_by_default():
+    # An empty hook chain (what Triton holds when nothing is installed) is no hook.
+    assert not _launch._hooks_installed()
+
+
 @pytest.mark.gpu
 def test_direct_launch_matches_triton():
     if not _launch._DIRECT:

@@ -69,9 +69,14 @@ def _arg_key(a: Any):
     return type(a)
 
 
+def _hook_set(hook) -> bool:
+    # Newer Tritons hold the hooks in an always-present HookChain; older ones use None.
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _hooks_installed() -> bool:
     runtime = triton.knobs.runtime
-    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    return _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
 
 
 def _tail(kernel, n_args: int, meta: Dict[str, Any]) -> tuple:
