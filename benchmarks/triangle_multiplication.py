@@ -3,13 +3,30 @@ Boltz-2's PyTorch module, in one process on the same inputs.
 
 B=1, C=128, bf16 (inputs and weights), outgoing and incoming, N = 256 ... 4096;
 forward and forward+backward; median time (triton.testing.do_bench: device events)
-and peak memory above the inputs; the FLOP and byte counts and the floor per size;
-the GPU MODE trimul shapes (forward; there the hidden width equals C, as in Boltz).
+and peak memory above the inputs; the FLOP and byte counts and the floor per size.
 Also an accuracy table (error against float64, ratio to PyTorch's own bf16 error).
 Writes a tidy CSV and a PNG drawn from the CSV.
 
     python benchmarks/triangle_multiplication.py --out benchmarks/results/h100
     python benchmarks/triangle_multiplication.py --plot-only --out benchmarks/results/h100
+
+``--gpumode``: the GPU MODE trimul competition's benchmark shapes instead (forward
+only, bf16, outgoing; B 1-2, N 256-1024, pair width D = C 128 / 384, hidden width H 128,
+with the competition's masked / unmasked choice per shape), foldops triton and torch
+and cuEquivariance (it takes H != D: its hidden width is ``p_in_weight.shape[0] // 2``,
+a multiple of 32), with the geometric mean of each backend's times. The competition's
+H100 winner: 1.37 ms geometric mean. The arithmetic differs slightly: GPU MODE gates the
+product's H channels before the output projection (``to_out(LayerNorm(t) * sigmoid(
+out_gate(h)))``, out_gate D -> H), while foldops (as OpenFold, Boltz-2 and cuEquivariance)
+gates the D output channels after it (``p_out(LayerNorm(t)) * sigmoid(g_out(h))``, g_out
+D -> D): 2 P D^2 FLOPs for the gate where GPU MODE has 2 P D H (the same at D = 128,
+3x at D = 384), a [P, D] gate tensor where it has [P, H]. The competition's inputs
+(normal or Cauchy values, random masks) are not reproduced; the times do not depend on
+them. ``--tiny`` scales every shape down (N / 32, D and H / 16) for a CPU smoke run
+(the Triton kernels under TRITON_INTERPRET=1; the times mean nothing there).
+
+    python benchmarks/triangle_multiplication.py --gpumode --out benchmarks/results/h100
+    TRITON_INTERPRET=1 python benchmarks/triangle_multiplication.py --gpumode --tiny --device cpu --out /tmp/t
 """
 
 from __future__ import annotations
@@ -17,15 +34,19 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import math
 import os
 import platform
+import statistics
 import sys
-from typing import Callable, Dict, List
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+from foldops import device as fdevice  # noqa: E402
 from foldops.ops import triangle_multiplication as tm_fn  # noqa: E402
 from foldops.reference.triangle_multiplication import triangle_multiplication as reference  # noqa: E402
 
@@ -33,27 +54,30 @@ WEIGHTS = ("norm_in_weight", "norm_in_bias", "p_in_weight", "g_in_weight",
            "norm_out_weight", "norm_out_bias", "p_out_weight", "g_out_weight")
 
 
-def counts(batch: int, n: int, c: int, elem: int = 2) -> Dict[str, float]:
-    """FLOPs (projections 2*P*C*(4C + 2C) fwd, product 2*C*N^3) and the fewest bytes:
-    forward reads x and mask, writes out; fwd+bwd also reads dout and writes dx."""
+def counts(batch: int, n: int, c: int, elem: int = 2, hidden: Optional[int] = None) -> Dict[str, float]:
+    """FLOPs (projections 2*P*C*(4H + C) in, 2*P*H*C out: 2*P*C*6C for H = C; product
+    2*H*N^3 per item) and the fewest bytes: forward reads x and mask, writes out; fwd+bwd
+    also reads dout and writes dx."""
+    h = c if hidden is None else hidden
     p = batch * n * n
-    proj = 2.0 * p * c * (4 * c + 2 * c)
-    prod = 2.0 * batch * c * n ** 3
+    proj = 2.0 * p * c * (4 * h + c) + 2.0 * p * h * c
+    prod = 2.0 * batch * h * n ** 3
     fwd_bytes = 2.0 * p * c * elem + p
     return {"fwd_flop": proj + prod, "fwdbwd_flop": 3 * (proj + prod),
             "fwd_bytes": fwd_bytes, "fwdbwd_bytes": 2 * fwd_bytes}
 
 
-def weights(c: int, dtype, device, seed=0) -> Dict[str, torch.Tensor]:
+def weights(c: int, dtype, device, seed=0, hidden: Optional[int] = None) -> Dict[str, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
+    h = c if hidden is None else hidden
 
     def r(*s):
         return torch.randn(*s, generator=g)
 
     w = {"norm_in_weight": 1 + 0.1 * r(c), "norm_in_bias": 0.1 * r(c),
-         "p_in_weight": r(2 * c, c) / c ** 0.5, "g_in_weight": r(2 * c, c) / c ** 0.5,
-         "norm_out_weight": 1 + 0.1 * r(c), "norm_out_bias": 0.1 * r(c),
-         "p_out_weight": r(c, c) / c ** 0.5, "g_out_weight": r(c, c) / c ** 0.5}
+         "p_in_weight": r(2 * h, c) / c ** 0.5, "g_in_weight": r(2 * h, c) / c ** 0.5,
+         "norm_out_weight": 1 + 0.1 * r(h), "norm_out_bias": 0.1 * r(h),
+         "p_out_weight": r(c, h) / h ** 0.5, "g_out_weight": r(c, c) / c ** 0.5}
     return {k: v.to(device=device, dtype=dtype) for k, v in w.items()}
 
 
@@ -67,7 +91,8 @@ def make_fn(backend: str, direction: str, w: Dict[str, torch.Tensor], c: int):
             from cuequivariance_torch import triangle_multiplicative_update as cueq_update
         except ImportError:
             from cuequivariance_torch.primitives.triangle import triangle_multiplicative_update as cueq_update
-        return lambda x, mask: cueq_update(x, direction=direction, mask=mask.to(x.dtype), **w)
+        return lambda x, mask: cueq_update(x, direction=direction, mask=None if mask is None else mask.to(x.dtype),
+                                           **w)
     if backend == "boltz":
         from boltz.model.layers import triangular_mult as bt
         cls = bt.TriangleMultiplicationOutgoing if direction == "outgoing" else bt.TriangleMultiplicationIncoming
@@ -272,22 +297,129 @@ def run(args) -> None:
                         print(f"{direction:8s} N={n:5d} {backend:15s} {r['mode']:8s} {r['ms']:8.3f} ms "
                               f"{r['peak_mib']:9.1f} MiB  floor {floor:.3f} ms", flush=True)
                     fh.flush()
-        if args.gpumode:
-            for batch, n, c in ((1, 256, 128), (1, 512, 128), (1, 1024, 128), (2, 256, 384), (2, 512, 384),
-                                (1, 768, 384), (2, 1024, 384)):
-                for backend in ("triton", "cuequivariance"):
-                    for r in measure(backend, "outgoing", batch, n, c, torch.bfloat16, ("fwd",), device):
-                        writer.writerow({**meta, "B": batch, "backend": backend, "direction": "outgoing", "N": n,
-                                         "C": c, "mode": "gpumode_fwd", "metric": "ms",
-                                         "value": f"{r['ms']:.4f}" if r["status"] == "ok" else "",
-                                         "status": r["status"], "note": r.get("note", "")})
-                        if r["status"] == "ok":
-                            print(f"gpumode B={batch} N={n} C={c} {backend:15s} {r['ms']:.3f} ms", flush=True)
         if args.accuracy:
             for direction in args.directions:
                 accuracy(direction, args.accuracy, args.c, device, writer, meta)
     print("wrote", path)
     plot(args.out)
+
+
+# The GPU MODE trimul competition's benchmark shapes, as its task lists them:
+# (B, N, D = dim, H = hiddendim, masked = not nomask).
+GPUMODE_SHAPES: Tuple[Tuple[int, int, int, int, bool], ...] = (
+    (2, 256, 128, 128, False),
+    (1, 768, 128, 128, False),
+    (2, 256, 384, 128, True),
+    (1, 512, 128, 128, False),
+    (1, 1024, 128, 128, False),
+    (1, 768, 384, 128, True),
+    (1, 1024, 384, 128, False),
+)
+GPUMODE_H100_WINNER_MS = 1.37  # the competition's H100 winner, geometric mean over these shapes
+GPUMODE_BACKENDS = ("triton", "torch", "cuequivariance")
+
+
+def tiny(shapes):
+    """Every shape scaled down for a CPU smoke run: N / 32, D and H / 16."""
+    return tuple((b, max(2, n // 32), max(1, d // 16), max(1, h // 16), m) for b, n, d, h, m in shapes)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Median milliseconds: device events (do_bench, with its warm-up) on a GPU; on CPU
+    a host timer over ``repeats`` calls (the caller has made the warm-up call)."""
+    if device.type != "cpu":
+        return bench(fn)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def gpumode(device: torch.device, out_dir: str, shapes=GPUMODE_SHAPES, backends=GPUMODE_BACKENDS,
+            bandwidth: float = 3.0e12, mm_flops: float = 780e12, repeats: int = 3) -> Dict[str, Optional[float]]:
+    """Forward times of each backend on the GPU MODE shapes (bf16, outgoing); writes
+    ``triangle_multiplication_gpumode.csv`` in ``out_dir`` and returns each backend's
+    geometric mean (None where a shape did not run)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "triangle_multiplication_gpumode.csv")
+    meta = {"op": "triangle_multiplication", "dtype": "bf16", "device": fdevice.device_name(device),
+            "torch": torch.__version__, "direction": "outgoing", "mode": "gpumode_fwd"}
+    times: Dict[str, List[float]] = {b: [] for b in backends}
+    failed = set()
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS + ["H", "masked"], extrasaction="ignore")
+        writer.writeheader()
+        for batch, n, d, h, masked in shapes:
+            torch.manual_seed(0)
+            w = weights(d, torch.bfloat16, device, hidden=h)
+            x = torch.randn(batch, n, n, d, device=device, dtype=torch.bfloat16)
+            mask = None
+            if masked:
+                mask = torch.ones(batch, n, n, device=device, dtype=torch.bool)
+                mask[:, -max(1, n // 16):, :] = False
+                mask[:, :, -max(1, n // 16):] = False
+            cnt = counts(batch, n, d, hidden=h)
+            floor = max(cnt["fwd_flop"] / mm_flops, cnt["fwd_bytes"] / bandwidth) * 1e3
+            row = {**meta, "B": batch, "N": n, "C": d, "H": h, "masked": int(masked), "metric": "ms",
+                   "flop": f"{cnt['fwd_flop']:.4g}", "bytes": f"{cnt['fwd_bytes']:.4g}", "floor_ms": f"{floor:.4f}"}
+            for backend in backends:
+                label = f"gpumode B={batch} N={n:4d} D={d:3d} H={h:3d} mask={int(masked)} {backend:15s}"
+                if backend == "cuequivariance" and h % 32:
+                    note = f"hidden width {h}: cuEquivariance 0.13 documents multiples of 32 only"
+                    print(f"{label} skipped ({note})")
+                    writer.writerow({**row, "backend": backend, "status": "unavailable", "note": note})
+                    failed.add(backend)
+                    continue
+                try:
+                    fn = make_fn(backend, "outgoing", w, d)
+                    with torch.no_grad():
+                        fn(x, mask)  # also the warm-up (compiles the kernels)
+                except Exception as exc:  # not installed, not supported here
+                    note = f"{type(exc).__name__}: {exc}"[:200]
+                    print(f"{label} skipped ({note})")
+                    writer.writerow({**row, "backend": backend, "status": "unavailable", "note": note})
+                    failed.add(backend)
+                    continue
+
+                def fwd(fn=fn, x=x, mask=mask):
+                    with torch.no_grad():
+                        return fn(x, mask)
+
+                try:
+                    ms = time_ms(fwd, device, repeats)
+                except Exception as exc:
+                    status = "oom" if fdevice.is_out_of_memory(exc) else "error"
+                    print(f"{label} {status} {type(exc).__name__}: {exc}"[:200])
+                    writer.writerow({**row, "backend": backend, "status": status, "note": str(exc)[:200]})
+                    failed.add(backend)
+                    continue
+                times[backend].append(ms)
+                writer.writerow({**row, "backend": backend, "status": "ok", "value": f"{ms:.4f}"})
+                print(f"{label} {ms:8.3f} ms  floor {floor:.3f} ms", flush=True)
+            del x, mask, w
+            gc.collect()
+            fdevice.empty_cache(device)
+        means: Dict[str, Optional[float]] = {}
+        for backend in backends:
+            ok = backend not in failed and len(times[backend]) == len(shapes)
+            means[backend] = geomean(times[backend]) if ok else None
+            writer.writerow({**meta, "backend": backend, "mode": "gpumode_geomean", "metric": "ms",
+                             "value": f"{means[backend]:.4f}" if ok else "", "status": "ok" if ok else "incomplete",
+                             "note": f"geometric mean over {len(shapes)} shapes"})
+    for backend, m in means.items():
+        name = "foldops triton" if backend == "triton" else ("foldops torch" if backend == "torch" else backend)
+        line = f"geometric mean {name:16s} " + (f"{m:.3f} ms" if m is not None else "(not every shape ran)")
+        if m is not None and backend == "triton":
+            line += f"  ({m / GPUMODE_H100_WINNER_MS:.2f}x the GPU MODE H100 winner's {GPUMODE_H100_WINNER_MS} ms)"
+        print(line)
+    print("wrote", path)
+    return means
 
 
 def plot(out_dir: str) -> None:
@@ -326,7 +458,10 @@ def main() -> None:
     ap.add_argument("--directions", nargs="+", default=["outgoing", "incoming"])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     ap.add_argument("--max-torch-n", type=int, default=1024)
-    ap.add_argument("--gpumode", action="store_true")
+    ap.add_argument("--gpumode", action="store_true",
+                    help="the GPU MODE trimul shapes instead (forward, bf16, hidden 128): times and geometric means")
+    ap.add_argument("--tiny", action="store_true", help="with --gpumode: shapes scaled down (CPU smoke run)")
+    ap.add_argument("--device", default="auto", help="with --gpumode: device (auto, cuda, cpu, ...)")
     ap.add_argument("--accuracy", type=int, default=0, help="N of the accuracy table (0: none)")
     ap.add_argument("--bandwidth", type=float, default=3.0, help="copy ceiling, TB/s (read+write)")
     ap.add_argument("--mm-tflops", type=float, default=780.0)
@@ -337,6 +472,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.plot_only:
         plot(args.out)
+    elif args.gpumode:
+        device = fdevice.resolve_device(args.device)
+        print(platform.node(), fdevice.device_name(device), torch.__version__)
+        gpumode(device, args.out, tiny(GPUMODE_SHAPES) if args.tiny else GPUMODE_SHAPES,
+                bandwidth=args.bandwidth * 1e12, mm_flops=args.mm_tflops * 1e12)
     elif args.tune:
         tune(args)
     elif args.profile:

@@ -289,26 +289,31 @@ def triangle_multiplication_cases(quick: bool, capability: int) -> Iterator[Tupl
     from foldops.kernels.triangle_multiplication import launch
 
     launch.wrap_triton = Recorder
-    n = 48  # positions P = N^2; the row tiles depend on C only, the product on the dtype
+    n = 48  # positions P = N^2; the row tiles depend on C (and H) only, the product on the dtype
     widths = (128,) if quick else (16, 32, 64, 128, 256, 384)
-    for dname, c, mask, outgoing in itertools.product(DTYPES, widths, (False, True), (True, False)):
+    # (C, H): the pair width and the hidden width; H = C but for GPU MODE's C = 384, H = 128
+    # and a hidden width above C.
+    pairs = [(c, c) for c in widths] + ([] if quick else [(384, 128), (128, 256)])
+    for dname, (c, h), mask, outgoing in itertools.product(DTYPES, pairs, (False, True), (True, False)):
         if quick and not outgoing:
             continue
         dtype = DTYPES[dname]
-        for tf32 in ((False, True) if dtype == torch.float32 else (False,)):
-            def run(dtype=dtype, c=c, mask=mask, outgoing=outgoing, tf32=tf32):
+        for prec in (("ieee", "tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)):
+            def run(dtype=dtype, c=c, h=h, mask=mask, outgoing=outgoing, prec=prec):
                 gen = torch.Generator().manual_seed(0)
                 x = _randn(1, n, n, c, dtype=dtype, gen=gen)
                 keep = torch.ones(1, n, n, dtype=torch.bool) if mask else None
-                ln = [_randn(c, gen=gen) for _ in range(4)]  # LayerNorm vectors stay fp32
-                mats = [_randn(2 * c, c, dtype=dtype, gen=gen) for _ in range(2)] + \
-                       [_randn(c, c, dtype=dtype, gen=gen) for _ in range(2)]
+                ln = [_randn(c, gen=gen), _randn(c, gen=gen), _randn(h, gen=gen), _randn(h, gen=gen)]  # fp32
+                mats = [_randn(2 * h, c, dtype=dtype, gen=gen) for _ in range(2)] + \
+                       [_randn(c, h, dtype=dtype, gen=gen), _randn(c, c, dtype=dtype, gen=gen)]
                 weights = (ln[0], ln[1], mats[0], mats[1], ln[2], ln[3], mats[2], mats[3])
-                out, ab, go, t = launch.triangle_multiplication_forward(x, keep, *weights, outgoing, 1e-5, tf32)
+                out, ab, go, t = launch.triangle_multiplication_forward(x, keep, *weights, outgoing, 1e-5, prec)
                 launch.triangle_multiplication_backward(torch.randn_like(out), x, keep, *weights, ab, go, t,
-                                                        outgoing, 1e-5, tf32)
-                launch.triangle_multiplication_forward(x, keep, *weights, outgoing, 1e-5, tf32, save=False)
-            yield (f"{dname} C={c} mask={int(mask)} {'out' if outgoing else 'in'}" + (" tf32" if tf32 else "")), run
+                                                        outgoing, 1e-5, prec)
+                launch.triangle_multiplication_forward(x, keep, *weights, outgoing, 1e-5, prec, save=False)
+            label = f"{dname} C={c}" + (f" H={h}" if h != c else "")
+            yield (f"{label} mask={int(mask)} {'out' if outgoing else 'in'}"
+                   + (f" {prec}" if prec != "ieee" else "")), run
 
 
 def varlen_attention_cases(quick: bool, capability: int) -> Iterator[Tuple[str, Callable]]:

@@ -33,29 +33,31 @@ def _kernel():
 _kernel()  # registers the foldops::triangle_multiplication_* ops
 
 
-def _inputs(batch, n, dim, dtype, masked=True, device=DEVICE):
+def _inputs(batch, n, dim, dtype, masked=True, device=DEVICE, hidden=None):
     x = torch.randn(batch, n, n, dim, dtype=dtype, device=device)
     mask = make_mask(batch, n).to(device) if masked else None
-    w = {k: v.to(device=device, dtype=dtype) for k, v in make_weights(dim).items()}
+    w = {k: v.to(device=device, dtype=dtype) for k, v in make_weights(dim, hidden=hidden).items()}
     return x, mask, w
 
 
 def _op_args(x, mask, w, outgoing=True):
-    return (x, mask, *(w[k] for k in WEIGHTS), outgoing, 1e-5, False)
+    return (x, mask, *(w[k] for k in WEIGHTS), outgoing, 1e-5, "ieee")
 
 
 @pytest.mark.parametrize("outgoing", (True, pytest.param(False, marks=[pytest.mark.slow, pytest.mark.skipif(
     not os.environ.get("FOLDOPS_SLOW_TESTS"), reason="slow under the interpreter; FOLDOPS_SLOW_TESTS=1 runs it")])))
 def test_opcheck(outgoing):
-    x, mask, w = _inputs(1, 5, 8, torch.float32)
+    """The ops' schemas (the precision a string) with a hidden width H = 12 != C = 8."""
+    x, mask, w = _inputs(1, 5, 8, torch.float32, hidden=12)
     args = [t.detach().requires_grad_() for t in (x, *(w[k] for k in WEIGHTS))]
-    full = (args[0], mask, *args[1:], outgoing, 1e-5, False)
+    full = (args[0], mask, *args[1:], outgoing, 1e-5, "tf32")
     torch.library.opcheck(torch.ops.foldops.triangle_multiplication_fwd.default, full)
     out, ab, go, t = torch.ops.foldops.triangle_multiplication_fwd(*_op_args(x, mask, w, outgoing))
     torch.library.opcheck(
         torch.ops.foldops.triangle_multiplication_bwd.default,
-        (torch.randn_like(out), x, mask, *(w[k] for k in WEIGHTS), ab, go, t, outgoing, 1e-5, False),
+        (torch.randn_like(out), x, mask, *(w[k] for k in WEIGHTS), ab, go, t, outgoing, 1e-5, "tf32"),
     )
+    assert ab.shape == (1, 24, 25) and t.shape == (1, 12, 25) and go.shape == (1, 25, 8)
 
 
 def test_eager_registered_and_inference_paths_agree():
@@ -70,7 +72,7 @@ def test_eager_registered_and_inference_paths_agree():
     assert torch.equal(inference, registered) and torch.equal(eager.detach(), registered)
     grads_eager = torch.autograd.grad(eager, leaves, torch.ones_like(eager))
     leaves2 = [t.clone().requires_grad_() for t in [x] + weights]
-    out2 = torch.ops.foldops.triangle_multiplication_fwd(leaves2[0], mask, *leaves2[1:], True, 1e-5, False)[0]
+    out2 = torch.ops.foldops.triangle_multiplication_fwd(leaves2[0], mask, *leaves2[1:], True, 1e-5, "ieee")[0]
     grads_reg = torch.autograd.grad(out2, leaves2, torch.ones_like(out2))
     for a, b in zip(grads_eager, grads_reg):
         assert torch.equal(a, b)
@@ -211,6 +213,141 @@ def test_auto_never_picks_the_interpreter():
 def test_too_many_channels_is_refused():
     reason = tm._triton_supports(torch.device(DEVICE), torch.float32, True, dim=640)
     assert reason and "640 channels" in reason
+    reason = tm._triton_supports(torch.device(DEVICE), torch.float32, True, dim=128, hidden=640)
+    assert reason and "hidden width 640" in reason
+    assert tm._triton_supports(torch.device(DEVICE), torch.float32, True, dim=384, hidden=512) is None
+
+
+def test_bad_precision_is_refused():
+    launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
+    x, mask, w = _inputs(1, 3, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"precision: expected one of \('ieee', 'tf32x3', 'tf32'\), got 'fast'"):
+        launch.triangle_multiplication_forward(x, mask, *(w[k] for k in WEIGHTS), True, 1e-5, "fast")
+
+
+@pytest.fixture
+def matmul_precision():
+    """Sets torch's fp32 matmul precision for the test; restores it after."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+def test_dot_precision_follows_float32_matmul_precision(matmul_precision):
+    op = importlib.import_module("foldops.kernels.triangle_multiplication.op")
+    for level, dot in (("highest", "ieee"), ("high", "tf32x3"), ("medium", "tf32")):
+        matmul_precision(level)
+        assert op.dot_precision() == dot
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_compile_fullgraph_with_hidden_width_and_tf32(matmul_precision, monkeypatch):
+    """torch.compile(fullgraph=True) (``aot_eager``: Dynamo and AOTAutograd trace the
+    registered ops) of the op with H != C under "medium": the precision string reaches
+    the kernels through the ops' schema; forward and gradients equal eager's."""
+    launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
+    seen = []
+    precision = launch._precision
+    monkeypatch.setattr(launch, "_precision", lambda dtype, p: seen.append(p) or precision(dtype, p))
+    matmul_precision("medium")
+    x, mask, w = _inputs(1, 5, 8, torch.float32, hidden=12)
+
+    def fn(t, *ws):
+        return tm.triangle_multiplication(t, mask, direction="incoming", backend="triton", **dict(zip(WEIGHTS, ws)))
+
+    results = []
+    for f in (fn, torch.compile(fn, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in [x] + [w[k] for k in WEIGHTS]]
+        out = f(*leaves)
+        results.append([out, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
+    assert set(seen) == {"tf32"}
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _tf32_truncating_dots(monkeypatch):
+    """The interpreter's tl.dot ignores input_precision (IEEE fp32 products always):
+    for "tf32" its fp32 operands are cut to TF32 here first, as the GPU's tensor cores
+    take them (the 13 low mantissa bits dropped, not rounded: Triton's plain TF32 does
+    not round its operands, triton-lang/triton#4574), so the tolerance below is tested
+    against TF32 products, not IEEE ones."""
+    import numpy as np
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def tf32(handle):
+        if handle.dtype != tl.float32:
+            return handle
+        bits = np.ascontiguousarray(handle.data, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == ir.INPUT_PRECISION.TF32:
+            a, b = tf32(a), tf32(b)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", dot)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="emulates TF32 in the interpreter")
+def test_fp32_medium_precision_runs_tf32_within_its_tolerance(monkeypatch, matmul_precision):
+    """torch.set_float32_matmul_precision("medium"): every kernel takes plain TF32, and
+    the fp32 output and every gradient stay within a TF32 bound of float64.
+
+    The bound: TF32 keeps 10 of fp32's 23 mantissa bits, so a truncated operand is off
+    by less than 2**-10 of itself and a product of two by less than 2**-9 = 4 * 2**-11.
+    Measured against the largest magnitude of each result, the products chained on the
+    way (the input projection, the triangular product, the output projection, and on
+    the way back their transposes, with LayerNorms rescaling in between) partly cancel
+    and partly add up: two such worst cases, 8 * 2**-11 = 2**-8. In this test the
+    errors reach about 1-4.5 * 2**-11 (IEEE fp32 products: about 1e-3 * 2**-11); operands
+    rounded to bf16's 7 mantissa bits instead would give 6-20 * 2**-11, past it.
+    """
+    from foldops.reference.triangle_multiplication import triangle_multiplication as reference
+
+    direction = "incoming"  # transposed operands; outgoing differs by strides only
+    _tf32_truncating_dots(monkeypatch)
+    launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
+    seen = []
+    wrap = launch.wrap_triton
+
+    class Spy:  # records each launch's kernel and PRECISION, then launches
+        def __init__(self, kernel):
+            self.name, self.launcher = kernel.__name__, wrap(kernel)
+
+        def __getitem__(self, grid):
+            def launch_(*args, **kwargs):
+                seen.append((self.name, kwargs["PRECISION"]))
+                return self.launcher[grid](*args, **kwargs)
+            return launch_
+
+    monkeypatch.setattr(launch, "wrap_triton", Spy)
+    dim, hidden, n = 16, 24, 9
+    x = torch.randn(1, n, n, dim, dtype=torch.float64)
+    mask, w = make_mask(1, n), make_weights(dim, hidden=hidden)
+    g = torch.randn(x.shape, dtype=torch.float64)
+    exact = run(lambda t, **ww: reference(t, mask, direction=direction, **ww), x, w, g)
+    w32 = {k: v.float() for k, v in w.items()}
+    fast = lambda t, **ww: tm.triangle_multiplication(t, mask, direction=direction, backend="triton", **ww)  # noqa
+    results = {}
+    for level in ("medium", "highest"):
+        matmul_precision(level)
+        seen.clear()
+        results[level] = run(fast, x.float(), w32, g)
+        kernels = {"_prologue_kernel", "_product_kernel", "_epilogue_kernel", "_out_bwd_kernel", "_in_bwd_kernel"}
+        assert {name for name, _ in seen} == kernels
+        assert {p for _, p in seen} == {"tf32" if level == "medium" else "ieee"}
+    bound = 2.0**-8
+    for i, name in enumerate(("out", "x") + WEIGHTS):
+        e = (exact[0], *exact[1])[i]
+        tf32, ieee = ((r[0], *r[1])[i] for r in (results["medium"], results["highest"]))
+        scale = e.abs().max().item()
+        err, err_ieee = ((r.double() - e).abs().max().item() for r in (tf32, ieee))
+        assert err <= bound * scale, f"{name}: error {err:.3e} > 2**-8 x {scale:.3e}"
+        assert err > 16 * err_ieee, f"{name}: TF32 error {err:.3e} not above IEEE's {err_ieee:.3e}"
 
 
 # GPU: compiled kernels at real sizes ----------------------------------------------------
@@ -265,8 +402,8 @@ def test_gpu_pairformer_layer_compiles():
     torch.testing.assert_close(z_c, z_e, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("dim", [128, 384])
-def test_grids_fit_cuda_axis_limits_at_large_n(monkeypatch, dim):
+@pytest.mark.parametrize("dim, hidden", [(128, 128), (384, 384), (384, 128)])
+def test_grids_fit_cuda_axis_limits_at_large_n(monkeypatch, dim, hidden):
     """Every launch grid keeps axes 1 and 2 within CUDA's 65535 programs at N = 2048
     (P / BLOCK_P alone passes it there). Launchers run on meta tensors with the GPU tile
     tables and a recorder in place of the launch: only the grids are checked."""
@@ -285,8 +422,9 @@ def test_grids_fit_cuda_axis_limits_at_large_n(monkeypatch, dim):
     n = 2048
     x = torch.empty(1, n, n, dim, dtype=torch.bfloat16, device="meta")
     w = [torch.empty(s, dtype=torch.bfloat16, device="meta")
-         for s in [(dim,), (dim,), (2 * dim, dim), (2 * dim, dim), (dim,), (dim,), (dim, dim), (dim, dim)]]
-    launch.triangle_multiplication_forward(x, None, *w, True, 1e-5, False)
+         for s in [(dim,), (dim,), (2 * hidden, dim), (2 * hidden, dim), (hidden,), (hidden,), (dim, hidden),
+                   (dim, dim)]]
+    launch.triangle_multiplication_forward(x, None, *w, True, 1e-5, "ieee")
     assert {name for name, _ in grids} == {"_prologue_kernel", "_product_kernel", "_epilogue_kernel"}
     for name, grid in grids:
         assert all(0 < g <= 65535 for g in grid[1:]), (name, grid)
@@ -317,7 +455,7 @@ def test_fp16_dt_past_fp16_range_gives_inf_not_nan(monkeypatch, outgoing):
     args = _op_args(x, None, w, outgoing)
     _, ab, go, t = torch.ops.foldops.triangle_multiplication_fwd(*args)
     seen.clear()  # the backward's two products only
-    torch.ops.foldops.triangle_multiplication_bwd(g, *args[:10], ab, go, t, outgoing, 1e-5, False)
+    torch.ops.foldops.triangle_multiplication_bwd(g, *args[:10], ab, go, t, outgoing, 1e-5, "ieee")
     (dt, _, _), _ = seen
     hi, lo = dt[0, :c].double(), dt[0, c:].double()
     assert hi.isinf().any()

@@ -39,7 +39,7 @@ CASES = {
                                  "--kernel", "_out_bwd_kernel"],
                                 {("_product_kernel", "BLOCK_K=64,BLOCK_M=128,BLOCK_N=128,GROUP_M=8"),
                                  ("_product_kernel", "BLOCK_K=32,BLOCK_M=128,BLOCK_N=128,GROUP_M=8"),
-                                 ("_out_bwd_kernel", "BLOCK_N=32,BLOCK_P=64,CP=128")}),
+                                 ("_out_bwd_kernel", "BLOCK_N=32,BLOCK_P=64,HP=128")}),
     # dW = dO' v^T with a gate and an MSA mask (Boltz-2's layer), 16-bit
     "pair_weighted_averaging": (["--variant", "fp16 C=32 gate=1 mask=0 msa_mask=1", "--kernel", "_dw_kernel"],
                                 {("_dw_kernel", "BLOCK_J=128,BLOCK_K=64,BLOCK_I=128,C=32")}),

@@ -19,8 +19,8 @@ def boltz_classes(nnh):
     return {"outgoing": mod.TriangleMultiplicationOutgoing, "incoming": mod.TriangleMultiplicationIncoming}
 
 
-def make(direction, seed=0, **kwargs):
-    layer = OURS[direction](D, **kwargs)
+def make(direction, seed=0, dim=D, **kwargs):
+    layer = OURS[direction](dim, **kwargs)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in layer.named_parameters():
@@ -193,7 +193,45 @@ def test_bad_inputs(x, mask, error, pattern):
 
 
 @pytest.mark.parametrize("kwargs, pattern", [(dict(dim=0), "dim: expected a positive int"),
+                                             (dict(dim=8, hidden_dim=0), "hidden_dim: expected a positive int"),
                                              (dict(dim=8, chunk_size=0), "chunk_size: expected a positive int")])
 def test_bad_constructor_args(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         TriangleMultiplicationOutgoing(**kwargs)
+
+
+@pytest.mark.parametrize("grad", (True, False), ids=("autograd", "inference"))
+@pytest.mark.parametrize("direction", ("outgoing", "incoming"))
+def test_hidden_dim(direction, grad):
+    """hidden_dim H != dim: AF2 / OpenFold's shapes under Boltz's key names (p_in, g_in
+    dim -> 2H, norm_out over H, p_out H -> dim, g_out dim -> dim); fp32 forward and every
+    gradient as accurate as the fp32 reference layer (vs fp64)."""
+    layer = make(direction, hidden_dim=24, seed=3)
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert shapes == {"norm_in.weight": (D,), "norm_in.bias": (D,), "p_in.weight": (48, D), "g_in.weight": (48, D),
+                      "norm_out.weight": (24,), "norm_out.bias": (24,), "p_out.weight": (D, 24),
+                      "g_out.weight": (D, D)}
+    assert layer.hidden_dim == 24 and "hidden_dim=24" in repr(layer)
+    reference = OURS[direction](D, hidden_dim=24, backend="reference")
+    exact = OURS[direction](D, hidden_dim=24, backend="reference", dtype=torch.float64)
+    reference.load_state_dict(layer.state_dict())
+    exact.load_state_dict(layer.state_dict())
+    x, mask = torch.randn(2, 7, 7, D), torch.rand(2, 7, 7) > 0.2
+    outs, grads = [], []
+    for m, t in ((layer, x), (reference, x), (exact, x.double())):
+        t = t.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out = m(t, mask)
+        outs.append(out)
+        if grad:
+            grads.append(torch.autograd.grad(out.sum(), [t, *m.parameters()]))
+    assert_within_baseline("out", outs[0], outs[2], outs[1])
+    for i, (g, b, e) in enumerate(zip(*grads)):
+        assert_within_baseline(f"grad {i}", g, e, b)
+
+
+def test_default_hidden_dim_is_dim():
+    layer = TriangleMultiplicationOutgoing(D)
+    assert layer.hidden_dim == D and "hidden_dim" not in repr(layer)
+    same = TriangleMultiplicationOutgoing(D, hidden_dim=D)
+    assert {k: v.shape for k, v in same.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}

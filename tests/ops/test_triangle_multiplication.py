@@ -37,9 +37,11 @@ def dtype_id(dtype):
     return str(dtype).split(".")[-1]
 
 
-def make_weights(dim, seed=0):
-    """fp64 weights of generic scale (Boltz's init zeroes the gates: trivial output)."""
+def make_weights(dim, seed=0, hidden=None):
+    """fp64 weights of generic scale (Boltz's init zeroes the gates: trivial output);
+    ``hidden``: the product's width H (default ``dim``)."""
     gen = torch.Generator().manual_seed(seed)
+    hidden = dim if hidden is None else hidden
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
@@ -47,11 +49,11 @@ def make_weights(dim, seed=0):
     return {
         "norm_in_weight": 1 + 0.2 * randn(dim),
         "norm_in_bias": 0.2 * randn(dim),
-        "p_in_weight": randn(2 * dim, dim) / dim**0.5,
-        "g_in_weight": randn(2 * dim, dim) / dim**0.5,
-        "norm_out_weight": 1 + 0.2 * randn(dim),
-        "norm_out_bias": 0.2 * randn(dim),
-        "p_out_weight": randn(dim, dim) / dim**0.5,
+        "p_in_weight": randn(2 * hidden, dim) / dim**0.5,
+        "g_in_weight": randn(2 * hidden, dim) / dim**0.5,
+        "norm_out_weight": 1 + 0.2 * randn(hidden),
+        "norm_out_bias": 0.2 * randn(hidden),
+        "p_out_weight": randn(dim, hidden) / hidden**0.5,
         "g_out_weight": randn(dim, dim) / dim**0.5,
     }
 
@@ -191,6 +193,93 @@ def test_triton_bf16_autocast_vs_float64():
     test_bf16_autocast_vs_float64("triton", True)
 
 
+# A hidden (product) width H != D (AF2 / OpenFold; GPU MODE's trimul: D = 128 / 384, H
+# = 128): wider (D = 24, H = 40: H pads to 64 channels in the kernels, D to 32) and
+# narrower (D = 48, H = 16) than the pair, awkward N, masks with padded rows.
+HIDDEN_SHAPES = [(2, 7, 24, 40), (1, 13, 48, 16)]  # (B, N, D, H)
+
+
+@pytest.mark.parametrize("shape", HIDDEN_SHAPES, ids=lambda s: "B{}N{}D{}H{}".format(*s))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_hidden_width_forward_and_grads_vs_float64(direction, backend, dtype, shape):
+    batch, n, dim, hidden = shape
+    x = torch.randn(batch, n, n, dim, dtype=torch.float64)
+    weights = make_weights(dim, hidden=hidden)
+    fast = check_against_fp64(backend, x, make_mask(batch, n), weights, dtype, direction)
+    assert fast.shape == x.shape
+
+
+@pytest.mark.parametrize("chunk_size", (None, 3))
+@pytest.mark.parametrize("shape", HIDDEN_SHAPES, ids=lambda s: "B{}N{}D{}H{}".format(*s))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_id)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_hidden_width_torch_inference_path_vs_float64(direction, dtype, shape, chunk_size):
+    """The chunked path with H != D: chunks of the H hidden channels (3 does not divide
+    either H), the output step's LayerNorm over H and projection H -> D."""
+    batch, n, dim, hidden = shape
+    x = torch.randn(batch, n, n, dim, dtype=torch.float64)
+    check_against_fp64("torch", x, make_mask(batch, n), make_weights(dim, hidden=hidden), dtype, direction,
+                       grad=False, chunk_size=chunk_size)
+
+
+# The kernels under the interpreter with H != D: both directions, fp32 and bf16, H wider
+# and narrower than D (a partial last slab of the 2H-wide prologue output at H = 40).
+TRITON_HIDDEN_CASES = [
+    ("outgoing", torch.bfloat16, (2, 7, 24, 40)),
+    ("incoming", torch.float32, (1, 7, 24, 40)),
+    ("outgoing", torch.float32, (1, 13, 48, 16)),
+    ("incoming", torch.bfloat16, (1, 13, 48, 16)),
+]
+
+
+@pytest.mark.parametrize("direction, dtype, shape", TRITON_HIDDEN_CASES, ids=str)
+def test_triton_hidden_width_forward_and_grads_vs_float64(direction, dtype, shape):
+    pytest.importorskip("triton")
+    batch, n, dim, hidden = shape
+    x = torch.randn(batch, n, n, dim, dtype=torch.float64)
+    check_against_fp64("triton", x, make_mask(batch, n), make_weights(dim, hidden=hidden), dtype, direction)
+
+
+def test_triton_hidden_width_inference_vs_float64():
+    pytest.importorskip("triton")
+    x = torch.randn(1, 13, 13, 48, dtype=torch.float64)
+    check_against_fp64("triton", x, make_mask(1, 13), make_weights(48, hidden=16), torch.bfloat16, "incoming",
+                       grad=False)
+
+
+def test_hidden_width_equal_to_dim_is_the_default_form():
+    """H = D through p_in_weight [2D, D] is Boltz-2's op, the same call as ever."""
+    weights = make_weights(8)
+    assert weights["p_in_weight"].shape == (16, 8) and weights["p_out_weight"].shape == (8, 8)
+    assert make_weights(8, hidden=8).keys() == weights.keys()
+    assert all(torch.equal(weights[k], make_weights(8, hidden=8)[k]) for k in weights)
+
+
+def test_hidden_width_explicit_formula():
+    """The reference with H != D pinned to the AF2 / OpenFold formulas, written out
+    (OpenFold's linear_a_p | linear_b_p stacked are p_in, linear_a_g | linear_b_g g_in,
+    linear_z p_out, linear_g g_out applied after linear_z)."""
+    dim, hidden = 3, 5
+    w = make_weights(dim, hidden=hidden)
+    x = torch.randn(1, 4, 4, dim, dtype=torch.float64)
+    mask = make_mask(1, 4)
+    F = torch.nn.functional
+    z = F.layer_norm(x, (dim,), w["norm_in_weight"], w["norm_in_bias"])
+    keep = mask[..., None].double()
+    a_p, b_p = w["p_in_weight"][:hidden], w["p_in_weight"][hidden:]
+    a_g, b_g = w["g_in_weight"][:hidden], w["g_in_weight"][hidden:]
+    a = keep * torch.sigmoid(z @ a_g.T) * (z @ a_p.T)
+    b = keep * torch.sigmoid(z @ b_g.T) * (z @ b_p.T)
+    for direction, eq in (("outgoing", "bikc,bjkc->bijc"), ("incoming", "bkic,bkjc->bijc")):
+        t = F.layer_norm(torch.einsum(eq, a, b), (hidden,), w["norm_out_weight"], w["norm_out_bias"])
+        expected = (t @ w["p_out_weight"].T) * torch.sigmoid(z @ w["g_out_weight"].T)
+        for backend in BACKENDS:
+            got = triangle_multiplication(x, mask, direction=direction, backend=backend, **w)
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -212,7 +301,7 @@ def test_without_mask(direction, backend):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_inference_chunks_and_blocks_sweep(direction, chunk_size, monkeypatch):
     """Channel chunks that do not divide D and position blocks that do not divide N*N."""
-    monkeypatch.setattr(tm_module, "_position_block", lambda device, positions, dim, workspace: 97 // dim + 1)
+    monkeypatch.setattr(tm_module, "_position_block", lambda device, positions, dim, workspace, hidden: 97 // dim + 1)
     x = torch.randn(2, 11, 11, 8, dtype=torch.float64)
     mask, weights = make_mask(2, 11), make_weights(8)
     fast = check_against_fp64(
@@ -253,7 +342,7 @@ def test_inference_on_an_accelerator_budget_matches(monkeypatch):
     mask, weights = make_mask(2, 11), {k: w.float() for k, w in make_weights(8).items()}
     with torch.no_grad():
         small = triangle_multiplication(x, mask, direction="incoming", backend="torch", **weights)
-        monkeypatch.setattr(tm_module, "_position_block", lambda device, positions, dim, workspace: positions)
+        monkeypatch.setattr(tm_module, "_position_block", lambda device, positions, dim, workspace, hidden: positions)
         big = triangle_multiplication(x, mask, direction="incoming", backend="torch", chunk_size=8, **weights)
     torch.testing.assert_close(big, small, rtol=1e-6, atol=1e-6)
 
@@ -470,7 +559,14 @@ def test_cuequivariance_is_never_picked_by_auto():
         (dict(x=[1.0]), TypeError, "x: expected a torch.Tensor, got list"),
         (dict(x=torch.zeros(2, 3, 3, 4, dtype=torch.int32)), TypeError, "x: expected dtype"),
         (dict(x=torch.randn(2, 3, 3, 5)), ValueError, r"norm_in_weight: expected shape \(5,\), got \(4,\)"),
-        (dict(p_in_weight=torch.randn(4, 4)), ValueError, r"p_in_weight: expected shape \(8, 4\), got \(4, 4\)"),
+        (dict(p_in_weight=torch.randn(7, 4)), ValueError, r"p_in_weight: expected shape \(2H, 4\) .*got \(7, 4\)"),
+        (dict(p_in_weight=torch.randn(8, 5)), ValueError, r"p_in_weight: expected shape \(2H, 4\) .*got \(8, 5\)"),
+        (dict(p_in_weight=torch.randn(8)), ValueError, r"p_in_weight: expected shape \(2H, 4\) .*got \(8,\)"),
+        # p_in_weight [4, 4] is a hidden width H = 2: the other weights must follow it.
+        (dict(p_in_weight=torch.randn(4, 4)), ValueError,
+         r"g_in_weight: expected shape \(4, 4\), got \(8, 4\) \(D = 4 from x, H = 2 from p_in_weight"),
+        (dict(norm_out_weight=torch.randn(6)), ValueError, r"norm_out_weight: expected shape \(4,\), got \(6,\)"),
+        (dict(p_out_weight=torch.randn(4, 6)), ValueError, r"p_out_weight: expected shape \(4, 4\), got \(4, 6\)"),
         (dict(g_out_weight=torch.randn(4, 8)), ValueError, r"g_out_weight: expected shape \(4, 4\), got \(4, 8\)"),
         (dict(norm_out_bias=torch.randn(4, dtype=torch.float64)), TypeError,
          "norm_out_bias: expected dtype torch.float32 \\(as x\\), got torch.float64"),

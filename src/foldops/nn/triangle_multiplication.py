@@ -11,6 +11,12 @@ at a time), and elsewhere its ``torch`` backend, which at inference never holds 
 
 As in Boltz, the triangular product and the output LayerNorm run in fp32, and the
 output at a masked pair is not zeroed (only its contribution to the products is).
+
+``hidden_dim`` (default ``dim``, Boltz-2's layers) sets the product's width H
+separately, as AF2 / OpenFold's ``TriangleMultiplicativeUpdate(c_z, c_hidden)``: then
+``p_in``, ``g_in`` are ``dim -> 2 * hidden_dim``, ``norm_out`` is over ``hidden_dim``
+and ``p_out`` is ``hidden_dim -> dim``; ``g_out`` stays ``dim -> dim`` (OpenFold's
+``linear_g``, applied after the output projection). The key names stay Boltz's.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class _TriangleMultiplication(nn.Module):
         self,
         dim: int = 128,
         *,
+        hidden_dim: Optional[int] = None,
         backend: str = AUTO,
         chunk_size: Optional[int] = None,
         device=None,
@@ -40,16 +47,19 @@ class _TriangleMultiplication(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int("dim", dim, allow_none=False)
+        check_positive_int("hidden_dim", hidden_dim)
         check_positive_int("chunk_size", chunk_size)
         factory = {"device": device, "dtype": dtype}
+        hidden = dim if hidden_dim is None else hidden_dim
         self.dim = dim
+        self.hidden_dim = hidden
         self.backend = backend
         self.chunk_size = chunk_size
         self.norm_in = nn.LayerNorm(dim, eps=1e-5, **factory)
-        self.p_in = nn.Linear(dim, 2 * dim, bias=False, **factory)
-        self.g_in = nn.Linear(dim, 2 * dim, bias=False, **factory)
-        self.norm_out = nn.LayerNorm(dim, eps=1e-5, **factory)
-        self.p_out = nn.Linear(dim, dim, bias=False, **factory)
+        self.p_in = nn.Linear(dim, 2 * hidden, bias=False, **factory)
+        self.g_in = nn.Linear(dim, 2 * hidden, bias=False, **factory)
+        self.norm_out = nn.LayerNorm(hidden, eps=1e-5, **factory)
+        self.p_out = nn.Linear(hidden, dim, bias=False, **factory)
         self.g_out = nn.Linear(dim, dim, bias=False, **factory)
         self.reset_parameters()
 
@@ -106,7 +116,8 @@ class _TriangleMultiplication(nn.Module):
         return out.reshape(*lead, n, n, self.dim)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, backend={self.backend!r}, chunk_size={self.chunk_size}"
+        hidden = "" if self.hidden_dim == self.dim else f", hidden_dim={self.hidden_dim}"
+        return f"dim={self.dim}{hidden}, backend={self.backend!r}, chunk_size={self.chunk_size}"
 
 
 class TriangleMultiplicationOutgoing(_TriangleMultiplication):
@@ -114,9 +125,12 @@ class TriangleMultiplicationOutgoing(_TriangleMultiplication):
 
     Args:
         dim: pair channels D (Boltz default 128).
+        hidden_dim: channels H of the triangular product (default ``dim``, as Boltz-2;
+            AF2 / OpenFold's ``c_hidden``).
         backend: backend of ``foldops.ops.triangle_multiplication`` (``"auto"``,
             ``"triton"``, ``"torch"``, ``"reference"``, ``"cuequivariance"``).
-        chunk_size: product channels per step at inference (None: memory-bounded default).
+        chunk_size: hidden channels of the product per step at inference (None: memory-bounded
+            default).
         device, dtype: factory kwargs for the parameters.
     """
 

@@ -1,46 +1,58 @@
 """Triangle multiplicative update (AF3 Algorithms 12/13 as in Boltz-2): the public functional.
 
     x: [B, N, N, D]   mask: [B, N, N] keep-mask (bool or 0/1 float) or None
-    norm_in_weight, norm_in_bias, norm_out_weight, norm_out_bias: [D]
-    p_in_weight, g_in_weight: [2D, D]   p_out_weight, g_out_weight: [D, D]
+    norm_in_weight, norm_in_bias: [D]   norm_out_weight, norm_out_bias: [H]
+    p_in_weight, g_in_weight: [2H, D]   p_out_weight: [D, H]   g_out_weight: [D, D]
     out: [B, N, N, D]
 
     h      = LayerNorm_in(x)
-    [a, b] = (h p_in^T) * sigmoid(h g_in^T) * mask
+    [a, b] = (h p_in^T) * sigmoid(h g_in^T) * mask                  a, b: [B, N, N, H]
     t      = outgoing: t[i,j] = sum_k a[i,k] b[j,k];  incoming: t[i,j] = sum_k a[k,i] b[k,j]
     out    = (LayerNorm_out(t) p_out^T) * sigmoid(h g_out^T)
 
+H is the hidden (product) width, read from ``p_in_weight.shape[0] // 2``: H = D in
+Boltz-2 and AF3; AF2 / OpenFold's ``TriangleMultiplicativeUpdate(c_z, c_hidden)`` has
+H = c_hidden (``linear_a_p | linear_b_p`` stacked are p_in, ``linear_a_g | linear_b_g``
+g_in, ``layer_norm_out`` the [H] norm, ``linear_z`` p_out, ``linear_g`` g_out; biases
+aside).
+
 The argument list mirrors cuEquivariance's ``triangle_multiplicative_update`` (what
-Boltz-2 calls with ``use_kernels=True``). The triangular product and LayerNorm_out run
-in fp32 (fp64 for fp64 inputs) whatever the input dtype, as Boltz casts ``a, b`` to
-float; the projections run in the input dtype, or autocast's. The output at a masked
+Boltz-2 calls with ``use_kernels=True``), hidden width included. The triangular product
+and LayerNorm_out run in fp32 (fp64 for fp64 inputs) whatever the input dtype, as Boltz
+casts ``a, b`` to float; the projections run in the input dtype, or autocast's. The output at a masked
 pair is not zeroed (as in Boltz and cuEquivariance): only ``a`` and ``b`` are.
 
 Backends:
 
-- ``triton`` (CUDA cc >= 8.0, fp16 / bf16 / fp32, D <= 512; picked by ``auto``): fused
-  kernels in ``foldops.kernels.triangle_multiplication``: LayerNorm_in, both gated
-  projections, the mask and the output gate in one prologue pass writing a, b
-  channel-major; the per-channel product on tensor cores (fp32 accumulation, TF32x3
-  for fp32 when matmul precision allows); LayerNorm_out, p_out and the gate in one
-  epilogue pass. Backward in two row kernels plus per-channel products; weight
-  gradients are GEMMs over positions (deterministic). Memory: training saves a, b,
-  the gate and t (fp32), about 5x x for 16-bit x; inference builds t a block of rows
-  at a time (``foldops.budget``), about 3x x plus the block. Under autocast the
+- ``triton`` (CUDA cc >= 8.0, fp16 / bf16 / fp32, D <= 512 and H <= 512; picked by
+  ``auto``): fused kernels in ``foldops.kernels.triangle_multiplication``: LayerNorm_in,
+  both gated projections, the mask and the output gate in one prologue pass writing a,
+  b channel-major; the per-channel product on tensor cores (fp32 accumulation);
+  LayerNorm_out, p_out and the gate in one epilogue pass. For fp32 inputs every
+  product in the kernels follows ``torch.get_float32_matmul_precision()``:
+  ``"highest"`` (PyTorch's default): IEEE fp32 products; ``"high"``: TF32x3, three TF32
+  products per product (near fp32's accuracy, faster than IEEE on tensor cores);
+  ``"medium"``: plain TF32, one product of operands cut to 10-bit mantissas (relative
+  error below 2**-10 per operand; the fastest). 16-bit inputs always run 16-bit
+  products with fp32 accumulation. Backward in two row kernels plus per-channel
+  products; weight gradients are GEMMs over positions (deterministic). Memory: training saves a, b,
+  the gate and t (fp32), about 5x x for 16-bit x and H = D; inference builds t a block
+  of rows at a time (``foldops.budget``), about 3x x plus the block. Under autocast the
   inputs and matrices are cast to the autocast dtype first.
 - ``torch``: at inference (no gradient needed) memory-bounded: ``h`` is kept once in the
-  compute dtype and overwritten by the output, ``t`` is built in ``[B, D, N, N]``
+  compute dtype and overwritten by the output, ``t`` is built in ``[B, H, N, N]``
   layout by batched matmuls, ``chunk_size`` channels at a time, from gated
-  projections computed straight into that layout. Extra memory O(B N^2 D) for ``h``
-  and ``t`` plus O(chunk N^2) for one chunk of ``a, b`` and its gate (the 2D-wide
-  projection is never materialised whole). Measured peak on CPU, fp32, D = 128,
+  projections computed straight into that layout. Extra memory O(B N^2 (D + H)) for
+  ``h`` and ``t`` plus O(chunk N^2) for one chunk of ``a, b`` and its gate (the
+  2H-wide projection is never materialised whole). Measured peak on CPU, fp32, D = 128,
   N = 256: about 3x the size of x (Boltz's module: about 7x). Few large ops, reused
-  workspaces. With gradients it
-  runs the reference's autograd graph (O(B N^2 D) activations, as Boltz's module).
-- ``reference``: the plain composition (O(B N^2 D) with several 2D-wide temporaries);
+  workspaces. With gradients it runs the reference's autograd graph (O(B N^2 (D + H))
+  activations, as Boltz's module).
+- ``reference``: the plain composition (O(B N^2 H) with several 2H-wide temporaries);
   never picked by ``auto``.
 - ``cuequivariance``: NVIDIA's fused op, only where ``cuequivariance_torch`` imports
-  and the input is on an NVIDIA GPU; never picked by ``auto``. It ignores ``chunk_size``.
+  and the input is on an NVIDIA GPU, for hidden widths that are multiples of 32 (its
+  documented limit); never picked by ``auto``. It ignores ``chunk_size``.
 """
 
 from __future__ import annotations
@@ -66,7 +78,7 @@ from foldops.reference import triangle_multiplication as _reference
 from foldops.reference.triangle_multiplication import DIRECTIONS, product_dtype
 
 OP = "triangle_multiplication"
-KERNEL_MAX_CHANNELS = 512  # the Triton kernels hold a position's channels in registers
+KERNEL_MAX_CHANNELS = 512  # the Triton kernels hold a position's channels (D, H) in registers
 
 WEIGHT_NAMES = (
     "norm_in_weight",
@@ -84,8 +96,10 @@ WEIGHT_NAMES = (
 # thinner chunks would re-read h too often.
 _MIN_CHUNK = 8
 # Bytes per position of the output step's temporaries: LayerNorm_out in fp32 (input
-# view and output), the gate and the projection in the compute dtype.
-_BLOCK_BYTES_PER_CHANNEL = 4 + 4 + 2 + 2
+# view and output) over the H hidden channels, the gate and the projection (compute
+# dtype) over the D pair channels.
+_BLOCK_BYTES_PER_HIDDEN = 4 + 4
+_BLOCK_BYTES_PER_CHANNEL = 2 + 2
 
 
 def _compute_dtype(x: torch.Tensor):
@@ -96,27 +110,32 @@ def _compute_dtype(x: torch.Tensor):
     return x.dtype, False
 
 
-def _default_chunk(device, n: int, dim: int, wide_bytes: int, cdt_bytes: int, fixed_bytes: int = 0) -> int:
-    """Channels of the product per step: a chunk holds a, b (product dtype), their gate
-    and, if narrower, the projection (compute dtype), each [2 * chunk, N, N]."""
+def _default_chunk(device, n: int, dim: int, wide_bytes: int, cdt_bytes: int, fixed_bytes: int = 0,
+                   hidden: Optional[int] = None) -> int:
+    """Hidden channels of the product per step (of ``hidden``, default ``dim``): a chunk
+    holds a, b (product dtype), their gate and, if narrower, the projection (compute
+    dtype), each [2 * chunk, N, N]."""
+    hidden = dim if hidden is None else hidden
     per_channel = 2 * n * n * (wide_bytes + cdt_bytes + (cdt_bytes if cdt_bytes != wide_bytes else 0))
-    chunk = rows_per_chunk(device, per_channel, dim)
+    chunk = rows_per_chunk(device, per_channel, hidden)
     # Accelerators: every channel at once while the whole workspace and the path's fixed
     # buffers (h and t, ``fixed_bytes``, allocated after free memory was read) fit the
     # budget: few, large launches (at small N the chunk loop's launches cost more than
     # the arithmetic). Past it a chunk's workspace no larger than h (n^2 dim values), so
-    # the peak stays near the fixed O(N^2 D) buffers and the longest N does not shrink.
-    if device.type != "cpu" and rows_per_chunk(device, per_channel + -(-fixed_bytes // dim), dim) < dim:
+    # the peak stays near the fixed O(N^2 (D + H)) buffers and the longest N does not shrink.
+    if device.type != "cpu" and rows_per_chunk(device, per_channel + -(-fixed_bytes // hidden), hidden) < hidden:
         chunk = min(chunk, (n * n * dim * cdt_bytes) // per_channel)
-    return max(min(_MIN_CHUNK, dim), chunk)
+    return max(min(_MIN_CHUNK, hidden), chunk)
 
 
-def _position_block(device, positions: int, dim: int, workspace_bytes: int) -> int:
+def _position_block(device, positions: int, dim: int, workspace_bytes: int, hidden: Optional[int] = None) -> int:
     """Positions per LayerNorm_in / output step; on accelerators also within the channel
     chunks' workspace (freed before the output step), so the peak does not grow."""
-    rows = rows_per_chunk(device, dim * _BLOCK_BYTES_PER_CHANNEL, positions)
+    hidden = dim if hidden is None else hidden
+    per_position = hidden * _BLOCK_BYTES_PER_HIDDEN + dim * _BLOCK_BYTES_PER_CHANNEL
+    rows = rows_per_chunk(device, per_position, positions)
     if device.type != "cpu":
-        rows = min(rows, max(1, workspace_bytes // (dim * _BLOCK_BYTES_PER_CHANNEL)))
+        rows = min(rows, max(1, workspace_bytes // per_position))
     return rows
 
 
@@ -129,16 +148,17 @@ def _autograd_path(x, mask, direction, w, eps):
 @torch.no_grad()
 def _inference_path(x, mask, direction, w, eps, chunk_size):
     batch, n, _, dim = x.shape
+    hidden = w["p_in_weight"].shape[0] // 2
     nn_ = n * n
     cdt, amp = _compute_dtype(x)
     ln_dtype = torch.float32 if amp else cdt
     wide = product_dtype(cdt)
     dev = x.device
     size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
-    fixed = batch * nn_ * dim * (size(cdt) + size(wide))  # h and t
-    chunk = min(dim, chunk_size or _default_chunk(dev, n, dim, size(wide), size(cdt), fixed))
+    fixed = batch * nn_ * (dim * size(cdt) + hidden * size(wide))  # h and t
+    chunk = min(hidden, chunk_size or _default_chunk(dev, n, dim, size(wide), size(cdt), fixed, hidden=hidden))
     workspace = 2 * chunk * nn_ * (size(wide) + 2 * size(cdt))
-    block = _position_block(dev, nn_, dim, workspace)
+    block = _position_block(dev, nn_, dim, workspace, hidden=hidden)
     with fp32_region(x):  # dtypes are explicit below
         p_in, g_in = w["p_in_weight"].to(cdt), w["g_in_weight"].to(cdt)
         p_out, g_out = w["p_out_weight"].to(cdt), w["g_out_weight"].to(cdt)
@@ -153,18 +173,19 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
             h[:, i : i + rows] = F.layer_norm(x[:, i : i + rows].to(ln_dtype), (dim,), *ln_in, eps)
         hf = h.view(batch, nn_, dim)
 
-        # t[b, d] = a[b, d] @ b[b, d]^T (outgoing) or a^T @ b (incoming), ``chunk`` channels
-        # at a time. Workspaces are allocated once and reused: few, large ops (each one a
-        # thread-pool barrier on CPU) and no page faults from fresh buffers per chunk.
-        t = torch.empty((batch, dim, n, n), dtype=wide, device=dev)
+        # t[b, e] = a[b, e] @ b[b, e]^T (outgoing) or a^T @ b (incoming) per hidden channel
+        # e, ``chunk`` channels at a time. Workspaces are allocated once and reused: few,
+        # large ops (each one a thread-pool barrier on CPU) and no page faults from fresh
+        # buffers per chunk.
+        t = torch.empty((batch, hidden, n, n), dtype=wide, device=dev)
         # Per chunk, one matmul gives each channel's rows [a, b, gate a, gate b]: the
-        # weights are stacked once per call channel-major ([D, 4, D]), so a chunk's
+        # weights are stacked once per call channel-major ([H, 4, D]), so a chunk's
         # weights are a view and a chunk costs six launches.
-        w_pg = torch.stack([p_in[:dim], p_in[dim:], g_in[:dim], g_in[dim:]], dim=1)
+        w_pg = torch.stack([p_in[:hidden], p_in[hidden:], g_in[:hidden], g_in[hidden:]], dim=1)
         pg = torch.empty((chunk, 4, nn_), dtype=cdt, device=dev)
         ab = torch.empty((chunk, 2, nn_), dtype=wide, device=dev) if cdt != wide else None
-        for c0 in range(0, dim, chunk):
-            c = min(chunk, dim - c0)
+        for c0 in range(0, hidden, chunk):
+            c = min(chunk, hidden - c0)
             pgc = pg[:c]
             pc, gc = pgc[:, :2], pgc[:, 2:]  # [c, 2, N*N]: (a, b) and their gates
             for bi in range(batch):
@@ -187,13 +208,13 @@ def _inference_path(x, mask, direction, w, eps, chunk_size):
         # (the gate first: it reads the block of h that the projection then overwrites).
         gate = torch.empty((min(block, nn_), dim), dtype=cdt, device=dev)
         for bi in range(batch):
-            tf = t[bi].view(dim, nn_)
+            tf = t[bi].view(hidden, nn_)
             for s in range(0, nn_, block):
                 hb = hf[bi, s : s + block]
                 gb = gate[: hb.shape[0]]
                 torch.matmul(hb, g_out.T, out=gb)
                 gb.sigmoid_()
-                y = F.layer_norm(tf[:, s : s + block].T, (dim,), *ln_out, eps)
+                y = F.layer_norm(tf[:, s : s + block].T, (hidden,), *ln_out, eps)
                 torch.matmul(y.to(cdt), p_out.T, out=hb)
                 hb.mul_(gb)
     return h
@@ -216,7 +237,7 @@ def _triton_backend(x, mask, direction, w, eps, chunk_size):
         return kernel(x.to(cdt), mask, weights, direction == "outgoing", eps)
 
 
-def _triton_supports(device, dtype, explicit, dim=None, **_):
+def _triton_supports(device, dtype, explicit, dim=None, hidden=None, **_):
     reason = kernel_support(device, explicit)
     if reason is not None:
         return reason
@@ -224,6 +245,8 @@ def _triton_supports(device, dtype, explicit, dim=None, **_):
         return f"dtype {dtype} (kernel supports fp16, bf16, fp32)"
     if dim is not None and dim > KERNEL_MAX_CHANNELS:
         return f"{dim} channels (kernel supports up to {KERNEL_MAX_CHANNELS})"
+    if hidden is not None and hidden > KERNEL_MAX_CHANNELS:
+        return f"hidden width {hidden} (kernel supports up to {KERNEL_MAX_CHANNELS})"
     try:
         import foldops.kernels.triangle_multiplication  # noqa: F401
     except ImportError as exc:
@@ -250,7 +273,7 @@ def _cuequivariance_backend(x, mask, direction, w, eps, chunk_size):
     return fn(x, direction=direction, mask=mask, eps=eps, **w)
 
 
-def _cuequivariance_supports(device, dtype, explicit, **_):
+def _cuequivariance_supports(device, dtype, explicit, hidden=None, **_):
     try:
         _cuequivariance_import()
     except Exception as exc:  # ImportError, or a broken install
@@ -259,6 +282,8 @@ def _cuequivariance_supports(device, dtype, explicit, **_):
         return f"cuEquivariance runs on NVIDIA GPUs only, got {device.type}"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} (cuEquivariance supports fp16, bf16, fp32)"
+    if hidden is not None and hidden % 32:
+        return f"hidden width {hidden} (cuEquivariance 0.13 documents multiples of 32 only)"
     return None
 
 
@@ -270,27 +295,37 @@ backends.register(
 backends.register(OP, "reference", _reference_backend, priority=0, auto=False)
 
 
+def hidden_width(p_in_weight: torch.Tensor, dim: int) -> int:
+    """H from ``p_in_weight`` ``[2H, D]``; a ValueError naming it for any other shape."""
+    check_tensor("p_in_weight", p_in_weight, dtypes=None)
+    shape = tuple(p_in_weight.shape)
+    if len(shape) != 2 or shape[1] != dim or shape[0] < 2 or shape[0] % 2:
+        raise ValueError(f"p_in_weight: expected shape (2H, {dim}) for a hidden width H >= 1 "
+                         f"(D = {dim} from x; Boltz-2 has H = D), got {shape}")
+    return shape[0] // 2
+
+
 def validate(x, mask, direction, weights: Dict[str, torch.Tensor], eps) -> Optional[torch.Tensor]:
-    """Check shapes, dtypes, devices and options; return the mask as bool (or None)."""
+    """Check shapes, dtypes, devices and options; return the mask as bool (or None).
+    The hidden width H is read from ``p_in_weight`` (``[2H, D]``)."""
     check_tensor("x", x)
     if x.dim() != 4 or x.shape[1] != x.shape[2]:
         raise ValueError(f"x: expected shape (B, N, N, D), got {tuple(x.shape)}")
     batch, n, _, dim = x.shape
     check_choice("direction", direction, DIRECTIONS)
-    shapes = {
-        "norm_in_weight": (dim,),
-        "norm_in_bias": (dim,),
-        "p_in_weight": (2 * dim, dim),
-        "g_in_weight": (2 * dim, dim),
-        "norm_out_weight": (dim,),
-        "norm_out_bias": (dim,),
-        "p_out_weight": (dim, dim),
-        "g_out_weight": (dim, dim),
-    }
     # Under autocast the weights may stay fp32 (autocast casts them); otherwise x's dtype.
     amp = _compute_dtype(x)[1]
+    shapes = {"norm_in_weight": (dim,), "norm_in_bias": (dim,)}  # the rest once H is known
     for name in WEIGHT_NAMES:
-        t = check_tensor(name, weights[name], shapes[name], dtypes=FLOAT_DTYPES, device=x.device)
+        t = check_tensor(name, weights[name], dtypes=None)
+        if name == "p_in_weight":
+            hidden = hidden_width(t, dim)
+            shapes.update(p_in_weight=(2 * hidden, dim), g_in_weight=(2 * hidden, dim), norm_out_weight=(hidden,),
+                          norm_out_bias=(hidden,), p_out_weight=(dim, hidden), g_out_weight=(dim, dim))
+        if tuple(t.shape) != shapes[name]:
+            source = f"D = {dim} from x" + (f", H = {hidden} from p_in_weight [2H, D]" if len(shapes) > 2 else "")
+            raise ValueError(f"{name}: expected shape {shapes[name]}, got {tuple(t.shape)} ({source})")
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, device=x.device)
         if not amp and t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (as x), got {t.dtype}")
     check_positive_float("eps", eps)
@@ -322,17 +357,22 @@ def triangle_multiplication(
         direction: ``"outgoing"`` (``t[i,j] = sum_k a[i,k] b[j,k]``) or ``"incoming"``
             (``t[i,j] = sum_k a[k,i] b[k,j]``).
         norm_in_weight, norm_in_bias: ``[D]`` input LayerNorm.
-        p_in_weight, g_in_weight: ``[2D, D]`` projection and gate of ``[a, b]``.
-        norm_out_weight, norm_out_bias: ``[D]`` LayerNorm of the product.
-        p_out_weight, g_out_weight: ``[D, D]`` output projection and output gate.
+        p_in_weight, g_in_weight: ``[2H, D]`` projection and gate of ``[a, b]``; H, the
+            hidden (product) width, is ``p_in_weight.shape[0] // 2`` (Boltz-2: H = D).
+        norm_out_weight, norm_out_bias: ``[H]`` LayerNorm of the product.
+        p_out_weight: ``[D, H]`` output projection. g_out_weight: ``[D, D]`` output gate
+            (from h, applied after the projection, as in OpenFold and Boltz-2).
             Weights have x's dtype (any float dtype under autocast).
         eps: LayerNorm epsilon of both norms.
-        chunk_size: channels of the product per step for the ``torch`` backend at
+        chunk_size: hidden channels of the product per step for the ``torch`` backend at
             inference (default: from ``foldops.budget``, at least 8 channels; on
             accelerators every channel while the whole workspace fits the budget, else
             a chunk's workspace at most the size of h).
         backend: ``"auto"``, ``"triton"``, ``"torch"``, ``"reference"`` or
-            ``"cuequivariance"``.
+            ``"cuequivariance"``. For fp32 inputs the ``triton`` kernels' products follow
+            ``torch.get_float32_matmul_precision()``: ``"highest"`` IEEE fp32,
+            ``"high"`` TF32x3 (near fp32), ``"medium"`` plain TF32 (fastest; operands
+            keep 10 mantissa bits); see the module doc.
 
     Returns:
         ``[B, N, N, D]`` in x's dtype (autocast's dtype under autocast).
@@ -349,6 +389,7 @@ def triangle_multiplication(
     }
     mask = validate(x, mask, direction, weights, eps)
     check_positive_int("chunk_size", chunk_size)
-    impl = backends.select(OP, backend, device=x.device, dtype=x.dtype, dim=x.shape[-1], n=x.shape[1],
+    impl = backends.select(OP, backend, device=x.device, dtype=x.dtype, dim=x.shape[-1],
+                           hidden=p_in_weight.shape[0] // 2, n=x.shape[1],
                            training=needs_grad(x, *weights.values()))
     return impl.fn(x, mask, direction, weights, float(eps), chunk_size)

@@ -1,13 +1,14 @@
 """Reference triangle multiplicative update (AF3 / Boltz-2): slow, obviously right, fp64-capable.
 
-Shapes (D = channels, weights in ``nn.Linear`` layout ``[out, in]``):
+Shapes (D = pair channels, H = hidden (product) channels, H = D in Boltz-2 and
+AF3, any H in AF2 / OpenFold; weights in ``nn.Linear`` layout ``[out, in]``):
 
     x: [B, N, N, D]   mask: [B, N, N] (True = keep) or None   out: [B, N, N, D]
-    norm_in_weight, norm_in_bias, norm_out_weight, norm_out_bias: [D]
-    p_in_weight, g_in_weight: [2D, D]   p_out_weight, g_out_weight: [D, D]
+    norm_in_weight, norm_in_bias: [D]   norm_out_weight, norm_out_bias: [H]
+    p_in_weight, g_in_weight: [2H, D]   p_out_weight: [D, H]   g_out_weight: [D, D]
 
     h      = LayerNorm_in(x)
-    [a, b] = (h p_in^T) * sigmoid(h g_in^T) * mask          a, b: [B, N, N, D]
+    [a, b] = (h p_in^T) * sigmoid(h g_in^T) * mask          a, b: [B, N, N, H]
     t      = outgoing: t[i,j] = sum_k a[i,k] * b[j,k]
              incoming: t[i,j] = sum_k a[k,i] * b[k,j]        (in fp32, fp64 for fp64 x)
     out    = (LayerNorm_out(t) p_out^T) * sigmoid(h g_out^T)
@@ -55,7 +56,7 @@ def triangle_multiplication(
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
-    dim = x.shape[-1]
+    dim, hidden = x.shape[-1], norm_out_weight.shape[-1]
     h = F.layer_norm(x, (dim,), norm_in_weight, norm_in_bias, eps)
     ab = F.linear(h, p_in_weight) * torch.sigmoid(F.linear(h, g_in_weight))
     if mask is not None:
@@ -68,5 +69,5 @@ def triangle_multiplication(
             t = torch.einsum("bikd,bjkd->bijd", a, b)
         else:
             t = torch.einsum("bkid,bkjd->bijd", a, b)
-        t = F.layer_norm(t, (dim,), norm_out_weight.to(wide), norm_out_bias.to(wide), eps)
+        t = F.layer_norm(t, (hidden,), norm_out_weight.to(wide), norm_out_bias.to(wide), eps)
     return F.linear(t.to(x.dtype), p_out_weight) * torch.sigmoid(F.linear(h, g_out_weight))

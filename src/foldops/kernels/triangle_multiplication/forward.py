@@ -2,8 +2,10 @@
 (``_prologue_kernel``), the per-channel triangular product (``_product_kernel``, also
 used by the backward) and the LayerNorm-epilogue output projection (``_epilogue_kernel``).
 
-Every kernel keeps a block of positions with all of its (padded) channels in registers,
-so a LayerNorm over channels needs no second pass over memory. Offsets are int64.
+C is the pair width (x, out, the output gate), H the hidden width of the product (a, b,
+t; H = C in Boltz-2). Every row kernel keeps a block of positions with all of the
+(padded) channels of its LayerNorm in registers (CP for LayerNorm_in, HP for
+LayerNorm_out), so a LayerNorm needs no second pass over memory. Offsets are int64.
 """
 
 import triton
@@ -14,14 +16,14 @@ from foldops.kernels.triangle_multiplication.common import _row_stats, _sigmoid
 
 @triton.jit
 def _prologue_slab(
-    h, pid_n, n_ab, b, offs_p, valid_p, offs_c, valid_c, keep, C,
+    h, pid_n, n_ab, b, offs_p, valid_p, offs_c, valid_c, keep, C, H,
     W_P, W_G, W_GO, AB, GO, stride_ab_b, stride_ab_c, stride_go_b, stride_go_p,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Slab ``pid_n`` of the 3C-wide [a, b | g_out] output for the positions of ``h``."""
+    """Slab ``pid_n`` of the (2H + C)-wide [a, b | g_out] output for the positions of ``h``."""
     if pid_n < n_ab:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid_n = offs_n < 2 * C
+        valid_n = offs_n < 2 * H
         w_off = offs_n[None, :].to(tl.int64) * C + offs_c[:, None]  # [CP, BLOCK_N]: W^T
         w_ok = valid_n[None, :] & valid_c[:, None]
         wp = tl.load(W_P + w_off, mask=w_ok, other=0.0)
@@ -47,32 +49,32 @@ def _prologue_slab(
 def _prologue_kernel(
     X,  # [B, P, C] input pairs (P = N*N positions), any strides
     LN_W, LN_B,  # [C] LayerNorm_in weight and bias (any float dtype)
-    W_P, W_G,  # [2C, C] p_in and g_in weights, in the dot dtype
+    W_P, W_G,  # [2H, C] p_in and g_in weights, in the dot dtype
     W_GO,  # [C, C] g_out weight, in the dot dtype
     MASK,  # [B, P] uint8 keep-mask (read only if HAS_MASK)
-    AB,  # [B, 2C, P] out: a (channels 0..C-1) and b (C..2C-1), channel-major
+    AB,  # [B, 2H, P] out: a (channels 0..H-1) and b (H..2H-1), channel-major
     GO,  # [B, P, C] out: sigmoid(h g_out^T), position-major
-    P, C, eps,
+    P, C, H, eps,
     stride_x_b, stride_x_p, stride_x_c,
     stride_m_b,
     stride_ab_b, stride_ab_c,  # AB's position stride is 1
     stride_go_b, stride_go_p,  # GO's channel stride is 1
     HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" / "tf32x3"; fp32 only)
-    CP: tl.constexpr,  # channels padded to a power of two >= 16
+    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" / "tf32x3" / "tf32"; fp32 only)
+    CP: tl.constexpr,  # C padded to a power of two >= 16
     BLOCK_P: tl.constexpr,  # positions per program
     BLOCK_N: tl.constexpr,  # output channels per slab
     ALL_SLABS: tl.constexpr,  # one program writes every slab of its positions
 ):
-    """Output slabs (BLOCK_N channels) of the 3C-wide concatenation [a, b | g_out] for
-    BLOCK_P positions. With ALL_SLABS, program (p, b) computes h = LayerNorm_in(x) once
+    """Output slabs (BLOCK_N channels) of the (2H + C)-wide concatenation [a, b | g_out]
+    for BLOCK_P positions. With ALL_SLABS, program (p, b) computes h = LayerNorm_in(x) once
     and loops over the slabs; otherwise program (p * n_slabs + n, b) writes slab n and
     recomputes h (its x tile re-read from L2: programs of one position block run back to
     back). Position blocks share grid axis 0 with the channel slabs: they outnumber the
     65535 programs a second axis may have once P / BLOCK_P does (N >= 2048 at C = 128)."""
     # Inductor passes Python floats as fp64 scalars; the arithmetic stays fp32.
     eps = tl.cast(eps, tl.float32)
-    n_ab = tl.cdiv(2 * C, BLOCK_N)
+    n_ab = tl.cdiv(2 * H, BLOCK_N)
     n_slabs = n_ab + tl.cdiv(C, BLOCK_N)
     pid = tl.program_id(0)
     if ALL_SLABS:
@@ -95,10 +97,10 @@ def _prologue_kernel(
         keep = tl.load(MASK + b * stride_m_b + offs_p, mask=valid_p, other=0)
     if ALL_SLABS:
         for pid_n in range(0, n_slabs):
-            _prologue_slab(h, pid_n, n_ab, b, offs_p, valid_p, offs_c, valid_c, keep, C, W_P, W_G, W_GO, AB, GO,
-                           stride_ab_b, stride_ab_c, stride_go_b, stride_go_p, HAS_MASK, PRECISION, BLOCK_N)
+            _prologue_slab(h, pid_n, n_ab, b, offs_p, valid_p, offs_c, valid_c, keep, C, H, W_P, W_G, W_GO, AB,
+                           GO, stride_ab_b, stride_ab_c, stride_go_b, stride_go_p, HAS_MASK, PRECISION, BLOCK_N)
     else:
-        _prologue_slab(h, pid % n_slabs, n_ab, b, offs_p, valid_p, offs_c, valid_c, keep, C, W_P, W_G, W_GO,
+        _prologue_slab(h, pid % n_slabs, n_ab, b, offs_p, valid_p, offs_c, valid_c, keep, C, H, W_P, W_G, W_GO,
                        AB, GO, stride_ab_b, stride_ab_c, stride_go_b, stride_go_p, HAS_MASK, PRECISION, BLOCK_N)
 
 
@@ -173,17 +175,17 @@ def _product_kernel(
 
 @triton.jit
 def _epilogue_kernel(
-    T,  # [B, C, P] fp32 triangular product, channel-major
-    LN_W, LN_B,  # [C] LayerNorm_out weight and bias
-    W_PO,  # [C, C] p_out weight, in the dot dtype
+    T,  # [B, H, P] fp32 triangular product, channel-major
+    LN_W, LN_B,  # [H] LayerNorm_out weight and bias
+    W_PO,  # [C, H] p_out weight, in the dot dtype
     GO,  # [B, P, C] output gate (position-major, channel stride 1)
     OUT,  # [B, P, C] out, any strides
-    P, C, eps,
+    P, C, H, eps,
     stride_t_b, stride_t_c,  # T's position stride is 1
     stride_go_b, stride_go_p,
     stride_o_b, stride_o_p, stride_o_c,
     PRECISION: tl.constexpr,
-    CP: tl.constexpr,
+    HP: tl.constexpr,  # H padded to a power of two >= 16
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -198,19 +200,19 @@ def _epilogue_kernel(
     pid_p = pid // n_slabs
     b = tl.program_id(1).to(tl.int64)
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.arange(0, CP)
+    offs_h = tl.arange(0, HP)
     valid_p = offs_p < P
-    valid_c = offs_c < C
-    t = tl.load(T + b * stride_t_b + offs_c[None, :].to(tl.int64) * stride_t_c + offs_p[:, None],
-                mask=valid_p[:, None] & valid_c[None, :], other=0.0).to(tl.float32)
-    mean, rstd = _row_stats(t, valid_c[None, :], C, eps)
-    lw = tl.load(LN_W + offs_c, mask=valid_c, other=0.0).to(tl.float32)
-    lb = tl.load(LN_B + offs_c, mask=valid_c, other=0.0).to(tl.float32)
+    valid_h = offs_h < H
+    t = tl.load(T + b * stride_t_b + offs_h[None, :].to(tl.int64) * stride_t_c + offs_p[:, None],
+                mask=valid_p[:, None] & valid_h[None, :], other=0.0).to(tl.float32)
+    mean, rstd = _row_stats(t, valid_h[None, :], H, eps)
+    lw = tl.load(LN_W + offs_h, mask=valid_h, other=0.0).to(tl.float32)
+    lb = tl.load(LN_B + offs_h, mask=valid_h, other=0.0).to(tl.float32)
     u = ((t - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]).to(W_PO.dtype.element_ty)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     valid_n = offs_n < C
-    w = tl.load(W_PO + offs_n[None, :].to(tl.int64) * C + offs_c[:, None],
-                mask=valid_n[None, :] & valid_c[:, None], other=0.0)
+    w = tl.load(W_PO + offs_n[None, :].to(tl.int64) * H + offs_h[:, None],
+                mask=valid_n[None, :] & valid_h[:, None], other=0.0)
     y = tl.dot(u, w, input_precision=PRECISION)
     ok = valid_p[:, None] & valid_n[None, :]
     go = tl.load(GO + b * stride_go_b + offs_p[:, None] * stride_go_p + offs_n[None, :], mask=ok, other=0.0)

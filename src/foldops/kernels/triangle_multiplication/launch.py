@@ -1,9 +1,14 @@
 """Launchers of the triangle multiplication kernels: check, allocate, choose tiles, launch.
 
     x: [B, N, N, C]   mask: [B, N, N] bool or None   (P = N*N positions)
-    forward saves  ab: [B, 2C, P] (a | b, channel-major, x's dtype)
+    H = p_in_weight.shape[0] // 2, the hidden (product) width (H = C in Boltz-2)
+    forward saves  ab: [B, 2H, P] (a | b, channel-major, x's dtype)
                    go: [B, P, C] output gate (x's dtype)
-                   t:  [B, C, P] fp32 triangular product, channel-major
+                   t:  [B, H, P] fp32 triangular product, channel-major
+
+``precision`` is the ``tl.dot`` input precision of fp32 inputs: "ieee", "tf32x3" or
+"tf32" (16-bit inputs always run 16-bit products; see ``op.py`` for how it follows
+``torch.get_float32_matmul_precision()``).
 
 t stays fp32: LayerNorm_out subtracts its mean over channels, and where the channels
 share a large common part (a sum of N correlated products) a 16-bit t loses the
@@ -17,10 +22,10 @@ whose product would turn the overflow's inf into NaN). So da and db are two 16-b
 products whose operands the kernel loads as they are (see ``_product_kernel`` for why
 the split is not done in registers there).
 
-Memory: the forward holds ab, go and t beside x and out, O(B N^2 C) (about 5x x's bytes
-for 16-bit x; at inference t only for a block of rows i, so about 3x plus that block);
-the backward adds dt ([B, C, P]: bf16 for bf16 x, fp32 for fp32 x, two fp16 planes
-[B, 2C, P] for fp16 x), dgate, d[a, b] and dx, plus
+Memory: the forward holds ab, go and t beside x and out, O(B N^2 (C + H)) (about 5x x's
+bytes for 16-bit x and H = C; at inference t only for a block of rows i, so about 3x
+plus that block); the backward adds dt ([B, H, P]: bf16 for bf16 x, fp32 for fp32 x,
+two fp16 planes [B, 2H, P] for fp16 x), dgate, d[a, b] and dx, plus
 per-chunk buffers (u, dy, h, [dp | dg]) whose positions per chunk come from
 ``foldops.budget.rows_per_chunk``.
 """
@@ -44,7 +49,10 @@ if triton_interpret():
     patch_interpreter_bf16()
 
 MAX_CHANNELS = 512
-"""Widest C the row kernels hold in registers."""
+"""Widest C (and H) the row kernels hold in registers."""
+
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+"""``tl.dot`` input precisions of fp32 inputs, most accurate first."""
 
 
 def _padded(c: int) -> int:
@@ -82,8 +90,19 @@ def _prologue_config(cp: int, dtype: torch.dtype):
     return bp, _slab(cp, bn, dtype, configs.FP32_MAX_WEIGHT_TILE), warps, all_slabs
 
 
-def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32x3" if (dtype == torch.float32 and allow_tf32) else "ieee"
+def _precision(dtype: torch.dtype, precision: str) -> str:
+    """The kernels' ``tl.dot`` precision: ``precision`` for fp32, "ieee" for 16-bit
+    operands (tensor cores take them as they are)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    return precision if dtype == torch.float32 else "ieee"
+
+
+def _check_widths(c: int, h: int) -> None:
+    if c > MAX_CHANNELS:
+        raise ValueError(f"x: at most {MAX_CHANNELS} channels, got {c}")
+    if h > MAX_CHANNELS:
+        raise ValueError(f"p_in_weight: a hidden width of at most {MAX_CHANNELS} (shape [2H, C]), got H = {h}")
 
 
 def _skip_launch(t: torch.Tensor) -> bool:
@@ -137,46 +156,46 @@ def _launch_product(a, a_strides, bm, b_strides, out, o_strides, nch, m, n, k, s
 def triangle_multiplication_forward(
     x, mask, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight,
     norm_out_weight, norm_out_bias, p_out_weight, g_out_weight,
-    outgoing: bool, eps: float, allow_tf32: bool, save: bool = True,
+    outgoing: bool, eps: float, precision: str, save: bool = True,
 ):
-    """Returns (out [B, N, N, C], ab [B, 2C, P], go [B, P, C], t [B, C, P] fp32).
+    """Returns (out [B, N, N, C], ab [B, 2H, P], go [B, P, C], t [B, H, P] fp32).
 
     ``save=False`` (inference): t is built and consumed a block of rows i at a time
     (rows from ``foldops.budget``), and the returned t is that last block."""
     batch, n, _, c = x.shape
+    h = p_in_weight.shape[0] // 2
     p = n * n
-    cp = _padded(c)
-    if c > MAX_CHANNELS:
-        raise ValueError(f"x: at most {MAX_CHANNELS} channels, got {c}")
+    cp, hp = _padded(c), _padded(h)
+    _check_widths(c, h)
+    precision = _precision(x.dtype, precision)
     out = torch.empty((batch, n, n, c), dtype=x.dtype, device=x.device)
-    ab = torch.empty((batch, 2 * c, p), dtype=x.dtype, device=x.device)
+    ab = torch.empty((batch, 2 * h, p), dtype=x.dtype, device=x.device)
     go = torch.empty((batch, p, c), dtype=x.dtype, device=x.device)
-    t = torch.empty((batch, c, p) if save or _skip_launch(x) else (batch, c, 0), dtype=torch.float32,
+    t = torch.empty((batch, h, p) if save or _skip_launch(x) else (batch, h, 0), dtype=torch.float32,
                     device=x.device)
     if _skip_launch(x) or x.numel() == 0:
         return out, ab, go, t
-    precision = _precision(x.dtype, allow_tf32)
     xr = _positions(x)
     keep = _mask_rows(mask, x)
     bp, bn, warps, all_slabs = _prologue_config(cp, x.dtype)
     # Position blocks (times channel slabs) on axis 0: they pass the 65535 programs of
     # axes 1 and 2 at large N.
-    slabs = 1 if all_slabs else cdiv(2 * c, bn) + cdiv(c, bn)
+    slabs = 1 if all_slabs else cdiv(2 * h, bn) + cdiv(c, bn)
     wrap_triton(_prologue_kernel)[(slabs * cdiv(p, bp), batch)](
         xr, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keep, ab, go,
-        p, c, eps, *xr.stride(), keep.stride(0), ab.stride(0), ab.stride(1), go.stride(0), go.stride(1),
+        p, c, h, eps, *xr.stride(), keep.stride(0), ab.stride(0), ab.stride(1), go.stride(0), go.stride(1),
         HAS_MASK=mask is not None, PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, ALL_SLABS=all_slabs,
         num_warps=warps,
     )
-    bp, bn, warps = _row_config(cp, backward=False, dtype=x.dtype)
-    a_view, b_view = ab[:, :c], ab[:, c:]
+    bp, bn, warps = _row_config(hp, backward=False, dtype=x.dtype)
+    a_view, b_view = ab[:, :h], ab[:, h:]
     sb = ab.stride(0)
     out_r = _positions(out)
     # Rows i of t per step: all of them when t is saved for the backward; at inference
-    # as many as the budget allows (t is the largest temporary: fp32 [B, C, rows, N]).
-    rows = n if save else budget.rows_per_chunk(x.device, batch * c * n * 4, n)
+    # as many as the budget allows (t is the largest temporary: fp32 [B, H, rows, N]).
+    rows = n if save else budget.rows_per_chunk(x.device, batch * h * n * 4, n)
     if not save:
-        t = torch.empty((batch, c, rows * n), dtype=torch.float32, device=x.device)
+        t = torch.empty((batch, h, rows * n), dtype=torch.float32, device=x.device)
     for i0 in range(0, n, rows):
         r = min(rows, n - i0)
         if outgoing:  # t[i, j] = sum_k a[i, k] b[j, k]
@@ -184,13 +203,13 @@ def triangle_multiplication_forward(
         else:  # t[i, j] = sum_k a[k, i] b[k, j]
             a_rows, a_str, b_str = _span(a_view, 2, i0, p), (sb, p, 1, n), (sb, p, n, 1)
         tp = t.stride(1)
-        _launch_product(a_rows, a_str, b_view, b_str, t, (c * tp, tp, n, 1), c, r, n, n, False, precision)
+        _launch_product(a_rows, a_str, b_view, b_str, t, (h * tp, tp, n, 1), h, r, n, n, False, precision)
         o_r = _span(out_r, 1, i0 * n, (i0 + r) * n)
         go_r = _span(go, 1, i0 * n, (i0 + r) * n)
         wrap_triton(_epilogue_kernel)[(cdiv(c, bn) * cdiv(r * n, bp), batch)](
             t, norm_out_weight, norm_out_bias, p_out_weight, go_r, o_r,
-            r * n, c, eps, t.stride(0), t.stride(1), go_r.stride(0), go_r.stride(1), *o_r.stride(),
-            PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
+            r * n, c, h, eps, t.stride(0), t.stride(1), go_r.stride(0), go_r.stride(1), *o_r.stride(),
+            PRECISION=precision, HP=hp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
         )
     return out, ab, go, t
 
@@ -209,38 +228,42 @@ def _sum_f32(acc: Optional[torch.Tensor], part: torch.Tensor) -> torch.Tensor:
 def triangle_multiplication_backward(
     grad_out, x, mask, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight,
     norm_out_weight, norm_out_bias, p_out_weight, g_out_weight,
-    ab, go, t, outgoing: bool, eps: float, allow_tf32: bool,
+    ab, go, t, outgoing: bool, eps: float, precision: str,
 ):
     """Gradients (dx, d norm_in w, b, d p_in, d g_in, d norm_out w, b, d p_out, d g_out),
     each in its input's dtype. Weight gradients are deterministic GEMMs over positions."""
     batch, n, _, c = x.shape
+    h = p_in_weight.shape[0] // 2
     p = n * n
-    cp = _padded(c)
+    cp, hp = _padded(c), _padded(h)
+    _check_widths(c, h)
+    precision = _precision(x.dtype, precision)
     wdt = p_in_weight.dtype
     dev = x.device
     dx = torch.empty((batch, n, n, c), dtype=x.dtype, device=dev)
-    shapes = [(c,), (c,), (2 * c, c), (2 * c, c), (c,), (c,), (c, c), (c, c)]
+    shapes = [(c,), (c,), (2 * h, c), (2 * h, c), (h,), (h,), (c, h), (c, c)]
     params = (norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, norm_out_weight, norm_out_bias,
               p_out_weight, g_out_weight)
     if _skip_launch(x) or x.numel() == 0:
         zeros = [torch.zeros(s, dtype=w.dtype, device=dev) for s, w in zip(shapes, params)]
         return (dx.zero_() if x.numel() == 0 else dx, *zeros)
-    precision = _precision(x.dtype, allow_tf32)
     xr, dor = _positions(x), _positions(grad_out)
     keep = _mask_rows(mask, x)
-    bp, bn, warps = _row_config(cp, backward=True, dtype=wdt)
+    # The output-side kernel holds the H hidden channels of a position, the input-side
+    # one its C pair channels: each has the tiles of its width (the same when H = C).
+    bp_o, bn_o, warps_o = _row_config(hp, backward=True, dtype=wdt)
+    bp_i, bn_i, warps_i = _row_config(cp, backward=True, dtype=wdt)
     esize = wdt.itemsize
-    chunk = _chunk_positions(x, p, 5 * c * esize, bp)  # u, dy | h, dp, dg
+    chunk = _chunk_positions(x, p, (c + 4 * h) * esize, max(bp_o, bp_i))  # u, dy | h, dp, dg
 
     # Output side: dt (channel-major), dgate; u and dy per chunk for dW_out.
     split = grad_product_split(wdt)
-    # Split: hi in channels [0, C), lo in [C, 2C); the lo part is dt_lo elements further.
-    dt = torch.empty((batch, 2 * c if split else c, p), dtype=grad_product_dtype(wdt), device=dev)
-    dt_lo = c * dt.stride(1)
+    # Split: hi in channels [0, H), lo in [H, 2H); the lo part is dt_lo elements further.
+    dt = torch.empty((batch, 2 * h if split else h, p), dtype=grad_product_dtype(wdt), device=dev)
+    dt_lo = h * dt.stride(1)
     dgo = torch.empty((batch, p, c), dtype=wdt, device=dev)
-    nblocks = cdiv(chunk, bp)
-    part = torch.empty((batch, nblocks, 2, cp), dtype=torch.float32, device=dev)
-    u = torch.empty((batch, chunk, c), dtype=wdt, device=dev)
+    part_o = torch.empty((batch, cdiv(chunk, bp_o), 2, hp), dtype=torch.float32, device=dev)
+    u = torch.empty((batch, chunk, h), dtype=wdt, device=dev)
     dy = torch.empty((batch, chunk, c), dtype=wdt, device=dev)
     d_po = d_lnw = None
     for s in range(0, p, chunk):
@@ -248,26 +271,27 @@ def triangle_multiplication_backward(
         pc = e - s
         tc, dtc = _span(t, 2, s, e), _span(dt, 2, s, e)
         goc, doc, dgoc = _span(go, 1, s, e), _span(dor, 1, s, e), _span(dgo, 1, s, e)
-        grid = (cdiv(pc, bp), batch)
+        grid = (cdiv(pc, bp_o), batch)
         wrap_triton(_out_bwd_kernel)[grid](
-            tc, norm_out_weight, norm_out_bias, p_out_weight, goc, doc, dtc, dy, u, dgoc, part,
-            pc, c, eps, tc.stride(0), tc.stride(1), goc.stride(0), goc.stride(1), *doc.stride(),
-            dtc.stride(0), dtc.stride(1), dt_lo, u.stride(0), u.stride(1), dgoc.stride(0), dgoc.stride(1),
+            tc, norm_out_weight, norm_out_bias, p_out_weight, goc, doc, dtc, dy, u, dgoc, part_o,
+            pc, c, h, eps, tc.stride(0), tc.stride(1), goc.stride(0), goc.stride(1), *doc.stride(),
+            dtc.stride(0), dtc.stride(1), dt_lo, dy.stride(0), dy.stride(1), u.stride(0), u.stride(1),
+            dgoc.stride(0), dgoc.stride(1),
             SPLIT_DY=wdt != torch.float32, SPLIT_DT=split,
-            PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
+            PRECISION=precision, HP=hp, BLOCK_P=bp_o, BLOCK_N=bn_o, num_warps=warps_o,
         )
         nb = grid[0]
-        d_po = _sum_f32(d_po, _span(dy, 1, 0, pc).reshape(-1, c).T @ _span(u, 1, 0, pc).reshape(-1, c))
-        d_lnw = _sum_f32(d_lnw, _span(part, 1, 0, nb).sum(dim=(0, 1)))
+        d_po = _sum_f32(d_po, _span(dy, 1, 0, pc).reshape(-1, c).T @ _span(u, 1, 0, pc).reshape(-1, h))
+        d_lnw = _sum_f32(d_lnw, _span(part_o, 1, 0, nb).sum(dim=(0, 1)))
     del u, dy
 
     # d[a, b] = per-channel products of dt with b and a (dt is always the A operand).
-    dab = torch.empty((batch, 2 * c, p), dtype=wdt, device=dev)
+    dab = torch.empty((batch, 2 * h, p), dtype=wdt, device=dev)
     sb, sdt = ab.stride(0), dt.stride(0)
-    a_view, b_view = ab[:, :c], ab[:, c:]
-    da, db = dab[:, :c], dab[:, c:]
+    a_view, b_view = ab[:, :h], ab[:, h:]
+    da, db = dab[:, :h], dab[:, h:]
     sdab = dab.stride(0)
-    prod = dict(nch=c, m=n, n=n, k=n, split_a=split, precision=precision, a_lo=dt_lo)
+    prod = dict(nch=h, m=n, n=n, k=n, split_a=split, precision=precision, a_lo=dt_lo)
     if outgoing:
         # da[i, k] = sum_j dt[i, j] b[j, k];  db[j, k] = sum_i dt[i, j] a[i, k]
         _launch_product(dt, (sdt, p, n, 1), b_view, (sb, p, n, 1), da, (sdab, p, n, 1), **prod)
@@ -279,8 +303,10 @@ def triangle_multiplication_backward(
     del dt
 
     # Input side, chunk by chunk: dx, and h, [dp | dg] for dW_in.
-    h = torch.empty((batch, chunk, c), dtype=wdt, device=dev)
-    dpg = torch.empty((batch, chunk, 4 * c), dtype=wdt, device=dev)
+    part_i = part_o if (hp, bp_o) == (cp, bp_i) else torch.empty(
+        (batch, cdiv(chunk, bp_i), 2, cp), dtype=torch.float32, device=dev)
+    hn = torch.empty((batch, chunk, c), dtype=wdt, device=dev)
+    dpg = torch.empty((batch, chunk, 4 * h), dtype=wdt, device=dev)
     dxr = _positions(dx)
     d_pg = d_go = d_lni = None
     for s in range(0, p, chunk):
@@ -288,20 +314,20 @@ def triangle_multiplication_backward(
         pc = e - s
         xc, dabc, dgoc, dxc = _span(xr, 1, s, e), _span(dab, 2, s, e), _span(dgo, 1, s, e), _span(dxr, 1, s, e)
         keepc = _span(keep, 1, s, e) if mask is not None else keep
-        grid = (cdiv(pc, bp), batch)
+        grid = (cdiv(pc, bp_i), batch)
         wrap_triton(_in_bwd_kernel)[grid](
             xc, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keepc, dabc, dgoc,
-            dxc, h, dpg, part,
-            pc, c, eps, *xc.stride(), keepc.stride(0), dabc.stride(0), dabc.stride(1), dgoc.stride(0),
-            dgoc.stride(1), *dxc.stride(), h.stride(0), h.stride(1), dpg.stride(0), dpg.stride(1),
-            HAS_MASK=mask is not None, PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
+            dxc, hn, dpg, part_i,
+            pc, c, h, eps, *xc.stride(), keepc.stride(0), dabc.stride(0), dabc.stride(1), dgoc.stride(0),
+            dgoc.stride(1), *dxc.stride(), hn.stride(0), hn.stride(1), dpg.stride(0), dpg.stride(1),
+            HAS_MASK=mask is not None, PRECISION=precision, CP=cp, BLOCK_P=bp_i, BLOCK_N=bn_i, num_warps=warps_i,
         )
         nb = grid[0]
-        hc = _span(h, 1, 0, pc).reshape(-1, c)
-        d_pg = _sum_f32(d_pg, _span(dpg, 1, 0, pc).reshape(-1, 4 * c).T @ hc)
+        hc = _span(hn, 1, 0, pc).reshape(-1, c)
+        d_pg = _sum_f32(d_pg, _span(dpg, 1, 0, pc).reshape(-1, 4 * h).T @ hc)
         d_go = _sum_f32(d_go, dgoc.reshape(-1, c).T @ hc)
-        d_lni = _sum_f32(d_lni, _span(part, 1, 0, nb).sum(dim=(0, 1)))
-    grads = (d_lni[0, :c], d_lni[1, :c], d_pg[: 2 * c], d_pg[2 * c:], d_lnw[0, :c], d_lnw[1, :c], d_po, d_go)
+        d_lni = _sum_f32(d_lni, _span(part_i, 1, 0, nb).sum(dim=(0, 1)))
+    grads = (d_lni[0, :c], d_lni[1, :c], d_pg[: 2 * h], d_pg[2 * h:], d_lnw[0, :h], d_lnw[1, :h], d_po, d_go)
     # No aliased outputs: slices of one result (d_pg, the LayerNorm rows) are copied;
     # d_po and d_go (whole GEMM results, the last two) only if their dtype differs.
     return (dx, *(g.to(w.dtype, copy=i < 6) for i, (g, w) in enumerate(zip(grads, params))))

@@ -6,6 +6,10 @@ needs (ab, gate, t); ``foldops::triangle_multiplication_bwd`` returns the gradie
 x and of the eight weights. Both are ``torch.library.triton_op`` (under the Triton
 interpreter plain ``custom_op``), whose bodies double as fake implementations. Eager
 calls go through an ``autograd.Function`` over the launchers (no dispatch cost).
+
+Both ops take ``precision: str``, the ``tl.dot`` input precision of fp32 inputs
+("ieee", "tf32x3" or "tf32"), which ``triangle_multiplication`` reads from
+``torch.get_float32_matmul_precision()`` (see ``dot_precision``).
 """
 
 from __future__ import annotations
@@ -38,11 +42,11 @@ def _fwd_op(
     g_out_weight: torch.Tensor,
     outgoing: bool,
     eps: float,
-    allow_tf32: bool,
+    precision: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return triangle_multiplication_forward(
         x, mask, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight,
-        norm_out_weight, norm_out_bias, p_out_weight, g_out_weight, outgoing, eps, allow_tf32)
+        norm_out_weight, norm_out_bias, p_out_weight, g_out_weight, outgoing, eps, precision)
 
 
 @_op("foldops::triangle_multiplication_bwd")
@@ -63,19 +67,19 @@ def _bwd_op(
     t: torch.Tensor,
     outgoing: bool,
     eps: float,
-    allow_tf32: bool,
+    precision: str,
 ) -> List[torch.Tensor]:
     return list(triangle_multiplication_backward(
         grad_out, x, mask, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight,
-        norm_out_weight, norm_out_bias, p_out_weight, g_out_weight, ab, go, t, outgoing, eps, allow_tf32))
+        norm_out_weight, norm_out_bias, p_out_weight, g_out_weight, ab, go, t, outgoing, eps, precision))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, mask, *weights = inputs[:10]
-    outgoing, eps, allow_tf32 = inputs[10:13]
+    outgoing, eps, precision = inputs[10:13]
     _, ab, go, t = output
     ctx.save_for_backward(x, mask, *weights, ab, go, t)
-    ctx.args = (outgoing, eps, allow_tf32)
+    ctx.args = (outgoing, eps, precision)
     ctx.mark_non_differentiable(ab, go, t)
     ctx.set_materialize_grads(False)
 
@@ -113,9 +117,22 @@ class _Eager(torch.autograd.Function):
         return *grads, None, None, None
 
 
+# torch.get_float32_matmul_precision() -> the kernels' tl.dot input precision for fp32.
+_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+
+
 @torch.compiler.assume_constant_result
-def _allow_tf32() -> bool:
-    return torch.get_float32_matmul_precision() != "highest"
+def dot_precision() -> str:
+    """The fp32 products' precision: "highest" -> IEEE fp32; "high" -> TF32x3 (three
+    TF32 products, near fp32); "medium" -> plain TF32 (operands rounded to 10-bit
+    mantissas; the fastest).
+
+    Under torch.compile it is read when the graph is traced (Dynamo cannot trace
+    ``torch.get_float32_matmul_precision``). Dynamo re-traces when the precision moves
+    to or from "highest" (it guards whether TF32 is allowed) but not between "high"
+    and "medium": after such a change, ``torch._dynamo.reset()`` before the next call.
+    """
+    return _DOT_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
 
 
 def triangle_multiplication(x, mask, weights, outgoing: bool, eps: float) -> torch.Tensor:
@@ -125,14 +142,17 @@ def triangle_multiplication(x, mask, weights, outgoing: bool, eps: float) -> tor
         x: ``[B, N, N, C]`` fp16 / bf16 / fp32, any strides; C <= 512.
         mask: ``[B, N, N]`` bool keep-mask, or None.
         weights: the eight weights in ``foldops.ops.triangle_multiplication.WEIGHT_NAMES``
-            order; the four matrices in x's dtype, the LayerNorm vectors any float dtype.
+            order (p_in, g_in ``[2H, C]``, norm_out ``[H]``, p_out ``[C, H]``, g_out
+            ``[C, C]``; H <= 512); the four matrices in x's dtype, the LayerNorm vectors
+            any float dtype.
         outgoing: direction. eps: LayerNorm epsilon.
 
     Returns:
-        ``[B, N, N, C]`` in x's dtype (contiguous). fp32 inputs use TF32x3 products when
-        ``torch.get_float32_matmul_precision()`` is not "highest".
+        ``[B, N, N, C]`` in x's dtype (contiguous). fp32 inputs run their products as
+        ``torch.get_float32_matmul_precision()`` says (``dot_precision``): "highest"
+        IEEE, "high" TF32x3, "medium" TF32.
     """
-    args = (x, mask, *weights, bool(outgoing), float(eps), _allow_tf32())
+    args = (x, mask, *weights, bool(outgoing), float(eps), dot_precision())
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
     if _use_registered_ops(x):
         return torch.ops.foldops.triangle_multiplication_fwd(*args)[0]
