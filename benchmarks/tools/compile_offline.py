@@ -288,7 +288,7 @@ def triangle_attention_cases(quick: bool, capability: int) -> Iterator[Tuple[str
 def triangle_multiplication_cases(quick: bool, capability: int) -> Iterator[Tuple[str, Callable]]:
     from foldops.kernels.triangle_multiplication import launch
 
-    launch.wrap_triton = Recorder
+    launch.launcher = Recorder
     n = 48  # positions P = N^2; the row tiles depend on C (and H) only, the product on the dtype
     widths = (128,) if quick else (16, 32, 64, 128, 256, 384)
     # (C, H): the pair width and the hidden width; H = C but for GPU MODE's C = 384, H = 128

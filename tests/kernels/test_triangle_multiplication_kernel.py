@@ -312,7 +312,7 @@ def test_fp32_medium_precision_runs_tf32_within_its_tolerance(monkeypatch, matmu
     _tf32_truncating_dots(monkeypatch)
     launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
     seen = []
-    wrap = launch.wrap_triton
+    wrap = launch.launcher
 
     class Spy:  # records each launch's kernel and PRECISION, then launches
         def __init__(self, kernel):
@@ -324,7 +324,7 @@ def test_fp32_medium_precision_runs_tf32_within_its_tolerance(monkeypatch, matmu
                 return self.launcher[grid](*args, **kwargs)
             return launch_
 
-    monkeypatch.setattr(launch, "wrap_triton", Spy)
+    monkeypatch.setattr(launch, "launcher", Spy)
     dim, hidden, n = 16, 24, 9
     x = torch.randn(1, n, n, dim, dtype=torch.float64)
     mask, w = make_mask(1, n), make_weights(dim, hidden=hidden)
@@ -417,7 +417,7 @@ def test_grids_fit_cuda_axis_limits_at_large_n(monkeypatch, dim, hidden):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: grids.append((self.fn.__name__, grid))
 
-    monkeypatch.setattr(launch, "wrap_triton", Record)
+    monkeypatch.setattr(launch, "launcher", Record)
     monkeypatch.setattr(launch, "triton_interpret", lambda: False)  # GPU tiles, no skipped launches
     n = 2048
     x = torch.empty(1, n, n, dim, dtype=torch.bfloat16, device="meta")

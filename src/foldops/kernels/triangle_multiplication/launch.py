@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
+from foldops.kernels._launch import launcher
 
 from foldops import budget
 from foldops.device import triton_interpret
@@ -108,7 +108,7 @@ def _check_widths(c: int, h: int) -> None:
 def _skip_launch(t: torch.Tensor) -> bool:
     """Under the interpreter, fake/meta tensors (torch.compile / opcheck tracing) only
     need the allocations: the interpreter would run the kernel on them. Compiled
-    kernels are traced (``wrap_triton``) whatever the tensors."""
+    kernels are traced (``launcher`` -> ``wrap_triton``) whatever the tensors."""
     return triton_interpret() and (t.device.type == "meta" or is_fake(t))
 
 
@@ -146,7 +146,7 @@ def _launch_product(a, a_strides, bm, b_strides, out, o_strides, nch, m, n, k, s
         bm_, bn_, bk_, group, warps, stages = configs.PRODUCT_16BIT
     batch = out.shape[0]
     grid = (cdiv(m, bm_) * cdiv(n, bn_), batch * nch)
-    wrap_triton(_product_kernel)[grid](
+    launcher(_product_kernel)[grid](
         a, bm, out, nch, m, n, k, *a_strides, a_lo, *b_strides, *o_strides,
         SPLIT_A=split_a, PRECISION=precision, BLOCK_M=bm_, BLOCK_N=bn_, BLOCK_K=bk_, GROUP_M=group,
         num_warps=warps, num_stages=stages,
@@ -181,7 +181,7 @@ def triangle_multiplication_forward(
     # Position blocks (times channel slabs) on axis 0: they pass the 65535 programs of
     # axes 1 and 2 at large N.
     slabs = 1 if all_slabs else cdiv(2 * h, bn) + cdiv(c, bn)
-    wrap_triton(_prologue_kernel)[(slabs * cdiv(p, bp), batch)](
+    launcher(_prologue_kernel)[(slabs * cdiv(p, bp), batch)](
         xr, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keep, ab, go,
         p, c, h, eps, *xr.stride(), keep.stride(0), ab.stride(0), ab.stride(1), go.stride(0), go.stride(1),
         HAS_MASK=mask is not None, PRECISION=precision, CP=cp, BLOCK_P=bp, BLOCK_N=bn, ALL_SLABS=all_slabs,
@@ -206,7 +206,7 @@ def triangle_multiplication_forward(
         _launch_product(a_rows, a_str, b_view, b_str, t, (h * tp, tp, n, 1), h, r, n, n, False, precision)
         o_r = _span(out_r, 1, i0 * n, (i0 + r) * n)
         go_r = _span(go, 1, i0 * n, (i0 + r) * n)
-        wrap_triton(_epilogue_kernel)[(cdiv(c, bn) * cdiv(r * n, bp), batch)](
+        launcher(_epilogue_kernel)[(cdiv(c, bn) * cdiv(r * n, bp), batch)](
             t, norm_out_weight, norm_out_bias, p_out_weight, go_r, o_r,
             r * n, c, h, eps, t.stride(0), t.stride(1), go_r.stride(0), go_r.stride(1), *o_r.stride(),
             PRECISION=precision, HP=hp, BLOCK_P=bp, BLOCK_N=bn, num_warps=warps,
@@ -272,7 +272,7 @@ def triangle_multiplication_backward(
         tc, dtc = _span(t, 2, s, e), _span(dt, 2, s, e)
         goc, doc, dgoc = _span(go, 1, s, e), _span(dor, 1, s, e), _span(dgo, 1, s, e)
         grid = (cdiv(pc, bp_o), batch)
-        wrap_triton(_out_bwd_kernel)[grid](
+        launcher(_out_bwd_kernel)[grid](
             tc, norm_out_weight, norm_out_bias, p_out_weight, goc, doc, dtc, dy, u, dgoc, part_o,
             pc, c, h, eps, tc.stride(0), tc.stride(1), goc.stride(0), goc.stride(1), *doc.stride(),
             dtc.stride(0), dtc.stride(1), dt_lo, dy.stride(0), dy.stride(1), u.stride(0), u.stride(1),
@@ -315,7 +315,7 @@ def triangle_multiplication_backward(
         xc, dabc, dgoc, dxc = _span(xr, 1, s, e), _span(dab, 2, s, e), _span(dgo, 1, s, e), _span(dxr, 1, s, e)
         keepc = _span(keep, 1, s, e) if mask is not None else keep
         grid = (cdiv(pc, bp_i), batch)
-        wrap_triton(_in_bwd_kernel)[grid](
+        launcher(_in_bwd_kernel)[grid](
             xc, norm_in_weight, norm_in_bias, p_in_weight, g_in_weight, g_out_weight, keepc, dabc, dgoc,
             dxc, hn, dpg, part_i,
             pc, c, h, eps, *xc.stride(), keepc.stride(0), dabc.stride(0), dabc.stride(1), dgoc.stride(0),
