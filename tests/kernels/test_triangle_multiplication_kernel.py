@@ -118,15 +118,17 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-def test_position_chunks_in_backward(monkeypatch):
-    """The backward's position chunks (tiny budget: many chunks, a partial last one)
-    give the same gradients as one chunk, to fp32 rounding of the chunk sums."""
+@pytest.mark.parametrize("blocks_per_chunk", [1, 2])
+def test_position_chunks_in_backward(monkeypatch, blocks_per_chunk):
+    """The backward's position chunks (tiny budget: many chunks, a partial last one,
+    which with two blocks per chunk has fewer blocks than the others) give the same
+    gradients as one chunk, to fp32 rounding of the chunk sums; batch 2."""
     launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
     x, mask, w = _inputs(2, 9, 8, torch.float32)
     g = torch.randn(2, 9, 9, 8, dtype=torch.float64)
     fn = lambda t, **ww: tm.triangle_multiplication(t, mask, direction="outgoing", backend="triton", **ww)  # noqa
     _, whole = run(fn, x, w, g)
-    monkeypatch.setattr(launch, "_chunk_positions", lambda x, p, b, block: block)
+    monkeypatch.setattr(launch, "_chunk_positions", lambda x, p, b, block: blocks_per_chunk * block)
     _, chunked = run(fn, x, w, g)
     for name, a, b in zip(("x",) + WEIGHTS, whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

@@ -32,7 +32,7 @@ def _out_bwd_kernel(
     DY,  # [B, P, C] out: dout * gate (dot dtype, channel stride 1)
     U,  # [B, P, H] out: LayerNorm_out(t) (dot dtype, channel stride 1)
     DGO,  # [B, P, C] out: gradient of h g_out^T, before the sigmoid (dot dtype, channel stride 1)
-    PART,  # [B, n_blocks, 2, HP] out: per-block sums of du * t_hat and of du (fp32)
+    PART,  # [B, >= n_blocks, 2, HP] out: per-block sums of du * t_hat and of du (fp32)
     P, C, H, eps,
     stride_t_b, stride_t_c,
     stride_go_b, stride_go_p,
@@ -41,6 +41,7 @@ def _out_bwd_kernel(
     stride_dy_b, stride_dy_p,
     stride_u_b, stride_u_p,
     stride_dgo_b, stride_dgo_p,
+    stride_part_b,  # PART's batch stride: a chunk may run fewer blocks than PART holds
     SPLIT_DY: tl.constexpr,  # 16-bit dot dtype: add the product of dy's rounding residue
     SPLIT_DT: tl.constexpr,  # store dt as 16-bit hi + lo parts (the product's split A operand)
     PRECISION: tl.constexpr,
@@ -92,7 +93,7 @@ def _out_bwd_kernel(
         if SPLIT_DY:  # the rounding residue of dy as a second 16-bit product: du to ~fp32
             du = tl.dot((dy32 - dy.to(tl.float32)).to(W_PO.dtype.element_ty), w, du)
 
-    part = PART + (b * tl.num_programs(0) + pid_p) * 2 * HP
+    part = PART + b * stride_part_b + pid_p * 2 * HP
     tl.store(part + offs_h, tl.sum(du * that, axis=0))
     tl.store(part + HP + offs_h, tl.sum(du, axis=0))
     g = du * lw[None, :]
@@ -122,7 +123,7 @@ def _in_bwd_kernel(
     DX,  # [B, P, C] out: gradient of x, any strides
     HN,  # [B, P, C] out: LayerNorm_in(x) (dot dtype, channel stride 1)
     DPG,  # [B, P, 4H] out: [dp | dg], gradients of h p_in^T and h g_in^T (channel stride 1)
-    PART,  # [B, n_blocks, 2, CP] out: per-block sums of dh * x_hat and of dh (fp32)
+    PART,  # [B, >= n_blocks, 2, CP] out: per-block sums of dh * x_hat and of dh (fp32)
     P, C, H, eps,
     stride_x_b, stride_x_p, stride_x_c,
     stride_m_b,
@@ -131,6 +132,7 @@ def _in_bwd_kernel(
     stride_dx_b, stride_dx_p, stride_dx_c,
     stride_h_b, stride_h_p,
     stride_dpg_b, stride_dpg_p,
+    stride_part_b,
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
     CP: tl.constexpr,
@@ -188,7 +190,7 @@ def _in_bwd_kernel(
                     mask=valid_n[:, None] & valid_c[None, :], other=0.0)
         dh = tl.dot(dgo.to(W_GO.dtype.element_ty), w, dh, input_precision=PRECISION)
 
-    part = PART + (b * tl.num_programs(0) + pid_p) * 2 * CP
+    part = PART + b * stride_part_b + pid_p * 2 * CP
     tl.store(part + offs_c, tl.sum(dh * xhat, axis=0))
     tl.store(part + CP + offs_c, tl.sum(dh, axis=0))
     g = dh * lw[None, :]

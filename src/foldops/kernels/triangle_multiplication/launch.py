@@ -276,7 +276,7 @@ def triangle_multiplication_backward(
             tc, norm_out_weight, norm_out_bias, p_out_weight, goc, doc, dtc, dy, u, dgoc, part_o,
             pc, c, h, eps, tc.stride(0), tc.stride(1), goc.stride(0), goc.stride(1), *doc.stride(),
             dtc.stride(0), dtc.stride(1), dt_lo, dy.stride(0), dy.stride(1), u.stride(0), u.stride(1),
-            dgoc.stride(0), dgoc.stride(1),
+            dgoc.stride(0), dgoc.stride(1), part_o.stride(0),
             SPLIT_DY=wdt != torch.float32, SPLIT_DT=split,
             PRECISION=precision, HP=hp, BLOCK_P=bp_o, BLOCK_N=bn_o, num_warps=warps_o,
         )
@@ -320,7 +320,7 @@ def triangle_multiplication_backward(
             dxc, hn, dpg, part_i,
             pc, c, h, eps, *xc.stride(), keepc.stride(0), dabc.stride(0), dabc.stride(1), dgoc.stride(0),
             dgoc.stride(1), *dxc.stride(), hn.stride(0), hn.stride(1), dpg.stride(0), dpg.stride(1),
-            HAS_MASK=mask is not None, PRECISION=precision, CP=cp, BLOCK_P=bp_i, BLOCK_N=bn_i, num_warps=warps_i,
+            part_i.stride(0), HAS_MASK=mask is not None, PRECISION=precision, CP=cp, BLOCK_P=bp_i, BLOCK_N=bn_i, num_warps=warps_i,
         )
         nb = grid[0]
         hc = _span(hn, 1, 0, pc).reshape(-1, c)
