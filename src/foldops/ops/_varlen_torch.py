@@ -10,7 +10,8 @@
   memory-efficient kernel on V100-class GPUs, the flash kernel on CPU). Device work is
   per bucket, never per sequence. The plan (gather indices, slots, key masks, causal
   key limits) is NumPy arithmetic over all buckets at once, sent to the device in one
-  copy; causal masks are built there from one key limit per query row.
+  copy (from pinned memory, asynchronous, on CUDA); causal masks are built there from one
+  key limit per query row.
   Memory: padded copies of q, k, v, out within 1.25x the packed tensors, plus per
   bucket the causal mask O(n Lq Lk) or, for the explicit softmax (``return_lse``,
   dropout with a generator, fp64), the scores O(n H Lq Lk).
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from foldops import budget
-from foldops.device import nvidia_capability, sdpa_has_fused_kernels
+from foldops.device import host_to_device, nvidia_capability, sdpa_has_fused_kernels
 
 PADDING_WASTE = 1.25
 """Padded tokens of a bucket at most this many times its real tokens (accelerators: each
@@ -318,11 +319,12 @@ class _Plan:
         self.buffer = buffer
 
     def to(self, device: torch.device):
-        """The plan on ``device`` (one host-to-device copy): ``(rows_q, slot, missing_q,
+        """The plan on ``device`` (one host-to-device copy; on CUDA asynchronous, from
+        pinned memory: ``foldops.device.host_to_device``): ``(rows_q, slot, missing_q,
         kept_q, rows_k, slot_k, missing_k, limit, key_range, masks)``: int64 indices;
         ``limit`` and ``key_range`` (int32 [Mk]) for causal masks, else None; ``masks``
         (bool): ``row_keep`` (where some row sees no key, first) or the key padding."""
-        dev = torch.from_numpy(self.buffer).to(device)
+        dev = host_to_device(torch.from_numpy(self.buffer), device)
         longs = list(dev[:self.int_at].view(torch.int64).split(self.long_sizes))
         rows_q, slot = longs[:2]
         missing_q = kept_q = None
