@@ -347,3 +347,13 @@ def test_capability_and_sm_count_are_cached_per_device_index(monkeypatch):
     finally:
         fdevice._capability.cache_clear()
         fdevice._multiprocessors.cache_clear()
+
+
+def test_host_to_device_off_cuda_is_a_plain_copy():
+    """Off CUDA ``host_to_device`` is ``.to(device)`` (no pinned memory: CPU-only builds
+    have none). The CUDA path (pinned, non_blocking) runs in the GPU tests of the bucketed
+    varlen path (tests/ops/test_varlen_attention.py::test_torch_backend_gpu, fp32)."""
+    t = torch.arange(5)
+    assert fdevice.host_to_device(t, torch.device("cpu")) is t
+    moved = fdevice.host_to_device(t, torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == t.shape

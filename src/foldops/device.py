@@ -319,6 +319,19 @@ def sdpa_has_fused_kernels(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (a CPU tensor) on ``device``, in one copy that does not stop the host.
+
+    On CUDA, ``.to(device)`` from pageable memory waits for the stream to drain (the host
+    stops until the GPU is idle); here ``t`` is first copied into pinned (page-locked)
+    memory and sent with ``non_blocking=True``, queued like a kernel. PyTorch's caching
+    host allocator keeps the pinned block out of reuse until that copy has run, and
+    ``t`` itself is not read after this returns. Elsewhere a plain ``.to(device)``."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def is_rocm() -> bool:
     """True on a ROCm (HIP) build of PyTorch, whose "cuda" devices are AMD GPUs."""
     return torch.version.hip is not None

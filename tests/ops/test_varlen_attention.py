@@ -178,11 +178,17 @@ def test_bucket_padding_reads_only_its_own_sequence(causal):
     """Bucket padding repeats a sequence's own rows: a NaN in one sequence's k and v
     reaches no other sequence's output or gradients, and each padded row is gathered
     at most twice here (the GPU gather backward is serial over duplicates)."""
+    import numpy as np
+
     from foldops.ops._varlen_torch import _padded_rows
 
-    rows = _padded_rows(torch.tensor([0, 10, 17]), torch.tensor([10, 7, 6]), 10)
-    assert rows[1].tolist() == [10, 11, 12, 13, 14, 15, 16, 10, 11, 12]
-    assert torch.bincount(rows.flatten()).max() <= 2
+    for m in ([10, 10, 8], [10, 15, 8]):  # within 2x each length (no division), or not
+        rows, pos, lens = _padded_rows(np.array([0, 10, 17]), np.array([10, 7, 6]), np.array(m))
+        assert rows[10:20].tolist() == [10, 11, 12, 13, 14, 15, 16, 10, 11, 12]
+        assert rows[10 + m[1]:].tolist() == [17, 18, 19, 20, 21, 22, 17, 18]
+        assert pos[10:20].tolist() == list(range(10)) and lens.tolist() == [10] * 10 + [7] * m[1] + [6] * 8
+        assert np.bincount(rows).max() <= (2 if m[1] == 10 else 3)
+    assert rows[10:25].tolist() == [10, 11, 12, 13, 14, 15, 16] * 2 + [10]
     lens = [10, 7, 6, 9]
     q, k, v, c, _ = make_inputs(lens, lens, 2, 1, 8)
     q, k, v = (t.float().requires_grad_() for t in (q, k, v))
@@ -222,6 +228,36 @@ def test_bucket_path_second_order_and_torch_func():
     eps = 1e-6
     torch.testing.assert_close(jvp_out, (f(q + eps * tangent, k, v) - f(q - eps * tangent, k, v)) / (2 * eps),
                                rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "lse"])
+def test_bucket_plan_is_one_host_to_device_copy(causal, return_lse):
+    """The bucketed path sends its whole plan (indices, key masks, causal key limits) to
+    the device in one copy, forward and backward (meta tensors: ops dispatch, nothing
+    runs); masks are no longer copied per bucket."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from foldops.ops._varlen_torch import torch_buckets
+
+    class CountCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if str(func.overloadpacket) in ("aten._to_copy", "aten.copy_"):
+                sources = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                self.copies += any(t.device.type == "cpu" for t in sources) and out.device.type == "meta"
+            return out
+
+    for lq, lk in (([5, 9, 3, 0, 7, 30], [5, 2, 3, 4, 7, 28]), ([6, 9, 30, 29, 3], [6, 9, 30, 29, 3])):
+        q = torch.empty(sum(lq), 2, 8, device="meta", requires_grad=True)
+        k = torch.empty(sum(lk), 1, 8, device="meta", requires_grad=True)
+        with CountCopies() as mode:
+            out, _ = torch_buckets(q, k, k, torch.tensor(lq), torch.tensor(lk), causal, 0.3, 0.0, None, return_lse)
+            out.sum().backward()
+        assert out.shape == q.shape and mode.copies == 1
+
 
 # Dense form ------------------------------------------------------------------------------
 

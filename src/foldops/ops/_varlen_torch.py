@@ -8,7 +8,10 @@
   and whose Lq*Lk-sized intermediates stay within ``foldops.budget``; each bucket is one
   ``scaled_dot_product_attention`` call on [n, H, Lq_max, D] with a key mask (the
   memory-efficient kernel on V100-class GPUs, the flash kernel on CPU). Device work is
-  per bucket, never per sequence; the plan is host arithmetic over the B lengths.
+  per bucket, never per sequence. The plan (gather indices, slots, key masks, causal
+  key limits) is NumPy arithmetic over all buckets at once, sent to the device in one
+  copy (from pinned memory, asynchronous, on CUDA); causal masks are built there from one
+  key limit per query row.
   Memory: padded copies of q, k, v, out within 1.25x the packed tensors, plus per
   bucket the causal mask O(n Lq Lk) or, for the explicit softmax (``return_lse``,
   dropout with a generator, fp64), the scores O(n H Lq Lk).
@@ -19,13 +22,15 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from foldops import budget
-from foldops.device import nvidia_capability, sdpa_has_fused_kernels
+from foldops.device import host_to_device, nvidia_capability, sdpa_has_fused_kernels
 
 PADDING_WASTE = 1.25
 """Padded tokens of a bucket at most this many times its real tokens (accelerators: each
@@ -180,65 +185,202 @@ def plan_buckets(len_q: List[int], len_k: List[int], cell_bytes: int, budget_byt
     return buckets
 
 
-def _padded_rows(starts: torch.Tensor, lens: torch.Tensor, m: int) -> torch.Tensor:
-    """[n, m] packed rows of a bucket's sequences padded to m (host). A sequence's padding
-    repeats its own rows (start + a mod len): padding never reads another sequence, and
-    no row is gathered more than ceil(m / len) times. (The CUDA backward of a gather
-    accumulates the duplicates of one row one after another: padding that pointed at a
-    single row made the bucketed backward as slow as a loop over sequences.)"""
-    a = torch.arange(m)
-    return starts[:, None] + a[None, :] % lens[:, None]
+def _padded_rows(starts: np.ndarray, lens: np.ndarray, m: np.ndarray):
+    """Packed rows of sequences (``starts``, ``lens``, every length > 0), each padded to
+    its ``m``, all concatenated (host, NumPy, in ``starts``' dtype). Returns ``(rows, pos,
+    lens)``: the packed row of each padded row, its position in its padded sequence and
+    the length of that sequence. A sequence's padding repeats its own rows (start + pos
+    mod len): padding never reads another sequence, and no row is gathered more than
+    ceil(m / len) times. (The CUDA backward of a gather accumulates the duplicates of one
+    row one after another: padding that pointed at a single row made the bucketed
+    backward as slow as a loop over sequences.)"""
+    dtype = starts.dtype
+    pos = np.arange(int(m.sum()), dtype=dtype) - np.repeat((np.cumsum(m) - m).astype(dtype), m)
+    wraps = (m <= 2 * lens).all()  # then pos mod len is pos or pos - len: no division
+    lens = np.repeat(lens.astype(dtype), m)
+    return np.repeat(starts, m) + (pos - (pos >= lens) * lens if wraps else pos % lens), pos, lens
 
 
-def _bucket_attention(qb, kb, vb, lq, lk, causal, scale, dropout_p, generator, return_lse):
+def _slots(lens: np.ndarray, members: np.ndarray, bases: np.ndarray, dtype) -> tuple:
+    """``(slot, missing)``: for each packed row (of sequences of ``lens``), the padded row
+    holding it, sequence ``members[i]`` from padded row ``bases[i]`` on (host, NumPy);
+    ``missing``: the packed rows in no bucket (None if none), whose slot is 0."""
+    starts = np.cumsum(lens) - lens
+    shift = np.zeros(lens.shape[0], dtype=dtype)
+    shift[members] = bases - starts[members]
+    slot = np.arange(int(lens.sum()), dtype=dtype) + np.repeat(shift, lens)
+    outside = np.ones(lens.shape[0], dtype=np.bool_)
+    outside[members] = False
+    if not (outside & (lens > 0)).any():
+        return slot, None
+    missing = np.repeat(outside, lens)
+    slot[missing] = 0
+    return slot, np.flatnonzero(missing)
+
+
+_MASK_ALIGN = 128
+"""Key masks of all buckets share one buffer (and their additive forms one tensor); each
+bucket's starts a multiple of this many elements in, as aligned as a tensor of its own
+would be for SDPA's kernels."""
+
+_INT32_LIMIT = 2**31
+"""The plan's arithmetic runs in int32 (twice as fast as int64 here) below this many rows."""
+
+
+class _Plan:
+    """The buckets' host plan (NumPy over all buckets at once): padded row indices, slots
+    and masks, in one host buffer copied to the device at once.
+
+    Padded rows of all buckets are concatenated, bucket after bucket, sequence after
+    sequence: q rows (``rows_q``) and k/v rows (``rows_k``), each sequence padded with
+    repeats of its own rows. ``slot[t]`` / ``slot_k[t]``: the padded row holding packed
+    query / key t (0 and listed in ``missing_q`` / ``missing_k`` when in no bucket: no
+    keys or queries); ``kept_q``: the queries in a bucket. A bucket needs a mask
+    (``mask[b]``) unless its sequences fill it (and, causal, Mq == Mk). Without
+    ``causal`` the mask is key padding (``key_pad``, True for padded keys, [n, 1, Mk] per
+    bucket from ``mask_at[b]``); with ``causal``, query row i of a sequence sees keys
+    j <= ``limit[i]`` = min(Lk - 1, i + Lk - Lq) (padding rows included), or every key
+    (Mk - 1) where that leaves none (``visible_or_all``); those rows (``row_keep`` False,
+    i < Lq - Lk) are zeroed afterwards. With ``len_q == len_k`` the k rows and slots are
+    the q ones."""
+
+    def __init__(self, len_q: np.ndarray, len_k: np.ndarray, buckets: List[List[int]], causal: bool):
+        sizes = np.array([len(b) for b in buckets], dtype=np.int64)
+        members = np.fromiter(itertools.chain.from_iterable(buckets), dtype=np.int64, count=int(sizes.sum()))
+        first = np.cumsum(sizes) - sizes
+        lq, lk = len_q[members], len_k[members]
+        mq_b, mk_b = np.maximum.reduceat(lq, first), np.maximum.reduceat(lk, first)
+        uniform = (np.minimum.reduceat(lq, first) == mq_b) & (np.minimum.reduceat(lk, first) == mk_b)
+        self.mask = ~(uniform & (mq_b == mk_b)) if causal else ~uniform
+        mq, mk = np.repeat(mq_b, sizes), np.repeat(mk_b, sizes)
+        self.shapes = list(zip(sizes.tolist(), mq_b.tolist(), mk_b.tolist()))
+        self.self_attention = np.array_equal(len_q, len_k)
+        rows = max(int(len_q.sum()), int(len_k.sum()), int((sizes * np.maximum(mq_b, mk_b)).sum()))
+        dtype = np.int32 if rows < _INT32_LIMIT else np.int64
+
+        base_q = np.cumsum(mq) - mq
+        rows_q, pos_q, lens_q = _padded_rows((np.cumsum(len_q) - len_q)[members].astype(dtype), lq, mq)
+        slot, missing_q = _slots(len_q, members, base_q, dtype)
+        longs = [rows_q, slot]
+        self.missing_q = self.missing_k = 0
+        if missing_q is not None:  # kept_q: the other queries (else slot stands in: not read)
+            kept_q = np.ones(slot.shape[0], dtype=np.bool_)
+            kept_q[missing_q] = False
+            longs += [missing_q, np.flatnonzero(kept_q)]
+            self.missing_q = missing_q.shape[0]
+        if self.self_attention:
+            pos_k, lens_k = pos_q, lens_q
+            self.missing_k = self.missing_q
+        else:
+            rows_k, pos_k, lens_k = _padded_rows((np.cumsum(len_k) - len_k)[members].astype(dtype), lk, mk)
+            slot_k, missing_k = _slots(len_k, members, np.cumsum(mk) - mk, dtype)
+            longs += [rows_k, slot_k]
+            if missing_k is not None:
+                longs.append(missing_k)
+                self.missing_k = missing_k.shape[0]
+
+        ints: List[np.ndarray] = []
+        masks: List[np.ndarray] = []
+        self.mask_at = [0] * len(buckets)
+        self.rows_cut = 0
+        if not causal and self.mask.any():  # key padding of the buckets that need it, aligned
+            key_at = np.cumsum(sizes * mk_b) - sizes * mk_b
+            at = 0
+            for b in np.flatnonzero(self.mask).tolist():
+                cells, k0 = int(sizes[b] * mk_b[b]), int(key_at[b])
+                key_pad = np.zeros(-(-cells // _MASK_ALIGN) * _MASK_ALIGN, dtype=np.bool_)
+                np.greater_equal(pos_k[k0:k0 + cells], lens_k[k0:k0 + cells], out=key_pad[:cells])
+                masks.append(key_pad)
+                self.mask_at[b] = at
+                at += key_pad.shape[0]
+        if causal and self.mask.any():
+            if self.self_attention:
+                limit = np.minimum(lens_q - 1, pos_q)
+            else:
+                limit = np.minimum(np.repeat((lk - 1).astype(dtype), mq), pos_q + np.repeat((lk - lq).astype(dtype), mq))
+            if (lk < lq).any():  # rows i < Lq - Lk see no key (limit < 0; Lk >= 1)
+                row_keep = limit >= 0
+                limit = np.where(row_keep, limit, np.repeat((mk - 1).astype(dtype), mq))
+                masks.append(row_keep)
+                self.rows_cut = row_keep.shape[0]
+            ints = [limit.astype(np.int32, copy=False), np.arange(int(mk_b.max()), dtype=np.int32)]
+
+        self.long_sizes = [t.shape[0] for t in longs]
+        self.int_sizes = [t.shape[0] for t in ints]
+        n_long, n_int = sum(self.long_sizes), sum(self.int_sizes)
+        self.int_at = 8 * n_long
+        self.bool_at = self.int_at + 4 * (n_int + n_int % 2)  # 8-byte aligned
+        buffer = np.empty(self.bool_at + sum(t.shape[0] for t in masks), dtype=np.uint8)
+        np.concatenate(longs, out=buffer[:self.int_at].view(np.int64))
+        if ints:
+            np.concatenate(ints, out=buffer[self.int_at:self.int_at + 4 * n_int].view(np.int32))
+        if masks:
+            np.concatenate(masks, out=buffer[self.bool_at:].view(np.bool_))
+        self.buffer = buffer
+
+    def to(self, device: torch.device):
+        """The plan on ``device`` (one host-to-device copy; on CUDA asynchronous, from
+        pinned memory: ``foldops.device.host_to_device``): ``(rows_q, slot, missing_q,
+        kept_q, rows_k, slot_k, missing_k, limit, key_range, masks)``: int64 indices;
+        ``limit`` and ``key_range`` (int32 [Mk]) for causal masks, else None; ``masks``
+        (bool): ``row_keep`` (where some row sees no key, first) or the key padding."""
+        dev = host_to_device(torch.from_numpy(self.buffer), device)
+        longs = list(dev[:self.int_at].view(torch.int64).split(self.long_sizes))
+        rows_q, slot = longs[:2]
+        missing_q = kept_q = None
+        if self.missing_q:
+            missing_q, kept_q = longs[2:4]
+            del longs[2:4]
+        if self.self_attention:
+            rows_k, slot_k, missing_k = rows_q, slot, missing_q
+        else:
+            rows_k, slot_k = longs[2:4]
+            missing_k = longs[4] if self.missing_k else None
+        empty = dev.new_empty(0, dtype=torch.int64)
+        missing_q = empty if missing_q is None else missing_q
+        missing_k = empty if missing_k is None else missing_k
+        kept_q = slot if kept_q is None else kept_q
+        limit = key_range = None
+        if self.int_sizes:
+            ints = dev[self.int_at:self.int_at + 4 * sum(self.int_sizes)].view(torch.int32)
+            limit, key_range = ints.split(self.int_sizes)
+        masks = dev[self.bool_at:].view(torch.bool)
+        return rows_q, slot, missing_q, kept_q, rows_k, slot_k, missing_k, limit, key_range, masks
+
+
+def _bucket_attention(qb, kb, vb, drop, bias, causal, scale, dropout_p, generator, return_lse):
     """Attention of the sequences of one bucket, given padded to its longest (qb
-    [n, Mq, H, D], kb and vb [n, Mk, H_kv, D]); returns ``(out, lse)``: all n * Mq query
-    rows [n * Mq, H, D] (padding rows included) and their lse [H, n * Mq] (or None)."""
+    [n, Mq, H, D], kb and vb [n, Mk, H_kv, D]); ``drop``: None (every row sees every key,
+    or causal with Mq == Mk and no padding) or bool [n, 1 or Mq, Mk], True for the keys a
+    row must not see, and ``bias`` its additive form [n, 1, 1 or Mq, Mk] (0 / -inf, for
+    SDPA; None for the explicit softmax). Returns ``(out, lse)``: all n * Mq query rows
+    [n * Mq, H, D] (padding rows included) and their lse [H, n * Mq] (or None)."""
     device, heads, head_dim = qb.device, qb.shape[2], qb.shape[3]
     group = heads // kb.shape[2]
     n, mq, mk = qb.shape[0], qb.shape[1], kb.shape[1]
-    aq, ak = torch.arange(mq), torch.arange(mk)
-    valid_k = ak[None, :] < lk[:, None]
-    uniform = bool((lq == mq).all() and (lk == mk).all())
     qb, kb, vb = (t.transpose(1, 2) for t in (qb, kb, vb))
     if group > 1:  # [n, H_kv, Mk, D] -> [n, H, Mk, D], kv head h // group for query head h
         kb, vb = (t.repeat_interleave(group, dim=1) for t in (kb, vb))
-    keep = row_keep = None  # keep: [n, 1 or Mq, Mk] keys each query row may see
-    if causal and not (uniform and mq == mk):
-        keep = valid_k[:, None, :] & (ak[None, None, :] <= aq[None, :, None] + (lk - lq)[:, None, None])
-        row_keep = keep.any(-1).to(device)  # [n, Mq]: causal rows i < Lq - Lk see no key
-        keep = visible_or_all(keep).to(device)  # -inf masks: such rows see every key, zeroed below
-    elif not causal and not uniform:
-        keep = valid_k[:, None, :].to(device)  # key padding only; every row sees a key (Lk > 0)
-    explicit = _explicit_softmax(qb, dropout_p, generator, return_lse)
-    if not explicit:
-        mask = None
-        if keep is not None:
-            mask = additive_mask(keep, qb.dtype)[:, None]  # [n, 1, 1 or Mq, Mk]
+    if not _explicit_softmax(qb, dropout_p, generator, return_lse):
         out = torch.nn.functional.scaled_dot_product_attention(
-            qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale,
-            is_causal=causal and keep is None)
+            qb, kb, vb, attn_mask=bias, dropout_p=dropout_p, scale=scale,
+            is_causal=causal and drop is None)
         lse = None
     else:
         softmax_dtype = torch.float64 if qb.dtype == torch.float64 else torch.float32
         logits = torch.matmul(qb * scale, kb.transpose(-1, -2)).to(softmax_dtype)  # [n, H, Mq, Mk]
-        if keep is not None:
-            logits = logits.masked_fill(~keep[:, None], -math.inf)
+        if drop is not None:
+            logits = logits.masked_fill(drop[:, None], -math.inf)
         elif causal:  # Mq == Mk: every row sees its diagonal
             logits = logits.masked_fill(torch.ones(mq, mk, dtype=torch.bool, device=device).triu(1),
                                         -math.inf)
         lse = torch.logsumexp(logits.detach(), -1).float() if return_lse else None
         weights = torch.softmax(logits, -1)
         if dropout_p > 0:
-            drop = torch.rand(weights.shape, generator=generator, device=device) < dropout_p
-            weights = weights.masked_fill(drop, 0.0) / (1.0 - dropout_p)
+            drop_weights = torch.rand(weights.shape, generator=generator, device=device) < dropout_p
+            weights = weights.masked_fill(drop_weights, 0.0) / (1.0 - dropout_p)
         out = torch.matmul(weights.to(vb.dtype), vb)
-    out = out.transpose(1, 2)  # [n, Mq, H, D]
-    if row_keep is not None:
-        out = out * row_keep[:, :, None, None].to(out.dtype)
-        if lse is not None:
-            lse = lse.masked_fill(~row_keep[:, None, :], -math.inf)
-    out = out.reshape(n * mq, heads, head_dim)
+    out = out.transpose(1, 2).reshape(n * mq, heads, head_dim)  # [n, Mq, H, D] -> rows
     if lse is not None:
         lse = lse.transpose(0, 1).reshape(heads, n * mq)
     return out, lse
@@ -334,61 +476,62 @@ class _PickRows(torch.autograd.Function):
 
 def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, return_lse):
     heads = q.shape[1]
-    starts_q = torch.cumsum(len_q, 0) - len_q
-    starts_k = torch.cumsum(len_k, 0) - len_k
     waste = PADDING_WASTE_CPU if q.device.type == "cpu" else PADDING_WASTE
-    buckets = plan_buckets(len_q.tolist(), len_k.tolist(), _cell_bytes(q, causal, dropout_p, generator, return_lse),
-                            budget.chunk_budget_bytes(q.device), waste)
+    cell_bytes = _cell_bytes(q, causal, dropout_p, generator, return_lse)
+    lens_q, lens_k = len_q.tolist(), len_k.tolist()
+    buckets = plan_buckets(lens_q, lens_k, cell_bytes, budget.chunk_budget_bytes(q.device) if cell_bytes else 0,
+                           waste)
     if not buckets:  # no sequence has both queries and keys
         lse = torch.full((heads, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device) if return_lse else None
         return connected_zeros(q.shape, q, k, v), lse
-    # Host plan. The buckets' padded rows are concatenated: q rows (rows_q) and k/v rows
-    # (rows_k), each sequence padded with repeats of its own rows. slot[t] / slot_k[t]:
-    # the padded row holding packed query / key t (-1: in no bucket, no keys or queries).
-    slot = torch.full((q.shape[0],), -1, dtype=torch.int64)
-    slot_k = torch.full((k.shape[0],), -1, dtype=torch.int64)
-    rows_q, rows_k, shapes = [], [], []
-    base_q = base_k = 0
-    for members in buckets:
-        idx = torch.tensor(members)
-        lq, lk = len_q[idx], len_k[idx]
-        mq, mk = int(lq.max()), int(lk.max())
-        for sl, starts, lens, m, base in ((slot, starts_q, lq, mq, base_q), (slot_k, starts_k, lk, mk, base_k)):
-            a = torch.arange(m)
-            valid = a[None, :] < lens[:, None]
-            sl[(starts[idx][:, None] + a[None, :])[valid]] = base + torch.nonzero(valid.flatten()).flatten()
-        rows_q.append(_padded_rows(starts_q[idx], lq, mq).flatten())
-        rows_k.append(_padded_rows(starts_k[idx], lk, mk).flatten())
-        shapes.append((lq, lk, mq, mk))
-        base_q += len(members) * mq
-        base_k += len(members) * mk
-    missing_q = torch.nonzero(slot < 0).flatten()
-    missing_k = torch.nonzero(slot_k < 0).flatten()
-    kept_q = torch.nonzero(slot >= 0).flatten()
-    parts = [torch.cat(rows_q), torch.cat(rows_k), slot.clamp(min=0), slot_k.clamp(min=0), missing_q, missing_k, kept_q]
-    # One host-to-device copy for the whole plan.
-    dev = torch.cat(parts).to(q.device).split([t.numel() for t in parts])
-    rows_q_d, rows_k_d, slot_d, slot_k_d, missing_q_d, missing_k_d, kept_q_d = dev
+    plan = _Plan(np.array(lens_q, dtype=np.int64), np.array(lens_k, dtype=np.int64), buckets, causal)
+    rows_q, slot, missing_q, kept_q, rows_k, slot_k, missing_k, limit, key_range, masks = plan.to(q.device)
 
     # One gather per tensor for every bucket, split into per-bucket views.
-    sizes_q, sizes_k = [r.numel() for r in rows_q], [r.numel() for r in rows_k]
-    qs = _GatherRows.apply(q, rows_q_d, slot_d, missing_q_d).split(sizes_q)
-    ks = _GatherRows.apply(k, rows_k_d, slot_k_d, missing_k_d).split(sizes_k)
-    vs = _GatherRows.apply(v, rows_k_d, slot_k_d, missing_k_d).split(sizes_k)
+    sizes_q = [n * mq for n, mq, _ in plan.shapes]
+    sizes_k = [n * mk for n, _, mk in plan.shapes]
+    qs = _GatherRows.apply(q, rows_q, slot, missing_q).split(sizes_q)
+    ks = _GatherRows.apply(k, rows_k, slot_k, missing_k).split(sizes_k)
+    vs = _GatherRows.apply(v, rows_k, slot_k, missing_k).split(sizes_k)
+    explicit = _explicit_softmax(q, dropout_p, generator, return_lse)
+    key_pad = masks[plan.rows_cut:]
+    biases = None
+    if not causal and plan.mask.any() and not explicit:  # additive key masks of all buckets at once
+        biases = torch.zeros(key_pad.shape, dtype=q.dtype, device=q.device).masked_fill_(key_pad, -math.inf)
     outs, lses = [], []
-    for (lq, lk, mq, mk), qb, kb, vb in zip(shapes, qs, ks, vs):
-        n = lq.shape[0]
+    at = 0
+    for b, ((n, mq, mk), qb, kb, vb) in enumerate(zip(plan.shapes, qs, ks, vs)):
+        drop = bias = None
+        if plan.mask[b]:
+            if causal:  # [n, Mq, Mk]
+                drop = key_range[None, None, :mk] > limit[at:at + n * mq].view(n, mq, 1)
+                if not explicit:
+                    bias = torch.zeros(drop.shape, dtype=q.dtype, device=q.device).masked_fill_(drop, -math.inf)
+            else:  # [n, 1, Mk]
+                cells = slice(plan.mask_at[b], plan.mask_at[b] + n * mk)
+                drop = key_pad[cells].view(n, 1, mk)
+                if biases is not None:
+                    bias = biases[cells].view(n, 1, mk)
+            if bias is not None:
+                bias = bias[:, None]
         out, lse = _bucket_attention(qb.view(n, mq, heads, -1), kb.view(n, mk, k.shape[1], -1),
-                                     vb.view(n, mk, v.shape[1], -1), lq, lk, causal, scale, dropout_p,
+                                     vb.view(n, mk, v.shape[1], -1), drop, bias, causal, scale, dropout_p,
                                      generator, return_lse)
         outs.append(out)
         lses.append(lse)
-    out = _PickRows.apply(torch.cat(outs), slot_d, missing_q_d, kept_q_d)
-    lse = None
+        at += n * mq
+    out = torch.cat(outs)
+    lse = torch.cat(lses, 1) if return_lse else None
+    if plan.rows_cut:  # causal rows i < Lq - Lk see no key: zeros, lse -inf
+        row_keep = masks[:plan.rows_cut]
+        out = out * row_keep[:, None, None].to(out.dtype)
+        if lse is not None:
+            lse = lse.masked_fill(~row_keep[None, :], -math.inf)
+    out = _PickRows.apply(out, slot, missing_q, kept_q)
     if return_lse:
-        lse = torch.cat(lses, 1).index_select(1, slot_d)
-        if missing_q.numel():
-            lse.index_fill_(1, missing_q_d, -math.inf)
+        lse = lse.index_select(1, slot)
+        if plan.missing_q:
+            lse.index_fill_(1, missing_q, -math.inf)
     return out, lse
 
 
