@@ -117,6 +117,8 @@ INTERPRETER_CASES = [
     pytest.param((1, 1, 1, 4, 1, 1, 3), torch.float32, id="n1-fp32"),
     pytest.param((2, 5, 3, 5, 4, 6, 7), torch.float32, id="n5-b2-fp32"),
     pytest.param((1, 17, 2, 16, 3, 8, 5), torch.float32, id="n17-fp32"),
+    # Batch 2, 2 heads, 17 residues: two key / column blocks per (b, h), the last partial.
+    pytest.param((2, 17, 2, 4, 1, 1, 2), torch.float32, id="n17-b2-fp32"),
     pytest.param((1, 7, 2, 8, 2, 3, 4), torch.bfloat16, id="n7-bf16"),
     pytest.param((1, 7, 2, 8, 2, 3, 4), torch.float16, id="n7-fp16"),
 ]

@@ -107,6 +107,18 @@ def test_dw_column_splits_agree(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_dw_column_splits_with_batch_and_heads(monkeypatch, dtype):
+    """Batch 2, 2 heads through the dW partial sums [splits, B, H, N, N]: 5 x 8 = 40
+    (s, c) columns in 3 splits of 16, 16, 8 (the last has fewer blocks), against fp64."""
+    from foldops.kernels.pair_weighted_averaging import launch
+
+    calls = []
+    monkeypatch.setattr(launch, "dw_splits", lambda *a: calls.append(a) or 3)
+    check_case(2, 5, 9, 2, 8, dtype)
+    assert calls and all(a[1] == 40 for a in calls)
+
+
 @pytest.mark.parametrize("masks", [True, False], ids=("masks", "no-masks"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_eager_path_equals_registered_ops(monkeypatch, masks, dtype):

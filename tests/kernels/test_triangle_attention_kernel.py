@@ -180,6 +180,19 @@ def test_bias_grad_split_and_deterministic(monkeypatch, splits):
     assert_within_baseline("dbias", first, exact_grad, base)
 
 
+def test_bias_grad_splits_and_head_groups_with_batch(monkeypatch):
+    """Batch 2 through the per-(split, batch, head) buffers: the bias gradient's row
+    splits (5 rows in 3 splits of 2, 2, 1: the last has fewer) and delta's head groups
+    (5 heads of D = 64 in groups of 4: the second has one head), against fp64."""
+    batch, rows, n, heads, d = 2, 5, 9, 5, 64
+    monkeypatch.setattr(dbias_splits, "bias_splits", lambda *args: 3)
+    launched = []
+    wrap = launch.launcher
+    monkeypatch.setattr(launch, "launcher", lambda fn: launched.append(fn.__name__) or wrap(fn))
+    _check_case(batch, rows, n, heads, d, torch.bfloat16, "bool", "start")
+    assert "_sum_splits_kernel" in launched
+
+
 def test_bias_splits_rule(monkeypatch):
     """The split count minimises waves x rows per program (+1% per split) among those
     that give every SM a program and keep a split's rows within 80 MiB, never more than

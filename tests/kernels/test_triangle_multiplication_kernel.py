@@ -134,6 +134,39 @@ def test_position_chunks_in_backward(monkeypatch, blocks_per_chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_position_chunks_with_hidden_wider_than_channels(monkeypatch, dtype):
+    """Chunked backward where the two sides hold separate partial buffers (H = 20 pads
+    to 32 lanes, C = 8 to 16: part_o and part_i differ), incoming, batch 3: chunks of
+    two 32-position blocks over 81 positions (64 + 17: the last has one block). fp16
+    also runs the split (hi + lo) dt in chunks. Chunked equals whole to the rounding of
+    the chunk sums (fp32, then one fp16 rounding), and within the baseline rule of fp64."""
+    launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
+    x = torch.randn(3, 9, 9, 8, dtype=torch.float64)
+    mask, weights = make_mask(3, 9), make_weights(8, hidden=20)
+    g = torch.randn(3, 9, 9, 8, dtype=torch.float64)
+    low = {k: v.to(dtype) for k, v in weights.items()}
+
+    def fn(t, **ww):
+        return tm.triangle_multiplication(t, mask, direction="incoming", backend="triton", **ww)
+
+    def ref(t, **ww):
+        return tm.triangle_multiplication(t, mask, direction="incoming", backend="reference", **ww)
+
+    block = launch.configs.INTERPRET_ROW[0]
+    _, whole = run(fn, x.to(dtype), low, g)
+    monkeypatch.setattr(launch, "_chunk_positions", lambda x, p, b, blk: 2 * block)
+    _, chunked = run(fn, x.to(dtype), low, g)
+    _, exact = run(ref, x, weights, g)
+    _, base = run(ref, x.to(dtype), low, g)
+    for name, a, b, e, bb in zip(("x",) + WEIGHTS, whole, chunked, exact, base):
+        # fp16 weight gradients: one chunk's GEMM result is rounded once, chunk sums are
+        # added in fp32 and then rounded: they may differ by one fp16 ulp.
+        tol = 2**-10 * a.abs().max().item() if dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=name)
+        assert_within_baseline(name, b, e, bb, dtype=dtype)
+
+
 def _product_launches(outgoing, dt, ab, dab, n, c, dt_lo):
     """The backward's two products (da, db) with the launcher's strides."""
     launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
