@@ -13,7 +13,7 @@ at small N that difference is most of its host time.
 The fast path keeps its own cache from a key at least as fine as Triton's
 specialisation: per tensor its dtype and whether its address is 16-byte aligned, per
 int whether it is 1, divisible by 16 and within int32, the type of every other
-argument, and the constexpr and launch options by value. A miss launches through
+argument, and every constexpr (keyword or positional) and launch option by value. A miss launches through
 Triton (which compiles if needed) and stores the compiled kernel; a hit calls its
 launcher with the current stream. It is taken only
 
@@ -26,7 +26,10 @@ launcher with the current stream. It is taken only
   run with it on (H100, Triton 3.6) hit an illegal memory access in a compiled MSA
   layer's backward after an eager one (tests/nn/test_pair_weighted_averaging_layer.py),
   in a run that also carried other kernel changes; that suite had passed with it
-  off. Until a run with it on and off tells the cause, kernels launch through Triton.
+  off. A review then found that the key ignored constexprs passed positionally (the
+  IPA kernels' C and D): two IPA shapes with the same padded widths shared a binary,
+  which reads and writes past rows of the smaller shape. Fixed, but not yet rerun on a
+  GPU, so kernels launch through Triton until it is.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ def _version() -> Tuple[int, ...]:
 
 
 def _enabled() -> bool:
-    return (_version() in _VERIFIED and os.environ.get("FOLDOPS_DIRECT_LAUNCH", "0") == "1"
+    # NVIDIA only: ROCm's Triton also specialises tensors on their size (buffer ops), and
+    # other devices have their own current device and stream.
+    nvidia = torch.version.cuda is not None and torch.version.hip is None
+    return (nvidia and _version() in _VERIFIED and os.environ.get("FOLDOPS_DIRECT_LAUNCH", "0") == "1"
             and not triton_interpret())
 
 
@@ -97,6 +103,25 @@ def _tail(kernel, n_args: int, meta: Dict[str, Any]) -> tuple:
     return tuple(values)
 
 
+_CONSTEXPR_POSITIONS: Dict[Any, Tuple[int, ...]] = {}
+
+
+def _constexpr_positions(kernel) -> Tuple[int, ...]:
+    """Indices of the kernel's constexpr parameters: passed positionally, their values
+    must key the cache (the compiled launcher ignores them; the binary has them baked in)."""
+    found = _CONSTEXPR_POSITIONS.get(kernel)
+    if found is None:
+        found = tuple(i for i, p in enumerate(kernel.params) if p.is_constexpr)
+        _CONSTEXPR_POSITIONS[kernel] = found
+    return found
+
+
+def _key(kernel, device: int, args: tuple, meta: Dict[str, Any]) -> tuple:
+    n = len(args)
+    consts = tuple(args[i] for i in _constexpr_positions(kernel) if i < n)
+    return kernel, device, tuple(map(_arg_key, args)), consts, tuple(meta.items())
+
+
 def launch(kernel, grid: Tuple[int, ...], *args: Any, **meta: Any) -> None:
     """Launch the ``@triton.jit`` ``kernel`` on ``grid`` (1-3 ints) with positional
     ``args`` (every non-constexpr parameter, in order) and keyword ``meta`` (constexprs
@@ -105,7 +130,7 @@ def launch(kernel, grid: Tuple[int, ...], *args: Any, **meta: Any) -> None:
         wrap_triton(kernel)[grid](*args, **meta)
         return
     device = torch._C._cuda_getDevice()  # as Triton: the current device, not the tensors'
-    key = (kernel, device, tuple(map(_arg_key, args)), tuple(meta.items()))
+    key = _key(kernel, device, args, meta)
     entry = _CACHE.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **meta)
