@@ -388,12 +388,12 @@ def test_fp32_medium_precision_runs_tf32_within_its_tolerance(monkeypatch, matmu
 # GPU: compiled kernels at real sizes ----------------------------------------------------
 
 
-def _gpu_check(batch, n, dim, dtype, direction, masked=True):
+def _gpu_check(batch, n, dim, dtype, direction, masked=True, hidden=None):
     from foldops.reference.triangle_multiplication import triangle_multiplication as reference
 
     x = torch.randn(batch, n, n, dim, dtype=torch.float64, device="cuda")
     mask = make_mask(batch, n).cuda() if masked else None
-    w = {k: v.cuda() for k, v in make_weights(dim).items()}
+    w = {k: v.cuda() for k, v in make_weights(dim, hidden=hidden).items()}
     low = {k: v.to(dtype) for k, v in w.items()}
     g = torch.randn(x.shape, dtype=torch.float64, device="cuda")
     ref = lambda t, **ww: reference(t, mask, direction=direction, **ww)  # noqa: E731
@@ -412,6 +412,25 @@ def _gpu_check(batch, n, dim, dtype, direction, masked=True):
 @pytest.mark.parametrize("shape", [(1, 256, 128), (2, 131, 64), (1, 300, 32), (1, 97, 384)], ids=str)
 def test_gpu_matches_reference(shape, dtype, direction):
     _gpu_check(*shape, dtype, direction)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", ("outgoing", "incoming"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("shape", [(1, 160, 384, 128), (2, 97, 48, 80)], ids=str)  # (B, N, D, H)
+def test_gpu_hidden_width_matches_reference(shape, dtype, direction):
+    """H != D (AF2 / OpenFold; GPU MODE's D = 384, H = 128) with the compiled tiles."""
+    batch, n, dim, hidden = shape
+    _gpu_check(batch, n, dim, dtype, direction, hidden=hidden)
+
+
+@pytest.mark.gpu
+def test_gpu_position_chunks_with_batch(monkeypatch):
+    """The backward's position chunks at the GPU tiles, batch 2, a last chunk of fewer
+    blocks than the others (the case whose LayerNorm-weight partials were misread)."""
+    launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
+    monkeypatch.setattr(launch, "_chunk_positions", lambda x, p, b, block: 3 * block)
+    _gpu_check(2, 75, 64, torch.float32, "outgoing", hidden=96)
 
 
 @pytest.mark.gpu
