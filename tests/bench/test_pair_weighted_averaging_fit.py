@@ -1,26 +1,15 @@
 """The largest-N search of ``benchmarks/pair_weighted_averaging.py --fit`` (CPU: the
 search alone, with a fake trial)."""
 
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _script():
-    path = os.path.join(ROOT, "benchmarks", "pair_weighted_averaging.py")
-    spec = importlib.util.spec_from_file_location("pwa_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 @pytest.mark.parametrize("limit", [128, 300, 1024, 1100, 2560, 5000, 8192, 20000])
 @pytest.mark.parametrize("start", [128, 1024, 4096])
 def test_largest_fitting_finds_the_limit_in_few_trials(limit, start):
-    search = _script().largest_fitting
+    search = load_benchmark("pair_weighted_averaging").largest_fitting
     tried = []
 
     def fits(n):
@@ -34,5 +23,5 @@ def test_largest_fitting_finds_the_limit_in_few_trials(limit, start):
 
 
 def test_largest_fitting_when_nothing_fits():
-    lo, hi = _script().largest_fitting(lambda n: False, 1024, 128, 8192)
+    lo, hi = load_benchmark("pair_weighted_averaging").largest_fitting(lambda n: False, 1024, 128, 8192)
     assert (lo, hi) == (0, 128)

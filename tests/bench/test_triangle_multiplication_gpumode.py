@@ -3,28 +3,18 @@ hidden width 128): the shape table, and a CPU smoke run at tiny sizes (the Trito
 kernels under the interpreter; times are not checked)."""
 
 import csv
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _script():
-    path = os.path.join(ROOT, "benchmarks", "triangle_multiplication.py")
-    spec = importlib.util.spec_from_file_location("trimul_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_gpumode_shapes_are_the_competitions():
     """Forward only, B 1-2, N 256-1024, D 128 / 384, hidden 128 (seven shapes); --tiny
     keeps B, the mask and D != H where the shape has it."""
-    bench = _script()
+    bench = load_benchmark("triangle_multiplication")
     shapes = bench.GPUMODE_SHAPES
     assert len(shapes) == 7
     assert {b for b, *_ in shapes} == {1, 2} and {n for _, n, *_ in shapes} == {256, 512, 768, 1024}
@@ -39,7 +29,7 @@ def test_gpumode_shapes_are_the_competitions():
 
 def test_gpumode_smoke_on_cpu(tmp_path):
     pytest.importorskip("triton")
-    bench = _script()
+    bench = load_benchmark("triangle_multiplication")
     shapes = ((2, 5, 8, 4, True), (1, 6, 12, 16, False))  # H < D with a mask, H > D without
     means = bench.gpumode(torch.device("cpu"), str(tmp_path), shapes=shapes, repeats=1)
     assert means["triton"] > 0 and means["torch"] > 0
