@@ -126,7 +126,7 @@ def launch(kernel, grid: Tuple[int, ...], *args: Any, **meta: Any) -> None:
     """Launch the ``@triton.jit`` ``kernel`` on ``grid`` (1-3 ints) with positional
     ``args`` (every non-constexpr parameter, in order) and keyword ``meta`` (constexprs
     and launch options such as ``num_warps``)."""
-    if not _DIRECT or is_wrap_triton_enabled() or _hooks_installed():
+    if is_wrap_triton_enabled() or _hooks_installed():
         wrap_triton(kernel)[grid](*args, **meta)
         return
     device = torch._C._cuda_getDevice()  # as Triton: the current device, not the tensors'
@@ -155,6 +155,7 @@ class _Launcher:
         return lambda *args, **meta: launch(kernel, grid, *args, **meta)
 
 
-def launcher(kernel) -> _Launcher:
-    """``launcher(kernel)[grid](*args, **meta)``: ``launch`` in ``wrap_triton``'s shape."""
-    return _Launcher(kernel)
+def launcher(kernel):
+    """``launcher(kernel)[grid](*args, **meta)``: ``launch`` in ``wrap_triton``'s shape;
+    ``wrap_triton`` itself while direct launches are off (nothing added per launch)."""
+    return _Launcher(kernel) if _DIRECT else wrap_triton(kernel)
