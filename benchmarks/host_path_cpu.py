@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 
 class _Recorder:
-    """Stands in for ``wrap_triton``: ``recorder(kernel)[grid](*args, **meta)`` records
+    """Stands in for ``launcher``: ``recorder(kernel)[grid](*args, **meta)`` records
     the kernel's name and launches nothing."""
 
     def __init__(self):
@@ -90,7 +90,7 @@ def _report(calls_fns, args, recorder: _Recorder) -> None:
 def _triattn(args, recorder):
     from foldops.kernels.triangle_attention import launch
 
-    launch.wrap_triton = recorder
+    launch.launcher = recorder
     launch._interpreting = lambda: False  # GPU-style config choice and switches
     n, heads, d = args.n or 32, 4, 32
     q, k, v, go = (torch.randn(1, n, n, heads, d) for _ in range(4))
@@ -124,7 +124,7 @@ def _trimul(args, recorder):
     from foldops.ops import triangle_multiplication
 
     public = sys.modules["foldops.ops.triangle_multiplication"]  # the module, not the function
-    launch.wrap_triton = recorder
+    launch.launcher = recorder
     launch.triton_interpret = lambda: False  # GPU-style configs; meta tensors are launched
     op._use_registered_ops = lambda t: False  # meta tensors take the eager (CUDA) path
     public.kernel_support = lambda device, explicit=True: None  # meta passes as a GPU
@@ -155,7 +155,7 @@ def _pwa(args, recorder):
     from foldops.kernels.pair_weighted_averaging import launch
     from foldops.ops import pair_weighted_averaging
 
-    launch.wrap_triton = recorder
+    launch.launcher = recorder
     launch._interpreting = lambda: False
     launch._num_sms = lambda device: 132  # an H100's SMs: the dW split count as there
     torch.set_num_threads(1)
