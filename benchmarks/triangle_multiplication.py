@@ -122,10 +122,10 @@ def bench(fn: Callable[[], object]) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def measure(backend, direction, batch, n, c, dtype, modes, device) -> List[dict]:
+def measure(backend, direction, batch, n, c, dtype, modes, device, hidden: Optional[int] = None) -> List[dict]:
     rows = []
     torch.manual_seed(0)
-    w = weights(c, dtype, device)
+    w = weights(c, dtype, device, hidden=hidden)
     x = torch.randn(batch, n, n, c, device=device, dtype=dtype)
     mask = torch.ones(batch, n, n, device=device, dtype=torch.bool)
     mask[:, -n // 16:, :] = False
@@ -203,36 +203,47 @@ FIELDS = ["op", "backend", "direction", "B", "N", "C", "dtype", "mode", "metric"
           "device", "torch", "flop", "bytes", "floor_ms"]
 
 
-def profile(n: int, c: int, direction: str, out_dir: str) -> None:
-    """Device time per kernel of one foldops fwd+bwd (torch.profiler), printed and saved."""
+def profile(n: int, c: int, direction: str, out_dir: str, hidden: Optional[int] = None) -> None:
+    """Device time per kernel of one foldops forward (no_grad) and fwd+bwd
+    (torch.profiler, bf16, masked), printed and saved."""
     from torch.profiler import ProfilerActivity, profile as prof
 
     device = torch.device("cuda")
-    w = weights(c, torch.bfloat16, device)
+    w = weights(c, torch.bfloat16, device, hidden=hidden)
     params = [t.requires_grad_() for t in w.values()]
     x = torch.randn(1, n, n, c, device=device, dtype=torch.bfloat16, requires_grad=True)
     mask = torch.ones(1, n, n, device=device, dtype=torch.bool)
     dout = torch.randn_like(x)
 
-    def step():
+    def fwd():
+        with torch.no_grad():
+            tm_fn(x, mask, direction=direction, backend="triton", **w)
+
+    def fwd_bwd():
         out = tm_fn(x, mask, direction=direction, backend="triton", **w)
         torch.autograd.backward(out, dout, inputs=[x, *params])
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(5):
+    for mode, step in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
+        for _ in range(3):
             step()
         torch.cuda.synchronize()
-    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=20)
-    print(table)
-    with open(os.path.join(out_dir, f"profile_{direction}_{n}.txt"), "w") as fh:
-        fh.write(table)
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        table = p.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+        print(f"--- {mode}, N = {n}, C = {c}, H = {hidden or c}, {direction}, 5 calls", flush=True)
+        print(table)
+        with open(os.path.join(out_dir, f"profile_{direction}_{n}_{c}_{hidden or c}_{mode}.txt"), "w") as fh:
+            fh.write(table)
 
 
 TUNE = {
     "PROLOGUE": [(64, 64, 4, False), (128, 64, 8, True), (64, 64, 4, True), (128, 64, 8, False)],
+    # C = 385 ... 512 (GPU MODE's 384): a [BLOCK_P, 512] row tile; more positions need more warps
+    "PROLOGUE_WIDE": [(16, 64, 4, False), (32, 64, 4, False), (32, 64, 8, True), (32, 128, 8, False),
+                      (64, 64, 8, True), (64, 64, 8, False), (64, 128, 8, False), (64, 64, 16, True),
+                      (128, 64, 16, True)],
     "ROW_FWD": [(64, 64, 4), (64, 128, 8), (128, 64, 8), (32, 64, 4), (128, 128, 8)],
     "ROW_BWD": [(64, 32, 8), (32, 32, 4), (64, 64, 8), (128, 32, 8), (32, 64, 8)],
     "PRODUCT_16BIT": [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3),
@@ -243,25 +254,32 @@ TUNE = {
 
 
 def tune(args) -> None:
-    """One table entry at a time (others at their defaults): fwd and fwd+bwd medians."""
+    """One table entry at a time (others at their defaults): fwd and fwd+bwd medians.
+    Tables keyed by padded width are set at the widths this shape uses (the prologue's
+    C, the epilogue's H, both for the backward row kernels)."""
     from foldops.kernels.triangle_multiplication import configs
+    from foldops.kernels.triangle_multiplication.launch import _padded
 
     device = torch.device("cuda")
-    for table, cands in TUNE.items():
-        if args.tune_tables and table not in args.tune_tables:
+    hidden = args.hidden or args.c
+    keys = {"PROLOGUE": {_padded(args.c)}, "PROLOGUE_WIDE": {_padded(args.c)}, "ROW_FWD": {_padded(hidden)},
+            "ROW_BWD": {_padded(args.c), _padded(hidden)}}
+    for name, cands in TUNE.items():
+        if args.tune_tables and name not in args.tune_tables:
             continue
+        table = "PROLOGUE" if name == "PROLOGUE_WIDE" else name
         default = getattr(configs, table)
         for cand in cands:
             if isinstance(default, dict):
-                setattr(configs, table, {**default, args.c: cand})
+                setattr(configs, table, {**default, **{k: cand for k in keys[name]}})
             else:
                 setattr(configs, table, cand)
             for n in args.n:
                 res = {r["mode"]: r for r in measure("triton", args.directions[0], 1, n, args.c, torch.bfloat16,
-                                                     args.modes, device) if "mode" in r}
+                                                     args.modes, device, hidden=args.hidden) if "mode" in r}
                 cells = " ".join(f"{m} {r['ms']:.3f}" if r["status"] == "ok" else f"{m} {r['status']}"
                                  for m, r in res.items())
-                print(f"tune {table:14s} {str(cand):28s} N={n:5d} {cells}", flush=True)
+                print(f"tune {name:14s} {str(cand):28s} N={n:5d} {cells}", flush=True)
         setattr(configs, table, default)
 
 
@@ -454,6 +472,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/h100")
     ap.add_argument("--n", type=int, nargs="+", default=[256, 512, 768, 1024, 2048, 4096])
     ap.add_argument("--c", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=None, help="with --tune / --profile: hidden width H (default C)")
     ap.add_argument("--backends", nargs="+", default=["triton", "cuequivariance", "boltz", "torch"])
     ap.add_argument("--directions", nargs="+", default=["outgoing", "incoming"])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
@@ -481,7 +500,7 @@ def main() -> None:
         tune(args)
     elif args.profile:
         os.makedirs(args.out, exist_ok=True)
-        profile(args.profile, args.c, args.directions[0], args.out)
+        profile(args.profile, args.c, args.directions[0], args.out, args.hidden)
     else:
         print(platform.node(), torch.cuda.get_device_name(), torch.__version__)
         run(args)
