@@ -77,7 +77,7 @@ def test_no_hooks_by_default():
 def test_direct_launch_matches_triton(monkeypatch):
     if _launch._version() not in _launch._VERIFIED:
         pytest.skip(f"direct launches are not checked for Triton {triton.__version__} ({_launch._VERIFIED})")
-    monkeypatch.setattr(_launch, "_DIRECT", True)  # opt-in (FOLDOPS_DIRECT_LAUNCH=1) for users
+    monkeypatch.setattr(_launch, "_DIRECT", True)  # whatever FOLDOPS_DIRECT_LAUNCH says
     x = torch.randn(1000, device="cuda")
     n_before = len(_launch._CACHE)
     with set_wrap_triton_enabled(False):

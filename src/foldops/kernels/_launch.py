@@ -22,14 +22,13 @@ launcher with the current stream. It is taken only
 - on a Triton version whose launcher signature was checked (``_VERIFIED``),
 - with no Triton launch hooks installed (profilers such as proton need the slow path's
   metadata), and not under the interpreter,
-- and only when ``FOLDOPS_DIRECT_LAUNCH=1``: it is off by default. The first GPU test
-  run with it on (H100, Triton 3.6) hit an illegal memory access in a compiled MSA
-  layer's backward after an eager one (tests/nn/test_pair_weighted_averaging_layer.py),
-  in a run that also carried other kernel changes; that suite had passed with it
-  off. A review then found that the key ignored constexprs passed positionally (the
-  IPA kernels' C and D): two IPA shapes with the same padded widths shared a binary,
-  which reads and writes past rows of the smaller shape. Fixed, but not yet rerun on a
-  GPU, so kernels launch through Triton until it is.
+- and not when ``FOLDOPS_DIRECT_LAUNCH=0`` (the switch back to Triton's own launch).
+
+The cache key once ignored constexprs passed positionally (the IPA kernels' C and D), so
+two IPA shapes with the same padded widths shared a binary that reads and writes past
+rows of the smaller one: an illegal memory access in a later test of an H100 run. With
+the key fixed, the whole GPU suite passed on an H100 with direct launches on
+(tests/kernels/test_launch.py compares them with Triton's launch).
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ def _enabled() -> bool:
     # NVIDIA only: ROCm's Triton also specialises tensors on their size (buffer ops), and
     # other devices have their own current device and stream.
     nvidia = torch.version.cuda is not None and torch.version.hip is None
-    return (nvidia and _version() in _VERIFIED and os.environ.get("FOLDOPS_DIRECT_LAUNCH", "0") == "1"
+    return (nvidia and _version() in _VERIFIED and os.environ.get("FOLDOPS_DIRECT_LAUNCH", "1") != "0"
             and not triton_interpret())
 
 
