@@ -29,6 +29,10 @@ PROLOGUE = {
     512: (64, 64, 8, True),
 }
 
+# fp32 inputs where PROLOGUE's tile does not fit: at CP = 512 its fp32 [64, 512] row and
+# weight tiles fail on an H100 (sm_90), so they keep the 16-position tile.
+PROLOGUE_FP32 = {512: (16, 64, 4, False)}
+
 # CP -> (BLOCK_P, BLOCK_N, num_warps) of the backward row kernels, which also keep an
 # fp32 [BLOCK_P, CP] accumulator (du or dh) beside the normalised row.
 ROW_BWD = {

@@ -86,7 +86,8 @@ def grad_product_split(dtype: torch.dtype) -> bool:
 def _prologue_config(cp: int, dtype: torch.dtype):
     if triton_interpret():
         return configs.INTERPRET_PROLOGUE
-    bp, bn, warps, all_slabs = configs.PROLOGUE[cp]
+    table = configs.PROLOGUE_FP32 if dtype == torch.float32 and cp in configs.PROLOGUE_FP32 else configs.PROLOGUE
+    bp, bn, warps, all_slabs = table[cp]
     return bp, _slab(cp, bn, dtype, configs.FP32_MAX_WEIGHT_TILE), warps, all_slabs
 
 
