@@ -17,11 +17,16 @@ Default run (about 3 minutes on an H100):
    compares ``graph`` with it. Boltz's PairformerLayer beside it, plain and with
    ``use_kernels=True`` when cuequivariance_torch imports, same weights.
 
+``--host-profile`` runs only the host-time section and prints a cProfile (own time) of
+each op's 50 calls with ``triton``: where the host time goes.
+
 ``--rules`` instead times each op's auto-eligible backends at N = 64 ... 1024, forward
 (inference, no_grad) and forward+backward (training), bf16 and fp32 (throughput, 20
 calls per sync), and prints the thresholds for ``foldops.backend_rules`` (largest N up
 to which ``torch`` is no slower than the kernels at every smaller measured N, in both
-dtypes). Writes ``small_structures_rules.csv``.
+dtypes). Writes ``small_structures_rules.csv``, rewritten after each op (a run cut short
+keeps what it measured); ``--ops`` restricts it to some ops. About 2.4 s a row on an
+H100 (280 rows for every op): give it ten minutes, or split it by ``--ops``.
 """
 
 from __future__ import annotations
@@ -157,7 +162,26 @@ def op_closure(case, fn, n: int, dtype, backend: str, grad: bool):
     return step
 
 
-def run_host(n: int = 128):
+def host_profile(name: str, fn: Callable[[], object], calls: int = 50, top: int = 30) -> None:
+    """cProfile of ``calls`` unsynced calls (after a warm-up), by own time: where a call's
+    host time goes."""
+    import cProfile
+    import pstats
+
+    for _ in range(3):
+        fn()
+    sync()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        fn()
+    profile.disable()
+    sync()
+    print(f"--- cProfile {name}, {calls} calls", flush=True)
+    pstats.Stats(profile).sort_stats("tottime").print_stats(top)
+
+
+def run_host(n: int = 128, profile: bool = False):
     for case, fn in triton_cases():
         for backend in ("triton", "auto"):
             for mode, grad in (("fwd", False), ("fwd+bwd", True)):
@@ -165,6 +189,8 @@ def run_host(n: int = 128):
                     step = op_closure(case, fn, n, torch.bfloat16, backend, grad)
                     record("host", case.op, backend, n, mode, "host", host_ms(step))
                     record("host", case.op, backend, n, mode, "throughput", throughput_ms(step))
+                    if profile and backend == "triton":
+                        host_profile(f"{case.op} {backend} {mode} N={n}", step)
                 except Exception as exc:
                     record("host", case.op, backend, n, mode, "host", None, f"{type(exc).__name__}: {exc}"[:120])
 
@@ -258,8 +284,20 @@ def run_layers(sizes):
 # --------------------------------------------------------------------------- rules
 
 
-def run_rules(sizes, out_lines: List[str]):
+def save(path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(ROWS[0]) if ROWS else ["section"])
+        writer.writeheader()
+        writer.writerows(ROWS)
+
+
+def run_rules(sizes, out_lines: List[str], path: str, ops: Optional[List[str]] = None):
+    """Per op (all with a Triton backend, or ``ops``): times, then its threshold line; the
+    CSV is rewritten after each op so that a run cut short keeps what it measured."""
     for case, fn in triton_cases():
+        if ops and case.op not in ops:
+            continue
         op = case.registry_op
         runnable = [b.name for b in backends.backends_of(op) if b.auto]
         for mode, grad in (("inference", False), ("training", True)):
@@ -292,13 +330,18 @@ def run_rules(sizes, out_lines: List[str]):
             at_most = min(wins.values())
             out_lines.append(f'"{case.op}" / "{mode}": Rule({at_most}, MEASURE, "<device>: torch no slower '
                              f'at N <= {at_most} (bf16 {wins["torch.bfloat16"]}, fp32 {wins["torch.float32"]})")')
+            print(out_lines[-1], flush=True)
+        save(path)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", action="store_true", help="time backends per N and print rule thresholds")
     parser.add_argument("--sizes", type=int, nargs="*", help="layer sizes (default 256 384) or rule sizes")
+    parser.add_argument("--ops", nargs="*", help="with --rules: only these ops (bench case names)")
     parser.add_argument("--host-n", type=int, default=128)
+    parser.add_argument("--host-profile", action="store_true",
+                        help="only the host-time section, with a cProfile of each Triton op's calls")
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<gpu>/...)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -310,20 +353,19 @@ def main() -> int:
     start = time.perf_counter()
     if args.rules:
         lines: List[str] = []
-        run_rules(args.sizes or [64, 128, 256, 384, 512, 768, 1024], lines)
+        path = args.out or os.path.join(default_dir, "small_structures_rules.csv")
+        run_rules(args.sizes or [64, 128, 256, 384, 512, 768, 1024], lines, path, args.ops)
         print("\nThresholds for foldops/backend_rules.py (device class "
               f"{__import__('foldops.backend_rules', fromlist=['x']).device_class(torch.device('cuda'))}):")
         print("\n".join(lines))
-        path = args.out or os.path.join(default_dir, "small_structures_rules.csv")
+    elif args.host_profile:
+        run_host(args.host_n, profile=True)
+        path = args.out or os.path.join(default_dir, "small_structures_host.csv")
     else:
         run_host(args.host_n)
         run_layers(args.sizes or [256, 384])
         path = args.out or os.path.join(default_dir, "small_structures.csv")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(ROWS[0]) if ROWS else ["section"])
-        writer.writeheader()
-        writer.writerows(ROWS)
+    save(path)
     print(f"\nwrote {path} ({len(ROWS)} rows) in {time.perf_counter() - start:.0f} s")
     return 0
 
