@@ -16,7 +16,9 @@ Device classes: ``"cuda-sm<major><minor>"`` (NVIDIA by compute capability, e.g.
 ``"cuda-sm90"`` for the H100), ``"rocm"``, or the device type (``"cpu"``, ``"xpu"``,
 ``"mps"``). A device class without an entry takes ``DEFAULT`` (no size rule: priority
 order, as before rules existed), the conservative choice on hardware nobody measured.
-Modes: ``"inference"`` (no gradient needed) and ``"training"``.
+Modes: ``"inference"`` (no gradient needed) and ``"training"``; a mode may also carry a
+dtype (``"training/float32"``), which takes precedence for inputs of that dtype (the
+tensors' dtype as the op sees it: under autocast, the projections' output dtype).
 
 ``backends.select`` asks ``preferred`` once per (op, device, mode, size) and caches the
 answer; an explicit ``backend=`` or ``FOLDOPS_BACKEND*`` bypasses the rules.
@@ -50,13 +52,15 @@ class Rule:
 
 
 _H100_ISSUE = "H100 bf16, torch 2.11, Triton 3.6, foldops bench + 50-call throughput probe"
+_H100_RULES = "H100, torch 2.11, Triton 3.6, direct launches; benchmarks/results/h100/small_structures_rules.csv"
 
 RULES: Dict[str, Dict[str, Dict[str, Rule]]] = {
     "attention_pair_bias": {
         "cuda-sm90": {
             "inference": Rule(
-                1024, MEASURE,
-                f"{_H100_ISSUE}: torch faster at every N measured, 128-1024 (host-bound kernel path)",
+                0, MEASURE,
+                f"{_H100_RULES}: triton no slower in bf16 at every N, 64-1024 (0.255 vs 0.305 ms at 1024; "
+                "both host-bound); fp32 measured at N = 64 only (0.468 vs 0.453)",
             ),
             "training": Rule(
                 1024, MEASURE,
@@ -66,11 +70,17 @@ RULES: Dict[str, Dict[str, Dict[str, Rule]]] = {
     },
     "triangle_attention": {
         "cuda-sm90": {
+            # Inference: triton faster at every N, 64-1024, bf16 and fp32 (no rule).
             "training": Rule(
                 256, MEASURE,
-                f"{_H100_ISSUE}: torch fwd+bwd 1.4-2x faster at N <= 256 (0.68 vs 1.34 ms at N = 128)",
+                f"{_H100_RULES}: bf16 torch fwd+bwd faster at N <= 256 (1.40 vs 1.69 ms at 128), "
+                "triton from 384 (1.67 vs 4.27)",
             ),
-            # Inference not measured separately: the priority order (the kernel) holds.
+            "training/float32": Rule(
+                1024, MEASURE,
+                f"{_H100_RULES}: fp32 (IEEE) torch fwd+bwd faster at every N, 64-1024 (145.6 vs 215.9 ms "
+                "at 1024); above that torch's O(N^3) attention weights outgrow memory",
+            ),
         },
     },
 }
@@ -86,33 +96,37 @@ def device_class(device: torch.device) -> str:
     return _device_class(device)
 
 
-def rule_for(op: str, device_cls: str, mode: str) -> Rule:
-    """The rule of ``op`` on ``device_cls`` in ``mode`` (``DEFAULT`` if none)."""
-    return RULES.get(op, {}).get(device_cls, {}).get(mode, DEFAULT)
+def rule_for(op: str, device_cls: str, mode: str, dtype: Optional[str] = None) -> Rule:
+    """The rule of ``op`` on ``device_cls`` in ``mode`` for inputs of ``dtype`` (a name
+    such as ``"float32"``): the mode's dtype entry, else the mode's, else ``DEFAULT``."""
+    modes = RULES.get(op, {}).get(device_cls, {})
+    return (dtype is not None and modes.get(f"{mode}/{dtype}")) or modes.get(mode, DEFAULT)
 
 
 @functools.lru_cache(maxsize=4096)
-def _preferred(op: str, device: torch.device, training: bool, n: int, rules_id: int) -> Optional[Tuple[str, str]]:
+def _preferred(op: str, device: torch.device, training: bool, n: int, dtype: Optional[str],
+               rules_id: int) -> Optional[Tuple[str, str]]:
     cls = device_class(device)
     mode = "training" if training else "inference"
-    rule = rule_for(op, cls, mode)
+    rule = rule_for(op, cls, mode, dtype)
     if n > rule.at_most:
         return None
-    return rule.backend, f"{cls} {mode} N={n} <= {rule.at_most}: {rule.reason} (measured by: {rule.command})"
+    return rule.backend, f"{cls} {mode} {dtype} N={n} <= {rule.at_most}: {rule.reason} (measured by: {rule.command})"
 
 
 def preferred(op: str, device: Optional[torch.device] = None, training: Optional[bool] = None,
-              n: Optional[int] = None, **_) -> Optional[Tuple[str, str]]:
+              n: Optional[int] = None, dtype: Optional[torch.dtype] = None, **_) -> Optional[Tuple[str, str]]:
     """``(backend name, reason)`` that ``auto`` should try first, or None (priority order).
 
-    Reads ``device``, ``training`` and ``n`` from the op's selection context; an op that
-    passes no size or mode gets None. Cached per (op, device, mode, n); replacing
-    ``RULES`` (tests) starts a fresh cache.
+    Reads ``device``, ``training``, ``n`` and ``dtype`` from the op's selection context;
+    an op that passes no size or mode gets None. Cached per (op, device, mode, n, dtype);
+    replacing ``RULES`` (tests) starts a fresh cache.
     """
     if device is None or training is None or n is None:
         return None
     if not isinstance(device, torch.device):
         device = torch.device(device)
+    name = str(dtype).rpartition(".")[2] if isinstance(dtype, torch.dtype) else None
     if torch.compiler.is_compiling():  # traced once per graph; Dynamo skips lru_cache wrappers
-        return _preferred.__wrapped__(op, device, bool(training), int(n), 0)
-    return _preferred(op, device, bool(training), int(n), id(RULES))
+        return _preferred.__wrapped__(op, device, bool(training), int(n), name, 0)
+    return _preferred(op, device, bool(training), int(n), name, id(RULES))
