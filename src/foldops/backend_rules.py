@@ -77,9 +77,10 @@ RULES: Dict[str, Dict[str, Dict[str, Rule]]] = {
                 "triton from 384 (1.67 vs 4.27)",
             ),
             "training/float32": Rule(
-                1024, MEASURE,
-                f"{_H100_RULES}: fp32 (IEEE) torch fwd+bwd faster at every N, 64-1024 (145.6 vs 215.9 ms "
-                "at 1024); above that torch's O(N^3) attention weights outgrow memory",
+                512, MEASURE,
+                f"{_H100_RULES}: fp32 (IEEE) torch fwd+bwd faster at every N, 64-1024 (19.4 vs 29.6 ms at "
+                "512, 145.6 vs 215.9 at 1024); capped at 512: torch keeps the O(N^3) attention weights "
+                "for the backward (7 GB per 4 heads at N = 768), the kernel O(N^2)",
             ),
         },
     },
