@@ -246,6 +246,8 @@ TUNE = {
                       (128, 64, 16, True)],
     "ROW_FWD": [(64, 64, 4), (64, 128, 8), (128, 64, 8), (32, 64, 4), (128, 128, 8)],
     "ROW_BWD": [(64, 32, 8), (32, 32, 4), (64, 64, 8), (128, 32, 8), (32, 64, 8)],
+    # the input-side backward at C = 385 ... 512 (its output side runs at H's width)
+    "ROW_BWD_WIDE": [(16, 32, 8), (32, 32, 8), (32, 64, 8), (64, 32, 8), (64, 32, 16), (32, 32, 16)],
     "PRODUCT_16BIT": [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3),
                       (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4)],
     "PRODUCT_SPLIT": [(128, 128, 32, 8, 8, 3), (128, 64, 32, 8, 4, 3), (64, 128, 64, 8, 8, 3),
@@ -263,11 +265,11 @@ def tune(args) -> None:
     device = torch.device("cuda")
     hidden = args.hidden or args.c
     keys = {"PROLOGUE": {_padded(args.c)}, "PROLOGUE_WIDE": {_padded(args.c)}, "ROW_FWD": {_padded(hidden)},
-            "ROW_BWD": {_padded(args.c), _padded(hidden)}}
+            "ROW_BWD": {_padded(args.c), _padded(hidden)}, "ROW_BWD_WIDE": {_padded(args.c)}}
     for name, cands in TUNE.items():
         if args.tune_tables and name not in args.tune_tables:
             continue
-        table = "PROLOGUE" if name == "PROLOGUE_WIDE" else name
+        table = {"PROLOGUE_WIDE": "PROLOGUE", "ROW_BWD_WIDE": "ROW_BWD"}.get(name, name)
         default = getattr(configs, table)
         for cand in cands:
             if isinstance(default, dict):
