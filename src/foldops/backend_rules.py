@@ -20,7 +20,7 @@ Modes: ``"inference"`` (no gradient needed) and ``"training"``; a mode may also 
 dtype (``"training/float32"``), which takes precedence for inputs of that dtype (the
 tensors' dtype as the op sees it: under autocast, the projections' output dtype).
 
-``backends.select`` asks ``preferred`` once per (op, device, mode, size) and caches the
+``backends.select`` asks ``preferred`` once per (op, device, mode, size, dtype) and caches the
 answer; an explicit ``backend=`` or ``FOLDOPS_BACKEND*`` bypasses the rules.
 """
 
@@ -112,7 +112,8 @@ def _preferred(op: str, device: torch.device, training: bool, n: int, dtype: Opt
     rule = rule_for(op, cls, mode, dtype)
     if n > rule.at_most:
         return None
-    return rule.backend, f"{cls} {mode} {dtype} N={n} <= {rule.at_most}: {rule.reason} (measured by: {rule.command})"
+    where = f"{cls} {mode} {dtype or 'any dtype'} N={n} <= {rule.at_most}"
+    return rule.backend, f"{where}: {rule.reason} (measured by: {rule.command})"
 
 
 def preferred(op: str, device: Optional[torch.device] = None, training: Optional[bool] = None,
