@@ -28,7 +28,6 @@ def fake_op(monkeypatch):
     backends.register(OP, "reference", lambda: "reference", priority=0, auto=False)
     monkeypatch.setattr(backend_rules, "device_class", lambda device: "test-class")
     rules = {OP: {"test-class": {"training": Rule(256, "measure --training", "torch 2x at small N"),
-                                 "training/float32": Rule(1024, "measure --training", "fp32: torch 1.5x"),
                                  "inference": Rule(64, "measure --inference", "host-bound below 64")}}}
     monkeypatch.setattr(backend_rules, "RULES", rules)
     backend_rules._preferred.cache_clear()
@@ -37,8 +36,8 @@ def fake_op(monkeypatch):
     backend_rules._preferred.cache_clear()
 
 
-def pick(n, training, requested="auto", dtype=torch.bfloat16):
-    return backends.select(OP, requested, device=torch.device("cpu"), training=training, n=n, dtype=dtype).name
+def pick(n, training, requested="auto"):
+    return backends.select(OP, requested, device=torch.device("cpu"), training=training, n=n).name
 
 
 @pytest.mark.parametrize("n, training, expected", [
@@ -47,15 +46,6 @@ def pick(n, training, requested="auto", dtype=torch.bfloat16):
 ])
 def test_auto_follows_threshold(n, training, expected):
     assert pick(n, training) == expected
-
-
-@pytest.mark.parametrize("dtype, n, expected", [
-    (torch.float32, 1024, "torch"), (torch.float32, 1025, "triton"),  # the dtype's entry
-    (torch.float16, 256, "torch"), (torch.float16, 257, "triton"), (None, 257, "triton"),  # the mode's
-])
-def test_dtype_entry_takes_precedence(dtype, n, expected):
-    assert pick(n, True, dtype=dtype) == expected
-    assert pick(65, False, dtype=dtype) == "triton"  # inference has no dtype entry
 
 
 def test_no_size_in_context_keeps_priority_order():
@@ -105,9 +95,7 @@ def test_seeded_rules_are_well_formed():
     for op, classes in SEEDED_RULES.items():
         for cls, modes in classes.items():
             for mode, rule in modes.items():
-                base, _, dtype = mode.partition("/")
-                assert base in ("inference", "training"), (op, cls, mode)
-                assert dtype in ("", "bfloat16", "float16", "float32"), (op, cls, mode)
+                assert mode in ("inference", "training"), (op, cls, mode)
                 assert rule.at_most >= 0 and rule.command and rule.reason, (op, cls, mode)
 
 

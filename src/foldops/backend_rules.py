@@ -16,11 +16,11 @@ Device classes: ``"cuda-sm<major><minor>"`` (NVIDIA by compute capability, e.g.
 ``"cuda-sm90"`` for the H100), ``"rocm"``, or the device type (``"cpu"``, ``"xpu"``,
 ``"mps"``). A device class without an entry takes ``DEFAULT`` (no size rule: priority
 order, as before rules existed), the conservative choice on hardware nobody measured.
-Modes: ``"inference"`` (no gradient needed) and ``"training"``; a mode may also carry a
-dtype (``"training/float32"``), which takes precedence for inputs of that dtype (the
-tensors' dtype as the op sees it: under autocast, the projections' output dtype).
+Modes: ``"inference"`` (no gradient needed) and ``"training"``. A training rule must also
+hold in a whole model: the torch backends keep their intermediates for the backward in
+every layer, so a rule stops where that memory would add up (see triangle attention).
 
-``backends.select`` asks ``preferred`` once per (op, device, mode, size, dtype) and caches the
+``backends.select`` asks ``preferred`` once per (op, device, mode, size) and caches the
 answer; an explicit ``backend=`` or ``FOLDOPS_BACKEND*`` bypasses the rules.
 """
 
@@ -73,14 +73,10 @@ RULES: Dict[str, Dict[str, Dict[str, Rule]]] = {
             # Inference: triton faster at every N, 64-1024, bf16 and fp32 (no rule).
             "training": Rule(
                 256, MEASURE,
-                f"{_H100_RULES}: bf16 torch fwd+bwd faster at N <= 256 (1.40 vs 1.69 ms at 128), "
-                "triton from 384 (1.67 vs 4.27)",
-            ),
-            "training/float32": Rule(
-                512, MEASURE,
-                f"{_H100_RULES}: fp32 (IEEE) torch fwd+bwd faster at every N, 64-1024 (19.4 vs 29.6 ms at "
-                "512, 145.6 vs 215.9 at 1024); capped at 512: torch keeps the O(N^3) attention weights "
-                "for the backward (7 GB per 4 heads at N = 768), the kernel O(N^2)",
+                f"{_H100_RULES}: bf16 torch fwd+bwd faster at N <= 256 (1.40 vs 1.69 ms at 128), triton "
+                "from 384 (1.67 vs 4.27); fp32 torch faster at every N (145.6 vs 215.9 ms at 1024) but it "
+                "keeps the O(N^3) attention weights for the backward, per layer (2.1 GB per 4 heads at "
+                "N = 512 in fp32, 96 calls in a 48-block trunk), where the kernel keeps O(N^2)",
             ),
         },
     },
@@ -97,38 +93,33 @@ def device_class(device: torch.device) -> str:
     return _device_class(device)
 
 
-def rule_for(op: str, device_cls: str, mode: str, dtype: Optional[str] = None) -> Rule:
-    """The rule of ``op`` on ``device_cls`` in ``mode`` for inputs of ``dtype`` (a name
-    such as ``"float32"``): the mode's dtype entry, else the mode's, else ``DEFAULT``."""
-    modes = RULES.get(op, {}).get(device_cls, {})
-    return (dtype is not None and modes.get(f"{mode}/{dtype}")) or modes.get(mode, DEFAULT)
+def rule_for(op: str, device_cls: str, mode: str) -> Rule:
+    """The rule of ``op`` on ``device_cls`` in ``mode`` (``DEFAULT`` if none)."""
+    return RULES.get(op, {}).get(device_cls, {}).get(mode, DEFAULT)
 
 
 @functools.lru_cache(maxsize=4096)
-def _preferred(op: str, device: torch.device, training: bool, n: int, dtype: Optional[str],
-               rules_id: int) -> Optional[Tuple[str, str]]:
+def _preferred(op: str, device: torch.device, training: bool, n: int, rules_id: int) -> Optional[Tuple[str, str]]:
     cls = device_class(device)
     mode = "training" if training else "inference"
-    rule = rule_for(op, cls, mode, dtype)
+    rule = rule_for(op, cls, mode)
     if n > rule.at_most:
         return None
-    where = f"{cls} {mode} {dtype or 'any dtype'} N={n} <= {rule.at_most}"
-    return rule.backend, f"{where}: {rule.reason} (measured by: {rule.command})"
+    return rule.backend, f"{cls} {mode} N={n} <= {rule.at_most}: {rule.reason} (measured by: {rule.command})"
 
 
 def preferred(op: str, device: Optional[torch.device] = None, training: Optional[bool] = None,
-              n: Optional[int] = None, dtype: Optional[torch.dtype] = None, **_) -> Optional[Tuple[str, str]]:
+              n: Optional[int] = None, **_) -> Optional[Tuple[str, str]]:
     """``(backend name, reason)`` that ``auto`` should try first, or None (priority order).
 
-    Reads ``device``, ``training``, ``n`` and ``dtype`` from the op's selection context;
-    an op that passes no size or mode gets None. Cached per (op, device, mode, n, dtype);
-    replacing ``RULES`` (tests) starts a fresh cache.
+    Reads ``device``, ``training`` and ``n`` from the op's selection context; an op that
+    passes no size or mode gets None. Cached per (op, device, mode, n); replacing
+    ``RULES`` (tests) starts a fresh cache.
     """
     if device is None or training is None or n is None:
         return None
     if not isinstance(device, torch.device):
         device = torch.device(device)
-    name = str(dtype).rpartition(".")[2] if isinstance(dtype, torch.dtype) else None
     if torch.compiler.is_compiling():  # traced once per graph; Dynamo skips lru_cache wrappers
-        return _preferred.__wrapped__(op, device, bool(training), int(n), name, 0)
-    return _preferred(op, device, bool(training), int(n), name, id(RULES))
+        return _preferred.__wrapped__(op, device, bool(training), int(n), 0)
+    return _preferred(op, device, bool(training), int(n), id(RULES))

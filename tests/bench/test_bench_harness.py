@@ -126,7 +126,7 @@ def test_auto_is_captured_per_mode(fake_case, monkeypatch):
     assert resolved == {("B=1,N=3,C=3", "fwd"): "good", ("B=1,N=3,C=3", "fwd+bwd"): "off_by_half",
                         ("B=1,N=5,C=3", "fwd"): "good", ("B=1,N=5,C=3", "fwd+bwd"): "good"}
     ruled = _value(rows, backend="auto", shape="B=1,N=3,C=3", mode="fwd+bwd", metric="time_ms")
-    assert "size rule: cpu training float32 N=3 <= 4: off_by_half wins training at N <= 4" in ruled["note"]
+    assert "size rule: cpu training N=3 <= 4: off_by_half wins training at N <= 4" in ruled["note"]
     # The inference choice at the same size is the priority order's, with its own numbers.
     fwd_err = _value(rows, backend="auto", shape="B=1,N=3,C=3", mode="fwd", metric="max_abs_err")
     assert float(fwd_err["value"]) == 0.0
