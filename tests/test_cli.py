@@ -83,6 +83,12 @@ def test_doctor():
                    "trifast", "cuequivariance_torch", "flash_attn", "boltz", "Triton kernels:",
                    "Triton kernels need a CUDA device, got cpu"):
         assert needle in text, needle
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        assert "launches:" not in text
+    else:  # a CPU build of PyTorch never launches directly
+        assert "launches:             through Triton's kernel[grid] (not an NVIDIA CUDA build" in text
     table = text[text.index("backends per op"):].splitlines()
     assert table[1].split() == ["op", "backend", "available", "reason"]
     rows = [line.split() for line in table[3:]]

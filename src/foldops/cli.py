@@ -332,6 +332,10 @@ def doctor(device: torch.device, dtype: Optional[torch.dtype] = None, stream: Op
     say(f"  used by auto:         {'yes' if auto_reason is None else 'no - ' + auto_reason}")
     say(f"  run when named:       {'yes' if named_reason is None else 'no - ' + named_reason}")
     say(f"  TRITON_INTERPRET:     {os.environ.get('TRITON_INTERPRET', '(unset)')}")
+    if fdevice.triton_import_error() is None:
+        from foldops.kernels import _launch
+
+        say(f"  launches:             {_launch.describe()}")
     if device.type == "cpu" and not fdevice.triton_interpret() and fdevice.triton_import_error() is None:
         say("  (on CPU the kernels run only under the Triton interpreter, to check results: set "
             "TRITON_INTERPRET=1 and name the backend, or `foldops bench --backends triton`)")

@@ -67,6 +67,21 @@ def _enabled() -> bool:
 
 
 _DIRECT = _enabled()
+
+
+def describe() -> str:
+    """How eager launches go here, and why (``foldops doctor``)."""
+    if _DIRECT:
+        return "direct (compiled kernels' launchers from foldops's cache; FOLDOPS_DIRECT_LAUNCH=0 turns it off)"
+    if torch.version.cuda is None or torch.version.hip is not None:
+        why = "not an NVIDIA CUDA build of PyTorch"
+    elif _version() not in _VERIFIED:
+        why = f"Triton {triton.__version__} not among the checked versions {['.'.join(map(str, v)) for v in _VERIFIED]}"
+    elif triton_interpret():
+        why = "TRITON_INTERPRET=1"
+    else:
+        why = "FOLDOPS_DIRECT_LAUNCH=0"
+    return f"through Triton's kernel[grid] ({why})"
 _CACHE: Dict[tuple, tuple] = {}
 
 
