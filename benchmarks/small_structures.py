@@ -25,8 +25,9 @@ each op's 50 calls with ``triton``: where the host time goes.
 calls per sync), and prints the thresholds for ``foldops.backend_rules`` (largest N up
 to which ``torch`` is no slower than the kernels at every smaller measured N, in both
 dtypes). Writes ``small_structures_rules.csv``, rewritten after each op (a run cut short
-keeps what it measured); ``--ops`` restricts it to some ops. About 2.4 s a row on an
-H100 (280 rows for every op): give it ten minutes, or split it by ``--ops``.
+keeps what it measured); ``--ops`` restricts it to some ops and keeps the other ops' rows
+already in the CSV. About 2.4 s a row on an H100, 280 rows for every op: about 11
+minutes, so split it by ``--ops`` to fit a 10-minute limit per command.
 """
 
 from __future__ import annotations
@@ -294,8 +295,17 @@ def save(path: str) -> None:
 
 def run_rules(sizes, out_lines: List[str], path: str, ops: Optional[List[str]] = None):
     """Per op (all with a Triton backend, or ``ops``): times, then its threshold line; the
-    CSV is rewritten after each op so that a run cut short keeps what it measured."""
-    for case, fn in triton_cases():
+    CSV is rewritten after each op so that a run cut short keeps what it measured. With
+    ``ops``, rows of other ops already in the CSV are kept (a run split by op adds up)."""
+    cases = triton_cases()
+    if ops:
+        unknown = sorted(set(ops) - {case.op for case, _ in cases})
+        if unknown:
+            raise SystemExit(f"--ops: unknown or without a Triton backend here: {unknown}")
+        if os.path.exists(path):
+            with open(path, newline="") as fh:
+                ROWS.extend(row for row in csv.DictReader(fh) if row.get("name") not in ops)
+    for case, fn in cases:
         if ops and case.op not in ops:
             continue
         op = case.registry_op

@@ -240,13 +240,13 @@ def profile(n: int, c: int, direction: str, out_dir: str, hidden: Optional[int] 
 
 TUNE = {
     "PROLOGUE": [(64, 64, 4, False), (128, 64, 8, True), (64, 64, 4, True), (128, 64, 8, False)],
-    # C = 385 ... 512 (GPU MODE's 384): a [BLOCK_P, 512] row tile; more positions need more warps
+    # C = 257 ... 512 (GPU MODE's 384): a [BLOCK_P, 512] row tile; more positions need more warps
     "PROLOGUE_WIDE": [(16, 64, 4, False), (32, 64, 4, False), (32, 64, 8, True), (32, 128, 8, False),
                       (64, 64, 8, True), (64, 64, 8, False), (64, 128, 8, False), (64, 64, 16, True),
                       (128, 64, 16, True)],
     "ROW_FWD": [(64, 64, 4), (64, 128, 8), (128, 64, 8), (32, 64, 4), (128, 128, 8)],
     "ROW_BWD": [(64, 32, 8), (32, 32, 4), (64, 64, 8), (128, 32, 8), (32, 64, 8)],
-    # the input-side backward at C = 385 ... 512 (its output side runs at H's width)
+    # the input-side backward at C = 257 ... 512 (its output side runs at H's width)
     "ROW_BWD_WIDE": [(16, 32, 8), (32, 32, 8), (32, 64, 8), (64, 32, 8), (64, 32, 16), (32, 32, 16)],
     "PRODUCT_16BIT": [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3),
                       (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4)],

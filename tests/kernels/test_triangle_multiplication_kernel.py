@@ -108,6 +108,18 @@ def test_prologue_one_program_per_slab_or_all_slabs(monkeypatch, dim):
     torch.testing.assert_close(results[1][0].double(), exact, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dim, dtype, expected", [
+    (384, torch.bfloat16, (64, 64, 8, True)), (384, torch.float16, (64, 64, 8, True)),
+    # fp32 keeps the tile that passed its GPU tests, its slab narrowed to a 16K-element weight tile
+    (384, torch.float32, (16, 32, 4, False)),
+    (128, torch.float32, (64, 64, 4, True)), (128, torch.bfloat16, (64, 64, 4, True)),
+])
+def test_gpu_prologue_tiles_per_width_and_dtype(monkeypatch, dim, dtype, expected):
+    launch = importlib.import_module("foldops.kernels.triangle_multiplication.launch")
+    monkeypatch.setattr(launch, "triton_interpret", lambda: False)
+    assert launch._prologue_config(launch._padded(dim), dtype) == expected
+
+
 def test_backward_is_deterministic():
     x, mask, w = _inputs(1, 11, 8, torch.bfloat16)
     g = torch.randn(1, 11, 11, 8, dtype=torch.float64)

@@ -22,7 +22,8 @@ launcher with the current stream. It is taken only
 - on a Triton version whose launcher signature was checked (``_VERIFIED``),
 - with no Triton launch hooks installed (profilers such as proton need the slow path's
   metadata), and not under the interpreter,
-- and not when ``FOLDOPS_DIRECT_LAUNCH=0`` (the switch back to Triton's own launch).
+- and not when ``FOLDOPS_DIRECT_LAUNCH`` is ``0``, ``false``, ``off`` or ``no`` (the switch
+  back to Triton's own launch).
 
 The cache key once ignored constexprs passed positionally (the IPA kernels' C and D), so
 two IPA shapes with the same padded widths shared a binary that reads and writes past
@@ -62,17 +63,19 @@ def _enabled() -> bool:
     # NVIDIA only: ROCm's Triton also specialises tensors on their size (buffer ops), and
     # other devices have their own current device and stream.
     nvidia = torch.version.cuda is not None and torch.version.hip is None
-    return (nvidia and _version() in _VERIFIED and os.environ.get("FOLDOPS_DIRECT_LAUNCH", "1") != "0"
-            and not triton_interpret())
+    switched_off = os.environ.get("FOLDOPS_DIRECT_LAUNCH", "1").strip().lower() in _OFF
+    return nvidia and _version() in _VERIFIED and not switched_off and not triton_interpret()
 
 
+_OFF = ("0", "false", "off", "no")  # values of FOLDOPS_DIRECT_LAUNCH that turn it off
 _DIRECT = _enabled()
 
 
 def describe() -> str:
     """How eager launches go here, and why (``foldops doctor``)."""
     if _DIRECT:
-        return "direct (compiled kernels' launchers from foldops's cache; FOLDOPS_DIRECT_LAUNCH=0 turns it off)"
+        return ("direct (compiled kernels' launchers from foldops's cache, Triton's own launch while "
+                "launch hooks are installed or under torch.compile; FOLDOPS_DIRECT_LAUNCH=0 turns it off)")
     if torch.version.cuda is None or torch.version.hip is not None:
         why = "not an NVIDIA CUDA build of PyTorch"
     elif _version() not in _VERIFIED:
@@ -80,8 +83,10 @@ def describe() -> str:
     elif triton_interpret():
         why = "TRITON_INTERPRET=1"
     else:
-        why = "FOLDOPS_DIRECT_LAUNCH=0"
+        why = f"FOLDOPS_DIRECT_LAUNCH={os.environ.get('FOLDOPS_DIRECT_LAUNCH')}"
     return f"through Triton's kernel[grid] ({why})"
+
+
 _CACHE: Dict[tuple, tuple] = {}
 
 

@@ -29,8 +29,9 @@ PROLOGUE = {
     512: (64, 64, 8, True),
 }
 
-# fp32 inputs where PROLOGUE's tile does not fit: at CP = 512 its fp32 [64, 512] row and
-# weight tiles fail on an H100 (sm_90), so they keep the 16-position tile.
+# fp32 inputs at widths where PROLOGUE's tile is not for them: at CP = 512 the four fp32
+# C = 384 GPU tests failed on an H100 with (64, 64, 8, True) (error not captured), and
+# passed with the 16-position tile kept here.
 PROLOGUE_FP32 = {512: (16, 64, 4, False)}
 
 # CP -> (BLOCK_P, BLOCK_N, num_warps) of the backward row kernels, which also keep an
