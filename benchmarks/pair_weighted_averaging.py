@@ -225,13 +225,14 @@ def largest_fitting(fits, start: int, step: int, max_n: int):
 
     Doubles from ``start`` while trials pass (halves while they fail), then bisects the
     gap to ``step``: O(log) trials, each assumed monotone in N."""
-    start = max(step, start // step * step)
+    cap = max_n // step * step
+    start = max(step, min(start, max_n) // step * step)
     lo, hi = 0, None
     n = start
     if fits(n):
         lo = n
-        while hi is None and n < max_n:
-            n = min(2 * n, max_n // step * step)
+        while hi is None and n < cap:
+            n = min(2 * n, cap)
             if fits(n):
                 lo = n
             else:
@@ -277,7 +278,7 @@ def fit(args) -> None:
                         out = run(True)
                         out.backward(torch.ones_like(out))
                         torch.cuda.synchronize()
-                    except torch.cuda.OutOfMemoryError:
+                    except torch.OutOfMemoryError:
                         ok = False
                     run = out = None  # noqa: F841 (free before the next trial)
                     gc.collect()

@@ -122,14 +122,28 @@ def bench(fn: Callable[[], object]) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def measure(backend, direction, batch, n, c, dtype, modes, device, hidden: Optional[int] = None) -> List[dict]:
-    rows = []
+def inputs(batch, n, c, dtype, device, hidden: Optional[int] = None, masked: bool = True):
+    """(weights, x, mask) of one case, seeded; the mask (if ``masked``) drops the last
+    N / 16 rows and columns (at least one)."""
     torch.manual_seed(0)
     w = weights(c, dtype, device, hidden=hidden)
     x = torch.randn(batch, n, n, c, device=device, dtype=dtype)
-    mask = torch.ones(batch, n, n, device=device, dtype=torch.bool)
-    mask[:, -n // 16:, :] = False
-    mask[:, :, -n // 16:] = False
+    mask = None
+    if masked:
+        mask = torch.ones(batch, n, n, device=device, dtype=torch.bool)
+        mask[:, -max(1, n // 16):, :] = False
+        mask[:, :, -max(1, n // 16):] = False
+    return w, x, mask
+
+
+def floor_ms(cnt: Dict[str, float], key: str, mm_flops: float, bandwidth: float) -> float:
+    """The larger of the arithmetic and memory floors of ``counts``' ``key`` ("fwd" / "fwdbwd")."""
+    return max(cnt[f"{key}_flop"] / mm_flops, cnt[f"{key}_bytes"] / bandwidth) * 1e3
+
+
+def measure(backend, direction, batch, n, c, dtype, modes, device, hidden: Optional[int] = None) -> List[dict]:
+    rows = []
+    w, x, mask = inputs(batch, n, c, dtype, device, hidden)
     try:
         fn = make_fn(backend, direction, w, c)
     except Exception as exc:  # not installed
@@ -303,7 +317,7 @@ def run(args) -> None:
                     cnt = counts(1, n, args.c)
                     for r in measure(backend, direction, 1, n, args.c, torch.bfloat16, args.modes, device):
                         key = "fwd" if r.get("mode") == "fwd" else "fwdbwd"
-                        floor = max(cnt[f"{key}_flop"] / mm, cnt[f"{key}_bytes"] / bw) * 1e3
+                        floor = floor_ms(cnt, key, mm, bw)
                         base = {**meta, "backend": backend, "direction": direction, "N": n, "C": args.c,
                                 "mode": r.get("mode", ""), "status": r["status"], "note": r.get("note", ""),
                                 "flop": f"{cnt[f'{key}_flop']:.4g}", "bytes": f"{cnt[f'{key}_bytes']:.4g}",
@@ -371,31 +385,17 @@ def gpumode(device: torch.device, out_dir: str, shapes=GPUMODE_SHAPES, backends=
     meta = {"op": "triangle_multiplication", "dtype": "bf16", "device": fdevice.device_name(device),
             "torch": torch.__version__, "direction": "outgoing", "mode": "gpumode_fwd"}
     times: Dict[str, List[float]] = {b: [] for b in backends}
-    failed = set()
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=FIELDS + ["H", "masked"], extrasaction="ignore")
         writer.writeheader()
         for batch, n, d, h, masked in shapes:
-            torch.manual_seed(0)
-            w = weights(d, torch.bfloat16, device, hidden=h)
-            x = torch.randn(batch, n, n, d, device=device, dtype=torch.bfloat16)
-            mask = None
-            if masked:
-                mask = torch.ones(batch, n, n, device=device, dtype=torch.bool)
-                mask[:, -max(1, n // 16):, :] = False
-                mask[:, :, -max(1, n // 16):] = False
+            w, x, mask = inputs(batch, n, d, torch.bfloat16, device, h, masked)
             cnt = counts(batch, n, d, hidden=h)
-            floor = max(cnt["fwd_flop"] / mm_flops, cnt["fwd_bytes"] / bandwidth) * 1e3
+            floor = floor_ms(cnt, "fwd", mm_flops, bandwidth)
             row = {**meta, "B": batch, "N": n, "C": d, "H": h, "masked": int(masked), "metric": "ms",
                    "flop": f"{cnt['fwd_flop']:.4g}", "bytes": f"{cnt['fwd_bytes']:.4g}", "floor_ms": f"{floor:.4f}"}
             for backend in backends:
                 label = f"gpumode B={batch} N={n:4d} D={d:3d} H={h:3d} mask={int(masked)} {backend:15s}"
-                if backend == "cuequivariance" and h % 32:
-                    note = f"hidden width {h}: cuEquivariance 0.13 documents multiples of 32 only"
-                    print(f"{label} skipped ({note})")
-                    writer.writerow({**row, "backend": backend, "status": "unavailable", "note": note})
-                    failed.add(backend)
-                    continue
                 try:
                     fn = make_fn(backend, "outgoing", w, d)
                     with torch.no_grad():
@@ -404,7 +404,6 @@ def gpumode(device: torch.device, out_dir: str, shapes=GPUMODE_SHAPES, backends=
                     note = f"{type(exc).__name__}: {exc}"[:200]
                     print(f"{label} skipped ({note})")
                     writer.writerow({**row, "backend": backend, "status": "unavailable", "note": note})
-                    failed.add(backend)
                     continue
 
                 def fwd(fn=fn, x=x, mask=mask):
@@ -417,7 +416,6 @@ def gpumode(device: torch.device, out_dir: str, shapes=GPUMODE_SHAPES, backends=
                     status = "oom" if fdevice.is_out_of_memory(exc) else "error"
                     print(f"{label} {status} {type(exc).__name__}: {exc}"[:200])
                     writer.writerow({**row, "backend": backend, "status": status, "note": str(exc)[:200]})
-                    failed.add(backend)
                     continue
                 times[backend].append(ms)
                 writer.writerow({**row, "backend": backend, "status": "ok", "value": f"{ms:.4f}"})
@@ -427,7 +425,7 @@ def gpumode(device: torch.device, out_dir: str, shapes=GPUMODE_SHAPES, backends=
             fdevice.empty_cache(device)
         means: Dict[str, Optional[float]] = {}
         for backend in backends:
-            ok = backend not in failed and len(times[backend]) == len(shapes)
+            ok = len(times[backend]) == len(shapes)
             means[backend] = geomean(times[backend]) if ok else None
             writer.writerow({**meta, "backend": backend, "mode": "gpumode_geomean", "metric": "ms",
                              "value": f"{means[backend]:.4f}" if ok else "", "status": "ok" if ok else "incomplete",

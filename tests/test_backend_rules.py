@@ -97,6 +97,9 @@ def test_seeded_rules_are_well_formed():
             for mode, rule in modes.items():
                 assert mode in ("inference", "training"), (op, cls, mode)
                 assert rule.at_most >= 0 and rule.command and rule.reason, (op, cls, mode)
+    h100 = SEEDED_RULES["attention_pair_bias"]["cuda-sm90"]
+    assert h100["training"].at_most >= 1024 and h100["inference"].at_most == 0  # the kernel at inference
+    assert SEEDED_RULES["triangle_attention"]["cuda-sm90"]["training"].at_most == 256
 
 
 def test_device_class_names():

@@ -116,18 +116,19 @@ def main() -> None:
                 torch.autograd.backward(call(leaves), go)
 
             def plan():
-                _vt._GatherRows.apply = stop
                 try:
                     call((q, k, v))
                 except _StopAfterPlan:
                     pass
-                finally:
-                    del _vt._GatherRows.apply  # back to Function.apply
 
             with torch.no_grad():
                 fwd = _median_us(lambda: call((q, k, v)), args.calls)
             both = _median_us(fwd_bwd, args.calls)
-            planned = _median_us(plan, args.calls)
+            _vt._GatherRows.apply = stop  # the call ends where the plan is on the device
+            try:
+                planned = _median_us(plan, args.calls)
+            finally:
+                del _vt._GatherRows.apply  # back to Function.apply
             with _CountOps(device) as counted:
                 fwd_bwd()
             print(f"causal={causal!s:5} return_lse={return_lse!s:5}  plan {planned:7.0f} us   "

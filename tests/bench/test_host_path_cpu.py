@@ -1,5 +1,7 @@
-"""benchmarks/host_path_cpu.py still stands its recorder in for every launch (a launcher
-rename once made it launch the kernels on meta tensors instead)."""
+"""The host-time tools still run: benchmarks/host_path_cpu.py stands its recorder in for
+every launch (a launcher rename once made it launch the kernels on meta tensors instead),
+and benchmarks/tools/varlen_buckets_host.py times the bucketed varlen path on meta
+tensors."""
 
 import os
 import re
@@ -25,3 +27,12 @@ def test_host_path_tool_records_launches(op_args):
     launches = [int(m) for m in re.findall(r"host time: .*; (\d+) launches", run.stdout)]
     assert len(launches) == 2, run.stdout
     assert all(count >= 1 for count in launches), run.stdout
+
+
+def test_varlen_buckets_host_tool_runs_with_one_plan_copy():
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "tools", "varlen_buckets_host.py"),
+                          "--calls", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    copies = [int(m) for m in re.findall(r"host-to-device copies (\d+)", run.stdout)]
+    assert copies == [1, 1, 1, 1], run.stdout  # causal x return_lse: the whole plan in one copy

@@ -25,3 +25,14 @@ def test_largest_fitting_finds_the_limit_in_few_trials(limit, start):
 def test_largest_fitting_when_nothing_fits():
     lo, hi = load_benchmark("pair_weighted_averaging").largest_fitting(lambda n: False, 1024, 128, 8192)
     assert (lo, hi) == (0, 128)
+
+
+@pytest.mark.parametrize("start", [128, 896, 10000])
+def test_largest_fitting_stops_at_a_cap_off_the_step(start):
+    """A max_n that is no multiple of the step (and a start past it): the search ends at
+    the largest multiple of the step within max_n."""
+    tried = []
+    lo, hi = load_benchmark("pair_weighted_averaging").largest_fitting(lambda n: tried.append(n) or True,
+                                                                       start, 128, 1000)
+    assert (lo, hi) == (896, None)
+    assert max(tried) == 896 and len(tried) <= 5

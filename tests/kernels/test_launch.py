@@ -50,22 +50,16 @@ def test_tail_follows_the_signature():
         _launch._tail(kernel, 4, {"num_warps": 4})
 
 
-def _scaled(x_ptr, out_ptr, n, WIDTH: tl.constexpr, BLOCK: tl.constexpr = 64):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    keep = offs < n
-    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=keep) * WIDTH, mask=keep)
-
-
 def test_positional_constexprs_key_the_cache():
     # A constexpr passed positionally (the IPA kernels pass C and D so) is baked into
     # the binary: two values must never share a compiled kernel.
     from triton.runtime.jit import JITFunction
 
-    kernel = JITFunction(_scaled)
+    kernel = JITFunction(_affine)
     x, out = torch.zeros(64), torch.zeros(64)
-    keys = {_launch._key(kernel, 0, (x, out, 64, width), {"BLOCK": 32}) for width in (9, 12, 15)}
+    keys = {_launch._key(kernel, 0, (x, out, 64, 0.5, shift), {"BLOCK": 32}) for shift in (9, 12, 15)}
     assert len(keys) == 3
-    assert _launch._key(kernel, 0, (x, out, 64, 12), {}) == _launch._key(kernel, 0, (x, out, 64, 12), {})
+    assert _launch._key(kernel, 0, (x, out, 64, 0.5, 12), {}) == _launch._key(kernel, 0, (x, out, 64, 0.5, 12), {})
 
 
 def test_no_hooks_by_default():

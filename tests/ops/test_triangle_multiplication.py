@@ -123,22 +123,29 @@ def test_forward_and_grads_vs_float64(direction, backend, dtype, shape):
 
 
 # The Triton kernels under the interpreter (slow on CPU): N = 1, 13 (positions straddle
-# the interpreter's 32-position blocks), 33 (the product's 32-wide tiles), every dtype.
+# the interpreter's 32-position blocks), 33 (the product's 32-wide tiles), every dtype;
+# then (B, N, D, H) with H != D: both directions, fp32 and bf16, H wider and narrower
+# than D (a partial last slab of the 2H-wide prologue output at H = 40).
 # The whole matrix (every shape, dtype and direction) is the slow test below.
 TRITON_CASES = [
     ("outgoing", torch.bfloat16, (2, 13, 8)),
     ("outgoing", torch.float16, (1, 1, 4)),
     ("incoming", torch.float32, (1, 7, 12)),
     ("incoming", torch.float16, (1, 33, 6)),
+    ("outgoing", torch.bfloat16, (2, 7, 24, 40)),
+    ("incoming", torch.float32, (1, 7, 24, 40)),
+    ("outgoing", torch.float32, (1, 13, 48, 16)),
+    ("incoming", torch.bfloat16, (1, 13, 48, 16)),
 ]
 
 
 @pytest.mark.parametrize("direction, dtype, shape", TRITON_CASES, ids=str)
 def test_triton_forward_and_grads_vs_float64(direction, dtype, shape):
     pytest.importorskip("triton")
-    batch, n, dim = shape
+    batch, n, dim, *hidden = shape
     x = torch.randn(batch, n, n, dim, dtype=torch.float64)
-    check_against_fp64("triton", x, make_mask(batch, n), make_weights(dim), dtype, direction)
+    weights = make_weights(dim, hidden=hidden[0] if hidden else None)
+    check_against_fp64("triton", x, make_mask(batch, n), weights, dtype, direction)
 
 
 # About 3 minutes under the interpreter on 2 cores: opt-in (FOLDOPS_SLOW_TESTS=1).
@@ -222,24 +229,6 @@ def test_hidden_width_torch_inference_path_vs_float64(direction, dtype, shape, c
     x = torch.randn(batch, n, n, dim, dtype=torch.float64)
     check_against_fp64("torch", x, make_mask(batch, n), make_weights(dim, hidden=hidden), dtype, direction,
                        grad=False, chunk_size=chunk_size)
-
-
-# The kernels under the interpreter with H != D: both directions, fp32 and bf16, H wider
-# and narrower than D (a partial last slab of the 2H-wide prologue output at H = 40).
-TRITON_HIDDEN_CASES = [
-    ("outgoing", torch.bfloat16, (2, 7, 24, 40)),
-    ("incoming", torch.float32, (1, 7, 24, 40)),
-    ("outgoing", torch.float32, (1, 13, 48, 16)),
-    ("incoming", torch.bfloat16, (1, 13, 48, 16)),
-]
-
-
-@pytest.mark.parametrize("direction, dtype, shape", TRITON_HIDDEN_CASES, ids=str)
-def test_triton_hidden_width_forward_and_grads_vs_float64(direction, dtype, shape):
-    pytest.importorskip("triton")
-    batch, n, dim, hidden = shape
-    x = torch.randn(batch, n, n, dim, dtype=torch.float64)
-    check_against_fp64("triton", x, make_mask(batch, n), make_weights(dim, hidden=hidden), dtype, direction)
 
 
 def test_triton_hidden_width_inference_vs_float64():

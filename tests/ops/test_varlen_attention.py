@@ -188,7 +188,8 @@ def test_bucket_padding_reads_only_its_own_sequence(causal):
         assert rows[10 + m[1]:].tolist() == [17, 18, 19, 20, 21, 22, 17, 18]
         assert pos[10:20].tolist() == list(range(10)) and lens.tolist() == [10] * 10 + [7] * m[1] + [6] * 8
         assert np.bincount(rows).max() <= (2 if m[1] == 10 else 3)
-    assert rows[10:25].tolist() == [10, 11, 12, 13, 14, 15, 16] * 2 + [10]
+        if m[1] == 15:  # past 2x the length: the padding wraps twice
+            assert rows[10:25].tolist() == [10, 11, 12, 13, 14, 15, 16] * 2 + [10]
     lens = [10, 7, 6, 9]
     q, k, v, c, _ = make_inputs(lens, lens, 2, 1, 8)
     q, k, v = (t.float().requires_grad_() for t in (q, k, v))

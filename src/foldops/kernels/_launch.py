@@ -35,7 +35,7 @@ the key fixed, the whole GPU suite passed on an H100 with direct launches on
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -59,16 +59,26 @@ def _version() -> Tuple[int, ...]:
         return ()
 
 
-def _enabled() -> bool:
+_OFF = ("0", "false", "off", "no")  # values of FOLDOPS_DIRECT_LAUNCH that turn it off
+
+
+def _off_reason() -> Optional[str]:
+    """Why eager launches go through Triton's ``kernel[grid]`` here, or None (direct)."""
     # NVIDIA only: ROCm's Triton also specialises tensors on their size (buffer ops), and
     # other devices have their own current device and stream.
-    nvidia = torch.version.cuda is not None and torch.version.hip is None
-    switched_off = os.environ.get("FOLDOPS_DIRECT_LAUNCH", "1").strip().lower() in _OFF
-    return nvidia and _version() in _VERIFIED and not switched_off and not triton_interpret()
+    if torch.version.cuda is None or torch.version.hip is not None:
+        return "not an NVIDIA CUDA build of PyTorch"
+    if _version() not in _VERIFIED:
+        return f"Triton {triton.__version__} not among the checked versions {_VERIFIED}"
+    if triton_interpret():
+        return "TRITON_INTERPRET=1"
+    switch = os.environ.get("FOLDOPS_DIRECT_LAUNCH", "1")
+    if switch.strip().lower() in _OFF:
+        return f"FOLDOPS_DIRECT_LAUNCH={switch}"
+    return None
 
 
-_OFF = ("0", "false", "off", "no")  # values of FOLDOPS_DIRECT_LAUNCH that turn it off
-_DIRECT = _enabled()
+_DIRECT = _off_reason() is None
 
 
 def describe() -> str:
@@ -76,15 +86,7 @@ def describe() -> str:
     if _DIRECT:
         return ("direct (compiled kernels' launchers from foldops's cache, Triton's own launch while "
                 "launch hooks are installed or under torch.compile; FOLDOPS_DIRECT_LAUNCH=0 turns it off)")
-    if torch.version.cuda is None or torch.version.hip is not None:
-        why = "not an NVIDIA CUDA build of PyTorch"
-    elif _version() not in _VERIFIED:
-        why = f"Triton {triton.__version__} not among the checked versions {['.'.join(map(str, v)) for v in _VERIFIED]}"
-    elif triton_interpret():
-        why = "TRITON_INTERPRET=1"
-    else:
-        why = f"FOLDOPS_DIRECT_LAUNCH={os.environ.get('FOLDOPS_DIRECT_LAUNCH')}"
-    return f"through Triton's kernel[grid] ({why})"
+    return f"through Triton's kernel[grid] ({_off_reason()})"
 
 
 _CACHE: Dict[tuple, tuple] = {}

@@ -316,6 +316,7 @@ def validate(x, mask, direction, weights: Dict[str, torch.Tensor], eps) -> Optio
     # Under autocast the weights may stay fp32 (autocast casts them); otherwise x's dtype.
     amp = _compute_dtype(x)[1]
     shapes = {"norm_in_weight": (dim,), "norm_in_bias": (dim,)}  # the rest once H is known
+    hidden = None
     for name in WEIGHT_NAMES:
         t = check_tensor(name, weights[name], dtypes=None)
         if name == "p_in_weight":
@@ -323,7 +324,7 @@ def validate(x, mask, direction, weights: Dict[str, torch.Tensor], eps) -> Optio
             shapes.update(p_in_weight=(2 * hidden, dim), g_in_weight=(2 * hidden, dim), norm_out_weight=(hidden,),
                           norm_out_bias=(hidden,), p_out_weight=(dim, hidden), g_out_weight=(dim, dim))
         if tuple(t.shape) != shapes[name]:
-            source = f"D = {dim} from x" + (f", H = {hidden} from p_in_weight [2H, D]" if len(shapes) > 2 else "")
+            source = f"D = {dim} from x" + ("" if hidden is None else f", H = {hidden} from p_in_weight [2H, D]")
             raise ValueError(f"{name}: expected shape {shapes[name]}, got {tuple(t.shape)} ({source})")
         check_tensor(name, t, dtypes=FLOAT_DTYPES, device=x.device)
         if not amp and t.dtype != x.dtype:

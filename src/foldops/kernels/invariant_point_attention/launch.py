@@ -25,9 +25,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from foldops.kernels._launch import launcher
 
 from foldops.device import triton_interpret
+from foldops.kernels._launch import launcher
 from foldops.kernels._utils import cdiv, next_pow2, patch_interpreter_bf16
 from foldops.kernels.invariant_point_attention import configs
 from foldops.kernels.invariant_point_attention.backward import ipa_bwd_column_kernel, ipa_bwd_row_kernel

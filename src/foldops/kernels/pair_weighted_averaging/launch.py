@@ -21,9 +21,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from foldops.kernels._launch import launcher
 
 from foldops.device import multiprocessor_count, triton_interpret
+from foldops.kernels._launch import launcher
 from foldops.kernels._utils import cdiv, mask_bytes, next_pow2
 from foldops.kernels.pair_weighted_averaging import configs
 from foldops.kernels.pair_weighted_averaging.backward import _dw_kernel

@@ -26,9 +26,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from foldops.kernels._launch import launcher
 
 from foldops.device import compute_capability, is_rocm, triton_interpret
+from foldops.kernels._launch import launcher
 from foldops.kernels.triangle_attention import configs
 from foldops.kernels.triangle_attention.backward import _bwd_delta_kernel, _bwd_dkdv_kernel
 from foldops.kernels.triangle_attention.backward_dq import _bwd_dq_kernel

@@ -29,10 +29,10 @@ PROLOGUE = {
     512: (64, 64, 8, True),
 }
 
-# fp32 inputs at widths where PROLOGUE's tile is not for them: at CP = 512 the four fp32
+# PROLOGUE for fp32 inputs, but at CP = 512: there the four fp32
 # C = 384 GPU tests failed on an H100 with (64, 64, 8, True) (error not captured), and
 # passed with the 16-position tile kept here.
-PROLOGUE_FP32 = {512: (16, 64, 4, False)}
+PROLOGUE_FP32 = {**PROLOGUE, 512: (16, 64, 4, False)}
 
 # CP -> (BLOCK_P, BLOCK_N, num_warps) of the backward row kernels, which also keep an
 # fp32 [BLOCK_P, CP] accumulator (du or dh) beside the normalised row.

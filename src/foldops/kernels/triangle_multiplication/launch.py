@@ -36,10 +36,10 @@ from typing import Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from foldops.kernels._launch import launcher
 
 from foldops import budget
 from foldops.device import triton_interpret
+from foldops.kernels._launch import launcher
 from foldops.kernels._utils import cdiv, mask_bytes, next_pow2, patch_interpreter_bf16
 from foldops.kernels.triangle_multiplication import configs
 from foldops.kernels.triangle_multiplication.backward import _in_bwd_kernel, _out_bwd_kernel
@@ -86,7 +86,7 @@ def grad_product_split(dtype: torch.dtype) -> bool:
 def _prologue_config(cp: int, dtype: torch.dtype):
     if triton_interpret():
         return configs.INTERPRET_PROLOGUE
-    table = configs.PROLOGUE_FP32 if dtype == torch.float32 and cp in configs.PROLOGUE_FP32 else configs.PROLOGUE
+    table = configs.PROLOGUE_FP32 if dtype == torch.float32 else configs.PROLOGUE
     bp, bn, warps, all_slabs = table[cp]
     return bp, _slab(cp, bn, dtype, configs.FP32_MAX_WEIGHT_TILE), warps, all_slabs
 

@@ -17,9 +17,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from foldops.kernels._launch import launcher
 
 from foldops.device import triton_interpret
+from foldops.kernels._launch import launcher
 from foldops.kernels._utils import cdiv, next_pow2, patch_interpreter_bf16
 from foldops.kernels.varlen_attention import configs
 from foldops.kernels.varlen_attention.backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
