@@ -253,9 +253,12 @@ def bench_trunk(args, rows, device):
         torch.cuda.empty_cache()
 
 
-def trial(impl, n, rows_msa, blocks):
+def trial(impl, n, rows_msa, blocks, mem_cap_gib=0.0):
     """One fit trial (in its own process): prints a JSON line."""
     device = torch.device("cuda")
+    if mem_cap_gib:  # a bigger card standing in for a smaller one
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, mem_cap_gib * 2**30 / total), device)
     base = build_trunk(device)
     trunk, use_kernels = as_impl(base, impl)
     del base
@@ -282,7 +285,7 @@ def trial(impl, n, rows_msa, blocks):
 
 def run_trial(args, impl, n):
     cmd = [sys.executable, os.path.abspath(__file__), "--_trial", impl, str(n), "--msa-rows", str(args.msa_rows),
-           "--fit-blocks", str(args.fit_blocks)]
+           "--fit-blocks", str(args.fit_blocks), "--fit-mem-cap", str(args.fit_mem_cap)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.fit_cap + 120)
     except subprocess.TimeoutExpired:
@@ -357,12 +360,15 @@ def main(argv=None):
     p.add_argument("--fit-max", type=int, default=12288)
     p.add_argument("--fit-blocks", type=int, default=1, help="blocks of each module run per trial")
     p.add_argument("--fit-cap", type=float, default=60.0, help="seconds; a slower trial ends the search")
+    p.add_argument("--fit-mem-cap", type=float, default=0.0,
+                   help="GiB the caching allocator may hold per trial (0: the whole card); e.g. 79.1 on an "
+                   "H200 stands in for an H100 80GB")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about 2 minutes)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "h100"))
     p.add_argument("--_trial", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._trial:
-        trial(args._trial[0], int(args._trial[1]), args.msa_rows, args.fit_blocks)
+        trial(args._trial[0], int(args._trial[1]), args.msa_rows, args.fit_blocks, args.fit_mem_cap)
         return
     if not torch.cuda.is_available():
         sys.exit("boltz_patch.py measures on a CUDA GPU; none is available here")

@@ -17,14 +17,16 @@ Default run (about 3 minutes on an H100):
    compares ``graph`` with it. Boltz's PairformerLayer beside it, plain and with
    ``use_kernels=True`` when cuequivariance_torch imports, same weights.
 
-``--host-profile`` runs only the host-time section and prints a cProfile (own time) of
-each op's 50 calls with ``triton``: where the host time goes.
+``--host-profile`` runs only the host-time section and prints a cProfile (own time) and
+a torch.profiler CPU table of each op's 50 calls with ``triton``, the backward on the
+calling thread (``host_one_thread``: the host time that way, without autograd's hand-off
+to its CUDA device thread): where the host time goes.
 
 ``--rules`` instead times each op's auto-eligible backends at N = 64 ... 1024, forward
 (inference, no_grad) and forward+backward (training), bf16 and fp32 (throughput, 20
 calls per sync), and prints the thresholds for ``foldops.backend_rules`` (largest N up
 to which ``torch`` is no slower than the kernels at every smaller measured N, in both
-dtypes). Writes ``small_structures_rules.csv``, rewritten after each op (a run cut short
+dtypes). Writes ``small_structures_rules.csv``, rewritten after each size (a run cut short
 keeps what it measured); ``--ops`` restricts it to some ops and keeps the other ops' rows
 already in the CSV. About 2.4 s a row on an H100, 280 rows for every op: about 11
 minutes, so split it by ``--ops`` to fit a 10-minute limit per command.
@@ -165,21 +167,31 @@ def op_closure(case, fn, n: int, dtype, backend: str, grad: bool):
 
 def host_profile(name: str, fn: Callable[[], object], calls: int = 50, top: int = 30) -> None:
     """cProfile of ``calls`` unsynced calls (after a warm-up), by own time: where a call's
-    host time goes."""
+    host time goes. The backward runs on the calling thread (autograd's CUDA device
+    thread is invisible to cProfile), and a torch.profiler table of the CPU side follows."""
     import cProfile
     import pstats
 
-    for _ in range(3):
-        fn()
-    sync()
-    profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(calls):
-        fn()
-    profile.disable()
-    sync()
-    print(f"--- cProfile {name}, {calls} calls", flush=True)
-    pstats.Stats(profile).sort_stats("tottime").print_stats(top)
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.autograd.set_multithreading_enabled(False):
+        for _ in range(3):
+            fn()
+        sync()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        sync()
+        print(f"--- cProfile {name}, {calls} calls", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+        with profile(activities=[ProfilerActivity.CPU]) as tprof:
+            for _ in range(calls):
+                fn()
+            sync()
+    print(f"--- torch.profiler {name}, {calls} calls (CPU self time)", flush=True)
+    print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top), flush=True)
 
 
 def run_host(n: int = 128, profile: bool = False):
@@ -191,6 +203,8 @@ def run_host(n: int = 128, profile: bool = False):
                     record("host", case.op, backend, n, mode, "host", host_ms(step))
                     record("host", case.op, backend, n, mode, "throughput", throughput_ms(step))
                     if profile and backend == "triton":
+                        with torch.autograd.set_multithreading_enabled(False):  # backward on this thread
+                            record("host", case.op, backend, n, mode, "host_one_thread", host_ms(step))
                         host_profile(f"{case.op} {backend} {mode} N={n}", step)
                 except Exception as exc:
                     record("host", case.op, backend, n, mode, "host", None, f"{type(exc).__name__}: {exc}"[:120])
@@ -295,7 +309,7 @@ def save(path: str) -> None:
 
 def run_rules(sizes, out_lines: List[str], path: str, ops: Optional[List[str]] = None):
     """Per op (all with a Triton backend, or ``ops``): times, then its threshold line; the
-    CSV is rewritten after each op so that a run cut short keeps what it measured. With
+    CSV is rewritten after each size so that a run cut short keeps what it measured. With
     ``ops``, rows of other ops already in the CSV are kept (a run split by op adds up)."""
     cases = triton_cases()
     if ops:
@@ -328,6 +342,7 @@ def run_rules(sizes, out_lines: List[str], path: str, ops: Optional[List[str]] =
                         torch.cuda.empty_cache()
                         times[n][backend] = ms
                         record("rules", case.op, backend, n, mode, f"tput_{str(dtype)[6:]}", ms)
+                    save(path)  # a run cut short keeps every size it measured
                 # Largest N with torch no slower than every other backend at all N up to it.
                 best = 0
                 for n in sizes:
@@ -341,7 +356,6 @@ def run_rules(sizes, out_lines: List[str], path: str, ops: Optional[List[str]] =
             out_lines.append(f'"{case.op}" / "{mode}": Rule({at_most}, MEASURE, "<device>: torch no slower '
                              f'at N <= {at_most} (bf16 {wins["torch.bfloat16"]}, fp32 {wins["torch.float32"]})")')
             print(out_lines[-1], flush=True)
-        save(path)
 
 
 def main() -> int:
