@@ -296,6 +296,21 @@ def run_layers(sizes):
                 torch.cuda.empty_cache()
 
 
+def profile_layer(n: int = 256) -> None:
+    """Host time and profiles of foldops's PairformerLayer training step at ``n``."""
+    from foldops.nn import PairformerLayer
+
+    s, z, mask, pair_mask = _pair_inputs(n)
+    layer = PairformerLayer(384, 128, num_heads=16, dropout=0.25, pairwise_head_width=32,
+                            pairwise_num_heads=4).cuda().train()
+    step = _layer_steps(layer, (s, z, mask.bool(), pair_mask.bool()), True, {})
+    record("layer", "PairformerLayer", "foldops", n, "training", "host", host_ms(step, calls=20))
+    record("layer", "PairformerLayer", "foldops", n, "training", "throughput", throughput_ms(step, calls=20))
+    with torch.autograd.set_multithreading_enabled(False):
+        record("layer", "PairformerLayer", "foldops", n, "training", "host_one_thread", host_ms(step, calls=20))
+    host_profile(f"PairformerLayer training N={n}", step, calls=20, top=45)
+
+
 # --------------------------------------------------------------------------- rules
 
 
@@ -384,6 +399,10 @@ def main() -> int:
         print("\n".join(lines))
     elif args.host_profile:
         run_host(args.host_n, profile=True)
+        try:
+            profile_layer()
+        except Exception as exc:  # the op rows above still get saved
+            print(f"layer profile failed: {type(exc).__name__}: {exc}")
         path = args.out or os.path.join(default_dir, "small_structures_host.csv")
     else:
         run_host(args.host_n)
