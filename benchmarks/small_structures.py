@@ -26,7 +26,8 @@ to its CUDA device thread): where the host time goes.
 (inference, no_grad) and forward+backward (training), bf16 and fp32 (throughput, 20
 calls per sync), and prints the thresholds for ``foldops.backend_rules`` (largest N up
 to which ``torch`` is no slower than the kernels at every smaller measured N, in both
-dtypes). Writes ``small_structures_rules.csv``, rewritten after each size (a run cut short
+dtypes). ``--rules-from CSV`` prints the thresholds of such a CSV, also of a run cut
+short (no GPU needed). Writes ``small_structures_rules.csv``, rewritten after each size (a run cut short
 keeps what it measured); ``--ops`` restricts it to some ops and keeps the other ops' rows
 already in the CSV. About 2.4 s a row on an H100, 280 rows for every op: about 11
 minutes, so split it by ``--ops`` to fit a 10-minute limit per command.
@@ -322,10 +323,54 @@ def save(path: str) -> None:
         writer.writerows(ROWS)
 
 
-def run_rules(sizes, out_lines: List[str], path: str, ops: Optional[List[str]] = None):
-    """Per op (all with a Triton backend, or ``ops``): times, then its threshold line; the
-    CSV is rewritten after each size so that a run cut short keeps what it measured. With
-    ``ops``, rows of other ops already in the CSV are kept (a run split by op adds up)."""
+def _ms(value) -> Optional[float]:
+    """A CSV or in-memory time: None when missing."""
+    if value in (None, "", "None"):
+        return None
+    return float(value)
+
+
+def threshold_lines(rows) -> List[str]:
+    """Rule lines for ``foldops.backend_rules`` from ``rules`` rows (in memory or read back
+    from the CSV): per op and mode, the largest N up to which ``torch`` is no slower than
+    every other backend at all measured N up to it, the smaller over bf16 and fp32. An
+    (op, mode) without both dtypes measured says so instead."""
+    times: Dict[tuple, Dict[int, Dict[str, Optional[float]]]] = {}
+    for row in rows:
+        if row["section"] != "rules":
+            continue
+        key = (row["name"], row["mode"], row["metric"][len("tput_"):])
+        times.setdefault(key, {}).setdefault(int(row["N"]), {})[row["impl"]] = _ms(row["ms"])
+    lines = []
+    for op, mode in sorted({(k[0], k[1]) for k in times}):
+        wins = {}
+        for dtype in ("bfloat16", "float32"):
+            per_n = times.get((op, mode, dtype))
+            if not per_n:
+                continue
+            best = 0
+            for n in sorted(per_n):
+                t = per_n[n].get("torch")
+                others = [v for k, v in per_n[n].items() if k != "torch" and v is not None]
+                if t is None or any(t > v for v in others):
+                    break
+                best = n
+            wins[dtype] = (best, max(per_n))
+        if len(wins) < 2:
+            lines.append(f'"{op}" / "{mode}": only {sorted(wins)} measured {wins}')
+            continue
+        at_most = min(w[0] for w in wins.values())
+        lines.append(f'"{op}" / "{mode}": Rule({at_most}, MEASURE, "<device>: torch no slower at N <= {at_most} '
+                     f'(bf16 {wins["bfloat16"][0]}, fp32 {wins["float32"][0]}; measured up to '
+                     f'{min(w[1] for w in wins.values())})")')
+    return lines
+
+
+def run_rules(sizes, path: str, ops: Optional[List[str]] = None) -> None:
+    """Per op (all with a Triton backend, or ``ops``): times per backend, N, mode and
+    dtype. The CSV is rewritten after each size so that a run cut short keeps what it
+    measured. With ``ops``, rows of other ops already in the CSV are kept (a run split
+    by op adds up)."""
     cases = triton_cases()
     if ops:
         unknown = sorted(set(ops) - {case.op for case, _ in cases})
@@ -337,14 +382,10 @@ def run_rules(sizes, out_lines: List[str], path: str, ops: Optional[List[str]] =
     for case, fn in cases:
         if ops and case.op not in ops:
             continue
-        op = case.registry_op
-        runnable = [b.name for b in backends.backends_of(op) if b.auto]
+        runnable = [b.name for b in backends.backends_of(case.registry_op) if b.auto]
         for mode, grad in (("inference", False), ("training", True)):
-            wins: Dict[str, List[int]] = {}
             for dtype in (torch.bfloat16, torch.float32):
-                times: Dict[int, Dict[str, float]] = {}
                 for n in sizes:
-                    times[n] = {}
                     for backend in runnable:
                         try:
                             step = op_closure(case, fn, n, dtype, backend, grad)
@@ -352,25 +393,11 @@ def run_rules(sizes, out_lines: List[str], path: str, ops: Optional[List[str]] =
                         except torch.cuda.OutOfMemoryError:
                             ms = None
                         except Exception as exc:  # cannot run here
-                            print(f"  {op} {backend} N={n}: {type(exc).__name__}: {exc}"[:160])
+                            print(f"  {case.op} {backend} N={n}: {type(exc).__name__}: {exc}"[:160])
                             ms = None
                         torch.cuda.empty_cache()
-                        times[n][backend] = ms
                         record("rules", case.op, backend, n, mode, f"tput_{str(dtype)[6:]}", ms)
                     save(path)  # a run cut short keeps every size it measured
-                # Largest N with torch no slower than every other backend at all N up to it.
-                best = 0
-                for n in sizes:
-                    t = times[n].get("torch")
-                    others = [v for k, v in times[n].items() if k != "torch" and v is not None]
-                    if t is None or any(t > v for v in others):
-                        break
-                    best = n
-                wins[str(dtype)] = best
-            at_most = min(wins.values())
-            out_lines.append(f'"{case.op}" / "{mode}": Rule({at_most}, MEASURE, "<device>: torch no slower '
-                             f'at N <= {at_most} (bf16 {wins["torch.bfloat16"]}, fp32 {wins["torch.float32"]})")')
-            print(out_lines[-1], flush=True)
 
 
 def main() -> int:
@@ -381,8 +408,13 @@ def main() -> int:
     parser.add_argument("--host-n", type=int, default=128)
     parser.add_argument("--host-profile", action="store_true",
                         help="only the host-time section, with a cProfile of each Triton op's calls")
+    parser.add_argument("--rules-from", metavar="CSV", help="print the thresholds of a rules CSV (no GPU)")
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<gpu>/...)")
     args = parser.parse_args()
+    if args.rules_from:
+        with open(args.rules_from, newline="") as fh:
+            print("\n".join(threshold_lines(list(csv.DictReader(fh)))))
+        return 0
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 1
@@ -391,12 +423,11 @@ def main() -> int:
     default_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", gpu)
     start = time.perf_counter()
     if args.rules:
-        lines: List[str] = []
         path = args.out or os.path.join(default_dir, "small_structures_rules.csv")
-        run_rules(args.sizes or [64, 128, 256, 384, 512, 768, 1024], lines, path, args.ops)
+        run_rules(args.sizes or [64, 128, 256, 384, 512, 768, 1024], path, args.ops)
         print("\nThresholds for foldops/backend_rules.py (device class "
               f"{__import__('foldops.backend_rules', fromlist=['x']).device_class(torch.device('cuda'))}):")
-        print("\n".join(lines))
+        print("\n".join(threshold_lines(ROWS)))
     elif args.host_profile:
         run_host(args.host_n, profile=True)
         try:
