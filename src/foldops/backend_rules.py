@@ -80,6 +80,16 @@ RULES: Dict[str, Dict[str, Dict[str, Rule]]] = {
             ),
         },
     },
+    # triangle_multiplication, cuda-sm90: no rule (priority order, the kernel). The op
+    # benchmark on the H100 (benchmarks/results/h100/triangle_multiplication/
+    # triangle_multiplication.csv, bf16) has triton ahead at every N it ran torch:
+    # fwd 0.23 vs 2.28 ms at N = 256, 0.53 vs 3.24 at 512; fwd+bwd 1.41 vs 2.54 at 256,
+    # 2.79 vs 10.08 at 512. N < 256 and fp32 are not measured (`--rules --ops
+    # triangle_multiplication`).
+    # pair_weighted_averaging, cuda-sm90: no rule. H100, bf16, 1024 MSA rows
+    # (benchmarks/results/h100/pair_weighted_averaging/pair_weighted_averaging.csv):
+    # triton ahead of torch at N = 256 / 512 / 768, fwd 1.23 vs 2.07 ms at 256, fwd+bwd
+    # 3.74 vs 4.46. N < 256 and fp32 are not measured.
 }
 """op -> device class -> mode -> Rule."""
 
