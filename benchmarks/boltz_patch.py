@@ -20,7 +20,9 @@ triangle attention 4 x 32, MSA 64 channels), random weights, no padding.
    ``--fit-blocks`` blocks of each module; up from ``--fit-start`` by ``--fit-grow`` (down
    by halves if the start fails), then bisection to ``--fit-step``; a trial slower than
    ``--fit-cap`` seconds ends the search upward. The row's status says why the next size
-   failed (oom, crash, timeout).
+   failed (oom, crash, timeout). ``--fit-mem-cap GiB`` caps what each trial's caching
+   allocator may hold, so that a bigger card answers for a smaller one (79.1 on an H200
+   for an 80 GB H100).
 
     PYTHONPATH=src:/tmp/peers python benchmarks/boltz_patch.py --out benchmarks/results/h100
     PYTHONPATH=src:/tmp/peers python benchmarks/boltz_patch.py --quick      # about 2 minutes
