@@ -15,7 +15,9 @@ Default run (about 3 minutes on an H100):
    call. Inference also replayed from a CUDA graph (``graph``), and ``kernel_sum``:
    the sum of the GPU time of one call's kernels (torch.profiler) -- the 1.2x target
    compares ``graph`` with it. Boltz's PairformerLayer beside it, plain and with
-   ``use_kernels=True`` when cuequivariance_torch imports, same weights.
+   ``use_kernels=True`` when cuequivariance_torch imports, same weights. ``--compile``
+   adds ``foldops+compile``: ``torch.compile`` of the same layer (training at small N is
+   bound by the host's hundreds of small ops and autograd nodes, which compile fuses).
 
 ``--host-profile`` runs only the host-time section and prints a cProfile (own time) and
 a torch.profiler CPU table of each op's 50 calls with ``triton``, the backward on the
@@ -250,7 +252,10 @@ def _layer_steps(layer, inputs, training: bool, kwargs):
     return train if training else infer
 
 
-def run_layers(sizes):
+def run_layers(sizes, compiled: bool = False):
+    """PairformerLayer rows per N; ``compiled`` adds ``foldops+compile`` (``torch.compile``
+    of the same layer, default mode: fuses the small ops whose launches and autograd nodes
+    bind a training step at small N to the host)."""
     from foldops.nn import PairformerLayer
 
     boltz_cls = _boltz_layers()
@@ -263,6 +268,8 @@ def run_layers(sizes):
         # is checked for 0/1 values: one host sync per layer call); Boltz gets floats.
         bool_inputs = (inputs[0], inputs[1], inputs[2].bool(), inputs[3].bool())
         impls = [("foldops", ours, {})]
+        if compiled:
+            impls.append(("foldops+compile", torch.compile(ours), {}))
         if boltz_cls is not None:
             try:
                 theirs = boltz_cls(384, 128, 16, dropout=0.25, pairwise_head_width=32, pairwise_num_heads=4,
@@ -277,11 +284,15 @@ def run_layers(sizes):
             for mode in ("inference", "training"):
                 layer.train(mode == "training")
                 try:
-                    step = _layer_steps(layer, bool_inputs if name == "foldops" else inputs,
+                    step = _layer_steps(layer, bool_inputs if name.startswith("foldops") else inputs,
                                         mode == "training", kwargs)
+                    if name.endswith("+compile"):
+                        step()  # compiles (once per mode) outside the timed calls
                     record("layer", "PairformerLayer", name, n, mode, "latency", latency_ms(step))
                     record("layer", "PairformerLayer", name, n, mode, "throughput", throughput_ms(step))
-                    if mode == "inference":
+                    if mode == "training" or name.endswith("+compile"):
+                        record("layer", "PairformerLayer", name, n, mode, "host", host_ms(step))
+                    if mode == "inference" and not name.endswith("+compile"):
                         record("layer", "PairformerLayer", name, n, mode, "kernel_sum", kernel_sum_ms(step))
                         record("layer", "PairformerLayer", name, n, mode, "host", host_ms(step))
                         try:
@@ -406,6 +417,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="*", help="layer sizes (default 256 384) or rule sizes")
     parser.add_argument("--ops", nargs="*", help="with --rules: only these ops (bench case names)")
     parser.add_argument("--host-n", type=int, default=128)
+    parser.add_argument("--compile", action="store_true",
+                        help="layers: also time torch.compile of foldops's layer (compiles once per N and mode)")
     parser.add_argument("--host-profile", action="store_true",
                         help="only the host-time section, with a cProfile of each Triton op's calls")
     parser.add_argument("--rules-from", metavar="CSV", help="print the thresholds of a rules CSV (no GPU)")
@@ -437,7 +450,7 @@ def main() -> int:
         path = args.out or os.path.join(default_dir, "small_structures_host.csv")
     else:
         run_host(args.host_n)
-        run_layers(args.sizes or [256, 384])
+        run_layers(args.sizes or [256, 384], compiled=args.compile)
         path = args.out or os.path.join(default_dir, "small_structures.csv")
     save(path)
     print(f"\nwrote {path} ({len(ROWS)} rows) in {time.perf_counter() - start:.0f} s")
