@@ -16,18 +16,20 @@ Default run (about 3 minutes on an H100):
    the sum of the GPU time of one call's kernels (torch.profiler) -- the 1.2x target
    compares ``graph`` with it. Boltz's PairformerLayer beside it, plain and with
    ``use_kernels=True`` when cuequivariance_torch imports, same weights. ``--compile``
-   adds ``foldops+compile``: ``torch.compile`` of the same layer (training at small N is
-   bound by the host's hundreds of small ops and autograd nodes, which compile fuses).
+   adds ``foldops+compile``: ``torch.compile(dynamic=False)`` of the same layer, compiled
+   afresh per N (training at small N is bound by the host's hundreds of small ops and
+   autograd nodes, which compile fuses); latency, throughput and host time only.
 
-``--host-profile`` runs only the host-time section and prints a cProfile (own time) and
-a torch.profiler CPU table of each op's 50 calls with ``triton``, the backward on the
-calling thread (``host_one_thread``: the host time that way, without autograd's hand-off
-to its CUDA device thread): where the host time goes.
+``--host-profile`` runs the host-time section and prints a cProfile (own time) and a
+torch.profiler CPU table of each op's 50 calls with ``triton``, the backward on the
+calling thread (``host_one_thread``: the fwd+bwd host time that way, without autograd's
+hand-off to its CUDA device thread), then the same for foldops's PairformerLayer training
+step at N = 256: where the host time goes.
 
 ``--rules`` instead times each op's auto-eligible backends at N = 64 ... 1024, forward
 (inference, no_grad) and forward+backward (training), bf16 and fp32 (throughput, 20
 calls per sync), and prints the thresholds for ``foldops.backend_rules`` (largest N up
-to which ``torch`` is no slower than the kernels at every smaller measured N, in both
+to which ``torch`` is no slower than the kernels at every measured N up to it, in both
 dtypes). ``--rules-from CSV`` prints the thresholds of such a CSV, also of a run cut
 short (no GPU needed). Writes ``small_structures_rules.csv``, rewritten after each size (a run cut short
 keeps what it measured); ``--ops`` restricts it to some ops and keeps the other ops' rows
@@ -205,12 +207,18 @@ def run_host(n: int = 128, profile: bool = False):
                     step = op_closure(case, fn, n, torch.bfloat16, backend, grad)
                     record("host", case.op, backend, n, mode, "host", host_ms(step))
                     record("host", case.op, backend, n, mode, "throughput", throughput_ms(step))
-                    if profile and backend == "triton":
-                        with torch.autograd.set_multithreading_enabled(False):  # backward on this thread
-                            record("host", case.op, backend, n, mode, "host_one_thread", host_ms(step))
-                        host_profile(f"{case.op} {backend} {mode} N={n}", step)
                 except Exception as exc:
                     record("host", case.op, backend, n, mode, "host", None, f"{type(exc).__name__}: {exc}"[:120])
+                    continue
+                if not (profile and backend == "triton"):
+                    continue
+                try:
+                    if grad:
+                        with torch.autograd.set_multithreading_enabled(False):  # backward on this thread
+                            record("host", case.op, backend, n, mode, "host_one_thread", host_ms(step))
+                    host_profile(f"{case.op} {backend} {mode} N={n}", step)
+                except Exception as exc:
+                    record("host", case.op, backend, n, mode, "profile", None, f"{type(exc).__name__}: {exc}"[:120])
 
 
 # --------------------------------------------------------------------------- layers
@@ -269,7 +277,8 @@ def run_layers(sizes, compiled: bool = False):
         bool_inputs = (inputs[0], inputs[1], inputs[2].bool(), inputs[3].bool())
         impls = [("foldops", ours, {})]
         if compiled:
-            impls.append(("foldops+compile", torch.compile(ours), {}))
+            torch._dynamo.reset()  # a static graph per N, not a dynamic one from the second N on
+            impls.append(("foldops+compile", torch.compile(ours, dynamic=False), {}))
         if boltz_cls is not None:
             try:
                 theirs = boltz_cls(384, 128, 16, dropout=0.25, pairwise_head_width=32, pairwise_num_heads=4,
@@ -418,9 +427,10 @@ def main() -> int:
     parser.add_argument("--ops", nargs="*", help="with --rules: only these ops (bench case names)")
     parser.add_argument("--host-n", type=int, default=128)
     parser.add_argument("--compile", action="store_true",
-                        help="layers: also time torch.compile of foldops's layer (compiles once per N and mode)")
+                        help="layers: also time torch.compile of foldops's layer (compiled per N and mode)")
     parser.add_argument("--host-profile", action="store_true",
-                        help="only the host-time section, with a cProfile of each Triton op's calls")
+                        help="the host-time section with profiles of each Triton op's calls, then of the "
+                        "PairformerLayer training step")
     parser.add_argument("--rules-from", metavar="CSV", help="print the thresholds of a rules CSV (no GPU)")
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<gpu>/...)")
     args = parser.parse_args()

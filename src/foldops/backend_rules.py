@@ -88,8 +88,9 @@ RULES: Dict[str, Dict[str, Dict[str, Rule]]] = {
     # triangle_multiplication`).
     # pair_weighted_averaging, cuda-sm90: no rule. H100, bf16, 1024 MSA rows
     # (benchmarks/results/h100/pair_weighted_averaging/pair_weighted_averaging.csv):
-    # triton ahead of torch at N = 256 / 512 / 768, fwd 1.23 vs 2.07 ms at 256, fwd+bwd
-    # 3.74 vs 4.46. N < 256 and fp32 are not measured.
+    # the op (target "op", throughput) with triton ahead of torch at N = 256 and 512: fwd
+    # 0.41 vs 1.26 ms at 256, fwd+bwd 1.88 vs 2.65; 1.81-1.90x / 1.31-1.41x over both N
+    # with the module around it too. N < 256 and fp32 are not measured.
 }
 """op -> device class -> mode -> Rule."""
 

@@ -1,7 +1,8 @@
 """The size-rule thresholds that benchmarks/small_structures.py prints (and reads back
 from a CSV with ``--rules-from``): torch wins up to the largest N at which it is no
 slower than every other backend at all measured N up to it, the smaller over bf16 and
-fp32; an unmeasured time breaks the run of wins."""
+fp32; a torch time that could not be measured breaks the run of wins (a kernel that
+could not run leaves torch alone in the comparison)."""
 
 from benchmark_scripts import load_benchmark
 
