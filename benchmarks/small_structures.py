@@ -30,10 +30,10 @@ step at N = 256: where the host time goes.
 (inference, no_grad) and forward+backward (training), bf16 and fp32 (throughput, 20
 calls per sync), and prints the thresholds for ``foldops.backend_rules`` (largest N up
 to which ``torch`` is no slower than the kernels at every measured N up to it, in both
-dtypes). ``--rules-from CSV`` prints the thresholds of such a CSV, also of a run cut
-short (no GPU needed). Writes ``small_structures_rules.csv``, rewritten after each size (a run cut short
-keeps what it measured); ``--ops`` restricts it to some ops and keeps the other ops' rows
-already in the CSV. About 2.4 s a row on an H100, 280 rows for every op: about 11
+dtypes). Writes ``small_structures_rules.csv``, rewritten after each size (a run cut
+short keeps what it measured); ``--ops`` restricts it to some ops and keeps the other
+ops' rows already in the CSV; ``--rules-from CSV`` prints the thresholds of such a CSV,
+also of a cut run (no GPU needed). About 2.4 s a row on an H100, 280 rows for every op: about 11
 minutes, so split it by ``--ops`` to fit a 10-minute limit per command.
 """
 
@@ -260,21 +260,31 @@ def _layer_steps(layer, inputs, training: bool, kwargs):
     return train if training else infer
 
 
-def run_layers(sizes, compiled: bool = False):
-    """PairformerLayer rows per N; ``compiled`` adds ``foldops+compile`` (``torch.compile``
-    of the same layer, default mode: fuses the small ops whose launches and autograd nodes
-    bind a training step at small N to the host)."""
+def _foldops_layer():
+    """foldops's PairformerLayer at Boltz-2 sizes, on the GPU."""
     from foldops.nn import PairformerLayer
 
+    return PairformerLayer(384, 128, num_heads=16, dropout=0.25, pairwise_head_width=32,
+                           pairwise_num_heads=4).cuda()
+
+
+def _bool_masks(inputs):
+    # foldops gets bool masks, as its stacks pass them to their layers (a float mask is
+    # checked for 0/1 values: one host sync per layer call); Boltz gets floats.
+    s, z, mask, pair_mask = inputs
+    return s, z, mask.bool(), pair_mask.bool()
+
+
+def run_layers(sizes, compiled: bool = False):
+    """PairformerLayer rows per N; ``compiled`` adds ``foldops+compile`` (the same layer
+    under ``torch.compile``, which fuses the small ops whose launches and autograd nodes
+    bind a training step at small N to the host)."""
     boltz_cls = _boltz_layers()
     cueq = importlib.util.find_spec("cuequivariance_torch") is not None
     for n in sizes:
         inputs = _pair_inputs(n)
-        ours = PairformerLayer(384, 128, num_heads=16, dropout=0.25, pairwise_head_width=32,
-                               pairwise_num_heads=4).cuda()
-        # foldops gets bool masks, as its stacks pass them to their layers (a float mask
-        # is checked for 0/1 values: one host sync per layer call); Boltz gets floats.
-        bool_inputs = (inputs[0], inputs[1], inputs[2].bool(), inputs[3].bool())
+        ours = _foldops_layer()
+        bool_inputs = _bool_masks(inputs)
         impls = [("foldops", ours, {})]
         if compiled:
             torch._dynamo.reset()  # a static graph per N, not a dynamic one from the second N on
@@ -299,11 +309,9 @@ def run_layers(sizes, compiled: bool = False):
                         step()  # compiles (once per mode) outside the timed calls
                     record("layer", "PairformerLayer", name, n, mode, "latency", latency_ms(step))
                     record("layer", "PairformerLayer", name, n, mode, "throughput", throughput_ms(step))
-                    if mode == "training" or name.endswith("+compile"):
-                        record("layer", "PairformerLayer", name, n, mode, "host", host_ms(step))
+                    record("layer", "PairformerLayer", name, n, mode, "host", host_ms(step))
                     if mode == "inference" and not name.endswith("+compile"):
                         record("layer", "PairformerLayer", name, n, mode, "kernel_sum", kernel_sum_ms(step))
-                        record("layer", "PairformerLayer", name, n, mode, "host", host_ms(step))
                         try:
                             record("layer", "PairformerLayer", name, n, mode, "graph", graph_ms(step))
                         except Exception as exc:
@@ -319,12 +327,7 @@ def run_layers(sizes, compiled: bool = False):
 
 def profile_layer(n: int = 256) -> None:
     """Host time and profiles of foldops's PairformerLayer training step at ``n``."""
-    from foldops.nn import PairformerLayer
-
-    s, z, mask, pair_mask = _pair_inputs(n)
-    layer = PairformerLayer(384, 128, num_heads=16, dropout=0.25, pairwise_head_width=32,
-                            pairwise_num_heads=4).cuda().train()
-    step = _layer_steps(layer, (s, z, mask.bool(), pair_mask.bool()), True, {})
+    step = _layer_steps(_foldops_layer().train(), _bool_masks(_pair_inputs(n)), True, {})
     record("layer", "PairformerLayer", "foldops", n, "training", "host", host_ms(step, calls=20))
     record("layer", "PairformerLayer", "foldops", n, "training", "throughput", throughput_ms(step, calls=20))
     with torch.autograd.set_multithreading_enabled(False):

@@ -222,11 +222,9 @@ def profile(n: int, c: int, direction: str, out_dir: str, hidden: Optional[int] 
     (torch.profiler, bf16, masked), printed and saved."""
     from torch.profiler import ProfilerActivity, profile as prof
 
-    device = torch.device("cuda")
-    w = weights(c, torch.bfloat16, device, hidden=hidden)
+    w, x, mask = inputs(1, n, c, torch.bfloat16, torch.device("cuda"), hidden)
     params = [t.requires_grad_() for t in w.values()]
-    x = torch.randn(1, n, n, c, device=device, dtype=torch.bfloat16, requires_grad=True)
-    mask = torch.ones(1, n, n, device=device, dtype=torch.bool)
+    x.requires_grad_()
     dout = torch.randn_like(x)
 
     def fwd():
