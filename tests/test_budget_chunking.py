@@ -101,3 +101,40 @@ def test_triangle_attention_layer_one_shot_when_it_fits(monkeypatch):
         chunked = layer(x)
     assert len(calls) > 1
     torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=1e-6)
+
+
+def _count_queries(monkeypatch):
+    calls = []
+    monkeypatch.delenv(budget.ENV_BUDGET_MB, raising=False)
+    monkeypatch.setattr(budget, "_query_free_bytes", lambda device: calls.append(device) or 80 * GIB)
+    return calls
+
+
+def test_training_paths_ask_no_free_memory(monkeypatch):
+    """With gradients nothing is chunked (autograd keeps every chunk), so the torch paths
+    must not pay a free-memory query (tens of microseconds of host time on CUDA) to size
+    chunks they will not use. Meta tensors stand in for an accelerator's: past
+    ``ACCELERATOR_SMALL_BYTES`` of intermediates, inference asks once (the check that
+    this test would see a query)."""
+    from foldops.nn import AttentionPairBias
+
+    calls = _count_queries(monkeypatch)
+    n, heads = 256, 4  # [1, 256, 4, 256, 256] fp32 logits: 256 MiB
+    q, k, v = (torch.empty(1, n, n, heads, 32, device="meta", requires_grad=True) for _ in range(3))
+    bias = torch.empty(1, heads, n, n, device="meta", requires_grad=True)
+    triangle_attention(q, k, v, bias, backend="torch")
+    assert calls == []
+    with torch.no_grad():
+        triangle_attention(q, k, v, bias, backend="torch")
+    assert len(calls) == 1
+
+    calls.clear()
+    layer = AttentionPairBias(16, 384, 4, backend="torch").to("meta")
+    s = torch.empty(1, n, 16, device="meta")
+    z = torch.empty(1, n, n, 384, device="meta")  # z and its normalised copy: 192 MiB
+    mask = torch.ones(1, n, dtype=torch.bool, device="meta")
+    layer(s, z, mask, s)
+    assert calls == []
+    with torch.no_grad():
+        layer(s, z, mask, s)
+    assert len(calls) == 1

@@ -136,11 +136,13 @@ class AttentionPairBias(nn.Module):
         if not self.compute_pair_bias:
             return self.proj_z(z)
         batch, queries, keys, channels = z.shape
+        needs_grad = torch.is_grad_enabled() and (z.requires_grad or any(p.requires_grad for p in self.proj_z.parameters()))
+        if needs_grad:  # autograd keeps the normalised z whole anyway
+            return self.proj_z(z)
         # Query rows per step: their normalised z (and LayerNorm's temporaries) stay
         # within foldops.budget's chunk budget.
         step = rows_per_chunk(z.device, 2 * batch * keys * channels * z.element_size(), queries)
-        needs_grad = torch.is_grad_enabled() and (z.requires_grad or any(p.requires_grad for p in self.proj_z.parameters()))
-        if needs_grad or step >= queries:
+        if step >= queries:
             return self.proj_z(z)
         # Inference: normalise z a few rows at a time, so no normalised copy of z exists whole.
         return torch.cat([self.proj_z(z[:, r : r + step]) for r in range(0, queries, step)], dim=2)

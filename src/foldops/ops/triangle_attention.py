@@ -45,10 +45,10 @@ KERNEL_MAX_HEAD_DIM = 128  # 16/32/64/128 run as is, other head dims zero-padded
 
 def _torch_backend(q, k, v, bias, mask, scale, chunk_size):
     batch, rows, n, heads, _ = q.shape
-    # A chunk holds [B, c, H, N, N] logits and additive mask (counted in fp32).
-    chunk_size = rows_per_chunk(q.device, batch * heads * n * n * 4, rows, chunk_size)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias)):
         chunk_size = rows  # one graph: chunking bounds nothing while autograd keeps every chunk
+    else:  # a chunk holds [B, c, H, N, N] logits and additive mask (counted in fp32)
+        chunk_size = rows_per_chunk(q.device, batch * heads * n * n * 4, rows, chunk_size)
     head_dim = q.shape[-1]
     bias = bias.to(q.dtype)[:, None]  # [B, 1, H, N, N]
     outs = []
