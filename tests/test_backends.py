@@ -247,3 +247,30 @@ def test_triton_support_checks_trace_without_a_graph_break():
     eager = body(torch.zeros(2))
     traced = torch.compile(body, fullgraph=True, backend="eager")(torch.zeros(2))
     torch.testing.assert_close(traced, eager)
+
+
+def test_auto_traces_its_first_choice_without_a_graph_break(monkeypatch, caplog):
+    """``auto`` logs each choice the first time it makes it. A process whose first call of
+    an op is inside torch.compile(fullgraph=True) must trace (Dynamo cannot trace a
+    logger call) and equal eager; the choice is logged by the next eager call."""
+    import warnings
+
+    from foldops import ops
+
+    monkeypatch.setattr(backends, "_logged", set())
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 6, 6, 2, 8, generator=gen)
+    bias = torch.randn(1, 2, 6, 6, generator=gen)
+    mask = torch.rand(1, 6, 6, generator=gen) > 0.3
+
+    def body(q, bias, mask):
+        return ops.triangle_attention(q, q, q, bias, mask)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Dynamo warning either (e.g. on lru_cache wrappers)
+        compiled = torch.compile(body, fullgraph=True, backend="aot_eager")(q, bias, mask)
+    assert backends._logged == set()
+    with caplog.at_level(logging.DEBUG, logger="foldops.backends"):
+        eager = body(q, bias, mask)
+    torch.testing.assert_close(compiled, eager)
+    assert any("triangle_attention: auto picks" in r.getMessage() for r in caplog.records)

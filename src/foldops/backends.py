@@ -32,6 +32,8 @@ import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch
+
 from foldops import backend_rules
 
 logger = logging.getLogger("foldops.backends")
@@ -105,6 +107,16 @@ def _env_var(op: str) -> str:
     return f"{ENV_GLOBAL}_{op.upper()}"
 
 
+def _log_once(key: Tuple[str, str, str], message: str, *args: Any) -> None:
+    """Debug-log ``message`` the first time ``key`` is seen. Not while torch.compile
+    traces: Dynamo cannot trace a logger call (a graph break, an error under
+    ``fullgraph=True``); the next eager call logs the choice."""
+    if key in _logged or torch.compiler.is_compiling():
+        return
+    _logged.add(key)
+    logger.debug(message, *args)
+
+
 def _check(backend: Backend, ctx: Dict[str, Any], explicit: bool) -> Optional[str]:
     try:
         return backend.supports(explicit=explicit, **ctx)
@@ -159,10 +171,8 @@ def select(op: str, requested: Optional[str] = AUTO, **ctx: Any) -> Backend:
     if ruled is not None:
         backend = _REGISTRY.get(op, {}).get(ruled[0])
         if backend is not None and backend.auto and _check(backend, ctx, explicit=False) is None:
-            key = (op, backend.name, ruled[1])
-            if key not in _logged:
-                _logged.add(key)
-                logger.debug("%s: auto picks backend %r by rule: %s", op, backend.name, ruled[1])
+            _log_once((op, backend.name, ruled[1]), "%s: auto picks backend %r by rule: %s", op, backend.name,
+                      ruled[1])
             return backend
     skipped = []
     for backend in backends_of(op):
@@ -170,16 +180,11 @@ def select(op: str, requested: Optional[str] = AUTO, **ctx: Any) -> Backend:
             continue
         reason = _check(backend, ctx, explicit=False)
         if reason is None:
-            key = (op, backend.name, "priority")
-            if key not in _logged:
-                _logged.add(key)
-                logger.debug("%s: auto picks backend %r by priority order (no size rule applies)", op, backend.name)
+            _log_once((op, backend.name, "priority"),
+                      "%s: auto picks backend %r by priority order (no size rule applies)", op, backend.name)
             return backend
         skipped.append(f"{backend.name}: {reason}")
-        key = (op, backend.name, reason)
-        if key not in _logged:
-            _logged.add(key)
-            logger.debug("%s: auto skips backend %r: %s", op, backend.name, reason)
+        _log_once((op, backend.name, reason), "%s: auto skips backend %r: %s", op, backend.name, reason)
     raise BackendUnavailableError(f"{op}: no backend can run these inputs ({'; '.join(skipped)})")
 
 

@@ -294,7 +294,8 @@ def kernel_support(device: Union[torch.Tensor, DeviceLike], explicit: bool = Tru
     if dev.type != "cuda" and not triton_interpret():
         # Decided without importing Triton (half a second, on every CPU-only first call).
         return f"Triton kernels need a CUDA device, got {dev.type}"
-    reason = triton_import_error()
+    # While torch.compile traces, the uncached body (Dynamo warns on lru_cache wrappers).
+    reason = triton_import_error.__wrapped__() if torch.compiler.is_compiling() else triton_import_error()
     if reason is not None:
         return reason
     if triton_interpret():
