@@ -148,6 +148,23 @@ CASES = [
      "s: expected dtype torch.float32"),
     ("pairformer-s-channels", lambda: pairformer(s=g(B, N, 12)), ValueError, r"s: expected shape (2, 5, 16)"),
     ("msa-fp64-m", lambda: msa(m=g(B, 3, N, 8, dtype=torch.float64)), TypeError, "m: expected dtype torch.float32"),
+    # Half-precision inputs to a float32 layer outside autocast (under autocast they run).
+    ("layer-tri-att-half-x", lambda: fnn.TriangleAttention(8, 4, 2)(g(B, N, N, 8, dtype=torch.float16)),
+     TypeError, "x: expected dtype torch.float32 (the layer's parameters) outside autocast"),
+    ("layer-opm-bf16-m", lambda: fnn.OuterProductMean(8, 4, 8)(g(B, 3, N, 8, dtype=torch.bfloat16), torch.ones(B, 3, N)),
+     TypeError, "m: expected dtype torch.float32 (the layer's parameters) outside autocast"),
+    ("layer-pwa-bf16-z", lambda: fnn.PairWeightedAveraging(8, 8, 4, 2)(g(B, 3, N, 8), g(B, N, N, 8, dtype=torch.bfloat16),
+                                                                        torch.ones(B, N, N)),
+     TypeError, "z: expected dtype torch.float32 (the layer's parameters) outside autocast"),
+    ("layer-apb-half-s", lambda: fnn.AttentionPairBias(16, 8, 2)(g(B, N, 16, dtype=torch.float16), g(B, N, N, 8),
+                                                                  None, g(B, N, 16)),
+     TypeError, "s: expected dtype torch.float32 (the layer's parameters) outside autocast"),
+    ("pairformer-bf16-z", lambda: PAIR(g(B, N, 16), g(B, N, N, 8, dtype=torch.bfloat16), torch.ones(B, N),
+                                       torch.ones(B, N, N)), TypeError,
+     "z: expected dtype torch.float32 (the layer's parameters) outside autocast"),
+    ("pairformer-bf16-parameters", lambda: fnn.PairformerLayer(16, 8, 2, 0.0, 4, 2).bfloat16()(
+        g(B, N, 16, dtype=torch.bfloat16), g(B, N, N, 8, dtype=torch.bfloat16), torch.ones(B, N), torch.ones(B, N, N)),
+     TypeError, "PairformerLayer: parameters in torch.bfloat16 are not supported"),
     # Item 10: errors name the argument the caller passed.
     ("pairformer-pair-mask-shape", lambda: pairformer(pair_mask=torch.ones(B, N)), ValueError,
      "pair_mask: expected shape (2, 5, 5)"),

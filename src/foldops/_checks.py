@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from foldops.device import cuda_graph_capturing
+from foldops.device import autocast_dtype_in_effect, cuda_graph_capturing
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -104,13 +104,20 @@ def check_finite_float(name: str, value: object) -> float:
     return float(value)
 
 
-def check_layer_input(name: str, x: torch.Tensor, parameter: torch.Tensor) -> None:
-    """A layer's input and its parameters agree on float64: a float64 input to a
-    float32 layer (or the reverse) would fail deep inside with "mixed dtype"."""
+def check_layer_input(name: str, x: torch.Tensor, parameter: torch.Tensor, *, promoted: bool = False) -> None:
+    """A layer's input has its parameters' dtype, which would otherwise fail deep inside
+    with "mixed dtype". Under autocast (which casts inputs and weights alike) only
+    float64 must agree; so too with ``promoted``, for an input the layer itself casts to
+    at least float32 (Pairformer's single track)."""
     if (x.dtype == torch.float64) != (parameter.dtype == torch.float64):
         raise TypeError(
             f"{name}: expected dtype {parameter.dtype} (the layer's parameters), got {x.dtype}; "
             f"convert the input or the layer (.to(dtype))"
+        )
+    if x.dtype != parameter.dtype and not promoted and autocast_dtype_in_effect(x) is None:
+        raise TypeError(
+            f"{name}: expected dtype {parameter.dtype} (the layer's parameters) outside autocast, got {x.dtype}; "
+            f"convert the input or the layer (.to(dtype)), or run under torch.autocast"
         )
 
 

@@ -131,7 +131,8 @@ def test_factory_kwargs():
         (torch.randn(3, 7), ValueError, r"x: expected shape \(..., 8\), got \(3, 7\)"),
         (torch.tensor(1.0), ValueError, r"x: expected shape \(..., 8\), got \(\)"),
         ([1.0], TypeError, "x: expected a torch.Tensor, got list"),
-        (torch.randn(3, 8, dtype=torch.float16), TypeError, r"norm_weight: expected dtype torch.float16 \(as x\)"),
+        (torch.randn(3, 8, dtype=torch.float16), TypeError,
+         r"x: expected dtype torch.float32 \(the layer's parameters\) outside autocast, got torch.float16"),
     ],
 )
 def test_bad_inputs(x, error, pattern):

@@ -167,7 +167,13 @@ class PairformerLayer(_PairStack):
         _check_pair(z, self.token_z, self.tri_mul_out.norm_in.weight)
         batch, n = z.shape[:2]
         check_tensor("s", s, (batch, n, self.token_s), device=z.device)
-        check_layer_input("s", s, self.pre_norm_s.weight)
+        if self.pre_norm_s.weight.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"PairformerLayer: parameters in {self.pre_norm_s.weight.dtype} are not supported: the single "
+                "track runs in float32 (as Boltz's); keep the parameters float32 and use torch.autocast for "
+                "half-precision compute"
+            )
+        check_layer_input("s", s, self.pre_norm_s.weight, promoted=True)
         mask = as_bool_mask("mask", mask, (batch, n), z.device)
         pair_mask = as_bool_mask("pair_mask", pair_mask, (batch, n, n), z.device)
         check_positive_int("chunk_size_tri_attn", chunk_size_tri_attn)
