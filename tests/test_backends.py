@@ -274,3 +274,34 @@ def test_auto_traces_its_first_choice_without_a_graph_break(monkeypatch, caplog)
         eager = body(q, bias, mask)
     torch.testing.assert_close(compiled, eager)
     assert any("triangle_attention: auto picks" in r.getMessage() for r in caplog.records)
+
+
+def test_a_module_backend_names_the_backend_of_each_op_that_has_it(monkeypatch):
+    """A module's backend= is checked when it is built, and, like FOLDOPS_BACKEND, names
+    the backend of every op of the module that has one: PairformerLayer(backend="triton")
+    runs its kernels (the interpreter here) and its transitions, which have none, on auto."""
+    from foldops import nn as fnn
+
+    monkeypatch.delenv("FOLDOPS_BACKEND", raising=False)
+    with pytest.raises(ValueError, match="backend: unknown backend 'trition'"):
+        fnn.PairformerLayer(8, 8, 2, 0.0, 4, 2, backend="trition")
+    with pytest.raises(TypeError, match="backend: expected a backend name string"):
+        fnn.Transition(8, 16, backend=None)
+    assert backends.for_op("swiglu_transition", "triton") == "auto"
+    assert backends.for_op("triangle_attention", "triton") == "triton"
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or a GPU")
+    gen = torch.Generator().manual_seed(0)
+    s, z = torch.randn(1, 5, 8, generator=gen), torch.randn(1, 5, 5, 8, generator=gen)
+    mask = torch.ones(1, 5)
+    mask[:, -1] = 0
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    layers = {name: fnn.PairformerLayer(8, 8, 2, 0.0, 4, 2, backend=name).eval() for name in ("triton", "reference")}
+    with torch.no_grad():  # Boltz's init zeroes the output projections: randomise every weight
+        for p in layers["reference"].parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    layers["triton"].load_state_dict(layers["reference"].state_dict())
+    with torch.no_grad():
+        (s_t, z_t), (s_r, z_r) = (layers[name](s, z, mask, pair_mask) for name in ("triton", "reference"))
+    torch.testing.assert_close(z_t, z_r, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s_t, s_r, rtol=1e-4, atol=1e-4)

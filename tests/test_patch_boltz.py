@@ -299,6 +299,16 @@ def test_same_tensors_unpatch_restores_and_patch_twice_is_a_noop():
     assert fpatch.unpatch(model) == 0
 
 
+def test_a_bad_backend_name_is_refused_before_anything_is_replaced():
+    model = trunk()
+    classes = [(name, type(m)) for name, m in model.named_modules()]
+    with pytest.raises(ValueError, match="backend: unknown backend 'trition'"):
+        fpatch.boltz(model, backend="trition")
+    with pytest.raises(TypeError, match="backend: expected a backend name string"):
+        fpatch.boltz(model, backend=None)
+    assert [(name, type(m)) for name, m in model.named_modules()] == classes
+
+
 def test_checkpoint_round_trip_and_optimizer_references():
     model = randomize_(trunk())
     boltz_sd = {k: v.clone() for k, v in model.state_dict().items()}

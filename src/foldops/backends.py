@@ -188,6 +188,25 @@ def select(op: str, requested: Optional[str] = AUTO, **ctx: Any) -> Backend:
     raise BackendUnavailableError(f"{op}: no backend can run these inputs ({'; '.join(skipped)})")
 
 
+def check_module_backend(value: Any) -> str:
+    """A module's ``backend=`` argument, checked when the module is built rather than at
+    its first call: ``"auto"`` or a name some op registers. Like ``FOLDOPS_BACKEND`` it
+    names the backend of every op the module runs that has one; the others take
+    ``auto`` (see :func:`for_op`), so ``PairformerLayer(backend="triton")`` runs its
+    transitions, which have no kernel, on their ``auto`` choice."""
+    if not isinstance(value, str):
+        raise TypeError(f"backend: expected a backend name string, got {type(value).__name__}")
+    if value != AUTO and value not in known_backends():
+        raise ValueError(f"backend: unknown backend {value!r}; valid: {known_backends()} or {AUTO!r}")
+    return value
+
+
+def for_op(op: str, requested: str) -> str:
+    """What a module whose ``backend=`` is ``requested`` passes to ``op``: the name if
+    ``op`` has a backend of that name, else ``"auto"``."""
+    return requested if requested in _REGISTRY.get(op, ()) else AUTO
+
+
 def availability(op: str, explicit: bool = True, **ctx: Any) -> List[Tuple[str, Optional[str]]]:
     """``[(backend name, None | reason)]`` for ``op`` in priority order (for doctor/bench)."""
     return [(b.name, _check(b, ctx, explicit)) for b in backends_of(op)]

@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
-from foldops.backends import AUTO
+from foldops.backends import AUTO, check_module_backend
 
 __all__ = ["BoltzPatchError", "PatchReport", "boltz", "unpatch", "is_patched", "KNOWN_BOLTZ_VERSIONS", "KEPT"]
 
@@ -405,7 +405,8 @@ def boltz(model: nn.Module, backend: str = AUTO, strict: bool = False) -> PatchR
             ``nn.Module``), or any module that holds Boltz modules; also a single Boltz
             module. It is modified in place (the same objects, parameters and buffers).
         backend: the foldops backend of every replaced module (``"auto"``, ``"triton"``,
-            ``"torch"``, ...).
+            ``"torch"``, ...; an op without it takes ``"auto"``). An unknown name is a
+            ``ValueError`` before anything is replaced.
         strict: raise :class:`BoltzPatchError` instead of warning when a Boltz module
             cannot be replaced (see the module docstring for when).
 
@@ -415,8 +416,7 @@ def boltz(model: nn.Module, backend: str = AUTO, strict: bool = False) -> PatchR
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    check_module_backend(backend)  # before anything is replaced
     report = PatchReport(backend=backend)
     needs_boltz = any(_name(type(m)) in _BUILDERS for m in model.modules())
     version_ok = _version_known(_boltz_version()) if needs_boltz else True

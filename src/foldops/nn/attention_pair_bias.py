@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_same_dtype, check_tensor
-from foldops.backends import AUTO
+from foldops.backends import AUTO, check_module_backend, for_op
 from foldops.budget import rows_per_chunk
 from foldops.nn import _init
-from foldops.ops.attention_pair_bias import attention_pair_bias
+from foldops.ops.attention_pair_bias import OP, attention_pair_bias
 
 
 class HeadsFirst(nn.Module):
@@ -65,7 +65,7 @@ class AttentionPairBias(nn.Module):
         self.head_dim = c_s // num_heads
         self.inf = inf
         self.compute_pair_bias = compute_pair_bias
-        self.backend = backend
+        self.backend = check_module_backend(backend)
         self.proj_q = nn.Linear(c_s, c_s, **factory)
         self.proj_k = nn.Linear(c_s, c_s, bias=False, **factory)
         self.proj_v = nn.Linear(c_s, c_s, bias=False, **factory)
@@ -128,7 +128,7 @@ class AttentionPairBias(nn.Module):
         bias = self._pair_bias(z)  # [B, H, Nq, Nk]
         if bias.dtype not in (q.dtype, torch.float32):
             bias = bias.float()
-        o = attention_pair_bias(q, k, v, bias, mask, backend=self.backend)
+        o = attention_pair_bias(q, k, v, bias, mask, backend=for_op(OP, self.backend))
         o = o.reshape(rows, queries, self.c_s)
         return self.proj_o(g * o)
 

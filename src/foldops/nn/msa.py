@@ -34,7 +34,7 @@ class MSALayer(nn.Module):
         msa_dropout: row-wise dropout (whole MSA rows) of the pair-weighted averaging update.
         z_dropout: dropout of the pair block's updates.
         pairwise_head_width, pairwise_num_heads: triangle attention D and H.
-        backend: backend for every op of the block.
+        backend: backend for every op of the block that has it (the others take ``"auto"``).
         device, dtype: factory kwargs for the parameters.
     """
 

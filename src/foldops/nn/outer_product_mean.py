@@ -18,9 +18,9 @@ from typing import Optional
 from torch import Tensor, nn
 
 from foldops._checks import check_layer_input, check_positive_int, check_tensor
-from foldops.backends import AUTO
+from foldops.backends import AUTO, check_module_backend, for_op
 from foldops.nn import _init
-from foldops.ops.outer_product_mean import outer_product_mean
+from foldops.ops.outer_product_mean import OP, outer_product_mean
 
 
 class OuterProductMean(nn.Module):
@@ -55,7 +55,7 @@ class OuterProductMean(nn.Module):
         self.c_in = c_in
         self.c_hidden = c_hidden
         self.c_out = c_out
-        self.backend = backend
+        self.backend = check_module_backend(backend)
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.norm = nn.LayerNorm(c_in, **factory)
         self.proj_a = nn.Linear(c_in, c_hidden, bias=False, **factory)
@@ -76,7 +76,7 @@ class OuterProductMean(nn.Module):
         # The op masks a and b itself (and never lets masked positions get gradient).
         a, b = self.proj_a(m), self.proj_b(m)
         return outer_product_mean(
-            a, b, mask, self.proj_o.weight, self.proj_o.bias, chunk_size=chunk_size, backend=self.backend
+            a, b, mask, self.proj_o.weight, self.proj_o.bias, chunk_size=chunk_size, backend=for_op(OP, self.backend)
         )
 
     def extra_repr(self) -> str:

@@ -27,11 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_tensor
-from foldops.backends import AUTO
+from foldops.backends import AUTO, check_module_backend, for_op
 from foldops.budget import rows_per_chunk
 from foldops.device import autocast_dtype_in_effect
 from foldops.nn import _init
-from foldops.ops.pair_weighted_averaging import pair_weighted_averaging
+from foldops.ops.pair_weighted_averaging import OP, pair_weighted_averaging
 
 # Ligo AlphaFold3 ``MSAPairWeightedAveraging`` key -> Boltz-2 / foldops key.
 LIGO_KEY_MAP = {
@@ -116,7 +116,7 @@ class PairWeightedAveraging(nn.Module):
         self.c_h = c_h
         self.num_heads = num_heads
         self.inf = inf
-        self.backend = backend
+        self.backend = check_module_backend(backend)
         self.norm_m = nn.LayerNorm(c_m, **factory)
         self.norm_z = nn.LayerNorm(c_z, **factory)
         self.proj_m = nn.Linear(c_m, c_h * num_heads, bias=False, **factory)
@@ -138,7 +138,7 @@ class PairWeightedAveraging(nn.Module):
         v = self.proj_m(m).unflatten(-1, (self.num_heads, self.c_h))
         g = self.proj_g(m).unflatten(-1, (self.num_heads, self.c_h))
         del m
-        o = pair_weighted_averaging(v, logits, mask, gate=g, msa_mask=msa_mask, backend=self.backend)
+        o = pair_weighted_averaging(v, logits, mask, gate=g, msa_mask=msa_mask, backend=for_op(OP, self.backend))
         del v, g
         return self.proj_o(o.flatten(-2))
 

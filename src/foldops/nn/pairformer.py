@@ -107,7 +107,8 @@ class PairformerLayer(_PairStack):
         pairwise_head_width, pairwise_num_heads: triangle attention D and H.
         post_layer_norm: LayerNorm on the single track after the block.
         v2: must be True: Boltz-2's layer (Boltz's own ``v2=False`` layer cannot run its forward).
-        backend: backend for every op of the block (``"auto"``, ``"triton"``, ``"torch"``, ...).
+        backend: backend for every op of the block that has it (``"auto"``, ``"triton"``,
+            ``"torch"``, ...); the others take ``"auto"`` (``foldops.backends.for_op``).
         device, dtype: factory kwargs for the parameters.
     """
 

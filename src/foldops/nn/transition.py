@@ -14,9 +14,9 @@ from typing import Optional
 from torch import Tensor, nn
 
 from foldops._checks import check_layer_input, check_positive_int, check_tensor
-from foldops.backends import AUTO
+from foldops.backends import AUTO, check_module_backend, for_op
 from foldops.nn import _init
-from foldops.ops.transition import swiglu_transition
+from foldops.ops.transition import OP, swiglu_transition
 
 
 class Transition(nn.Module):
@@ -55,7 +55,7 @@ class Transition(nn.Module):
         self.dim = dim
         self.hidden = hidden
         self.out_dim = out_dim
-        self.backend = backend
+        self.backend = check_module_backend(backend)
         self.chunk_size = chunk_size
         self.norm = nn.LayerNorm(dim, eps=1e-5, **factory)
         self.fc1 = nn.Linear(dim, hidden, bias=False, **factory)
@@ -98,7 +98,7 @@ class Transition(nn.Module):
             fc3_weight=self.fc3.weight,
             eps=self.norm.eps,
             chunk_size=self.chunk_size,
-            backend=self.backend,
+            backend=for_op(OP, self.backend),
         )
 
     def extra_repr(self) -> str:

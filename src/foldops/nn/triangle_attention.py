@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from foldops._checks import as_bool_mask, check_layer_input, check_positive_int, check_tensor
-from foldops.backends import AUTO
+from foldops.backends import AUTO, check_module_backend, for_op
 from foldops.budget import rows_per_chunk
 from foldops.nn import _init
-from foldops.ops.triangle_attention import triangle_attention
+from foldops.ops.triangle_attention import OP, triangle_attention
 
 
 class _Attention(nn.Module):
@@ -89,7 +89,7 @@ class TriangleAttention(nn.Module):
         self.no_heads = no_heads
         self.starting = starting
         self.inf = inf
-        self.backend = backend
+        self.backend = check_module_backend(backend)
         self.layer_norm = nn.LayerNorm(c_in, eps=1e-5, **factory)
         self.linear = nn.Linear(c_in, no_heads, bias=False, **factory)
         _init.normal_(self.linear.weight)
@@ -190,7 +190,7 @@ class TriangleAttention(nn.Module):
                 bias,
                 None if mask is None else mask[:, rows],
                 chunk_size=None,
-                backend=self.backend,
+                backend=for_op(OP, self.backend),
             )
             if transposed_views:
                 o = o.transpose(1, 2)

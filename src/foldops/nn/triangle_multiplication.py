@@ -27,9 +27,9 @@ from typing import Optional
 from torch import Tensor, nn
 
 from foldops._checks import check_layer_input, check_positive_int, check_tensor
-from foldops.backends import AUTO
+from foldops.backends import AUTO, check_module_backend, for_op
 from foldops.nn import _init
-from foldops.ops.triangle_multiplication import triangle_multiplication
+from foldops.ops.triangle_multiplication import OP, triangle_multiplication
 
 
 class _TriangleMultiplication(nn.Module):
@@ -53,7 +53,7 @@ class _TriangleMultiplication(nn.Module):
         hidden = dim if hidden_dim is None else hidden_dim
         self.dim = dim
         self.hidden_dim = hidden
-        self.backend = backend
+        self.backend = check_module_backend(backend)
         self.chunk_size = chunk_size
         self.norm_in = nn.LayerNorm(dim, eps=1e-5, **factory)
         self.p_in = nn.Linear(dim, 2 * hidden, bias=False, **factory)
@@ -111,7 +111,7 @@ class _TriangleMultiplication(nn.Module):
             g_out_weight=self.g_out.weight,
             eps=self.norm_in.eps,
             chunk_size=self.chunk_size,
-            backend=self.backend,
+            backend=for_op(OP, self.backend),
         )
         return out.reshape(*lead, n, n, self.dim)
 
