@@ -19,9 +19,9 @@ def _env():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("FOLDOPS_BACKEND")}
 
 
-def _foldops(*args, cwd=None):
+def _foldops(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "foldops", *args], capture_output=True, text=True,
-                          env=_env(), cwd=cwd, timeout=300)
+                          env={**_env(), **(env or {})}, cwd=cwd, timeout=300)
 
 
 def _read(path):
@@ -181,6 +181,16 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"foldops {foldops.__version__} (torch {torch.__version__}")
+
+
+def test_doctor_flags_an_override_that_names_no_op():
+    result = _foldops("doctor", "--device", "cpu", env={"FOLDOPS_BACKEND_TRIANGLE_ATENTION": "torch",
+                                                        "FOLDOPS_BACKEND_TRIANGLE_ATTENTION": "torch"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    typo = next(line for line in lines if "FOLDOPS_BACKEND_TRIANGLE_ATENTION=torch" in line)
+    assert "(ignored: no op is named so; ops: attention_pair_bias," in typo
+    assert "  FOLDOPS_BACKEND_TRIANGLE_ATTENTION=torch" in lines
 
 
 def test_doctor_into_a_closed_pipe_ends_quietly():

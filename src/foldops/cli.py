@@ -342,8 +342,12 @@ def doctor(device: torch.device, dtype: Optional[torch.dtype] = None, stream: Op
     overrides = {k: v for k, v in sorted(os.environ.items()) if k.startswith(backends.ENV_GLOBAL)}
     say("backend overrides:")
     if overrides:
+        import foldops.ops  # noqa: F401 (registers every op)
+
+        known_vars = {backends.ENV_GLOBAL} | {f"{backends.ENV_GLOBAL}_{op.upper()}" for op in backends.ops()}
         for key, value in overrides.items():
-            say(f"  {key}={value}")
+            ignored = "" if key in known_vars else f"  (ignored: no op is named so; ops: {', '.join(backends.ops())})"
+            say(f"  {key}={value}{ignored}")
     else:
         say(f"  none ({backends.ENV_GLOBAL}, {backends.ENV_GLOBAL}_<OP>)")
 
