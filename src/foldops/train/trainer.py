@@ -348,9 +348,11 @@ class Trainer:
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
         self._attach(model)
-        # DDP and FSDP hook the wrapper's __call__; a single process calls the step directly,
-        # without the module-call machinery on every batch.
-        self._train_fn = model.training_step if self._engine is self._dispatch \
+        # DDP and FSDP hook the wrapper's __call__ (FSDP2 shards the dispatcher in place, so
+        # the engine may be the dispatcher itself: its root hooks unshard the parameters the
+        # blocks do not own); a single process calls the step directly, without the
+        # module-call machinery on every batch.
+        self._train_fn = model.training_step if self._strategy == "single" \
             else functools.partial(self._engine, "train")
         self.global_step = 0
         self.epoch = 0
