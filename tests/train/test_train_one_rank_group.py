@@ -1,8 +1,8 @@
 """DDP / FSDP2 in a process group of one (gloo, in this process) give the one-process result.
 
 A group of one runs every wrapper hook (FSDP2's unshard/reshard, DDP's reducer) without
-the cost of starting processes: what a model's parameters outside the sharded blocks need
-is checked here.
+the cost of starting processes: what a model's parameters outside the sharded blocks, and a
+``torchrun --nproc_per_node 1`` start, need is checked here.
 """
 
 import socket
@@ -90,3 +90,46 @@ def test_wrapped_training_with_parameters_outside_the_blocks_matches_one_process
     want, want_val = _reference(6)
     _assert_close(_full_state(trainer, model), want)
     assert trainer.callback_metrics["val/loss"] == pytest.approx(want_val, rel=1e-12)
+
+
+def _torchrun_env(monkeypatch):
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                            LOCAL_RANK="0").items():
+        monkeypatch.setenv(name, value)
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_with_one_process_joins_the_group(monkeypatch, strategy):
+    _torchrun_env(monkeypatch)
+    assert not dist.is_initialized()
+    model = BlocksAndHead()
+    try:
+        trainer = Trainer(TrainerConfig(max_steps=6, strategy=strategy, **COMMON))
+        trainer.fit(model, make_loader(24, 4, dtype=torch.float64), make_loader(8, 4, dtype=torch.float64))
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        assert trainer._strategy == strategy and trainer.world_size == 1
+        state = _full_state(trainer, model)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    _assert_close(state, _reference(6)[0])
+
+
+def test_torchrun_with_one_process_and_auto_stays_single(monkeypatch):
+    _torchrun_env(monkeypatch)
+    trainer = Trainer(TrainerConfig(max_steps=1, **COMMON))
+    try:
+        trainer.fit(BlocksAndHead(), make_loader(8, 4, dtype=torch.float64))
+        assert not dist.is_initialized() and trainer._strategy == "single"
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ddp_without_torchrun_or_a_group_is_refused(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="strategy: 'ddp' needs a process group"):
+        Trainer(TrainerConfig(max_steps=1, strategy="ddp", **COMMON)).fit(BlocksAndHead(), make_loader(8, 4))
