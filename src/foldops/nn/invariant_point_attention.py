@@ -231,8 +231,12 @@ class InvariantPointAttention(nn.Module):
         return pts.view(*pts.shape[:-2], self.no_heads, count, 3)
 
     def point_weights(self) -> Tensor:
-        """gamma_h: ``softplus(head_weights) * sqrt(1 / (3 * P_qk * 9 / 2))``, ``[H]``."""
-        return nn.functional.softplus(self.head_weights) * math.sqrt(1.0 / (3 * (self.no_qk_points * 9.0 / 2)))
+        """gamma_h: ``softplus(head_weights) * sqrt(1 / (3 * P_qk * 9 / 2))``, ``[H]``, in fp32 at
+        least (H numbers: a 16-bit layer's weights are not rounded again, nor their
+        gradient on its way back, which is rounded once, to the parameter's dtype)."""
+        w = self.head_weights
+        w = w.to(torch.promote_types(w.dtype, torch.float32))
+        return nn.functional.softplus(w) * math.sqrt(1.0 / (3 * (self.no_qk_points * 9.0 / 2)))
 
     def _check_inputs(self, s: Tensor, z: Tensor, mask: Optional[Tensor]) -> None:
         check_tensor("s", s, (None, None, self.c_s))
@@ -275,7 +279,11 @@ class InvariantPointAttention(nn.Module):
         o_pt_norm = torch.sqrt((o_pt * o_pt).sum(-1) + self.eps).flatten(-2)  # [B, N, H * Pv]
         o_pt = o_pt.flatten(-3, -2)  # [B, N, H * Pv, 3]
         feats = [o.flatten(-2), *o_pt.unbind(-1), o_pt_norm, o_pair.flatten(-2)]
-        out_dtype = torch.promote_types(o.dtype, o_pt.dtype) if not torch.is_autocast_enabled() else o.dtype
+        # The point features are in the frames' dtype (fp32 frames beside a bf16 / fp16
+        # layer, as OpenFold and Multiflow keep them; or fp64 frames beside an fp32
+        # layer): linear_out reads its input in the layer's dtype, as OpenFold casts it
+        # to z's (under autocast, in the autocast dtype, which linear_out computes in).
+        out_dtype = autocast_dtype_in_effect(s) or self.linear_out.weight.dtype
         return self.linear_out(torch.cat([f.to(out_dtype) for f in feats], dim=-1))
 
     def forward(
