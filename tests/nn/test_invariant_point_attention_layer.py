@@ -676,3 +676,30 @@ def test_fp32_layer_with_fp64_frames():
     keep = mask.bool()
     assert_within_baseline("out", out[keep], want[keep], layer(s, z, (rots64.float(), trans64.float()), mask)[keep],
                            dtype=torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["openfold", "multiflow"])
+def test_padded_rows_are_zero_and_pass_no_gradient(variant):
+    """Padded residues' rows of the layer's output are exactly zero (not linear_out of
+    the empty attention, whose point features R^T (0 - t) depend on the pose), for float
+    and bool masks, and a gradient arriving on them changes no gradient (s, z, every
+    parameter, the frames): bitwise the same as with that gradient zeroed."""
+    layer = build(variant, random_state(MULTIFLOW_KEYS if variant == "multiflow" else OPENFOLD_KEYS),
+                  torch.float64, "torch")
+    s, z, rots, trans, mask = make_inputs()
+    pad = ~mask.bool()
+    assert pad.any() and (layer.linear_out.bias != 0).all()
+    grad = torch.randn(2, 11, C_S, dtype=torch.float64)
+
+    def run(m, g):
+        ins = [t.clone().requires_grad_() for t in (s, z, rots, trans)]
+        out = layer(ins[0], ins[1], (ins[2], ins[3]), m)
+        return [out.detach(), *torch.autograd.grad((out * g).sum(), ins + list(layer.parameters()))]
+
+    want = run(mask, grad * ~pad[..., None])
+    for m in (mask, mask.bool()):
+        got = run(m, grad)
+        assert (got[0][pad] == 0).all() and (got[0][~pad] != 0).all()
+        for g, w in zip(got, want):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, w, rtol=0, atol=0)

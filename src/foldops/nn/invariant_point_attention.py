@@ -21,8 +21,10 @@ are ``sqrt(1/(3 c_hidden)) q.k + sqrt(1/3) b - 1/2 gamma_h sum_p |q_p - k_p|^2``
 ``gamma_h = softplus(head_weights) sqrt(1 / (3 * P_qk * 9 / 2))``; ``linear_out`` reads
 ``[o, o_pt x, o_pt y, o_pt z, |o_pt|, o_pair]`` with ``|o_pt| = sqrt(sum o_pt^2 + eps)``.
 The attention itself is ``foldops.ops.invariant_point_attention``. Rows of padded
-residues: OpenFold lets them attend over every key, here their attention is zero; the
-layer's output for real residues is the same either way.
+residues: OpenFold lets them attend over every key, here their attention is zero and
+the layer's output is exactly zero (not ``linear_out`` of the empty attention, whose
+point features ``R^T (0 - t)`` depend on the pose), so padded rows pass no gradient back;
+the layer's output for real residues is the same either way.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from foldops._checks import check_positive_int, check_tensor
+from foldops._checks import as_bool_mask, check_positive_int, check_tensor
 from foldops.backends import AUTO
 from foldops.device import autocast_dtype_in_effect
 from foldops.nn import _init
@@ -248,6 +250,7 @@ class InvariantPointAttention(nn.Module):
     def _attend(self, s: Tensor, z: Tensor, r: Any, mask: Optional[Tensor], extra_bias: Optional[Tensor]) -> Tensor:
         self._check_inputs(s, z, mask)
         batch, n = s.shape[:2]
+        mask = as_bool_mask("mask", mask, (batch, n), s.device)
         frames = as_rigid(r, (batch, n))
         heads, c = self.no_heads, self.c_hidden
         q = self.linear_q(s).view(batch, n, heads, c)
@@ -284,7 +287,12 @@ class InvariantPointAttention(nn.Module):
         # layer): linear_out reads its input in the layer's dtype, as OpenFold casts it
         # to z's (under autocast, in the autocast dtype, which linear_out computes in).
         out_dtype = autocast_dtype_in_effect(s) or self.linear_out.weight.dtype
-        return self.linear_out(torch.cat([f.to(out_dtype) for f in feats], dim=-1))
+        out = self.linear_out(torch.cat([f.to(out_dtype) for f in feats], dim=-1))
+        if mask is not None:
+            # Padded rows: zeros (the convention for fully masked rows), and no gradient
+            # from them into linear_out or anything before it.
+            out = out.masked_fill(~mask[..., None], 0.0)
+        return out
 
     def forward(
         self,
