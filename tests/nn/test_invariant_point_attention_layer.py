@@ -703,3 +703,41 @@ def test_padded_rows_are_zero_and_pass_no_gradient(variant):
         for g, w in zip(got, want):
             assert torch.isfinite(g).all()
             torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("placeholder", ["zeros", "nan"])
+@pytest.mark.parametrize("variant", ["openfold", "multiflow"])
+def test_padded_residues_may_hold_placeholder_frames(variant, placeholder):
+    """Padded residues' frames as a zero-padding collate leaves them (zero rotations and
+    translations) or NaN: accepted (only real residues' rotations are checked), and the
+    outputs and the gradients of s, z, every parameter and the frames are those with
+    identity frames there, bitwise, with no NaN anywhere; the frames' gradient is zero at
+    padded residues. Float and bool masks alike."""
+    layer = build(variant, random_state(MULTIFLOW_KEYS if variant == "multiflow" else OPENFOLD_KEYS),
+                  torch.float64, "torch")
+    s, z, rots, trans, mask = make_inputs()
+    pad = ~mask.bool()
+    assert pad.any()
+    identity = rots.clone(), trans.clone()
+    identity[0][pad], identity[1][pad] = torch.eye(3, dtype=torch.float64), 0.0
+    fill = 0.0 if placeholder == "zeros" else float("nan")
+    held = rots.clone(), trans.clone()
+    held[0][pad], held[1][pad] = fill, fill
+    grad = torch.randn(2, 11, C_S, dtype=torch.float64)
+
+    def run(frames, m):
+        ins = [s.clone().requires_grad_(), z.clone().requires_grad_(),
+               frames[0].clone().requires_grad_(), frames[1].clone().requires_grad_()]
+        out = layer(ins[0], ins[1], (ins[2], ins[3]), m)
+        grads = torch.autograd.grad((out * grad).sum(), ins + list(layer.parameters()))
+        return [out.detach(), *grads]
+
+    want = run(identity, mask)
+    for m in (mask, mask.bool()):
+        got = run(held, m)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert torch.isfinite(g).all(), i
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        assert (got[3][pad] == 0).all() and (got[4][pad] == 0).all()
+    with pytest.raises(ValueError, match="r rotations: expected rotation matrices"):
+        layer(s, z, held, torch.ones_like(mask))  # every residue real: the placeholders are checked

@@ -127,3 +127,33 @@ def test_trunk_cast_to_bf16_runs_with_fp32_frames():
     for name, g, e, b in zip(("s", "frames", "ds", "dz"), got, exact, base):
         assert torch.isfinite(g).all(), name
         assert_within_baseline(name, g, e, b, dtype=torch.bfloat16)
+
+
+def test_padded_residues_may_hold_placeholder_frames():
+    """Frames zero-padded (or NaN) at padded residues: the trunk runs, with the outputs and
+    gradients it gives with identity frames there, no NaN, identity frames returned there."""
+    trunk = Trunk(C_S, C_Z, ["ipa", "ipa"], SMALL, backend="torch").double()
+    _randomise(trunk)
+    s, z, mask = (t.double() for t in _inputs())
+    pad = ~mask.bool()
+    rots = torch.linalg.qr(torch.randn(2, N, 3, 3, dtype=torch.float64))[0]
+    rots = rots * torch.linalg.det(rots).sign()[..., None, None]
+    trans = 10 * torch.randn(2, N, 3, dtype=torch.float64)
+    identity_rots, identity_trans = rots.clone(), trans.clone()
+    identity_rots[pad], identity_trans[pad] = torch.eye(3, dtype=torch.float64), 0.0
+
+    def run(r, t):
+        s_in = s.clone().requires_grad_()
+        s_out, _, frames = trunk(s_in, z, (r, t), mask)
+        (s_out[~pad].sum() + frames.trans[~pad].sum()).backward()
+        return s_out.detach(), frames.rots, frames.trans.detach(), s_in.grad
+
+    want = run(identity_rots, identity_trans)
+    for fill in (0.0, float("nan")):
+        r, t = rots.clone(), trans.clone()
+        r[pad], t[pad] = fill, fill
+        got = run(r, t)
+        for g, w in zip(got, want):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    torch.testing.assert_close(want[1][pad], torch.eye(3, dtype=torch.float64).expand(int(pad.sum()), 3, 3))

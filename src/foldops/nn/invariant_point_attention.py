@@ -251,7 +251,9 @@ class InvariantPointAttention(nn.Module):
         self._check_inputs(s, z, mask)
         batch, n = s.shape[:2]
         mask = as_bool_mask("mask", mask, (batch, n), s.device)
-        frames = as_rigid(r, (batch, n))
+        # Padded residues' frames may be placeholders (zeros from a zero-padding collate):
+        # only the real residues' are checked, the others replaced by the identity.
+        frames = as_rigid(r, (batch, n), mask=mask)
         heads, c = self.no_heads, self.c_hidden
         q = self.linear_q(s).view(batch, n, heads, c)
         k, v = self.linear_kv(s).view(batch, n, heads, 2 * c).split(c, dim=-1)
