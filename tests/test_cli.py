@@ -97,6 +97,27 @@ def test_doctor():
     assert ["triangle_attention", "triton", "no"] == rows[0][:3]  # no kernels on a CPU
     assert ["torch", "*", "yes"] == rows[1]  # auto's choice on a CPU
     assert rows[2][:3] == ["reference", "yes", "only"]
+    # Every op with backends in the registry has its line (the bench cases list them).
+    import foldops.ops  # noqa: F401  (registers the backends)
+
+    listed = [row[0] for row in rows if row and row[0] in backends.ops()]
+    assert sorted(listed) == sorted(backends.ops())
+    i = [row[:1] for row in rows].index(["invariant_point_attention"])
+    assert rows[i + 1] == ["torch", "*", "yes"] and rows[i + 2][:2] == ["reference", "yes"]
+
+
+def test_bench_measures_invariant_point_attention(tmp_path):
+    result = _foldops("bench", "--device", "cpu", "--ops", "invariant_point_attention", "--sizes", "9",
+                      "--repeats", "1", "--warmup", "0", "--no-plot", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    _, rows = _read(tmp_path / "bench.csv")
+    for backend in ("torch", "reference"):
+        for mode in ("fwd", "fwd+bwd"):
+            found = {r["metric"]: r for r in rows if r["op"] == "invariant_point_attention"
+                     and r["backend"] == backend and r["mode"] == mode}
+            assert set(found) == {"time_ms", "peak_mib", "max_abs_err", "rel_err"}, (backend, mode)
+            assert all(r["status"] == "ok" for r in found.values())
+            assert float(found["rel_err"]["value"]) < 1e-5
 
 
 def test_failing_backend_becomes_error_rows(tmp_path, monkeypatch, capsys):

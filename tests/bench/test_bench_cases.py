@@ -8,6 +8,7 @@ from foldops.bench.cases import CASES, CaseUnavailable, get_cases, pair_mask, re
 EXPECTED_OPS = [
     "triangle_attention", "attention_pair_bias", "triangle_multiplication",
     "outer_product_mean", "pair_weighted_averaging", "varlen_attention", "swiglu_transition",
+    "invariant_point_attention",
 ]
 
 
@@ -63,11 +64,37 @@ def test_inputs_match_the_op_signature(op, profile):
                 assert (~flat).all(-1).any(), f"{op}: the mask should have a fully masked row"
         elif name.startswith("cu_seqlens"):
             assert t.dtype == torch.int32  # index tensors keep their dtype
+        elif name in case.fp32_inputs:
+            assert t.dtype == torch.float32  # as the layers hand them over (IPA's points)
         else:
             assert t.dtype == torch.bfloat16
     again = case.make(dims, torch.bfloat16, torch.device("cpu"), seed=3)
     assert all(torch.equal(tensors[k], again.tensors[k]) for k in tensors)  # fixed seed
     assert reference_bytes(case, dims, with_grad=True) > reference_bytes(case, dims, with_grad=False) > 0
+
+
+def test_invariant_point_attention_case():
+    """IPA's inputs as the layers give them (fp32 points and point weights beside bf16 q,
+    k, v, bias and z), its three outputs as one tensor the harness can time,
+    differentiate and compare, padded rows zero, on the shapes the profiles name."""
+    case = CASES["invariant_point_attention"]
+    dims = case.dims_for("cpu", 9)
+    assert case.shape_string(dims) == "B=2,N=9,H=4,C=16,Pq=4,Pv=8,Cz=16"
+    inputs = case.make(dims, torch.bfloat16, torch.device("cpu"))
+    t = inputs.tensors
+    assert t["q"].shape == (2, 9, 4, 16) and t["q"].dtype == torch.bfloat16
+    assert t["k_pts"].shape == (2, 9, 4, 4, 3) and t["v_pts"].shape == (2, 9, 4, 8, 3)
+    assert t["q_pts"].dtype == t["point_weights"].dtype == torch.float32
+    assert t["bias"].shape == (2, 4, 9, 9) and t["z"].shape == (2, 9, 9, 16) and t["mask"].shape == (2, 9)
+    fn = case.load()
+    out = case.call(fn, inputs.requires_grad_(True), "torch")
+    assert out.shape == (2, 9, 4, 16 + 3 * 8 + 16) and out.dtype == torch.float32
+    assert (out[~t["mask"]] == 0).all()
+    parts = fn(*(t[name] for name in case.positional), backend="torch")
+    torch.testing.assert_close(out, torch.cat([parts[0].float(), parts[1].flatten(-2), parts[2].float()], -1))
+    grads = torch.autograd.grad(out, inputs.grad_inputs(), torch.randn_like(out))
+    assert all(g is not None and g.shape == x.shape for g, x in zip(grads, inputs.grad_inputs()))
+    assert case.dims_for("gpu", 256) == {"B": 1, "N": 256, "H": 12, "C": 16, "Pq": 4, "Pv": 8, "Cz": 128}
 
 
 def test_triangle_attention_shapes():

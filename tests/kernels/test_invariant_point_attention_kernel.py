@@ -138,6 +138,33 @@ def test_kernel_fp32_pair_values_beside_bf16():
     check_case((1, 6, 2, 4, 2, 2, 3), torch.bfloat16, z_dtype=torch.float32)
 
 
+def test_kernel_padded_rows_pass_no_gradient():
+    """Padded query rows: zero outputs, and a gradient arriving on them changes no input's
+    gradient (bitwise the same as with it zeroed), as the torch backend (tests/ops)."""
+    inputs, mask = make_inputs(2, 5, 2, 4, 2, 3, 3)
+    pad = ~mask
+    assert pad.any()
+
+    def run(zero_padded_grads):
+        ins = [t.float().detach().requires_grad_() for t in inputs]
+        outs = ipa(*ins, mask, backend="triton")
+        g = torch.Generator().manual_seed(3)
+        loss = 0
+        for o in outs:
+            w = torch.randn(o.shape, generator=g).to(device=o.device, dtype=o.dtype)
+            if zero_padded_grads:
+                w[pad] = 0
+            loss = loss + (o * w).sum()
+        return outs, torch.autograd.grad(loss, ins)
+
+    outs, grads = run(False)
+    _, want = run(True)
+    for o in outs:
+        assert (o[pad] == 0).all()
+    for name, g, w in zip(NAMES, grads, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+
+
 def test_opcheck():
     importlib.import_module("foldops.kernels.invariant_point_attention")  # registers the ops
 

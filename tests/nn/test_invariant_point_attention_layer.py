@@ -51,6 +51,16 @@ def random_rotations(*shape, dtype=torch.float64):
     return q * torch.where(det < 0, -1.0, 1.0).to(dtype)[..., None, None]
 
 
+def einsum(equation, *operands):
+    """``torch.einsum`` with the operands promoted to one dtype, as OpenFold's mixed
+    operations promote: a 16-bit layer's points meet fp32 frames and become fp32, and so
+    does everything the attention weights touch after them."""
+    dtype = operands[0].dtype
+    for t in operands[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.einsum(equation, *(t.to(dtype) for t in operands))
+
+
 def literal_ipa(p, s, z, rots, trans, mask, multiflow=False, attention_mask=None, inf=1e5, eps=1e-8):
     """OpenFold / Multiflow IPA forward, transcribed term by term. ``p`` holds the flat
     point projections (``linear_q_points.weight``: OpenFold before ``PointProjection``,
@@ -67,7 +77,7 @@ def literal_ipa(p, s, z, rots, trans, mask, multiflow=False, attention_mask=None
         raw = lin(name, s)
         m = HEADS * count
         local = torch.stack([raw[..., :m], raw[..., m:2 * m], raw[..., 2 * m:]], dim=-1)  # x|y|z blocks
-        glob = torch.einsum("bnij,bnpj->bnpi", rots, local) + trans[:, :, None]
+        glob = einsum("bnij,bnpj->bnpi", rots, local) + trans[:, :, None]
         return glob.view(batch, n, HEADS, count, 3)
 
     return _literal_from_points(p, s, z, rots, trans, mask, points("linear_q_points", PQ),
@@ -85,7 +95,7 @@ def _literal_from_points(p, s, z, rots, trans, mask, q_pts, kv_pts, multiflow, a
     k, v = kv[..., :C_HIDDEN], kv[..., C_HIDDEN:]
     k_pts, v_pts = kv_pts[..., :PQ, :], kv_pts[..., PQ:, :]
     b = lin("linear_b", z)
-    a = torch.einsum("bihc,bjhc->bhij", q, k) * math.sqrt(1.0 / (3 * C_HIDDEN))
+    a = einsum("bihc,bjhc->bhij", q, k) * math.sqrt(1.0 / (3 * C_HIDDEN))
     a = a + math.sqrt(1.0 / 3) * b.permute(0, 3, 1, 2)
     disp = q_pts[:, :, None] - k_pts[:, None]  # [B, N, N, H, P, 3]
     pt = (disp**2).sum(-1)
@@ -96,15 +106,15 @@ def _literal_from_points(p, s, z, rots, trans, mask, q_pts, kv_pts, multiflow, a
     if attention_mask is not None:
         a = a - (1 - attention_mask[:, None]) * 1e7
     a = torch.softmax(a, dim=-1)
-    o = torch.einsum("bhij,bjhc->bihc", a, v).reshape(batch, n, -1)
-    o_pt = torch.einsum("bhij,bjhpx->bihpx", a, v_pts)
-    local = torch.einsum("bnji,bnhpj->bnhpi", rots, o_pt - trans[:, :, None, None])
+    o = einsum("bhij,bjhc->bihc", a, v).reshape(batch, n, -1)
+    o_pt = einsum("bhij,bjhpx->bihpx", a, v_pts)
+    local = einsum("bnji,bnhpj->bnhpi", rots, o_pt - trans[:, :, None, None])
     norm = torch.sqrt((local**2).sum(-1) + eps).reshape(batch, n, -1)
     local = local.reshape(batch, n, HEADS * PV, 3)
     pair = lin("down_z", z) if multiflow else z
-    o_pair = torch.einsum("bhij,bijc->bihc", a, pair).reshape(batch, n, -1)
+    o_pair = einsum("bhij,bijc->bihc", a, pair).reshape(batch, n, -1)
     feats = torch.cat([o, local[..., 0], local[..., 1], local[..., 2], norm, o_pair], dim=-1)
-    return lin("linear_out", feats)
+    return lin("linear_out", feats.to(p["linear_out.weight"].dtype))  # OpenFold: .to(z's dtype)
 
 
 def literal_point_projection_ipa(p, s, z, rots, trans, mask, inf, eps):
@@ -120,7 +130,7 @@ def literal_point_projection_ipa(p, s, z, rots, trans, mask, inf, eps):
         local = lin(f"{name}.linear", s)  # [B, N, H * 3 * count]
         local = torch.stack(torch.split(local, local.shape[-1] // 3, dim=-1), dim=-1)
         local = local.view(batch, n, HEADS, count, 3)
-        return torch.einsum("bnij,bnhpj->bnhpi", rots, local) + trans[:, :, None, None]
+        return einsum("bnij,bnhpj->bnhpi", rots, local) + trans[:, :, None, None]
 
     flat = {k: v for k, v in p.items() if ".linear." not in k}
     q_pts = point_projection("linear_q_points", PQ)
@@ -609,3 +619,125 @@ def test_empty_protein(variant):
     assert grads[0].shape == s.shape and grads[1].shape == z.shape
     for g in grads[2:]:
         assert g is None or (g == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["openfold", "multiflow"])
+def test_layer_cast_to_16_bit_with_fp32_frames(variant, dtype):
+    """A layer cast with ``.to(dtype)`` (no autocast) and fp32 frames, as OpenFold and
+    Multiflow keep them: the output is in the layer's dtype; it and the gradients of s and
+    z are within 2x the error of the literal forward run the same way (16-bit parameters
+    and inputs, fp32 frames, mixed operations promoted as OpenFold's are, the linear_out
+    input cast to the layer's dtype). The exact answer is the fp64 literal forward of the
+    values the 16-bit layer and inputs hold (their rounding is common to both, not the
+    computation's error). The parameters' gradients, in the layer's dtype, are checked
+    finite: each is a sum over every residue pair of rounded terms, so at this size one
+    draw's error ratio is noise (as the autocast test, only s and z are compared)."""
+    multiflow = variant == "multiflow"
+    state = random_state(MULTIFLOW_KEYS if multiflow else OPENFOLD_KEYS)
+    state = {k: v.to(dtype).double() for k, v in state.items()}  # what the 16-bit layer holds
+    s, z, rots, trans, mask = (t.to(dtype).double() if i < 2 else t for i, t in enumerate(make_inputs()))
+    keep = mask.bool()[..., None].double()
+    grad = torch.randn(2, 11, C_S, dtype=torch.float64) * keep
+
+    def run(fn, dtype):
+        frames = torch.float64 if dtype == torch.float64 else torch.float32
+        ins = [s.to(dtype).clone().requires_grad_(), z.to(dtype).clone().requires_grad_()]
+        out = fn(ins[0], ins[1], rots.to(frames), trans.to(frames), mask.to(frames))
+        assert out.dtype == dtype
+        (out.double() * grad).sum().backward()
+        return [(out.double() * keep).detach(), ins[0].grad, ins[1].grad]
+
+    def literal(dtype):
+        p = {k: v.to(dtype) for k, v in state.items()}
+        return lambda *a: literal_ipa(p, *a, multiflow=multiflow)
+
+    exact, base = run(literal(torch.float64), torch.float64), run(literal(dtype), dtype)
+    layer = build(variant, state, torch.float32, "torch").to(dtype)
+    assert layer.linear_out.weight.dtype == dtype
+    got = run(lambda s_, z_, r_, t_, m_: layer(s_, z_, (r_, t_), m_), dtype)
+    for name, g, e, b in zip(("out", "ds", "dz"), got, exact, base):
+        assert_within_baseline(name, g, e, b, dtype=dtype)
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), name
+
+
+def test_fp32_layer_with_fp64_frames():
+    """fp64 frames beside an fp32 layer: the output is fp32 and matches the layer run with
+    the frames rounded to fp32 to fp32 rounding (the frames are exact in both)."""
+    layer = build("openfold", random_state(OPENFOLD_KEYS), torch.float32, "torch")
+    s, z, rots, trans, mask = make_inputs(dtype=torch.float32)
+    rots64 = random_rotations(2, 11)
+    trans64 = (5 * torch.randn(2, 11, 3) + 20).double()
+    out = layer(s, z, (rots64, trans64), mask)
+    assert out.dtype == torch.float32
+    want = build("openfold", {k: v.double() for k, v in layer.state_dict().items()}, torch.float64, "torch")(
+        s.double(), z.double(), (rots64, trans64), mask.double())
+    keep = mask.bool()
+    assert_within_baseline("out", out[keep], want[keep], layer(s, z, (rots64.float(), trans64.float()), mask)[keep],
+                           dtype=torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["openfold", "multiflow"])
+def test_padded_rows_are_zero_and_pass_no_gradient(variant):
+    """Padded residues' rows of the layer's output are exactly zero (not linear_out of
+    the empty attention, whose point features R^T (0 - t) depend on the pose), for float
+    and bool masks, and a gradient arriving on them changes no gradient (s, z, every
+    parameter, the frames): bitwise the same as with that gradient zeroed."""
+    layer = build(variant, random_state(MULTIFLOW_KEYS if variant == "multiflow" else OPENFOLD_KEYS),
+                  torch.float64, "torch")
+    s, z, rots, trans, mask = make_inputs()
+    pad = ~mask.bool()
+    assert pad.any() and (layer.linear_out.bias != 0).all()
+    grad = torch.randn(2, 11, C_S, dtype=torch.float64)
+
+    def run(m, g):
+        ins = [t.clone().requires_grad_() for t in (s, z, rots, trans)]
+        out = layer(ins[0], ins[1], (ins[2], ins[3]), m)
+        return [out.detach(), *torch.autograd.grad((out * g).sum(), ins + list(layer.parameters()))]
+
+    want = run(mask, grad * ~pad[..., None])
+    for m in (mask, mask.bool()):
+        got = run(m, grad)
+        assert (got[0][pad] == 0).all() and (got[0][~pad] != 0).all()
+        for g, w in zip(got, want):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("placeholder", ["zeros", "nan"])
+@pytest.mark.parametrize("variant", ["openfold", "multiflow"])
+def test_padded_residues_may_hold_placeholder_frames(variant, placeholder):
+    """Padded residues' frames as a zero-padding collate leaves them (zero rotations and
+    translations) or NaN: accepted (only real residues' rotations are checked), and the
+    outputs and the gradients of s, z, every parameter and the frames are those with
+    identity frames there, bitwise, with no NaN anywhere; the frames' gradient is zero at
+    padded residues. Float and bool masks alike."""
+    layer = build(variant, random_state(MULTIFLOW_KEYS if variant == "multiflow" else OPENFOLD_KEYS),
+                  torch.float64, "torch")
+    s, z, rots, trans, mask = make_inputs()
+    pad = ~mask.bool()
+    assert pad.any()
+    identity = rots.clone(), trans.clone()
+    identity[0][pad], identity[1][pad] = torch.eye(3, dtype=torch.float64), 0.0
+    fill = 0.0 if placeholder == "zeros" else float("nan")
+    held = rots.clone(), trans.clone()
+    held[0][pad], held[1][pad] = fill, fill
+    grad = torch.randn(2, 11, C_S, dtype=torch.float64)
+
+    def run(frames, m):
+        ins = [s.clone().requires_grad_(), z.clone().requires_grad_(),
+               frames[0].clone().requires_grad_(), frames[1].clone().requires_grad_()]
+        out = layer(ins[0], ins[1], (ins[2], ins[3]), m)
+        grads = torch.autograd.grad((out * grad).sum(), ins + list(layer.parameters()))
+        return [out.detach(), *grads]
+
+    want = run(identity, mask)
+    for m in (mask, mask.bool()):
+        got = run(held, m)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert torch.isfinite(g).all(), i
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        assert (got[3][pad] == 0).all() and (got[4][pad] == 0).all()
+    with pytest.raises(ValueError, match="r rotations: expected rotation matrices"):
+        layer(s, z, held, torch.ones_like(mask))  # every residue real: the placeholders are checked

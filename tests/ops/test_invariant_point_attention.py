@@ -159,6 +159,34 @@ def test_padding_never_leaks():
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_padded_rows_are_zero_and_pass_no_gradient(backend):
+    """Padded query rows of all three outputs are exactly zero, and a gradient arriving on
+    them changes no input's gradient (bitwise the same as with it zeroed); fp64."""
+    inputs, mask = make_inputs(2, 9, 3, 4, 2, 3, 5)
+    pad = ~mask
+    assert pad.any()
+
+    def run(zero_padded_grads):
+        ins = [t.clone().requires_grad_() for t in inputs]
+        outs = ipa(*ins, mask, backend=backend)
+        g = torch.Generator().manual_seed(3)
+        loss = 0
+        for o in outs:
+            w = torch.randn(o.shape, dtype=o.dtype, generator=g)
+            if zero_padded_grads:
+                w[pad] = 0
+            loss = loss + (o * w).sum()
+        return [o.detach() for o in outs], torch.autograd.grad(loss, ins)
+
+    outs, grads = run(False)
+    _, want = run(True)
+    for o in outs:
+        assert (o[pad] == 0).all()
+    for name, g, w in zip(NAMES, grads, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_fully_padded_item_gives_zeros_not_nan(backend):
     inputs, _ = make_inputs(2, 5, 2, 4, 2, 2, 3, masked=False)
     mask = torch.ones(2, 5, dtype=torch.bool)

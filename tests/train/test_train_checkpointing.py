@@ -121,6 +121,39 @@ def test_unsafe_objects_are_refused_by_default(tmp_path):
     assert read_checkpoint(path, trust_checkpoint=True)["hparams"].a == 1
 
 
+class _NamespaceOnSave(TinyRegressor):
+    """Stores a python object (refused by safe loading) in its checkpoints, as Lightning modules may."""
+
+    def on_save_checkpoint(self, checkpoint):
+        import argparse
+
+        checkpoint["args"] = argparse.Namespace(a=1)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.loaded_args = checkpoint["args"]
+
+
+@pytest.mark.parametrize("allow", ["trust_checkpoint", "safe_globals"])
+def test_resume_from_an_unsafe_checkpoint_is_refused_and_the_message_says_how_to_allow_it(tmp_path, allow):
+    import argparse
+
+    common = dict(device="cpu", checkpoint_dir=str(tmp_path), progress_bar=False, loggers=())
+    torch.manual_seed(0)
+    Trainer(TrainerConfig(max_steps=1, **common)).fit(_NamespaceOnSave(), make_loader())
+    with pytest.raises(UnsafeCheckpointError) as info:
+        Trainer(TrainerConfig(max_steps=2, **common)).fit(_NamespaceOnSave(), make_loader(), resume="last")
+    message = str(info.value)
+    assert "argparse.Namespace" in message and "trust_checkpoint=True" in message and "safe_globals=" in message
+    # What the message says works where it is raised: fit() takes both.
+    model = _NamespaceOnSave()
+    trainer = Trainer(TrainerConfig(max_steps=2, **common))
+    kwargs = {"trust_checkpoint": True} if allow == "trust_checkpoint" else {"safe_globals": [argparse.Namespace]}
+    trainer.fit(model, make_loader(), resume="last", **kwargs)
+    assert trainer.global_step == 2 and model.loaded_args.a == 1
+    with pytest.raises(TypeError, match="trust_checkpoint"):
+        trainer.fit(model, make_loader(), trust_checkpoint="yes")
+
+
 def test_check_state_dict_names_missing_and_unexpected():
     model = {"a": torch.zeros(2), "b": torch.zeros(3)}
     with pytest.raises(CheckpointError, match=r"missing from the checkpoint: b.*unexpected key\(s\) in the checkpoint: c"):

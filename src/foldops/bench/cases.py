@@ -79,6 +79,12 @@ class BenchCase:
     """The op name its backends are registered under, if not ``op`` (e.g.
     ``attention_pair_bias`` runs the backends of ``triangle_attention``)."""
     description: str = ""
+    fp32_inputs: Tuple[str, ...] = ()
+    """Floating arguments that stay in fp32 (at least) whatever the bench dtype, as the
+    layers hand them over (IPA's points, which carry the frames' precision)."""
+    output: Optional[Callable[[Any], torch.Tensor]] = None
+    """For an op that returns several tensors: one tensor made of them, which the harness
+    times, differentiates and compares (default: the op's return value as it is)."""
 
     @property
     def registry_op(self) -> str:
@@ -147,7 +153,7 @@ class BenchCase:
                 extras[name] = t
                 continue
             if t.dtype.is_floating_point:
-                t = t.to(dtype)
+                t = t.to(torch.promote_types(dtype, torch.float32) if name in self.fp32_inputs else dtype)
             tensors[name] = t.to(device)
         return BenchInputs(tensors=tensors, grad_names=self.grad_names, extras=extras)
 
@@ -156,7 +162,8 @@ class BenchCase:
         args = [values[name] for name in self.positional]
         kwargs = {k: v for k, v in values.items() if k not in self.positional}
         kwargs.update(self.static)
-        return fn(*args, **kwargs, backend=backend)
+        result = fn(*args, **kwargs, backend=backend)
+        return result if self.output is None else self.output(result)
 
 
 # Input helpers --------------------------------------------------------------------------
@@ -289,6 +296,35 @@ def _build_varlen_attention(d: Dims, g: torch.Generator) -> Dict[str, Any]:
     }
 
 
+def _build_invariant_point_attention(d: Dims, g: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Points as a protein's in the global frame: residues along a chain of 3.8 A steps in
+    random directions (as C-alpha atoms), centred 20 A from the origin, each residue's
+    points within ~1.5 A of it; point weights around OpenFold's initial
+    ``sqrt(1 / (3 * Pq * 9 / 2))``. Neighbours share the attention as in a real protein
+    (points spread wider than the chain would make each row's softmax one-hot)."""
+    b, n, h, c, pq, pv, cz = d["B"], d["N"], d["H"], d["C"], d["Pq"], d["Pv"], d["Cz"]
+    steps = torch.nn.functional.normalize(_randn(g, b, n, 3), dim=-1) * 3.8
+    chain = steps.cumsum(1)
+    residues = (chain - chain.mean(1, keepdim=True) + 20.0)[:, :, None, None, :]  # [B, N, 1, 1, 3]
+    return {
+        "q": _randn(g, b, n, h, c), "k": _randn(g, b, n, h, c), "v": _randn(g, b, n, h, c),
+        "q_pts": residues + _randn(g, b, n, h, pq, 3, scale=1.5),
+        "k_pts": residues + _randn(g, b, n, h, pq, 3, scale=1.5),
+        "v_pts": residues + _randn(g, b, n, h, pv, 3, scale=1.5),
+        "bias": _randn(g, b, h, n, n),
+        "point_weights": (0.5 + torch.rand(h, generator=g)) * (1.0 / (3 * pq * 9 / 2)) ** 0.5,
+        "z": _randn(g, b, n, n, cz),
+        "mask": token_mask(b, n),
+    }
+
+
+def _ipa_output(outputs: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """IPA's three outputs as one ``[B, N, H, C + 3 Pv + Cz]`` tensor (in their common dtype)."""
+    out, out_pts, out_pair = outputs
+    dtype = torch.promote_types(torch.promote_types(out.dtype, out_pts.dtype), out_pair.dtype)
+    return torch.cat([out.to(dtype), out_pts.flatten(-2).to(dtype), out_pair.to(dtype)], dim=-1)
+
+
 CPU_SIZES = (32, 64, 96)
 GPU_SIZES = (128, 256, 512, 768, 1024)
 _SIZES = {"cpu": CPU_SIZES, "gpu": GPU_SIZES}
@@ -384,6 +420,23 @@ register_case(BenchCase(
     dims={"cpu": {"B": 1, "N": 0, "D": 32, "F": 128}, "gpu": {"B": 1, "N": 0, "D": 128, "F": 512}},
     sizes=_SIZES,
     ref_elements=lambda d: d["B"] * d["N"] * d["N"] * (2 * d["D"] + 3 * d["F"]),
+))
+
+
+register_case(BenchCase(
+    op="invariant_point_attention",
+    description="invariant point attention core (GPU profile at FrameFlow / Multiflow widths: 12 heads x 16, 4 / 8 points)",
+    build=_build_invariant_point_attention,
+    positional=("q", "k", "v", "q_pts", "k_pts", "v_pts", "bias", "point_weights", "z", "mask"),
+    grad_names=("q", "k", "v", "q_pts", "k_pts", "v_pts", "bias", "point_weights", "z"),
+    fp32_inputs=("q_pts", "k_pts", "v_pts", "point_weights"),
+    output=_ipa_output,
+    # A [B, N] residue mask has a fully masked row only as a whole masked batch element: the
+    # CPU profile has B=2 for that (as attention_pair_bias); the GPU profile one protein.
+    dims={"cpu": {"B": 2, "N": 0, "H": 4, "C": 16, "Pq": 4, "Pv": 8, "Cz": 16},
+          "gpu": {"B": 1, "N": 0, "H": 12, "C": 16, "Pq": 4, "Pv": 8, "Cz": 128}},
+    sizes=_SIZES,
+    ref_elements=lambda d: d["B"] * d["N"] * d["N"] * (d["H"] * (3 * d["Pq"] + 4) + d["Cz"]),
 ))
 
 

@@ -21,8 +21,10 @@ are ``sqrt(1/(3 c_hidden)) q.k + sqrt(1/3) b - 1/2 gamma_h sum_p |q_p - k_p|^2``
 ``gamma_h = softplus(head_weights) sqrt(1 / (3 * P_qk * 9 / 2))``; ``linear_out`` reads
 ``[o, o_pt x, o_pt y, o_pt z, |o_pt|, o_pair]`` with ``|o_pt| = sqrt(sum o_pt^2 + eps)``.
 The attention itself is ``foldops.ops.invariant_point_attention``. Rows of padded
-residues: OpenFold lets them attend over every key, here their attention is zero; the
-layer's output for real residues is the same either way.
+residues: OpenFold lets them attend over every key, here their attention is zero and
+the layer's output is exactly zero (not ``linear_out`` of the empty attention, whose
+point features ``R^T (0 - t)`` depend on the pose), so padded rows pass no gradient back;
+the layer's output for real residues is the same either way.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from foldops._checks import check_positive_int, check_tensor
+from foldops._checks import as_bool_mask, check_positive_int, check_tensor
 from foldops.backends import AUTO
 from foldops.device import autocast_dtype_in_effect
 from foldops.nn import _init
@@ -231,8 +233,12 @@ class InvariantPointAttention(nn.Module):
         return pts.view(*pts.shape[:-2], self.no_heads, count, 3)
 
     def point_weights(self) -> Tensor:
-        """gamma_h: ``softplus(head_weights) * sqrt(1 / (3 * P_qk * 9 / 2))``, ``[H]``."""
-        return nn.functional.softplus(self.head_weights) * math.sqrt(1.0 / (3 * (self.no_qk_points * 9.0 / 2)))
+        """gamma_h: ``softplus(head_weights) * sqrt(1 / (3 * P_qk * 9 / 2))``, ``[H]``, in fp32 at
+        least (H numbers: a 16-bit layer's weights are not rounded again, nor their
+        gradient on its way back, which is rounded once, to the parameter's dtype)."""
+        w = self.head_weights
+        w = w.to(torch.promote_types(w.dtype, torch.float32))
+        return nn.functional.softplus(w) * math.sqrt(1.0 / (3 * (self.no_qk_points * 9.0 / 2)))
 
     def _check_inputs(self, s: Tensor, z: Tensor, mask: Optional[Tensor]) -> None:
         check_tensor("s", s, (None, None, self.c_s))
@@ -244,7 +250,10 @@ class InvariantPointAttention(nn.Module):
     def _attend(self, s: Tensor, z: Tensor, r: Any, mask: Optional[Tensor], extra_bias: Optional[Tensor]) -> Tensor:
         self._check_inputs(s, z, mask)
         batch, n = s.shape[:2]
-        frames = as_rigid(r, (batch, n))
+        mask = as_bool_mask("mask", mask, (batch, n), s.device)
+        # Padded residues' frames may be placeholders (zeros from a zero-padding collate):
+        # only the real residues' are checked, the others replaced by the identity.
+        frames = as_rigid(r, (batch, n), mask=mask)
         heads, c = self.no_heads, self.c_hidden
         q = self.linear_q(s).view(batch, n, heads, c)
         k, v = self.linear_kv(s).view(batch, n, heads, 2 * c).split(c, dim=-1)
@@ -275,8 +284,17 @@ class InvariantPointAttention(nn.Module):
         o_pt_norm = torch.sqrt((o_pt * o_pt).sum(-1) + self.eps).flatten(-2)  # [B, N, H * Pv]
         o_pt = o_pt.flatten(-3, -2)  # [B, N, H * Pv, 3]
         feats = [o.flatten(-2), *o_pt.unbind(-1), o_pt_norm, o_pair.flatten(-2)]
-        out_dtype = torch.promote_types(o.dtype, o_pt.dtype) if not torch.is_autocast_enabled() else o.dtype
-        return self.linear_out(torch.cat([f.to(out_dtype) for f in feats], dim=-1))
+        # The point features are in the frames' dtype (fp32 frames beside a bf16 / fp16
+        # layer, as OpenFold and Multiflow keep them; or fp64 frames beside an fp32
+        # layer): linear_out reads its input in the layer's dtype, as OpenFold casts it
+        # to z's (under autocast, in the autocast dtype, which linear_out computes in).
+        out_dtype = autocast_dtype_in_effect(s) or self.linear_out.weight.dtype
+        out = self.linear_out(torch.cat([f.to(out_dtype) for f in feats], dim=-1))
+        if mask is not None:
+            # Padded rows: zeros (the convention for fully masked rows), and no gradient
+            # from them into linear_out or anything before it.
+            out = out.masked_fill(~mask[..., None], 0.0)
+        return out
 
     def forward(
         self,

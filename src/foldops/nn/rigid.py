@@ -9,6 +9,9 @@ stay in the frames' precision (fp32) as OpenFold's ``rot_vec_mul`` keeps them.
 
 ``as_rigid(frames)`` turns ``(rotations, translations)`` into a checked ``Rigid`` and
 passes any other object with ``apply`` / ``invert_apply`` (OpenFold's ``Rigid``) through.
+With a residue ``mask`` only the kept residues' rotations are checked, and padded
+residues' frames, which may hold anything (zeros from a zero-padding collate, NaN), are
+replaced by the identity.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ def _rotate(rots: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     return (rots * pts[..., None, :]).sum(-1)  # [*, 3]: sum_j R_ij p_j
 
 
-def check_rotations(name: str, rots: Any, batch_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """``rots`` is a ``[*, 3, 3]`` float tensor of proper rotations (orthonormal, det +1)."""
+def check_rotations(name: str, rots: Any, batch_shape: Optional[Sequence[int]] = None,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``rots`` is a ``[*, 3, 3]`` float tensor of proper rotations (orthonormal, det +1);
+    with a bool ``mask`` ``[*]``, only where it is True."""
     if not isinstance(rots, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor [*, 3, 3], got {type(rots).__name__}")
     if rots.dim() < 2 or tuple(rots.shape[-2:]) != (3, 3):
@@ -37,8 +42,17 @@ def check_rotations(name: str, rots: Any, batch_shape: Optional[Sequence[int]] =
         raise ValueError(f"{name}: expected shape {(*batch_shape, 3, 3)}, got {tuple(rots.shape)}")
     if not rots.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating dtype, got {rots.dtype}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != tuple(rots.shape[:-2]):
+            raise ValueError(f"mask: expected shape {tuple(rots.shape[:-2])} (the frames'), got {tuple(mask.shape)}")
     if rots.numel() and not torch.compiler.is_compiling() and rots.device.type != "meta":
         r = rots.detach().to(torch.promote_types(rots.dtype, torch.float32))
+        if mask is not None:
+            r = r[mask]  # [kept, 3, 3]
+        if not r.numel():
+            return rots
         eye = torch.eye(3, dtype=r.dtype, device=r.device)
         gram = (r[..., :, None, :] * r[..., None, :, :]).sum(-1)  # R R^T, elementwise: autocast-proof
         err = (gram - eye).abs().amax()
@@ -129,9 +143,16 @@ def quaternion_to_rotation(bcd: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=-1).unflatten(-1, (3, 3))
 
 
-def as_rigid(frames: Any, batch_shape: Optional[Tuple[int, ...]] = None, name: str = "r") -> Any:
+def as_rigid(frames: Any, batch_shape: Optional[Tuple[int, ...]] = None, name: str = "r",
+             mask: Optional[torch.Tensor] = None) -> Any:
     """``(rots, trans)`` -> a checked ``Rigid``; a ``Rigid`` is checked; any other object
-    with ``apply`` and ``invert_apply`` (OpenFold's ``Rigid``) is returned as it is."""
+    with ``apply`` and ``invert_apply`` (OpenFold's ``Rigid``) is returned as it is.
+
+    ``mask``: a bool keep-mask of the frames' batch shape (True = a real residue), or None.
+    With it only the real residues' rotations are checked, and the returned ``Rigid``
+    holds the identity at padded residues, whatever they held (placeholder zeros, NaN):
+    their values reach no arithmetic and get zero gradient.
+    """
     if isinstance(frames, (tuple, list)):
         if len(frames) != 2:
             raise ValueError(f"{name}: expected (rotations [*, 3, 3], translations [*, 3]), got {len(frames)} items")
@@ -145,9 +166,14 @@ def as_rigid(frames: Any, batch_shape: Optional[Tuple[int, ...]] = None, name: s
             f"{name}: expected (rotations, translations), a foldops Rigid or an object with apply/invert_apply, "
             f"got {type(frames).__name__}"
         )
-    check_rotations(f"{name} rotations", rots, batch_shape)
+    check_rotations(f"{name} rotations", rots, batch_shape, mask)
     if not isinstance(trans, torch.Tensor):
         raise TypeError(f"{name} translations: expected a torch.Tensor, got {type(trans).__name__}")
     if tuple(trans.shape) != tuple(rots.shape[:-1]):
         raise ValueError(f"{name} translations: expected shape {tuple(rots.shape[:-1])}, got {tuple(trans.shape)}")
+    if mask is not None:
+        # torch.where, not a product: a NaN placeholder stays out of the values and of the
+        # gradient (padded residues' frames get exactly zero).
+        eye = torch.eye(3, dtype=rots.dtype, device=rots.device)
+        return Rigid(torch.where(mask[..., None, None], rots, eye), torch.where(mask[..., None], trans, 0.0))
     return frames if isinstance(frames, Rigid) else Rigid(rots, trans)

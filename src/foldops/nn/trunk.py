@@ -27,7 +27,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from foldops._checks import check_positive_int, check_tensor
+from foldops._checks import as_bool_mask, check_positive_int, check_tensor
 from foldops.backends import AUTO
 from foldops.nn import _init
 from foldops.nn.attention_pair_bias import AttentionPairBias
@@ -156,26 +156,33 @@ class Trunk(nn.Module):
             s: ``[B, N, c_s]``; z: ``[B, N, N, c_z]``.
             frames: ``(rotations [B, N, 3, 3], translations [B, N, 3])``, a
                 ``foldops.nn.Rigid`` or an OpenFold ``Rigid``; required when the trunk
-                has IPA blocks, None (identity) allowed.
+                has IPA blocks, None (identity) allowed. With a mask, padded residues'
+                frames (of the first two forms) may hold anything, zeros or NaN: they
+                are replaced by the identity.
             mask: residue mask ``[B, N]`` (bool or 0/1 float), or None.
 
         Returns:
-            ``(s, z, frames)``; frames as given when no IPA block ran, else a ``Rigid``
-            (or the OpenFold object's own type).
+            ``(s, z, frames)``; frames as given when no IPA block ran (the identity at
+            padded residues, see above), else a ``Rigid`` (or the OpenFold object's own
+            type).
         """
         check_tensor("s", s, (None, None, self.c_s))
         batch, n = s.shape[:2]
         check_tensor("z", z, (batch, n, n, self.c_z), device=s.device)
+        keep = None
         if mask is None:
             mask = torch.ones(batch, n, dtype=s.dtype, device=s.device)
         else:
             check_tensor("mask", mask, (batch, n), dtypes=None, device=s.device)
+            keep = as_bool_mask("mask", mask, (batch, n), s.device)
             mask = mask.to(s.dtype)
         pair_mask = mask[:, :, None] * mask[:, None, :]
         if frames is None and BlockType.IPA in self.block_types:
             frames = Rigid.identity((batch, n), dtype=torch.promote_types(s.dtype, torch.float32), device=s.device)
         elif frames is not None:
-            frames = as_rigid(frames, (batch, n), name="frames")
+            # Padded residues' frames may be placeholders: checked only at real residues,
+            # the identity at padded ones (where the blocks' updates are masked).
+            frames = as_rigid(frames, (batch, n), name="frames", mask=keep)
         for block in self.blocks:
             s, z, frames = block(s, z, frames, mask, pair_mask)
         return s, z, frames

@@ -222,7 +222,8 @@ class DistributedConfig:
 
     strategy: Strategy = "auto"
     """``"auto"``: DDP when started by torchrun with more than one process, else a single
-    process; ``"single"``, ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard`` per block)."""
+    process; ``"single"``, ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard`` per block), which
+    join torchrun's process group of any size, one process included."""
 
     fsdp_blocks: Optional[Tuple[str, ...]] = None
     """Class names of the modules sharded one by one under ``"fsdp"``; ``None``: every child

@@ -37,17 +37,32 @@ class DistContext:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    """``torchrun`` (or a launcher setting its variables) started this process, one or more."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _torchrun_world_size() -> int:
+    try:
+        return int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return 1
 
 
 def setup(device: str, timeout_s: float, strategy: str) -> Tuple[DistContext, torch.device]:
-    """Join (or find) the process group; return the context and this rank's device."""
+    """Join (or find) the process group; return the context and this rank's device.
+
+    Under torchrun, ``"ddp"`` and ``"fsdp"`` join the group whatever its size (one process
+    included); ``"auto"`` joins it only for more than one process, else runs single.
+    """
     base = resolve_device(device)
+    joins = launched_by_torchrun() and (strategy in ("ddp", "fsdp") or (strategy == "auto"
+                                                                       and _torchrun_world_size() > 1))
     if dist.is_available() and dist.is_initialized():
         ctx = DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    elif strategy != "single" and launched_by_torchrun():
+    elif joins:
         if not dist.is_available():
-            raise RuntimeError("strategy: torchrun started several processes but torch.distributed is unavailable")
+            raise RuntimeError(f"strategy: {strategy!r} under torchrun needs torch.distributed, which this "
+                               f"torch build lacks")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         dev = _rank_device(base, local_rank)
         backend = dist.get_default_backend_for_device(dev)

@@ -324,7 +324,8 @@ class Trainer:
 
     # Fit ----------------------------------------------------------------------------------
 
-    def fit(self, model: nn.Module, train_loader: Any, val_loader: Any = None, resume: ResumeArg = None) -> None:
+    def fit(self, model: nn.Module, train_loader: Any, val_loader: Any = None, resume: ResumeArg = None, *,
+            trust_checkpoint: bool = False, safe_globals: Sequence[Any] = ()) -> None:
         """Train ``model`` until ``max_steps`` or ``max_epochs``.
 
         Args:
@@ -334,7 +335,17 @@ class Trainer:
             val_loader: optional validation data.
             resume: ``None`` (fresh start), ``"last"`` (``checkpoint_dir/last.ckpt`` if it
                 exists, else a fresh start) or a checkpoint path.
+            trust_checkpoint: read the resumed checkpoint with full unpickling, which can run
+                code from the file (only for files you trust); by default it is read with
+                ``torch.load(weights_only=True)``, which refuses python objects (an
+                ``argparse.Namespace`` that ``on_save_checkpoint`` stored, say).
+            safe_globals: classes to allow in the resumed checkpoint beside the default
+                allow-list (as for :func:`foldops.compat.load_checkpoint`).
         """
+        if not isinstance(trust_checkpoint, bool):
+            raise TypeError(f"trust_checkpoint: expected a bool, got {type(trust_checkpoint).__name__}")
+        if isinstance(safe_globals, (str, bytes)) or not isinstance(safe_globals, (list, tuple)):
+            raise TypeError(f"safe_globals: expected a list or tuple of classes, got {type(safe_globals).__name__}")
         cfg = self.config
         for name in ("training_step", "configure_optimizers") + (("validation_step",) if val_loader is not None else ()):
             if not callable(getattr(model, name, None)):
@@ -348,9 +359,11 @@ class Trainer:
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
         self._attach(model)
-        # DDP and FSDP hook the wrapper's __call__; a single process calls the step directly,
-        # without the module-call machinery on every batch.
-        self._train_fn = model.training_step if self._engine is self._dispatch \
+        # DDP and FSDP hook the wrapper's __call__ (FSDP2 shards the dispatcher in place, so
+        # the engine may be the dispatcher itself: its root hooks unshard the parameters the
+        # blocks do not own); a single process calls the step directly, without the
+        # module-call machinery on every batch.
+        self._train_fn = model.training_step if self._strategy == "single" \
             else functools.partial(self._engine, "train")
         self.global_step = 0
         self.epoch = 0
@@ -375,7 +388,7 @@ class Trainer:
                                      world_size=self.world_size, train=True)
         self._val_loader = val_loader
         if resume_path is not None:
-            self._restore(resume_path)
+            self._restore(resume_path, trust_checkpoint=trust_checkpoint, safe_globals=safe_globals)
 
         self._open_loggers(resumed=resume_path is not None)
         self._progress = ProgressBar(self._total_steps(), enabled=cfg.logging.progress_bar and self.is_main)
@@ -865,8 +878,9 @@ class Trainer:
             atomic_save(parts, path)
         fdist.barrier()
 
-    def _restore(self, path: Path) -> None:
-        ckpt = read_checkpoint(path, map_location="cpu")
+    def _restore(self, path: Path, trust_checkpoint: bool = False, safe_globals: Sequence[Any] = ()) -> None:
+        ckpt = read_checkpoint(path, map_location="cpu", trust_checkpoint=trust_checkpoint,
+                               safe_globals=safe_globals)
         if ckpt.get("format") != FORMAT:
             raise CheckpointError(
                 f"{path}: not a foldops training checkpoint (format {ckpt.get('format')!r}); to start from the "
