@@ -287,6 +287,8 @@ def test_a_module_backend_names_the_backend_of_each_op_that_has_it(monkeypatch):
         fnn.PairformerLayer(8, 8, 2, 0.0, 4, 2, backend="trition")
     with pytest.raises(TypeError, match="backend: expected a backend name string"):
         fnn.Transition(8, 16, backend=None)
+    with pytest.raises(ValueError, match="backend: unknown backend 'bogus'"):
+        fnn.InvariantPointAttention(16, 8, 4, 2, 3, 2, backend="bogus")
     assert backends.for_op("swiglu_transition", "triton") == "auto"
     assert backends.for_op("triangle_attention", "triton") == "triton"
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():

@@ -36,11 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from foldops._checks import as_bool_mask, check_positive_int, check_tensor
-from foldops.backends import AUTO
+from foldops.backends import AUTO, check_module_backend, for_op
 from foldops.device import autocast_dtype_in_effect
 from foldops.nn import _init
 from foldops.nn.rigid import as_rigid
-from foldops.ops.invariant_point_attention import invariant_point_attention
+from foldops.ops.invariant_point_attention import OP, invariant_point_attention
 
 SOFTPLUS_INVERSE_1 = 0.541324854612918  # softplus^-1(1): the head weights' initial value
 
@@ -205,7 +205,7 @@ class InvariantPointAttention(nn.Module):
         self.c_s, self.c_z, self.c_hidden = c_s, c_z, c_hidden
         self.no_heads, self.no_qk_points, self.no_v_points = no_heads, no_qk_points, no_v_points
         self.inf, self.eps = inf, eps
-        self.backend = backend
+        self.backend = check_module_backend(backend)
         hc = c_hidden * no_heads
         self.linear_q = _linear(c_s, hc, **factory)
         self.linear_kv = _linear(c_s, 2 * hc, **factory)
@@ -278,7 +278,7 @@ class InvariantPointAttention(nn.Module):
             q_pts, k_pts, v_pts = q_pts.float(), k_pts.float(), v_pts.float()
         o, o_pt, o_pair = invariant_point_attention(
             q, k, v, q_pts, k_pts, v_pts, bias, self.point_weights(), pair, mask,
-            scale=math.sqrt(1.0 / (3 * c)), backend=self.backend,
+            scale=math.sqrt(1.0 / (3 * c)), backend=for_op(OP, self.backend),
         )
         o_pt = frames[..., None, None].invert_apply(o_pt)  # [B, N, H, Pv, 3], local frames
         o_pt_norm = torch.sqrt((o_pt * o_pt).sum(-1) + self.eps).flatten(-2)  # [B, N, H * Pv]
