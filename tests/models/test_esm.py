@@ -238,3 +238,32 @@ def test_gradients_flow_with_and_without_maps():
     model(tokens, backend="torch", need_head_weights=True)["logits"].sum().backward()
     for a, b in zip(fast, (p.grad for p in trained)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph_equals_eager():
+    """torch.compile(model, fullgraph=True) in fp64: the logits, representations, maps and
+    parameter gradients of eager, zeros at padding, one graph for every mix of lengths
+    (while compiling nothing is read on the host: the padded batch with a key mask)."""
+    model = _small(layers=2, dim=32, heads=4).double()
+    model.backend = "torch"
+    batches = [_tokens([("a", "MKTAYIAK"), ("b", "GS<mask>H"), ("c", "ACDEFGHI")]),
+               _tokens([("a", "MK"), ("b", "GSHKLMNP"), ("c", "ACD")])]
+    assert batches[0].shape == batches[1].shape
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    params = list(model.parameters())
+    for i, tokens in enumerate(batches):
+        want = model(tokens, repr_layers=[1], attn_layers=[2])
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = compiled(tokens, repr_layers=[1], attn_layers=[2])
+        pad = tokens.eq(1)
+        for key in ("logits", "attentions"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["representations"][1], want["representations"][1], rtol=1e-12, atol=1e-12)
+        assert (got["logits"][pad] == 0).all() and (got["representations"][1][pad] == 0).all()
+        weight = torch.randn(want["logits"].shape, dtype=torch.float64)
+        for g, w in zip(torch.autograd.grad((got["logits"] * weight).sum(), params, allow_unused=True),
+                        torch.autograd.grad((want["logits"] * weight).sum(), params, allow_unused=True)):
+            assert (g is None) == (w is None)  # the contact head is not used
+            if w is not None:
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foldops.ops.varlen_attention import varlen_attention
+from foldops.ops.varlen_attention import padded_attention, varlen_attention
 
 if TYPE_CHECKING:
     from foldops.models.esm import ESM2Config
@@ -59,8 +59,7 @@ class _SelfAttention(nn.Module):
         if want_probs:
             out, probs = self._explicit(q, k, v, pack)
         else:
-            out = varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_len, pack.max_len,
-                                   softmax_scale=self.scaling, backend=backend)
+            out = pack.attention(q, k, v, self.scaling, backend)
         return self.out_proj(out.reshape(n, -1)), probs
 
     def _explicit(self, q, k, v, pack):
@@ -140,13 +139,32 @@ class _ContactHead(nn.Module):
 
 
 class _Pack:
-    """The packed layout of one batch: indices, cu_seqlens, rotary tables."""
+    """The packed layout of one batch: indices, cu_seqlens, rotary tables.
+
+    While torch.compile traces nothing is read on the host (no graph break, one graph for
+    every mix of lengths; the row checks are skipped): the layout is the padded batch
+    itself (N = B*T rows, ``padded``), attention masks the padding keys and ``pad``
+    zeroes the padded positions. Padding then costs work, the real tokens' outputs are
+    the packed layout's."""
 
     def __init__(self, tokens: torch.Tensor, cfg: ESM2Config, inv_freq: torch.Tensor):
         b, t = tokens.shape
         self.batch, self.width = b, t
         self.keep = tokens.ne(cfg.padding_idx)  # [B, T]
         lengths = self.keep.sum(1)
+        self.lengths = lengths
+        self.padded = torch.compiler.is_compiling()
+        if self.padded:
+            self.max_len, self.cu_seqlens = t, None
+            self.flat_index = torch.arange(b * t, device=tokens.device)
+        else:
+            self._check_and_pack(lengths, cfg)
+        self.row = self.flat_index // t
+        positions = (self.flat_index % t).float()
+        freqs = positions[:, None] * inv_freq.float()[None, :]  # [N, D/2]
+        self._trig = {torch.float32: (freqs.cos(), freqs.sin())}
+
+    def _check_and_pack(self, lengths: torch.Tensor, cfg: ESM2Config) -> None:
         host = lengths.cpu()  # the one host read of a forward
         if bool((host == 0).any()):
             row = int(torch.nonzero(host == 0)[0])
@@ -159,17 +177,12 @@ class _Pack:
                              f"max_positions={cfg.max_positions} (ESM-2 was trained on at most 1022 residues "
                              f"plus BOS/EOS); truncate it (BatchConverter(truncation_seq_length=...)) or "
                              f"raise ESM2Config.max_positions")
-        self.lengths = lengths
         # A normal (not inference-mode) tensor: varlen_attention remembers a validated
         # cu_seqlens by version counter (inference tensors have none), so every layer
         # after the first skips the host check.
         with torch.inference_mode(False):
             self.cu_seqlens = F.pad(torch.cumsum(lengths.clone(), 0, dtype=torch.int32), (1, 0))
         self.flat_index = torch.nonzero(self.keep.reshape(-1), as_tuple=True)[0]  # [N] into B*T
-        self.row = self.flat_index // t
-        positions = (self.flat_index % t).float()
-        freqs = positions[:, None] * inv_freq.float()[None, :]  # [N, D/2]
-        self._trig = {torch.float32: (freqs.cos(), freqs.sin())}
 
     def trig(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, D/2] in ``dtype`` (computed in fp32, cast once per call)."""
@@ -178,8 +191,21 @@ class _Pack:
             self._trig[dtype] = (cos.to(dtype), sin.to(dtype))
         return self._trig[dtype]
 
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str):
+        """Attention within each sequence: q, k, v [N, H, D] -> [N, H, D]."""
+        if self.padded:
+            shape = (self.batch, self.width) + tuple(q.shape[1:])
+            out = padded_attention(q.unflatten(0, shape[:2]), k.unflatten(0, shape[:2]), v.unflatten(0, shape[:2]),
+                                   self.keep, softmax_scale=scale, backend=backend)
+            return out.reshape(q.shape)
+        return varlen_attention(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len,
+                                softmax_scale=scale, backend=backend)
+
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Packed [N, ...] -> padded [B, T, ...] with zeros at padding."""
+        if self.padded:
+            out = x.view((self.batch, self.width) + tuple(x.shape[1:]))
+            return out.masked_fill(~self.keep.view(self.keep.shape + (1,) * (x.dim() - 1)), 0)
         out = x.new_zeros((self.batch * self.width,) + tuple(x.shape[1:]))
         out[self.flat_index] = x
         return out.view((self.batch, self.width) + tuple(x.shape[1:]))

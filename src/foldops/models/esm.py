@@ -147,7 +147,7 @@ class ESM2(nn.Module):
         if tokens.device != self.embed_tokens.weight.device:
             raise ValueError(f"tokens: expected device {self.embed_tokens.weight.device} (the model's), "
                              f"got {tokens.device}")
-        if tokens.numel():
+        if tokens.numel() and not torch.compiler.is_compiling():  # no host read while compiling
             lo, hi = torch.stack([tokens.min(), tokens.max()]).tolist()  # one host read
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"tokens: expected ids in [0, {self.config.vocab_size}), got [{lo}, {hi}]")
