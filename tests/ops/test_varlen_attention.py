@@ -372,8 +372,11 @@ def test_padded_bad_input():
         padded_attention(q, k[:1], k[:1])
 
 
-def test_cu_seqlens_checked_once_per_tensor():
+def test_cu_seqlens_checked_once_per_tensor_on_accelerators(monkeypatch):
+    """Accelerators remember a checked cu_seqlens (a read there is a sync); stand-in: the
+    CPU tensors here treated as remembered."""
     module = sys.modules["foldops.ops.varlen_attention"]
+    monkeypatch.setattr(module, "_remembered", lambda cu: not cu.is_inference())
 
     q, k, v, cu_q, cu_k = make_inputs([3, 5], [3, 5], 2, 2, 8)
     varlen_attention(q, k, v, cu_q, cu_k, 5, 5)
@@ -381,6 +384,34 @@ def test_cu_seqlens_checked_once_per_tensor():
     cu_q[1] = 9  # an in-place write bumps the version: checked again
     with pytest.raises(ValueError, match="cu_seqlens_q.*non-decreasing"):
         varlen_attention(q, k, v, cu_q, cu_k, 5, 5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_cpu_cu_seqlens_read_on_every_call(backend):
+    """On CPU nothing is remembered: a change the version counter does not see (memory
+    shared with NumPy, a write through .data) is seen by the next call, valid (the
+    output follows the new lengths, against fp64) or not (rejected)."""
+    import numpy as np
+
+    q, k, v, _, _ = make_inputs([3, 5], [3, 5], 2, 2, 8)
+    array = np.array([0, 3, 8], dtype=np.int32)
+    shared = torch.from_numpy(array)
+    first = varlen_attention(q, k, v, shared, shared, 5, 5, backend=backend)
+    torch.testing.assert_close(first, reference(q, k, v, cu([3, 5]), cu([3, 5]))[0], rtol=1e-12, atol=1e-12)
+    version = shared._version
+    array[1] = 6  # lengths [6, 2]
+    assert shared._version == version
+    second = varlen_attention(q, k, v, shared, shared, 6, 6, backend=backend)
+    torch.testing.assert_close(second, reference(q, k, v, cu([6, 2]), cu([6, 2]))[0], rtol=1e-12, atol=1e-12)
+    array[1] = 9  # decreasing: rejected
+    with pytest.raises(ValueError, match="cu_seqlens_q.*non-decreasing"):
+        varlen_attention(q, k, v, shared, shared, 9, 9, backend=backend)
+    array[1] = 3
+    varlen_attention(q, k, v, shared, shared, 5, 5, backend=backend)
+    shared.data[1] = 9  # .data writes do not bump the version either
+    with pytest.raises(ValueError, match="cu_seqlens_q.*non-decreasing"):
+        varlen_attention(q, k, v, shared, shared, 9, 9, backend=backend)
+    assert id(shared) not in sys.modules["foldops.ops.varlen_attention"]._checked
 
 
 # GPU: the torch backend at real sizes (torch.nn.attention.varlen for bf16/fp16, buckets

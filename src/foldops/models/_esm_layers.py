@@ -177,9 +177,9 @@ class _Pack:
                              f"max_positions={cfg.max_positions} (ESM-2 was trained on at most 1022 residues "
                              f"plus BOS/EOS); truncate it (BatchConverter(truncation_seq_length=...)) or "
                              f"raise ESM2Config.max_positions")
-        # A normal (not inference-mode) tensor: varlen_attention remembers a validated
-        # cu_seqlens by version counter (inference tensors have none), so every layer
-        # after the first skips the host check.
+        # A normal (not inference-mode) tensor: on accelerators varlen_attention remembers
+        # a validated cu_seqlens by version counter (inference tensors have none), so every
+        # layer after the first skips the host check.
         with torch.inference_mode(False):
             self.cu_seqlens = F.pad(torch.cumsum(lengths.clone(), 0, dtype=torch.int32), (1, 0))
         self.flat_index = torch.nonzero(self.keep.reshape(-1), as_tuple=True)[0]  # [N] into B*T

@@ -39,10 +39,15 @@ Backends:
 - ``reference``: float64-capable, loops over the sequences; never picked by ``auto``.
 
 Input checks: shapes, dtypes and devices always (no device work). The values of
-cu_seqlens (int32, starts at 0, non-decreasing, ends at total, longest <= max_seqlen) are
-read once per cu_seqlens tensor: free on CPU; on an accelerator one small device-to-host
-copy (a sync) the first time a given cu_seqlens tensor is seen, remembered by the
-tensor's identity and version so the layers of one model share one check. Skipped while
+cu_seqlens (int32, starts at 0, non-decreasing, ends at total, longest <= max_seqlen):
+on CPU read and checked on every call (free there); on an accelerator one small
+device-to-host copy (a sync) the first time a given cu_seqlens tensor is seen,
+remembered by the tensor's identity and version counter so the layers of one model share
+one check. Contract there: an in-place change that bypasses autograd's version counter
+(a write through ``.data``, through memory shared with NumPy or DLPack, or by a kernel
+outside PyTorch) is not seen: the remembered lengths (stale) plan the buckets of the
+``torch`` backend and the check is skipped. Pass a new tensor after such a change.
+(Inference-mode tensors have no version counter: checked on every call.) Skipped while
 torch.compile traces (the ``torch`` backend's registered op checks them when it runs) and
 during CUDA graph capture (a host read is illegal there; a warm-up call before the
 capture checks the same tensors).
@@ -74,6 +79,12 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _checked: Dict[int, Tuple[weakref.ref, int, int, int, torch.Tensor]] = {}
 
 
+def _remembered(cu: torch.Tensor) -> bool:
+    """Whether a checked ``cu`` is remembered: on accelerators (where the read is a sync),
+    never on CPU (a read there is free, and memory shared with NumPy changes unseen)."""
+    return cu.device.type != "cpu" and not cu.is_inference()
+
+
 def _tracing(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
@@ -82,9 +93,8 @@ def _tracing(t: torch.Tensor) -> bool:
 
 def _host_lengths(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> torch.Tensor:
     """Check the values of ``cu`` (see the module doc) and return its lengths [B] (int64, CPU)."""
-    # Remembered by identity and version counter; inference tensors have no version
-    # counter, so they are checked on every call.
-    key, version = id(cu), None if cu.is_inference() else cu._version
+    # Remembered by identity and version counter (see _remembered).
+    key, version = id(cu), cu._version if _remembered(cu) else None
     hit = _checked.get(key)
     if version is not None and hit is not None and hit[0]() is cu and hit[1:4] == (version, total, max_seqlen):
         return hit[4]
@@ -321,7 +331,10 @@ def varlen_attention(
         q: ``[total_q, H, D]``. k, v: ``[total_k, H_kv, D]`` (H % H_kv == 0), q's dtype
             and device; any strides.
         cu_seqlens_q, cu_seqlens_k: int32 ``[B+1]``, starting at 0, non-decreasing,
-            ending at total_q / total_k.
+            ending at total_q / total_k. On an accelerator their checked values are
+            remembered per tensor and version counter: after an in-place change that
+            bypasses the counter (``.data``, shared NumPy/DLPack memory), pass a new
+            tensor (see the module doc). On CPU they are read on every call.
         max_seqlen_q, max_seqlen_k: ints at least the longest sequence (they size the
             kernels' grids; larger is allowed).
         causal: query i of a sequence sees keys j <= i + Lk - Lq.
