@@ -2,6 +2,8 @@
 batch/padding independence, backends, weights I/O, frozen features, tokenizer, errors.
 Parity with Hugging Face transformers is in test_esm_hf.py."""
 
+import copy
+
 import pytest
 import torch
 
@@ -40,6 +42,30 @@ def fair():
     ref = _randomise(FairESM2(num_layers=3, embed_dim=64, attention_heads=4, alphabet=alphabet,
                               token_dropout=True)).eval()
     return esm, alphabet, ref
+
+
+def test_fp64_parity_with_fair_esm(fair, monkeypatch):
+    """An fp64 model computes in fp64 throughout (rotary angles, token-dropout scaling, the
+    maps' softmax, the contact head): fair-esm in fp64 to 1e-12, with fair-esm's attention
+    softmax (fp32 whatever its input) lifted to fp64."""
+    import esm.multihead_attention as mha
+
+    monkeypatch.setattr(mha, "utils_softmax", lambda x, dim, onnx_trace=False: torch.softmax(x, dim))
+    _, alphabet, ref = fair
+    ref64 = copy.deepcopy(ref).double()
+    tokens = alphabet.get_batch_converter()(SEQS)[2]
+    model = ESM2.from_state_dict(ref.state_dict()).double().eval()
+    with torch.no_grad():
+        want = ref64(tokens, repr_layers=[0, 3], return_contacts=True)
+        got = model(tokens, repr_layers=[0, 3], return_contacts=True)
+    keep = tokens.ne(alphabet.padding_idx)
+    for i in (0, 3):
+        torch.testing.assert_close(got["representations"][i][keep], want["representations"][i][keep],
+                                   rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["logits"][keep], want["logits"][keep], rtol=1e-12, atol=1e-12)
+    for key in ("attentions", "contacts"):
+        assert got[key].dtype == torch.float64
+        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12)
 
 
 def test_alphabet_and_batch_converter_match_fair_esm(fair):

@@ -26,7 +26,7 @@ def _rotary(x: torch.Tensor, pack: "_Pack") -> torch.Tensor:
 
     out = x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1); cos and sin repeat
     over the two halves, so each half needs the half-width tables only. Angles and their
-    cos/sin are fp32; the product runs in x's dtype (as fair-esm and HF).
+    cos/sin are fp32 (fp64 for fp64 x); the product runs in x's dtype (as fair-esm and HF).
     """
     cos, sin = pack.trig(x.dtype)  # [N, D/2]
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
@@ -63,7 +63,8 @@ class _SelfAttention(nn.Module):
         return self.out_proj(out.reshape(n, -1)), probs
 
     def _explicit(self, q, k, v, pack):
-        """Padded softmax(q k^T) per sequence: out [N, H, D] and probs fp32 [B, H, T, T]."""
+        """Padded softmax(q k^T) per sequence: out [N, H, D] and probs [B, H, T, T] in the
+        compute dtype (the softmax in fp32, fp64 for fp64 inputs)."""
         b, t = pack.batch, pack.width
         dense = []
         for x in (q, k, v):
@@ -74,7 +75,8 @@ class _SelfAttention(nn.Module):
         # fp32 softmax done in place on the one [B, H, T, T] buffer (peak: one map, plus
         # its copy in the compute dtype when that is not fp32). Every row has a real key
         # (BOS), so no row is fully masked; padding query rows are zeroed as fair-esm does.
-        probs = torch.matmul(qd.float() * self.scaling, kd.float().transpose(-1, -2))
+        softmax_dtype = torch.promote_types(qd.dtype, torch.float32)
+        probs = torch.matmul(qd.to(softmax_dtype) * self.scaling, kd.to(softmax_dtype).transpose(-1, -2))
         probs.masked_fill_(~pack.keep[:, None, None, :], float("-inf"))
         if torch.is_grad_enabled() and probs.requires_grad:  # training: autograd needs the softmax's output
             probs = torch.softmax(probs, dim=-1) * pack.keep[:, None, :, None]
@@ -129,7 +131,8 @@ class _ContactHead(nn.Module):
         attentions = attentions * (keep[:, None, None, :, None] * keep[:, None, None, None, :])
         attentions = attentions[..., 1:-1, 1:-1]
         b, layers, heads, t, _ = attentions.shape
-        a = attentions.reshape(b, layers * heads, t, t).float()
+        a = attentions.reshape(b, layers * heads, t, t)
+        a = a.to(torch.promote_types(a.dtype, torch.float32))
         a = a + a.transpose(-1, -2)
         a1, a2 = a.sum(-1, keepdim=True), a.sum(-2, keepdim=True)
         a = a - a1 * a2 / a.sum((-1, -2), keepdim=True)  # average product correction
@@ -160,9 +163,9 @@ class _Pack:
         else:
             self._check_and_pack(lengths, cfg)
         self.row = self.flat_index // t
-        positions = (self.flat_index % t).float()
-        freqs = positions[:, None] * inv_freq.float()[None, :]  # [N, D/2]
-        self._trig = {torch.float32: (freqs.cos(), freqs.sin())}
+        self._positions = self.flat_index % t  # [N]
+        self._inv_freq = inv_freq
+        self._trig = {}
 
     def _check_and_pack(self, lengths: torch.Tensor, cfg: ESM2Config) -> None:
         host = lengths.cpu()  # the one host read of a forward
@@ -185,9 +188,14 @@ class _Pack:
         self.flat_index = torch.nonzero(self.keep.reshape(-1), as_tuple=True)[0]  # [N] into B*T
 
     def trig(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, D/2] in ``dtype`` (computed in fp32, cast once per call)."""
+        """cos, sin [N, D/2] in ``dtype``: computed once per call in fp32 (fp64 for fp64,
+        from the fp32 frequencies as fair-esm's model.double() holds them), then cast."""
         if dtype not in self._trig:
-            cos, sin = self._trig[torch.float32]
+            compute = torch.promote_types(dtype, torch.float32)
+            if compute not in self._trig:
+                freqs = self._positions.to(compute)[:, None] * self._inv_freq.to(compute)[None, :]  # [N, D/2]
+                self._trig[compute] = (freqs.cos(), freqs.sin())
+            cos, sin = self._trig[compute]
             self._trig[dtype] = (cos.to(dtype), sin.to(dtype))
         return self._trig[dtype]
 
