@@ -293,3 +293,16 @@ def test_torch_compile_fullgraph_equals_eager():
             assert (g is None) == (w is None)  # the contact head is not used
             if w is not None:
                 torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_batch_gives_empty_outputs():
+    model = _small(layers=2, dim=32, heads=4)
+    tokens = torch.zeros(0, 5, dtype=torch.long)
+    out = model(tokens, repr_layers=[0, 2], return_contacts=True)
+    assert out["logits"].shape == (0, 5, 33)
+    assert {i: r.shape for i, r in out["representations"].items()} == {0: (0, 5, 32), 2: (0, 5, 32)}
+    assert out["attentions"].shape == (0, 2, 4, 5, 5) and out["contacts"].shape == (0, 3, 3)
+    out["logits"].sum().backward()  # an empty batch trains as a no-op
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    node, pair = model.features(tokens, pair=True)
+    assert node.shape == (0, 3, 3, 32) and pair.shape == (0, 3, 3, 8)

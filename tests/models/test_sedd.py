@@ -251,3 +251,11 @@ def test_torch_compile_fullgraph_equals_eager():
         for g, w in zip(_grads(model, got, weight), _grads(model, want, weight)):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(compiled(idx, sigma), model(idx, sigma), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seqlens", [None, torch.zeros(0, dtype=torch.long), []], ids=["none", "tensor", "list"])
+def test_empty_batch_gives_empty_outputs(seqlens):
+    model = _randomise(SEDD(CONFIG))
+    out = model(torch.zeros(0, 5, dtype=torch.long), torch.rand(0), seqlens=seqlens)
+    assert out.shape == (0, 5, 21) and out.dtype == torch.float32
+    out.sum().backward()

@@ -60,7 +60,7 @@ class _SelfAttention(nn.Module):
             out, probs = self._explicit(q, k, v, pack)
         else:
             out = pack.attention(q, k, v, self.scaling, backend)
-        return self.out_proj(out.reshape(n, -1)), probs
+        return self.out_proj(out.reshape(n, self.heads * self.head_dim)), probs
 
     def _explicit(self, q, k, v, pack):
         """Padded softmax(q k^T) per sequence: out [N, H, D] and probs [B, H, T, T] in the
@@ -80,7 +80,7 @@ class _SelfAttention(nn.Module):
         probs.masked_fill_(~pack.keep[:, None, None, :], float("-inf"))
         if torch.is_grad_enabled() and probs.requires_grad:  # training: autograd needs the softmax's output
             probs = torch.softmax(probs, dim=-1) * pack.keep[:, None, :, None]
-        else:
+        elif probs.numel():  # (an empty batch has no row to normalise; amax needs one)
             probs.sub_(probs.amax(-1, keepdim=True)).exp_()
             probs.div_(probs.sum(-1, keepdim=True))
             probs.mul_(pack.keep[:, None, :, None])
@@ -173,7 +173,7 @@ class _Pack:
             row = int(torch.nonzero(host == 0)[0])
             raise ValueError(f"tokens: row {row} holds only padding (an empty sequence has at least <cls> "
                              f"and <eos>)")
-        self.max_len = int(host.max())
+        self.max_len = int(host.max()) if host.numel() else 0  # B = 0: an empty batch
         if self.max_len > cfg.max_positions:
             row = int(torch.argmax(host))
             raise ValueError(f"tokens: row {row} has {self.max_len} tokens, more than the model's "

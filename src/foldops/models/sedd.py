@@ -125,6 +125,8 @@ class _Packing:
         if seqlens is None:
             return
         lengths = seqlens.to(device=device, dtype=torch.long)
+        if batch == 0:  # nothing to pack: the uniform layout's empty batch
+            return
         if torch.compiler.is_compiling():
             self.keep = positions[None, :] < lengths[:, None]  # [B, L]
             return
@@ -199,6 +201,8 @@ def _seqlens_tensor(seqlens, batch: int, device: torch.device) -> Optional[torch
         return None
     if not isinstance(seqlens, torch.Tensor):
         seqlens = torch.as_tensor(seqlens, device=device)
+        if seqlens.numel() == 0:  # an empty list reads as float32
+            seqlens = seqlens.long()
     if seqlens.dtype.is_floating_point or seqlens.dtype == torch.bool or seqlens.is_complex():
         raise TypeError(f"seqlens: expected an integer tensor of shape [{batch}], got dtype {seqlens.dtype}")
     if seqlens.shape != (batch,):
