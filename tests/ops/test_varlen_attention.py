@@ -355,6 +355,22 @@ def test_bad_input(index):
         varlen_attention(*args, **kwargs, backend="torch")
 
 
+def test_max_seqlen_takes_numpy_integers_and_sizes_while_tracing():
+    np = pytest.importorskip("numpy")
+    q, k, v, cu_q, cu_k = make_inputs([3, 5], [3, 5], 2, 2, 8)
+    want = reference(q, k, v, cu_q, cu_k)[0]
+    out = varlen_attention(q, k, v, cu_q, cu_k, np.int64(5), np.int32(6), backend="torch")
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    for bad in (5.0, 5.5, True, -1, np.int64(-1)):
+        with pytest.raises(ValueError, match="max_seqlen_q: expected a non-negative int"):
+            varlen_attention(q, k, v, cu_q, cu_k, bad, 5, backend="torch")
+    # A symbolic size (torch.compile with dynamic shapes) is taken as it is.
+    f = lambda q, k, v, a, b: varlen_attention(q, k, v, a, b, q.shape[0], k.shape[0], backend="torch")  # noqa: E731
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)(q, k, v, cu_q, cu_k)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_head_dim_above_kernel_limit_with_triton():
     q, k, v, cu_q, cu_k = make_inputs([3], [3], 2, 2, 160)
     with pytest.raises(ValueError, match="q: head dim.*128.*triton"):

@@ -56,6 +56,7 @@ capture checks the same tensors).
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from typing import Dict, Optional, Tuple
 
@@ -120,12 +121,16 @@ def _host_lengths(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_
 
 
 def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        if isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}: expected a Python int (it sizes the launch grid; no device "
-                            f"read), got a tensor")
+    """A non-negative integer (int, NumPy integer; a SymInt while torch.compile traces) as
+    an int; not a tensor (its value would be a device read), a bool or a float."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a Python int (it sizes the launch grid; no device "
+                        f"read), got a tensor")
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-    return value
+    return int(value)
 
 
 def validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale):
@@ -335,8 +340,8 @@ def varlen_attention(
             remembered per tensor and version counter: after an in-place change that
             bypasses the counter (``.data``, shared NumPy/DLPack memory), pass a new
             tensor (see the module doc). On CPU they are read on every call.
-        max_seqlen_q, max_seqlen_k: ints at least the longest sequence (they size the
-            kernels' grids; larger is allowed).
+        max_seqlen_q, max_seqlen_k: ints (or NumPy integers) at least the longest
+            sequence (they size the kernels' grids; larger is allowed).
         causal: query i of a sequence sees keys j <= i + Lk - Lq.
         softmax_scale: logit scale, default ``1/sqrt(D)``.
         dropout_p: attention dropout probability; pass 0 in evaluation (applied whenever
