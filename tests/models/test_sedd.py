@@ -205,6 +205,26 @@ def test_pointwise_steps_trace_without_graph_breaks():
     assert dynamo.explain(bias_dropout_add_scale)(x, None, scale, x, 0.1, True).graph_break_count == 0
 
 
+def test_pointwise_steps_compile_to_one_kernel_each():
+    """The docs' claim: torch.compile (Inductor, here its CPU code) fuses each step into
+    one pointwise kernel, with and without dropout; the results are eager's."""
+    from torch._inductor import metrics
+
+    from foldops.models.sedd import bias_dropout_add_scale, modulate_fused
+
+    x, bias, scale, residual = torch.randn(3, 5, 8), torch.randn(8), torch.randn(3, 1, 8), torch.randn(3, 5, 8)
+    cases = [(modulate_fused, (x, bias, scale)),
+             (lambda *a: bias_dropout_add_scale(*a, 0.1, False), (x, bias, scale, residual)),
+             (lambda *a: bias_dropout_add_scale(*a, 0.1, True), (x, bias, scale, residual))]
+    for i, (fn, args) in enumerate(cases):
+        torch._dynamo.reset()
+        metrics.reset()
+        out = torch.compile(fn, fullgraph=True)(*args)
+        assert metrics.generated_kernel_count == 1, i
+        if i < 2:  # (dropout draws differ)
+            torch.testing.assert_close(out, fn(*args))
+
+
 def test_row_conditioning_functions_gradcheck():
     """The packed per-row modulate / gated add against their gather-then-multiply definitions."""
     from foldops.models._rows import gated_add_rows, modulate_rows
