@@ -194,9 +194,10 @@ def _torch_backend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, 
 # break neither Dynamo nor fullgraph=True sees), with a fake implementation for the
 # shapes. Its backward is a second op that recomputes the bucketed forward and
 # differentiates it with torch.func.vjp (one extra forward per backward, only on this
-# traced path; eager calls keep the autograd graph of the forward). Dropout draws one seed tensor outside the
-# op; both ops seed a generator of their own with it, so the backward sees the forward's
-# mask (the explicit softmax; SDPA's own dropout could not be replayed).
+# traced path; eager calls keep the autograd graph of the forward). Dropout draws one
+# seed tensor outside the op; both ops seed a generator of their own with it, so the
+# backward sees the forward's mask (the explicit softmax; SDPA's own dropout could not
+# be replayed).
 
 
 def _seeded(seed: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Generator]:
