@@ -74,6 +74,35 @@ def test_install_resolves_flash_attn_imports(tmp_path, clean_imports):
         importlib.import_module("flash_attn")
 
 
+NOT_PROVIDED = "foldops's stand-in for flash_attn does not provide it"
+
+
+@pytest.mark.parametrize("statement, error", [
+    ("from flash_attn import flash_attn_with_kvcache", ImportError),
+    ("from flash_attn.flash_attn_interface import flash_attn_with_kvcache", ImportError),
+    ("from flash_attn.ops import triton", ImportError),
+    ("from flash_attn.layers.rotary import apply_rotary_emb, missing_name", ImportError),
+    ("import flash_attn.modules.mha", ModuleNotFoundError),
+    ("from flash_attn.modules.mha import MHA", ModuleNotFoundError),
+])
+def test_what_foldops_lacks_is_named_in_the_error(clean_imports, statement, error):
+    """Python replaces an AttributeError's message in ``from m import name`` by "cannot
+    import name ... (unknown location)": the message must still say foldops lacks it."""
+    if fa.real_flash_attn_available():
+        pytest.skip("a real flash_attn is installed here")
+    fa.install()
+    with pytest.raises(error, match=NOT_PROVIDED) as info:
+        exec(statement, {})
+    assert "unknown location" not in str(info.value)
+    import flash_attn
+
+    # Attribute look-ups keep their AttributeError (hasattr / getattr with a default work).
+    assert not hasattr(flash_attn, "flash_attn_with_kvcache")
+    assert getattr(flash_attn, "flash_attn_with_kvcache", None) is None
+    with pytest.raises(AttributeError, match="foldops does not provide it"):
+        flash_attn.flash_attn_with_kvcache  # noqa: B018
+
+
 def _fake_real_flash_attn(tmp_path):
     pkg = tmp_path / "real" / "flash_attn"
     (pkg / "ops").mkdir(parents=True)

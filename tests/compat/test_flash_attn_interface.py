@@ -173,6 +173,27 @@ def test_errors_name_the_arguments_the_caller_passed():
     torch.testing.assert_close(out, fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 4))
 
 
+def test_max_seqlen_takes_integral_numbers_and_rejects_fractions():
+    """Integral numbers (ints, NumPy integers, one-element integer tensors, 7.0) give the
+    fp64 answer; a fraction is a ValueError naming the caller's argument, not truncated
+    (5.5 became 5 and passed); bool is rejected."""
+    np = pytest.importorskip("numpy")
+    lengths = [3, 7, 1]
+    qkv = torch.randn(sum(lengths), 3, 2, 8, dtype=torch.float64)
+    cu = _cu(lengths)
+    want = torch.cat([_attn64(*qkv[a:b].unbind(1))[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    for max_seqlen in (7, np.int64(7), np.int32(9), torch.tensor(7), 7.0, np.float32(8.0)):
+        out = fa.flash_attn_varlen_qkvpacked_func(qkv, cu, max_seqlen)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    for bad in (7.5, np.float64(7.5), torch.tensor(7.5)):
+        with pytest.raises(ValueError, match=r"^max_seqlen: expected an integer"):
+            fa.flash_attn_varlen_qkvpacked_func(qkv, cu, bad)
+    with pytest.raises(ValueError, match=r"^max_seqlen_k: expected an integer, got 6.5"):
+        fa.flash_attn_varlen_func(*qkv.unbind(1), cu, cu, 7, 6.5)
+    with pytest.raises(ValueError, match=r"^max_seqlen: expected a non-negative int, got True"):
+        fa.flash_attn_varlen_qkvpacked_func(qkv, cu, True)
+
+
 def test_bert_padding_round_trip_and_varlen():
     """unpad_input -> flash_attn_varlen_qkvpacked_func -> pad_input, as BERT/ESM ports do."""
     B, S, H, D = 3, 6, 2, 8

@@ -2,6 +2,8 @@
 batch/padding independence, backends, weights I/O, frozen features, tokenizer, errors.
 Parity with Hugging Face transformers is in test_esm_hf.py."""
 
+import copy
+
 import pytest
 import torch
 
@@ -40,6 +42,30 @@ def fair():
     ref = _randomise(FairESM2(num_layers=3, embed_dim=64, attention_heads=4, alphabet=alphabet,
                               token_dropout=True)).eval()
     return esm, alphabet, ref
+
+
+def test_fp64_parity_with_fair_esm(fair, monkeypatch):
+    """An fp64 model computes in fp64 throughout (rotary angles, token-dropout scaling, the
+    maps' softmax, the contact head): fair-esm in fp64 to 1e-12, with fair-esm's attention
+    softmax (fp32 whatever its input) lifted to fp64."""
+    import esm.multihead_attention as mha
+
+    monkeypatch.setattr(mha, "utils_softmax", lambda x, dim, onnx_trace=False: torch.softmax(x, dim))
+    _, alphabet, ref = fair
+    ref64 = copy.deepcopy(ref).double()
+    tokens = alphabet.get_batch_converter()(SEQS)[2]
+    model = ESM2.from_state_dict(ref.state_dict()).double().eval()
+    with torch.no_grad():
+        want = ref64(tokens, repr_layers=[0, 3], return_contacts=True)
+        got = model(tokens, repr_layers=[0, 3], return_contacts=True)
+    keep = tokens.ne(alphabet.padding_idx)
+    for i in (0, 3):
+        torch.testing.assert_close(got["representations"][i][keep], want["representations"][i][keep],
+                                   rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["logits"][keep], want["logits"][keep], rtol=1e-12, atol=1e-12)
+    for key in ("attentions", "contacts"):
+        assert got[key].dtype == torch.float64
+        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12)
 
 
 def test_alphabet_and_batch_converter_match_fair_esm(fair):
@@ -238,3 +264,45 @@ def test_gradients_flow_with_and_without_maps():
     model(tokens, backend="torch", need_head_weights=True)["logits"].sum().backward()
     for a, b in zip(fast, (p.grad for p in trained)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph_equals_eager():
+    """torch.compile(model, fullgraph=True) in fp64: the logits, representations, maps and
+    parameter gradients of eager, zeros at padding, one graph for every mix of lengths
+    (while compiling nothing is read on the host: the padded batch with a key mask)."""
+    model = _small(layers=2, dim=32, heads=4).double()
+    model.backend = "torch"
+    batches = [_tokens([("a", "MKTAYIAK"), ("b", "GS<mask>H"), ("c", "ACDEFGHI")]),
+               _tokens([("a", "MK"), ("b", "GSHKLMNP"), ("c", "ACD")])]
+    assert batches[0].shape == batches[1].shape
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    params = list(model.parameters())
+    for i, tokens in enumerate(batches):
+        want = model(tokens, repr_layers=[1], attn_layers=[2])
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = compiled(tokens, repr_layers=[1], attn_layers=[2])
+        pad = tokens.eq(1)
+        for key in ("logits", "attentions"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["representations"][1], want["representations"][1], rtol=1e-12, atol=1e-12)
+        assert (got["logits"][pad] == 0).all() and (got["representations"][1][pad] == 0).all()
+        weight = torch.randn(want["logits"].shape, dtype=torch.float64)
+        for g, w in zip(torch.autograd.grad((got["logits"] * weight).sum(), params, allow_unused=True),
+                        torch.autograd.grad((want["logits"] * weight).sum(), params, allow_unused=True)):
+            assert (g is None) == (w is None)  # the contact head is not used
+            if w is not None:
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_batch_gives_empty_outputs():
+    model = _small(layers=2, dim=32, heads=4)
+    tokens = torch.zeros(0, 5, dtype=torch.long)
+    out = model(tokens, repr_layers=[0, 2], return_contacts=True)
+    assert out["logits"].shape == (0, 5, 33)
+    assert {i: r.shape for i, r in out["representations"].items()} == {0: (0, 5, 32), 2: (0, 5, 32)}
+    assert out["attentions"].shape == (0, 2, 4, 5, 5) and out["contacts"].shape == (0, 3, 3)
+    out["logits"].sum().backward()  # an empty batch trains as a no-op
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    node, pair = model.features(tokens, pair=True)
+    assert node.shape == (0, 3, 3, 32) and pair.shape == (0, 3, 3, 8)

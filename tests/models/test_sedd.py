@@ -205,6 +205,26 @@ def test_pointwise_steps_trace_without_graph_breaks():
     assert dynamo.explain(bias_dropout_add_scale)(x, None, scale, x, 0.1, True).graph_break_count == 0
 
 
+def test_pointwise_steps_compile_to_one_kernel_each():
+    """The docs' claim: torch.compile (Inductor, here its CPU code) fuses each step into
+    one pointwise kernel, with and without dropout; the results are eager's."""
+    from torch._inductor import metrics
+
+    from foldops.models.sedd import bias_dropout_add_scale, modulate_fused
+
+    x, bias, scale, residual = torch.randn(3, 5, 8), torch.randn(8), torch.randn(3, 1, 8), torch.randn(3, 5, 8)
+    cases = [(modulate_fused, (x, bias, scale)),
+             (lambda *a: bias_dropout_add_scale(*a, 0.1, False), (x, bias, scale, residual)),
+             (lambda *a: bias_dropout_add_scale(*a, 0.1, True), (x, bias, scale, residual))]
+    for i, (fn, args) in enumerate(cases):
+        torch._dynamo.reset()
+        metrics.reset()
+        out = torch.compile(fn, fullgraph=True)(*args)
+        assert metrics.generated_kernel_count == 1, i
+        if i < 2:  # (dropout draws differ)
+            torch.testing.assert_close(out, fn(*args))
+
+
 def test_row_conditioning_functions_gradcheck():
     """The packed per-row modulate / gated add against their gather-then-multiply definitions."""
     from foldops.models._rows import gated_add_rows, modulate_rows
@@ -223,3 +243,39 @@ def test_row_conditioning_functions_gradcheck():
     assert out.dtype == torch.float32
     out.sum().backward()
     assert xf.grad.dtype == torch.float32 and sb.grad.dtype == torch.bfloat16
+
+
+def _grads(model, out, weight):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad((out * weight).sum(), params, allow_unused=True)
+
+
+def test_torch_compile_fullgraph_equals_eager():
+    """torch.compile(model, fullgraph=True) in fp64 (dropout off): the logits and parameter
+    gradients of eager, zeros at padding, and one graph for every mix of lengths (while
+    compiling seqlens are not read on the host: the padded layout with a key mask)."""
+    model = _randomise(SEDD(CONFIG, attention_backend="torch")).double().eval()
+    idx = torch.randint(0, 21, (3, 8))
+    sigma = torch.rand(3, dtype=torch.float64)
+    weight = torch.randn(3, 8, 21, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for i, lengths in enumerate(([8, 3, 5], [2, 8, 7])):
+        seqlens = torch.tensor(lengths)
+        want = model(idx, sigma, seqlens=seqlens)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = compiled(idx, sigma, seqlens=seqlens)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for b, n in enumerate(lengths):
+            assert torch.equal(got[b, n:], torch.zeros_like(got[b, n:]))
+        for g, w in zip(_grads(model, got, weight), _grads(model, want, weight)):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled(idx, sigma), model(idx, sigma), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seqlens", [None, torch.zeros(0, dtype=torch.long), []], ids=["none", "tensor", "list"])
+def test_empty_batch_gives_empty_outputs(seqlens):
+    model = _randomise(SEDD(CONFIG))
+    out = model(torch.zeros(0, 5, dtype=torch.long), torch.rand(0), seqlens=seqlens)
+    assert out.shape == (0, 5, 21) and out.dtype == torch.float32
+    out.sum().backward()

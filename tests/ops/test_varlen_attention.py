@@ -5,7 +5,6 @@ The ``triton`` backend has its own tests next to the kernel (tests/kernels); her
 appears in the selection and error tests.
 """
 
-import importlib
 import math
 import sys
 
@@ -356,6 +355,22 @@ def test_bad_input(index):
         varlen_attention(*args, **kwargs, backend="torch")
 
 
+def test_max_seqlen_takes_numpy_integers_and_sizes_while_tracing():
+    np = pytest.importorskip("numpy")
+    q, k, v, cu_q, cu_k = make_inputs([3, 5], [3, 5], 2, 2, 8)
+    want = reference(q, k, v, cu_q, cu_k)[0]
+    out = varlen_attention(q, k, v, cu_q, cu_k, np.int64(5), np.int32(6), backend="torch")
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    for bad in (5.0, 5.5, True, -1, np.int64(-1)):
+        with pytest.raises(ValueError, match="max_seqlen_q: expected a non-negative int"):
+            varlen_attention(q, k, v, cu_q, cu_k, bad, 5, backend="torch")
+    # A symbolic size (torch.compile with dynamic shapes) is taken as it is.
+    f = lambda q, k, v, a, b: varlen_attention(q, k, v, a, b, q.shape[0], k.shape[0], backend="torch")  # noqa: E731
+    torch._dynamo.reset()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)(q, k, v, cu_q, cu_k)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_head_dim_above_kernel_limit_with_triton():
     q, k, v, cu_q, cu_k = make_inputs([3], [3], 2, 2, 160)
     with pytest.raises(ValueError, match="q: head dim.*128.*triton"):
@@ -373,8 +388,12 @@ def test_padded_bad_input():
         padded_attention(q, k[:1], k[:1])
 
 
-def test_cu_seqlens_checked_once_per_tensor():
+def test_cu_seqlens_checked_once_per_tensor_on_accelerators(monkeypatch):
+    """Accelerators remember a checked cu_seqlens (a read there is a sync); stand-in: the
+    CPU tensors here treated as remembered."""
     module = sys.modules["foldops.ops.varlen_attention"]
+    monkeypatch.setattr(module, "_remembered", lambda cu: not cu.is_inference())
+    monkeypatch.setattr(module, "_checked", {})  # (CPU tensors remembered here are forgotten after)
 
     q, k, v, cu_q, cu_k = make_inputs([3, 5], [3, 5], 2, 2, 8)
     varlen_attention(q, k, v, cu_q, cu_k, 5, 5)
@@ -382,6 +401,35 @@ def test_cu_seqlens_checked_once_per_tensor():
     cu_q[1] = 9  # an in-place write bumps the version: checked again
     with pytest.raises(ValueError, match="cu_seqlens_q.*non-decreasing"):
         varlen_attention(q, k, v, cu_q, cu_k, 5, 5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_cpu_cu_seqlens_read_on_every_call(backend):
+    """On CPU nothing is remembered: a change the version counter does not see (memory
+    shared with NumPy, a write through .data) is seen by the next call, valid (the
+    output follows the new lengths, against fp64) or not (rejected)."""
+    import numpy as np
+
+    q, k, v, _, _ = make_inputs([3, 5], [3, 5], 2, 2, 8)
+    array = np.array([0, 3, 8], dtype=np.int32)
+    shared = torch.from_numpy(array)
+    first = varlen_attention(q, k, v, shared, shared, 5, 5, backend=backend)
+    torch.testing.assert_close(first, reference(q, k, v, cu([3, 5]), cu([3, 5]))[0], rtol=1e-12, atol=1e-12)
+    version = shared._version
+    array[1] = 6  # lengths [6, 2]
+    assert shared._version == version
+    second = varlen_attention(q, k, v, shared, shared, 6, 6, backend=backend)
+    torch.testing.assert_close(second, reference(q, k, v, cu([6, 2]), cu([6, 2]))[0], rtol=1e-12, atol=1e-12)
+    array[1] = 9  # decreasing: rejected
+    with pytest.raises(ValueError, match="cu_seqlens_q.*non-decreasing"):
+        varlen_attention(q, k, v, shared, shared, 9, 9, backend=backend)
+    array[1] = 3
+    varlen_attention(q, k, v, shared, shared, 5, 5, backend=backend)
+    shared.data[1] = 9  # .data writes do not bump the version either
+    with pytest.raises(ValueError, match="cu_seqlens_q.*non-decreasing"):
+        varlen_attention(q, k, v, shared, shared, 9, 9, backend=backend)
+    hit = sys.modules["foldops.ops.varlen_attention"]._checked.get(id(shared))
+    assert hit is None or hit[0]() is not shared  # not remembered (the id may be a dead tensor's)
 
 
 # GPU: the torch backend at real sizes (torch.nn.attention.varlen for bf16/fp16, buckets
@@ -398,22 +446,90 @@ def test_torch_backend_gpu(dtype, causal):
     check_against_fp64("torch", lens, lens, 8, 2, 64, dtype, causal, device="cuda", slack=5)
 
 
-@pytest.mark.parametrize("capability, dtype, head_dim, dropout, runs", [
-    ((9, 0), torch.bfloat16, 64, False, True),
-    ((7, 0), torch.bfloat16, 64, False, False),   # V100: no torch.nn.attention.varlen
-    ((9, 0), torch.float32, 64, False, False),
-    ((9, 0), torch.bfloat16, 60, False, False),
-    ((9, 0), torch.bfloat16, 64, True, False),
-    (None, torch.bfloat16, 64, False, False),      # not an NVIDIA GPU
-])
-def test_torch_backend_while_tracing_only_where_torch_varlen_runs(monkeypatch, capability, dtype, head_dim,
-                                                                  dropout, runs):
-    va = importlib.import_module("foldops.ops.varlen_attention")
+# torch.compile: the bucketed torch path is a registered op (opaque to the tracer) -------------
 
-    monkeypatch.setattr(va, "nvidia_capability", lambda device: capability)
-    reason = va._torch_supports(torch.device("cpu"), dtype, head_dim=head_dim, dropout=dropout, tracing=True)
-    assert (reason is None) == runs
-    assert va._torch_supports(torch.device("cpu"), dtype, head_dim=head_dim, dropout=dropout) is None
+
+def _compiled(fn, fullgraph):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="aot_eager", fullgraph=fullgraph)
+
+
+@pytest.mark.parametrize("causal, return_lse, fullgraph", [(False, False, True), (True, True, True),
+                                                           (True, False, False)])
+def test_torch_backend_under_torch_compile(causal, return_lse, fullgraph):
+    """fp64: forward, lse and gradients of the compiled op against the fp64 reference, and
+    equal to eager; an empty sequence, Lq != Lk (causal rows without keys) and GQA."""
+    lens_q, lens_k = [5, 0, 1, 9], [6, 2, 0, 7]
+    q, k, v, cu_q, cu_k = make_inputs(lens_q, lens_k, 4, 2, 8)
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+
+    def fast(q, k, v, cu_q, cu_k):
+        result = varlen_attention(q, k, v, cu_q, cu_k, 9, 7, causal=causal, return_lse=return_lse, backend="torch")
+        return result if return_lse else (result, None)
+
+    compiled = _compiled(fast, fullgraph)
+    got, got_lse, got_g = run(lambda *t: compiled(*t, cu_q, cu_k), q, k, v, grad_out)
+    eager, eager_lse, eager_g = run(lambda *t: fast(*t, cu_q, cu_k), q, k, v, grad_out)
+    exact, exact_lse, exact_g = run(lambda *t: reference(*t, cu_q, cu_k, causal), q, k, v, grad_out)
+    torch.testing.assert_close(got, exact, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    for g, e, x in zip(got_g, eager_g, exact_g):
+        torch.testing.assert_close(g, x, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    if return_lse:
+        assert got_lse.dtype == torch.float32 and got_lse.shape == (4, q.shape[0])
+        torch.testing.assert_close(got_lse, exact_lse.float())
+        torch.testing.assert_close(got_lse, eager_lse, rtol=0, atol=0)
+
+
+def test_the_reported_compile_call_runs():
+    """The call of the report: auto backend on CPU, no fullgraph."""
+    c = torch.tensor([0, 3, 10, 11], dtype=torch.int32)
+    q = torch.randn(11, 4, 16)
+    f = lambda q, c: varlen_attention(q, q, q, c, c, 7, 7)  # noqa: E731
+    torch.testing.assert_close(_compiled(f, False)(q, c), f(q, c), rtol=0, atol=0)
+
+
+def test_compiled_dropout_backward_sees_the_forward_mask():
+    """out is linear in v with the dropout mask fixed, so <out, G> = <dL/dv, v> exactly
+    when the backward (a recomputation) replays the forward's mask."""
+    q, k, v, cu_q, cu_k = make_inputs([4, 7], [5, 7], 2, 1, 8)
+    v.requires_grad_(True)
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+    fn = _compiled(lambda q, k, v, a, b: varlen_attention(q, k, v, a, b, 7, 7, dropout_p=0.5, backend="torch"),
+                   True)
+    out = fn(q, k, v, cu_q, cu_k)
+    (dv,) = torch.autograd.grad(out, v, grad_out)
+    assert not torch.allclose(out, varlen_attention(q, k, v, cu_q, cu_k, 7, 7, backend="torch"))  # dropped
+    torch.testing.assert_close((out * grad_out).sum(), (dv * v).sum(), rtol=1e-12, atol=0)
+
+
+def test_registered_torch_op_passes_opcheck():
+    q, k, v, cu_q, cu_k = make_inputs([3, 0, 5], [4, 2, 5], 4, 2, 8)
+    q, k, v = (t.float().requires_grad_(True) for t in (q, k, v))
+    op = torch.ops.foldops.varlen_attention_torch_fwd.default
+    torch.library.opcheck(op, (q, k, v, cu_q, cu_k, 5, 5, True, 0.3, 0.0, True, None))
+    torch.library.opcheck(op, (q, k, v, cu_q, cu_k, 5, 5, False, 0.3, 0.25, False, torch.tensor([7])))
+
+
+def test_meta_tensors_give_shapes():
+    q = torch.empty(11, 4, 16, device="meta")
+    k = torch.empty(9, 2, 16, device="meta")
+    c = torch.empty(4, dtype=torch.int32, device="meta")
+    out, lse = varlen_attention(q, k, k, c, c, 7, 7, return_lse=True, backend="torch")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (4, 11) and lse.dtype == torch.float32
+
+
+def test_reference_backend_under_fullgraph_compile():
+    q, k, v, cu_q, cu_k = make_inputs([3, 0, 5], [4, 0, 5], 2, 2, 8)
+    q.requires_grad_(True)
+    f = lambda q, k, v, a, b: varlen_attention(q, k, v, a, b, 5, 5, causal=True, backend="reference")  # noqa: E731
+    got = _compiled(f, True)(q, k, v, cu_q, cu_k)
+    want = f(q, k, v, cu_q, cu_k)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), q)[0], torch.autograd.grad(want.sum(), q)[0],
+                               rtol=0, atol=0)
 
 
 def test_inference_mode_cu_seqlens_are_checked_every_call():

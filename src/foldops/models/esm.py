@@ -20,7 +20,8 @@ N rows, and attention runs through ``foldops.ops.varlen_attention`` on the packe
 tensors, so nothing is computed for padding. Layers whose attention probabilities are
 asked for run an explicit-softmax path on the padded batch (one dense [B, H, T, T]
 buffer, fp32 softmax in place) that returns them; the other layers stay on the fast op. Autocast (bf16/fp16)
-is taken on any device type; softmax, LayerNorm statistics and rotary tables stay fp32. Run so far on
+is taken on any device type; softmax, LayerNorm statistics and rotary tables stay fp32 (an fp64 model
+computes them in fp64). Run so far on
 CPU and an NVIDIA H200; MPS, XPU and V100 go through the op's ``torch`` backend, implemented but
 untested on that hardware.
 
@@ -147,7 +148,7 @@ class ESM2(nn.Module):
         if tokens.device != self.embed_tokens.weight.device:
             raise ValueError(f"tokens: expected device {self.embed_tokens.weight.device} (the model's), "
                              f"got {tokens.device}")
-        if tokens.numel():
+        if tokens.numel() and not torch.compiler.is_compiling():  # no host read while compiling
             lo, hi = torch.stack([tokens.min(), tokens.max()]).tolist()  # one host read
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"tokens: expected ids in [0, {self.config.vocab_size}), got [{lo}, {hi}]")
@@ -170,9 +171,10 @@ class ESM2(nn.Module):
         if self.config.token_dropout:
             is_mask = tok.eq(self.mask_idx)
             x = x.masked_fill(is_mask[:, None], 0.0)
-            observed = tokens.eq(self.mask_idx).sum(-1).float() / pack.lengths.float()  # [B]
+            compute = torch.promote_types(x.dtype, torch.float32)  # fp32, fp64 for an fp64 model
+            observed = tokens.eq(self.mask_idx).sum(-1).to(compute) / pack.lengths.to(compute)  # [B]
             scale = (1.0 - TOKEN_DROPOUT_TRAIN_RATIO) / (1.0 - observed)
-            x = (x.float() * scale[pack.row][:, None]).to(x.dtype)
+            x = (x.to(compute) * scale[pack.row][:, None]).to(x.dtype)
         return x
 
     def forward(self, tokens: torch.Tensor, repr_layers: Sequence[int] = (), need_head_weights: bool = False,

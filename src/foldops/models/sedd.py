@@ -29,7 +29,9 @@ LayerNorm, matmuls and attention in the autocast dtype):
   pointwise kernel each (the original used TorchScript with CUDA fusion flags); on packed
   tokens the per-row adaLN factors are applied by ``models/_rows.py``, which keeps them at
   ``[B, C]`` for the backward pass instead of four gathered ``[total, C]`` copies per block;
-- ``activation_checkpointing=True`` recomputes each block in the backward pass.
+- ``activation_checkpointing=True`` recomputes each block in the backward pass;
+- ``torch.compile`` (``fullgraph=True`` too): while compiling ``seqlens`` is not read on
+  the host, the batch keeps its padded layout with a key mask (see ``_Packing``).
 
 Memory: O(total tokens x hidden) activations per block plus the attention op's own
 (no ``[B, L, L]`` tensor on the Triton path).
@@ -103,6 +105,12 @@ class _Packing:
     uniform (no ``seqlens``, or every row full): activations ``[B, L, C]``, per-row tensors
     broadcast as ``[B, 1, C]``. Otherwise packed: activations ``[total, C]`` holding only the
     real tokens (row-major), per-row tensors gathered per token through ``seq``.
+
+    While torch.compile traces, ``seqlens`` are not read on the host (no graph break, one
+    graph for every mix of lengths; their values are not checked): the layout stays
+    uniform, attention masks the padded keys (``keep [B, L]``) and ``repad`` zeroes the
+    padded positions. Padded tokens then cost work in the dense layers, as in the
+    original model; the real tokens' outputs are the packed layout's.
     """
 
     def __init__(self, batch: int, length: int, seqlens: Optional[torch.Tensor], device: torch.device) -> None:
@@ -112,11 +120,16 @@ class _Packing:
         self.uniform = True
         self.cu_seqlens = steps * length
         self.max_seqlen = length
-        self.index = self.seq = None
+        self.index = self.seq = self.keep = None
         self.positions = positions  # [L] or [total]
         if seqlens is None:
             return
         lengths = seqlens.to(device=device, dtype=torch.long)
+        if batch == 0:  # nothing to pack: the uniform layout's empty batch
+            return
+        if torch.compiler.is_compiling():
+            self.keep = positions[None, :] < lengths[:, None]  # [B, L]
+            return
         # the one host read per forward: the range check, max_seqlen and the token count
         lo, hi, total = torch.stack([lengths.min(), lengths.max(), lengths.sum()]).tolist()
         if lo < 1 or hi > length:
@@ -144,6 +157,17 @@ class _Packing:
             return bias_dropout_add_scale(h, None, gate[:, None, :], residual, prob, training)
         return gated_add_rows(F.dropout(h, p=prob, training=training), gate, residual, self.seq)
 
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+        """Attention within each row's real tokens: q, k, v ``[B*L or total, H, D]``."""
+        from foldops.ops import padded_attention, varlen_attention
+
+        if self.keep is not None:
+            shape = (self.batch, self.length) + tuple(q.shape[1:])
+            out = padded_attention(q.view(shape), k.view(shape), v.view(shape), self.keep, backend=backend)
+            return out.reshape(q.shape)
+        return varlen_attention(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
+                                causal=False, backend=backend)
+
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """A per-row tensor ``[B, C]`` laid out to broadcast against the activations."""
         return t[:, None, :] if self.uniform else t.index_select(0, self.seq)
@@ -155,7 +179,7 @@ class _Packing:
     def repad(self, x: torch.Tensor) -> torch.Tensor:
         """The working layout -> ``[B, L, ...]`` with zeros at padded positions."""
         if self.uniform:
-            return x
+            return x if self.keep is None else x.masked_fill(~self.keep.view(self.keep.shape + (1,) * (x.dim() - 2)), 0)
         out = x.new_zeros(self.batch * self.length, *x.shape[1:]).index_copy(0, self.index, x)
         return out.reshape(self.batch, self.length, *x.shape[1:])
 
@@ -177,6 +201,8 @@ def _seqlens_tensor(seqlens, batch: int, device: torch.device) -> Optional[torch
         return None
     if not isinstance(seqlens, torch.Tensor):
         seqlens = torch.as_tensor(seqlens, device=device)
+        if seqlens.numel() == 0:  # an empty list reads as float32
+            seqlens = seqlens.long()
     if seqlens.dtype.is_floating_point or seqlens.dtype == torch.bool or seqlens.is_complex():
         raise TypeError(f"seqlens: expected an integer tensor of shape [{batch}], got dtype {seqlens.dtype}")
     if seqlens.shape != (batch,):
@@ -307,14 +333,11 @@ class DDiTBlock(nn.Module):
         self.adaLN_modulation.bias.data.zero_()
 
     def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pack: _Packing) -> torch.Tensor:
-        from foldops.ops import varlen_attention
-
         head_dim = x.shape[-1] // self.n_heads
         qkv = self.attn_qkv(x).unflatten(-1, (3, self.n_heads, head_dim))  # [..., 3, H, D]
         qkv = _rotate_qk(qkv, pack.rotary_shape(cos), pack.rotary_shape(sin))
         q, k, v = qkv.reshape(-1, 3, self.n_heads, head_dim).unbind(1)  # [total, H, D] each
-        out = varlen_attention(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_seqlen, pack.max_seqlen,
-                               causal=False, backend=self.attention_backend)
+        out = pack.attention(q, k, v, self.attention_backend)
         return out.reshape(x.shape[:-1] + (x.shape[-1],))
 
     def _forward_packed(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -29,20 +29,34 @@ Backends:
   ``return_lse``, dropout with a ``generator``, fp64) within ``foldops.budget``: never a
   [B, Lmax, Lmax] or [total, total] tensor. The buckets are planned on the host from the
   sequence lengths (the one read of cu_seqlens below). See ``foldops/ops/_varlen_torch.py``.
+  Under torch.compile (and on fake or meta tensors) the bucketed path is the registered
+  op ``foldops::varlen_attention_torch_fwd``: opaque to the tracer (fullgraph works), its
+  body runs eagerly, reads and checks the lengths; its backward, the op
+  ``foldops::varlen_attention_torch_bwd``, recomputes that forward and differentiates it
+  (one more forward per training step than eager; no double backward). Dropout there draws
+  one seed that both ops replay (explicit softmax, as with a ``generator``). Not under
+  CUDA graph capture, where a host read is illegal.
 - ``reference``: float64-capable, loops over the sequences; never picked by ``auto``.
 
 Input checks: shapes, dtypes and devices always (no device work). The values of
-cu_seqlens (int32, starts at 0, non-decreasing, ends at total, longest <= max_seqlen) are
-read once per cu_seqlens tensor: free on CPU; on an accelerator one small device-to-host
-copy (a sync) the first time a given cu_seqlens tensor is seen, remembered by the
-tensor's identity and version so the layers of one model share one check. Skipped while
-torch.compile traces and during CUDA graph capture (a host read is illegal there; a
-warm-up call before the capture checks the same tensors).
+cu_seqlens (int32, starts at 0, non-decreasing, ends at total, longest <= max_seqlen):
+on CPU read and checked on every call (free there); on an accelerator one small
+device-to-host copy (a sync) the first time a given cu_seqlens tensor is seen,
+remembered by the tensor's identity and version counter so the layers of one model share
+one check. Contract there: an in-place change that bypasses autograd's version counter
+(a write through ``.data``, through memory shared with NumPy or DLPack, or by a kernel
+outside PyTorch) is not seen: the remembered lengths (stale) plan the buckets of the
+``torch`` backend and the check is skipped. Pass a new tensor after such a change.
+(Inference-mode tensors have no version counter: checked on every call.) Skipped while
+torch.compile traces (the ``torch`` backend's registered op checks them when it runs) and
+during CUDA graph capture (a host read is illegal there; a warm-up call before the
+capture checks the same tensors).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from typing import Dict, Optional, Tuple
 
@@ -50,7 +64,7 @@ import torch
 
 from foldops import backends
 from foldops._checks import as_bool_mask, check_tensor
-from foldops.device import cuda_graph_capturing, kernel_support, nvidia_capability
+from foldops.device import cuda_graph_capturing, kernel_support
 from foldops.ops import _varlen_torch as _vt
 from foldops.ops._common import needs_grad
 from foldops.ops._varlen_torch import PADDING_WASTE  # noqa: F401  (documented here)
@@ -66,6 +80,12 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _checked: Dict[int, Tuple[weakref.ref, int, int, int, torch.Tensor]] = {}
 
 
+def _remembered(cu: torch.Tensor) -> bool:
+    """Whether a checked ``cu`` is remembered: on accelerators (where the read is a sync),
+    never on CPU (a read there is free, and memory shared with NumPy changes unseen)."""
+    return cu.device.type != "cpu" and not cu.is_inference()
+
+
 def _tracing(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
@@ -74,9 +94,8 @@ def _tracing(t: torch.Tensor) -> bool:
 
 def _host_lengths(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> torch.Tensor:
     """Check the values of ``cu`` (see the module doc) and return its lengths [B] (int64, CPU)."""
-    # Remembered by identity and version counter; inference tensors have no version
-    # counter, so they are checked on every call.
-    key, version = id(cu), None if cu.is_inference() else cu._version
+    # Remembered by identity and version counter (see _remembered).
+    key, version = id(cu), cu._version if _remembered(cu) else None
     hit = _checked.get(key)
     if version is not None and hit is not None and hit[0]() is cu and hit[1:4] == (version, total, max_seqlen):
         return hit[4]
@@ -102,12 +121,16 @@ def _host_lengths(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_
 
 
 def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        if isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}: expected a Python int (it sizes the launch grid; no device "
-                            f"read), got a tensor")
+    """A non-negative integer (int, NumPy integer; a SymInt while torch.compile traces) as
+    an int; not a tensor (its value would be a device read), a bool or a float."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a Python int (it sizes the launch grid; no device "
+                        f"read), got a tensor")
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-    return value
+    return int(value)
 
 
 def validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale):
@@ -149,10 +172,104 @@ def validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dr
 def _torch_backend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, return_lse, generator, lengths):
     if _vt.torch_varlen_reason(q, dropout_p, generator, return_lse) is None:
         return _vt.torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse)
-    if lengths is None:
-        raise RuntimeError("varlen_attention: the bucketed torch path needs the sequence lengths on the "
-                           "host, which cannot be read while tracing; use backend='triton' or 'reference'")
-    return _vt.torch_buckets(q, k, v, lengths[0], lengths[1], causal, scale, dropout_p, generator, return_lse)
+    if lengths is not None:  # eager: the bucketed path on the lengths validate() read
+        return _vt.torch_buckets(q, k, v, lengths[0], lengths[1], causal, scale, dropout_p, generator, return_lse)
+    if cuda_graph_capturing():
+        raise RuntimeError("varlen_attention: the bucketed torch path reads the sequence lengths on the host, "
+                           "which a CUDA graph capture forbids; use backend='triton'")
+    # Tracing (torch.compile, fake or meta tensors): the registered op, opaque to the tracer.
+    seed = None
+    if dropout_p > 0:
+        device = generator.device if generator is not None else q.device
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)
+    out, lse = torch.ops.foldops.varlen_attention_torch_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale,
+                                                           dropout_p, return_lse, seed)
+    return out, (lse if return_lse else None)
+
+
+# The bucketed torch path as registered custom ops (what torch.compile traces) ------------
+#
+# The buckets are planned on the host from the values of cu_seqlens, which a tracer cannot
+# read: under torch.compile the path is one opaque op whose body runs eagerly (a graph
+# break neither Dynamo nor fullgraph=True sees), with a fake implementation for the
+# shapes. Its backward is a second op that recomputes the bucketed forward and
+# differentiates it with torch.func.vjp (one extra forward per backward, only on this
+# traced path; eager calls keep the autograd graph of the forward). Dropout draws one
+# seed tensor outside the op; both ops seed a generator of their own with it, so the
+# backward sees the forward's mask (the explicit softmax; SDPA's own dropout could not
+# be replayed).
+
+
+def _seeded(seed: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Generator]:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(int(seed.item()))
+
+
+@torch.library.custom_op("foldops::varlen_attention_torch_fwd", mutates_args=())
+def _torch_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
+                  dropout_p: float, return_lse: bool,
+                  seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out [total_q, H, D] in q's dtype, lse fp32 [H, total_q])``; lse is ``[0]`` unless
+    ``return_lse``. Checks the values of cu_seqlens (unchecked while tracing)."""
+    len_q = _host_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    len_k = _host_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    out, lse = _vt.torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, _seeded(seed, q.device),
+                                 return_lse)
+    return out, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
+
+
+@_torch_fwd_op.register_fake
+def _torch_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
+                    return_lse, seed):
+    lse_shape = (q.shape[1], q.shape[0]) if return_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("foldops::varlen_attention_torch_bwd", mutates_args=())
+def _torch_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                  causal: bool, scale: float, dropout_p: float, return_lse: bool,
+                  seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, contiguous, by differentiating a recomputed bucketed forward (the
+    forward's path: ``return_lse`` takes the explicit softmax, as it did)."""
+    len_q = _host_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    len_k = _host_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    generator = _seeded(seed, q.device)
+
+    def forward(q, k, v):
+        return _vt.torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, return_lse)[0]
+
+    # torch.func rather than torch.autograd: an op's body runs below the autograd
+    # dispatch keys, which the functorch transform sets up again for its own level.
+    _, vjp = torch.func.vjp(forward, q, k, v)
+    return tuple(g.contiguous() for g in vjp(grad_out))
+
+
+@_torch_bwd_op.register_fake
+def _torch_bwd_fake(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                    dropout_p, return_lse, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _torch_setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, return_lse, seed = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, seed)
+    ctx.args = (max_q, max_k, causal, scale, dropout_p, return_lse)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _torch_op_backward(ctx, grad_out, _grad_lse):
+    q, k, v, cu_q, cu_k, seed = ctx.saved_tensors
+    grads = (None, None, None)
+    if grad_out is not None:
+        grads = torch.ops.foldops.varlen_attention_torch_bwd(grad_out, q, k, v, cu_q, cu_k, *ctx.args, seed)
+    return *grads, None, None, None, None, None, None, None, None, None
+
+
+_torch_fwd_op.register_autograd(_torch_op_backward, setup_context=_torch_setup_context)
 
 
 def _reference_backend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, return_lse, generator,
@@ -183,32 +300,19 @@ def _triton_supports(device, dtype, head_dim, explicit, **_):
     return None
 
 
-def _torch_supports(device, dtype, head_dim=0, dropout=False, tracing=False, **_):
-    if not tracing:
-        return None
-    # While tracing only torch.nn.attention.varlen can run: the bucketed path reads the
-    # sequence lengths on the host. Its conditions, as in _varlen_torch.torch_varlen_reason.
-    capability = nvidia_capability(device)
-    if capability is None or capability < (8, 0) or dtype not in (torch.float16, torch.bfloat16) \
-            or head_dim > 256 or head_dim % 8 or dropout:
-        return ("while tracing only torch.nn.attention.varlen runs (NVIDIA cc >= 8.0, fp16/bf16, head dim "
-                "a multiple of 8 up to 256, no dropout); the bucketed path reads sequence lengths on the host")
-    return None
-
-
 backends.register(OP, "triton", _triton_backend, priority=100, supports=_triton_supports)
-backends.register(OP, "torch", _torch_backend, priority=50, supports=_torch_supports)
+backends.register(OP, "torch", _torch_backend, priority=50)
 backends.register(OP, "reference", _reference_backend, priority=0, auto=False)
 
 
-def _select(q, backend, dropout_p, n, training, tracing=False):
+def _select(q, backend, dropout_p, n, training):
     """The backend for these inputs; ``n`` (keys: max_seqlen_k, a Python int, never read
     from cu_seqlens) and ``training`` go to the size rules (``foldops.backend_rules``)."""
     if backend == "triton" and q.shape[-1] > KERNEL_MAX_HEAD_DIM:
         raise ValueError(f"q: head dim (last axis) at most {KERNEL_MAX_HEAD_DIM} for backend='triton', "
                          f"got {q.shape[-1]}")
     return backends.select(OP, backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
-                           dropout=dropout_p > 0, tracing=tracing, n=n, training=training)
+                           dropout=dropout_p > 0, n=n, training=training)
 
 
 def varlen_attention(
@@ -233,9 +337,12 @@ def varlen_attention(
         q: ``[total_q, H, D]``. k, v: ``[total_k, H_kv, D]`` (H % H_kv == 0), q's dtype
             and device; any strides.
         cu_seqlens_q, cu_seqlens_k: int32 ``[B+1]``, starting at 0, non-decreasing,
-            ending at total_q / total_k.
-        max_seqlen_q, max_seqlen_k: ints at least the longest sequence (they size the
-            kernels' grids; larger is allowed).
+            ending at total_q / total_k. On an accelerator their checked values are
+            remembered per tensor and version counter: after an in-place change that
+            bypasses the counter (``.data``, shared NumPy/DLPack memory), pass a new
+            tensor (see the module doc). On CPU they are read on every call.
+        max_seqlen_q, max_seqlen_k: ints (or NumPy integers) at least the longest
+            sequence (they size the kernels' grids; larger is allowed).
         causal: query i of a sequence sees keys j <= i + Lk - Lq.
         softmax_scale: logit scale, default ``1/sqrt(D)``.
         dropout_p: attention dropout probability; pass 0 in evaluation (applied whenever
@@ -250,7 +357,7 @@ def varlen_attention(
     lengths = validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                        softmax_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    impl = _select(q, backend, dropout_p, max_seqlen_k, needs_grad(q, k, v), tracing=lengths is None)
+    impl = _select(q, backend, dropout_p, max_seqlen_k, needs_grad(q, k, v))
     out, lse = impl.fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale,
                        float(dropout_p), bool(return_lse), generator, lengths)
     return (out, lse) if return_lse else out

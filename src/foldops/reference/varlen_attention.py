@@ -67,7 +67,9 @@ def varlen_attention(
         logits = logits.masked_fill(~keep, -math.inf)
         row_any = keep.any(-1)  # [Lq]
         # Rows without keys: a finite max, then weights 0 and lse -inf, never NaN.
-        row_max = logits.amax(-1) if lk else logits.new_zeros(heads, lq)
+        # (A -inf column keeps amax defined at Lk = 0 without branching on the length,
+        # which torch.compile could not trace.)
+        row_max = torch.cat([logits, logits.new_full((heads, lq, 1), -math.inf)], -1).amax(-1)
         row_max = torch.where(row_any, row_max, 0.0)
         row_max = row_max.detach().to(softmax_dtype)
         weights = torch.exp(logits - row_max[..., None]).masked_fill(~keep, 0.0)

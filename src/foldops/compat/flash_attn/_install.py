@@ -7,6 +7,13 @@ wins. ``install()`` also refuses when a real flash_attn is importable or already
 Each alias is a fresh module named as flash_attn's (``flash_attn.ops.fused_dense``...)
 whose attributes forward to the foldops module; ``flash_attn.__version__`` names the
 flash_attn API version followed, with ``+foldops``.
+
+What foldops does not provide raises errors that say so: ``from flash_attn import
+flash_attn_with_kvcache`` an ``ImportError``, ``import flash_attn.modules.mha`` a
+``ModuleNotFoundError``, ``getattr``/``hasattr`` an ``AttributeError`` (False). Python
+replaces an ``AttributeError``'s message in ``from m import name`` by "cannot import name
+... (unknown location)", so a missing attribute looked up by that statement raises the
+``ImportError`` itself (the statement's frame is executing ``IMPORT_FROM``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
+import opcode
 import sys
 import types
 
@@ -36,13 +44,30 @@ ALIASES = {
 _PACKAGES = ("flash_attn", "flash_attn.ops", "flash_attn.layers")
 
 
+_IMPORT_FROM = opcode.opmap.get("IMPORT_FROM")
+
+
+def _in_from_import(frame) -> bool:
+    """Whether ``frame`` is executing a ``from m import name`` (its IMPORT_FROM step)."""
+    try:
+        return _IMPORT_FROM is not None and frame.f_code.co_code[frame.f_lasti] == _IMPORT_FROM
+    except (AttributeError, IndexError):
+        return False
+
+
 def _forward_to(target, alias_name):
     def __getattr__(name):
         try:
             return getattr(target, name)
         except AttributeError:
-            raise AttributeError(f"module {alias_name!r} (foldops stand-in for flash_attn) has no attribute "
-                                 f"{name!r}: foldops does not provide it") from None
+            pass
+        if name.startswith("__"):  # dunder probes (copy, pickle, inspect...): the usual error
+            raise AttributeError(f"module {alias_name!r} has no attribute {name!r}")
+        if _in_from_import(sys._getframe(1)):
+            raise ImportError(f"cannot import name {name!r} from {alias_name!r}: foldops's stand-in for "
+                              f"flash_attn does not provide it", name=alias_name) from None
+        raise AttributeError(f"module {alias_name!r} (foldops stand-in for flash_attn) has no attribute "
+                             f"{name!r}: foldops does not provide it") from None
     return __getattr__
 
 
@@ -53,13 +78,14 @@ class _AliasLoader(importlib.abc.Loader):
         module.__foldops_alias__ = target_name
         if spec.name in _PACKAGES:
             module.__path__ = []
+        target = None
         if target_name is not None:
             target = importlib.import_module(target_name)
             names = getattr(target, "__all__", [n for n in vars(target) if not n.startswith("_")])
             for name in names:
                 setattr(module, name, getattr(target, name))
-            module.__getattr__ = _forward_to(target, spec.name)  # the rest, on demand
             module.__doc__ = f"foldops stand-in for {spec.name} (see {target_name})."
+        module.__getattr__ = _forward_to(target, spec.name)  # the rest, on demand
         if spec.name == "flash_attn":
             module.__version__ = API_VERSION
         return module
@@ -73,6 +99,10 @@ class FlashAttnAliasFinder(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in ALIASES:
+            parent = fullname.rpartition(".")[0]
+            if parent in _PACKAGES and _is_alias(sys.modules.get(parent)):  # a submodule foldops lacks
+                raise ModuleNotFoundError(f"No module named {fullname!r}: foldops's stand-in for flash_attn does "
+                                          f"not provide it (it covers {', '.join(ALIASES)})", name=fullname)
             return None
         return importlib.machinery.ModuleSpec(fullname, _AliasLoader(), is_package=fullname in _PACKAGES)
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
 import re
 from typing import Dict, Optional, Sequence
 
@@ -97,15 +99,26 @@ def _rename(exc: Exception, names: Dict[str, str]) -> Exception:
     return type(exc)(f"{names[head]}:{rest}").with_traceback(exc.__traceback__)
 
 
-def _as_int(value):
-    """``max_seqlen`` as a Python int where ``int()`` takes it (numpy ints, one-element
-    tensors); anything else goes on to the op's check, which names the argument."""
-    if value is None or isinstance(value, bool):
+def _as_int(name: str, value):
+    """``max_seqlen`` as a Python int: integral numbers convert (ints, NumPy integers,
+    one-element integer tensors, floats with an integral value); a number with a
+    fractional part raises ``ValueError`` naming the argument (truncating it would
+    undersize the launch grid). Anything else (bool, None, strings...) goes on to the op's
+    check, which names the argument."""
+    if value is None or isinstance(value, (bool, torch.SymInt)):
         return value
     try:
-        return int(value)
-    except (TypeError, ValueError, RuntimeError):
+        return operator.index(value)
+    except TypeError:
+        pass
+    is_float = isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.numel() == 1
+                                                    and value.is_floating_point())
+    if not is_float:
         return value
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return int(number)
 
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, return_lse, names=None):
@@ -114,7 +127,8 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal,
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     try:
-        return varlen_attention(q, k, v, cu_q, cu_k, _as_int(max_q), _as_int(max_k), causal=causal,
+        max_q, max_k = _as_int("max_seqlen_q", max_q), _as_int("max_seqlen_k", max_k)
+        return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal,
                                 softmax_scale=float(softmax_scale), dropout_p=float(dropout_p), return_lse=return_lse)
     except (TypeError, ValueError) as exc:
         renamed = _rename(exc, names) if names else exc
