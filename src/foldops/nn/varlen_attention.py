@@ -17,7 +17,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from foldops.backends import check_module_backend, for_op
 from foldops.ops import padded_attention, varlen_attention
+from foldops.ops.varlen_attention import OP
 
 
 class VarlenSelfAttention(nn.Module):
@@ -44,7 +46,8 @@ class VarlenSelfAttention(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads, self.num_heads_kv = embed_dim, num_heads, num_heads_kv
         self.head_dim = embed_dim // num_heads
-        self.causal, self.dropout, self.softmax_scale, self.backend = causal, dropout, softmax_scale, backend
+        self.causal, self.dropout, self.softmax_scale = causal, dropout, softmax_scale
+        self.backend = check_module_backend(backend)
         self.Wqkv = nn.Linear(embed_dim, (num_heads + 2 * num_heads_kv) * self.head_dim, bias=qkv_proj_bias,
                               **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=out_proj_bias, **factory)
@@ -69,10 +72,11 @@ class VarlenSelfAttention(nn.Module):
                 raise ValueError("x: packed input is [total, E] with cu_seqlens and max_seqlen; got "
                                  f"{tuple(x.shape)}, max_seqlen={max_seqlen}")
             out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=self.causal,
-                                   softmax_scale=self.softmax_scale, dropout_p=dropout_p, backend=self.backend)
+                                   softmax_scale=self.softmax_scale, dropout_p=dropout_p,
+                                   backend=for_op(OP, self.backend))
         else:
             if x.dim() != 3:
                 raise ValueError(f"x: expected [B, L, E] without cu_seqlens, got {tuple(x.shape)}")
             out = padded_attention(q, k, v, key_padding_mask, causal=self.causal, softmax_scale=self.softmax_scale,
-                                   dropout_p=dropout_p, backend=self.backend)
+                                   dropout_p=dropout_p, backend=for_op(OP, self.backend))
         return self.out_proj(out.flatten(-2))
