@@ -266,14 +266,24 @@ def test_auto_traces_its_first_choice_without_a_graph_break(monkeypatch, caplog)
     def body(q, bias, mask):
         return ops.triangle_attention(q, q, q, bias, mask)
 
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled_body = torch.compile(body, fullgraph=True, backend="aot_eager")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no Dynamo warning either (e.g. on lru_cache wrappers)
-        compiled = torch.compile(body, fullgraph=True, backend="aot_eager")(q, bias, mask)
+        compiled = compiled_body(q, bias, mask)
     assert backends._logged == set()
     with caplog.at_level(logging.DEBUG, logger="foldops.backends"):
         eager = body(q, bias, mask)
     torch.testing.assert_close(compiled, eager)
     assert any("triangle_attention: auto picks" in r.getMessage() for r in caplog.records)
+    # The log's memory is no guard of the compiled graph: logging the choice eagerly
+    # (or any other op's) does not recompile it.
+    graphs = counters["stats"]["unique_graphs"]
+    backends._logged.add(("some_op", "torch", "priority"))
+    torch.testing.assert_close(compiled_body(q, bias, mask), eager)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_a_module_backend_names_the_backend_of_each_op_that_has_it(monkeypatch):

@@ -111,7 +111,7 @@ def _log_once(key: Tuple[str, str, str], message: str, *args: Any) -> None:
     """Debug-log ``message`` the first time ``key`` is seen. Not while torch.compile
     traces: Dynamo cannot trace a logger call (a graph break, an error under
     ``fullgraph=True``); the next eager call logs the choice."""
-    if key in _logged or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or key in _logged:  # in this order: no guard on _logged
         return
     _logged.add(key)
     logger.debug(message, *args)
