@@ -482,6 +482,34 @@ def test_torch_backend_under_torch_compile(causal, return_lse, fullgraph):
         torch.testing.assert_close(got_lse, eager_lse, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("return_lse", [False, True], ids=["sdpa", "explicit-softmax"])
+def test_compiled_under_autocast_has_eager_dtype_and_values(return_lse):
+    """fp32 q under bf16 autocast: eager runs the bucketed path's SDPA / matmuls in bf16;
+    the compiled op must declare and return that dtype (its fake says q's dtype), with
+    forward and gradients (cast back to fp32 by autograd) as accurate as eager's against
+    the fp64 reference. (The compiled op casts its inputs once and runs without autocast,
+    so the explicit softmax rounds a little differently from eager.)"""
+    q, k, v, cu_q, cu_k = make_inputs([5, 0, 3], [6, 2, 3], 2, 2, 8)
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+
+    def f(q, k, v, a, b):
+        out = varlen_attention(q, k, v, a, b, 5, 6, return_lse=return_lse, backend="torch")
+        return out if return_lse else (out, None)
+
+    compiled = _compiled(f, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _, got_g = run(lambda *t: compiled(*(x.float() for x in t), cu_q, cu_k), q, k, v, grad_out)
+        eager, _, eager_g = run(lambda *t: f(*(x.float() for x in t), cu_q, cu_k), q, k, v, grad_out)
+    exact, _, exact_g = run(lambda *t: reference(*t, cu_q, cu_k, False), q, k, v, grad_out)
+    assert got.dtype == eager.dtype == torch.bfloat16
+    if not return_lse:  # the SDPA path: the same kernels on the same bf16 inputs
+        torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    assert_within_baseline("out", got.double(), exact, eager.double(), dtype=torch.bfloat16)
+    for name, g, e, x in zip("qkv", got_g, eager_g, exact_g):
+        assert g.dtype == torch.float64  # the fp64 leaves, through autocast's casts
+        assert_within_baseline(f"d{name}", g, x, e, dtype=torch.bfloat16)
+
+
 def test_the_reported_compile_call_runs():
     """The call of the report: auto backend on CPU, no fullgraph."""
     c = torch.tensor([0, 3, 10, 11], dtype=torch.int32)

@@ -64,7 +64,7 @@ import torch
 
 from foldops import backends
 from foldops._checks import as_bool_mask, check_tensor
-from foldops.device import cuda_graph_capturing, kernel_support
+from foldops.device import autocast_dtype_in_effect, cuda_graph_capturing, fp32_region, kernel_support
 from foldops.ops import _varlen_torch as _vt
 from foldops.ops._common import needs_grad
 from foldops.ops._varlen_torch import PADDING_WASTE  # noqa: F401  (documented here)
@@ -174,10 +174,13 @@ def _torch_backend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, 
         return _vt.torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, return_lse)
     if lengths is not None:  # eager: the bucketed path on the lengths validate() read
         return _vt.torch_buckets(q, k, v, lengths[0], lengths[1], causal, scale, dropout_p, generator, return_lse)
-    if cuda_graph_capturing():
-        raise RuntimeError("varlen_attention: the bucketed torch path reads the sequence lengths on the host, "
-                           "which a CUDA graph capture forbids; use backend='triton'")
+    _host_read_allowed(q)
     # Tracing (torch.compile, fake or meta tensors): the registered op, opaque to the tracer.
+    # Its body runs with autocast off; the inputs get here the dtype autocast would give
+    # the bucketed path's SDPA and matmuls eagerly, which the fake output declares.
+    amp = autocast_dtype_in_effect(q)
+    if amp is not None and q.dtype != torch.float64:
+        q, k, v = q.to(amp), k.to(amp), v.to(amp)
     seed = None
     if dropout_p > 0:
         device = generator.device if generator is not None else q.device
@@ -206,17 +209,30 @@ def _seeded(seed: Optional[torch.Tensor], device: torch.device) -> Optional[torc
     return torch.Generator(device=device).manual_seed(int(seed.item()))
 
 
-@torch.library.custom_op("foldops::varlen_attention_torch_fwd", mutates_args=())
+def _host_read_allowed(q: torch.Tensor) -> None:
+    if cuda_graph_capturing():  # e.g. torch.compile(mode="reduce-overhead") recording the op
+        raise RuntimeError("varlen_attention: the bucketed torch path reads the sequence lengths on the host, "
+                           "which a CUDA graph capture forbids; use backend='triton'")
+
+
+# Not for CUDA graphs: the body reads cu_seqlens on the host (the tag, where torch has it,
+# keeps reduce-overhead's graphs around the op).
+_UNSAFE = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
+
+
+@torch.library.custom_op("foldops::varlen_attention_torch_fwd", mutates_args=(), **_UNSAFE)
 def _torch_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float,
                   dropout_p: float, return_lse: bool,
                   seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out [total_q, H, D] in q's dtype, lse fp32 [H, total_q])``; lse is ``[0]`` unless
     ``return_lse``. Checks the values of cu_seqlens (unchecked while tracing)."""
+    _host_read_allowed(q)
     len_q = _host_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
     len_k = _host_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
-    out, lse = _vt.torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, _seeded(seed, q.device),
-                                 return_lse)
+    with fp32_region(q):  # q's dtype, as the fake output says, whatever autocast the graph runs under
+        out, lse = _vt.torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, _seeded(seed, q.device),
+                                     return_lse)
     return out, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
 
 
@@ -227,13 +243,14 @@ def _torch_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("foldops::varlen_attention_torch_bwd", mutates_args=())
+@torch.library.custom_op("foldops::varlen_attention_torch_bwd", mutates_args=(), **_UNSAFE)
 def _torch_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                   causal: bool, scale: float, dropout_p: float, return_lse: bool,
                   seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous, by differentiating a recomputed bucketed forward (the
     forward's path: ``return_lse`` takes the explicit softmax, as it did)."""
+    _host_read_allowed(q)
     len_q = _host_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
     len_k = _host_lengths("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     generator = _seeded(seed, q.device)
@@ -243,8 +260,9 @@ def _torch_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
     # torch.func rather than torch.autograd: an op's body runs below the autograd
     # dispatch keys, which the functorch transform sets up again for its own level.
-    _, vjp = torch.func.vjp(forward, q, k, v)
-    return tuple(g.contiguous() for g in vjp(grad_out))
+    with fp32_region(q):  # the forward op's dtypes
+        _, vjp = torch.func.vjp(forward, q, k, v)
+        return tuple(g.contiguous() for g in vjp(grad_out))
 
 
 @_torch_bwd_op.register_fake
