@@ -49,17 +49,15 @@ def check_rotations(name: str, rots: Any, batch_shape: Optional[Sequence[int]] =
             raise ValueError(f"mask: expected shape {tuple(rots.shape[:-2])} (the frames'), got {tuple(mask.shape)}")
     if rots.numel() and not torch.compiler.is_compiling() and rots.device.type != "meta":
         r = rots.detach().to(torch.promote_types(rots.dtype, torch.float32))
-        if mask is not None:
-            r = r[mask]  # [kept, 3, 3]
-        if not r.numel():
-            return rots
         eye = torch.eye(3, dtype=r.dtype, device=r.device)
+        if mask is not None:  # padded frames checked as the identity (no boolean indexing: a host sync)
+            r = torch.where(mask[..., None, None], r, eye)
         gram = (r[..., :, None, :] * r[..., None, :, :]).sum(-1)  # R R^T, elementwise: autocast-proof
         err = (gram - eye).abs().amax()
         det = (r[..., 0, :] * torch.linalg.cross(r[..., 1, :], r[..., 2, :], dim=-1)).sum(-1)
         det_err = (det - 1).abs().amax()
         tol = ORTHONORMAL_TOLERANCE.get(rots.dtype, 1e-3)
-        worst = max(err.item(), det_err.item())
+        worst = max(torch.stack([err, det_err]).tolist())  # one host read
         if not worst <= tol:
             raise ValueError(
                 f"{name}: expected rotation matrices (R R^T = I, det R = +1), largest deviation {worst:.3e} "
