@@ -295,6 +295,23 @@ def test_torch_compile_fullgraph_equals_eager():
                 torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+def test_compiled_batch_padded_with_a_dummy_row_trains_finite():
+    """Under compile the rows are not checked: a row of padding only (a batch padded to a
+    fixed size, to avoid recompiles) must leave the real rows as eager computes them and
+    every gradient finite (token dropout's masked share was 0/0 there)."""
+    model = _small(layers=2, dim=32, heads=4).double()
+    model.backend = "torch"
+    real = _tokens([("a", "MKTAYIAK"), ("b", "GS<mask>H")])
+    tokens = torch.cat([real, torch.full((1, real.shape[1]), 1)])  # 1: the padding id
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(tokens)["logits"]
+    want = model(real)["logits"]
+    torch.testing.assert_close(got[:2], want, rtol=1e-12, atol=1e-12)
+    assert (got[2] == 0).all()
+    got[:2].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_empty_batch_gives_empty_outputs():
     model = _small(layers=2, dim=32, heads=4)
     tokens = torch.zeros(0, 5, dtype=torch.long)

@@ -172,7 +172,8 @@ class ESM2(nn.Module):
             is_mask = tok.eq(self.mask_idx)
             x = x.masked_fill(is_mask[:, None], 0.0)
             compute = torch.promote_types(x.dtype, torch.float32)  # fp32, fp64 for an fp64 model
-            observed = tokens.eq(self.mask_idx).sum(-1).to(compute) / pack.lengths.to(compute)  # [B]
+            # clamp: a row of padding only (refused eagerly, unchecked under compile) gives 0, not 0/0
+            observed = tokens.eq(self.mask_idx).sum(-1).to(compute) / pack.lengths.clamp_min(1).to(compute)  # [B]
             scale = (1.0 - TOKEN_DROPOUT_TRAIN_RATIO) / (1.0 - observed)
             x = (x.to(compute) * scale[pack.row][:, None]).to(x.dtype)
         return x
