@@ -301,6 +301,10 @@ def test_a_module_backend_names_the_backend_of_each_op_that_has_it(monkeypatch):
         fnn.InvariantPointAttention(16, 8, 4, 2, 3, 2, backend="bogus")
     assert backends.for_op("swiglu_transition", "triton") == "auto"
     assert backends.for_op("triangle_attention", "triton") == "triton"
+    layer = fnn.Transition(8, 16)
+    layer.backend = "trition"  # set after construction: refused at the call, not taken as auto
+    with pytest.raises(ValueError, match="backend: unknown backend 'trition'"):
+        layer(torch.randn(2, 8))
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
     gen = torch.Generator().manual_seed(0)

@@ -203,8 +203,13 @@ def check_module_backend(value: Any) -> str:
 
 def for_op(op: str, requested: str) -> str:
     """What a module whose ``backend=`` is ``requested`` passes to ``op``: the name if
-    ``op`` has a backend of that name, else ``"auto"``."""
-    return requested if requested in _REGISTRY.get(op, ()) else AUTO
+    ``op`` has a backend of that name, else ``"auto"``; a name no op has (a module's
+    ``backend`` attribute set after it was built) is refused as the constructor would."""
+    if requested in _REGISTRY.get(op, ()) or requested == AUTO:
+        return requested
+    if not any(requested in table for table in _REGISTRY.values()):
+        check_module_backend(requested)  # raises, after registering every op
+    return AUTO
 
 
 def availability(op: str, explicit: bool = True, **ctx: Any) -> List[Tuple[str, Optional[str]]]:

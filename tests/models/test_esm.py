@@ -225,6 +225,8 @@ def test_input_errors():
         model(torch.full((1, 3), 40))
     with pytest.raises(ValueError, match="repr_layers: layer 4"):
         model(_tokens(), repr_layers=[4])
+    with pytest.raises(ValueError, match="backend: unknown backend 'trition'"):
+        ESM2(ESM2Config(num_layers=1, embed_dim=32, attention_heads=4), backend="trition")
 
 
 def test_tokenizer_round_trip_and_errors():

@@ -171,6 +171,8 @@ def test_bad_input_is_named():
         SEDD({**CONFIG, "graph": {"type": "masked"}})
     with pytest.raises(ValueError, match="amp_dtype"):
         SEDD(CONFIG, amp_dtype="bf16")
+    with pytest.raises(ValueError, match="attention_backend: unknown backend 'trition'"):
+        SEDD(CONFIG, attention_backend="trition")
 
 
 @pytest.mark.skipif(not triton_interpret(), reason="CPU tensors reach the Triton kernels only under the interpreter; "

@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from foldops.backends import check_module_backend
 from foldops.models.esm_alphabet import Alphabet, BatchConverter  # noqa: F401  (re-exported)
 from foldops.models._esm_layers import _ContactHead, _Layer, _LMHead, _Pack
 
@@ -114,7 +115,7 @@ class ESM2(nn.Module):
                 raise ValueError(f"config: expected an ESM2Config or one of {sorted(ESM2_CONFIGS)}, got {config!r}")
             config = ESM2Config(**asdict(ESM2_CONFIGS[config]))
         self.config = config
-        self.backend = backend
+        self.backend = check_module_backend(backend)
         self.alphabet = Alphabet()
         cfg = config
         self.num_layers, self.embed_dim, self.attention_heads = cfg.num_layers, cfg.embed_dim, cfg.attention_heads

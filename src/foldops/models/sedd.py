@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from foldops import backends
 from foldops import device as fdevice
 from foldops.models._rows import gated_add_rows, modulate_rows
 
@@ -480,6 +481,9 @@ class SEDD(nn.Module):
     def attention_backend(self, name: str) -> None:
         if not isinstance(name, str):
             raise TypeError(f"attention_backend: expected a backend name, got {type(name).__name__}")
+        if name != "auto" and name not in backends.known_backends():
+            raise ValueError(f"attention_backend: unknown backend {name!r}; valid: {backends.known_backends()} "
+                             "or 'auto'")
         self._attention_backend = name
         for block in self.blocks:
             block.attention_backend = name
