@@ -307,17 +307,25 @@ def test_a_module_backend_names_the_backend_of_each_op_that_has_it(monkeypatch):
         layer(torch.randn(2, 8))
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs the Triton interpreter or a GPU")
+    from foldops.testing import assert_within_baseline
+
     gen = torch.Generator().manual_seed(0)
     s, z = torch.randn(1, 5, 8, generator=gen), torch.randn(1, 5, 5, 8, generator=gen)
     mask = torch.ones(1, 5)
     mask[:, -1] = 0
     pair_mask = mask[:, :, None] * mask[:, None, :]
-    layers = {name: fnn.PairformerLayer(8, 8, 2, 0.0, 4, 2, backend=name).eval() for name in ("triton", "reference")}
+    exact = fnn.PairformerLayer(8, 8, 2, 0.0, 4, 2, backend="reference", dtype=torch.float64).eval()
     with torch.no_grad():  # Boltz's init zeroes the output projections: randomise every weight
-        for p in layers["reference"].parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    layers["triton"].load_state_dict(layers["reference"].state_dict())
-    with torch.no_grad():
-        (s_t, z_t), (s_r, z_r) = (layers[name](s, z, mask, pair_mask) for name in ("triton", "reference"))
-    torch.testing.assert_close(z_t, z_r, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(s_t, s_r, rtol=1e-4, atol=1e-4)
+        for p in exact.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+    results = {}
+    for name, dtype in (("triton", torch.float32), ("torch", torch.float32), ("reference", torch.float64)):
+        layer = fnn.PairformerLayer(8, 8, 2, 0.0, 4, 2, backend=name, dtype=dtype).eval()
+        layer.load_state_dict(exact.state_dict())
+        leaves = [s.to(dtype).requires_grad_(), z.to(dtype).requires_grad_()]
+        s_out, z_out = layer(*leaves, mask, pair_mask)
+        grads = torch.autograd.grad((s_out.square().sum() + z_out.square().sum()), leaves)
+        results[name] = [t.detach().double() for t in (s_out, z_out, *grads)]
+    for i, what in enumerate(("s", "z", "ds", "dz")):
+        assert_within_baseline(what, results["triton"][i], results["reference"][i], results["torch"][i],
+                               dtype=torch.float32)

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,8 @@ def test_pointwise_steps_trace_without_graph_breaks():
     assert dynamo.explain(bias_dropout_add_scale)(x, None, scale, x, 0.1, True).graph_break_count == 0
 
 
+@pytest.mark.skipif(not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")),
+                    reason="Inductor's CPU code needs a C++ compiler")
 def test_pointwise_steps_compile_to_one_kernel_each():
     """The docs' claim: torch.compile (Inductor, here its CPU code) fuses each step into
     one pointwise kernel, with and without dropout; the results are eager's."""

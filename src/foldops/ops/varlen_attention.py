@@ -51,6 +51,11 @@ outside PyTorch) is not seen: the remembered lengths (stale) plan the buckets of
 torch.compile traces (the ``torch`` backend's registered op checks them when it runs) and
 during CUDA graph capture (a host read is illegal there; a warm-up call before the
 capture checks the same tensors).
+
+Under torch.compile the ``torch`` backend's bucketed path is a registered op (its body
+reads cu_seqlens when it runs; not for CUDA graphs, so ``mode="reduce-overhead"`` runs it
+outside them). Dropout there with a ``generator=`` breaks the graph (an error under
+``fullgraph=True``): without one the seed is drawn from the default generator.
 """
 
 from __future__ import annotations
