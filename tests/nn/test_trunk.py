@@ -157,3 +157,19 @@ def test_padded_residues_may_hold_placeholder_frames():
             assert torch.isfinite(g).all()
             torch.testing.assert_close(g, w, rtol=0, atol=0)
     torch.testing.assert_close(want[1][pad], torch.eye(3, dtype=torch.float64).expand(int(pad.sum()), 3, 3))
+
+
+def test_blocks_get_bool_masks_and_read_nothing_on_the_host():
+    """The trunk checks a float mask once and hands its blocks bool masks, so no block
+    checks 0/1 values again (a host read per block on a GPU); the results are those of
+    the float mask."""
+    from foldops.testing import forbid_host_sync
+
+    trunk = Trunk(C_S, C_Z, ["pair_attention", "pair_attention"], SMALL, backend="torch")
+    _randomise(trunk)
+    s, z, mask = _inputs()
+    want = trunk(s, z, None, mask)
+    with forbid_host_sync():
+        got = trunk(s, z, None, mask.bool())
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

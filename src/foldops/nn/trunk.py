@@ -171,12 +171,12 @@ class Trunk(nn.Module):
         check_tensor("z", z, (batch, n, n, self.c_z), device=s.device)
         keep = None
         if mask is None:
-            mask = torch.ones(batch, n, dtype=s.dtype, device=s.device)
+            mask = torch.ones(batch, n, dtype=torch.bool, device=s.device)
         else:
             check_tensor("mask", mask, (batch, n), dtypes=None, device=s.device)
-            keep = as_bool_mask("mask", mask, (batch, n), s.device)
-            mask = mask.to(s.dtype)
-        pair_mask = mask[:, :, None] * mask[:, None, :]
+            keep = mask = as_bool_mask("mask", mask, (batch, n), s.device)
+        # Bool masks for the blocks: a float mask would be checked (a host read) in each.
+        pair_mask = mask[:, :, None] & mask[:, None, :]
         if frames is None and BlockType.IPA in self.block_types:
             frames = Rigid.identity((batch, n), dtype=torch.promote_types(s.dtype, torch.float32), device=s.device)
         elif frames is not None:
