@@ -17,7 +17,7 @@ import os
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, even from a test shell
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import torch  # noqa: E402
