@@ -20,7 +20,10 @@ The argument list mirrors cuEquivariance's ``triangle_multiplicative_update`` (w
 Boltz-2 calls with ``use_kernels=True``), hidden width included. The triangular product
 and LayerNorm_out run in fp32 (fp64 for fp64 inputs) whatever the input dtype, as Boltz
 casts ``a, b`` to float; the projections run in the input dtype, or autocast's. The output at a masked
-pair is not zeroed (as in Boltz and cuEquivariance): only ``a`` and ``b`` are.
+pair is not zeroed (as in Boltz and cuEquivariance): only ``a`` and ``b`` are. So a
+non-finite ``x`` at a masked pair stays out of the forward at kept pairs, but not out of
+the backward: that pair's output gate is non-finite, and ``0 * nan`` there spreads
+through the triangular product to every gradient (Boltz alike). Keep padding finite.
 
 Backends:
 
