@@ -305,6 +305,46 @@ def test_padded_attention_causal_equals_packed(backend):
     assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2]))  # rows i < Lq - Lk see no key
 
 
+def padded_run(backend, dtype, q, k, v, keep, causal):
+    leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out = padded_attention(*leaves, keep, causal=causal, backend=backend)
+    grad_out = torch.arange(out.numel(), dtype=torch.float64).reshape(out.shape).sin()
+    return out.detach(), torch.autograd.grad(out, leaves, grad_out.to(dtype))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("where", ["k", "v", "kv"])
+def test_padded_keys_holding_nan_or_inf_contribute_nothing(backend, dtype, causal, where):
+    """A padded key (mask False) contributes nothing whatever k and v hold there: with NaN
+    or inf at the padded keys, outputs and gradients equal (bitwise) those of the same
+    inputs with finite values there (and the float64 reference); padded keys get zero
+    gradients; a batch row without keys gives zeros. GQA (4 query heads, 2 kv heads)."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 5, 4, 8, dtype=torch.float64)
+    k, v = (torch.randn(3, 7, 2, 8, dtype=torch.float64) for _ in range(2))
+    keep = torch.tensor([[1, 1, 0, 1, 0, 1, 0], [0] * 7, [1, 0, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    finite_out, finite_grads = padded_run(backend, dtype, q, k, v, keep, causal)
+    exact_out, exact_grads = padded_run("reference", torch.float64, q, k, v, keep, causal)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for value in (math.nan, math.inf, -math.inf):
+        kb, vb = k.clone(), v.clone()
+        for name, t in (("k", kb), ("v", vb)):
+            if name in where:
+                t[~keep] = value
+        out, grads = padded_run(backend, dtype, q, kb, vb, keep, causal)
+        assert torch.equal(out, finite_out)
+        assert (out.double() - exact_out).abs().max() < tol
+        for g, g_finite, g_exact in zip(grads, finite_grads, exact_grads):
+            assert torch.equal(g, g_finite)
+            assert (g.double() - g_exact).abs().max() < tol
+        for g in grads[1:]:
+            assert torch.equal(g[~keep], torch.zeros_like(g[~keep]))
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert torch.equal(grads[0][1], torch.zeros_like(grads[0][1]))
+
+
 # Selection and bad input -----------------------------------------------------------------
 
 

@@ -537,10 +537,18 @@ def torch_buckets(q, k, v, len_q, len_k, causal, scale, dropout_p, generator, re
 
 def dense(q, k, v, keep, causal, scale, dropout_p, exact):
     """[B, L, H, D] attention with a [B, Lk] keep-mask (or None) by SDPA (or explicit
-    softmax for ``exact``: the reference); rows without keys give zeros."""
+    softmax for ``exact``: the reference); rows without keys give zeros.
+
+    A padded key (``keep`` False) contributes nothing whatever k and v hold there: both
+    are zeroed (masked_fill, so NaN/inf there reach neither the outputs nor, through
+    0 * NaN, any gradient; the padded keys' own gradients are zero) before the -inf mask,
+    which then meets finite logits. Finite inputs give the same results as without."""
     batch, lq, heads, head_dim = q.shape
     lk = k.shape[1]
     group = heads // k.shape[2]
+    if keep is not None:
+        padded = ~keep[:, :, None, None]  # [B, Lk, 1, 1]
+        k, v = k.masked_fill(padded, 0), v.masked_fill(padded, 0)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     if group > 1:
         kt, vt = (t.repeat_interleave(group, dim=1) for t in (kt, vt))

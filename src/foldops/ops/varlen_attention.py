@@ -400,7 +400,9 @@ def padded_attention(
     """Dense-form attention: ``q [B, L, H, D]``, ``k, v [B, Lk, H_kv, D]``.
 
     ``key_padding_mask``: ``[B, Lk]`` keep-mask (bool or 0/1), True = a real key; a batch
-    row without keys gives zeros. ``causal``: query i sees keys j <= i + Lk - L (and kept).
+    row without keys gives zeros; a padded key contributes nothing whatever k and v hold
+    there (NaN/inf included), and gets zero gradients. ``causal``: query i sees keys
+    j <= i + Lk - L (and kept).
 
     The ``triton`` backend runs the packed kernels without a host sync: the keys of each
     row are stably reordered kept-first, and each row becomes two packed sequences (its
