@@ -4,6 +4,8 @@ The ``triton`` backend has its own tests next to the kernel (tests/kernels); her
 appears in the selection and error tests only.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -390,3 +392,74 @@ def test_selection_gets_size_and_mode(monkeypatch):
         ipa(*inputs, mask, backend="torch")
     ipa(*[t.requires_grad_() for t in inputs], mask, backend="torch")
     assert [(c["n"], c["training"]) for c in seen] == [(6, False), (6, True)]
+
+
+def spoil(inputs, mask, name, value):
+    """A copy of ``inputs`` with ``value`` (NaN or inf) in input ``name`` at every padded
+    residue: its rows for the per-residue inputs, every pair with a padded row or key
+    for ``bias`` and ``z`` (``point_weights`` has no residues)."""
+    out = [t.detach().clone() for t in inputs]
+    t = out[NAMES.index(name)]
+    pad = ~mask
+    if name == "bias":  # [B, H, N, N]
+        t.masked_fill_((pad[:, None, :, None] | pad[:, None, None, :]), value)
+    elif name == "z":  # [B, N, N, Cz]
+        t.masked_fill_((pad[:, :, None] | pad[:, None, :])[..., None], value)
+    else:
+        t[pad] = value
+    return out
+
+
+def check_non_finite_padding_is_inert(backend, inputs, mask, name, value, **kw):
+    """Outputs and the gradients of all nine inputs bitwise those of the clean run
+    (whose padded values are finite); padded rows exactly zero; nothing non-finite."""
+    assert (~mask).any()
+    g = torch.Generator().manual_seed(5)
+
+    def run(ins):
+        ins = [t.detach().clone().requires_grad_() for t in ins]
+        outs = ipa(*ins, mask, backend=backend, **kw)
+        weights = [torch.randn(o.shape, dtype=torch.float64, generator=g).to(o.dtype) for o in outs]
+        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        return [o.detach() for o in outs], torch.autograd.grad(loss, ins)
+
+    clean_outs, clean_grads = run(inputs)
+    g.manual_seed(5)
+    outs, grads = run(spoil(inputs, mask, name, value))
+    for o, want in zip(outs, clean_outs):
+        assert torch.isfinite(o).all()
+        assert (o[~mask] == 0).all()
+        torch.testing.assert_close(o, want, rtol=0, atol=0)
+    for n, gr, want in zip(NAMES, grads, clean_grads):
+        assert torch.isfinite(gr).all(), n
+        torch.testing.assert_close(gr, want, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "point_weights"])
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.float64),
+                                           ("reference", torch.float64)], ids=["torch-fp32", "torch-fp64", "reference"])
+def test_non_finite_values_at_padded_residues_do_not_leak(backend, dtype, name, value):
+    """NaN or inf in any input at padded residues (mask False) changes no output or
+    gradient: the module doc's "padding never changes a real residue's outputs" holds
+    for any values there, not only finite ones."""
+    inputs, mask = make_inputs(2, 9, 2, 3, 2, 2, 3)
+    inputs = [t.to(dtype) for t in inputs]
+    check_non_finite_padding_is_inert(backend, inputs, mask, name, value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_padding_torch_blocks_and_chunks(monkeypatch, value):
+    """The torch backend's pair product masks z a block of rows at a time (forward and
+    backward) and chunks query rows at inference: several blocks, several chunks."""
+    module = importlib.import_module("foldops.ops.invariant_point_attention")  # the module, not the function
+    monkeypatch.setattr(module, "EXACT_ROWS", 3)
+    inputs, mask = make_inputs(2, 10, 2, 3, 2, 2, 3)
+    for name in ("z", "bias", "k_pts"):
+        check_non_finite_padding_is_inert("torch", inputs, mask, name, value)
+        with torch.no_grad():
+            clean = ipa(*inputs, mask, backend="torch", chunk_size=4)
+            dirty = ipa(*spoil(inputs, mask, name, value), mask, backend="torch", chunk_size=4)
+        for o, want in zip(dirty, clean):
+            assert (o[~mask] == 0).all()
+            torch.testing.assert_close(o, want, rtol=0, atol=0)

@@ -20,7 +20,9 @@ With OpenFold's weights: ``scale = sqrt(1 / (3 C))``, ``bias = sqrt(1/3) * linea
 the softplus and both factors are applied by the caller, the op only multiplies by
 -1/2. Keys of padded residues get no weight; rows of padded residues are zero (outputs
 and gradients), where OpenFold's additive ``-inf`` mask leaves them attending over all
-keys. Padding never changes a real residue's outputs.
+keys. Padding never changes a real residue's outputs or gradients, whatever values the
+padded residues hold (NaN and inf included: every backend selects them away, never
+multiplies them by 0).
 
 Backends: ``triton`` (CUDA cc >= 8.0: one pass over key tiles per query row computes
 the logits, an online softmax and all three outputs, streaming z; the backward keeps
@@ -63,9 +65,10 @@ def _centre(pts, mask, dtype):
         pts = pts.to(dtype)
         if mask is None:
             return pts.mean(dim=(1, 3), keepdim=True)
-        keep = mask.to(dtype)[:, :, None, None, None]
-        count = keep.sum(dim=1, keepdim=True).clamp_min(1.0) * pts.shape[3]
-        return (pts * keep).sum(dim=(1, 3), keepdim=True) / count
+        keep = mask[:, :, None, None, None]
+        count = keep.to(dtype).sum(dim=1, keepdim=True).clamp_min(1.0) * pts.shape[3]
+        # A selection, not a product: padded residues' points may be NaN or inf.
+        return torch.where(keep, pts, 0.0).sum(dim=(1, 3), keepdim=True) / count
 
 
 def _grid_bits(coordinates: int) -> int:
@@ -181,8 +184,53 @@ class _AddExactTerm(torch.autograd.Function):
         return grad, None, None, None, None, d_factor
 
 
+def _padded_to_zero(mask, *tensors):
+    """``tensors`` ``[B, N, ...]`` with padded residues' entries set to 0 (selected, not
+    multiplied: whatever they hold, NaN and inf included, reaches no real residue's
+    outputs or gradients, and their own gradients are zero)."""
+    return tuple(torch.where(mask.view(mask.shape + (1,) * (t.dim() - 2)), t, 0.0) for t in tensors)
+
+
+class _PairProduct(torch.autograd.Function):
+    """``a_t @ z_kept``: ``a_t`` ``[B, c, H, N]``, ``z`` ``[B, c, N, Cz]`` (a row chunk of the pair
+    values, as given), ``pair_keep`` ``[B, c, N]`` bool or None; ``z_kept`` is ``z`` with
+    the dropped pairs' entries set to 0 (0 * NaN would be NaN). It is formed a block of
+    ``EXACT_ROWS`` rows at a time and not kept: the backward forms it again, so no copy
+    of z lives beyond one block."""
+
+    @staticmethod
+    def _kept(z, pair_keep, rows):
+        return z[:, rows].masked_fill(~pair_keep[:, rows, :, None], 0.0)
+
+    @staticmethod
+    def forward(ctx, a_t, z, pair_keep):
+        ctx.save_for_backward(a_t, z, pair_keep)
+        # The backward's products under the forward's autocast state, as a plain matmul's.
+        device = a_t.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return torch.cat([torch.matmul(a_t[:, start:start + EXACT_ROWS],
+                                       _PairProduct._kept(z, pair_keep, slice(start, start + EXACT_ROWS)))
+                          for start in range(0, z.shape[1], EXACT_ROWS)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a_t, z, pair_keep = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        d_a = d_z = None
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            if ctx.needs_input_grad[0]:
+                d_a = torch.cat([torch.matmul(grad[:, start:start + EXACT_ROWS],
+                                              _PairProduct._kept(z, pair_keep, slice(start, start + EXACT_ROWS)).mT)
+                                 for start in range(0, z.shape[1], EXACT_ROWS)], dim=1)
+            if ctx.needs_input_grad[1]:
+                d_z = torch.matmul(a_t.mT, grad)  # zero at dropped pairs, where a_t is zero
+        return (None if d_a is None else d_a.to(a_t.dtype)), (None if d_z is None else d_z.to(z.dtype)), None
+
+
 def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, scale, chunk_size):
     batch, n, heads, channels = q.shape
+    if mask is not None:
+        q, k, v, q_pts, k_pts, v_pts = _padded_to_zero(mask, q, k, v, q_pts, k_pts, v_pts)
     acc = _accumulator(q.dtype)
     qa, ka, qe, ke, qn, kn, factor = point_operands(q_pts, k_pts, point_weights, mask, acc)
     # One matmul for the scalar term and the point term's small part, one exact one.
@@ -213,17 +261,23 @@ def _torch_backend(q, k, v, q_pts, k_pts, v_pts, bias, point_weights, z, mask, s
         logits = _AddExactTerm.apply(logits, qe[:, :, rows], ke, qn[:, :, rows], kn, factor)
         if keep is None:
             a = torch.softmax(logits, dim=-1)
+            pair_keep = None
         else:
-            a = torch.softmax(logits.masked_fill(~keep[:, None, None, :], torch.finfo(acc).min), dim=-1)
-            a = a * keep[:, None, rows, None].to(acc)  # padded rows (and all-padded items) are zero
+            # Dropped pairs (padded key or padded row) selected away, whatever the bias
+            # holds there; padded rows (and all-padded items) are zero.
+            pair_keep = keep[:, rows, None] & keep[:, None, :]  # [B, c, N]
+            a = torch.softmax(logits.masked_fill(~pair_keep[:, None], torch.finfo(acc).min), dim=-1)
+            a = torch.where(keep[:, None, rows, None], a, 0.0)
         outs.append(torch.matmul(a, v_all))  # [B, H, c, C + 3 Pv]
         # Pair output: for each row i, [H, N] @ [N, Cz]; z is read in its own dtype.
-        outs_pair.append(torch.matmul(a.transpose(1, 2).to(z.dtype), z[:, rows]))  # [B, c, H, Cz]
+        a_t = a.transpose(1, 2).to(z.dtype)
+        outs_pair.append(torch.matmul(a_t, z[:, rows]) if keep is None  # [B, c, H, Cz]
+                         else _PairProduct.apply(a_t, z[:, rows], pair_keep))
     o_all = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).transpose(1, 2)  # [B, N, H, C + 3 Pv]
     out_pair = outs_pair[0] if len(outs_pair) == 1 else torch.cat(outs_pair, dim=1)
     out = o_all[..., :channels].to(q.dtype)
     out_pts = o_all[..., channels:].reshape(batch, n, heads, pv, 3)
-    out_pts = out_pts + (v_centre if keep is None else v_centre * keep[:, :, None, None, None].to(acc))
+    out_pts = out_pts + (v_centre if keep is None else torch.where(keep[:, :, None, None, None], v_centre, 0.0))
     out_pts = out_pts.to(v_pts.dtype)
     return out, out_pts, out_pair.to(z.dtype)
 

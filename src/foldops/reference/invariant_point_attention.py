@@ -53,6 +53,14 @@ def invariant_point_attention(
     backend's error is compared with.
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if mask is not None:
+        # Padded residues' entries are selected away (not multiplied by 0: they may be
+        # NaN or inf), so that they reach no real residue's outputs or gradients.
+        keep = mask.bool()
+        pair = keep[:, :, None] & keep[:, None, :]  # [B, N, N]
+        q, k, v, q_pts, k_pts, v_pts = (torch.where(keep.view(keep.shape + (1,) * (t.dim() - 2)), t, 0.0)
+                                        for t in (q, k, v, q_pts, k_pts, v_pts))
+        z = torch.where(pair[..., None], z, 0.0)
     logits = torch.einsum("bihc,bjhc->bhij", q * scale, k).to(acc)
     logits = logits + bias.to(acc)
     disp = q_pts[:, :, None] - k_pts[:, None, :]  # [B, N, N, H, Pq, 3]
@@ -62,9 +70,7 @@ def invariant_point_attention(
     if mask is None:
         a = torch.softmax(logits, dim=-1)
     else:
-        keep = mask.bool()
-        a = masked_softmax(logits, keep[:, None, None, :], dim=-1)
-        a = a * keep[:, None, :, None].to(a.dtype)  # padded residues' rows are zero
+        a = masked_softmax(logits, pair[:, None], dim=-1)  # padded residues' rows are zero
     out = torch.einsum("bhij,bjhc->bihc", a.to(v.dtype), v)
     # Value points relative to their mean over the real residues (the weights of a kept
     # row sum to 1, so the translation is added back as is): the gradient of the logits,

@@ -92,8 +92,11 @@ def ipa_bwd_row_kernel(
         row_kept = tl.load(MASK + b * stride_mask_b + i * stride_mask_n).to(tl.int1)
     # dP's point term from vp_j - vp_i, as the forward's relative point output (module doc)
     vp_row = load_row(VP + b * stride_vp_b + i * stride_vp_n, offs_h, offs_e, stride_vp_h, stride_vp_e, h_ok, e_ok)
-    if HAS_MASK:
+    q_ok = h_ok[:, None]
+    if HAS_MASK:  # a dropped row's own operands are not read (0): they may be NaN or inf
         vp_row = tl.where(row_kept, vp_row, 0.0)
+        qp_row = tl.where(row_kept, qp_row, 0.0)
+        q_ok = (q_ok & row_kept) != 0
 
     dq = tl.zeros([HP, CP], tl.float32)
     dqp = tl.zeros([HP, DP], tl.float32)
@@ -110,22 +113,24 @@ def ipa_bwd_row_kernel(
         j_keep = j_ok
         if HAS_MASK:
             key_kept = tl.load(MASK + b * stride_mask_b + offs_j * stride_mask_n, mask=j_ok, other=0).to(tl.int1)
-            j_keep = j_keep & key_kept & row_kept
+            j_keep = (j_keep & key_kept & row_kept) != 0  # bool (the interpreter makes & with a scalar an int)
         hj_ok = h_ok[:, None] & j_ok[None, :]
         bias = tl.load(bias_row + offs_h[:, None] * stride_bias_h + offs_j[None, :] * stride_bias_j,
                        mask=hj_ok, other=0.0).to(tl.float32)
+        # Dropped keys' operands are not read (0): dS = 0 there, but 0 * NaN would be NaN.
+        hj_keep = h_ok[:, None] & j_keep[None, :]
         s, dist2 = logits_tile(q_ptrs, k_b + offs_h[:, None] * stride_k_h + offs_j[None, :] * stride_k_n,
-                               h_ok[:, None], hj_ok, stride_q_c, stride_k_c,
+                               q_ok, hj_keep, stride_q_c, stride_k_c,
                                qp_ptrs, kp_b + offs_h[:, None] * stride_kp_h + offs_j[None, :] * stride_kp_n,
                                stride_qp_d, stride_kp_d, bias, w[:, None], scale, C, D)
         s = tl.where(j_keep[None, :], s, float("-inf"))
         p = tl.exp((s - lse_max[:, None]) - lse_log[:, None])  # [HP, BLOCK_N]; 0 at dropped keys, rows
-        v = load_heads_tile(v_b, offs_h, offs_j, offs_c, stride_v_n, stride_v_h, stride_v_c, h_ok, j_ok, c_ok)
+        v = load_heads_tile(v_b, offs_h, offs_j, offs_c, stride_v_n, stride_v_h, stride_v_c, h_ok, j_keep, c_ok)
         dp = tl.sum(do_row[:, None, :] * v, axis=2)
-        vp = load_heads_tile(vp_b, offs_h, offs_j, offs_e, stride_vp_n, stride_vp_h, stride_vp_e, h_ok, j_ok, e_ok)
+        vp = load_heads_tile(vp_b, offs_h, offs_j, offs_e, stride_vp_n, stride_vp_h, stride_vp_e, h_ok, j_keep, e_ok)
         dp += tl.sum(dop_row[:, None, :] * (vp - vp_row[:, None, :]), axis=2)
         z = tl.load(z_row + offs_j[:, None] * stride_z_j + offs_z[None, :] * stride_z_c,
-                    mask=j_ok[:, None] & z_ok[None, :], other=0.0).to(Q.dtype.element_ty)  # [BLOCK_N, CZP]
+                    mask=j_keep[:, None] & z_ok[None, :], other=0.0).to(Q.dtype.element_ty)  # [BLOCK_N, CZP]
         dp += tl.dot(doz, tl.trans(z), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         tl.store(ds_row + offs_h[:, None] * stride_ds_h + offs_j[None, :] * stride_ds_j, ds,
@@ -133,9 +138,9 @@ def ipa_bwd_row_kernel(
         dz = tl.dot(tl.trans(p.to(doz.dtype)), doz, input_precision=PRECISION)  # [BLOCK_N, CZP]
         tl.store(dz_row + offs_j[:, None] * stride_dz_j + offs_z[None, :] * stride_dz_c,
                  dz.to(DZ.dtype.element_ty), mask=j_ok[:, None] & z_ok[None, :])
-        k = load_heads_tile(k_b, offs_h, offs_j, offs_c, stride_k_n, stride_k_h, stride_k_c, h_ok, j_ok, c_ok)
+        k = load_heads_tile(k_b, offs_h, offs_j, offs_c, stride_k_n, stride_k_h, stride_k_c, h_ok, j_keep, c_ok)
         dq += tl.sum(ds[:, :, None] * k, axis=1)
-        kp = load_heads_tile(kp_b, offs_h, offs_j, offs_d, stride_kp_n, stride_kp_h, stride_kp_d, h_ok, j_ok, d_ok)
+        kp = load_heads_tile(kp_b, offs_h, offs_j, offs_d, stride_kp_n, stride_kp_h, stride_kp_d, h_ok, j_keep, d_ok)
         dqp += tl.sum(ds[:, :, None] * (qp_row[:, None, :] - kp), axis=1)
         dw += tl.sum(ds * dist2, axis=1)
 
@@ -212,18 +217,21 @@ def ipa_bwd_column_kernel(
     for start in range(0, N, BLOCK_I):
         offs_i = start + tl.arange(0, BLOCK_I)
         i_ok = offs_i < N
+        i_keep = i_ok  # dropped rows' and keys' operands are not read (0): they may be NaN or inf
+        if HAS_MASK:
+            i_keep = i_keep & tl.load(MASK + b * stride_mask_b + offs_i * stride_mask_n, mask=i_ok, other=0).to(tl.int1)
         q = tl.load(q_base + offs_i[:, None] * stride_q_n + offs_c[None, :] * stride_q_c,
-                    mask=i_ok[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_I, CP]
+                    mask=i_keep[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_I, CP]
         tile = offs_j[:, None] * stride_bias_j + offs_i[None, :] * stride_bias_i
         bias_t = tl.load(bias_base + tile, mask=j_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
-        st, _ = logits_tile(q_base + offs_i[None, :] * stride_q_n, k_ptrs, i_ok[None, :], j_ok[:, None],
+        st, _ = logits_tile(q_base + offs_i[None, :] * stride_q_n, k_ptrs, i_keep[None, :], j_keep[:, None],
                             stride_q_c, stride_k_c,
                             qp_base + offs_i[None, :] * stride_qp_n, kp_base + offs_j[:, None] * stride_kp_n,
                             stride_qp_d, stride_kp_d, bias_t, w, scale, C, D)  # [BLOCK_J, BLOCK_I]
         lse_max = tl.load(lse_base + offs_i * stride_lse_n, mask=i_ok, other=float("inf"))
         lse_log = tl.load(lse_base + offs_i * stride_lse_n + 1, mask=i_ok, other=0.0)
         pt = tl.exp((st - lse_max[None, :]) - lse_log[None, :])
-        pt = tl.where(j_keep[:, None], pt, 0.0)  # P^T; 0 at dropped rows (row max = inf)
+        pt = tl.where(j_keep[:, None] & i_keep[None, :], pt, 0.0)  # P^T; 0 at dropped keys and rows
         dst = tl.load(ds_base + offs_j[:, None] * stride_ds_j + offs_i[None, :] * stride_ds_i,
                       mask=j_ok[:, None] & i_ok[None, :], other=0.0)  # dS^T, fp32
         do = tl.load(do_base + offs_i[:, None] * stride_do_n + offs_c[None, :] * stride_do_c,
@@ -234,8 +242,8 @@ def ipa_bwd_column_kernel(
         dvp += tl.dot(pt, dop, input_precision="ieee")
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
         for d in tl.static_range(D):  # from the differences again: no cancellation
-            kd = tl.load(kp_base + offs_j * stride_kp_n + d * stride_kp_d, mask=j_ok, other=0.0)
-            qd = tl.load(qp_base + offs_i * stride_qp_n + d * stride_qp_d, mask=i_ok, other=0.0)
+            kd = tl.load(kp_base + offs_j * stride_kp_n + d * stride_kp_d, mask=j_keep, other=0.0)
+            qd = tl.load(qp_base + offs_i * stride_qp_n + d * stride_qp_d, mask=i_keep, other=0.0)
             column = tl.sum(dst * (qd[None, :] - kd[:, None]), axis=1)  # [BLOCK_J]
             dkp += tl.where(offs_d[None, :] == d, column[:, None], 0.0)
 

@@ -100,7 +100,7 @@ def ipa_fwd_kernel(
         j_keep = j_ok
         if HAS_MASK:
             key_kept = tl.load(MASK + b * stride_mask_b + offs_j * stride_mask_n, mask=j_ok, other=0).to(tl.int1)
-            j_keep = j_keep & key_kept & row_kept
+            j_keep = (j_keep & key_kept & row_kept) != 0  # bool (the interpreter makes & with a scalar an int)
         hj_ok = h_ok[:, None] & j_ok[None, :]
         bias = tl.load(bias_row + offs_h[:, None] * stride_bias_h + offs_j[None, :] * stride_bias_j,
                        mask=hj_ok, other=0.0).to(tl.float32)
@@ -113,12 +113,14 @@ def ipa_fwd_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])  # [HP, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = load_heads_tile(v_b, offs_h, offs_j, offs_c, stride_v_n, stride_v_h, stride_v_c, h_ok, j_ok, c_ok)
+        # Dropped keys' (and a dropped row's) values, points and pair values are not
+        # loaded (0): p = 0 there, but 0 * NaN would be NaN.
+        v = load_heads_tile(v_b, offs_h, offs_j, offs_c, stride_v_n, stride_v_h, stride_v_c, h_ok, j_keep, c_ok)
         acc_o = acc_o * alpha[:, None] + tl.sum(p[:, :, None] * v, axis=1)
-        vp = load_heads_tile(vp_b, offs_h, offs_j, offs_e, stride_vp_n, stride_vp_h, stride_vp_e, h_ok, j_ok, e_ok)
+        vp = load_heads_tile(vp_b, offs_h, offs_j, offs_e, stride_vp_n, stride_vp_h, stride_vp_e, h_ok, j_keep, e_ok)
         acc_p = acc_p * alpha[:, None] + tl.sum(p[:, :, None] * (vp - vp_row[:, None, :]), axis=1)
         z = tl.load(z_row + offs_j[:, None] * stride_z_j + offs_z[None, :] * stride_z_c,
-                    mask=j_ok[:, None] & z_ok[None, :], other=0.0).to(Q.dtype.element_ty)  # [BLOCK_N, CZP]
+                    mask=j_keep[:, None] & z_ok[None, :], other=0.0).to(Q.dtype.element_ty)  # [BLOCK_N, CZP]
         acc_z = acc_z * alpha[:, None]
         if SPLIT_P:  # p = hi + lo in q's 16-bit dtype: the pair output as exact as fp32 weights make it
             p_hi = p.to(Q.dtype.element_ty)
