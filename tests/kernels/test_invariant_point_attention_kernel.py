@@ -11,6 +11,8 @@ plain PyTorch (the reference) in the same dtype, plus the dtype's floor.
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ from foldops.device import kernel_support
 from foldops.ops import invariant_point_attention as ipa
 from foldops.reference.invariant_point_attention import invariant_point_attention as reference
 from foldops.testing import DEFAULT_REL_FLOOR, assert_within_baseline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
+from test_invariant_point_attention import check_non_finite_padding_is_inert  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(kernel_support(DEVICE) is not None, reason="Triton kernels cannot run here")
@@ -165,53 +170,13 @@ def test_kernel_padded_rows_pass_no_gradient():
         torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
 
 
-def _spoil(inputs, mask, names, value):
-    """A copy of ``inputs`` with ``value`` in each input of ``names`` at every padded
-    residue (its rows; for ``bias`` and ``z`` every pair with a padded row or key)."""
-    out = [t.detach().clone() for t in inputs]
-    pad = ~mask
-    pairs = pad[:, :, None] | pad[:, None, :]
-    for name in names:
-        t = out[NAMES.index(name)]
-        if name == "bias":
-            t.masked_fill_(pairs[:, None], value)
-        elif name == "z":
-            t.masked_fill_(pairs[..., None], value)
-        else:
-            t[pad] = value
-    return out
-
-
-def _non_finite_padding_is_inert(inputs, mask, names, value):
-    """Outputs and all nine gradients bitwise those of the clean run (finite padded
-    values); padded rows exactly zero; nothing non-finite."""
-    assert (~mask).any()
-
-    def run(ins):
-        ins = [t.float().detach().requires_grad_() for t in ins]
-        outs = ipa(*ins, mask, backend="triton")
-        g = torch.Generator().manual_seed(5)
-        weights = [torch.randn(o.shape, generator=g).to(device=o.device, dtype=o.dtype) for o in outs]
-        loss = sum((o * w).sum() for o, w in zip(outs, weights))
-        return [o.detach() for o in outs], torch.autograd.grad(loss, ins)
-
-    clean_outs, clean_grads = run(inputs)
-    outs, grads = run(_spoil(inputs, mask, names, value))
-    for o, want in zip(outs, clean_outs):
-        assert torch.isfinite(o).all() and (o[~mask] == 0).all()
-        torch.testing.assert_close(o, want, rtol=0, atol=0)
-    for name, g, want in zip(NAMES, grads, clean_grads):
-        assert torch.isfinite(g).all(), name
-        torch.testing.assert_close(g, want, rtol=0, atol=0, msg=name)
-
-
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "point_weights"])
 def test_kernel_non_finite_values_at_padded_residues_do_not_leak(name, value):
     """NaN or inf at padded residues in any input: the kernels do not read them (masked
     loads), so no output or gradient changes (0 * NaN would be NaN)."""
     inputs, mask = make_inputs(2, 6, 2, 3, 2, 2, 3)
-    _non_finite_padding_is_inert(inputs, mask, (name,), value)
+    check_non_finite_padding_is_inert("triton", [t.float() for t in inputs], mask, name, value)
 
 
 def test_kernel_non_finite_padding_across_key_tiles():
@@ -219,7 +184,8 @@ def test_kernel_non_finite_padding_across_key_tiles():
     interpreter (16) and query tile of the column kernel."""
     inputs, mask = make_inputs(2, 17, 2, 3, 2, 2, 3)
     mask[0, 16] = False  # a padded residue in the second tile
-    _non_finite_padding_is_inert(inputs, mask, [n for n in NAMES if n != "point_weights"], float("nan"))
+    check_non_finite_padding_is_inert("triton", [t.float() for t in inputs], mask,
+                                      [n for n in NAMES if n != "point_weights"], float("nan"))
 
 
 def test_opcheck():

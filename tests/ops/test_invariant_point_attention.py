@@ -394,23 +394,25 @@ def test_selection_gets_size_and_mode(monkeypatch):
     assert [(c["n"], c["training"]) for c in seen] == [(6, False), (6, True)]
 
 
-def spoil(inputs, mask, name, value):
-    """A copy of ``inputs`` with ``value`` (NaN or inf) in input ``name`` at every padded
-    residue: its rows for the per-residue inputs, every pair with a padded row or key
-    for ``bias`` and ``z`` (``point_weights`` has no residues)."""
+def spoil(inputs, mask, names, value):
+    """A copy of ``inputs`` with ``value`` (NaN or inf) in the inputs ``names`` (one name
+    or several) at every padded residue: its rows for the per-residue inputs, every pair
+    with a padded row or key for ``bias`` and ``z`` (``point_weights`` has no residues).
+    Also used by the kernel tests (tests/kernels)."""
     out = [t.detach().clone() for t in inputs]
-    t = out[NAMES.index(name)]
     pad = ~mask
-    if name == "bias":  # [B, H, N, N]
-        t.masked_fill_((pad[:, None, :, None] | pad[:, None, None, :]), value)
-    elif name == "z":  # [B, N, N, Cz]
-        t.masked_fill_((pad[:, :, None] | pad[:, None, :])[..., None], value)
-    else:
-        t[pad] = value
+    for name in (names,) if isinstance(names, str) else names:
+        t = out[NAMES.index(name)]
+        if name == "bias":  # [B, H, N, N]
+            t.masked_fill_((pad[:, None, :, None] | pad[:, None, None, :]), value)
+        elif name == "z":  # [B, N, N, Cz]
+            t.masked_fill_((pad[:, :, None] | pad[:, None, :])[..., None], value)
+        else:
+            t[pad] = value
     return out
 
 
-def check_non_finite_padding_is_inert(backend, inputs, mask, name, value, **kw):
+def check_non_finite_padding_is_inert(backend, inputs, mask, names, value, **kw):
     """Outputs and the gradients of all nine inputs bitwise those of the clean run
     (whose padded values are finite); padded rows exactly zero; nothing non-finite."""
     assert (~mask).any()
@@ -419,13 +421,13 @@ def check_non_finite_padding_is_inert(backend, inputs, mask, name, value, **kw):
     def run(ins):
         ins = [t.detach().clone().requires_grad_() for t in ins]
         outs = ipa(*ins, mask, backend=backend, **kw)
-        weights = [torch.randn(o.shape, dtype=torch.float64, generator=g).to(o.dtype) for o in outs]
+        weights = [torch.randn(o.shape, dtype=torch.float64, generator=g).to(o.device, o.dtype) for o in outs]
         loss = sum((o * w).sum() for o, w in zip(outs, weights))
         return [o.detach() for o in outs], torch.autograd.grad(loss, ins)
 
     clean_outs, clean_grads = run(inputs)
     g.manual_seed(5)
-    outs, grads = run(spoil(inputs, mask, name, value))
+    outs, grads = run(spoil(inputs, mask, names, value))
     for o, want in zip(outs, clean_outs):
         assert torch.isfinite(o).all()
         assert (o[~mask] == 0).all()
